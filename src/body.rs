@@ -1,0 +1,239 @@
+//! The request and response body types the layer hands out.
+//!
+//! Both are public structs over private enums (the tower-http shape), so new
+//! paths can be added without breaking the API, and `http-body-util` types
+//! never appear in it. Both forward `is_end_stream` and `size_hint`, and
+//! both end with the trailers frame when there is one: a gRPC replay without
+//! its `grpc-status` trailer would be a broken stream.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use bytes::Bytes;
+use http::HeaderMap;
+use http_body::{Body, Frame, SizeHint};
+use pin_project_lite::pin_project;
+
+use crate::BoxError;
+
+pin_project! {
+    /// The request body the inner service receives.
+    ///
+    /// For a guarded request it holds the bytes the layer read (to
+    /// fingerprint them), exactly as sent, and the request's trailers; for a
+    /// request the layer passes through it is the original body, untouched.
+    pub struct RequestBody<B> {
+        #[pin]
+        kind: Kind<B>,
+    }
+}
+
+pin_project! {
+    /// The response body the layer returns.
+    ///
+    /// It is the inner service's own body when the response is passed
+    /// through, or the stored bytes (and trailers) of a replay, or a refusal.
+    pub struct ResponseBody<B> {
+        #[pin]
+        kind: Kind<B>,
+    }
+}
+
+pin_project! {
+    #[project = KindProj]
+    enum Kind<B> {
+        Inner { #[pin] inner: B },
+        Full { data: Option<Bytes>, trailers: Option<HeaderMap> },
+        // What was buffered, then the rest of the inner body.
+        Chained { prefix: Option<Bytes>, rest: Pin<Box<B>> },
+        // What was buffered, then the error that stopped the inner body.
+        Failed { prefix: Option<Bytes>, error: Option<BoxError> },
+    }
+}
+
+fn non_empty(data: Bytes) -> Option<Bytes> {
+    (!data.is_empty()).then_some(data)
+}
+
+impl<B> Kind<B> {
+    fn full(data: Bytes, trailers: Option<HeaderMap>) -> Self {
+        Kind::Full { data: non_empty(data), trailers }
+    }
+}
+
+impl<B> RequestBody<B> {
+    pub(crate) fn passthrough(inner: B) -> Self {
+        Self { kind: Kind::Inner { inner } }
+    }
+
+    pub(crate) fn buffered(data: Bytes, trailers: Option<HeaderMap>) -> Self {
+        Self { kind: Kind::full(data, trailers) }
+    }
+}
+
+impl<B> ResponseBody<B> {
+    pub(crate) fn inner(inner: B) -> Self {
+        Self { kind: Kind::Inner { inner } }
+    }
+
+    pub(crate) fn full(data: Bytes, trailers: Option<HeaderMap>) -> Self {
+        Self { kind: Kind::full(data, trailers) }
+    }
+
+    pub(crate) fn chained(prefix: Bytes, rest: Pin<Box<B>>) -> Self {
+        Self { kind: Kind::Chained { prefix: non_empty(prefix), rest } }
+    }
+
+    pub(crate) fn failed(prefix: Bytes, error: BoxError) -> Self {
+        Self { kind: Kind::Failed { prefix: non_empty(prefix), error: Some(error) } }
+    }
+}
+
+impl<B> Kind<B>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        match self.project() {
+            KindProj::Inner { inner } => inner.poll_frame(cx).map_err(Into::into),
+            KindProj::Full { data, trailers } => {
+                if let Some(data) = data.take() {
+                    return Poll::Ready(Some(Ok(Frame::data(data))));
+                }
+                Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(t))))
+            }
+            KindProj::Chained { prefix, rest } => {
+                if let Some(prefix) = prefix.take() {
+                    return Poll::Ready(Some(Ok(Frame::data(prefix))));
+                }
+                rest.as_mut().poll_frame(cx).map_err(Into::into)
+            }
+            KindProj::Failed { prefix, error } => {
+                if let Some(prefix) = prefix.take() {
+                    return Poll::Ready(Some(Ok(Frame::data(prefix))));
+                }
+                Poll::Ready(error.take().map(Err))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        match self {
+            Kind::Inner { inner } => inner.is_end_stream(),
+            Kind::Full { data, trailers } => data.is_none() && trailers.is_none(),
+            Kind::Chained { prefix, rest } => prefix.is_none() && rest.is_end_stream(),
+            Kind::Failed { prefix, error } => prefix.is_none() && error.is_none(),
+        }
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        let len = |b: &Option<Bytes>| b.as_ref().map_or(0, |b| b.len() as u64);
+        match self {
+            Kind::Inner { inner } => inner.size_hint(),
+            Kind::Full { data, .. } => SizeHint::with_exact(len(data)),
+            Kind::Chained { prefix, rest } => {
+                let inner = rest.size_hint();
+                let mut hint = SizeHint::new();
+                hint.set_lower(inner.lower().saturating_add(len(prefix)));
+                if let Some(upper) = inner.upper() {
+                    hint.set_upper(upper.saturating_add(len(prefix)));
+                }
+                hint
+            }
+            Kind::Failed { prefix, .. } => {
+                let mut hint = SizeHint::new();
+                hint.set_lower(len(prefix));
+                hint
+            }
+        }
+    }
+}
+
+macro_rules! forward_body {
+    ($ty:ident) => {
+        impl<B> Body for $ty<B>
+        where
+            B: Body<Data = Bytes>,
+            B::Error: Into<BoxError>,
+        {
+            type Data = Bytes;
+            type Error = BoxError;
+
+            #[inline]
+            fn poll_frame(
+                self: Pin<&mut Self>,
+                cx: &mut Context<'_>,
+            ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+                self.project().kind.poll_frame(cx)
+            }
+
+            #[inline]
+            fn is_end_stream(&self) -> bool {
+                self.kind.is_end_stream()
+            }
+
+            #[inline]
+            fn size_hint(&self) -> SizeHint {
+                self.kind.size_hint()
+            }
+        }
+
+        impl<B> std::fmt::Debug for $ty<B> {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                let variant = match &self.kind {
+                    Kind::Inner { .. } => "Inner",
+                    Kind::Full { .. } => "Full",
+                    Kind::Chained { .. } => "Chained",
+                    Kind::Failed { .. } => "Failed",
+                };
+                f.debug_struct(stringify!($ty)).field("kind", &variant).finish()
+            }
+        }
+    };
+}
+
+forward_body!(RequestBody);
+forward_body!(ResponseBody);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http_body_util::{BodyExt, Full};
+
+    #[tokio::test]
+    async fn full_body_yields_data_then_trailers_then_ends() {
+        let mut t = HeaderMap::new();
+        t.insert("grpc-status", "0".parse().unwrap());
+        let body: ResponseBody<Full<Bytes>> = ResponseBody::full(Bytes::from_static(b"abc"), Some(t.clone()));
+        assert_eq!(body.size_hint().exact(), Some(3));
+        let collected = body.collect().await.unwrap();
+        assert_eq!(collected.trailers(), Some(&t));
+        assert_eq!(collected.to_bytes(), Bytes::from_static(b"abc"));
+    }
+
+    #[tokio::test]
+    async fn empty_full_body_is_end_of_stream_at_once() {
+        let body: ResponseBody<Full<Bytes>> = ResponseBody::full(Bytes::new(), None);
+        assert!(body.is_end_stream());
+        let mut t = HeaderMap::new();
+        t.insert("grpc-status", "13".parse().unwrap());
+        let trailers_only: ResponseBody<Full<Bytes>> = ResponseBody::full(Bytes::new(), Some(t.clone()));
+        assert!(!trailers_only.is_end_stream());
+        assert_eq!(trailers_only.collect().await.unwrap().trailers(), Some(&t));
+    }
+
+    #[tokio::test]
+    async fn chained_and_failed_bodies_keep_the_prefix() {
+        let rest = Box::pin(Full::new(Bytes::from_static(b"world")));
+        let body = ResponseBody::chained(Bytes::from_static(b"hello "), rest);
+        assert_eq!(body.size_hint().exact(), Some(11));
+        assert_eq!(body.collect().await.unwrap().to_bytes(), Bytes::from_static(b"hello world"));
+
+        let failed: ResponseBody<Full<Bytes>> = ResponseBody::failed(Bytes::from_static(b"x"), "boom".into());
+        let mut failed = std::pin::pin!(failed);
+        assert!(failed.frame().await.unwrap().unwrap().is_data());
+        assert!(failed.frame().await.unwrap().is_err());
+        assert!(failed.frame().await.is_none());
+    }
+}

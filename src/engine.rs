@@ -1,0 +1,452 @@
+//! The engine: run an operation at most once per key, whatever the transport.
+//!
+//! [`Engine`] is the core the HTTP layer is built on, and it is usable on its
+//! own — for a queue consumer, a scheduled job, or any function that must not
+//! run twice for the same input. Given a [`StoreKey`], a [`Fingerprint`] and
+//! an async operation, it:
+//!
+//! 1. claims the key in the store (one atomic operation);
+//! 2. if it acquired the key, runs the operation **in a task of its own**, so
+//!    a caller that goes away (a client disconnect) does not cancel it; the
+//!    lease is renewed while it runs, and a lost lease is reported through
+//!    [`ExecutionContext::lease_lost`] and the logs;
+//! 3. stores the operation's outcome (or releases the key, if the operation
+//!    failed or asked not to be stored), then hands it to the caller;
+//! 4. if the key is in flight with the same fingerprint, waits for it
+//!    (without polling) and replays its outcome, up to a deadline;
+//! 5. if the key completed, replays the stored outcome; if the fingerprint
+//!    differs, refuses.
+//!
+//! ```
+//! use bytes::Bytes;
+//! use tower_idempotency::engine::{Engine, Outcome};
+//! use tower_idempotency::fingerprint::Fingerprint;
+//! use tower_idempotency::key::StoreKey;
+//! use tower_idempotency::store::MemoryStore;
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() {
+//! let engine = Engine::new(MemoryStore::new());
+//! let message = br#"{"order": 42, "amount": 100}"#;
+//! let key = StoreKey::from_parts(b"billing-queue", b"message-7f3a");
+//! let fingerprint = Fingerprint::of_bytes(message);
+//!
+//! for _delivery in 0..3 {
+//!     // A queue may deliver the same message more than once.
+//!     let outcome = engine
+//!         .run_stored(key, fingerprint, |_ctx| async {
+//!             // charge the card here; runs once
+//!             Ok::<_, std::io::Error>(Bytes::from_static(b"charged"))
+//!         })
+//!         .await
+//!         .unwrap();
+//!     assert_eq!(outcome.value(), &Bytes::from_static(b"charged"));
+//! }
+//! # }
+//! ```
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::time::Instant;
+
+use crate::fingerprint::Fingerprint;
+use crate::key::StoreKey;
+use crate::observe::{self, Event};
+use crate::store::{Claim, CompletedRecord, LeaseStatus, OwnerToken, Store, StoreError};
+
+/// The default lease: 30 seconds, renewed every 10 while the operation runs.
+pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
+/// The default retention of completed records: 24 hours.
+pub const DEFAULT_RETENTION: Duration = Duration::from_secs(24 * 60 * 60);
+/// The default wait for an in-flight duplicate: 10 seconds.
+pub const DEFAULT_WAIT: Duration = Duration::from_secs(10);
+/// The shortest lease accepted; shorter values are raised to it.
+pub const MIN_LEASE: Duration = Duration::from_millis(3);
+
+/// What to do with a request whose key is in flight with the same fingerprint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum InFlightPolicy {
+    /// Wait for the first execution, up to this long, and return its outcome;
+    /// after the deadline, refuse as in flight (HTTP 409 + `Retry-After`).
+    Wait(Duration),
+    /// Refuse at once as in flight.
+    Reject,
+}
+
+/// What the operation asks the engine to do with its outcome.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Completion {
+    /// Store this payload; every later call with the key replays it.
+    Store(Bytes),
+    /// Store nothing and release the key: a later call executes again.
+    Release,
+}
+
+/// A successful run: either this call executed, or it got a stored outcome.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Outcome<T> {
+    /// This call ran the operation; here is what it returned.
+    Executed(T),
+    /// Another execution's stored outcome.
+    Replayed {
+        /// The stored payload.
+        payload: Bytes,
+        /// Whether this call waited for an in-flight execution (coalesced).
+        coalesced: bool,
+    },
+}
+
+impl Outcome<Bytes> {
+    /// The bytes, whether executed or replayed.
+    pub fn value(&self) -> &Bytes {
+        match self {
+            Outcome::Executed(b) | Outcome::Replayed { payload: b, .. } => b,
+        }
+    }
+}
+
+/// Why a run did not produce an outcome.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum EngineError<E> {
+    /// The operation returned an error; the key was released.
+    #[error("the idempotent operation failed")]
+    Operation(E),
+    /// The key is in use (in flight or completed) with a different fingerprint.
+    #[error("the idempotency key was already used with a different request")]
+    Mismatch,
+    /// The key is in flight and the policy refused to wait, or the wait
+    /// deadline passed.
+    #[error("a request with this idempotency key is still in flight")]
+    InFlight,
+    /// The store failed; nothing was executed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The execution task was cancelled (the runtime is shutting down).
+    #[error("the idempotent execution was cancelled")]
+    Aborted,
+}
+
+/// What the running operation knows about its own execution.
+///
+/// The HTTP layer puts one into the request's extensions, so a handler can
+/// key its own business rows by the store key and fence (the way to
+/// exactly-once inside a database) or check that it still owns the key
+/// before committing.
+#[derive(Debug, Clone)]
+pub struct ExecutionContext {
+    key: StoreKey,
+    fingerprint: Fingerprint,
+    token: OwnerToken,
+    lost: Arc<AtomicBool>,
+}
+
+impl ExecutionContext {
+    /// The store key (a digest of scope and idempotency key).
+    pub fn store_key(&self) -> StoreKey {
+        self.key
+    }
+
+    /// The request's fingerprint.
+    pub fn fingerprint(&self) -> Fingerprint {
+        self.fingerprint
+    }
+
+    /// The owner token; its [`fence`](OwnerToken::fence) grows with each grant.
+    pub fn owner_token(&self) -> OwnerToken {
+        self.token
+    }
+
+    /// Whether the lease was found lost while renewing it: another owner may
+    /// now execute the same key, and this execution's outcome will not be
+    /// stored.
+    pub fn lease_lost(&self) -> bool {
+        self.lost.load(Ordering::Acquire)
+    }
+}
+
+/// Runs operations at most once per key over a [`Store`]. See the
+/// [module docs](self).
+#[derive(Debug, Clone)]
+pub struct Engine<St> {
+    store: St,
+    lease: Duration,
+    retention: Duration,
+    in_flight: InFlightPolicy,
+}
+
+impl<St: Store> Engine<St> {
+    /// An engine with the default lease (30 s), retention (24 h) and in-flight
+    /// policy (wait up to 10 s).
+    pub fn new(store: St) -> Self {
+        Self {
+            store,
+            lease: DEFAULT_LEASE,
+            retention: DEFAULT_RETENTION,
+            in_flight: InFlightPolicy::Wait(DEFAULT_WAIT),
+        }
+    }
+
+    /// Sets the lease (at least [`MIN_LEASE`]); it is renewed every third of it.
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.lease = lease.max(MIN_LEASE);
+        self
+    }
+
+    /// Sets how long completed outcomes are kept (at least 1 ms).
+    pub fn retention(mut self, retention: Duration) -> Self {
+        self.retention = retention.max(Duration::from_millis(1));
+        self
+    }
+
+    /// Sets what happens to a duplicate while the first is in flight.
+    pub fn in_flight_policy(mut self, policy: InFlightPolicy) -> Self {
+        self.in_flight = policy;
+        self
+    }
+
+    /// The store.
+    pub fn store(&self) -> &St {
+        &self.store
+    }
+
+    /// The lease.
+    pub fn lease_duration(&self) -> Duration {
+        self.lease
+    }
+
+    /// The in-flight policy.
+    pub fn in_flight(&self) -> InFlightPolicy {
+        self.in_flight
+    }
+
+    /// Runs `op` at most once for `key`, storing the payload it returns on
+    /// `Ok` and releasing the key on `Err`. The simple form of [`run`](Self::run).
+    pub async fn run_stored<F, Fut, E>(
+        &self,
+        key: StoreKey,
+        fingerprint: Fingerprint,
+        op: F,
+    ) -> Result<Outcome<Bytes>, EngineError<E>>
+    where
+        F: FnOnce(ExecutionContext) -> Fut,
+        Fut: Future<Output = Result<Bytes, E>> + Send + 'static,
+        E: Send + 'static,
+    {
+        self.run(key, fingerprint, move |ctx| {
+            let fut = op(ctx);
+            async move { fut.await.map(|b| (b.clone(), Completion::Store(b))) }
+        })
+        .await
+    }
+
+    /// Runs `op` at most once for `key`.
+    ///
+    /// `op` returns the value for this caller and a [`Completion`] saying
+    /// what to store for every later caller (the two differ when, for
+    /// example, a response carries per-caller headers). An `Err` releases the
+    /// key. A panic in `op` releases the key and is resumed in the caller, as
+    /// if `op` had run inline.
+    pub async fn run<F, Fut, T, E>(
+        &self,
+        key: StoreKey,
+        fingerprint: Fingerprint,
+        op: F,
+    ) -> Result<Outcome<T>, EngineError<E>>
+    where
+        F: FnOnce(ExecutionContext) -> Fut,
+        Fut: Future<Output = Result<(T, Completion), E>> + Send + 'static,
+        T: Send + 'static,
+        E: Send + 'static,
+    {
+        let started = Instant::now();
+        let mut coalesced = false;
+        loop {
+            let claim = match self.store.claim(key, fingerprint, self.lease).await {
+                Ok(claim) => claim,
+                Err(e) => {
+                    observe::event(Event::StoreError, &key, Some(&e));
+                    return Err(EngineError::Store(e));
+                }
+            };
+            match claim {
+                Claim::Acquired(token) => return self.execute(key, fingerprint, token, op).await,
+                Claim::Completed(record) if record.fingerprint == fingerprint => {
+                    let event = if coalesced { Event::Coalesced } else { Event::Replayed };
+                    observe::event(event, &key, None);
+                    return Ok(Outcome::Replayed { payload: record.payload, coalesced });
+                }
+                Claim::InFlight { fingerprint: theirs, fence } if theirs == fingerprint => {
+                    let limit = match self.in_flight {
+                        InFlightPolicy::Wait(limit) => limit,
+                        InFlightPolicy::Reject => Duration::ZERO,
+                    };
+                    let waited = started.elapsed();
+                    if waited >= limit {
+                        observe::event(Event::InFlight, &key, None);
+                        return Err(EngineError::InFlight);
+                    }
+                    if let Err(e) = self.store.wait(key, fence, limit - waited).await {
+                        observe::event(Event::StoreError, &key, Some(&e));
+                        return Err(EngineError::Store(e));
+                    }
+                    coalesced = true;
+                }
+                Claim::Completed(_) | Claim::InFlight { .. } => {
+                    observe::event(Event::Mismatch, &key, None);
+                    return Err(EngineError::Mismatch);
+                }
+            }
+        }
+    }
+
+    async fn execute<F, Fut, T, E>(
+        &self,
+        key: StoreKey,
+        fingerprint: Fingerprint,
+        token: OwnerToken,
+        op: F,
+    ) -> Result<Outcome<T>, EngineError<E>>
+    where
+        F: FnOnce(ExecutionContext) -> Fut,
+        Fut: Future<Output = Result<(T, Completion), E>> + Send + 'static,
+        T: Send + 'static,
+        E: Send + 'static,
+    {
+        let lost = Arc::new(AtomicBool::new(false));
+        let ctx = ExecutionContext { key, fingerprint, token, lost: lost.clone() };
+        let fut = op(ctx);
+        let store = self.store.clone();
+        let (lease, retention) = (self.lease, self.retention);
+        // The task, not the caller, owns the execution: dropping the caller's
+        // future detaches it instead of cancelling it.
+        let task = tokio::spawn(async move {
+            let mut guard = ReleaseOnDrop { store: Some(store.clone()), key, token };
+            let result = with_heartbeat(&store, key, token, lease, &lost, fut).await;
+            guard.store = None;
+            match result {
+                Ok((value, Completion::Store(payload))) => {
+                    let record = CompletedRecord { fingerprint, payload };
+                    complete(&store, key, token, record, retention).await;
+                    observe::event(Event::Executed, &key, None);
+                    Ok(value)
+                }
+                Ok((value, Completion::Release)) => {
+                    release(&store, key, token).await;
+                    observe::event(Event::Released, &key, None);
+                    Ok(value)
+                }
+                Err(e) => {
+                    release(&store, key, token).await;
+                    observe::event(Event::Failed, &key, None);
+                    Err(e)
+                }
+            }
+        });
+        match task.await {
+            Ok(Ok(value)) => Ok(Outcome::Executed(value)),
+            Ok(Err(e)) => Err(EngineError::Operation(e)),
+            // The operation panicked: its guard released the key. Carry the
+            // panic on to the caller, as an inline call would have.
+            Err(join) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
+            Err(_) => Err(EngineError::Aborted),
+        }
+    }
+}
+
+/// Polls `fut` to completion while renewing the lease every third of it.
+async fn with_heartbeat<St: Store, R>(
+    store: &St,
+    key: StoreKey,
+    token: OwnerToken,
+    lease: Duration,
+    lost: &AtomicBool,
+    fut: impl Future<Output = R>,
+) -> R {
+    let heartbeat = async {
+        let period = lease / 3;
+        let mut next = Instant::now() + period;
+        loop {
+            tokio::time::sleep_until(next).await;
+            next += period;
+            match store.extend(key, token, lease).await {
+                Ok(LeaseStatus::Held) => {}
+                Ok(LeaseStatus::Lost) => {
+                    lost.store(true, Ordering::Release);
+                    observe::event(Event::LeaseLost, &key, None);
+                    break;
+                }
+                // Keep trying: the lease may still be valid, and the store
+                // may come back before it ends.
+                Err(e) => observe::event(Event::StoreError, &key, Some(&e)),
+            }
+        }
+        std::future::pending::<std::convert::Infallible>().await
+    };
+    tokio::select! {
+        biased;
+        result = fut => result,
+        never = heartbeat => match never {},
+    }
+}
+
+/// Stores the outcome, retrying transient store errors while the lease lasts.
+async fn complete<St: Store>(
+    store: &St,
+    key: StoreKey,
+    token: OwnerToken,
+    record: CompletedRecord,
+    retention: Duration,
+) {
+    let mut backoff = Duration::from_millis(10);
+    for attempt in 1..=3 {
+        match store.complete(key, token, record.clone(), retention).await {
+            Ok(LeaseStatus::Held) => return,
+            Ok(LeaseStatus::Lost) => {
+                observe::event(Event::LeaseLost, &key, None);
+                return;
+            }
+            Err(e) => {
+                observe::event(Event::StoreError, &key, Some(&e));
+                if attempt == 3 {
+                    observe::event(Event::CompletionFailed, &key, Some(&e));
+                    return;
+                }
+                tokio::time::sleep(backoff).await;
+                backoff *= 5;
+            }
+        }
+    }
+}
+
+async fn release<St: Store>(store: &St, key: StoreKey, token: OwnerToken) {
+    if let Err(e) = store.release(key, token).await {
+        // The claim will expire with its lease.
+        observe::event(Event::StoreError, &key, Some(&e));
+    }
+}
+
+/// Releases the claim if the execution task ends without reaching a verdict
+/// (the operation panicked, or the task was cancelled).
+struct ReleaseOnDrop<St: Store> {
+    store: Option<St>,
+    key: StoreKey,
+    token: OwnerToken,
+}
+
+impl<St: Store> Drop for ReleaseOnDrop<St> {
+    fn drop(&mut self) {
+        if let Some(store) = self.store.take() {
+            let (key, token) = (self.key, self.token);
+            observe::event(Event::Failed, &key, None);
+            if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                handle.spawn(async move { release(&store, key, token).await });
+            }
+        }
+    }
+}

@@ -1,0 +1,294 @@
+//! [`IdempotencyLayer`]: configuration and the `tower::Layer` impl.
+
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+
+use http::{HeaderName, Method, StatusCode, request, response};
+use tower_layer::Layer;
+
+use crate::engine::{Engine, InFlightPolicy};
+use crate::key::{IdempotencyKey, Scope, StoreKey};
+use crate::service::Idempotency;
+use crate::store::{Store, StoreError};
+
+/// The default key header, `Idempotency-Key`.
+pub const IDEMPOTENCY_KEY: HeaderName = HeaderName::from_static("idempotency-key");
+/// The default replay marker header, `Idempotent-Replayed` (as Stripe spells it).
+pub const IDEMPOTENT_REPLAYED: HeaderName = HeaderName::from_static("idempotent-replayed");
+/// The default request body limit: 1 MiB.
+pub const DEFAULT_REQUEST_BODY_LIMIT: usize = 1024 * 1024;
+/// The default stored-response limit: 1 MiB.
+pub const DEFAULT_STORED_RESPONSE_LIMIT: usize = 1024 * 1024;
+
+type ScopeFn = dyn Fn(&request::Parts) -> Option<Scope> + Send + Sync;
+type StorePredicate = dyn Fn(&response::Parts) -> bool + Send + Sync;
+
+/// Everything the service reads per request; shared behind one `Arc`.
+#[derive(Clone)]
+pub(crate) struct Config {
+    pub(crate) methods: Vec<Method>,
+    pub(crate) key_header: HeaderName,
+    pub(crate) key_required: bool,
+    pub(crate) scope: Option<Arc<ScopeFn>>,
+    pub(crate) fingerprint_headers: Vec<HeaderName>,
+    pub(crate) request_body_limit: usize,
+    pub(crate) stored_response_limit: usize,
+    pub(crate) mismatch_status: StatusCode,
+    pub(crate) should_store: Arc<StorePredicate>,
+    pub(crate) replay_header: HeaderName,
+    pub(crate) fail_open: bool,
+    pub(crate) replay_set_cookie: bool,
+    pub(crate) excluded_headers: Vec<HeaderName>,
+    pub(crate) retry_after: Duration,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            methods: vec![Method::POST, Method::PATCH],
+            key_header: IDEMPOTENCY_KEY,
+            key_required: true,
+            scope: None,
+            fingerprint_headers: Vec::new(),
+            request_body_limit: DEFAULT_REQUEST_BODY_LIMIT,
+            stored_response_limit: DEFAULT_STORED_RESPONSE_LIMIT,
+            mismatch_status: StatusCode::CONFLICT,
+            should_store: Arc::new(crate::policy::default_should_store),
+            replay_header: IDEMPOTENT_REPLAYED,
+            fail_open: false,
+            replay_set_cookie: false,
+            excluded_headers: Vec::new(),
+            retry_after: Duration::from_secs(1),
+        }
+    }
+}
+
+impl fmt::Debug for Config {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Config")
+            .field("methods", &self.methods)
+            .field("key_header", &self.key_header)
+            .field("key_required", &self.key_required)
+            .field("scoped", &self.scope.is_some())
+            .field("fingerprint_headers", &self.fingerprint_headers)
+            .field("request_body_limit", &self.request_body_limit)
+            .field("stored_response_limit", &self.stored_response_limit)
+            .field("mismatch_status", &self.mismatch_status)
+            .field("replay_header", &self.replay_header)
+            .field("fail_open", &self.fail_open)
+            .field("replay_set_cookie", &self.replay_set_cookie)
+            .field("excluded_headers", &self.excluded_headers)
+            .field("retry_after", &self.retry_after)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Makes the wrapped service safe to retry with an `Idempotency-Key`.
+///
+/// See the [crate docs](crate) for the behaviour and an example. Every
+/// setter takes typed values and none can fail or panic; the defaults are
+/// listed on each.
+#[derive(Clone)]
+pub struct IdempotencyLayer<St> {
+    pub(crate) engine: Engine<St>,
+    pub(crate) config: Arc<Config>,
+}
+
+impl<St: fmt::Debug> fmt::Debug for IdempotencyLayer<St> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("IdempotencyLayer")
+            .field("engine", &self.engine)
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+impl<St: Store> IdempotencyLayer<St> {
+    /// A layer over `store` with the SPEC defaults: guards `POST` and
+    /// `PATCH`, requires the `Idempotency-Key` header, one global scope,
+    /// 1 MiB request and stored-response limits, 24 h retention, 30 s lease,
+    /// waits up to 10 s for an in-flight duplicate, answers 409 on a
+    /// mismatch, fails closed.
+    pub fn new(store: St) -> Self {
+        Self { engine: Engine::new(store), config: Arc::new(Config::default()) }
+    }
+
+    fn config(mut self, f: impl FnOnce(&mut Config)) -> Self {
+        f(Arc::make_mut(&mut self.config));
+        self
+    }
+
+    /// The methods the layer guards (default `POST`, `PATCH`); others pass
+    /// through untouched, without store access.
+    pub fn methods(self, methods: impl IntoIterator<Item = Method>) -> Self {
+        let methods = methods.into_iter().collect();
+        self.config(|c| c.methods = methods)
+    }
+
+    /// The key header (default `Idempotency-Key`). For gRPC, metadata keys
+    /// are headers too: `idempotency-key`.
+    pub fn key_header(self, name: HeaderName) -> Self {
+        self.config(|c| c.key_header = name)
+    }
+
+    /// Passes guarded requests without a key through, unguarded (by default
+    /// they are refused with 400).
+    pub fn optional(self) -> Self {
+        self.config(|c| c.key_required = false)
+    }
+
+    /// Refuses guarded requests without a key with 400 (the default).
+    pub fn required(self) -> Self {
+        self.config(|c| c.key_required = true)
+    }
+
+    /// Derives each request's [`Scope`] (the namespace of its keys), for
+    /// example from the principal an authentication layer put in the
+    /// request's extensions. Returning `None` refuses the request with 500
+    /// ([`ScopeUnavailable`](crate::problem::ProblemKind::ScopeUnavailable)):
+    /// it means the layer runs before authentication.
+    ///
+    /// ```
+    /// use tower_idempotency::{IdempotencyLayer, Scope, store::MemoryStore};
+    ///
+    /// #[derive(Clone)]
+    /// struct Principal(String);
+    ///
+    /// let layer = IdempotencyLayer::new(MemoryStore::new())
+    ///     .scope(|req| req.extensions.get::<Principal>().map(|p| Scope::from(p.0.clone())));
+    /// # drop(layer);
+    /// ```
+    ///
+    /// Without a scope function every caller shares one namespace: one
+    /// caller could receive or block another's result. Set one in any
+    /// multi-tenant service.
+    pub fn scope<F>(self, scope: F) -> Self
+    where
+        F: Fn(&request::Parts) -> Option<Scope> + Send + Sync + 'static,
+    {
+        self.config(|c| c.scope = Some(Arc::new(scope)))
+    }
+
+    /// Request headers included in the fingerprint (default none), so the
+    /// same key with a different value of one of them is a mismatch.
+    pub fn fingerprint_headers(self, names: impl IntoIterator<Item = HeaderName>) -> Self {
+        let names = names.into_iter().collect();
+        self.config(|c| c.fingerprint_headers = names)
+    }
+
+    /// The largest request body read, in bytes (default 1 MiB); larger
+    /// requests get 413 and are not executed.
+    pub fn request_body_limit(self, bytes: usize) -> Self {
+        self.config(|c| c.request_body_limit = bytes)
+    }
+
+    /// The largest response body stored, in bytes (default 1 MiB). A larger
+    /// response is delivered to its caller, and the key is completed as "not
+    /// replayable": retries get 409 and never execute again.
+    pub fn stored_response_limit(self, bytes: usize) -> Self {
+        self.config(|c| c.stored_response_limit = bytes)
+    }
+
+    /// How long completed responses are replayed (default 24 h). Choose more
+    /// than your clients' retry horizon.
+    pub fn retention(mut self, retention: Duration) -> Self {
+        self.engine = self.engine.retention(retention);
+        self
+    }
+
+    /// How long a claim lives without renewal (default 30 s; renewed every
+    /// third of it while the handler runs). A process that dies loses its
+    /// claim after one lease, and a retry may then execute again.
+    pub fn lease(mut self, lease: Duration) -> Self {
+        self.engine = self.engine.lease(lease);
+        self
+    }
+
+    /// Makes a duplicate of an in-flight request wait for the first one, up
+    /// to `timeout`, and answer with its response (the default, 10 s). After
+    /// the timeout it gets 409 with `Retry-After`.
+    pub fn wait_for_in_flight(mut self, timeout: Duration) -> Self {
+        self.engine = self.engine.in_flight_policy(InFlightPolicy::Wait(timeout));
+        self
+    }
+
+    /// Answers a duplicate of an in-flight request with 409 and
+    /// `Retry-After` at once, instead of waiting.
+    pub fn reject_in_flight(mut self) -> Self {
+        self.engine = self.engine.in_flight_policy(InFlightPolicy::Reject);
+        self
+    }
+
+    /// The status for a key reused with a different request (default 409;
+    /// the IETF draft recommends 422).
+    pub fn mismatch_status(self, status: StatusCode) -> Self {
+        self.config(|c| c.mismatch_status = status)
+    }
+
+    /// Decides which responses are stored (default
+    /// [`default_should_store`](crate::policy::default_should_store): all but
+    /// 5xx, 408 and 429). A response not stored releases the key, so a retry
+    /// executes again. A handler's [`StorePolicy`](crate::StorePolicy)
+    /// extension overrides this for one response.
+    pub fn store_when<F>(self, predicate: F) -> Self
+    where
+        F: Fn(&response::Parts) -> bool + Send + Sync + 'static,
+    {
+        self.config(|c| c.should_store = Arc::new(predicate))
+    }
+
+    /// The header that marks replayed responses (default `Idempotent-Replayed`).
+    pub fn replay_header(self, name: HeaderName) -> Self {
+        self.config(|c| c.replay_header = name)
+    }
+
+    /// When the store fails, run the request **without** idempotency and log
+    /// a warning, instead of answering 503. Only for endpoints where a
+    /// duplicate is cheaper than an outage; never for payments.
+    pub fn fail_open(self) -> Self {
+        self.config(|c| c.fail_open = true)
+    }
+
+    /// When the store fails, answer 503 with `Retry-After` and do not
+    /// execute (the default).
+    pub fn fail_closed(self) -> Self {
+        self.config(|c| c.fail_open = false)
+    }
+
+    /// Also replay `Set-Cookie` (default off: cookies belong to one caller).
+    pub fn replay_set_cookie(self, replay: bool) -> Self {
+        self.config(|c| c.replay_set_cookie = replay)
+    }
+
+    /// Never store or replay this response header (for example a request id
+    /// or rate-limit header). May be called more than once.
+    pub fn exclude_replayed_header(self, name: HeaderName) -> Self {
+        self.config(|c| c.excluded_headers.push(name))
+    }
+
+    /// The `Retry-After` sent with 409 (in flight) and 503 (default 1 s).
+    pub fn retry_after(self, after: Duration) -> Self {
+        self.config(|c| c.retry_after = after)
+    }
+
+    /// The store.
+    pub fn store(&self) -> &St {
+        self.engine.store()
+    }
+
+    /// Drops whatever is stored for `key` in `scope` (an operator's tool):
+    /// the next request with it executes again. Returns whether anything was
+    /// stored.
+    pub async fn purge(&self, scope: &Scope, key: &IdempotencyKey) -> Result<bool, StoreError> {
+        self.engine.store().purge(StoreKey::new(scope, key)).await
+    }
+}
+
+impl<S, St: Store> Layer<S> for IdempotencyLayer<St> {
+    type Service = Idempotency<S, St>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Idempotency { inner, engine: self.engine.clone(), config: self.config.clone() }
+    }
+}

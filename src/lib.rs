@@ -1,0 +1,98 @@
+//! Make any HTTP or gRPC endpoint safe to retry.
+//!
+//! A client sends an `Idempotency-Key` header; [`IdempotencyLayer`]
+//! guarantees that the inner service runs at most once for that key (within
+//! its scope and the retention window, across every process that shares the
+//! [`Store`]) and that every retry receives the original response, byte for
+//! byte, marked `Idempotent-Replayed: true`.
+//!
+//! # Example
+//!
+//! ```
+//! use axum::{Router, routing::post};
+//! use tower::ServiceBuilder;
+//! use tower_idempotency::{IdempotencyLayer, store::MemoryStore};
+//!
+//! async fn charge(body: String) -> (http::StatusCode, String) {
+//!     (http::StatusCode::CREATED, format!("charged: {body}"))
+//! }
+//!
+//! let app: Router = Router::new()
+//!     .route("/charges", post(charge))
+//!     .layer(ServiceBuilder::new().layer(IdempotencyLayer::new(MemoryStore::new())));
+//! # drop(app);
+//! ```
+//!
+//! # Behaviour
+//!
+//! | situation | answer |
+//! |---|---|
+//! | method not guarded (default: all but `POST`, `PATCH`) | passed through, no store access |
+//! | key header missing | 400 problem+json ([`optional`](IdempotencyLayer::optional) passes it through) |
+//! | key empty, over 255 characters, not visible ASCII, or sent twice | 400 problem+json |
+//! | key in the IETF draft's quoted form (`"abc"`) | the same key as `abc` |
+//! | body larger than the limit (default 1 MiB) | 413 problem+json, not executed |
+//! | new key | body read and fingerprinted first, then the key is claimed, the inner service called, the response stored and returned |
+//! | same key and request, completed | the stored response, with `Idempotent-Replayed: true` |
+//! | same key and request, in flight | waits for the first and returns its response (marked replayed); after the wait limit (default 10 s), 409 + `Retry-After` |
+//! | same key, different request | 409 problem+json (configurable, e.g. 422) |
+//! | inner service returns `Err` or panics | key released, error (or panic) propagated; a retry executes again |
+//! | response 5xx, 408 or 429 | not stored, key released: a retry executes again |
+//! | response larger than the stored-response limit, or `text/event-stream` | delivered once; the key completes as not replayable and retries get 409 |
+//! | store unreachable or failing | 503 problem+json + `Retry-After`, not executed |
+//! | client disconnects while the inner service runs | the execution finishes and is stored; the retry gets it |
+//!
+//! Refusals are RFC 9457 problem documents; see [`problem`] for their types.
+//! The inner service finds an [`IdempotencyInfo`] in the request extensions.
+//!
+//! # Placing the layer
+//!
+//! Put it **after** authentication (so [`scope`](IdempotencyLayer::scope)
+//! can read the principal and unauthenticated requests claim nothing) and
+//! after request decompression (so the fingerprint sees the real bytes), and
+//! inside response compression. With axum, compose layers with
+//! `ServiceBuilder` and apply them with one `.layer()` call, or use
+//! `route_layer` to guard only matched routes.
+//!
+//! # Beyond HTTP
+//!
+//! The [`engine`] module runs any async operation at most once per key, for
+//! queue consumers and jobs; the layer is one adapter over it.
+//!
+//! # Features
+//!
+//! | feature | default | what it adds |
+//! |---|---|---|
+//! | `memory` | yes | [`store::MemoryStore`] (moka) |
+//! | `metrics` | no | an `idempotency_events_total{outcome}` counter through the `metrics` facade |
+//! | `test-util` | no | [`store::conformance`], the store contract as tests |
+#![cfg_attr(docsrs, feature(doc_cfg))]
+#![deny(missing_docs, unsafe_code, unreachable_pub)]
+#![warn(missing_debug_implementations, rust_2018_idioms)]
+
+mod body;
+pub mod engine;
+pub mod fingerprint;
+mod future;
+pub mod key;
+mod layer;
+mod observe;
+pub mod policy;
+pub mod problem;
+pub mod record;
+mod service;
+pub mod store;
+
+pub use body::{RequestBody, ResponseBody};
+pub use future::ResponseFuture;
+pub use key::{IdempotencyKey, Scope};
+pub use layer::{
+    DEFAULT_REQUEST_BODY_LIMIT, DEFAULT_STORED_RESPONSE_LIMIT, IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED,
+    IdempotencyLayer,
+};
+pub use policy::StorePolicy;
+pub use service::{Idempotency, IdempotencyInfo};
+pub use store::Store;
+
+/// A boxed, thread-safe error, as used by `tower` and `http-body`.
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;

@@ -1,0 +1,132 @@
+//! Which responses are stored, and which of their headers are replayed.
+
+use http::{HeaderMap, HeaderName, StatusCode, header, response};
+
+/// A handler's own verdict on its response, set as a response extension.
+///
+/// It overrides the layer's predicate for that one response:
+///
+/// ```
+/// use axum::response::{IntoResponse, Response};
+/// use http::StatusCode;
+/// use tower_idempotency::StorePolicy;
+///
+/// async fn charge() -> Response {
+///     // A 503 from the card network that we know did not charge: the
+///     // default would also release it, but say so explicitly.
+///     let mut res = (StatusCode::SERVICE_UNAVAILABLE, "try again").into_response();
+///     res.extensions_mut().insert(StorePolicy::DoNotStore);
+///     res
+/// }
+/// ```
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StorePolicy {
+    /// Store this response: every retry replays it.
+    Store,
+    /// Do not store it and release the key: a retry executes again.
+    DoNotStore,
+}
+
+/// The default predicate: store everything but 5xx, 408 and 429.
+///
+/// Those statuses say "try again" (a timeout, a rate limit, a server
+/// failure), so the key is released and a retry executes again. A handler
+/// that commits a side effect and then answers 5xx will therefore run again
+/// on retry: make such handlers atomic, or mark the response
+/// [`StorePolicy::Store`].
+pub fn default_should_store(parts: &response::Parts) -> bool {
+    let s = parts.status;
+    !(s.is_server_error() || s == StatusCode::REQUEST_TIMEOUT || s == StatusCode::TOO_MANY_REQUESTS)
+}
+
+/// Whether a response is a stream with no natural end (server-sent events),
+/// which is passed through and marked not replayable instead of buffered.
+pub(crate) fn is_event_stream(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.trim_start().to_ascii_lowercase().starts_with("text/event-stream"))
+}
+
+/// Hop-by-hop headers (RFC 9110 §7.6.1): meaningful for one connection only.
+const HOP_BY_HOP: [HeaderName; 7] = [
+    header::CONNECTION,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::TE,
+    header::TRANSFER_ENCODING,
+    header::UPGRADE,
+    header::PROXY_AUTHENTICATE,
+];
+
+/// The headers of `headers` that a replay may carry: all but hop-by-hop
+/// ones (including those the `Connection` header names), `Set-Cookie`
+/// unless `keep_set_cookie`, and any in `excluded`.
+pub(crate) fn replayable_headers(headers: &HeaderMap, keep_set_cookie: bool, excluded: &[HeaderName]) -> HeaderMap {
+    let named_by_connection: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+        .collect();
+    let mut out = HeaderMap::with_capacity(headers.len());
+    for (name, value) in headers {
+        let dropped = HOP_BY_HOP.contains(name)
+            || named_by_connection.contains(name)
+            || (!keep_set_cookie && name == header::SET_COOKIE)
+            || excluded.contains(name);
+        if !dropped {
+            out.append(name.clone(), value.clone());
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use http::HeaderValue;
+
+    #[test]
+    fn default_predicate_releases_retryable_statuses() {
+        let parts = |s: u16| {
+            let (mut p, ()) = http::Response::new(()).into_parts();
+            p.status = StatusCode::from_u16(s).unwrap();
+            p
+        };
+        for s in [200, 201, 204, 302, 400, 402, 404, 409, 422] {
+            assert!(default_should_store(&parts(s)), "{s}");
+        }
+        for s in [408, 429, 500, 502, 503, 504] {
+            assert!(!default_should_store(&parts(s)), "{s}");
+        }
+    }
+
+    #[test]
+    fn filters_hop_by_hop_cookies_and_exclusions() {
+        let mut h = HeaderMap::new();
+        h.append(header::CONNECTION, HeaderValue::from_static("close, x-conn-scoped"));
+        h.append("x-conn-scoped", HeaderValue::from_static("1"));
+        h.append(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.append(header::SET_COOKIE, HeaderValue::from_static("a=1"));
+        h.append(header::SET_COOKIE, HeaderValue::from_static("b=2"));
+        h.append(header::LOCATION, HeaderValue::from_static("/charges/1"));
+        h.append("x-request-id", HeaderValue::from_static("r1"));
+        let excluded = [HeaderName::from_static("x-request-id")];
+        let out = replayable_headers(&h, false, &excluded);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[header::LOCATION], "/charges/1");
+        let with_cookies = replayable_headers(&h, true, &[]);
+        assert_eq!(with_cookies.get_all(header::SET_COOKIE).iter().count(), 2);
+    }
+
+    #[test]
+    fn recognises_event_streams() {
+        let mut h = HeaderMap::new();
+        assert!(!is_event_stream(&h));
+        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("Text/Event-Stream; charset=utf-8"));
+        assert!(is_event_stream(&h));
+    }
+}

@@ -1,0 +1,264 @@
+//! The stored form of an HTTP response: a versioned binary record.
+//!
+//! The record keeps everything a replay needs, exactly: the status, every
+//! header value in order (repeated headers stay repeated, non-UTF-8 values
+//! stay byte-exact), the body bytes, and the trailers (gRPC's `grpc-status`
+//! lives there). It starts with a magic tag and a version byte, so a record
+//! written by a newer release is refused as [`RecordError::UnknownVersion`]
+//! rather than misread, and a damaged one as [`RecordError::Corrupt`]. Both
+//! make the layer fail closed: a record that cannot be read is never taken
+//! as "absent", which would execute the request again.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+
+const MAGIC: &[u8; 4] = b"TIDR";
+const VERSION: u8 = 1;
+const KIND_RESPONSE: u8 = 0;
+const KIND_NOT_REPLAYABLE: u8 = 1;
+
+/// A response as stored for replay.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StoredResponse {
+    /// The status code.
+    pub status: StatusCode,
+    /// The replayable headers, in order, repeated names kept.
+    pub headers: HeaderMap,
+    /// The body bytes.
+    pub body: Bytes,
+    /// The trailers, if the response ended with a trailers frame.
+    pub trailers: Option<HeaderMap>,
+}
+
+/// What was stored for a completed key.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StoredOutcome {
+    /// A full response to replay.
+    Response(StoredResponse),
+    /// The request executed, but its response was too large (or streaming)
+    /// to store. Retries get a clear error and never execute again.
+    NotReplayable {
+        /// The status the execution answered with.
+        status: StatusCode,
+    },
+}
+
+/// A stored record that cannot be decoded.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum RecordError {
+    /// The bytes are not a record of this crate, or are truncated or damaged.
+    #[error("stored idempotency record is corrupt")]
+    Corrupt,
+    /// The record was written in a format version this release does not know.
+    #[error("stored idempotency record has unknown format version {0}")]
+    UnknownVersion(u8),
+}
+
+impl StoredOutcome {
+    /// Encodes the outcome as a record.
+    pub fn encode(&self) -> Bytes {
+        match self {
+            StoredOutcome::Response(r) => {
+                let headers_len: usize =
+                    r.headers.iter().map(|(n, v)| n.as_str().len() + v.len() + 6).sum();
+                let mut buf = BytesMut::with_capacity(16 + headers_len + r.body.len());
+                buf.put_slice(MAGIC);
+                buf.put_u8(VERSION);
+                buf.put_u8(KIND_RESPONSE);
+                buf.put_u16(r.status.as_u16());
+                put_headers(&mut buf, &r.headers);
+                buf.put_u64(r.body.len() as u64);
+                buf.put_slice(&r.body);
+                match &r.trailers {
+                    None => buf.put_u8(0),
+                    Some(t) => {
+                        buf.put_u8(1);
+                        put_headers(&mut buf, t);
+                    }
+                }
+                buf.freeze()
+            }
+            StoredOutcome::NotReplayable { status } => {
+                let mut buf = BytesMut::with_capacity(8);
+                buf.put_slice(MAGIC);
+                buf.put_u8(VERSION);
+                buf.put_u8(KIND_NOT_REPLAYABLE);
+                buf.put_u16(status.as_u16());
+                buf.freeze()
+            }
+        }
+    }
+
+    /// Decodes a record; never panics, whatever the bytes.
+    pub fn decode(bytes: &Bytes) -> Result<Self, RecordError> {
+        let mut r = Reader { buf: bytes, pos: 0 };
+        if r.take(4)? != MAGIC {
+            return Err(RecordError::Corrupt);
+        }
+        let version = r.u8()?;
+        if version != VERSION {
+            return Err(RecordError::UnknownVersion(version));
+        }
+        let kind = r.u8()?;
+        let status = StatusCode::from_u16(r.u16()?).map_err(|_| RecordError::Corrupt)?;
+        let outcome = match kind {
+            KIND_RESPONSE => {
+                let headers = r.headers()?;
+                let body_len = usize::try_from(r.u64()?).map_err(|_| RecordError::Corrupt)?;
+                let body = r.take_bytes(body_len)?;
+                let trailers = match r.u8()? {
+                    0 => None,
+                    1 => Some(r.headers()?),
+                    _ => return Err(RecordError::Corrupt),
+                };
+                StoredOutcome::Response(StoredResponse { status, headers, body, trailers })
+            }
+            KIND_NOT_REPLAYABLE => StoredOutcome::NotReplayable { status },
+            _ => return Err(RecordError::Corrupt),
+        };
+        if r.pos != bytes.len() {
+            return Err(RecordError::Corrupt);
+        }
+        Ok(outcome)
+    }
+}
+
+fn put_headers(buf: &mut BytesMut, headers: &HeaderMap) {
+    buf.put_u32(headers.len() as u32);
+    for (name, value) in headers {
+        // Header names are at most 64 KiB by construction in `http`.
+        buf.put_u16(name.as_str().len() as u16);
+        buf.put_slice(name.as_str().as_bytes());
+        buf.put_u32(value.len() as u32);
+        buf.put_slice(value.as_bytes());
+    }
+}
+
+struct Reader<'a> {
+    buf: &'a Bytes,
+    pos: usize,
+}
+
+impl Reader<'_> {
+    fn take(&mut self, n: usize) -> Result<&[u8], RecordError> {
+        let end = self.pos.checked_add(n).ok_or(RecordError::Corrupt)?;
+        let slice = self.buf.get(self.pos..end).ok_or(RecordError::Corrupt)?;
+        self.pos = end;
+        Ok(slice)
+    }
+
+    fn take_bytes(&mut self, n: usize) -> Result<Bytes, RecordError> {
+        let start = self.pos;
+        self.take(n)?;
+        Ok(self.buf.slice(start..self.pos))
+    }
+
+    fn u8(&mut self) -> Result<u8, RecordError> {
+        Ok(self.take(1)?[0])
+    }
+
+    fn u16(&mut self) -> Result<u16, RecordError> {
+        let b = self.take(2)?;
+        Ok(u16::from_be_bytes([b[0], b[1]]))
+    }
+
+    fn u32(&mut self) -> Result<u32, RecordError> {
+        let b = self.take(4)?;
+        Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
+    }
+
+    fn u64(&mut self) -> Result<u64, RecordError> {
+        let b = self.take(8)?;
+        let mut a = [0u8; 8];
+        a.copy_from_slice(b);
+        Ok(u64::from_be_bytes(a))
+    }
+
+    fn headers(&mut self) -> Result<HeaderMap, RecordError> {
+        let count = self.u32()? as usize;
+        // Each entry takes at least 6 bytes: refuse counts the buffer cannot hold
+        // before allocating for them.
+        if count > self.buf.len().saturating_sub(self.pos) / 6 {
+            return Err(RecordError::Corrupt);
+        }
+        let mut map = HeaderMap::with_capacity(count);
+        for _ in 0..count {
+            let name_len = usize::from(self.u16()?);
+            let name = HeaderName::from_bytes(self.take(name_len)?).map_err(|_| RecordError::Corrupt)?;
+            let value_len = self.u32()? as usize;
+            let value =
+                HeaderValue::from_bytes(self.take(value_len)?).map_err(|_| RecordError::Corrupt)?;
+            map.append(name, value);
+        }
+        Ok(map)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    fn sample() -> StoredResponse {
+        let mut headers = HeaderMap::new();
+        headers.append("x-multi", HeaderValue::from_static("one"));
+        headers.append("x-multi", HeaderValue::from_static("two, three"));
+        headers.append("x-bin", HeaderValue::from_bytes(&[0xff, 0x80, b'a']).unwrap());
+        headers.append("content-disposition", HeaderValue::from_static("attachment; filename=\"a,b.txt\""));
+        let mut trailers = HeaderMap::new();
+        trailers.insert("grpc-status", HeaderValue::from_static("0"));
+        StoredResponse {
+            status: StatusCode::CREATED,
+            headers,
+            body: Bytes::from_static(&[0, 1, 2, 255, 254]),
+            trailers: Some(trailers),
+        }
+    }
+
+    #[test]
+    fn round_trips_repeated_binary_headers_body_and_trailers() {
+        let outcome = StoredOutcome::Response(sample());
+        let decoded = StoredOutcome::decode(&outcome.encode()).unwrap();
+        assert_eq!(decoded, outcome);
+        let StoredOutcome::Response(r) = decoded else { unreachable!() };
+        let multi: Vec<_> = r.headers.get_all("x-multi").iter().collect();
+        assert_eq!(multi, ["one", "two, three"]);
+    }
+
+    #[test]
+    fn round_trips_not_replayable_and_no_trailers() {
+        let nr = StoredOutcome::NotReplayable { status: StatusCode::OK };
+        assert_eq!(StoredOutcome::decode(&nr.encode()).unwrap(), nr);
+        let mut r = sample();
+        r.trailers = None;
+        let o = StoredOutcome::Response(r);
+        assert_eq!(StoredOutcome::decode(&o.encode()).unwrap(), o);
+    }
+
+    #[test]
+    fn refuses_unknown_versions_and_garbage() {
+        let mut bytes = StoredOutcome::Response(sample()).encode().to_vec();
+        bytes[4] = 9;
+        assert_eq!(StoredOutcome::decode(&Bytes::from(bytes)), Err(RecordError::UnknownVersion(9)));
+        assert_eq!(StoredOutcome::decode(&Bytes::from_static(b"garbage")), Err(RecordError::Corrupt));
+        let good = StoredOutcome::Response(sample()).encode();
+        for cut in 0..good.len() {
+            assert!(StoredOutcome::decode(&good.slice(..cut)).is_err());
+        }
+        let mut trailing = good.to_vec();
+        trailing.push(0);
+        assert_eq!(StoredOutcome::decode(&Bytes::from(trailing)), Err(RecordError::Corrupt));
+    }
+
+    proptest! {
+        #[test]
+        fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let mut with_magic = b"TIDR\x01".to_vec();
+            with_magic.extend_from_slice(&bytes);
+            let _ = StoredOutcome::decode(&Bytes::from(bytes));
+            let _ = StoredOutcome::decode(&Bytes::from(with_magic));
+        }
+    }
+}

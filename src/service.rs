@@ -1,0 +1,388 @@
+//! [`Idempotency`]: the service the layer builds.
+
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, HeaderValue, Request, Response, header};
+use http_body::Body;
+use http_body_util::BodyExt;
+use tower_service::Service;
+use tracing::Instrument;
+
+use crate::BoxError;
+use crate::body::{RequestBody, ResponseBody};
+use crate::engine::{Completion, Engine, EngineError, ExecutionContext, Outcome};
+use crate::fingerprint::{Fingerprint, FingerprintHasher};
+use crate::future::ResponseFuture;
+use crate::key::{IdempotencyKey, Scope, StoreKey};
+use crate::layer::Config;
+use crate::observe::{self, Event};
+use crate::policy::{StorePolicy, is_event_stream, replayable_headers};
+use crate::problem::{Problem, ProblemKind};
+use crate::record::{StoredOutcome, StoredResponse};
+use crate::store::{Store, StoreErrorKind};
+
+/// Middleware that makes the inner service safe to retry. Built by
+/// [`IdempotencyLayer`](crate::IdempotencyLayer).
+///
+/// The inner service receives `Request<RequestBody<ReqBody>>`: for a guarded
+/// request the body holds the bytes the layer read, exactly as sent; for
+/// others it is the original body.
+#[derive(Clone)]
+pub struct Idempotency<S, St> {
+    pub(crate) inner: S,
+    pub(crate) engine: Engine<St>,
+    pub(crate) config: Arc<Config>,
+}
+
+impl<S: fmt::Debug, St: fmt::Debug> fmt::Debug for Idempotency<S, St> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Idempotency")
+            .field("inner", &self.inner)
+            .field("engine", &self.engine)
+            .field("config", &self.config)
+            .finish()
+    }
+}
+
+impl<S, St> Idempotency<S, St> {
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Consumes the middleware, returning the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+/// What the inner service sees in the request's extensions on a guarded
+/// request: the scope, the key, the fingerprint and the owner token, so a
+/// handler can key its own rows by them (the only road to exactly-once
+/// inside a database), and whether its lease was lost.
+#[derive(Debug, Clone)]
+pub struct IdempotencyInfo {
+    scope: Scope,
+    key: IdempotencyKey,
+    execution: ExecutionContext,
+}
+
+impl IdempotencyInfo {
+    /// The request's scope.
+    pub fn scope(&self) -> &Scope {
+        &self.scope
+    }
+
+    /// The client's idempotency key.
+    pub fn key(&self) -> &IdempotencyKey {
+        &self.key
+    }
+
+    /// The execution: store key, fingerprint, owner token, lease state.
+    pub fn execution(&self) -> &ExecutionContext {
+        &self.execution
+    }
+}
+
+impl<S, St, ReqBody, ResBody> Service<Request<ReqBody>> for Idempotency<S, St>
+where
+    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    St: Store,
+    ReqBody: Body<Data = Bytes> + Send + 'static,
+    ReqBody::Error: Into<BoxError>,
+    ResBody: Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Into<BoxError>,
+{
+    type Response = Response<ResponseBody<ResBody>>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future, ResBody, S::Error>;
+
+    #[inline]
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
+        let config = &self.config;
+        let guarded = config.methods.contains(req.method())
+            && (config.key_required || req.headers().contains_key(&config.key_header));
+        if !guarded {
+            return ResponseFuture::passthrough(self.inner.call(req.map(RequestBody::passthrough)));
+        }
+        // The ready instance goes into the future; the clone stays behind.
+        let clone = self.inner.clone();
+        let inner = std::mem::replace(&mut self.inner, clone);
+        let fut = guard(inner, self.engine.clone(), self.config.clone(), req);
+        ResponseFuture::guarded(Box::pin(fut))
+    }
+}
+
+type Reply<B, E> = Result<Response<ResponseBody<B>>, E>;
+
+fn refuse<B>(problem: Problem) -> Response<ResponseBody<B>> {
+    observe::refusal(problem.kind);
+    problem.into_response(|bytes| ResponseBody::full(bytes, None))
+}
+
+async fn guard<S, St, ReqBody, ResBody>(
+    inner: S,
+    engine: Engine<St>,
+    config: Arc<Config>,
+    req: Request<ReqBody>,
+) -> Reply<ResBody, S::Error>
+where
+    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>> + Send + 'static,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    St: Store,
+    ReqBody: Body<Data = Bytes> + Send + 'static,
+    ReqBody::Error: Into<BoxError>,
+    ResBody: Body<Data = Bytes> + Send + 'static,
+    ResBody::Error: Into<BoxError>,
+{
+    let (parts, body) = req.into_parts();
+    let key = match IdempotencyKey::from_header_values(parts.headers.get_all(&config.key_header).iter()) {
+        Ok(Some(key)) => key,
+        Ok(None) => return Ok(refused(ProblemKind::MissingKey, None)),
+        Err(e) => return Ok(refused(ProblemKind::InvalidKey, Some(e.to_string()))),
+    };
+    let scope = match &config.scope {
+        None => Scope::global(),
+        Some(scope_of) => match scope_of(&parts) {
+            Some(scope) => scope,
+            None => return Ok(refused(ProblemKind::ScopeUnavailable, None)),
+        },
+    };
+    let store_key = StoreKey::new(&scope, &key);
+    let limit = config.request_body_limit;
+    if declared_length(&parts.headers).is_some_and(|len| len > limit as u64) {
+        return Ok(refused(ProblemKind::PayloadTooLarge, Some(too_large(limit))));
+    }
+    let hasher = FingerprintHasher::new(&parts.method, &parts.uri, &parts.headers, &config.fingerprint_headers);
+    let (data, trailers, fingerprint) = match read_body(body, limit, hasher).await {
+        Ok(read) => read,
+        Err(ReadError::TooLarge) => return Ok(refused(ProblemKind::PayloadTooLarge, Some(too_large(limit)))),
+        Err(ReadError::Body(e)) => return Ok(refused(ProblemKind::BodyUnreadable, Some(e.to_string()))),
+    };
+    let mut pending = Some((inner, Request::from_parts(parts, RequestBody::buffered(data, trailers))));
+    let run_config = config.clone();
+    let result = engine
+        .run(store_key, fingerprint, |execution| {
+            // The engine calls the operation at most once, and only here.
+            let (mut inner, mut req) = pending.take().expect("operation called once");
+            req.extensions_mut().insert(IdempotencyInfo { scope, key, execution });
+            async move { execute(&mut inner, req, &run_config).await }
+        })
+        .instrument(tracing::debug_span!("idempotency", key = %store_key))
+        .await;
+
+    match result {
+        Ok(Outcome::Executed(response)) => Ok(response),
+        Ok(Outcome::Replayed { payload, .. }) => Ok(replay(&payload, &config)),
+        Err(EngineError::Operation(e)) => Err(e),
+        Err(EngineError::Mismatch) => {
+            Ok(refuse(Problem::new(ProblemKind::KeyMismatch).status(config.mismatch_status)))
+        }
+        Err(EngineError::InFlight) => {
+            Ok(refuse(Problem::new(ProblemKind::InFlight).retry_after(config.retry_after)))
+        }
+        Err(EngineError::Store(e)) => {
+            if e.kind() == StoreErrorKind::Corrupt {
+                return Ok(refused(ProblemKind::RecordUnreadable, None));
+            }
+            match pending.take() {
+                Some((mut inner, req)) if config.fail_open => {
+                    observe::event(Event::FailedOpen, &store_key, Some(&e));
+                    inner.call(req).await.map(|res| res.map(ResponseBody::inner))
+                }
+                _ => Ok(refuse(Problem::new(ProblemKind::StoreUnavailable).retry_after(config.retry_after))),
+            }
+        }
+        Err(EngineError::Aborted) => {
+            Ok(refuse(Problem::new(ProblemKind::StoreUnavailable).retry_after(config.retry_after)))
+        }
+    }
+}
+
+fn refused<B>(kind: ProblemKind, detail: Option<String>) -> Response<ResponseBody<B>> {
+    let mut problem = Problem::new(kind);
+    if let Some(detail) = detail {
+        problem = problem.detail(detail);
+    }
+    refuse(problem)
+}
+
+fn too_large(limit: usize) -> String {
+    format!("the request body must be at most {limit} bytes")
+}
+
+fn declared_length(headers: &HeaderMap) -> Option<u64> {
+    headers.get(header::CONTENT_LENGTH)?.to_str().ok()?.trim().parse().ok()
+}
+
+enum ReadError {
+    TooLarge,
+    Body(BoxError),
+}
+
+/// Reads the whole request body (within `limit`), fingerprinting it as it
+/// comes, and keeps its bytes and trailers for the inner service.
+async fn read_body<B>(
+    body: B,
+    limit: usize,
+    mut hasher: FingerprintHasher,
+) -> Result<(Bytes, Option<HeaderMap>, Fingerprint), ReadError>
+where
+    B: Body<Data = Bytes>,
+    B::Error: Into<BoxError>,
+{
+    if body.size_hint().lower() > limit as u64 {
+        return Err(ReadError::TooLarge);
+    }
+    let mut body = std::pin::pin!(body);
+    let mut first: Option<Bytes> = None;
+    let mut more: Option<BytesMut> = None;
+    let mut len = 0usize;
+    let mut trailers: Option<HeaderMap> = None;
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|e| ReadError::Body(e.into()))?;
+        let frame = match frame.into_data() {
+            Ok(data) => {
+                len = len.saturating_add(data.len());
+                if len > limit {
+                    return Err(ReadError::TooLarge);
+                }
+                hasher.update(&data);
+                match (&mut first, &mut more) {
+                    (None, _) => first = Some(data),
+                    (Some(f), None) => {
+                        let mut buf = BytesMut::with_capacity(f.len() + data.len());
+                        buf.extend_from_slice(f);
+                        buf.extend_from_slice(&data);
+                        more = Some(buf);
+                    }
+                    (Some(_), Some(buf)) => buf.extend_from_slice(&data),
+                }
+                continue;
+            }
+            Err(frame) => frame,
+        };
+        if let Ok(t) = frame.into_trailers() {
+            match &mut trailers {
+                Some(existing) => existing.extend(t),
+                None => trailers = Some(t),
+            }
+        }
+    }
+    let data = match more {
+        Some(buf) => buf.freeze(),
+        None => first.unwrap_or_default(),
+    };
+    Ok((data, trailers, hasher.finish()))
+}
+
+/// Runs in the engine's task: calls the inner service, then decides what
+/// to store and what to hand the caller.
+async fn execute<S, ReqBody, ResBody>(
+    inner: &mut S,
+    req: Request<RequestBody<ReqBody>>,
+    config: &Config,
+) -> Result<(Response<ResponseBody<ResBody>>, Completion), S::Error>
+where
+    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>>,
+    ResBody: Body<Data = Bytes>,
+    ResBody::Error: Into<BoxError>,
+{
+    let response = inner.call(req).await?;
+    let (parts, body) = response.into_parts();
+    let store = match parts.extensions.get::<StorePolicy>() {
+        Some(StorePolicy::Store) => true,
+        Some(StorePolicy::DoNotStore) => false,
+        None => (config.should_store)(&parts),
+    };
+    if !store {
+        return Ok((Response::from_parts(parts, ResponseBody::inner(body)), Completion::Release));
+    }
+    if is_event_stream(&parts.headers) {
+        let not_replayable = StoredOutcome::NotReplayable { status: parts.status };
+        let completion = Completion::Store(not_replayable.encode());
+        return Ok((Response::from_parts(parts, ResponseBody::inner(body)), completion));
+    }
+    let mut body = Box::pin(body);
+    let limit = config.stored_response_limit;
+    let mut buf = BytesMut::new();
+    let mut trailers: Option<HeaderMap> = None;
+    while let Some(frame) = body.frame().await {
+        let frame = match frame {
+            Ok(frame) => frame,
+            Err(e) => {
+                // The response broke off: the caller gets what there was and
+                // the error; nothing is stored and the key is released.
+                let failed = ResponseBody::failed(buf.freeze(), e.into());
+                return Ok((Response::from_parts(parts, failed), Completion::Release));
+            }
+        };
+        match frame.into_data() {
+            Ok(data) => {
+                if buf.len().saturating_add(data.len()) > limit {
+                    buf.extend_from_slice(&data);
+                    let not_replayable = StoredOutcome::NotReplayable { status: parts.status };
+                    let body = ResponseBody::chained(buf.freeze(), body);
+                    return Ok((Response::from_parts(parts, body), Completion::Store(not_replayable.encode())));
+                }
+                buf.extend_from_slice(&data);
+            }
+            Err(frame) => {
+                if let Ok(t) = frame.into_trailers() {
+                    match &mut trailers {
+                        Some(existing) => existing.extend(t),
+                        None => trailers = Some(t),
+                    }
+                }
+            }
+        }
+    }
+    let data = buf.freeze();
+    let stored = StoredOutcome::Response(StoredResponse {
+        status: parts.status,
+        headers: replayable_headers(&parts.headers, config.replay_set_cookie, &config.excluded_headers),
+        body: data.clone(),
+        trailers: trailers.clone(),
+    });
+    let body = ResponseBody::full(data, trailers);
+    Ok((Response::from_parts(parts, body), Completion::Store(stored.encode())))
+}
+
+/// Builds the replay of a stored outcome.
+fn replay<B>(payload: &Bytes, config: &Config) -> Response<ResponseBody<B>> {
+    match StoredOutcome::decode(payload) {
+        Ok(StoredOutcome::Response(stored)) => {
+            let mut res = Response::new(ResponseBody::full(stored.body, stored.trailers));
+            *res.status_mut() = stored.status;
+            *res.headers_mut() = stored.headers;
+            res.headers_mut().insert(config.replay_header.clone(), HeaderValue::from_static("true"));
+            res
+        }
+        Ok(StoredOutcome::NotReplayable { status }) => refused(
+            ProblemKind::NotReplayable,
+            Some(format!(
+                "the request with this key was executed (status {}), but its response was too large or streaming to store",
+                status.as_u16()
+            )),
+        ),
+        Err(e) => {
+            tracing::error!(error = %e, "stored idempotency record cannot be decoded");
+            refused(ProblemKind::RecordUnreadable, None)
+        }
+    }
+}

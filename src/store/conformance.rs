@@ -1,0 +1,416 @@
+//! The store contract as executable checks, for every [`Store`].
+//!
+//! Each function checks one part of the contract against a store and panics
+//! (with a message naming the rule) when it is broken. They use real time
+//! with generous margins (leases of a few hundred milliseconds), because
+//! remote stores keep time on their own clock. Each check uses fresh random
+//! keys, so all of them may share one store.
+//!
+//! Run them all as separate tests with [`store_conformance_tests!`]:
+//!
+//! ```
+//! # // The macro expands to #[tokio::test] functions, so it goes at module level.
+//! use tower_idempotency::store::MemoryStore;
+//!
+//! tower_idempotency::store_conformance_tests!(MemoryStore::new());
+//! # fn main() {}
+//! ```
+//!
+//! The expression is evaluated inside each async test, so it may `.await`
+//! (to start a server, say). It may be a store, or any value implementing
+//! [`Fixture`] (for example one that keeps a test server alive).
+//!
+//! [`store_conformance_tests!`]: crate::store_conformance_tests
+
+use std::collections::hash_map::RandomState;
+use std::hash::BuildHasher;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+
+use super::{Claim, CompletedRecord, LeaseStatus, OwnerToken, Store};
+use crate::fingerprint::Fingerprint;
+use crate::key::StoreKey;
+use crate::record::{StoredOutcome, StoredResponse};
+
+/// A lease short enough to expire within a test.
+const SHORT_LEASE: Duration = Duration::from_millis(150);
+/// Comfortably longer than [`SHORT_LEASE`].
+const PAST_SHORT_LEASE: Duration = Duration::from_millis(450);
+/// A lease no test outlives.
+const LONG_LEASE: Duration = Duration::from_secs(60);
+/// A retention no test outlives.
+const LONG_RETENTION: Duration = Duration::from_secs(600);
+/// How long a wake-up may take before a check calls it lost.
+const WAKE_BOUND: Duration = Duration::from_secs(3);
+
+/// What the conformance tests run against: a store, or something that owns one.
+pub trait Fixture {
+    /// The store under test.
+    type Store: Store;
+    /// The store.
+    fn store(&self) -> &Self::Store;
+}
+
+impl<St: Store> Fixture for St {
+    type Store = St;
+    fn store(&self) -> &St {
+        self
+    }
+}
+
+/// Generates one `#[tokio::test]` per conformance check, each running
+/// against the store (or [`Fixture`]) that `$make` evaluates to.
+///
+/// Requires `tokio` with the `macros` and `rt-multi-thread` features in the
+/// calling crate's dev-dependencies.
+#[macro_export]
+macro_rules! store_conformance_tests {
+    ($make:expr) => {
+        $crate::store_conformance_tests!(@tests $make;
+            claim_is_exclusive_under_a_race,
+            completed_records_are_replayed_exactly,
+            complete_is_fenced_and_idempotent,
+            expired_lease_is_taken_over_with_a_higher_fence,
+            extend_keeps_a_claim_alive,
+            extend_never_resurrects_an_expired_claim,
+            release_frees_the_key_for_its_owner_only,
+            records_expire_after_retention,
+            wait_wakes_on_completion,
+            wait_wakes_on_release,
+            wait_returns_at_once_when_the_claim_is_gone,
+            wait_gives_up_after_its_timeout,
+            purge_drops_claims_and_records,
+            keys_are_independent,
+        );
+    };
+    (@tests $make:expr; $($check:ident),+ $(,)?) => {
+        $(
+            #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $check() {
+                let fixture = $make;
+                $crate::store::conformance::$check(
+                    $crate::store::conformance::Fixture::store(&fixture),
+                )
+                .await;
+            }
+        )+
+    };
+}
+
+/// Runs every check in turn against one store.
+pub async fn run_all<St: Store>(store: &St) {
+    claim_is_exclusive_under_a_race(store).await;
+    completed_records_are_replayed_exactly(store).await;
+    complete_is_fenced_and_idempotent(store).await;
+    expired_lease_is_taken_over_with_a_higher_fence(store).await;
+    extend_keeps_a_claim_alive(store).await;
+    extend_never_resurrects_an_expired_claim(store).await;
+    release_frees_the_key_for_its_owner_only(store).await;
+    records_expire_after_retention(store).await;
+    wait_wakes_on_completion(store).await;
+    wait_wakes_on_release(store).await;
+    wait_returns_at_once_when_the_claim_is_gone(store).await;
+    wait_gives_up_after_its_timeout(store).await;
+    purge_drops_claims_and_records(store).await;
+    keys_are_independent(store).await;
+}
+
+fn fresh_key() -> StoreKey {
+    static COUNTER: AtomicU64 = AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let salt = RandomState::new().hash_one(n);
+    let mut id = [0u8; 16];
+    id[..8].copy_from_slice(&n.to_be_bytes());
+    id[8..].copy_from_slice(&salt.to_be_bytes());
+    StoreKey::from_parts(b"tower-idempotency-conformance", &id)
+}
+
+fn fp(n: u8) -> Fingerprint {
+    Fingerprint::from_bytes([n; 32])
+}
+
+fn record(fingerprint: Fingerprint, payload: &[u8]) -> CompletedRecord {
+    CompletedRecord { fingerprint, payload: Bytes::copy_from_slice(payload) }
+}
+
+async fn acquire<St: Store>(store: &St, key: StoreKey, f: Fingerprint, lease: Duration) -> OwnerToken {
+    match store.claim(key, f, lease).await {
+        Ok(Claim::Acquired(token)) => token,
+        other => panic!("claim of a free key must acquire it, got {other:?}"),
+    }
+}
+
+async fn claim<St: Store>(store: &St, key: StoreKey, f: Fingerprint) -> Claim {
+    match store.claim(key, f, LONG_LEASE).await {
+        Ok(claim) => claim,
+        Err(e) => panic!("claim failed: {e}"),
+    }
+}
+
+async fn check<St: Store>(
+    what: &str,
+    fut: impl std::future::Future<Output = Result<LeaseStatus, super::StoreError>>,
+) -> LeaseStatus {
+    match fut.await {
+        Ok(status) => status,
+        Err(e) => panic!("{what} failed: {e}"),
+    }
+}
+
+/// 64 tasks claim one key at once: exactly one acquires it, every other one
+/// sees it in flight with the winner's fingerprint.
+pub async fn claim_is_exclusive_under_a_race<St: Store>(store: &St) {
+    for _round in 0..5 {
+        let key = fresh_key();
+        let barrier = Arc::new(tokio::sync::Barrier::new(64));
+        let mut tasks = Vec::new();
+        for _ in 0..64 {
+            let (store, barrier) = (store.clone(), barrier.clone());
+            tasks.push(tokio::spawn(async move {
+                barrier.wait().await;
+                store.claim(key, fp(1), LONG_LEASE).await
+            }));
+        }
+        let mut acquired = 0;
+        for task in tasks {
+            match task.await.expect("claim task panicked") {
+                Ok(Claim::Acquired(_)) => acquired += 1,
+                Ok(Claim::InFlight { fingerprint, .. }) => assert_eq!(fingerprint, fp(1)),
+                other => panic!("a raced claim must be acquired or in flight, got {other:?}"),
+            }
+        }
+        assert_eq!(acquired, 1, "exactly one racer must acquire the key");
+    }
+}
+
+/// A completed key reports its record exactly (binary payload, fingerprint),
+/// to any claimant, whatever fingerprint it brings.
+pub async fn completed_records_are_replayed_exactly<St: Store>(store: &St) {
+    let key = fresh_key();
+    let token = acquire(store, key, fp(1), LONG_LEASE).await;
+    let mut headers = http::HeaderMap::new();
+    headers.append("x-multi", http::HeaderValue::from_static("a"));
+    headers.append("x-multi", http::HeaderValue::from_static("b"));
+    headers.append("x-bin", http::HeaderValue::from_bytes(&[0xfe, 0x80]).expect("valid value"));
+    let mut trailers = http::HeaderMap::new();
+    trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+    let payload = StoredOutcome::Response(StoredResponse {
+        status: http::StatusCode::CREATED,
+        headers,
+        body: Bytes::from_static(&[0, 159, 146, 150, 255, 0]),
+        trailers: Some(trailers),
+    })
+    .encode();
+    let rec = CompletedRecord { fingerprint: fp(1), payload: payload.clone() };
+    let status = check::<St>("complete", store.complete(key, token, rec.clone(), LONG_RETENTION)).await;
+    assert_eq!(status, LeaseStatus::Held, "the owner's completion must be stored");
+    for f in [fp(1), fp(2)] {
+        match claim(store, key, f).await {
+            Claim::Completed(got) => {
+                assert_eq!(got, rec, "the record must come back byte for byte");
+                let decoded = StoredOutcome::decode(&got.payload).expect("the payload decodes");
+                assert_eq!(decoded.encode(), payload);
+            }
+            other => panic!("a completed key must report its record, got {other:?}"),
+        }
+    }
+}
+
+/// Only the owner's token completes a key; repeating the owner's completion
+/// is harmless and keeps the first record.
+pub async fn complete_is_fenced_and_idempotent<St: Store>(store: &St) {
+    let key = fresh_key();
+    let token = acquire(store, key, fp(1), LONG_LEASE).await;
+    let stranger = OwnerToken::new(token.fence().wrapping_add(1_000_000), token.nonce() ^ 0x5555);
+    let status = check::<St>("complete", store.complete(key, stranger, record(fp(1), b"forged"), LONG_RETENTION)).await;
+    assert_eq!(status, LeaseStatus::Lost, "a foreign token must not complete the key");
+    assert!(matches!(claim(store, key, fp(1)).await, Claim::InFlight { .. }), "the claim must survive");
+
+    let status = check::<St>("complete", store.complete(key, token, record(fp(1), b"first"), LONG_RETENTION)).await;
+    assert_eq!(status, LeaseStatus::Held);
+    let again = check::<St>("complete", store.complete(key, token, record(fp(1), b"first"), LONG_RETENTION)).await;
+    assert_eq!(again, LeaseStatus::Held, "repeating the owner's completion must succeed");
+    let forged = check::<St>("complete", store.complete(key, stranger, record(fp(1), b"forged"), LONG_RETENTION)).await;
+    assert_eq!(forged, LeaseStatus::Lost);
+    match claim(store, key, fp(1)).await {
+        Claim::Completed(got) => assert_eq!(got.payload, Bytes::from_static(b"first")),
+        other => panic!("expected the completed record, got {other:?}"),
+    }
+}
+
+/// After a lease expires, a new claimant takes over with a higher fence, and
+/// the stale owner can no longer complete, extend or release: the newer
+/// result is the one kept.
+pub async fn expired_lease_is_taken_over_with_a_higher_fence<St: Store>(store: &St) {
+    let key = fresh_key();
+    let stale = acquire(store, key, fp(1), SHORT_LEASE).await;
+    tokio::time::sleep(PAST_SHORT_LEASE).await;
+    let fresh = acquire(store, key, fp(1), LONG_LEASE).await;
+    assert!(fresh.fence() > stale.fence(), "fences must grow across a takeover");
+    assert_ne!(fresh, stale);
+
+    let s = check::<St>("complete", store.complete(key, stale, record(fp(1), b"stale"), LONG_RETENTION)).await;
+    assert_eq!(s, LeaseStatus::Lost, "a stale owner must not complete");
+    let s = check::<St>("extend", store.extend(key, stale, LONG_LEASE)).await;
+    assert_eq!(s, LeaseStatus::Lost, "a stale owner must not extend");
+    let s = check::<St>("release", store.release(key, stale)).await;
+    assert_eq!(s, LeaseStatus::Lost, "a stale owner must not release");
+    assert!(
+        matches!(claim(store, key, fp(1)).await, Claim::InFlight { fence, .. } if fence == fresh.fence()),
+        "the new owner's claim must be intact"
+    );
+    let s = check::<St>("complete", store.complete(key, fresh, record(fp(1), b"fresh"), LONG_RETENTION)).await;
+    assert_eq!(s, LeaseStatus::Held);
+    let s = check::<St>("complete", store.complete(key, stale, record(fp(1), b"stale"), LONG_RETENTION)).await;
+    assert_eq!(s, LeaseStatus::Lost);
+    match claim(store, key, fp(1)).await {
+        Claim::Completed(got) => assert_eq!(got.payload, Bytes::from_static(b"fresh")),
+        other => panic!("expected the new owner's record, got {other:?}"),
+    }
+}
+
+/// Renewing a lease keeps the claim past its original end.
+pub async fn extend_keeps_a_claim_alive<St: Store>(store: &St) {
+    let key = fresh_key();
+    let lease = Duration::from_millis(1000);
+    let token = acquire(store, key, fp(1), lease).await;
+    let start = Instant::now();
+    while start.elapsed() < Duration::from_millis(1800) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let s = check::<St>("extend", store.extend(key, token, lease)).await;
+        assert_eq!(s, LeaseStatus::Held, "a renewed claim must stay held");
+    }
+    assert!(matches!(claim(store, key, fp(1)).await, Claim::InFlight { .. }), "the renewed claim must be live");
+    let s = check::<St>("complete", store.complete(key, token, record(fp(1), b"ok"), LONG_RETENTION)).await;
+    assert_eq!(s, LeaseStatus::Held);
+}
+
+/// An expired claim stays expired: extending it fails and does not bring it back.
+pub async fn extend_never_resurrects_an_expired_claim<St: Store>(store: &St) {
+    let key = fresh_key();
+    let token = acquire(store, key, fp(1), SHORT_LEASE).await;
+    tokio::time::sleep(PAST_SHORT_LEASE).await;
+    let s = check::<St>("extend", store.extend(key, token, LONG_LEASE)).await;
+    assert_eq!(s, LeaseStatus::Lost, "an expired lease must not be renewed");
+    let next = acquire(store, key, fp(1), LONG_LEASE).await;
+    assert!(next.fence() > token.fence());
+}
+
+/// The owner's release frees the key; a stranger's does nothing.
+pub async fn release_frees_the_key_for_its_owner_only<St: Store>(store: &St) {
+    let key = fresh_key();
+    let token = acquire(store, key, fp(1), LONG_LEASE).await;
+    let stranger = OwnerToken::new(token.fence().wrapping_add(1_000_000), token.nonce() ^ 0x5555);
+    assert_eq!(check::<St>("release", store.release(key, stranger)).await, LeaseStatus::Lost);
+    assert!(matches!(claim(store, key, fp(1)).await, Claim::InFlight { .. }), "a stranger's release must not free the key");
+    assert_eq!(check::<St>("release", store.release(key, token)).await, LeaseStatus::Held);
+    let next = acquire(store, key, fp(2), LONG_LEASE).await;
+    assert!(next.fence() > token.fence(), "fences must grow after a release");
+    assert_eq!(check::<St>("release", store.release(key, token)).await, LeaseStatus::Lost);
+}
+
+/// A completed record is forgotten after its retention.
+pub async fn records_expire_after_retention<St: Store>(store: &St) {
+    let key = fresh_key();
+    let token = acquire(store, key, fp(1), LONG_LEASE).await;
+    let retention = Duration::from_millis(200);
+    let s = check::<St>("complete", store.complete(key, token, record(fp(1), b"r"), retention)).await;
+    assert_eq!(s, LeaseStatus::Held);
+    assert!(matches!(claim(store, key, fp(1)).await, Claim::Completed(_)), "the record must be there before retention ends");
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    acquire(store, key, fp(1), LONG_LEASE).await;
+}
+
+async fn wait_for_change<St: Store>(store: &St, key: StoreKey, change: impl std::future::Future<Output = ()>) {
+    let Claim::InFlight { fence, .. } = claim(store, key, fp(1)).await else {
+        panic!("the key must be in flight");
+    };
+    let waiter = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            let start = Instant::now();
+            store.wait(key, fence, Duration::from_secs(30)).await.expect("wait failed");
+            start.elapsed()
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    change.await;
+    let waited = tokio::time::timeout(WAKE_BOUND, waiter)
+        .await
+        .expect("the waiter must wake soon after the change, not at its timeout")
+        .expect("waiter task panicked");
+    assert!(waited < WAKE_BOUND);
+}
+
+/// A waiter wakes when the claim it waits on completes.
+pub async fn wait_wakes_on_completion<St: Store>(store: &St) {
+    let key = fresh_key();
+    let token = acquire(store, key, fp(1), LONG_LEASE).await;
+    wait_for_change(store, key, async {
+        let s = check::<St>("complete", store.complete(key, token, record(fp(1), b"done"), LONG_RETENTION)).await;
+        assert_eq!(s, LeaseStatus::Held);
+    })
+    .await;
+    assert!(matches!(claim(store, key, fp(1)).await, Claim::Completed(_)));
+}
+
+/// A waiter wakes when the claim it waits on is released.
+pub async fn wait_wakes_on_release<St: Store>(store: &St) {
+    let key = fresh_key();
+    let token = acquire(store, key, fp(1), LONG_LEASE).await;
+    wait_for_change(store, key, async {
+        assert_eq!(check::<St>("release", store.release(key, token)).await, LeaseStatus::Held);
+    })
+    .await;
+}
+
+/// Waiting on a claim that is already gone returns at once.
+pub async fn wait_returns_at_once_when_the_claim_is_gone<St: Store>(store: &St) {
+    let key = fresh_key();
+    let start = Instant::now();
+    store.wait(key, 12345, Duration::from_secs(30)).await.expect("wait failed");
+    let token = acquire(store, key, fp(1), LONG_LEASE).await;
+    store.wait(key, token.fence().wrapping_add(1), Duration::from_secs(30)).await.expect("wait failed");
+    assert!(start.elapsed() < WAKE_BOUND, "waiting on a claim that is not there must not block");
+}
+
+/// A wait on a live claim ends at its timeout.
+pub async fn wait_gives_up_after_its_timeout<St: Store>(store: &St) {
+    let key = fresh_key();
+    let token = acquire(store, key, fp(1), LONG_LEASE).await;
+    let start = Instant::now();
+    store.wait(key, token.fence(), Duration::from_millis(300)).await.expect("wait failed");
+    let waited = start.elapsed();
+    assert!(waited >= Duration::from_millis(250), "the wait ended early ({waited:?}) with the claim still live");
+    assert!(waited < WAKE_BOUND, "the wait outlived its timeout ({waited:?})");
+}
+
+/// Purge drops a claim or a record, and says whether there was one.
+pub async fn purge_drops_claims_and_records<St: Store>(store: &St) {
+    let key = fresh_key();
+    assert!(!store.purge(key).await.expect("purge failed"), "an empty key has nothing to purge");
+    let token = acquire(store, key, fp(1), LONG_LEASE).await;
+    let s = check::<St>("complete", store.complete(key, token, record(fp(1), b"x"), LONG_RETENTION)).await;
+    assert_eq!(s, LeaseStatus::Held);
+    assert!(store.purge(key).await.expect("purge failed"));
+    let next = acquire(store, key, fp(2), LONG_LEASE).await;
+    assert!(store.purge(key).await.expect("purge failed"));
+    let s = check::<St>("complete", store.complete(key, next, record(fp(2), b"y"), LONG_RETENTION)).await;
+    assert_eq!(s, LeaseStatus::Lost, "a purged claim must not complete");
+    acquire(store, key, fp(3), LONG_LEASE).await;
+}
+
+/// Operations on one key never touch another.
+pub async fn keys_are_independent<St: Store>(store: &St) {
+    let (a, b) = (fresh_key(), fresh_key());
+    let ta = acquire(store, a, fp(1), LONG_LEASE).await;
+    let tb = acquire(store, b, fp(1), LONG_LEASE).await;
+    let s = check::<St>("complete", store.complete(a, ta, record(fp(1), b"a"), LONG_RETENTION)).await;
+    assert_eq!(s, LeaseStatus::Held);
+    assert!(matches!(claim(store, b, fp(1)).await, Claim::InFlight { .. }));
+    assert_eq!(check::<St>("release", store.release(b, tb)).await, LeaseStatus::Held);
+    assert!(matches!(claim(store, a, fp(1)).await, Claim::Completed(_)));
+}

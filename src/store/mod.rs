@@ -1,0 +1,222 @@
+//! The storage contract behind the guarantee, and its backends.
+//!
+//! A [`Store`] keeps, for each [`StoreKey`], either nothing, an in-flight
+//! claim (a fingerprint, an [`OwnerToken`] and a lease deadline), or a
+//! completed record (a fingerprint and an opaque payload, kept for the
+//! retention window). Every operation is atomic per key, so the guarantee
+//! holds across every process that shares the store:
+//!
+//! | operation | what it does |
+//! |---|---|
+//! | [`claim`](Store::claim) | acquires the key with a lease and a fresh owner token, or reports what is there (in flight with its fingerprint, or completed). An expired lease is taken over with a higher fence. |
+//! | [`complete`](Store::complete) | stores the record, only if the token still owns the key (fencing: an owner whose lease was taken over cannot overwrite the new owner's result). Repeating it with the same token is harmless. |
+//! | [`release`](Store::release) | drops the claim, only for the owning token. |
+//! | [`extend`](Store::extend) | renews the lease, only for the owning token; an expired lease is never resurrected. |
+//! | [`wait`](Store::wait) | returns once the observed claim is gone (completed, released or expired) or the timeout passes, without busy polling. |
+//! | [`purge`](Store::purge) | drops whatever the key holds (an operator's tool). |
+//!
+//! Remote stores should make each operation one round trip. The
+//! [`conformance`] module (feature `test-util`) is the executable form of
+//! this contract: run it against your own store.
+
+use std::fmt;
+use std::future::Future;
+use std::time::Duration;
+
+use bytes::Bytes;
+
+use crate::BoxError;
+use crate::fingerprint::Fingerprint;
+use crate::key::StoreKey;
+
+#[cfg(feature = "memory")]
+mod memory;
+#[cfg(feature = "memory")]
+#[cfg_attr(docsrs, doc(cfg(feature = "memory")))]
+pub use memory::{MemoryStore, MemoryStoreBuilder};
+
+#[cfg(feature = "test-util")]
+#[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
+pub mod conformance;
+
+/// Proof of owning a key: a fence number and a unique nonce.
+///
+/// The fence grows with every grant of the same key within its retention
+/// window, so a downstream system can reject writes that carry a lower fence
+/// than one it has already seen (Kleppmann's fencing token). The nonce makes
+/// tokens unique even where a store loses a key and starts counting again.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct OwnerToken {
+    fence: u64,
+    nonce: u64,
+}
+
+impl OwnerToken {
+    /// Builds a token (for store implementations).
+    pub const fn new(fence: u64, nonce: u64) -> Self {
+        Self { fence, nonce }
+    }
+
+    /// The fencing number: higher means a later grant.
+    pub const fn fence(&self) -> u64 {
+        self.fence
+    }
+
+    /// The unique part of the token.
+    pub const fn nonce(&self) -> u64 {
+        self.nonce
+    }
+}
+
+/// A completed key: the request's fingerprint and the stored outcome.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CompletedRecord {
+    /// The fingerprint of the request that executed.
+    pub fingerprint: Fingerprint,
+    /// The stored outcome, opaque to the store (the HTTP layer puts an
+    /// encoded [`StoredOutcome`](crate::record::StoredOutcome) here).
+    pub payload: Bytes,
+}
+
+/// What [`Store::claim`] found.
+#[derive(Debug, Clone, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Claim {
+    /// The caller now owns the key until the lease ends.
+    Acquired(OwnerToken),
+    /// Another owner holds a live claim.
+    InFlight {
+        /// The fingerprint the owner claimed with.
+        fingerprint: Fingerprint,
+        /// The owner's fence, to pass to [`Store::wait`].
+        fence: u64,
+    },
+    /// The key completed within the retention window.
+    Completed(CompletedRecord),
+}
+
+/// Whether a fenced operation still found the caller's claim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseStatus {
+    /// The token owned the key; the operation took effect.
+    Held,
+    /// The token no longer owns the key (the lease expired, was taken over,
+    /// or the key was purged); nothing changed.
+    Lost,
+}
+
+/// The kind of a [`StoreError`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum StoreErrorKind {
+    /// The store cannot be reached or refused the command.
+    Unavailable,
+    /// The store did not answer in time; the operation may or may not have
+    /// taken effect.
+    Timeout,
+    /// The store is full (for example too many in-flight claims).
+    CapacityExceeded,
+    /// A stored record cannot be read.
+    Corrupt,
+}
+
+/// A store operation failed. The layer answers 503 (fail closed) and does
+/// not execute.
+#[derive(Debug, thiserror::Error)]
+#[error("idempotency store {op} failed ({kind:?}){}", .source.as_ref().map(|s| format!(": {s}")).unwrap_or_default())]
+pub struct StoreError {
+    kind: StoreErrorKind,
+    op: &'static str,
+    #[source]
+    source: Option<BoxError>,
+}
+
+impl StoreError {
+    /// A new error of `kind` during operation `op` (e.g. `"claim"`).
+    pub fn new(kind: StoreErrorKind, op: &'static str) -> Self {
+        Self { kind, op, source: None }
+    }
+
+    /// Attaches the underlying cause.
+    pub fn with_source(mut self, source: impl Into<BoxError>) -> Self {
+        self.source = Some(source.into());
+        self
+    }
+
+    /// What went wrong.
+    pub fn kind(&self) -> StoreErrorKind {
+        self.kind
+    }
+
+    /// The operation that failed.
+    pub fn operation(&self) -> &'static str {
+        self.op
+    }
+}
+
+/// The storage contract: atomic claim, fenced complete / release / extend,
+/// waiting without polling, and purge. See the [module docs](self).
+///
+/// Implementations are cheap handles (`Clone`) shared by every request.
+/// Methods may be written as `async fn` in an implementation; their futures
+/// must be `Send`.
+pub trait Store: Clone + Send + Sync + 'static {
+    /// Atomically acquires `key` for `fingerprint` with a lease of `lease`,
+    /// or reports what the key holds.
+    fn claim(
+        &self,
+        key: StoreKey,
+        fingerprint: Fingerprint,
+        lease: Duration,
+    ) -> impl Future<Output = Result<Claim, StoreError>> + Send;
+
+    /// Stores `record` for `retention`, if `token` still owns `key`.
+    ///
+    /// Completing again with the same token after a success returns
+    /// [`LeaseStatus::Held`] and changes nothing.
+    fn complete(
+        &self,
+        key: StoreKey,
+        token: OwnerToken,
+        record: CompletedRecord,
+        retention: Duration,
+    ) -> impl Future<Output = Result<LeaseStatus, StoreError>> + Send;
+
+    /// Drops the claim on `key`, if `token` still owns it.
+    fn release(
+        &self,
+        key: StoreKey,
+        token: OwnerToken,
+    ) -> impl Future<Output = Result<LeaseStatus, StoreError>> + Send;
+
+    /// Renews the lease on `key` to `lease` from now, if `token` still owns it.
+    fn extend(
+        &self,
+        key: StoreKey,
+        token: OwnerToken,
+        lease: Duration,
+    ) -> impl Future<Output = Result<LeaseStatus, StoreError>> + Send;
+
+    /// Waits until the claim with fence `fence` on `key` is gone, or
+    /// `timeout` passes, whichever is first. Returns at once when the claim
+    /// is already gone. The caller then claims again to learn the new state,
+    /// so a spurious early return is harmless.
+    fn wait(
+        &self,
+        key: StoreKey,
+        fence: u64,
+        timeout: Duration,
+    ) -> impl Future<Output = Result<(), StoreError>> + Send;
+
+    /// Drops whatever `key` holds. Returns whether it held anything.
+    fn purge(&self, key: StoreKey) -> impl Future<Output = Result<bool, StoreError>> + Send;
+}
+
+impl fmt::Display for LeaseStatus {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            LeaseStatus::Held => "held",
+            LeaseStatus::Lost => "lost",
+        })
+    }
+}
