@@ -1,0 +1,372 @@
+//! Shared test harness: a ledger service, a fault-injecting store, a server.
+#![allow(dead_code)]
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::body::Body;
+use bytes::Bytes;
+use http::{HeaderValue, Request, Response, StatusCode};
+use http_body_util::BodyExt;
+use tokio::sync::{Notify, Semaphore};
+use tower::{Service, ServiceExt};
+use tower_idempotency::engine::ExecutionContext;
+use tower_idempotency::fingerprint::Fingerprint;
+use tower_idempotency::key::StoreKey;
+use tower_idempotency::store::{
+    Claim, CompletedRecord, LeaseStatus, MemoryStore, OwnerToken, Store, StoreError, StoreErrorKind,
+};
+use tower_idempotency::{IdempotencyInfo, IdempotencyLayer, RequestBody, StorePolicy};
+
+/// An inner service that counts its executions and behaves as the request's
+/// headers say:
+/// - `x-status: N` answers with status N;
+/// - `x-gate: 1` waits for a permit from [`Ledger::open`] after entering;
+/// - `x-body-bytes: N` answers with N bytes;
+/// - `x-fail: 1` returns `Err`; `x-panic: 1` panics;
+/// - `x-policy: store|skip` sets a `StorePolicy` extension.
+///
+/// It answers `exec-<n>:<request body>` with headers `x-exec: <n>`, two
+/// `set-cookie`s, a repeated `x-multi`, and a `connection`-scoped header.
+#[derive(Clone)]
+pub struct Ledger {
+    pub executions: Arc<AtomicUsize>,
+    pub entered: Arc<Notify>,
+    gate: Arc<Semaphore>,
+    pub saw_info: Arc<AtomicBool>,
+    pub last_body: Arc<std::sync::Mutex<Bytes>>,
+}
+
+impl Ledger {
+    pub fn new() -> Self {
+        Self {
+            executions: Arc::default(),
+            entered: Arc::default(),
+            gate: Arc::new(Semaphore::new(0)),
+            saw_info: Arc::default(),
+            last_body: Arc::default(),
+        }
+    }
+
+    pub fn count(&self) -> usize {
+        self.executions.load(Ordering::SeqCst)
+    }
+
+    /// Lets `n` gated executions finish.
+    pub fn open(&self, n: usize) {
+        self.gate.add_permits(n);
+    }
+
+    pub fn service(
+        &self,
+    ) -> impl Service<
+        Request<RequestBody<Body>>,
+        Response = Response<Body>,
+        Error = TestError,
+        Future = impl std::future::Future<Output = Result<Response<Body>, TestError>> + Send + 'static,
+    > + Clone
+    + Send
+    + Sync
+    + 'static {
+        let ledger = self.clone();
+        tower::service_fn(move |req: Request<RequestBody<Body>>| {
+            let ledger = ledger.clone();
+            async move { ledger.handle(req).await }
+        })
+    }
+
+    async fn handle(&self, req: Request<RequestBody<Body>>) -> Result<Response<Body>, TestError> {
+        let n = self.executions.fetch_add(1, Ordering::SeqCst) + 1;
+        if req.extensions().get::<IdempotencyInfo>().is_some() {
+            self.saw_info.store(true, Ordering::SeqCst);
+        }
+        let headers = req.headers().clone();
+        let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
+        let status = header("x-status").and_then(|s| s.parse().ok()).unwrap_or(201u16);
+        let gated = header("x-gate").is_some();
+        let fail = header("x-fail").is_some();
+        let panic = header("x-panic").is_some();
+        let body_bytes: Option<usize> = header("x-body-bytes").and_then(|s| s.parse().ok());
+        let policy = header("x-policy");
+        let body = req.into_body().collect().await.map_err(|_| TestError("body"))?.to_bytes();
+        *self.last_body.lock().unwrap() = body.clone();
+        self.entered.notify_waiters();
+        if gated {
+            let permit = self.gate.acquire().await.map_err(|_| TestError("gate closed"))?;
+            permit.forget();
+        }
+        if fail {
+            return Err(TestError("handler failed"));
+        }
+        if panic {
+            panic!("handler panicked on purpose");
+        }
+        let payload = match body_bytes {
+            Some(len) => Bytes::from(vec![b'z'; len]),
+            None => {
+                let mut p = format!("exec-{n}:").into_bytes();
+                p.extend_from_slice(&body);
+                Bytes::from(p)
+            }
+        };
+        let mut res = Response::new(Body::from(payload));
+        *res.status_mut() = StatusCode::from_u16(status).unwrap();
+        let h = res.headers_mut();
+        h.insert("x-exec", HeaderValue::from(n));
+        h.insert("content-type", HeaderValue::from_static("text/plain; charset=utf-8"));
+        h.append("set-cookie", HeaderValue::from_static("session=abc; Path=/"));
+        h.append("set-cookie", HeaderValue::from_static("theme=dark; Expires=Mon, 21 Oct 2030 07:28:00 GMT"));
+        h.append("x-multi", HeaderValue::from_static("one"));
+        h.append("x-multi", HeaderValue::from_static("two, three"));
+        h.append("x-binary", HeaderValue::from_bytes(&[0xfe, b'x', 0x80]).unwrap());
+        h.insert("connection", HeaderValue::from_static("x-hop"));
+        h.insert("x-hop", HeaderValue::from_static("1"));
+        match policy.as_deref() {
+            Some("store") => {
+                res.extensions_mut().insert(StorePolicy::Store);
+            }
+            Some("skip") => {
+                res.extensions_mut().insert(StorePolicy::DoNotStore);
+            }
+            _ => {}
+        }
+        Ok(res)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct TestError(pub &'static str);
+
+impl std::fmt::Display for TestError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.0)
+    }
+}
+
+impl std::error::Error for TestError {}
+
+/// A store decorator that counts operations and can be made to fail.
+#[derive(Clone)]
+pub struct TestStore<St = MemoryStore> {
+    pub inner: St,
+    pub calls: Arc<AtomicUsize>,
+    pub fail: Arc<AtomicBool>,
+    pub corrupt: Arc<AtomicBool>,
+}
+
+impl TestStore {
+    pub fn new() -> Self {
+        Self::wrap(MemoryStore::new())
+    }
+}
+
+impl<St: Store> TestStore<St> {
+    pub fn wrap(inner: St) -> Self {
+        Self {
+            inner,
+            calls: Arc::default(),
+            fail: Arc::default(),
+            corrupt: Arc::default(),
+        }
+    }
+
+    pub fn calls(&self) -> usize {
+        self.calls.load(Ordering::SeqCst)
+    }
+
+    pub fn set_failing(&self, fail: bool) {
+        self.fail.store(fail, Ordering::SeqCst);
+    }
+
+    fn enter(&self, op: &'static str) -> Result<(), StoreError> {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        if self.fail.load(Ordering::SeqCst) {
+            let cause = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "injected");
+            return Err(StoreError::new(StoreErrorKind::Unavailable, op).with_source(cause));
+        }
+        Ok(())
+    }
+}
+
+impl<St: Store> Store for TestStore<St> {
+    async fn claim(&self, key: StoreKey, fp: Fingerprint, lease: Duration) -> Result<Claim, StoreError> {
+        self.enter("claim")?;
+        let claim = self.inner.claim(key, fp, lease).await?;
+        match claim {
+            Claim::Completed(mut rec) if self.corrupt.load(Ordering::SeqCst) => {
+                rec.payload = Bytes::from_static(b"TIDR\x01garbage");
+                Ok(Claim::Completed(rec))
+            }
+            other => Ok(other),
+        }
+    }
+    async fn complete(
+        &self,
+        key: StoreKey,
+        token: OwnerToken,
+        record: CompletedRecord,
+        retention: Duration,
+    ) -> Result<LeaseStatus, StoreError> {
+        self.enter("complete")?;
+        self.inner.complete(key, token, record, retention).await
+    }
+    async fn release(&self, key: StoreKey, token: OwnerToken) -> Result<LeaseStatus, StoreError> {
+        self.enter("release")?;
+        self.inner.release(key, token).await
+    }
+    async fn extend(&self, key: StoreKey, token: OwnerToken, lease: Duration) -> Result<LeaseStatus, StoreError> {
+        self.enter("extend")?;
+        self.inner.extend(key, token, lease).await
+    }
+    async fn wait(&self, key: StoreKey, fence: u64, timeout: Duration) -> Result<(), StoreError> {
+        self.enter("wait")?;
+        self.inner.wait(key, fence, timeout).await
+    }
+    async fn purge(&self, key: StoreKey) -> Result<bool, StoreError> {
+        self.enter("purge")?;
+        self.inner.purge(key).await
+    }
+}
+
+/// A POST to `/pay` with the given key and body.
+pub fn post(key: Option<&str>, body: &'static str) -> http::request::Builder {
+    let mut b = Request::post("/pay").header("content-type", "application/json");
+    if let Some(key) = key {
+        b = b.header("idempotency-key", key);
+    }
+    let _ = body;
+    b
+}
+
+pub fn req(key: Option<&str>, body: &'static str) -> Request<Body> {
+    post(key, body).body(Body::from(body)).unwrap()
+}
+
+/// A collected response.
+#[derive(Debug, Clone)]
+pub struct Answer {
+    pub status: StatusCode,
+    pub headers: http::HeaderMap,
+    pub body: Bytes,
+    pub trailers: Option<http::HeaderMap>,
+}
+
+impl Answer {
+    pub fn replayed(&self) -> bool {
+        self.headers.get("idempotent-replayed").is_some_and(|v| v == "true")
+    }
+
+    pub fn problem_type(&self) -> String {
+        let v: serde_json::Value = serde_json::from_slice(&self.body).expect("problem+json body");
+        v["type"].as_str().unwrap_or_default().to_owned()
+    }
+
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).into_owned()
+    }
+}
+
+pub async fn collect<B>(res: Response<B>) -> Answer
+where
+    B: http_body::Body<Data = Bytes>,
+    B::Error: std::fmt::Debug,
+{
+    let (parts, body) = res.into_parts();
+    let collected = body.collect().await.expect("body");
+    let trailers = collected.trailers().cloned();
+    Answer { status: parts.status, headers: parts.headers, body: collected.to_bytes(), trailers }
+}
+
+/// Sends one request through a clone of the service.
+pub async fn send<Svc>(svc: &Svc, req: Request<Body>) -> Answer
+where
+    Svc: Service<Request<Body>, Response = Response<tower_idempotency::ResponseBody<Body>>> + Clone,
+    Svc::Error: std::fmt::Debug,
+{
+    let res = svc.clone().oneshot(req).await.expect("service error");
+    collect(res).await
+}
+
+/// Starts an axum server on a free loopback port serving `svc` on every path.
+pub async fn serve<Svc>(svc: Svc) -> SocketAddr
+where
+    Svc: Service<Request<Body>, Error = Infallible> + Clone + Send + Sync + 'static,
+    Svc::Response: axum::response::IntoResponse,
+    Svc::Future: Send + 'static,
+{
+    let app = axum::Router::new().fallback_service(svc);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move {
+        axum::serve(listener, app).await.unwrap();
+    });
+    addr
+}
+
+pub fn layer(store: TestStore) -> IdempotencyLayer<TestStore> {
+    IdempotencyLayer::new(store)
+}
+
+/// Reads the execution context off a handler's request (for engine tests).
+pub fn context_of(req: &Request<RequestBody<Body>>) -> Option<ExecutionContext> {
+    req.extensions().get::<IdempotencyInfo>().map(|i| i.execution().clone())
+}
+
+impl Ledger {
+    /// The ledger as an infallible service (handler errors become 500s), as
+    /// axum's router requires.
+    pub fn infallible(
+        &self,
+    ) -> impl Service<
+        Request<RequestBody<Body>>,
+        Response = Response<Body>,
+        Error = Infallible,
+        Future = impl std::future::Future<Output = Result<Response<Body>, Infallible>> + Send + 'static,
+    > + Clone
+    + Send
+    + Sync
+    + 'static {
+        let svc = self.service();
+        tower::service_fn(move |req: Request<RequestBody<Body>>| {
+            let svc = svc.clone();
+            async move {
+                Ok::<_, Infallible>(match svc.oneshot(req).await {
+                    Ok(res) => res,
+                    Err(_) => {
+                        let mut res = Response::new(Body::from("failed"));
+                        *res.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
+                        res
+                    }
+                })
+            }
+        })
+    }
+}
+
+/// A request body fed through a channel: a test can send chunks (or an
+/// error) when it likes, to model slow uploads and broken streams.
+pub struct ChannelBody {
+    rx: tokio::sync::mpsc::Receiver<Result<Bytes, std::io::Error>>,
+}
+
+impl http_body::Body for ChannelBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        self.rx.poll_recv(cx).map(|o| o.map(|r| r.map(http_body::Frame::data)))
+    }
+}
+
+/// A body whose chunks are sent through the returned sender; it ends when
+/// the sender is dropped.
+pub fn channel_body() -> (tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>, Body) {
+    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    (tx, Body::new(ChannelBody { rx }))
+}
