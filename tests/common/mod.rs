@@ -34,6 +34,8 @@ use tower_idempotency::{IdempotencyInfo, IdempotencyLayer, RequestBody, StorePol
 #[derive(Clone)]
 pub struct Ledger {
     pub executions: Arc<AtomicUsize>,
+    /// Executions that ran to the end (not cancelled).
+    pub finished: Arc<AtomicUsize>,
     pub entered: Arc<Notify>,
     gate: Arc<Semaphore>,
     pub saw_info: Arc<AtomicBool>,
@@ -44,6 +46,7 @@ impl Ledger {
     pub fn new() -> Self {
         Self {
             executions: Arc::default(),
+            finished: Arc::default(),
             entered: Arc::default(),
             gate: Arc::new(Semaphore::new(0)),
             saw_info: Arc::default(),
@@ -98,6 +101,7 @@ impl Ledger {
             let permit = self.gate.acquire().await.map_err(|_| TestError("gate closed"))?;
             permit.forget();
         }
+        self.finished.fetch_add(1, Ordering::SeqCst);
         if fail {
             return Err(TestError("handler failed"));
         }

@@ -1,0 +1,159 @@
+//! The engine on its own: leases, heartbeats, detachment, coalescing.
+
+mod common;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::TestStore;
+use tokio::sync::Notify;
+use tower_idempotency::engine::{Completion, Engine, EngineError, InFlightPolicy, Outcome};
+use tower_idempotency::fingerprint::Fingerprint;
+use tower_idempotency::key::StoreKey;
+use tower_idempotency::store::{Claim, Store};
+
+const FP: Fingerprint = Fingerprint::from_bytes([1; 32]);
+
+fn key(name: &str) -> StoreKey {
+    StoreKey::from_parts(b"engine-tests", name.as_bytes())
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_lease_is_renewed_while_a_slow_operation_runs() {
+    let store = TestStore::new();
+    let lease = Duration::from_millis(300);
+    let engine = Engine::new(store.clone()).lease(lease).in_flight_policy(InFlightPolicy::Reject);
+    let runs = Arc::new(AtomicUsize::new(0));
+    let slow = {
+        let (engine, runs) = (engine.clone(), runs.clone());
+        tokio::spawn(async move {
+            engine
+                .run_stored(key("slow"), FP, move |_| async move {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    tokio::time::sleep(Duration::from_secs(3)).await; // ten leases
+                    Ok::<_, std::io::Error>(Bytes::from_static(b"done"))
+                })
+                .await
+        })
+    };
+    for _ in 0..5 {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let dup = engine
+            .run_stored(key("slow"), FP, |_| async { Ok::<_, std::io::Error>(Bytes::new()) })
+            .await;
+        assert!(matches!(dup, Err(EngineError::InFlight)), "the slow owner keeps its claim: {dup:?}");
+    }
+    let out = slow.await.unwrap().unwrap();
+    assert_eq!(out, Outcome::Executed(Bytes::from_static(b"done")));
+    assert_eq!(runs.load(Ordering::SeqCst), 1);
+    let replay = engine.run_stored(key("slow"), FP, |_| async { Ok::<_, std::io::Error>(Bytes::new()) }).await;
+    assert!(matches!(replay, Ok(Outcome::Replayed { .. })));
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_lost_lease_is_reported_and_the_outcome_not_stored() {
+    let store = TestStore::new();
+    let engine = Engine::new(store.clone()).lease(Duration::from_millis(300));
+    let proceed = Arc::new(Notify::new());
+    let started = Arc::new(Notify::new());
+    let run = {
+        let (engine, proceed, started) = (engine.clone(), proceed.clone(), started.clone());
+        tokio::spawn(async move {
+            engine
+                .run(key("lost"), FP, move |ctx| async move {
+                    started.notify_one();
+                    proceed.notified().await;
+                    Ok::<_, std::io::Error>((ctx.lease_lost(), Completion::Store(Bytes::from_static(b"stale"))))
+                })
+                .await
+        })
+    };
+    started.notified().await;
+    // An operator purges the key (as a lost Redis key would): the owner's
+    // next renewal finds its claim gone.
+    assert!(store.purge(key("lost")).await.unwrap());
+    tokio::time::sleep(Duration::from_millis(250)).await;
+    proceed.notify_one();
+    let out = run.await.unwrap().unwrap();
+    assert_eq!(out, Outcome::Executed(true), "the operation saw its lease lost");
+    let claim = store.claim(key("lost"), FP, Duration::from_secs(1)).await.unwrap();
+    assert!(matches!(claim, Claim::Acquired(_)), "the stale outcome was not stored: {claim:?}");
+}
+
+#[tokio::test]
+async fn dropping_the_caller_detaches_the_execution() {
+    let engine = Engine::new(TestStore::new());
+    let proceed = Arc::new(Notify::new());
+    let started = Arc::new(Notify::new());
+    let caller = {
+        let (engine, proceed, started) = (engine.clone(), proceed.clone(), started.clone());
+        tokio::spawn(async move {
+            engine
+                .run_stored(key("detach"), FP, move |_| async move {
+                    started.notify_one();
+                    proceed.notified().await;
+                    Ok::<_, std::io::Error>(Bytes::from_static(b"finished"))
+                })
+                .await
+        })
+    };
+    started.notified().await;
+    caller.abort();
+    proceed.notify_one();
+    let replay = engine
+        .run_stored(key("detach"), FP, |_| async { Ok::<_, std::io::Error>(Bytes::from_static(b"second")) })
+        .await
+        .unwrap();
+    assert_eq!(replay, Outcome::Replayed { payload: Bytes::from_static(b"finished"), coalesced: true });
+}
+
+#[tokio::test]
+async fn a_waiter_executes_itself_when_the_first_execution_releases() {
+    let engine = Engine::new(TestStore::new());
+    let proceed = Arc::new(Notify::new());
+    let started = Arc::new(Notify::new());
+    let first = {
+        let (engine, proceed, started) = (engine.clone(), proceed.clone(), started.clone());
+        tokio::spawn(async move {
+            engine
+                .run(key("handover"), FP, move |_| async move {
+                    started.notify_one();
+                    proceed.notified().await;
+                    Ok::<_, std::io::Error>(("failed", Completion::Release))
+                })
+                .await
+        })
+    };
+    started.notified().await;
+    let second = {
+        let engine = engine.clone();
+        tokio::spawn(async move {
+            engine
+                .run(key("handover"), FP, |_| async { Ok::<_, std::io::Error>(("ok", Completion::Store(Bytes::new()))) })
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    proceed.notify_one();
+    assert_eq!(first.await.unwrap().unwrap(), Outcome::Executed("failed"));
+    assert_eq!(second.await.unwrap().unwrap(), Outcome::Executed("ok"), "the waiter re-claimed and ran");
+}
+
+#[tokio::test]
+async fn a_fresh_owner_token_fences_each_grant() {
+    let engine = Engine::new(TestStore::new());
+    let mut fences = Vec::new();
+    for _ in 0..3 {
+        let fence = engine
+            .run(key("fences"), FP, |ctx| async move {
+                Ok::<_, std::io::Error>((ctx.owner_token().fence(), Completion::Release))
+            })
+            .await
+            .unwrap();
+        let Outcome::Executed(fence) = fence else { panic!("released runs execute") };
+        fences.push(fence);
+    }
+    assert!(fences.windows(2).all(|w| w[0] < w[1]), "fences grow: {fences:?}");
+}

@@ -1,0 +1,108 @@
+//! The layer behind a real server, driven over real loopback sockets.
+
+mod common;
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+
+use axum::body::Body;
+use bytes::Bytes;
+use common::*;
+use http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use tokio::io::AsyncWriteExt;
+use tower::Layer;
+
+type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Body>;
+
+fn client() -> HttpClient {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+async fn post_to(client: &HttpClient, addr: std::net::SocketAddr, key: &str, gate: bool) -> Answer {
+    let mut b = Request::post(format!("http://{addr}/pay")).header("idempotency-key", key);
+    if gate {
+        b = b.header("x-gate", "1");
+    }
+    let res = client.request(b.body(Body::from(r#"{"amount":100}"#)).unwrap()).await.expect("request");
+    let (parts, body) = res.into_parts();
+    let body = body.collect().await.expect("body").to_bytes();
+    Answer { status: parts.status, headers: parts.headers, body, trailers: None }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_concurrent_duplicates_execute_once_and_get_identical_bodies() {
+    let ledger = Ledger::new();
+    let svc = layer(TestStore::new()).layer(ledger.infallible());
+    let addr = serve(svc).await;
+    let entered = ledger.entered.notified();
+    let first = tokio::spawn(async move { post_to(&client(), addr, "dup", true).await });
+    entered.await;
+    let mut others = Vec::new();
+    for _ in 0..99 {
+        // One client each: one connection each.
+        others.push(tokio::spawn(async move { post_to(&client(), addr, "dup", true).await }));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    ledger.open(100);
+    let first = first.await.unwrap();
+    assert_eq!(first.status, StatusCode::CREATED);
+    let mut replayed = 0;
+    for other in others {
+        let other = other.await.unwrap();
+        assert_eq!(other.status, first.status);
+        assert_eq!(other.body, first.body, "every duplicate gets the same body");
+        replayed += usize::from(other.replayed());
+    }
+    assert_eq!(replayed, 99, "every answer but the executing one is marked replayed");
+    assert_eq!(ledger.count(), 1, "one execution for 100 requests");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_disconnect_does_not_cancel_the_execution() {
+    let ledger = Ledger::new();
+    let svc = layer(TestStore::new()).layer(ledger.infallible());
+    let addr = serve(svc).await;
+
+    let entered = ledger.entered.notified();
+    let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let body = r#"{"amount":100}"#;
+    let head = format!(
+        "POST /pay HTTP/1.1\r\nhost: {addr}\r\nidempotency-key: gone\r\nx-gate: 1\r\ncontent-length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).await.unwrap();
+    entered.await;
+    drop(stream);
+    // Let the server notice the closed connection and drop its future.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    ledger.open(1);
+    for _ in 0..200 {
+        if ledger.finished.load(Ordering::SeqCst) == 1 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(ledger.finished.load(Ordering::SeqCst), 1, "the execution ran to its end");
+    let retry = post_to(&client(), addr, "gone", false).await;
+    assert_eq!(retry.status, StatusCode::CREATED);
+    assert!(retry.replayed(), "the client's retry gets the stored result");
+    assert_eq!(retry.headers["x-exec"], "1");
+    assert_eq!(ledger.count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replays_are_byte_identical_over_the_wire() {
+    let ledger = Ledger::new();
+    let svc = layer(TestStore::new()).layer(ledger.infallible());
+    let addr = serve(svc).await;
+    let c = client();
+    let first = post_to(&c, addr, "wire", false).await;
+    let second = post_to(&c, addr, "wire", false).await;
+    assert!(second.replayed());
+    assert_eq!(first.body, second.body);
+    assert_eq!(first.headers["content-length"], second.headers["content-length"]);
+    assert_eq!(Bytes::from(first.body.clone()), second.body);
+}
