@@ -304,9 +304,10 @@ impl Store for MemoryStore {
     }
 
     async fn purge(&self, key: StoreKey) -> Result<bool, StoreError> {
+        let now = Instant::now();
         let mut map = self.lock();
-        let had_claim = map.remove(&key).is_some();
-        let had_record = self.inner.completed.remove(&key).is_some();
+        let had_claim = map.remove(&key).is_some_and(|e| e.deadline > now);
+        let had_record = self.inner.completed.remove(&key).is_some_and(|c| c.expires_at > now);
         Ok(had_claim || had_record)
     }
 }

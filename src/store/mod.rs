@@ -208,7 +208,8 @@ pub trait Store: Clone + Send + Sync + 'static {
         timeout: Duration,
     ) -> impl Future<Output = Result<(), StoreError>> + Send;
 
-    /// Drops whatever `key` holds. Returns whether it held anything.
+    /// Drops whatever `key` holds. Returns whether it held a live claim or
+    /// an unexpired record.
     fn purge(&self, key: StoreKey) -> impl Future<Output = Result<bool, StoreError>> + Send;
 }
 
