@@ -57,35 +57,56 @@ fn non_empty(data: Bytes) -> Option<Bytes> {
 
 impl<B> Kind<B> {
     fn full(data: Bytes, trailers: Option<HeaderMap>) -> Self {
-        Kind::Full { data: non_empty(data), trailers }
+        Kind::Full {
+            data: non_empty(data),
+            trailers,
+        }
     }
 }
 
 impl<B> RequestBody<B> {
     pub(crate) fn passthrough(inner: B) -> Self {
-        Self { kind: Kind::Inner { inner } }
+        Self {
+            kind: Kind::Inner { inner },
+        }
     }
 
     pub(crate) fn buffered(data: Bytes, trailers: Option<HeaderMap>) -> Self {
-        Self { kind: Kind::full(data, trailers) }
+        Self {
+            kind: Kind::full(data, trailers),
+        }
     }
 }
 
 impl<B> ResponseBody<B> {
     pub(crate) fn inner(inner: B) -> Self {
-        Self { kind: Kind::Inner { inner } }
+        Self {
+            kind: Kind::Inner { inner },
+        }
     }
 
     pub(crate) fn full(data: Bytes, trailers: Option<HeaderMap>) -> Self {
-        Self { kind: Kind::full(data, trailers) }
+        Self {
+            kind: Kind::full(data, trailers),
+        }
     }
 
     pub(crate) fn chained(prefix: Bytes, rest: Pin<Box<B>>) -> Self {
-        Self { kind: Kind::Chained { prefix: non_empty(prefix), rest } }
+        Self {
+            kind: Kind::Chained {
+                prefix: non_empty(prefix),
+                rest,
+            },
+        }
     }
 
     pub(crate) fn failed(prefix: Bytes, error: BoxError) -> Self {
-        Self { kind: Kind::Failed { prefix: non_empty(prefix), error: Some(error) } }
+        Self {
+            kind: Kind::Failed {
+                prefix: non_empty(prefix),
+                error: Some(error),
+            },
+        }
     }
 }
 
@@ -94,7 +115,10 @@ where
     B: Body<Data = Bytes>,
     B::Error: Into<BoxError>,
 {
-    fn poll_frame(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
         match self.project() {
             KindProj::Inner { inner } => inner.poll_frame(cx).map_err(Into::into),
             KindProj::Full { data, trailers } => {
@@ -187,7 +211,9 @@ macro_rules! forward_body {
                     Kind::Chained { .. } => "Chained",
                     Kind::Failed { .. } => "Failed",
                 };
-                f.debug_struct(stringify!($ty)).field("kind", &variant).finish()
+                f.debug_struct(stringify!($ty))
+                    .field("kind", &variant)
+                    .finish()
             }
         }
     };
@@ -205,7 +231,8 @@ mod tests {
     async fn full_body_yields_data_then_trailers_then_ends() {
         let mut t = HeaderMap::new();
         t.insert("grpc-status", "0".parse().unwrap());
-        let body: ResponseBody<Full<Bytes>> = ResponseBody::full(Bytes::from_static(b"abc"), Some(t.clone()));
+        let body: ResponseBody<Full<Bytes>> =
+            ResponseBody::full(Bytes::from_static(b"abc"), Some(t.clone()));
         assert_eq!(body.size_hint().exact(), Some(3));
         let collected = body.collect().await.unwrap();
         assert_eq!(collected.trailers(), Some(&t));
@@ -218,7 +245,8 @@ mod tests {
         assert!(body.is_end_stream());
         let mut t = HeaderMap::new();
         t.insert("grpc-status", "13".parse().unwrap());
-        let trailers_only: ResponseBody<Full<Bytes>> = ResponseBody::full(Bytes::new(), Some(t.clone()));
+        let trailers_only: ResponseBody<Full<Bytes>> =
+            ResponseBody::full(Bytes::new(), Some(t.clone()));
         assert!(!trailers_only.is_end_stream());
         assert_eq!(trailers_only.collect().await.unwrap().trailers(), Some(&t));
     }
@@ -228,9 +256,13 @@ mod tests {
         let rest = Box::pin(Full::new(Bytes::from_static(b"world")));
         let body = ResponseBody::chained(Bytes::from_static(b"hello "), rest);
         assert_eq!(body.size_hint().exact(), Some(11));
-        assert_eq!(body.collect().await.unwrap().to_bytes(), Bytes::from_static(b"hello world"));
+        assert_eq!(
+            body.collect().await.unwrap().to_bytes(),
+            Bytes::from_static(b"hello world")
+        );
 
-        let failed: ResponseBody<Full<Bytes>> = ResponseBody::failed(Bytes::from_static(b"x"), "boom".into());
+        let failed: ResponseBody<Full<Bytes>> =
+            ResponseBody::failed(Bytes::from_static(b"x"), "boom".into());
         let mut failed = std::pin::pin!(failed);
         assert!(failed.frame().await.unwrap().unwrap().is_data());
         assert!(failed.frame().await.unwrap().is_err());

@@ -277,11 +277,21 @@ impl<St: Store> Engine<St> {
             match claim {
                 Claim::Acquired(token) => return self.execute(key, fingerprint, token, op).await,
                 Claim::Completed(record) if record.fingerprint == fingerprint => {
-                    let event = if coalesced { Event::Coalesced } else { Event::Replayed };
+                    let event = if coalesced {
+                        Event::Coalesced
+                    } else {
+                        Event::Replayed
+                    };
                     observe::event(event, &key, None);
-                    return Ok(Outcome::Replayed { payload: record.payload, coalesced });
+                    return Ok(Outcome::Replayed {
+                        payload: record.payload,
+                        coalesced,
+                    });
                 }
-                Claim::InFlight { fingerprint: theirs, fence } if theirs == fingerprint => {
+                Claim::InFlight {
+                    fingerprint: theirs,
+                    fence,
+                } if theirs == fingerprint => {
                     let limit = match self.in_flight {
                         InFlightPolicy::Wait(limit) => limit,
                         InFlightPolicy::Reject => Duration::ZERO,
@@ -319,19 +329,31 @@ impl<St: Store> Engine<St> {
         E: Send + 'static,
     {
         let lost = Arc::new(AtomicBool::new(false));
-        let ctx = ExecutionContext { key, fingerprint, token, lost: lost.clone() };
+        let ctx = ExecutionContext {
+            key,
+            fingerprint,
+            token,
+            lost: lost.clone(),
+        };
         let fut = op(ctx);
         let store = self.store.clone();
         let (lease, retention) = (self.lease, self.retention);
         // The task, not the caller, owns the execution: dropping the caller's
         // future detaches it instead of cancelling it.
         let task = tokio::spawn(async move {
-            let mut guard = ReleaseOnDrop { store: Some(store.clone()), key, token };
+            let mut guard = ReleaseOnDrop {
+                store: Some(store.clone()),
+                key,
+                token,
+            };
             let result = with_heartbeat(&store, key, token, lease, &lost, fut).await;
             guard.store = None;
             match result {
                 Ok((value, Completion::Store(payload))) => {
-                    let record = CompletedRecord { fingerprint, payload };
+                    let record = CompletedRecord {
+                        fingerprint,
+                        payload,
+                    };
                     complete(&store, key, token, record, retention).await;
                     observe::event(Event::Executed, &key, None);
                     Ok(value)

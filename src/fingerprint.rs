@@ -67,7 +67,9 @@ pub struct FingerprintHasher {
 
 impl fmt::Debug for FingerprintHasher {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("FingerprintHasher").field("body_len", &self.body_len).finish()
+        f.debug_struct("FingerprintHasher")
+            .field("body_len", &self.body_len)
+            .finish()
     }
 }
 
@@ -123,7 +125,13 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    fn fp(method: &str, uri: &str, headers: &HeaderMap, selected: &[HeaderName], body: &[u8]) -> Fingerprint {
+    fn fp(
+        method: &str,
+        uri: &str,
+        headers: &HeaderMap,
+        selected: &[HeaderName],
+        body: &[u8],
+    ) -> Fingerprint {
         let method = Method::from_bytes(method.as_bytes()).unwrap();
         let uri: Uri = uri.parse().unwrap();
         let mut h = FingerprintHasher::new(&method, &uri, headers, selected);
@@ -139,7 +147,10 @@ mod tests {
         assert_ne!(base, fp("POST", "/b?x=1", &h, &[], b"body"));
         assert_ne!(base, fp("POST", "/a?x=2", &h, &[], b"body"));
         assert_ne!(base, fp("POST", "/a?x=1", &h, &[], b"bodz"));
-        assert_ne!(fp("POST", "/a?a=&b=", &h, &[], b""), fp("POST", "/a?a&b=", &h, &[], b""));
+        assert_ne!(
+            fp("POST", "/a?a=&b=", &h, &[], b""),
+            fp("POST", "/a?a&b=", &h, &[], b"")
+        );
         assert_eq!(base, fp("POST", "/a?x=1", &h, &[], b"body"));
     }
 
@@ -152,11 +163,20 @@ mod tests {
         b.insert(&name, "b".parse().unwrap());
         assert_eq!(fp("POST", "/", &a, &[], b""), fp("POST", "/", &b, &[], b""));
         let sel = [name.clone()];
-        assert_ne!(fp("POST", "/", &a, &sel, b""), fp("POST", "/", &b, &sel, b""));
-        assert_ne!(fp("POST", "/", &HeaderMap::new(), &sel, b""), fp("POST", "/", &a, &sel, b""));
+        assert_ne!(
+            fp("POST", "/", &a, &sel, b""),
+            fp("POST", "/", &b, &sel, b"")
+        );
+        assert_ne!(
+            fp("POST", "/", &HeaderMap::new(), &sel, b""),
+            fp("POST", "/", &a, &sel, b"")
+        );
         let mut empty = HeaderMap::new();
         empty.insert(&name, "".parse().unwrap());
-        assert_ne!(fp("POST", "/", &HeaderMap::new(), &sel, b""), fp("POST", "/", &empty, &sel, b""));
+        assert_ne!(
+            fp("POST", "/", &HeaderMap::new(), &sel, b""),
+            fp("POST", "/", &empty, &sel, b"")
+        );
     }
 
     proptest! {

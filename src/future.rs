@@ -33,11 +33,15 @@ pin_project! {
 
 impl<F, B, E> ResponseFuture<F, B, E> {
     pub(crate) fn passthrough(future: F) -> Self {
-        Self { kind: Kind::Passthrough { future } }
+        Self {
+            kind: Kind::Passthrough { future },
+        }
     }
 
     pub(crate) fn guarded(future: Guarded<B, E>) -> Self {
-        Self { kind: Kind::Guarded { future } }
+        Self {
+            kind: Kind::Guarded { future },
+        }
     }
 }
 
@@ -64,6 +68,8 @@ impl<F, B, E> fmt::Debug for ResponseFuture<F, B, E> {
             Kind::Passthrough { .. } => "Passthrough",
             Kind::Guarded { .. } => "Guarded",
         };
-        f.debug_struct("ResponseFuture").field("kind", &kind).finish()
+        f.debug_struct("ResponseFuture")
+            .field("kind", &kind)
+            .finish()
     }
 }

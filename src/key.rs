@@ -111,7 +111,10 @@ impl fmt::Debug for IdempotencyKey {
 fn trim_ows(raw: &[u8]) -> &[u8] {
     let is_ows = |b: &u8| *b == b' ' || *b == b'\t';
     let start = raw.iter().position(|b| !is_ows(b)).unwrap_or(raw.len());
-    let end = raw.iter().rposition(|b| !is_ows(b)).map_or(start, |i| i + 1);
+    let end = raw
+        .iter()
+        .rposition(|b| !is_ows(b))
+        .map_or(start, |i| i + 1);
     &raw[start..end]
 }
 
@@ -280,14 +283,22 @@ mod tests {
             b"k1,k2",
             b"\"a b\"",
         ] {
-            assert_eq!(parse(bad).unwrap_err(), InvalidKey::InvalidCharacter, "{bad:?}");
+            assert_eq!(
+                parse(bad).unwrap_err(),
+                InvalidKey::InvalidCharacter,
+                "{bad:?}"
+            );
         }
     }
 
     #[test]
     fn refuses_malformed_quoting() {
         for bad in [&b"\"abc"[..], b"\"a\"b\"", b"\"a\\x\"", b"\"a\\\""] {
-            assert_eq!(parse(bad).unwrap_err(), InvalidKey::MalformedQuoting, "{bad:?}");
+            assert_eq!(
+                parse(bad).unwrap_err(),
+                InvalidKey::MalformedQuoting,
+                "{bad:?}"
+            );
         }
     }
 
@@ -296,7 +307,11 @@ mod tests {
         let v = HeaderValue::from_static("k");
         let err = IdempotencyKey::from_header_values([&v, &v].into_iter()).unwrap_err();
         assert_eq!(err, InvalidKey::Repeated);
-        assert!(IdempotencyKey::from_header_values(std::iter::empty()).unwrap().is_none());
+        assert!(
+            IdempotencyKey::from_header_values(std::iter::empty())
+                .unwrap()
+                .is_none()
+        );
     }
 
     #[test]

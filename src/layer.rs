@@ -111,7 +111,10 @@ impl<St: Store> IdempotencyLayer<St> {
     /// waits up to 10 s for an in-flight duplicate, answers 409 on a
     /// mismatch, fails closed.
     pub fn new(store: St) -> Self {
-        Self { engine: Engine::new(store), config: Arc::new(Config::default()) }
+        Self {
+            engine: Engine::new(store),
+            config: Arc::new(Config::default()),
+        }
     }
 
     fn config(mut self, f: impl FnOnce(&mut Config)) -> Self {
@@ -289,6 +292,10 @@ impl<S, St: Store> Layer<S> for IdempotencyLayer<St> {
     type Service = Idempotency<S, St>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Idempotency { inner, engine: self.engine.clone(), config: self.config.clone() }
+        Idempotency {
+            inner,
+            engine: self.engine.clone(),
+            config: self.config.clone(),
+        }
     }
 }

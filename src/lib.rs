@@ -87,8 +87,8 @@ pub use body::{RequestBody, ResponseBody};
 pub use future::ResponseFuture;
 pub use key::{IdempotencyKey, Scope};
 pub use layer::{
-    DEFAULT_REQUEST_BODY_LIMIT, DEFAULT_STORED_RESPONSE_LIMIT, IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED,
-    IdempotencyLayer,
+    DEFAULT_REQUEST_BODY_LIMIT, DEFAULT_STORED_RESPONSE_LIMIT, IDEMPOTENCY_KEY,
+    IDEMPOTENT_REPLAYED, IdempotencyLayer,
 };
 pub use policy::StorePolicy;
 pub use service::{Idempotency, IdempotencyInfo};

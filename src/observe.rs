@@ -80,7 +80,7 @@ pub(crate) fn event(event: Event, key: &StoreKey, error: Option<&StoreError>) {
 
 /// Reports a refusal the layer answered itself.
 pub(crate) fn refusal(kind: ProblemKind) {
-    tracing::debug!(problem = ?kind, "idempotency refusal");
+    tracing::debug!(problem = kind.name(), "idempotency refusal");
     #[cfg(feature = "metrics")]
-    metrics::counter!("idempotency_refusals_total", "problem" => kind.title()).increment(1);
+    metrics::counter!("idempotency_refusals_total", "problem" => kind.name()).increment(1);
 }

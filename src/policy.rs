@@ -46,7 +46,11 @@ pub(crate) fn is_event_stream(headers: &HeaderMap) -> bool {
     headers
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.trim_start().to_ascii_lowercase().starts_with("text/event-stream"))
+        .is_some_and(|v| {
+            v.trim_start()
+                .to_ascii_lowercase()
+                .starts_with("text/event-stream")
+        })
 }
 
 /// Hop-by-hop headers (RFC 9110 §7.6.1): meaningful for one connection only.
@@ -63,7 +67,11 @@ const HOP_BY_HOP: [HeaderName; 7] = [
 /// The headers of `headers` that a replay may carry: all but hop-by-hop
 /// ones (including those the `Connection` header names), `Set-Cookie`
 /// unless `keep_set_cookie`, and any in `excluded`.
-pub(crate) fn replayable_headers(headers: &HeaderMap, keep_set_cookie: bool, excluded: &[HeaderName]) -> HeaderMap {
+pub(crate) fn replayable_headers(
+    headers: &HeaderMap,
+    keep_set_cookie: bool,
+    excluded: &[HeaderName],
+) -> HeaderMap {
     let named_by_connection: Vec<HeaderName> = headers
         .get_all(header::CONNECTION)
         .iter()
@@ -107,9 +115,15 @@ mod tests {
     #[test]
     fn filters_hop_by_hop_cookies_and_exclusions() {
         let mut h = HeaderMap::new();
-        h.append(header::CONNECTION, HeaderValue::from_static("close, x-conn-scoped"));
+        h.append(
+            header::CONNECTION,
+            HeaderValue::from_static("close, x-conn-scoped"),
+        );
         h.append("x-conn-scoped", HeaderValue::from_static("1"));
-        h.append(header::TRANSFER_ENCODING, HeaderValue::from_static("chunked"));
+        h.append(
+            header::TRANSFER_ENCODING,
+            HeaderValue::from_static("chunked"),
+        );
         h.append(header::SET_COOKIE, HeaderValue::from_static("a=1"));
         h.append(header::SET_COOKIE, HeaderValue::from_static("b=2"));
         h.append(header::LOCATION, HeaderValue::from_static("/charges/1"));
@@ -126,7 +140,10 @@ mod tests {
     fn recognises_event_streams() {
         let mut h = HeaderMap::new();
         assert!(!is_event_stream(&h));
-        h.insert(header::CONTENT_TYPE, HeaderValue::from_static("Text/Event-Stream; charset=utf-8"));
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("Text/Event-Stream; charset=utf-8"),
+        );
         assert!(is_event_stream(&h));
     }
 }

@@ -75,6 +75,22 @@ impl ProblemKind {
         }
     }
 
+    /// A short, stable, machine-friendly name (for metric labels).
+    pub(crate) fn name(self) -> &'static str {
+        match self {
+            ProblemKind::MissingKey => "missing_key",
+            ProblemKind::InvalidKey => "invalid_key",
+            ProblemKind::PayloadTooLarge => "payload_too_large",
+            ProblemKind::BodyUnreadable => "body_unreadable",
+            ProblemKind::KeyMismatch => "key_mismatch",
+            ProblemKind::InFlight => "in_flight",
+            ProblemKind::NotReplayable => "not_replayable",
+            ProblemKind::StoreUnavailable => "store_unavailable",
+            ProblemKind::ScopeUnavailable => "scope_unavailable",
+            ProblemKind::RecordUnreadable => "record_unreadable",
+        }
+    }
+
     /// A short, human-readable summary.
     pub fn title(self) -> &'static str {
         match self {
@@ -84,10 +100,14 @@ impl ProblemKind {
             ProblemKind::BodyUnreadable => "Request body could not be read",
             ProblemKind::KeyMismatch => "Idempotency-Key is already used for a different request",
             ProblemKind::InFlight => "A request is outstanding for this Idempotency-Key",
-            ProblemKind::NotReplayable => "The response for this Idempotency-Key cannot be replayed",
+            ProblemKind::NotReplayable => {
+                "The response for this Idempotency-Key cannot be replayed"
+            }
             ProblemKind::StoreUnavailable => "Idempotency store is unavailable",
             ProblemKind::ScopeUnavailable => "Idempotency scope could not be determined",
-            ProblemKind::RecordUnreadable => "Stored response for this Idempotency-Key is unreadable",
+            ProblemKind::RecordUnreadable => {
+                "Stored response for this Idempotency-Key is unreadable"
+            }
         }
     }
 
@@ -148,7 +168,12 @@ pub(crate) struct Problem {
 
 impl Problem {
     pub(crate) fn new(kind: ProblemKind) -> Self {
-        Self { kind, status: kind.default_status(), detail: None, retry_after: None }
+        Self {
+            kind,
+            status: kind.default_status(),
+            detail: None,
+            retry_after: None,
+        }
     }
 
     pub(crate) fn status(mut self, status: StatusCode) -> Self {
@@ -189,7 +214,10 @@ impl Problem {
         let mut res = Response::new(body(Bytes::from(json)));
         *res.status_mut() = self.status;
         let headers = res.headers_mut();
-        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/problem+json"));
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/problem+json"),
+        );
         headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-store"));
         if let Some(after) = self.retry_after {
             let secs = after.as_secs() + u64::from(after.subsec_nanos() > 0);
@@ -224,7 +252,10 @@ mod tests {
             .retry_after(Duration::from_millis(1500));
         let res = p.into_response(|b| b);
         assert_eq!(res.status(), StatusCode::CONFLICT);
-        assert_eq!(res.headers()[header::CONTENT_TYPE], "application/problem+json");
+        assert_eq!(
+            res.headers()[header::CONTENT_TYPE],
+            "application/problem+json"
+        );
         assert_eq!(res.headers()[header::CACHE_CONTROL], "no-store");
         assert_eq!(res.headers()[header::RETRY_AFTER], "2");
         let v: serde_json::Value = serde_json::from_slice(res.body()).unwrap();
@@ -237,8 +268,16 @@ mod tests {
     fn every_kind_has_a_distinct_type() {
         use ProblemKind::*;
         let all = [
-            MissingKey, InvalidKey, PayloadTooLarge, BodyUnreadable, KeyMismatch, InFlight,
-            NotReplayable, StoreUnavailable, ScopeUnavailable, RecordUnreadable,
+            MissingKey,
+            InvalidKey,
+            PayloadTooLarge,
+            BodyUnreadable,
+            KeyMismatch,
+            InFlight,
+            NotReplayable,
+            StoreUnavailable,
+            ScopeUnavailable,
+            RecordUnreadable,
         ];
         let types: std::collections::HashSet<_> = all.iter().map(|k| k.type_uri()).collect();
         assert_eq!(types.len(), all.len());

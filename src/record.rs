@@ -31,6 +31,9 @@ pub struct StoredResponse {
 }
 
 /// What was stored for a completed key.
+// Values are short-lived (decoded, then turned into a response), so the size
+// difference between the variants costs nothing worth an extra allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum StoredOutcome {
@@ -61,8 +64,11 @@ impl StoredOutcome {
     pub fn encode(&self) -> Bytes {
         match self {
             StoredOutcome::Response(r) => {
-                let headers_len: usize =
-                    r.headers.iter().map(|(n, v)| n.as_str().len() + v.len() + 6).sum();
+                let headers_len: usize = r
+                    .headers
+                    .iter()
+                    .map(|(n, v)| n.as_str().len() + v.len() + 6)
+                    .sum();
                 let mut buf = BytesMut::with_capacity(16 + headers_len + r.body.len());
                 buf.put_slice(MAGIC);
                 buf.put_u8(VERSION);
@@ -113,7 +119,12 @@ impl StoredOutcome {
                     1 => Some(r.headers()?),
                     _ => return Err(RecordError::Corrupt),
                 };
-                StoredOutcome::Response(StoredResponse { status, headers, body, trailers })
+                StoredOutcome::Response(StoredResponse {
+                    status,
+                    headers,
+                    body,
+                    trailers,
+                })
             }
             KIND_NOT_REPLAYABLE => StoredOutcome::NotReplayable { status },
             _ => return Err(RecordError::Corrupt),
@@ -186,7 +197,8 @@ impl Reader<'_> {
         let mut map = HeaderMap::with_capacity(count);
         for _ in 0..count {
             let name_len = usize::from(self.u16()?);
-            let name = HeaderName::from_bytes(self.take(name_len)?).map_err(|_| RecordError::Corrupt)?;
+            let name =
+                HeaderName::from_bytes(self.take(name_len)?).map_err(|_| RecordError::Corrupt)?;
             let value_len = self.u32()? as usize;
             let value =
                 HeaderValue::from_bytes(self.take(value_len)?).map_err(|_| RecordError::Corrupt)?;
@@ -205,8 +217,14 @@ mod tests {
         let mut headers = HeaderMap::new();
         headers.append("x-multi", HeaderValue::from_static("one"));
         headers.append("x-multi", HeaderValue::from_static("two, three"));
-        headers.append("x-bin", HeaderValue::from_bytes(&[0xff, 0x80, b'a']).unwrap());
-        headers.append("content-disposition", HeaderValue::from_static("attachment; filename=\"a,b.txt\""));
+        headers.append(
+            "x-bin",
+            HeaderValue::from_bytes(&[0xff, 0x80, b'a']).unwrap(),
+        );
+        headers.append(
+            "content-disposition",
+            HeaderValue::from_static("attachment; filename=\"a,b.txt\""),
+        );
         let mut trailers = HeaderMap::new();
         trailers.insert("grpc-status", HeaderValue::from_static("0"));
         StoredResponse {
@@ -222,14 +240,18 @@ mod tests {
         let outcome = StoredOutcome::Response(sample());
         let decoded = StoredOutcome::decode(&outcome.encode()).unwrap();
         assert_eq!(decoded, outcome);
-        let StoredOutcome::Response(r) = decoded else { unreachable!() };
+        let StoredOutcome::Response(r) = decoded else {
+            unreachable!()
+        };
         let multi: Vec<_> = r.headers.get_all("x-multi").iter().collect();
         assert_eq!(multi, ["one", "two, three"]);
     }
 
     #[test]
     fn round_trips_not_replayable_and_no_trailers() {
-        let nr = StoredOutcome::NotReplayable { status: StatusCode::OK };
+        let nr = StoredOutcome::NotReplayable {
+            status: StatusCode::OK,
+        };
         assert_eq!(StoredOutcome::decode(&nr.encode()).unwrap(), nr);
         let mut r = sample();
         r.trailers = None;
@@ -241,15 +263,24 @@ mod tests {
     fn refuses_unknown_versions_and_garbage() {
         let mut bytes = StoredOutcome::Response(sample()).encode().to_vec();
         bytes[4] = 9;
-        assert_eq!(StoredOutcome::decode(&Bytes::from(bytes)), Err(RecordError::UnknownVersion(9)));
-        assert_eq!(StoredOutcome::decode(&Bytes::from_static(b"garbage")), Err(RecordError::Corrupt));
+        assert_eq!(
+            StoredOutcome::decode(&Bytes::from(bytes)),
+            Err(RecordError::UnknownVersion(9))
+        );
+        assert_eq!(
+            StoredOutcome::decode(&Bytes::from_static(b"garbage")),
+            Err(RecordError::Corrupt)
+        );
         let good = StoredOutcome::Response(sample()).encode();
         for cut in 0..good.len() {
             assert!(StoredOutcome::decode(&good.slice(..cut)).is_err());
         }
         let mut trailing = good.to_vec();
         trailing.push(0);
-        assert_eq!(StoredOutcome::decode(&Bytes::from(trailing)), Err(RecordError::Corrupt));
+        assert_eq!(
+            StoredOutcome::decode(&Bytes::from(trailing)),
+            Err(RecordError::Corrupt)
+        );
     }
 
     proptest! {

@@ -94,7 +94,10 @@ impl IdempotencyInfo {
 
 impl<S, St, ReqBody, ResBody> Service<Request<ReqBody>> for Idempotency<S, St>
 where
-    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>> + Clone + Send + 'static,
+    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>>
+        + Clone
+        + Send
+        + 'static,
     S::Future: Send + 'static,
     S::Error: Send + 'static,
     St: Store,
@@ -151,7 +154,9 @@ where
     ResBody::Error: Into<BoxError>,
 {
     let (parts, body) = req.into_parts();
-    let key = match IdempotencyKey::from_header_values(parts.headers.get_all(&config.key_header).iter()) {
+    let key = match IdempotencyKey::from_header_values(
+        parts.headers.get_all(&config.key_header).iter(),
+    ) {
         Ok(Some(key)) => key,
         Ok(None) => return Ok(refused(ProblemKind::MissingKey, None)),
         Err(e) => return Ok(refused(ProblemKind::InvalidKey, Some(e.to_string()))),
@@ -166,21 +171,43 @@ where
     let store_key = StoreKey::new(&scope, &key);
     let limit = config.request_body_limit;
     if declared_length(&parts.headers).is_some_and(|len| len > limit as u64) {
-        return Ok(refused(ProblemKind::PayloadTooLarge, Some(too_large(limit))));
+        return Ok(refused(
+            ProblemKind::PayloadTooLarge,
+            Some(too_large(limit)),
+        ));
     }
-    let hasher = FingerprintHasher::new(&parts.method, &parts.uri, &parts.headers, &config.fingerprint_headers);
+    let hasher = FingerprintHasher::new(
+        &parts.method,
+        &parts.uri,
+        &parts.headers,
+        &config.fingerprint_headers,
+    );
     let (data, trailers, fingerprint) = match read_body(body, limit, hasher).await {
         Ok(read) => read,
-        Err(ReadError::TooLarge) => return Ok(refused(ProblemKind::PayloadTooLarge, Some(too_large(limit)))),
-        Err(ReadError::Body(e)) => return Ok(refused(ProblemKind::BodyUnreadable, Some(e.to_string()))),
+        Err(ReadError::TooLarge) => {
+            return Ok(refused(
+                ProblemKind::PayloadTooLarge,
+                Some(too_large(limit)),
+            ));
+        }
+        Err(ReadError::Body(e)) => {
+            return Ok(refused(ProblemKind::BodyUnreadable, Some(e.to_string())));
+        }
     };
-    let mut pending = Some((inner, Request::from_parts(parts, RequestBody::buffered(data, trailers))));
+    let mut pending = Some((
+        inner,
+        Request::from_parts(parts, RequestBody::buffered(data, trailers)),
+    ));
     let run_config = config.clone();
     let result = engine
         .run(store_key, fingerprint, |execution| {
             // The engine calls the operation at most once, and only here.
             let (mut inner, mut req) = pending.take().expect("operation called once");
-            req.extensions_mut().insert(IdempotencyInfo { scope, key, execution });
+            req.extensions_mut().insert(IdempotencyInfo {
+                scope,
+                key,
+                execution,
+            });
             async move { execute(&mut inner, req, &run_config).await }
         })
         .instrument(tracing::debug_span!("idempotency", key = %store_key))
@@ -190,12 +217,12 @@ where
         Ok(Outcome::Executed(response)) => Ok(response),
         Ok(Outcome::Replayed { payload, .. }) => Ok(replay(&payload, &config)),
         Err(EngineError::Operation(e)) => Err(e),
-        Err(EngineError::Mismatch) => {
-            Ok(refuse(Problem::new(ProblemKind::KeyMismatch).status(config.mismatch_status)))
-        }
-        Err(EngineError::InFlight) => {
-            Ok(refuse(Problem::new(ProblemKind::InFlight).retry_after(config.retry_after)))
-        }
+        Err(EngineError::Mismatch) => Ok(refuse(
+            Problem::new(ProblemKind::KeyMismatch).status(config.mismatch_status),
+        )),
+        Err(EngineError::InFlight) => Ok(refuse(
+            Problem::new(ProblemKind::InFlight).retry_after(config.retry_after),
+        )),
         Err(EngineError::Store(e)) => {
             if e.kind() == StoreErrorKind::Corrupt {
                 return Ok(refused(ProblemKind::RecordUnreadable, None));
@@ -203,14 +230,19 @@ where
             match pending.take() {
                 Some((mut inner, req)) if config.fail_open => {
                     observe::event(Event::FailedOpen, &store_key, Some(&e));
-                    inner.call(req).await.map(|res| res.map(ResponseBody::inner))
+                    inner
+                        .call(req)
+                        .await
+                        .map(|res| res.map(ResponseBody::inner))
                 }
-                _ => Ok(refuse(Problem::new(ProblemKind::StoreUnavailable).retry_after(config.retry_after))),
+                _ => Ok(refuse(
+                    Problem::new(ProblemKind::StoreUnavailable).retry_after(config.retry_after),
+                )),
             }
         }
-        Err(EngineError::Aborted) => {
-            Ok(refuse(Problem::new(ProblemKind::StoreUnavailable).retry_after(config.retry_after)))
-        }
+        Err(EngineError::Aborted) => Ok(refuse(
+            Problem::new(ProblemKind::StoreUnavailable).retry_after(config.retry_after),
+        )),
     }
 }
 
@@ -227,7 +259,13 @@ fn too_large(limit: usize) -> String {
 }
 
 fn declared_length(headers: &HeaderMap) -> Option<u64> {
-    headers.get(header::CONTENT_LENGTH)?.to_str().ok()?.trim().parse().ok()
+    headers
+        .get(header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .trim()
+        .parse()
+        .ok()
 }
 
 enum ReadError {
@@ -311,12 +349,20 @@ where
         None => (config.should_store)(&parts),
     };
     if !store {
-        return Ok((Response::from_parts(parts, ResponseBody::inner(body)), Completion::Release));
+        return Ok((
+            Response::from_parts(parts, ResponseBody::inner(body)),
+            Completion::Release,
+        ));
     }
     if is_event_stream(&parts.headers) {
-        let not_replayable = StoredOutcome::NotReplayable { status: parts.status };
+        let not_replayable = StoredOutcome::NotReplayable {
+            status: parts.status,
+        };
         let completion = Completion::Store(not_replayable.encode());
-        return Ok((Response::from_parts(parts, ResponseBody::inner(body)), completion));
+        return Ok((
+            Response::from_parts(parts, ResponseBody::inner(body)),
+            completion,
+        ));
     }
     let mut body = Box::pin(body);
     let limit = config.stored_response_limit;
@@ -336,9 +382,14 @@ where
             Ok(data) => {
                 if buf.len().saturating_add(data.len()) > limit {
                     buf.extend_from_slice(&data);
-                    let not_replayable = StoredOutcome::NotReplayable { status: parts.status };
+                    let not_replayable = StoredOutcome::NotReplayable {
+                        status: parts.status,
+                    };
                     let body = ResponseBody::chained(buf.freeze(), body);
-                    return Ok((Response::from_parts(parts, body), Completion::Store(not_replayable.encode())));
+                    return Ok((
+                        Response::from_parts(parts, body),
+                        Completion::Store(not_replayable.encode()),
+                    ));
                 }
                 buf.extend_from_slice(&data);
             }
@@ -355,12 +406,19 @@ where
     let data = buf.freeze();
     let stored = StoredOutcome::Response(StoredResponse {
         status: parts.status,
-        headers: replayable_headers(&parts.headers, config.replay_set_cookie, &config.excluded_headers),
+        headers: replayable_headers(
+            &parts.headers,
+            config.replay_set_cookie,
+            &config.excluded_headers,
+        ),
         body: data.clone(),
         trailers: trailers.clone(),
     });
     let body = ResponseBody::full(data, trailers);
-    Ok((Response::from_parts(parts, body), Completion::Store(stored.encode())))
+    Ok((
+        Response::from_parts(parts, body),
+        Completion::Store(stored.encode()),
+    ))
 }
 
 /// Builds the replay of a stored outcome.
@@ -370,7 +428,10 @@ fn replay<B>(payload: &Bytes, config: &Config) -> Response<ResponseBody<B>> {
             let mut res = Response::new(ResponseBody::full(stored.body, stored.trailers));
             *res.status_mut() = stored.status;
             *res.headers_mut() = stored.headers;
-            res.headers_mut().insert(config.replay_header.clone(), HeaderValue::from_static("true"));
+            res.headers_mut().insert(
+                config.replay_header.clone(),
+                HeaderValue::from_static("true"),
+            );
             res
         }
         Ok(StoredOutcome::NotReplayable { status }) => refused(

@@ -24,7 +24,9 @@ fn key(name: &str) -> StoreKey {
 async fn the_lease_is_renewed_while_a_slow_operation_runs() {
     let store = TestStore::new();
     let lease = Duration::from_millis(300);
-    let engine = Engine::new(store.clone()).lease(lease).in_flight_policy(InFlightPolicy::Reject);
+    let engine = Engine::new(store.clone())
+        .lease(lease)
+        .in_flight_policy(InFlightPolicy::Reject);
     let runs = Arc::new(AtomicUsize::new(0));
     let slow = {
         let (engine, runs) = (engine.clone(), runs.clone());
@@ -41,14 +43,23 @@ async fn the_lease_is_renewed_while_a_slow_operation_runs() {
     for _ in 0..5 {
         tokio::time::sleep(Duration::from_millis(500)).await;
         let dup = engine
-            .run_stored(key("slow"), FP, |_| async { Ok::<_, std::io::Error>(Bytes::new()) })
+            .run_stored(key("slow"), FP, |_| async {
+                Ok::<_, std::io::Error>(Bytes::new())
+            })
             .await;
-        assert!(matches!(dup, Err(EngineError::InFlight)), "the slow owner keeps its claim: {dup:?}");
+        assert!(
+            matches!(dup, Err(EngineError::InFlight)),
+            "the slow owner keeps its claim: {dup:?}"
+        );
     }
     let out = slow.await.unwrap().unwrap();
     assert_eq!(out, Outcome::Executed(Bytes::from_static(b"done")));
     assert_eq!(runs.load(Ordering::SeqCst), 1);
-    let replay = engine.run_stored(key("slow"), FP, |_| async { Ok::<_, std::io::Error>(Bytes::new()) }).await;
+    let replay = engine
+        .run_stored(key("slow"), FP, |_| async {
+            Ok::<_, std::io::Error>(Bytes::new())
+        })
+        .await;
     assert!(matches!(replay, Ok(Outcome::Replayed { .. })));
 }
 
@@ -65,7 +76,10 @@ async fn a_lost_lease_is_reported_and_the_outcome_not_stored() {
                 .run(key("lost"), FP, move |ctx| async move {
                     started.notify_one();
                     proceed.notified().await;
-                    Ok::<_, std::io::Error>((ctx.lease_lost(), Completion::Store(Bytes::from_static(b"stale"))))
+                    Ok::<_, std::io::Error>((
+                        ctx.lease_lost(),
+                        Completion::Store(Bytes::from_static(b"stale")),
+                    ))
                 })
                 .await
         })
@@ -77,9 +91,19 @@ async fn a_lost_lease_is_reported_and_the_outcome_not_stored() {
     tokio::time::sleep(Duration::from_millis(250)).await;
     proceed.notify_one();
     let out = run.await.unwrap().unwrap();
-    assert_eq!(out, Outcome::Executed(true), "the operation saw its lease lost");
-    let claim = store.claim(key("lost"), FP, Duration::from_secs(1)).await.unwrap();
-    assert!(matches!(claim, Claim::Acquired(_)), "the stale outcome was not stored: {claim:?}");
+    assert_eq!(
+        out,
+        Outcome::Executed(true),
+        "the operation saw its lease lost"
+    );
+    let claim = store
+        .claim(key("lost"), FP, Duration::from_secs(1))
+        .await
+        .unwrap();
+    assert!(
+        matches!(claim, Claim::Acquired(_)),
+        "the stale outcome was not stored: {claim:?}"
+    );
 }
 
 #[tokio::test]
@@ -103,10 +127,18 @@ async fn dropping_the_caller_detaches_the_execution() {
     caller.abort();
     proceed.notify_one();
     let replay = engine
-        .run_stored(key("detach"), FP, |_| async { Ok::<_, std::io::Error>(Bytes::from_static(b"second")) })
+        .run_stored(key("detach"), FP, |_| async {
+            Ok::<_, std::io::Error>(Bytes::from_static(b"second"))
+        })
         .await
         .unwrap();
-    assert_eq!(replay, Outcome::Replayed { payload: Bytes::from_static(b"finished"), coalesced: true });
+    assert_eq!(
+        replay,
+        Outcome::Replayed {
+            payload: Bytes::from_static(b"finished"),
+            coalesced: true
+        }
+    );
 }
 
 #[tokio::test]
@@ -131,14 +163,20 @@ async fn a_waiter_executes_itself_when_the_first_execution_releases() {
         let engine = engine.clone();
         tokio::spawn(async move {
             engine
-                .run(key("handover"), FP, |_| async { Ok::<_, std::io::Error>(("ok", Completion::Store(Bytes::new()))) })
+                .run(key("handover"), FP, |_| async {
+                    Ok::<_, std::io::Error>(("ok", Completion::Store(Bytes::new())))
+                })
                 .await
         })
     };
     tokio::time::sleep(Duration::from_millis(50)).await;
     proceed.notify_one();
     assert_eq!(first.await.unwrap().unwrap(), Outcome::Executed("failed"));
-    assert_eq!(second.await.unwrap().unwrap(), Outcome::Executed("ok"), "the waiter re-claimed and ran");
+    assert_eq!(
+        second.await.unwrap().unwrap(),
+        Outcome::Executed("ok"),
+        "the waiter re-claimed and ran"
+    );
 }
 
 #[tokio::test]
@@ -152,8 +190,13 @@ async fn a_fresh_owner_token_fences_each_grant() {
             })
             .await
             .unwrap();
-        let Outcome::Executed(fence) = fence else { panic!("released runs execute") };
+        let Outcome::Executed(fence) = fence else {
+            panic!("released runs execute")
+        };
         fences.push(fence);
     }
-    assert!(fences.windows(2).all(|w| w[0] < w[1]), "fences grow: {fences:?}");
+    assert!(
+        fences.windows(2).all(|w| w[0] < w[1]),
+        "fences grow: {fences:?}"
+    );
 }

@@ -19,9 +19,20 @@ fn setup() -> (Ledger, TestStore) {
 async fn unguarded_methods_pass_through_without_store_access() {
     let (ledger, store) = setup();
     let svc = layer(store.clone()).layer(ledger.service());
-    for method in [Method::GET, Method::PUT, Method::DELETE, Method::HEAD, Method::OPTIONS] {
+    for method in [
+        Method::GET,
+        Method::PUT,
+        Method::DELETE,
+        Method::HEAD,
+        Method::OPTIONS,
+    ] {
         for _ in 0..2 {
-            let req = Request::builder().method(method.clone()).uri("/pay").header("idempotency-key", "k").body(Body::empty()).unwrap();
+            let req = Request::builder()
+                .method(method.clone())
+                .uri("/pay")
+                .header("idempotency-key", "k")
+                .body(Body::empty())
+                .unwrap();
             let a = send(&svc, req).await;
             assert!(!a.replayed());
         }
@@ -33,8 +44,15 @@ async fn unguarded_methods_pass_through_without_store_access() {
 #[tokio::test]
 async fn guarded_methods_are_configurable() {
     let (ledger, store) = setup();
-    let svc = layer(store.clone()).methods([Method::PUT]).layer(ledger.service());
-    let put = || Request::put("/pay").header("idempotency-key", "k").body(Body::from("x")).unwrap();
+    let svc = layer(store.clone())
+        .methods([Method::PUT])
+        .layer(ledger.service());
+    let put = || {
+        Request::put("/pay")
+            .header("idempotency-key", "k")
+            .body(Body::from("x"))
+            .unwrap()
+    };
     send(&svc, put()).await;
     assert!(send(&svc, put()).await.replayed());
     send(&svc, req(Some("k"), "x")).await;
@@ -90,12 +108,18 @@ async fn invalid_keys_are_refused_with_400_and_never_reach_the_store() {
     ];
     for value in bad {
         let r = Request::post("/pay")
-            .header("idempotency-key", http::HeaderValue::from_bytes(&value).unwrap())
+            .header(
+                "idempotency-key",
+                http::HeaderValue::from_bytes(&value).unwrap(),
+            )
             .body(Body::from("{}"))
             .unwrap();
         let a = send(&svc, r).await;
         assert_eq!(a.status, StatusCode::BAD_REQUEST, "{value:?}");
-        assert!(a.problem_type().ends_with("#variant.InvalidKey"), "{value:?}");
+        assert!(
+            a.problem_type().ends_with("#variant.InvalidKey"),
+            "{value:?}"
+        );
     }
     let twice = Request::post("/pay")
         .header("idempotency-key", "k")
@@ -109,8 +133,19 @@ async fn invalid_keys_are_refused_with_400_and_never_reach_the_store() {
     assert_eq!(store.calls(), 0);
 
     let max = "a".repeat(255);
-    let a = send(&svc, Request::post("/pay").header("idempotency-key", max).body(Body::from("{}")).unwrap()).await;
-    assert_eq!(a.status, StatusCode::CREATED, "a 255-character key is accepted");
+    let a = send(
+        &svc,
+        Request::post("/pay")
+            .header("idempotency-key", max)
+            .body(Body::from("{}"))
+            .unwrap(),
+    )
+    .await;
+    assert_eq!(
+        a.status,
+        StatusCode::CREATED,
+        "a 255-character key is accepted"
+    );
 }
 
 #[tokio::test]
@@ -127,21 +162,42 @@ async fn quoted_key_is_the_same_key_as_the_bare_token() {
 #[tokio::test]
 async fn body_over_the_limit_gets_413_and_is_not_executed() {
     let (ledger, store) = setup();
-    let svc = layer(store.clone()).request_body_limit(16).layer(ledger.service());
+    let svc = layer(store.clone())
+        .request_body_limit(16)
+        .layer(ledger.service());
     // Declared length.
-    let a = send(&svc, Request::post("/pay").header("idempotency-key", "a").body(Body::from(vec![b'x'; 17])).unwrap()).await;
+    let a = send(
+        &svc,
+        Request::post("/pay")
+            .header("idempotency-key", "a")
+            .body(Body::from(vec![b'x'; 17]))
+            .unwrap(),
+    )
+    .await;
     assert_eq!(a.status, StatusCode::PAYLOAD_TOO_LARGE);
     assert!(a.problem_type().ends_with("#variant.PayloadTooLarge"));
     // Streamed without a length.
-    let chunks = futures_chunks(vec![Bytes::from_static(b"0123456789"), Bytes::from_static(b"0123456789")]);
-    let r = Request::post("/pay").header("idempotency-key", "b").body(chunks).unwrap();
+    let chunks = futures_chunks(vec![
+        Bytes::from_static(b"0123456789"),
+        Bytes::from_static(b"0123456789"),
+    ]);
+    let r = Request::post("/pay")
+        .header("idempotency-key", "b")
+        .body(chunks)
+        .unwrap();
     assert_eq!(send(&svc, r).await.status, StatusCode::PAYLOAD_TOO_LARGE);
     assert_eq!(ledger.count(), 0);
     assert_eq!(store.calls(), 0, "an oversized body claims nothing");
 
     // Exactly at the limit: executed, and the handler gets the same bytes.
-    let chunks = futures_chunks(vec![Bytes::from_static(b"01234567"), Bytes::from_static(b"89abcdef")]);
-    let r = Request::post("/pay").header("idempotency-key", "c").body(chunks).unwrap();
+    let chunks = futures_chunks(vec![
+        Bytes::from_static(b"01234567"),
+        Bytes::from_static(b"89abcdef"),
+    ]);
+    let r = Request::post("/pay")
+        .header("idempotency-key", "c")
+        .body(chunks)
+        .unwrap();
     assert_eq!(send(&svc, r).await.status, StatusCode::CREATED);
     assert_eq!(&ledger.last_body.lock().unwrap()[..], b"0123456789abcdef");
 }
@@ -160,8 +216,15 @@ async fn new_key_executes_and_retries_replay_the_original_exactly() {
     let svc = layer(store).layer(ledger.service());
     let first = send(&svc, req(Some("k"), r#"{"amount":100}"#)).await;
     assert_eq!(first.status, StatusCode::CREATED);
-    assert!(!first.replayed(), "the executing request is not marked replayed");
-    assert_eq!(first.headers.get_all("set-cookie").iter().count(), 2, "the executing caller gets its cookies");
+    assert!(
+        !first.replayed(),
+        "the executing request is not marked replayed"
+    );
+    assert_eq!(
+        first.headers.get_all("set-cookie").iter().count(),
+        2,
+        "the executing caller gets its cookies"
+    );
     for _ in 0..3 {
         let again = send(&svc, req(Some("k"), r#"{"amount":100}"#)).await;
         assert!(again.replayed());
@@ -169,12 +232,29 @@ async fn new_key_executes_and_retries_replay_the_original_exactly() {
         assert_eq!(again.body, first.body);
         assert_eq!(again.headers["x-exec"], "1");
         let multi: Vec<_> = again.headers.get_all("x-multi").iter().collect();
-        assert_eq!(multi, ["one", "two, three"], "repeated headers stay repeated, in order");
-        assert_eq!(again.headers["x-binary"].as_bytes(), &[0xfe, b'x', 0x80], "non-UTF-8 values stay exact");
+        assert_eq!(
+            multi,
+            ["one", "two, three"],
+            "repeated headers stay repeated, in order"
+        );
+        assert_eq!(
+            again.headers["x-binary"].as_bytes(),
+            &[0xfe, b'x', 0x80],
+            "non-UTF-8 values stay exact"
+        );
         assert_eq!(again.headers["content-type"], first.headers["content-type"]);
-        assert!(again.headers.get("set-cookie").is_none(), "cookies are not replayed by default");
-        assert!(again.headers.get("connection").is_none(), "hop-by-hop headers are not replayed");
-        assert!(again.headers.get("x-hop").is_none(), "headers named by Connection are not replayed");
+        assert!(
+            again.headers.get("set-cookie").is_none(),
+            "cookies are not replayed by default"
+        );
+        assert!(
+            again.headers.get("connection").is_none(),
+            "hop-by-hop headers are not replayed"
+        );
+        assert!(
+            again.headers.get("x-hop").is_none(),
+            "headers named by Connection are not replayed"
+        );
     }
     assert_eq!(ledger.count(), 1);
 }
@@ -213,12 +293,23 @@ async fn a_slow_upload_never_holds_the_key() {
         async move { send(&svc, post(Some("k"), "").body(slow_body).unwrap()).await }
     });
     tokio::time::sleep(Duration::from_millis(50)).await;
-    assert_eq!(store.calls(), 0, "nothing is claimed while the body is still arriving");
+    assert_eq!(
+        store.calls(),
+        0,
+        "nothing is claimed while the body is still arriving"
+    );
     let fast = send(&svc, req(Some("k"), "{}")).await;
-    assert_eq!(fast.status, StatusCode::CREATED, "another request with the key is not blocked by the upload");
+    assert_eq!(
+        fast.status,
+        StatusCode::CREATED,
+        "another request with the key is not blocked by the upload"
+    );
     drop(tx);
     let slow = slow.await.unwrap();
-    assert!(slow.replayed(), "the finished upload replays the first execution");
+    assert!(
+        slow.replayed(),
+        "the finished upload replays the first execution"
+    );
     assert_eq!(slow.body, fast.body);
     assert_eq!(ledger.count(), 1);
 }
@@ -241,7 +332,12 @@ async fn a_broken_request_body_is_refused_and_not_executed() {
 async fn an_in_flight_duplicate_waits_and_gets_the_same_answer() {
     let (ledger, store) = setup();
     let svc = layer(store).layer(ledger.service());
-    let gated = || post(Some("k"), "").header("x-gate", "1").body(Body::from("{}")).unwrap();
+    let gated = || {
+        post(Some("k"), "")
+            .header("x-gate", "1")
+            .body(Body::from("{}"))
+            .unwrap()
+    };
     let entered = ledger.entered.notified();
     let first = tokio::spawn({
         let svc = svc.clone();
@@ -273,7 +369,16 @@ async fn waiting_is_bounded_then_409_with_retry_after() {
     let entered = ledger.entered.notified();
     let first = tokio::spawn({
         let svc = svc.clone();
-        async move { send(&svc, post(Some("k"), "").header("x-gate", "1").body(Body::from("{}")).unwrap()).await }
+        async move {
+            send(
+                &svc,
+                post(Some("k"), "")
+                    .header("x-gate", "1")
+                    .body(Body::from("{}"))
+                    .unwrap(),
+            )
+            .await
+        }
     });
     entered.await;
     let started = std::time::Instant::now();
@@ -282,8 +387,14 @@ async fn waiting_is_bounded_then_409_with_retry_after() {
     assert_eq!(second.status, StatusCode::CONFLICT);
     assert!(second.problem_type().ends_with("#variant.InFlight"));
     assert_eq!(second.headers["retry-after"], "3");
-    assert!(waited >= Duration::from_millis(190), "it waited ({waited:?})");
-    assert!(waited < Duration::from_secs(5), "but not much past the bound ({waited:?})");
+    assert!(
+        waited >= Duration::from_millis(190),
+        "it waited ({waited:?})"
+    );
+    assert!(
+        waited < Duration::from_secs(5),
+        "but not much past the bound ({waited:?})"
+    );
     ledger.open(1);
     let first = first.await.unwrap();
     let third = send(&svc, req(Some("k"), "{}")).await;
@@ -299,7 +410,16 @@ async fn reject_policy_answers_409_at_once() {
     let entered = ledger.entered.notified();
     let first = tokio::spawn({
         let svc = svc.clone();
-        async move { send(&svc, post(Some("k"), "").header("x-gate", "1").body(Body::from("{}")).unwrap()).await }
+        async move {
+            send(
+                &svc,
+                post(Some("k"), "")
+                    .header("x-gate", "1")
+                    .body(Body::from("{}"))
+                    .unwrap(),
+            )
+            .await
+        }
     });
     entered.await;
     let second = send(&svc, req(Some("k"), "{}")).await;
@@ -319,30 +439,61 @@ async fn a_different_request_under_the_same_key_is_refused() {
     let other = send(&svc, req(Some("k"), r#"{"amount":999}"#)).await;
     assert_eq!(other.status, StatusCode::CONFLICT);
     assert!(other.problem_type().ends_with("#variant.KeyMismatch"));
-    assert!(other.headers.get("retry-after").is_none(), "a mismatch is not retryable");
-    assert!(!other.text().contains("exec-1"), "a mismatch never leaks the stored response");
+    assert!(
+        other.headers.get("retry-after").is_none(),
+        "a mismatch is not retryable"
+    );
+    assert!(
+        !other.text().contains("exec-1"),
+        "a mismatch never leaks the stored response"
+    );
     // Another path with the same body is a different request too.
-    let path = send(&svc, Request::post("/refund").header("idempotency-key", "k").body(Body::from(r#"{"amount":100}"#)).unwrap()).await;
+    let path = send(
+        &svc,
+        Request::post("/refund")
+            .header("idempotency-key", "k")
+            .body(Body::from(r#"{"amount":100}"#))
+            .unwrap(),
+    )
+    .await;
     assert_eq!(path.status, StatusCode::CONFLICT);
     let original = send(&svc, req(Some("k"), r#"{"amount":100}"#)).await;
     assert!(original.replayed());
     assert_eq!(original.body, first.body);
     // The same body under a new key is a new request, not a conflict.
-    assert_eq!(send(&svc, req(Some("k2"), r#"{"amount":100}"#)).await.status, StatusCode::CREATED);
+    assert_eq!(
+        send(&svc, req(Some("k2"), r#"{"amount":100}"#))
+            .await
+            .status,
+        StatusCode::CREATED
+    );
     assert_eq!(ledger.count(), 2);
 }
 
 #[tokio::test]
 async fn mismatch_while_in_flight_is_refused_at_once_and_status_is_configurable() {
     let (ledger, store) = setup();
-    let svc = layer(store).mismatch_status(StatusCode::UNPROCESSABLE_ENTITY).layer(ledger.service());
+    let svc = layer(store)
+        .mismatch_status(StatusCode::UNPROCESSABLE_ENTITY)
+        .layer(ledger.service());
     let entered = ledger.entered.notified();
     let first = tokio::spawn({
         let svc = svc.clone();
-        async move { send(&svc, post(Some("k"), "").header("x-gate", "1").body(Body::from("A")).unwrap()).await }
+        async move {
+            send(
+                &svc,
+                post(Some("k"), "")
+                    .header("x-gate", "1")
+                    .body(Body::from("A"))
+                    .unwrap(),
+            )
+            .await
+        }
     });
     entered.await;
-    let other = tokio::time::timeout(Duration::from_secs(2), send(&svc, req(Some("k"), "B"))).await.expect("refused without waiting");
+    let other = tokio::time::timeout(Duration::from_secs(2), send(&svc, req(Some("k"), "B")))
+        .await
+        .expect("refused without waiting");
     assert_eq!(other.status, StatusCode::UNPROCESSABLE_ENTITY);
     assert!(other.problem_type().ends_with("#variant.KeyMismatch"));
     ledger.open(1);
@@ -353,8 +504,15 @@ async fn mismatch_while_in_flight_is_refused_at_once_and_status_is_configurable(
 #[tokio::test]
 async fn fingerprint_headers_make_a_mismatch() {
     let (ledger, store) = setup();
-    let svc = layer(store).fingerprint_headers([http::HeaderName::from_static("x-account")]).layer(ledger.service());
-    let with = |acct: &'static str| post(Some("k"), "").header("x-account", acct).body(Body::from("{}")).unwrap();
+    let svc = layer(store)
+        .fingerprint_headers([http::HeaderName::from_static("x-account")])
+        .layer(ledger.service());
+    let with = |acct: &'static str| {
+        post(Some("k"), "")
+            .header("x-account", acct)
+            .body(Body::from("{}"))
+            .unwrap()
+    };
     send(&svc, with("a")).await;
     assert!(send(&svc, with("a")).await.replayed());
     assert_eq!(send(&svc, with("b")).await.status, StatusCode::CONFLICT);
@@ -365,7 +523,10 @@ async fn fingerprint_headers_make_a_mismatch() {
 async fn an_inner_error_releases_the_key_and_propagates() {
     let (ledger, store) = setup();
     let svc = layer(store).layer(ledger.service());
-    let failing = post(Some("k"), "").header("x-fail", "1").body(Body::from("{}")).unwrap();
+    let failing = post(Some("k"), "")
+        .header("x-fail", "1")
+        .body(Body::from("{}"))
+        .unwrap();
     let err = svc.clone().oneshot(failing).await.unwrap_err();
     assert_eq!(err, TestError("handler failed"));
     let retry = send(&svc, req(Some("k"), "{}")).await;
@@ -379,7 +540,12 @@ async fn retryable_statuses_are_not_stored() {
     for status in ["500", "503", "408", "429"] {
         let (ledger, store) = setup();
         let svc = layer(store).layer(ledger.service());
-        let r = || post(Some("k"), "").header("x-status", status).body(Body::from("{}")).unwrap();
+        let r = || {
+            post(Some("k"), "")
+                .header("x-status", status)
+                .body(Body::from("{}"))
+                .unwrap()
+        };
         assert_eq!(send(&svc, r()).await.status.as_str(), status);
         let again = send(&svc, r()).await;
         assert!(!again.replayed(), "{status} is not replayed");
@@ -388,7 +554,12 @@ async fn retryable_statuses_are_not_stored() {
     for status in ["200", "402", "404", "422"] {
         let (ledger, store) = setup();
         let svc = layer(store).layer(ledger.service());
-        let r = || post(Some("k"), "").header("x-status", status).body(Body::from("{}")).unwrap();
+        let r = || {
+            post(Some("k"), "")
+                .header("x-status", status)
+                .body(Body::from("{}"))
+                .unwrap()
+        };
         send(&svc, r()).await;
         let again = send(&svc, r()).await;
         assert!(again.replayed(), "{status} is stored");
@@ -400,7 +571,9 @@ async fn retryable_statuses_are_not_stored() {
 #[tokio::test]
 async fn the_store_predicate_and_the_handler_override_decide_storage() {
     let (ledger, store) = setup();
-    let svc = layer(store).store_when(|parts| parts.status.is_success()).layer(ledger.service());
+    let svc = layer(store)
+        .store_when(|parts| parts.status.is_success())
+        .layer(ledger.service());
     let r = |key, status: &'static str, policy: Option<&'static str>| {
         let mut b = post(Some(key), "").header("x-status", status);
         if let Some(p) = policy {
@@ -409,31 +582,57 @@ async fn the_store_predicate_and_the_handler_override_decide_storage() {
         b.body(Body::from("{}")).unwrap()
     };
     send(&svc, r("a", "402", None)).await;
-    assert!(!send(&svc, r("a", "402", None)).await.replayed(), "the custom predicate refuses 402");
+    assert!(
+        !send(&svc, r("a", "402", None)).await.replayed(),
+        "the custom predicate refuses 402"
+    );
     send(&svc, r("b", "500", Some("store"))).await;
     let b = send(&svc, r("b", "500", Some("store"))).await;
     assert!(b.replayed(), "the handler asked to store its 500");
     assert_eq!(b.status, StatusCode::INTERNAL_SERVER_ERROR);
     send(&svc, r("c", "201", Some("skip"))).await;
-    assert!(!send(&svc, r("c", "201", Some("skip"))).await.replayed(), "the handler asked not to store its 201");
+    assert!(
+        !send(&svc, r("c", "201", Some("skip"))).await.replayed(),
+        "the handler asked not to store its 201"
+    );
     assert_eq!(ledger.count(), 5);
 }
 
 #[tokio::test]
 async fn an_oversized_response_is_delivered_once_and_never_re_executed() {
     let (ledger, store) = setup();
-    let svc = layer(store).stored_response_limit(1024).layer(ledger.service());
-    let r = || post(Some("k"), "").header("x-body-bytes", "5000").body(Body::from("{}")).unwrap();
+    let svc = layer(store)
+        .stored_response_limit(1024)
+        .layer(ledger.service());
+    let r = || {
+        post(Some("k"), "")
+            .header("x-body-bytes", "5000")
+            .body(Body::from("{}"))
+            .unwrap()
+    };
     let first = send(&svc, r()).await;
     assert_eq!(first.status, StatusCode::CREATED);
-    assert_eq!(first.body.len(), 5000, "the first caller receives the whole body");
+    assert_eq!(
+        first.body.len(),
+        5000,
+        "the first caller receives the whole body"
+    );
     let retry = send(&svc, r()).await;
     assert_eq!(retry.status, StatusCode::CONFLICT);
     assert!(retry.problem_type().ends_with("#variant.NotReplayable"));
     assert!(retry.text().contains("201"));
-    assert_eq!(ledger.count(), 1, "not replayable never means executed again");
+    assert_eq!(
+        ledger.count(),
+        1,
+        "not replayable never means executed again"
+    );
     // At the limit it is stored.
-    let at = || post(Some("k2"), "").header("x-body-bytes", "1024").body(Body::from("{}")).unwrap();
+    let at = || {
+        post(Some("k2"), "")
+            .header("x-body-bytes", "1024")
+            .body(Body::from("{}"))
+            .unwrap()
+    };
     send(&svc, at()).await;
     assert_eq!(send(&svc, at()).await.body.len(), 1024);
 }
@@ -449,7 +648,11 @@ async fn store_failure_fails_closed_with_503() {
     assert_eq!(a.headers["retry-after"], "1");
     assert_eq!(ledger.count(), 0, "nothing runs unguarded");
     store.set_failing(false);
-    assert_eq!(send(&svc, req(Some("k"), "{}")).await.status, StatusCode::CREATED, "it recovers by itself");
+    assert_eq!(
+        send(&svc, req(Some("k"), "{}")).await.status,
+        StatusCode::CREATED,
+        "it recovers by itself"
+    );
 }
 
 #[tokio::test]
@@ -457,8 +660,14 @@ async fn fail_open_executes_unguarded_when_the_store_fails() {
     let (ledger, store) = setup();
     store.set_failing(true);
     let svc = layer(store).fail_open().layer(ledger.service());
-    assert_eq!(send(&svc, req(Some("k"), "{}")).await.status, StatusCode::CREATED);
-    assert_eq!(send(&svc, req(Some("k"), "{}")).await.status, StatusCode::CREATED);
+    assert_eq!(
+        send(&svc, req(Some("k"), "{}")).await.status,
+        StatusCode::CREATED
+    );
+    assert_eq!(
+        send(&svc, req(Some("k"), "{}")).await.status,
+        StatusCode::CREATED
+    );
     assert_eq!(ledger.count(), 2);
 }
 
@@ -467,11 +676,17 @@ async fn an_unreadable_record_fails_closed() {
     let (ledger, store) = setup();
     let svc = layer(store.clone()).layer(ledger.service());
     send(&svc, req(Some("k"), "{}")).await;
-    store.corrupt.store(true, std::sync::atomic::Ordering::SeqCst);
+    store
+        .corrupt
+        .store(true, std::sync::atomic::Ordering::SeqCst);
     let a = send(&svc, req(Some("k"), "{}")).await;
     assert_eq!(a.status, StatusCode::INTERNAL_SERVER_ERROR);
     assert!(a.problem_type().ends_with("#variant.RecordUnreadable"));
-    assert_eq!(ledger.count(), 1, "an unreadable record is never taken as absent");
+    assert_eq!(
+        ledger.count(),
+        1,
+        "an unreadable record is never taken as absent"
+    );
 }
 
 #[derive(Clone)]
@@ -518,13 +733,19 @@ async fn purge_lets_a_key_execute_again() {
 async fn a_panicking_handler_releases_the_key_and_the_panic_propagates() {
     let (ledger, store) = setup();
     let svc = layer(store.clone()).layer(ledger.service());
-    let panicking = post(Some("k"), "").header("x-panic", "1").body(Body::from("{}")).unwrap();
+    let panicking = post(Some("k"), "")
+        .header("x-panic", "1")
+        .body(Body::from("{}"))
+        .unwrap();
     let outcome = tokio::spawn({
         let svc = svc.clone();
         async move { svc.oneshot(panicking).await }
     })
     .await;
-    assert!(outcome.unwrap_err().is_panic(), "the handler's panic reaches the caller");
+    assert!(
+        outcome.unwrap_err().is_panic(),
+        "the handler's panic reaches the caller"
+    );
     // The release is spawned by the dying task: give it a moment.
     for _ in 0..100 {
         if store.inner.in_flight_count() == 0 {
@@ -533,7 +754,11 @@ async fn a_panicking_handler_releases_the_key_and_the_panic_propagates() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     let retry = send(&svc, req(Some("k"), "{}")).await;
-    assert_eq!(retry.status, StatusCode::CREATED, "the key was released, not left in flight");
+    assert_eq!(
+        retry.status,
+        StatusCode::CREATED,
+        "the key was released, not left in flight"
+    );
     assert_eq!(ledger.count(), 2);
 }
 
@@ -544,7 +769,10 @@ async fn behind_catch_panic_a_panic_is_a_500_and_the_retry_executes() {
         .layer(tower_http::catch_panic::CatchPanicLayer::new())
         .layer(layer(store.clone()))
         .service(ledger.service());
-    let panicking = post(Some("k"), "").header("x-panic", "1").body(Body::from("{}")).unwrap();
+    let panicking = post(Some("k"), "")
+        .header("x-panic", "1")
+        .body(Body::from("{}"))
+        .unwrap();
     let res = svc.clone().oneshot(panicking).await.unwrap();
     assert_eq!(res.status(), StatusCode::INTERNAL_SERVER_ERROR);
     for _ in 0..100 {
@@ -563,9 +791,13 @@ fn service_future_and_bodies_are_send_and_sync_where_frameworks_need_it() {
     fn send_sync<T: Send + Sync>(_: &T) {}
     fn send<T: Send>(_: &T) {}
     let ledger = Ledger::new();
-    let svc = IdempotencyLayer::new(tower_idempotency::store::MemoryStore::new()).layer(ledger.service());
+    let svc =
+        IdempotencyLayer::new(tower_idempotency::store::MemoryStore::new()).layer(ledger.service());
     send_sync(&svc);
-    let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
     rt.block_on(async {
         let fut = tower::Service::call(&mut svc.clone(), req(Some("k"), "{}"));
         send(&fut);

@@ -8,7 +8,9 @@ use bytes::Bytes;
 use proptest::prelude::*;
 use tower_idempotency::fingerprint::Fingerprint;
 use tower_idempotency::key::StoreKey;
-use tower_idempotency::store::{Claim, CompletedRecord, LeaseStatus, MemoryStore, OwnerToken, Store};
+use tower_idempotency::store::{
+    Claim, CompletedRecord, LeaseStatus, MemoryStore, OwnerToken, Store,
+};
 
 const LEASE_MS: u64 = 100;
 const RETENTION_MS: u64 = 1_000;
@@ -39,8 +41,17 @@ fn op() -> impl Strategy<Value = Op> {
 /// The reference: what each key holds, in plain data.
 #[derive(Debug, Clone, PartialEq)]
 enum Slot {
-    InFlight { token: usize, fp: u8, deadline: u64 },
-    Done { fp: u8, payload: u8, owner: usize, expires: u64 },
+    InFlight {
+        token: usize,
+        fp: u8,
+        deadline: u64,
+    },
+    Done {
+        fp: u8,
+        payload: u8,
+        owner: usize,
+        expires: u64,
+    },
 }
 
 #[derive(Debug, Default)]
@@ -73,29 +84,59 @@ impl Model {
         match *op {
             Op::Claim { key, fp } => match self.live(key) {
                 Some(Slot::InFlight { fp, .. }) => Answer::InFlight { fp: *fp },
-                Some(Slot::Done { fp, payload, .. }) => Answer::Completed { fp: *fp, payload: *payload },
+                Some(Slot::Done { fp, payload, .. }) => Answer::Completed {
+                    fp: *fp,
+                    payload: *payload,
+                },
                 None => {
-                    self.slots.insert(key, Slot::InFlight { token: granted, fp, deadline: self.now + LEASE_MS });
+                    self.slots.insert(
+                        key,
+                        Slot::InFlight {
+                            token: granted,
+                            fp,
+                            deadline: self.now + LEASE_MS,
+                        },
+                    );
                     Answer::Acquired
                 }
             },
-            Op::Complete { key, token, payload } => {
+            Op::Complete {
+                key,
+                token,
+                payload,
+            } => {
                 let token = pick(token, granted);
                 match self.live(key).cloned() {
                     Some(Slot::InFlight { token: t, fp, .. }) if Some(t) == token => {
-                        self.slots.insert(key, Slot::Done { fp, payload, owner: t, expires: self.now + RETENTION_MS });
+                        self.slots.insert(
+                            key,
+                            Slot::Done {
+                                fp,
+                                payload,
+                                owner: t,
+                                expires: self.now + RETENTION_MS,
+                            },
+                        );
                         Answer::Status(LeaseStatus::Held)
                     }
-                    Some(Slot::Done { owner, .. }) if Some(owner) == token => Answer::Status(LeaseStatus::Held),
+                    Some(Slot::Done { owner, .. }) if Some(owner) == token => {
+                        Answer::Status(LeaseStatus::Held)
+                    }
                     _ => Answer::Status(LeaseStatus::Lost),
                 }
             }
             Op::Release { key, token } => {
                 let token = pick(token, granted);
                 match self.slots.get(&key).cloned() {
-                    Some(Slot::InFlight { token: t, deadline, .. }) if Some(t) == token => {
+                    Some(Slot::InFlight {
+                        token: t, deadline, ..
+                    }) if Some(t) == token => {
                         self.slots.remove(&key);
-                        Answer::Status(if deadline > self.now { LeaseStatus::Held } else { LeaseStatus::Lost })
+                        Answer::Status(if deadline > self.now {
+                            LeaseStatus::Held
+                        } else {
+                            LeaseStatus::Lost
+                        })
                     }
                     _ => Answer::Status(LeaseStatus::Lost),
                 }
@@ -104,7 +145,9 @@ impl Model {
                 let token = pick(token, granted);
                 let now = self.now;
                 match self.slots.get_mut(&key) {
-                    Some(Slot::InFlight { token: t, deadline, .. }) if Some(*t) == token && *deadline > now => {
+                    Some(Slot::InFlight {
+                        token: t, deadline, ..
+                    }) if Some(*t) == token && *deadline > now => {
                         *deadline = now + LEASE_MS;
                         Answer::Status(LeaseStatus::Held)
                     }
@@ -141,33 +184,63 @@ fn fp(n: u8) -> Fingerprint {
 
 /// Runs `op` on the store; `record_fp` is the fingerprint a completion
 /// stores (the one the key was claimed with, which the caller knows).
-async fn run_real(store: &MemoryStore, op: &Op, record_fp: u8, tokens: &mut Vec<OwnerToken>) -> Answer {
+async fn run_real(
+    store: &MemoryStore,
+    op: &Op,
+    record_fp: u8,
+    tokens: &mut Vec<OwnerToken>,
+) -> Answer {
     let lease = Duration::from_millis(LEASE_MS);
     let retention = Duration::from_millis(RETENTION_MS);
     let token = |index: usize| (!tokens.is_empty()).then(|| tokens[index % tokens.len()]);
     // A token nobody was granted, for operations before any grant.
     let nobody = OwnerToken::new(u64::MAX, 0);
     match *op {
-        Op::Claim { key, fp: f } => match store.claim(store_key(key), fp(f), lease).await.unwrap() {
-            Claim::Acquired(t) => {
-                tokens.push(t);
-                Answer::Acquired
+        Op::Claim { key, fp: f } => {
+            match store.claim(store_key(key), fp(f), lease).await.unwrap() {
+                Claim::Acquired(t) => {
+                    tokens.push(t);
+                    Answer::Acquired
+                }
+                Claim::InFlight { fingerprint, .. } => Answer::InFlight {
+                    fp: fingerprint.as_bytes()[0],
+                },
+                Claim::Completed(rec) => Answer::Completed {
+                    fp: rec.fingerprint.as_bytes()[0],
+                    payload: rec.payload[0],
+                },
+                other => panic!("unexpected claim {other:?}"),
             }
-            Claim::InFlight { fingerprint, .. } => Answer::InFlight { fp: fingerprint.as_bytes()[0] },
-            Claim::Completed(rec) => Answer::Completed { fp: rec.fingerprint.as_bytes()[0], payload: rec.payload[0] },
-            other => panic!("unexpected claim {other:?}"),
-        },
-        Op::Complete { key, token: i, payload } => {
+        }
+        Op::Complete {
+            key,
+            token: i,
+            payload,
+        } => {
             let t = token(i).unwrap_or(nobody);
-            let rec = CompletedRecord { fingerprint: fp(record_fp), payload: Bytes::from(vec![payload]) };
-            Answer::Status(store.complete(store_key(key), t, rec, retention).await.unwrap())
+            let rec = CompletedRecord {
+                fingerprint: fp(record_fp),
+                payload: Bytes::from(vec![payload]),
+            };
+            Answer::Status(
+                store
+                    .complete(store_key(key), t, rec, retention)
+                    .await
+                    .unwrap(),
+            )
         }
-        Op::Release { key, token: i } => {
-            Answer::Status(store.release(store_key(key), token(i).unwrap_or(nobody)).await.unwrap())
-        }
-        Op::Extend { key, token: i } => {
-            Answer::Status(store.extend(store_key(key), token(i).unwrap_or(nobody), lease).await.unwrap())
-        }
+        Op::Release { key, token: i } => Answer::Status(
+            store
+                .release(store_key(key), token(i).unwrap_or(nobody))
+                .await
+                .unwrap(),
+        ),
+        Op::Extend { key, token: i } => Answer::Status(
+            store
+                .extend(store_key(key), token(i).unwrap_or(nobody), lease)
+                .await
+                .unwrap(),
+        ),
         Op::Purge { key } => Answer::Purged(store.purge(store_key(key)).await.unwrap()),
         Op::Advance { ms } => {
             tokio::time::advance(Duration::from_millis(ms)).await;

@@ -133,10 +133,18 @@ fn fp(n: u8) -> Fingerprint {
 }
 
 fn record(fingerprint: Fingerprint, payload: &[u8]) -> CompletedRecord {
-    CompletedRecord { fingerprint, payload: Bytes::copy_from_slice(payload) }
+    CompletedRecord {
+        fingerprint,
+        payload: Bytes::copy_from_slice(payload),
+    }
 }
 
-async fn acquire<St: Store>(store: &St, key: StoreKey, f: Fingerprint, lease: Duration) -> OwnerToken {
+async fn acquire<St: Store>(
+    store: &St,
+    key: StoreKey,
+    f: Fingerprint,
+    lease: Duration,
+) -> OwnerToken {
     match store.claim(key, f, lease).await {
         Ok(Claim::Acquired(token)) => token,
         other => panic!("claim of a free key must acquire it, got {other:?}"),
@@ -150,7 +158,7 @@ async fn claim<St: Store>(store: &St, key: StoreKey, f: Fingerprint) -> Claim {
     }
 }
 
-async fn check<St: Store>(
+async fn check(
     what: &str,
     fut: impl std::future::Future<Output = Result<LeaseStatus, super::StoreError>>,
 ) -> LeaseStatus {
@@ -194,7 +202,10 @@ pub async fn completed_records_are_replayed_exactly<St: Store>(store: &St) {
     let mut headers = http::HeaderMap::new();
     headers.append("x-multi", http::HeaderValue::from_static("a"));
     headers.append("x-multi", http::HeaderValue::from_static("b"));
-    headers.append("x-bin", http::HeaderValue::from_bytes(&[0xfe, 0x80]).expect("valid value"));
+    headers.append(
+        "x-bin",
+        http::HeaderValue::from_bytes(&[0xfe, 0x80]).expect("valid value"),
+    );
     let mut trailers = http::HeaderMap::new();
     trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
     let payload = StoredOutcome::Response(StoredResponse {
@@ -204,9 +215,20 @@ pub async fn completed_records_are_replayed_exactly<St: Store>(store: &St) {
         trailers: Some(trailers),
     })
     .encode();
-    let rec = CompletedRecord { fingerprint: fp(1), payload: payload.clone() };
-    let status = check::<St>("complete", store.complete(key, token, rec.clone(), LONG_RETENTION)).await;
-    assert_eq!(status, LeaseStatus::Held, "the owner's completion must be stored");
+    let rec = CompletedRecord {
+        fingerprint: fp(1),
+        payload: payload.clone(),
+    };
+    let status = check(
+        "complete",
+        store.complete(key, token, rec.clone(), LONG_RETENTION),
+    )
+    .await;
+    assert_eq!(
+        status,
+        LeaseStatus::Held,
+        "the owner's completion must be stored"
+    );
     for f in [fp(1), fp(2)] {
         match claim(store, key, f).await {
             Claim::Completed(got) => {
@@ -224,16 +246,46 @@ pub async fn completed_records_are_replayed_exactly<St: Store>(store: &St) {
 pub async fn complete_is_fenced_and_idempotent<St: Store>(store: &St) {
     let key = fresh_key();
     let token = acquire(store, key, fp(1), LONG_LEASE).await;
-    let stranger = OwnerToken::new(token.fence().wrapping_add(1_000_000), token.nonce() ^ 0x5555);
-    let status = check::<St>("complete", store.complete(key, stranger, record(fp(1), b"forged"), LONG_RETENTION)).await;
-    assert_eq!(status, LeaseStatus::Lost, "a foreign token must not complete the key");
-    assert!(matches!(claim(store, key, fp(1)).await, Claim::InFlight { .. }), "the claim must survive");
+    let stranger = OwnerToken::new(
+        token.fence().wrapping_add(1_000_000),
+        token.nonce() ^ 0x5555,
+    );
+    let status = check(
+        "complete",
+        store.complete(key, stranger, record(fp(1), b"forged"), LONG_RETENTION),
+    )
+    .await;
+    assert_eq!(
+        status,
+        LeaseStatus::Lost,
+        "a foreign token must not complete the key"
+    );
+    assert!(
+        matches!(claim(store, key, fp(1)).await, Claim::InFlight { .. }),
+        "the claim must survive"
+    );
 
-    let status = check::<St>("complete", store.complete(key, token, record(fp(1), b"first"), LONG_RETENTION)).await;
+    let status = check(
+        "complete",
+        store.complete(key, token, record(fp(1), b"first"), LONG_RETENTION),
+    )
+    .await;
     assert_eq!(status, LeaseStatus::Held);
-    let again = check::<St>("complete", store.complete(key, token, record(fp(1), b"first"), LONG_RETENTION)).await;
-    assert_eq!(again, LeaseStatus::Held, "repeating the owner's completion must succeed");
-    let forged = check::<St>("complete", store.complete(key, stranger, record(fp(1), b"forged"), LONG_RETENTION)).await;
+    let again = check(
+        "complete",
+        store.complete(key, token, record(fp(1), b"first"), LONG_RETENTION),
+    )
+    .await;
+    assert_eq!(
+        again,
+        LeaseStatus::Held,
+        "repeating the owner's completion must succeed"
+    );
+    let forged = check(
+        "complete",
+        store.complete(key, stranger, record(fp(1), b"forged"), LONG_RETENTION),
+    )
+    .await;
     assert_eq!(forged, LeaseStatus::Lost);
     match claim(store, key, fp(1)).await {
         Claim::Completed(got) => assert_eq!(got.payload, Bytes::from_static(b"first")),
@@ -249,22 +301,37 @@ pub async fn expired_lease_is_taken_over_with_a_higher_fence<St: Store>(store: &
     let stale = acquire(store, key, fp(1), SHORT_LEASE).await;
     tokio::time::sleep(PAST_SHORT_LEASE).await;
     let fresh = acquire(store, key, fp(1), LONG_LEASE).await;
-    assert!(fresh.fence() > stale.fence(), "fences must grow across a takeover");
+    assert!(
+        fresh.fence() > stale.fence(),
+        "fences must grow across a takeover"
+    );
     assert_ne!(fresh, stale);
 
-    let s = check::<St>("complete", store.complete(key, stale, record(fp(1), b"stale"), LONG_RETENTION)).await;
+    let s = check(
+        "complete",
+        store.complete(key, stale, record(fp(1), b"stale"), LONG_RETENTION),
+    )
+    .await;
     assert_eq!(s, LeaseStatus::Lost, "a stale owner must not complete");
-    let s = check::<St>("extend", store.extend(key, stale, LONG_LEASE)).await;
+    let s = check("extend", store.extend(key, stale, LONG_LEASE)).await;
     assert_eq!(s, LeaseStatus::Lost, "a stale owner must not extend");
-    let s = check::<St>("release", store.release(key, stale)).await;
+    let s = check("release", store.release(key, stale)).await;
     assert_eq!(s, LeaseStatus::Lost, "a stale owner must not release");
     assert!(
         matches!(claim(store, key, fp(1)).await, Claim::InFlight { fence, .. } if fence == fresh.fence()),
         "the new owner's claim must be intact"
     );
-    let s = check::<St>("complete", store.complete(key, fresh, record(fp(1), b"fresh"), LONG_RETENTION)).await;
+    let s = check(
+        "complete",
+        store.complete(key, fresh, record(fp(1), b"fresh"), LONG_RETENTION),
+    )
+    .await;
     assert_eq!(s, LeaseStatus::Held);
-    let s = check::<St>("complete", store.complete(key, stale, record(fp(1), b"stale"), LONG_RETENTION)).await;
+    let s = check(
+        "complete",
+        store.complete(key, stale, record(fp(1), b"stale"), LONG_RETENTION),
+    )
+    .await;
     assert_eq!(s, LeaseStatus::Lost);
     match claim(store, key, fp(1)).await {
         Claim::Completed(got) => assert_eq!(got.payload, Bytes::from_static(b"fresh")),
@@ -280,11 +347,18 @@ pub async fn extend_keeps_a_claim_alive<St: Store>(store: &St) {
     let start = Instant::now();
     while start.elapsed() < Duration::from_millis(1800) {
         tokio::time::sleep(Duration::from_millis(100)).await;
-        let s = check::<St>("extend", store.extend(key, token, lease)).await;
+        let s = check("extend", store.extend(key, token, lease)).await;
         assert_eq!(s, LeaseStatus::Held, "a renewed claim must stay held");
     }
-    assert!(matches!(claim(store, key, fp(1)).await, Claim::InFlight { .. }), "the renewed claim must be live");
-    let s = check::<St>("complete", store.complete(key, token, record(fp(1), b"ok"), LONG_RETENTION)).await;
+    assert!(
+        matches!(claim(store, key, fp(1)).await, Claim::InFlight { .. }),
+        "the renewed claim must be live"
+    );
+    let s = check(
+        "complete",
+        store.complete(key, token, record(fp(1), b"ok"), LONG_RETENTION),
+    )
+    .await;
     assert_eq!(s, LeaseStatus::Held);
 }
 
@@ -293,7 +367,7 @@ pub async fn extend_never_resurrects_an_expired_claim<St: Store>(store: &St) {
     let key = fresh_key();
     let token = acquire(store, key, fp(1), SHORT_LEASE).await;
     tokio::time::sleep(PAST_SHORT_LEASE).await;
-    let s = check::<St>("extend", store.extend(key, token, LONG_LEASE)).await;
+    let s = check("extend", store.extend(key, token, LONG_LEASE)).await;
     assert_eq!(s, LeaseStatus::Lost, "an expired lease must not be renewed");
     let next = acquire(store, key, fp(1), LONG_LEASE).await;
     assert!(next.fence() > token.fence());
@@ -303,13 +377,31 @@ pub async fn extend_never_resurrects_an_expired_claim<St: Store>(store: &St) {
 pub async fn release_frees_the_key_for_its_owner_only<St: Store>(store: &St) {
     let key = fresh_key();
     let token = acquire(store, key, fp(1), LONG_LEASE).await;
-    let stranger = OwnerToken::new(token.fence().wrapping_add(1_000_000), token.nonce() ^ 0x5555);
-    assert_eq!(check::<St>("release", store.release(key, stranger)).await, LeaseStatus::Lost);
-    assert!(matches!(claim(store, key, fp(1)).await, Claim::InFlight { .. }), "a stranger's release must not free the key");
-    assert_eq!(check::<St>("release", store.release(key, token)).await, LeaseStatus::Held);
+    let stranger = OwnerToken::new(
+        token.fence().wrapping_add(1_000_000),
+        token.nonce() ^ 0x5555,
+    );
+    assert_eq!(
+        check("release", store.release(key, stranger)).await,
+        LeaseStatus::Lost
+    );
+    assert!(
+        matches!(claim(store, key, fp(1)).await, Claim::InFlight { .. }),
+        "a stranger's release must not free the key"
+    );
+    assert_eq!(
+        check("release", store.release(key, token)).await,
+        LeaseStatus::Held
+    );
     let next = acquire(store, key, fp(2), LONG_LEASE).await;
-    assert!(next.fence() > token.fence(), "fences must grow after a release");
-    assert_eq!(check::<St>("release", store.release(key, token)).await, LeaseStatus::Lost);
+    assert!(
+        next.fence() > token.fence(),
+        "fences must grow after a release"
+    );
+    assert_eq!(
+        check("release", store.release(key, token)).await,
+        LeaseStatus::Lost
+    );
 }
 
 /// A completed record is forgotten after its retention.
@@ -317,14 +409,25 @@ pub async fn records_expire_after_retention<St: Store>(store: &St) {
     let key = fresh_key();
     let token = acquire(store, key, fp(1), LONG_LEASE).await;
     let retention = Duration::from_millis(200);
-    let s = check::<St>("complete", store.complete(key, token, record(fp(1), b"r"), retention)).await;
+    let s = check(
+        "complete",
+        store.complete(key, token, record(fp(1), b"r"), retention),
+    )
+    .await;
     assert_eq!(s, LeaseStatus::Held);
-    assert!(matches!(claim(store, key, fp(1)).await, Claim::Completed(_)), "the record must be there before retention ends");
+    assert!(
+        matches!(claim(store, key, fp(1)).await, Claim::Completed(_)),
+        "the record must be there before retention ends"
+    );
     tokio::time::sleep(Duration::from_millis(600)).await;
     acquire(store, key, fp(1), LONG_LEASE).await;
 }
 
-async fn wait_for_change<St: Store>(store: &St, key: StoreKey, change: impl std::future::Future<Output = ()>) {
+async fn wait_for_change<St: Store>(
+    store: &St,
+    key: StoreKey,
+    change: impl std::future::Future<Output = ()>,
+) {
     let Claim::InFlight { fence, .. } = claim(store, key, fp(1)).await else {
         panic!("the key must be in flight");
     };
@@ -332,7 +435,10 @@ async fn wait_for_change<St: Store>(store: &St, key: StoreKey, change: impl std:
         let store = store.clone();
         tokio::spawn(async move {
             let start = Instant::now();
-            store.wait(key, fence, Duration::from_secs(30)).await.expect("wait failed");
+            store
+                .wait(key, fence, Duration::from_secs(30))
+                .await
+                .expect("wait failed");
             start.elapsed()
         })
     };
@@ -350,11 +456,18 @@ pub async fn wait_wakes_on_completion<St: Store>(store: &St) {
     let key = fresh_key();
     let token = acquire(store, key, fp(1), LONG_LEASE).await;
     wait_for_change(store, key, async {
-        let s = check::<St>("complete", store.complete(key, token, record(fp(1), b"done"), LONG_RETENTION)).await;
+        let s = check(
+            "complete",
+            store.complete(key, token, record(fp(1), b"done"), LONG_RETENTION),
+        )
+        .await;
         assert_eq!(s, LeaseStatus::Held);
     })
     .await;
-    assert!(matches!(claim(store, key, fp(1)).await, Claim::Completed(_)));
+    assert!(matches!(
+        claim(store, key, fp(1)).await,
+        Claim::Completed(_)
+    ));
 }
 
 /// A waiter wakes when the claim it waits on is released.
@@ -362,7 +475,10 @@ pub async fn wait_wakes_on_release<St: Store>(store: &St) {
     let key = fresh_key();
     let token = acquire(store, key, fp(1), LONG_LEASE).await;
     wait_for_change(store, key, async {
-        assert_eq!(check::<St>("release", store.release(key, token)).await, LeaseStatus::Held);
+        assert_eq!(
+            check("release", store.release(key, token)).await,
+            LeaseStatus::Held
+        );
     })
     .await;
 }
@@ -371,10 +487,19 @@ pub async fn wait_wakes_on_release<St: Store>(store: &St) {
 pub async fn wait_returns_at_once_when_the_claim_is_gone<St: Store>(store: &St) {
     let key = fresh_key();
     let start = Instant::now();
-    store.wait(key, 12345, Duration::from_secs(30)).await.expect("wait failed");
+    store
+        .wait(key, 12345, Duration::from_secs(30))
+        .await
+        .expect("wait failed");
     let token = acquire(store, key, fp(1), LONG_LEASE).await;
-    store.wait(key, token.fence().wrapping_add(1), Duration::from_secs(30)).await.expect("wait failed");
-    assert!(start.elapsed() < WAKE_BOUND, "waiting on a claim that is not there must not block");
+    store
+        .wait(key, token.fence().wrapping_add(1), Duration::from_secs(30))
+        .await
+        .expect("wait failed");
+    assert!(
+        start.elapsed() < WAKE_BOUND,
+        "waiting on a claim that is not there must not block"
+    );
 }
 
 /// A wait on a live claim ends at its timeout.
@@ -382,23 +507,43 @@ pub async fn wait_gives_up_after_its_timeout<St: Store>(store: &St) {
     let key = fresh_key();
     let token = acquire(store, key, fp(1), LONG_LEASE).await;
     let start = Instant::now();
-    store.wait(key, token.fence(), Duration::from_millis(300)).await.expect("wait failed");
+    store
+        .wait(key, token.fence(), Duration::from_millis(300))
+        .await
+        .expect("wait failed");
     let waited = start.elapsed();
-    assert!(waited >= Duration::from_millis(250), "the wait ended early ({waited:?}) with the claim still live");
-    assert!(waited < WAKE_BOUND, "the wait outlived its timeout ({waited:?})");
+    assert!(
+        waited >= Duration::from_millis(250),
+        "the wait ended early ({waited:?}) with the claim still live"
+    );
+    assert!(
+        waited < WAKE_BOUND,
+        "the wait outlived its timeout ({waited:?})"
+    );
 }
 
 /// Purge drops a claim or a record, and says whether there was one.
 pub async fn purge_drops_claims_and_records<St: Store>(store: &St) {
     let key = fresh_key();
-    assert!(!store.purge(key).await.expect("purge failed"), "an empty key has nothing to purge");
+    assert!(
+        !store.purge(key).await.expect("purge failed"),
+        "an empty key has nothing to purge"
+    );
     let token = acquire(store, key, fp(1), LONG_LEASE).await;
-    let s = check::<St>("complete", store.complete(key, token, record(fp(1), b"x"), LONG_RETENTION)).await;
+    let s = check(
+        "complete",
+        store.complete(key, token, record(fp(1), b"x"), LONG_RETENTION),
+    )
+    .await;
     assert_eq!(s, LeaseStatus::Held);
     assert!(store.purge(key).await.expect("purge failed"));
     let next = acquire(store, key, fp(2), LONG_LEASE).await;
     assert!(store.purge(key).await.expect("purge failed"));
-    let s = check::<St>("complete", store.complete(key, next, record(fp(2), b"y"), LONG_RETENTION)).await;
+    let s = check(
+        "complete",
+        store.complete(key, next, record(fp(2), b"y"), LONG_RETENTION),
+    )
+    .await;
     assert_eq!(s, LeaseStatus::Lost, "a purged claim must not complete");
     acquire(store, key, fp(3), LONG_LEASE).await;
 }
@@ -408,9 +553,19 @@ pub async fn keys_are_independent<St: Store>(store: &St) {
     let (a, b) = (fresh_key(), fresh_key());
     let ta = acquire(store, a, fp(1), LONG_LEASE).await;
     let tb = acquire(store, b, fp(1), LONG_LEASE).await;
-    let s = check::<St>("complete", store.complete(a, ta, record(fp(1), b"a"), LONG_RETENTION)).await;
+    let s = check(
+        "complete",
+        store.complete(a, ta, record(fp(1), b"a"), LONG_RETENTION),
+    )
+    .await;
     assert_eq!(s, LeaseStatus::Held);
-    assert!(matches!(claim(store, b, fp(1)).await, Claim::InFlight { .. }));
-    assert_eq!(check::<St>("release", store.release(b, tb)).await, LeaseStatus::Held);
+    assert!(matches!(
+        claim(store, b, fp(1)).await,
+        Claim::InFlight { .. }
+    ));
+    assert_eq!(
+        check("release", store.release(b, tb)).await,
+        LeaseStatus::Held
+    );
     assert!(matches!(claim(store, a, fp(1)).await, Claim::Completed(_)));
 }

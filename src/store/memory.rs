@@ -166,7 +166,10 @@ impl MemoryStore {
 
     /// Starts configuring a store.
     pub fn builder() -> MemoryStoreBuilder {
-        MemoryStoreBuilder { max_bytes: DEFAULT_MAX_BYTES, max_in_flight: DEFAULT_MAX_IN_FLIGHT }
+        MemoryStoreBuilder {
+            max_bytes: DEFAULT_MAX_BYTES,
+            max_in_flight: DEFAULT_MAX_IN_FLIGHT,
+        }
     }
 
     /// How many in-flight claims the store holds now (expired ones not yet
@@ -184,19 +187,30 @@ impl MemoryStore {
     fn lock(&self) -> MutexGuard<'_, HashMap<StoreKey, InFlight>> {
         // No code panics while holding the lock; if one ever did, the map is
         // still consistent (every update is a single insert or remove).
-        self.inner.in_flight.lock().unwrap_or_else(PoisonError::into_inner)
+        self.inner
+            .in_flight
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
     }
 
     fn live_completed(&self, key: &StoreKey, now: Instant) -> Option<Arc<Completed>> {
         self.inner.completed.get(key).filter(|c| c.expires_at > now)
     }
 
-    fn claim_now(&self, key: StoreKey, fingerprint: Fingerprint, lease: Duration) -> Result<Claim, StoreError> {
+    fn claim_now(
+        &self,
+        key: StoreKey,
+        fingerprint: Fingerprint,
+        lease: Duration,
+    ) -> Result<Claim, StoreError> {
         let now = Instant::now();
         let mut map = self.lock();
         match map.get(&key) {
             Some(entry) if entry.deadline > now => {
-                return Ok(Claim::InFlight { fingerprint: entry.fingerprint, fence: entry.token.fence() });
+                return Ok(Claim::InFlight {
+                    fingerprint: entry.fingerprint,
+                    fence: entry.token.fence(),
+                });
             }
             // An expired claim is taken over below: replacing the entry drops
             // its channel and wakes its waiters.
@@ -216,7 +230,15 @@ impl MemoryStore {
         let fence = self.inner.next_fence.fetch_add(1, Ordering::Relaxed);
         let token = OwnerToken::new(fence, self.inner.nonce_seed ^ fence);
         let (gone, _) = watch::channel(());
-        map.insert(key, InFlight { token, fingerprint, deadline: now + lease, gone });
+        map.insert(
+            key,
+            InFlight {
+                token,
+                fingerprint,
+                deadline: now + lease,
+                gone,
+            },
+        );
         Ok(Claim::Acquired(token))
     }
 }
@@ -242,7 +264,12 @@ impl Store for MemoryStore {
         let mut map = self.lock();
         match map.get(&key) {
             Some(entry) if entry.token == token && entry.deadline > now => {
-                let done = Completed { record, owner: token, expires_at: now + retention, retention };
+                let done = Completed {
+                    record,
+                    owner: token,
+                    expires_at: now + retention,
+                    retention,
+                };
                 // Inserted while the claim map is locked, so a concurrent
                 // claim sees either the claim or the record, never neither.
                 self.inner.completed.insert(key, Arc::new(done));
@@ -264,7 +291,11 @@ impl Store for MemoryStore {
             Some(entry) if entry.token == token => {
                 let live = entry.deadline > now;
                 map.remove(&key);
-                Ok(if live { LeaseStatus::Held } else { LeaseStatus::Lost })
+                Ok(if live {
+                    LeaseStatus::Held
+                } else {
+                    LeaseStatus::Lost
+                })
             }
             _ => Ok(LeaseStatus::Lost),
         }
@@ -307,7 +338,11 @@ impl Store for MemoryStore {
         let now = Instant::now();
         let mut map = self.lock();
         let had_claim = map.remove(&key).is_some_and(|e| e.deadline > now);
-        let had_record = self.inner.completed.remove(&key).is_some_and(|c| c.expires_at > now);
+        let had_record = self
+            .inner
+            .completed
+            .remove(&key)
+            .is_some_and(|c| c.expires_at > now);
         Ok(had_claim || had_record)
     }
 }
@@ -322,7 +357,10 @@ mod tests {
     }
 
     fn record(fp: Fingerprint, body: &'static [u8]) -> CompletedRecord {
-        CompletedRecord { fingerprint: fp, payload: Bytes::from_static(body) }
+        CompletedRecord {
+            fingerprint: fp,
+            payload: Bytes::from_static(body),
+        }
     }
 
     const FP: Fingerprint = Fingerprint::from_bytes([7; 32]);
@@ -333,16 +371,25 @@ mod tests {
     async fn in_flight_bound_refuses_new_claims_and_never_drops_live_ones() {
         let store = MemoryStore::builder().max_in_flight(3).build();
         for n in 0..3 {
-            assert!(matches!(store.claim(key(n), FP, LEASE).await.unwrap(), Claim::Acquired(_)));
+            assert!(matches!(
+                store.claim(key(n), FP, LEASE).await.unwrap(),
+                Claim::Acquired(_)
+            ));
         }
         let err = store.claim(key(9), FP, LEASE).await.unwrap_err();
         assert_eq!(err.kind(), StoreErrorKind::CapacityExceeded);
         for n in 0..3 {
-            assert!(matches!(store.claim(key(n), FP, LEASE).await.unwrap(), Claim::InFlight { .. }));
+            assert!(matches!(
+                store.claim(key(n), FP, LEASE).await.unwrap(),
+                Claim::InFlight { .. }
+            ));
         }
         // Expired claims make room again.
         tokio::time::advance(LEASE + Duration::from_millis(1)).await;
-        assert!(matches!(store.claim(key(9), FP, LEASE).await.unwrap(), Claim::Acquired(_)));
+        assert!(matches!(
+            store.claim(key(9), FP, LEASE).await.unwrap(),
+            Claim::Acquired(_)
+        ));
     }
 
     #[tokio::test]
@@ -350,8 +397,13 @@ mod tests {
         // The cache is tiny and full of hot records; claims do not live in it.
         let store = MemoryStore::builder().max_bytes(2_000).build();
         for n in 0..50u8 {
-            let Claim::Acquired(t) = store.claim(key(n), FP, LEASE).await.unwrap() else { panic!() };
-            store.complete(key(n), t, record(FP, b"x"), DAY).await.unwrap();
+            let Claim::Acquired(t) = store.claim(key(n), FP, LEASE).await.unwrap() else {
+                panic!()
+            };
+            store
+                .complete(key(n), t, record(FP, b"x"), DAY)
+                .await
+                .unwrap();
             for _ in 0..5 {
                 let _ = store.claim(key(n), FP, LEASE).await.unwrap();
             }

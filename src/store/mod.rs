@@ -134,7 +134,11 @@ pub struct StoreError {
 impl StoreError {
     /// A new error of `kind` during operation `op` (e.g. `"claim"`).
     pub fn new(kind: StoreErrorKind, op: &'static str) -> Self {
-        Self { kind, op, source: None }
+        Self {
+            kind,
+            op,
+            source: None,
+        }
     }
 
     /// Attaches the underlying cause.

@@ -87,18 +87,34 @@ impl Ledger {
             self.saw_info.store(true, Ordering::SeqCst);
         }
         let headers = req.headers().clone();
-        let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
-        let status = header("x-status").and_then(|s| s.parse().ok()).unwrap_or(201u16);
+        let header = |name: &str| {
+            headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned)
+        };
+        let status = header("x-status")
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(201u16);
         let gated = header("x-gate").is_some();
         let fail = header("x-fail").is_some();
         let panic = header("x-panic").is_some();
         let body_bytes: Option<usize> = header("x-body-bytes").and_then(|s| s.parse().ok());
         let policy = header("x-policy");
-        let body = req.into_body().collect().await.map_err(|_| TestError("body"))?.to_bytes();
+        let body = req
+            .into_body()
+            .collect()
+            .await
+            .map_err(|_| TestError("body"))?
+            .to_bytes();
         *self.last_body.lock().unwrap() = body.clone();
         self.entered.notify_waiters();
         if gated {
-            let permit = self.gate.acquire().await.map_err(|_| TestError("gate closed"))?;
+            let permit = self
+                .gate
+                .acquire()
+                .await
+                .map_err(|_| TestError("gate closed"))?;
             permit.forget();
         }
         self.finished.fetch_add(1, Ordering::SeqCst);
@@ -120,12 +136,24 @@ impl Ledger {
         *res.status_mut() = StatusCode::from_u16(status).unwrap();
         let h = res.headers_mut();
         h.insert("x-exec", HeaderValue::from(n));
-        h.insert("content-type", HeaderValue::from_static("text/plain; charset=utf-8"));
-        h.append("set-cookie", HeaderValue::from_static("session=abc; Path=/"));
-        h.append("set-cookie", HeaderValue::from_static("theme=dark; Expires=Mon, 21 Oct 2030 07:28:00 GMT"));
+        h.insert(
+            "content-type",
+            HeaderValue::from_static("text/plain; charset=utf-8"),
+        );
+        h.append(
+            "set-cookie",
+            HeaderValue::from_static("session=abc; Path=/"),
+        );
+        h.append(
+            "set-cookie",
+            HeaderValue::from_static("theme=dark; Expires=Mon, 21 Oct 2030 07:28:00 GMT"),
+        );
         h.append("x-multi", HeaderValue::from_static("one"));
         h.append("x-multi", HeaderValue::from_static("two, three"));
-        h.append("x-binary", HeaderValue::from_bytes(&[0xfe, b'x', 0x80]).unwrap());
+        h.append(
+            "x-binary",
+            HeaderValue::from_bytes(&[0xfe, b'x', 0x80]).unwrap(),
+        );
         h.insert("connection", HeaderValue::from_static("x-hop"));
         h.insert("x-hop", HeaderValue::from_static("1"));
         match policy.as_deref() {
@@ -196,7 +224,12 @@ impl<St: Store> TestStore<St> {
 }
 
 impl<St: Store> Store for TestStore<St> {
-    async fn claim(&self, key: StoreKey, fp: Fingerprint, lease: Duration) -> Result<Claim, StoreError> {
+    async fn claim(
+        &self,
+        key: StoreKey,
+        fp: Fingerprint,
+        lease: Duration,
+    ) -> Result<Claim, StoreError> {
         self.enter("claim")?;
         let claim = self.inner.claim(key, fp, lease).await?;
         match claim {
@@ -221,7 +254,12 @@ impl<St: Store> Store for TestStore<St> {
         self.enter("release")?;
         self.inner.release(key, token).await
     }
-    async fn extend(&self, key: StoreKey, token: OwnerToken, lease: Duration) -> Result<LeaseStatus, StoreError> {
+    async fn extend(
+        &self,
+        key: StoreKey,
+        token: OwnerToken,
+        lease: Duration,
+    ) -> Result<LeaseStatus, StoreError> {
         self.enter("extend")?;
         self.inner.extend(key, token, lease).await
     }
@@ -260,7 +298,9 @@ pub struct Answer {
 
 impl Answer {
     pub fn replayed(&self) -> bool {
-        self.headers.get("idempotent-replayed").is_some_and(|v| v == "true")
+        self.headers
+            .get("idempotent-replayed")
+            .is_some_and(|v| v == "true")
     }
 
     pub fn problem_type(&self) -> String {
@@ -281,7 +321,12 @@ where
     let (parts, body) = res.into_parts();
     let collected = body.collect().await.expect("body");
     let trailers = collected.trailers().cloned();
-    Answer { status: parts.status, headers: parts.headers, body: collected.to_bytes(), trailers }
+    Answer {
+        status: parts.status,
+        headers: parts.headers,
+        body: collected.to_bytes(),
+        trailers,
+    }
 }
 
 /// Sends one request through a clone of the service.
@@ -316,7 +361,9 @@ pub fn layer(store: TestStore) -> IdempotencyLayer<TestStore> {
 
 /// Reads the execution context off a handler's request (for engine tests).
 pub fn context_of(req: &Request<RequestBody<Body>>) -> Option<ExecutionContext> {
-    req.extensions().get::<IdempotencyInfo>().map(|i| i.execution().clone())
+    req.extensions()
+        .get::<IdempotencyInfo>()
+        .map(|i| i.execution().clone())
 }
 
 impl Ledger {
@@ -364,13 +411,18 @@ impl http_body::Body for ChannelBody {
         mut self: std::pin::Pin<&mut Self>,
         cx: &mut std::task::Context<'_>,
     ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
-        self.rx.poll_recv(cx).map(|o| o.map(|r| r.map(http_body::Frame::data)))
+        self.rx
+            .poll_recv(cx)
+            .map(|o| o.map(|r| r.map(http_body::Frame::data)))
     }
 }
 
 /// A body whose chunks are sent through the returned sender; it ends when
 /// the sender is dropped.
-pub fn channel_body() -> (tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>, Body) {
+pub fn channel_body() -> (
+    tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>,
+    Body,
+) {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     (tx, Body::new(ChannelBody { rx }))
 }
