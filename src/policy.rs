@@ -64,32 +64,41 @@ const HOP_BY_HOP: [HeaderName; 7] = [
     header::PROXY_AUTHENTICATE,
 ];
 
-/// The headers of `headers` that a replay may carry: all but hop-by-hop
+/// Decides which response headers a replay may carry: all but hop-by-hop
 /// ones (including those the `Connection` header names), `Set-Cookie`
-/// unless `keep_set_cookie`, and any in `excluded`.
-pub(crate) fn replayable_headers(
-    headers: &HeaderMap,
+/// unless kept, and any excluded by name.
+pub(crate) struct ReplayFilter<'a> {
+    named_by_connection: Vec<HeaderName>,
     keep_set_cookie: bool,
-    excluded: &[HeaderName],
-) -> HeaderMap {
-    let named_by_connection: Vec<HeaderName> = headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-        .collect();
-    let mut out = HeaderMap::with_capacity(headers.len());
-    for (name, value) in headers {
-        let dropped = HOP_BY_HOP.contains(name)
-            || named_by_connection.contains(name)
-            || (!keep_set_cookie && name == header::SET_COOKIE)
-            || excluded.contains(name);
-        if !dropped {
-            out.append(name.clone(), value.clone());
+    excluded: &'a [HeaderName],
+}
+
+impl<'a> ReplayFilter<'a> {
+    pub(crate) fn new(
+        headers: &HeaderMap,
+        keep_set_cookie: bool,
+        excluded: &'a [HeaderName],
+    ) -> Self {
+        let named_by_connection = headers
+            .get_all(header::CONNECTION)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .flat_map(|v| v.split(','))
+            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
+            .collect();
+        Self {
+            named_by_connection,
+            keep_set_cookie,
+            excluded,
         }
     }
-    out
+
+    pub(crate) fn keeps(&self, name: &HeaderName) -> bool {
+        !(HOP_BY_HOP.contains(name)
+            || self.named_by_connection.contains(name)
+            || (!self.keep_set_cookie && name == header::SET_COOKIE)
+            || self.excluded.contains(name))
+    }
 }
 
 #[cfg(test)]
@@ -129,11 +138,11 @@ mod tests {
         h.append(header::LOCATION, HeaderValue::from_static("/charges/1"));
         h.append("x-request-id", HeaderValue::from_static("r1"));
         let excluded = [HeaderName::from_static("x-request-id")];
-        let out = replayable_headers(&h, false, &excluded);
-        assert_eq!(out.len(), 1);
-        assert_eq!(out[header::LOCATION], "/charges/1");
-        let with_cookies = replayable_headers(&h, true, &[]);
-        assert_eq!(with_cookies.get_all(header::SET_COOKIE).iter().count(), 2);
+        let filter = ReplayFilter::new(&h, false, &excluded);
+        let kept: Vec<_> = h.keys().filter(|n| filter.keeps(n)).collect();
+        assert_eq!(kept, [header::LOCATION]);
+        let with_cookies = ReplayFilter::new(&h, true, &[]);
+        assert!(with_cookies.keeps(&header::SET_COOKIE));
     }
 
     #[test]

@@ -64,27 +64,7 @@ impl StoredOutcome {
     pub fn encode(&self) -> Bytes {
         match self {
             StoredOutcome::Response(r) => {
-                let headers_len: usize = r
-                    .headers
-                    .iter()
-                    .map(|(n, v)| n.as_str().len() + v.len() + 6)
-                    .sum();
-                let mut buf = BytesMut::with_capacity(16 + headers_len + r.body.len());
-                buf.put_slice(MAGIC);
-                buf.put_u8(VERSION);
-                buf.put_u8(KIND_RESPONSE);
-                buf.put_u16(r.status.as_u16());
-                put_headers(&mut buf, &r.headers);
-                buf.put_u64(r.body.len() as u64);
-                buf.put_slice(&r.body);
-                match &r.trailers {
-                    None => buf.put_u8(0),
-                    Some(t) => {
-                        buf.put_u8(1);
-                        put_headers(&mut buf, t);
-                    }
-                }
-                buf.freeze()
+                encode_response(r.status, r.headers.iter(), &r.body, r.trailers.as_ref())
             }
             StoredOutcome::NotReplayable { status } => {
                 let mut buf = BytesMut::with_capacity(8);
@@ -136,15 +116,50 @@ impl StoredOutcome {
     }
 }
 
-fn put_headers(buf: &mut BytesMut, headers: &HeaderMap) {
-    buf.put_u32(headers.len() as u32);
+/// Encodes a response record straight from borrowed parts, so the layer
+/// can store a filtered view of a response's headers without copying them
+/// into a new map first.
+pub(crate) fn encode_response<'a>(
+    status: StatusCode,
+    headers: impl Iterator<Item = (&'a HeaderName, &'a HeaderValue)>,
+    body: &Bytes,
+    trailers: Option<&HeaderMap>,
+) -> Bytes {
+    let mut buf = BytesMut::with_capacity(256 + body.len());
+    buf.put_slice(MAGIC);
+    buf.put_u8(VERSION);
+    buf.put_u8(KIND_RESPONSE);
+    buf.put_u16(status.as_u16());
+    put_headers(&mut buf, headers);
+    buf.put_u64(body.len() as u64);
+    buf.put_slice(body);
+    match trailers {
+        None => buf.put_u8(0),
+        Some(t) => {
+            buf.put_u8(1);
+            put_headers(&mut buf, t.iter());
+        }
+    }
+    buf.freeze()
+}
+
+fn put_headers<'a>(
+    buf: &mut BytesMut,
+    headers: impl Iterator<Item = (&'a HeaderName, &'a HeaderValue)>,
+) {
+    // The count goes first; write a placeholder and fill it in at the end.
+    let count_at = buf.len();
+    buf.put_u32(0);
+    let mut count: u32 = 0;
     for (name, value) in headers {
         // Header names are at most 64 KiB by construction in `http`.
         buf.put_u16(name.as_str().len() as u16);
         buf.put_slice(name.as_str().as_bytes());
         buf.put_u32(value.len() as u32);
         buf.put_slice(value.as_bytes());
+        count += 1;
     }
+    buf[count_at..count_at + 4].copy_from_slice(&count.to_be_bytes());
 }
 
 struct Reader<'a> {

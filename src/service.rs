@@ -19,9 +19,9 @@ use crate::future::ResponseFuture;
 use crate::key::{IdempotencyKey, Scope, StoreKey};
 use crate::layer::Config;
 use crate::observe::{self, Event};
-use crate::policy::{StorePolicy, is_event_stream, replayable_headers};
+use crate::policy::{ReplayFilter, StorePolicy, is_event_stream};
 use crate::problem::{Problem, ProblemKind};
-use crate::record::{StoredOutcome, StoredResponse};
+use crate::record::{StoredOutcome, encode_response};
 use crate::store::{Store, StoreErrorKind};
 
 /// Middleware that makes the inner service safe to retry. Built by
@@ -404,21 +404,15 @@ where
         }
     }
     let data = buf.freeze();
-    let stored = StoredOutcome::Response(StoredResponse {
-        status: parts.status,
-        headers: replayable_headers(
-            &parts.headers,
-            config.replay_set_cookie,
-            &config.excluded_headers,
-        ),
-        body: data.clone(),
-        trailers: trailers.clone(),
-    });
+    let filter = ReplayFilter::new(
+        &parts.headers,
+        config.replay_set_cookie,
+        &config.excluded_headers,
+    );
+    let replayable = parts.headers.iter().filter(|(name, _)| filter.keeps(name));
+    let stored = encode_response(parts.status, replayable, &data, trailers.as_ref());
     let body = ResponseBody::full(data, trailers);
-    Ok((
-        Response::from_parts(parts, body),
-        Completion::Store(stored.encode()),
-    ))
+    Ok((Response::from_parts(parts, body), Completion::Store(stored)))
 }
 
 /// Builds the replay of a stored outcome.

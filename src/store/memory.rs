@@ -67,8 +67,9 @@ struct InFlight {
     token: OwnerToken,
     fingerprint: Fingerprint,
     deadline: Instant,
-    /// Never sent on: dropping it (with the entry) wakes every waiter.
-    gone: watch::Sender<()>,
+    /// Created by the first waiter; never sent on: dropping it (with the
+    /// entry) wakes every waiter.
+    gone: Option<watch::Sender<()>>,
 }
 
 struct Completed {
@@ -229,16 +230,13 @@ impl MemoryStore {
         }
         let fence = self.inner.next_fence.fetch_add(1, Ordering::Relaxed);
         let token = OwnerToken::new(fence, self.inner.nonce_seed ^ fence);
-        let (gone, _) = watch::channel(());
-        map.insert(
-            key,
-            InFlight {
-                token,
-                fingerprint,
-                deadline: now + lease,
-                gone,
-            },
-        );
+        let entry = InFlight {
+            token,
+            fingerprint,
+            deadline: now + lease,
+            gone: None,
+        };
+        map.insert(key, entry);
         Ok(Claim::Acquired(token))
     }
 }
@@ -321,10 +319,14 @@ impl Store for MemoryStore {
     async fn wait(&self, key: StoreKey, fence: u64, timeout: Duration) -> Result<(), StoreError> {
         let now = Instant::now();
         let (mut gone, until) = {
-            let map = self.lock();
-            match map.get(&key) {
+            let mut map = self.lock();
+            match map.get_mut(&key) {
                 Some(entry) if entry.token.fence() == fence && entry.deadline > now => {
-                    (entry.gone.subscribe(), entry.deadline.min(now + timeout))
+                    let gone = entry
+                        .gone
+                        .get_or_insert_with(|| watch::channel(()).0)
+                        .subscribe();
+                    (gone, entry.deadline.min(now + timeout))
                 }
                 _ => return Ok(()),
             }
