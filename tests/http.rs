@@ -8,6 +8,7 @@ use axum::body::Body;
 use bytes::Bytes;
 use common::*;
 use http::{Method, Request, StatusCode};
+use http_body_util::BodyExt;
 use tower::{Layer, ServiceExt};
 use tower_idempotency::{IdempotencyLayer, Scope};
 
@@ -804,4 +805,79 @@ fn service_future_and_bodies_are_send_and_sync_where_frameworks_need_it() {
         let res = fut.await.unwrap();
         send(res.body());
     });
+}
+
+#[tokio::test]
+async fn a_response_body_that_breaks_off_releases_the_key() {
+    let executions = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let inner = {
+        let executions = executions.clone();
+        tower::service_fn(move |_req: Request<tower_idempotency::RequestBody<Body>>| {
+            let n = executions.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async move {
+                let (tx, body) = channel_body();
+                tx.send(Ok(Bytes::from_static(b"partial"))).await.unwrap();
+                if n == 0 {
+                    tx.send(Err(std::io::Error::other("upstream reset")))
+                        .await
+                        .unwrap();
+                }
+                Ok::<_, std::convert::Infallible>(http::Response::new(body))
+            }
+        })
+    };
+    let svc = layer(TestStore::new()).layer(inner);
+    let res = svc.clone().oneshot(req(Some("k"), "{}")).await.unwrap();
+    let err = res.into_body().collect().await;
+    assert!(err.is_err(), "the caller sees the body error");
+    let retry = send(&svc, req(Some("k"), "{}")).await;
+    assert!(
+        !retry.replayed(),
+        "nothing was stored for the broken response"
+    );
+    assert_eq!(&retry.body[..], b"partial");
+    assert_eq!(executions.load(std::sync::atomic::Ordering::SeqCst), 2);
+}
+
+#[tokio::test]
+async fn trailers_are_stored_and_replayed() {
+    let inner = tower::service_fn(
+        |_req: Request<tower_idempotency::RequestBody<Body>>| async {
+            let mut trailers = http::HeaderMap::new();
+            trailers.insert("grpc-status", http::HeaderValue::from_static("0"));
+            trailers.insert("x-checksum", http::HeaderValue::from_static("abc"));
+            let body = http_body_util::Full::new(Bytes::from_static(b"\0\0\0\0\x02hi"))
+                .with_trailers(async move { Some(Ok::<_, std::convert::Infallible>(trailers)) });
+            Ok::<_, std::convert::Infallible>(http::Response::new(body))
+        },
+    );
+    let svc = layer(TestStore::new()).layer(inner);
+    let first = collect(svc.clone().oneshot(req(Some("k"), "{}")).await.unwrap()).await;
+    let again = collect(svc.clone().oneshot(req(Some("k"), "{}")).await.unwrap()).await;
+    assert!(again.replayed());
+    assert_eq!(again.body, first.body);
+    let trailers = again
+        .trailers
+        .expect("the replay ends with the trailers frame");
+    assert_eq!(trailers["grpc-status"], "0");
+    assert_eq!(trailers["x-checksum"], "abc");
+    assert_eq!(first.trailers, Some(trailers));
+}
+
+#[tokio::test(start_paused = true)]
+async fn after_the_retention_window_a_key_is_a_new_request() {
+    let (ledger, store) = setup();
+    let svc = layer(store)
+        .retention(Duration::from_secs(2))
+        .layer(ledger.service());
+    send(&svc, req(Some("k"), "{}")).await;
+    tokio::time::advance(Duration::from_millis(1900)).await;
+    assert!(
+        send(&svc, req(Some("k"), "{}")).await.replayed(),
+        "replayed within retention"
+    );
+    tokio::time::advance(Duration::from_millis(200)).await;
+    let late = send(&svc, req(Some("k"), "{}")).await;
+    assert!(!late.replayed(), "executed again after retention");
+    assert_eq!(ledger.count(), 2);
 }
