@@ -291,7 +291,7 @@ async fn a_slow_upload_never_holds_the_key() {
     tx.send(Ok(Bytes::from_static(b"{}"))).await.unwrap();
     let slow = tokio::spawn({
         let svc = svc.clone();
-        async move { send(&svc, post(Some("k"), "").body(slow_body).unwrap()).await }
+        async move { send(&svc, post(Some("k")).body(slow_body).unwrap()).await }
     });
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert_eq!(
@@ -322,7 +322,7 @@ async fn a_broken_request_body_is_refused_and_not_executed() {
     let (tx, body) = channel_body();
     tx.send(Ok(Bytes::from_static(b"part"))).await.unwrap();
     tx.send(Err(std::io::Error::other("reset"))).await.unwrap();
-    let a = send(&svc, post(Some("k"), "").body(body).unwrap()).await;
+    let a = send(&svc, post(Some("k")).body(body).unwrap()).await;
     assert_eq!(a.status, StatusCode::BAD_REQUEST);
     assert!(a.problem_type().ends_with("#variant.BodyUnreadable"));
     assert_eq!(ledger.count(), 0);
@@ -334,17 +334,12 @@ async fn an_in_flight_duplicate_waits_and_gets_the_same_answer() {
     let (ledger, store) = setup();
     let svc = layer(store).layer(ledger.service());
     let gated = || {
-        post(Some("k"), "")
+        post(Some("k"))
             .header("x-gate", "1")
             .body(Body::from("{}"))
             .unwrap()
     };
-    let entered = ledger.entered.notified();
-    let first = tokio::spawn({
-        let svc = svc.clone();
-        async move { send(&svc, gated()).await }
-    });
-    entered.await;
+    let first = start_gated(&svc, &ledger, "{}").await;
     let second = tokio::spawn({
         let svc = svc.clone();
         async move { send(&svc, gated()).await }
@@ -367,21 +362,7 @@ async fn waiting_is_bounded_then_409_with_retry_after() {
         .wait_for_in_flight(Duration::from_millis(200))
         .retry_after(Duration::from_secs(3))
         .layer(ledger.service());
-    let entered = ledger.entered.notified();
-    let first = tokio::spawn({
-        let svc = svc.clone();
-        async move {
-            send(
-                &svc,
-                post(Some("k"), "")
-                    .header("x-gate", "1")
-                    .body(Body::from("{}"))
-                    .unwrap(),
-            )
-            .await
-        }
-    });
-    entered.await;
+    let first = start_gated(&svc, &ledger, "{}").await;
     let started = std::time::Instant::now();
     let second = send(&svc, req(Some("k"), "{}")).await;
     let waited = started.elapsed();
@@ -408,21 +389,7 @@ async fn waiting_is_bounded_then_409_with_retry_after() {
 async fn reject_policy_answers_409_at_once() {
     let (ledger, store) = setup();
     let svc = layer(store).reject_in_flight().layer(ledger.service());
-    let entered = ledger.entered.notified();
-    let first = tokio::spawn({
-        let svc = svc.clone();
-        async move {
-            send(
-                &svc,
-                post(Some("k"), "")
-                    .header("x-gate", "1")
-                    .body(Body::from("{}"))
-                    .unwrap(),
-            )
-            .await
-        }
-    });
-    entered.await;
+    let first = start_gated(&svc, &ledger, "{}").await;
     let second = send(&svc, req(Some("k"), "{}")).await;
     assert_eq!(second.status, StatusCode::CONFLICT);
     assert!(second.problem_type().ends_with("#variant.InFlight"));
@@ -477,21 +444,7 @@ async fn mismatch_while_in_flight_is_refused_at_once_and_status_is_configurable(
     let svc = layer(store)
         .mismatch_status(StatusCode::UNPROCESSABLE_ENTITY)
         .layer(ledger.service());
-    let entered = ledger.entered.notified();
-    let first = tokio::spawn({
-        let svc = svc.clone();
-        async move {
-            send(
-                &svc,
-                post(Some("k"), "")
-                    .header("x-gate", "1")
-                    .body(Body::from("A"))
-                    .unwrap(),
-            )
-            .await
-        }
-    });
-    entered.await;
+    let first = start_gated(&svc, &ledger, "A").await;
     let other = tokio::time::timeout(Duration::from_secs(2), send(&svc, req(Some("k"), "B")))
         .await
         .expect("refused without waiting");
@@ -509,7 +462,7 @@ async fn fingerprint_headers_make_a_mismatch() {
         .fingerprint_headers([http::HeaderName::from_static("x-account")])
         .layer(ledger.service());
     let with = |acct: &'static str| {
-        post(Some("k"), "")
+        post(Some("k"))
             .header("x-account", acct)
             .body(Body::from("{}"))
             .unwrap()
@@ -524,7 +477,7 @@ async fn fingerprint_headers_make_a_mismatch() {
 async fn an_inner_error_releases_the_key_and_propagates() {
     let (ledger, store) = setup();
     let svc = layer(store).layer(ledger.service());
-    let failing = post(Some("k"), "")
+    let failing = post(Some("k"))
         .header("x-fail", "1")
         .body(Body::from("{}"))
         .unwrap();
@@ -542,7 +495,7 @@ async fn retryable_statuses_are_not_stored() {
         let (ledger, store) = setup();
         let svc = layer(store).layer(ledger.service());
         let r = || {
-            post(Some("k"), "")
+            post(Some("k"))
                 .header("x-status", status)
                 .body(Body::from("{}"))
                 .unwrap()
@@ -556,7 +509,7 @@ async fn retryable_statuses_are_not_stored() {
         let (ledger, store) = setup();
         let svc = layer(store).layer(ledger.service());
         let r = || {
-            post(Some("k"), "")
+            post(Some("k"))
                 .header("x-status", status)
                 .body(Body::from("{}"))
                 .unwrap()
@@ -576,7 +529,7 @@ async fn the_store_predicate_and_the_handler_override_decide_storage() {
         .store_when(|parts| parts.status.is_success())
         .layer(ledger.service());
     let r = |key, status: &'static str, policy: Option<&'static str>| {
-        let mut b = post(Some(key), "").header("x-status", status);
+        let mut b = post(Some(key)).header("x-status", status);
         if let Some(p) = policy {
             b = b.header("x-policy", p);
         }
@@ -606,7 +559,7 @@ async fn an_oversized_response_is_delivered_once_and_never_re_executed() {
         .stored_response_limit(1024)
         .layer(ledger.service());
     let r = || {
-        post(Some("k"), "")
+        post(Some("k"))
             .header("x-body-bytes", "5000")
             .body(Body::from("{}"))
             .unwrap()
@@ -629,7 +582,7 @@ async fn an_oversized_response_is_delivered_once_and_never_re_executed() {
     );
     // At the limit it is stored.
     let at = || {
-        post(Some("k2"), "")
+        post(Some("k2"))
             .header("x-body-bytes", "1024")
             .body(Body::from("{}"))
             .unwrap()
@@ -734,7 +687,7 @@ async fn purge_lets_a_key_execute_again() {
 async fn a_panicking_handler_releases_the_key_and_the_panic_propagates() {
     let (ledger, store) = setup();
     let svc = layer(store.clone()).layer(ledger.service());
-    let panicking = post(Some("k"), "")
+    let panicking = post(Some("k"))
         .header("x-panic", "1")
         .body(Body::from("{}"))
         .unwrap();
@@ -770,7 +723,7 @@ async fn behind_catch_panic_a_panic_is_a_500_and_the_retry_executes() {
         .layer(tower_http::catch_panic::CatchPanicLayer::new())
         .layer(layer(store.clone()))
         .service(ledger.service());
-    let panicking = post(Some("k"), "")
+    let panicking = post(Some("k"))
         .header("x-panic", "1")
         .body(Body::from("{}"))
         .unwrap();

@@ -274,17 +274,16 @@ impl<St: Store> Store for TestStore<St> {
 }
 
 /// A POST to `/pay` with the given key and body.
-pub fn post(key: Option<&str>, body: &'static str) -> http::request::Builder {
+pub fn post(key: Option<&str>) -> http::request::Builder {
     let mut b = Request::post("/pay").header("content-type", "application/json");
     if let Some(key) = key {
         b = b.header("idempotency-key", key);
     }
-    let _ = body;
     b
 }
 
 pub fn req(key: Option<&str>, body: &'static str) -> Request<Body> {
-    post(key, body).body(Body::from(body)).unwrap()
+    post(key).body(Body::from(body)).unwrap()
 }
 
 /// A collected response.
@@ -425,4 +424,31 @@ pub fn channel_body() -> (
 ) {
     let (tx, rx) = tokio::sync::mpsc::channel(64);
     (tx, Body::new(ChannelBody { rx }))
+}
+
+/// Starts a gated request with key `k` and `body` on its own task, and
+/// returns once its handler has been entered (so the key is in flight).
+pub async fn start_gated<Svc>(
+    svc: &Svc,
+    ledger: &Ledger,
+    body: &'static str,
+) -> tokio::task::JoinHandle<Answer>
+where
+    Svc: Service<Request<Body>, Response = Response<tower_idempotency::ResponseBody<Body>>>
+        + Clone
+        + Send
+        + Sync
+        + 'static,
+    Svc::Future: Send,
+    Svc::Error: std::fmt::Debug + Send,
+{
+    let entered = ledger.entered.notified();
+    let svc = svc.clone();
+    let gated = post(Some("k"))
+        .header("x-gate", "1")
+        .body(Body::from(body))
+        .unwrap();
+    let handle = tokio::spawn(async move { send(&svc, gated).await });
+    entered.await;
+    handle
 }
