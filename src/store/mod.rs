@@ -35,6 +35,15 @@ mod memory;
 #[cfg_attr(docsrs, doc(cfg(feature = "memory")))]
 pub use memory::{MemoryStore, MemoryStoreBuilder};
 
+#[cfg(feature = "redis")]
+mod redis;
+#[cfg(feature = "redis")]
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub use self::redis::{
+    DEFAULT_FALLBACK_CHECK, DEFAULT_FENCE_MEMORY, DEFAULT_OPERATION_TIMEOUT, DEFAULT_PREFIX,
+    RedisStore, RedisStoreBuilder,
+};
+
 #[cfg(feature = "test-util")]
 #[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
 pub mod conformance;

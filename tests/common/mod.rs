@@ -1,6 +1,9 @@
 //! Shared test harness: a ledger service, a fault-injecting store, a server.
 #![allow(dead_code)]
 
+#[cfg(feature = "redis")]
+pub mod redis_server;
+
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -1,0 +1,489 @@
+//! [`RedisStore`]: one guarantee across every process that shares a Redis.
+
+mod notify;
+mod scripts;
+
+use std::collections::hash_map::RandomState;
+use std::hash::BuildHasher;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
+use redis::{RedisError, Script, Value};
+
+use self::notify::Notifier;
+use super::{Claim, CompletedRecord, LeaseStatus, OwnerToken, Store, StoreError, StoreErrorKind};
+use crate::fingerprint::Fingerprint;
+use crate::key::StoreKey;
+
+/// Default prefix of the Redis key names.
+pub const DEFAULT_PREFIX: &str = "idem";
+/// Default bound on each Redis command.
+pub const DEFAULT_OPERATION_TIMEOUT: Duration = Duration::from_millis(500);
+/// Default interval of the fallback check while waiting on a key.
+pub const DEFAULT_FALLBACK_CHECK: Duration = Duration::from_secs(1);
+/// Default time a record's fence is remembered after its claim.
+pub const DEFAULT_FENCE_MEMORY: Duration = Duration::from_secs(24 * 60 * 60);
+
+/// A [`Store`] on Redis, for fleets of processes behind a load balancer.
+///
+/// - **One round trip per operation**: claim (which also returns a completed
+///   record, so a replay is one round trip), complete, release, extend and
+///   purge are each one single-key Lua script (`EVALSHA`, reloaded by itself
+///   after a Redis restart) that checks the owner token.
+/// - **Fencing**: the fence grows with every grant of a key, even after a
+///   lease expires and is taken over; leases are judged by the Redis
+///   server's clock alone.
+/// - **Cluster-safe names**: each key is `<prefix>:<hex SHA-256 of scope and
+///   key>`; client input never reaches a key name, so it can never pick a
+///   Cluster slot.
+/// - **Waiting without polling**: completions and releases are published on
+///   the channel `<prefix>:done`; waiters in every process wake at once. A
+///   bounded fallback check (default every second) covers lost
+///   notifications, which Redis pub/sub does not redeliver.
+/// - **Bounded**: every command has a timeout (default 500 ms); a frozen or
+///   unreachable Redis makes the layer answer 503, and the store recovers by
+///   itself when Redis is back.
+///
+/// Run it on a Redis with `maxmemory-policy noeviction` (the store warns at
+/// start-up otherwise): an evicted claim lets a duplicate execute. See the
+/// README's "Guarantees and limits" for replication and persistence.
+///
+/// ```no_run
+/// use tower_idempotency::{IdempotencyLayer, store::RedisStore};
+///
+/// # async fn run() -> Result<(), Box<dyn std::error::Error>> {
+/// let store = RedisStore::connect("redis://127.0.0.1:6379").await?;
+/// let layer = IdempotencyLayer::new(store);
+/// # drop(layer);
+/// # Ok(())
+/// # }
+/// ```
+pub struct RedisStore<C = ConnectionManager> {
+    inner: Arc<Inner<C>>,
+}
+
+impl<C> Clone for RedisStore<C> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+        }
+    }
+}
+
+impl<C> std::fmt::Debug for RedisStore<C> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RedisStore")
+            .field("prefix", &self.inner.prefix)
+            .field("operation_timeout", &self.inner.op_timeout)
+            .field("notifications", &self.inner.notifier.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner<C> {
+    conn: C,
+    prefix: String,
+    channel: String,
+    op_timeout: Duration,
+    fallback_check: Duration,
+    fence_memory: Duration,
+    scripts: Scripts,
+    notifier: Option<Arc<Notifier>>,
+    nonces: AtomicU64,
+}
+
+struct Scripts {
+    claim: Script,
+    complete: Script,
+    release: Script,
+    extend: Script,
+    lease_left: Script,
+    purge: Script,
+}
+
+impl Scripts {
+    fn new() -> Self {
+        Self {
+            claim: Script::new(scripts::CLAIM),
+            complete: Script::new(scripts::COMPLETE),
+            release: Script::new(scripts::RELEASE),
+            extend: Script::new(scripts::EXTEND),
+            lease_left: Script::new(scripts::LEASE_LEFT),
+            purge: Script::new(scripts::PURGE),
+        }
+    }
+}
+
+struct Settings {
+    prefix: String,
+    op_timeout: Duration,
+    fallback_check: Duration,
+    fence_memory: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            prefix: DEFAULT_PREFIX.to_owned(),
+            op_timeout: DEFAULT_OPERATION_TIMEOUT,
+            fallback_check: DEFAULT_FALLBACK_CHECK,
+            fence_memory: DEFAULT_FENCE_MEMORY,
+        }
+    }
+}
+
+/// Configures a [`RedisStore`] over a `redis::Client`.
+#[derive(Debug, Clone)]
+pub struct RedisStoreBuilder {
+    client: redis::Client,
+    prefix: String,
+    op_timeout: Duration,
+    fallback_check: Duration,
+    fence_memory: Duration,
+}
+
+impl RedisStoreBuilder {
+    /// The prefix of every key name and of the channel (default `idem`).
+    /// It must not contain `{` or `}` (they would pin a Cluster slot).
+    pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
+        self.prefix = prefix.into();
+        self
+    }
+
+    /// The bound on each Redis command (default 500 ms, at least 1 ms). A
+    /// command that takes longer fails as [`StoreErrorKind::Timeout`].
+    pub fn operation_timeout(mut self, timeout: Duration) -> Self {
+        self.op_timeout = timeout.max(Duration::from_millis(1));
+        self
+    }
+
+    /// How often a waiter re-checks its key when no notification came
+    /// (default 1 s, at least 10 ms).
+    pub fn fallback_check(mut self, interval: Duration) -> Self {
+        self.fallback_check = interval.max(Duration::from_millis(10));
+        self
+    }
+
+    /// How long a key's record (and so its fence) is kept after a claim that
+    /// never completed (default 24 h). Keep it at least the layer's retention.
+    pub fn fence_memory(mut self, keep: Duration) -> Self {
+        self.fence_memory = keep;
+        self
+    }
+
+    /// Builds the store. It connects lazily, so a process can start while
+    /// Redis is down (guarded requests get 503 until it is back). It then
+    /// checks, best effort, that Redis will not evict claims.
+    pub async fn build(self) -> Result<RedisStore, StoreError> {
+        if self.prefix.contains(['{', '}']) {
+            return Err(StoreError::new(StoreErrorKind::Unavailable, "configure").with_source(
+                "the key prefix must not contain '{' or '}' (they would pin a Redis Cluster slot)",
+            ));
+        }
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(self.op_timeout))
+            .set_response_timeout(Some(self.op_timeout))
+            .set_number_of_retries(2)
+            .set_max_delay(Duration::from_secs(1));
+        let conn = ConnectionManager::new_lazy_with_config(self.client.clone(), config)
+            .map_err(|e| error("connect", e))?;
+        let settings = Settings {
+            prefix: self.prefix,
+            op_timeout: self.op_timeout,
+            fallback_check: self.fallback_check,
+            fence_memory: self.fence_memory,
+        };
+        let store = RedisStore::assemble(conn, Some(self.client), settings);
+        store.warn_if_claims_can_be_evicted().await;
+        Ok(store)
+    }
+}
+
+impl RedisStore {
+    /// Connects to the Redis at `url` (for example `redis://127.0.0.1:6379`)
+    /// with the default settings.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        Self::builder(url)?.build().await
+    }
+
+    /// Starts configuring a store for the Redis at `url`.
+    pub fn builder(url: &str) -> Result<RedisStoreBuilder, StoreError> {
+        let client = redis::Client::open(url).map_err(|e| error("configure", e))?;
+        Ok(Self::builder_for(client))
+    }
+
+    /// Starts configuring a store over an existing client.
+    pub fn builder_for(client: redis::Client) -> RedisStoreBuilder {
+        RedisStoreBuilder {
+            client,
+            prefix: DEFAULT_PREFIX.to_owned(),
+            op_timeout: DEFAULT_OPERATION_TIMEOUT,
+            fallback_check: DEFAULT_FALLBACK_CHECK,
+            fence_memory: DEFAULT_FENCE_MEMORY,
+        }
+    }
+}
+
+impl<C> RedisStore<C>
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    /// A store over a connection you built (a `MultiplexedConnection`, a
+    /// cluster connection, …), with the default prefix and timeout.
+    /// `notifications` is the client whose pub/sub connection wakes waiters;
+    /// without one, waiters rely on the fallback check alone.
+    pub fn with_connection(conn: C, notifications: Option<redis::Client>) -> Self {
+        Self::assemble(conn, notifications, Settings::default())
+    }
+
+    fn assemble(conn: C, client: Option<redis::Client>, settings: Settings) -> Self {
+        let Settings {
+            prefix,
+            op_timeout,
+            fallback_check,
+            fence_memory,
+        } = settings;
+        let channel = format!("{prefix}:done");
+        let notifier = client.map(|c| {
+            Arc::new(Notifier::new(
+                c,
+                channel.clone(),
+                op_timeout,
+                fallback_check,
+            ))
+        });
+        Self {
+            inner: Arc::new(Inner {
+                conn,
+                prefix,
+                channel,
+                op_timeout,
+                fallback_check,
+                fence_memory,
+                scripts: Scripts::new(),
+                notifier,
+                nonces: AtomicU64::new(RandomState::new().hash_one(0u8)),
+            }),
+        }
+    }
+
+    /// The Redis key name of `key`.
+    pub fn key_name(&self, key: StoreKey) -> String {
+        format!("{}:{}", self.inner.prefix, key.to_hex())
+    }
+
+    fn nonce(&self) -> u64 {
+        let n = self.inner.nonces.fetch_add(1, Ordering::Relaxed);
+        RandomState::new().hash_one(n) ^ n
+    }
+
+    async fn invoke(
+        &self,
+        op: &'static str,
+        invocation: redis::ScriptInvocation<'_>,
+    ) -> Result<Value, StoreError> {
+        let mut conn = self.inner.conn.clone();
+        match tokio::time::timeout(
+            self.inner.op_timeout,
+            invocation.invoke_async::<Value>(&mut conn),
+        )
+        .await
+        {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(e)) => Err(error(op, e)),
+            Err(_) => Err(StoreError::new(StoreErrorKind::Timeout, op)),
+        }
+    }
+
+    async fn fenced(
+        &self,
+        op: &'static str,
+        invocation: redis::ScriptInvocation<'_>,
+    ) -> Result<LeaseStatus, StoreError> {
+        match self.invoke(op, invocation).await? {
+            Value::Int(1) => Ok(LeaseStatus::Held),
+            Value::Int(0) => Ok(LeaseStatus::Lost),
+            other => Err(corrupt(op, &other)),
+        }
+    }
+
+    async fn warn_if_claims_can_be_evicted(&self) {
+        let mut conn = self.inner.conn.clone();
+        let mut cmd = redis::cmd("CONFIG");
+        cmd.arg("GET").arg("maxmemory-policy");
+        let query = cmd.query_async::<Vec<String>>(&mut conn);
+        match tokio::time::timeout(self.inner.op_timeout, query).await {
+            Ok(Ok(reply)) => match reply.get(1).map(String::as_str) {
+                Some("noeviction") | None => {}
+                Some(policy) => tracing::warn!(
+                    policy,
+                    "Redis maxmemory-policy is not `noeviction`: under memory pressure Redis may evict \
+                     in-flight claims and stored responses, and a retry would then execute again"
+                ),
+            },
+            _ => tracing::debug!(
+                "could not read Redis maxmemory-policy (CONFIG GET refused or Redis unreachable)"
+            ),
+        }
+    }
+}
+
+fn ms(d: Duration) -> u64 {
+    // Never 0: `PEXPIRE key 0` deletes the key.
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+}
+
+fn error(op: &'static str, e: RedisError) -> StoreError {
+    let kind = match e.code() {
+        Some("IDEM_CORRUPT" | "WRONGTYPE") => StoreErrorKind::Corrupt,
+        Some("OOM") => StoreErrorKind::CapacityExceeded,
+        _ if e.is_timeout() => StoreErrorKind::Timeout,
+        _ => StoreErrorKind::Unavailable,
+    };
+    StoreError::new(kind, op).with_source(e)
+}
+
+fn corrupt(op: &'static str, reply: &Value) -> StoreError {
+    StoreError::new(StoreErrorKind::Corrupt, op)
+        .with_source(format!("unexpected reply from Redis: {reply:?}"))
+}
+
+fn fingerprint(op: &'static str, v: &Value) -> Result<Fingerprint, StoreError> {
+    match v {
+        Value::BulkString(b) => {
+            let bytes: [u8; 32] = b.as_slice().try_into().map_err(|_| corrupt(op, v))?;
+            Ok(Fingerprint::from_bytes(bytes))
+        }
+        other => Err(corrupt(op, other)),
+    }
+}
+
+impl<C> Store for RedisStore<C>
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    async fn claim(
+        &self,
+        key: StoreKey,
+        fp: Fingerprint,
+        lease: Duration,
+    ) -> Result<Claim, StoreError> {
+        let name = self.key_name(key);
+        let nonce = self.nonce();
+        let keep = ms(lease.saturating_add(self.inner.fence_memory));
+        let mut invocation = self.inner.scripts.claim.key(&name);
+        invocation
+            .arg(&fp.as_bytes()[..])
+            .arg(ms(lease))
+            .arg(keep)
+            .arg(nonce.to_string());
+        let reply = self.invoke("claim", invocation).await?;
+        let Value::Array(items) = &reply else {
+            return Err(corrupt("claim", &reply));
+        };
+        match items.as_slice() {
+            [Value::Int(1), Value::Int(fence)] => {
+                let fence = u64::try_from(*fence).map_err(|_| corrupt("claim", &reply))?;
+                Ok(Claim::Acquired(OwnerToken::new(fence, nonce)))
+            }
+            [Value::Int(2), fp, Value::Int(fence)] => Ok(Claim::InFlight {
+                fingerprint: fingerprint("claim", fp)?,
+                fence: u64::try_from(*fence).map_err(|_| corrupt("claim", &reply))?,
+            }),
+            [Value::Int(3), fp, Value::BulkString(payload)] => {
+                Ok(Claim::Completed(CompletedRecord {
+                    fingerprint: fingerprint("claim", fp)?,
+                    payload: payload.clone().into(),
+                }))
+            }
+            _ => Err(corrupt("claim", &reply)),
+        }
+    }
+
+    async fn complete(
+        &self,
+        key: StoreKey,
+        token: OwnerToken,
+        record: CompletedRecord,
+        retention: Duration,
+    ) -> Result<LeaseStatus, StoreError> {
+        let name = self.key_name(key);
+        let mut invocation = self.inner.scripts.complete.key(&name);
+        invocation
+            .arg(token.fence())
+            .arg(token.nonce().to_string())
+            .arg(&record.payload[..])
+            .arg(ms(retention))
+            .arg(&self.inner.channel);
+        self.fenced("complete", invocation).await
+    }
+
+    async fn release(&self, key: StoreKey, token: OwnerToken) -> Result<LeaseStatus, StoreError> {
+        let name = self.key_name(key);
+        let mut invocation = self.inner.scripts.release.key(&name);
+        invocation
+            .arg(token.fence())
+            .arg(token.nonce().to_string())
+            .arg(&self.inner.channel);
+        self.fenced("release", invocation).await
+    }
+
+    async fn extend(
+        &self,
+        key: StoreKey,
+        token: OwnerToken,
+        lease: Duration,
+    ) -> Result<LeaseStatus, StoreError> {
+        let name = self.key_name(key);
+        let mut invocation = self.inner.scripts.extend.key(&name);
+        invocation
+            .arg(token.fence())
+            .arg(token.nonce().to_string())
+            .arg(ms(lease));
+        self.fenced("extend", invocation).await
+    }
+
+    async fn wait(&self, key: StoreKey, fence: u64, timeout: Duration) -> Result<(), StoreError> {
+        let name = self.key_name(key);
+        let deadline = tokio::time::Instant::now() + timeout;
+        // Register before looking, so a completion between the look and the
+        // sleep still wakes us.
+        let registration = match &self.inner.notifier {
+            Some(notifier) => Some(Notifier::register(notifier, &name).await),
+            None => None,
+        };
+        let notified = registration.as_ref().map(|r| r.notified());
+        let mut invocation = self.inner.scripts.lease_left.key(&name);
+        invocation.arg(fence);
+        let left = match self.invoke("wait", invocation).await? {
+            Value::Int(left) => left,
+            other => return Err(corrupt("wait", &other)),
+        };
+        let Ok(left) = u64::try_from(left) else {
+            return Ok(()); // The claim is already gone.
+        };
+        let now = tokio::time::Instant::now();
+        let until = deadline
+            .min(now + Duration::from_millis(left))
+            .min(now + self.inner.fallback_check);
+        match notified {
+            Some(notified) => {
+                let _ = tokio::time::timeout_at(until, notified).await;
+            }
+            None => tokio::time::sleep_until(until).await,
+        }
+        Ok(())
+    }
+
+    async fn purge(&self, key: StoreKey) -> Result<bool, StoreError> {
+        let name = self.key_name(key);
+        let mut invocation = self.inner.scripts.purge.key(&name);
+        invocation.arg(&self.inner.channel);
+        match self.invoke("purge", invocation).await? {
+            Value::Int(n) => Ok(n == 1),
+            other => Err(corrupt("purge", &other)),
+        }
+    }
+}
