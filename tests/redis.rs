@@ -4,8 +4,16 @@ mod common;
 
 use std::time::Duration;
 
+use bytes::Bytes;
 use common::redis_server::{RedisServer, redis_or_skip};
+use common::{Answer, Ledger, send, serve};
+use http::StatusCode;
+use tower::Layer;
+use tower_idempotency::engine::{Engine, Outcome};
+use tower_idempotency::fingerprint::Fingerprint;
+use tower_idempotency::key::StoreKey;
 use tower_idempotency::store::{RedisStore, conformance};
+use tower_idempotency::{IdempotencyKey, IdempotencyLayer, Scope};
 
 async fn store_for(server: &RedisServer) -> RedisStore {
     RedisStore::connect(&server.url()).await.expect("connect")
@@ -52,4 +60,347 @@ async fn a_prefix_with_braces_is_refused() {
         .await
         .unwrap_err();
     assert!(err.to_string().contains("prefix"));
+}
+
+fn ledger_request(key: &str, gate: bool) -> http::Request<axum::body::Body> {
+    let mut b = http::Request::post("/pay").header("idempotency-key", key);
+    if gate {
+        b = b.header("x-gate", "1");
+    }
+    b.body(axum::body::Body::from(r#"{"amount":100}"#)).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_first_request_costs_one_claim_and_one_completion_and_a_replay_one_claim() {
+    let Some(server) = redis_or_skip("round_trips") else {
+        return;
+    };
+    let ledger = Ledger::new();
+    let svc = IdempotencyLayer::new(store_for(&server).await).layer(ledger.service());
+    // Load the scripts first, so the counts below are steady-state.
+    send(&svc, ledger_request("warm-up", false)).await;
+    server.reset_stats().await;
+    let first = send(&svc, ledger_request("k", false)).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    assert_eq!(
+        server.calls("evalsha").await,
+        2,
+        "one claim + one completion"
+    );
+    server.reset_stats().await;
+    let replay = send(&svc, ledger_request("k", false)).await;
+    assert!(replay.replayed());
+    assert_eq!(server.calls("evalsha").await, 1, "one claim-or-read");
+    assert_eq!(ledger.count(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_long_handler_adds_one_extend_per_renewal() {
+    let Some(server) = redis_or_skip("renewals") else {
+        return;
+    };
+    let store = store_for(&server).await;
+    let engine = Engine::new(store).lease(Duration::from_millis(300));
+    let key = StoreKey::from_parts(b"", b"long");
+    let fp = Fingerprint::of_bytes(b"x");
+    engine
+        .run_stored(key, fp, |_| async { Ok::<_, std::io::Error>(Bytes::new()) })
+        .await
+        .unwrap();
+    server.reset_stats().await;
+    let key = StoreKey::from_parts(b"", b"long-2");
+    let out = engine
+        .run_stored(key, fp, |_| async {
+            tokio::time::sleep(Duration::from_millis(1000)).await;
+            Ok::<_, std::io::Error>(Bytes::from_static(b"done"))
+        })
+        .await
+        .unwrap();
+    assert_eq!(out, Outcome::Executed(Bytes::from_static(b"done")));
+    // Renewed every 100 ms for 1 s: about ten extends, plus claim and completion.
+    let calls = server.calls("evalsha").await;
+    assert!(
+        (2 + 8..=2 + 11).contains(&calls),
+        "claim + ~10 extends + complete, got {calls}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_sharing_redis_execute_64_duplicates_once_and_wake_waiters_by_notification() {
+    let Some(server) = redis_or_skip("two_instances") else {
+        return;
+    };
+    // A fallback check far longer than the test: only notifications can wake
+    // the waiters in time.
+    let slow_fallback = |url: String| async move {
+        RedisStore::builder(&url)
+            .unwrap()
+            .fallback_check(Duration::from_secs(30))
+            .build()
+            .await
+            .unwrap()
+    };
+    let ledger = Ledger::new();
+    let a = IdempotencyLayer::new(slow_fallback(server.url()).await)
+        .wait_for_in_flight(Duration::from_secs(20))
+        .layer(ledger.infallible());
+    let b = IdempotencyLayer::new(slow_fallback(server.url()).await)
+        .wait_for_in_flight(Duration::from_secs(20))
+        .layer(ledger.infallible());
+    let (addr_a, addr_b) = (serve(a).await, serve(b).await);
+    let entered = ledger.entered.notified();
+    let first = tokio::spawn(post_over_http(addr_a, "fleet", true));
+    entered.await;
+    let mut others = Vec::new();
+    for i in 0..63 {
+        let addr = if i % 2 == 0 { addr_b } else { addr_a };
+        others.push(tokio::spawn(post_over_http(addr, "fleet", true)));
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let opened = std::time::Instant::now();
+    ledger.open(64);
+    let first = first.await.unwrap();
+    for other in others {
+        let other = other.await.unwrap();
+        assert_eq!(other.status, first.status);
+        assert_eq!(other.body, first.body, "all 64 bodies are identical");
+        assert!(other.replayed());
+    }
+    let took = opened.elapsed();
+    assert!(
+        took < Duration::from_secs(10),
+        "waiters woke by notification, not by the 30 s re-check ({took:?})"
+    );
+    assert_eq!(ledger.count(), 1, "one execution across both instances");
+}
+
+async fn post_over_http(addr: std::net::SocketAddr, key: &'static str, gate: bool) -> Answer {
+    use http_body_util::BodyExt;
+    let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
+        .build_http();
+    let mut req = ledger_request(key, gate);
+    *req.uri_mut() = format!("http://{addr}/pay").parse().unwrap();
+    let res = client.request(req).await.expect("request");
+    let (parts, body) = res.into_parts();
+    Answer {
+        status: parts.status,
+        headers: parts.headers,
+        body: body.collect().await.unwrap().to_bytes(),
+        trailers: None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_down_before_a_request_fails_closed_and_recovers() {
+    let Some(mut server) = redis_or_skip("down_before") else {
+        return;
+    };
+    let ledger = Ledger::new();
+    let svc = IdempotencyLayer::new(store_for(&server).await).layer(ledger.service());
+    server.kill();
+    let refused = send(&svc, ledger_request("k", false)).await;
+    assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(refused.headers.contains_key("retry-after"));
+    assert_eq!(ledger.count(), 0, "nothing runs unguarded");
+    server.restart();
+    let mut recovered = None;
+    for _ in 0..50 {
+        let a = send(&svc, ledger_request("k", false)).await;
+        if a.status != StatusCode::SERVICE_UNAVAILABLE {
+            recovered = Some(a);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        recovered.expect("recovers by itself").status,
+        StatusCode::CREATED
+    );
+    assert_eq!(ledger.count(), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_mid_request_then_restarted() {
+    let Some(mut server) = redis_or_skip("killed_mid_request") else {
+        return;
+    };
+    let ledger = Ledger::new();
+    let svc = IdempotencyLayer::new(store_for(&server).await).layer(ledger.service());
+    let entered = ledger.entered.notified();
+    let first = tokio::spawn({
+        let svc = svc.clone();
+        async move { send(&svc, ledger_request("k", true)).await }
+    });
+    entered.await;
+    server.kill();
+    // During the outage, a retry is refused and does not execute.
+    let during = send(&svc, ledger_request("k", false)).await;
+    assert_eq!(during.status, StatusCode::SERVICE_UNAVAILABLE);
+    ledger.open(1);
+    let first = first.await.unwrap();
+    assert_eq!(
+        first.status,
+        StatusCode::CREATED,
+        "the caller still gets its handler's answer"
+    );
+    assert_eq!(ledger.count(), 1);
+    // Redis comes back empty (no persistence): the claim and the result are
+    // gone, so a retry executes again. This is the documented
+    // at-least-once-under-store-loss case.
+    server.restart();
+    let mut after = None;
+    for _ in 0..50 {
+        let a = send(&svc, ledger_request("k", false)).await;
+        if a.status != StatusCode::SERVICE_UNAVAILABLE {
+            after = Some(a);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(after.expect("recovers").status, StatusCode::CREATED);
+    assert_eq!(ledger.count(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_redis_times_out_instead_of_hanging() {
+    let Some(server) = redis_or_skip("frozen") else {
+        return;
+    };
+    let store = RedisStore::builder(&server.url())
+        .unwrap()
+        .operation_timeout(Duration::from_millis(300))
+        .build()
+        .await
+        .unwrap();
+    let ledger = Ledger::new();
+    let svc = IdempotencyLayer::new(store).layer(ledger.service());
+    send(&svc, ledger_request("warm", false)).await;
+    server.freeze();
+    let started = std::time::Instant::now();
+    let refused = send(&svc, ledger_request("k", false)).await;
+    let took = started.elapsed();
+    server.thaw();
+    assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
+    assert!(
+        took < Duration::from_secs(3),
+        "bounded by the command timeout, took {took:?}"
+    );
+    assert_eq!(ledger.count(), 1, "only the warm-up executed");
+    let mut after = None;
+    for _ in 0..50 {
+        let a = send(&svc, ledger_request("k", false)).await;
+        if a.status != StatusCode::SERVICE_UNAVAILABLE {
+            after = Some(a);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        after.expect("recovers after thaw").status,
+        StatusCode::CREATED
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lease_expired_by_force_fences_out_the_stale_owner() {
+    let Some(server) = redis_or_skip("forced_expiry") else {
+        return;
+    };
+    let store = store_for(&server).await;
+    let ledger = Ledger::new();
+    let svc = IdempotencyLayer::new(store.clone()).layer(ledger.service());
+    let entered = ledger.entered.notified();
+    let stale = tokio::spawn({
+        let svc = svc.clone();
+        async move { send(&svc, ledger_request("k", true)).await }
+    });
+    entered.await;
+    let name = store.key_name(StoreKey::new(
+        &Scope::global(),
+        &IdempotencyKey::parse(b"k").unwrap(),
+    ));
+    let _: i64 = redis::cmd("PEXPIRE")
+        .arg(&name)
+        .arg(1)
+        .query_async(&mut server.conn().await)
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    // A new owner executes and stores its result.
+    let entered = ledger.entered.notified();
+    let newer = tokio::spawn({
+        let svc = svc.clone();
+        async move { send(&svc, ledger_request("k", true)).await }
+    });
+    entered.await;
+    // Both owners now run; let them finish. Whatever the order, the stale
+    // owner's completion is refused by the fence check.
+    ledger.open(2);
+    let stale = stale.await.unwrap();
+    newer.await.unwrap();
+    assert_eq!(
+        ledger.count(),
+        2,
+        "the forced expiry let a second owner run"
+    );
+    let replay = send(&svc, ledger_request("k", false)).await;
+    assert!(replay.replayed());
+    assert_eq!(
+        replay.headers["x-exec"], "2",
+        "the newer owner's result is the one replayed"
+    );
+    assert_eq!(
+        stale.headers["x-exec"], "1",
+        "the stale owner's caller got its own execution"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn eviction_under_allkeys_lru_voids_the_promise() {
+    // Documents why the README asks for `maxmemory-policy noeviction`.
+    let Some(server) = RedisServer::start_with(
+        "eviction",
+        &["--maxmemory", "2mb", "--maxmemory-policy", "allkeys-lru"],
+    ) else {
+        return;
+    };
+    let store = store_for(&server).await;
+    let ledger = Ledger::new();
+    let svc = IdempotencyLayer::new(store.clone()).layer(ledger.service());
+    send(&svc, ledger_request("k", false)).await;
+    let name = store.key_name(StoreKey::new(
+        &Scope::global(),
+        &IdempotencyKey::parse(b"k").unwrap(),
+    ));
+    let mut conn = server.conn().await;
+    let junk = vec![b'j'; 8192];
+    for i in 0..2000 {
+        let _: () = redis::cmd("SET")
+            .arg(format!("junk:{i}"))
+            .arg(&junk)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let exists: i64 = redis::cmd("EXISTS")
+            .arg(&name)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if exists == 0 {
+            break;
+        }
+    }
+    let exists: i64 = redis::cmd("EXISTS")
+        .arg(&name)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(exists, 0, "the completed record was evicted");
+    let again = send(&svc, ledger_request("k", false)).await;
+    assert!(!again.replayed());
+    assert_eq!(
+        ledger.count(),
+        2,
+        "an evicted record means the key executes again"
+    );
 }

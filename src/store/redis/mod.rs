@@ -101,6 +101,7 @@ struct Scripts {
     extend: Script,
     lease_left: Script,
     purge: Script,
+    abandon: Script,
 }
 
 impl Scripts {
@@ -112,6 +113,7 @@ impl Scripts {
             extend: Script::new(scripts::EXTEND),
             lease_left: Script::new(scripts::LEASE_LEFT),
             purge: Script::new(scripts::PURGE),
+            abandon: Script::new(scripts::ABANDON),
         }
     }
 }
@@ -309,6 +311,31 @@ where
         }
     }
 
+    /// A claim whose reply was lost may still have been applied: nobody would
+    /// own it, and duplicates would wait for it until its lease ran out.
+    /// Release it by the nonce we sent, once Redis answers, within one lease.
+    fn abandon_in_background(&self, name: String, nonce: u64, lease: Duration) {
+        let store = self.clone();
+        tokio::spawn(async move {
+            let give_up = tokio::time::Instant::now() + lease;
+            let mut backoff = Duration::from_millis(50);
+            while tokio::time::Instant::now() < give_up {
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(1));
+                let mut invocation = store.inner.scripts.abandon.key(&name);
+                invocation.arg(nonce.to_string()).arg(&store.inner.channel);
+                match store.invoke("abandon", invocation).await {
+                    Ok(Value::Int(1)) => {
+                        tracing::debug!("released a claim whose reply was lost");
+                        return;
+                    }
+                    Ok(_) => return,
+                    Err(_) => continue,
+                }
+            }
+        });
+    }
+
     async fn warn_if_claims_can_be_evicted(&self) {
         let mut conn = self.inner.conn.clone();
         let mut cmd = redis::cmd("CONFIG");
@@ -379,7 +406,20 @@ where
             .arg(ms(lease))
             .arg(keep)
             .arg(nonce.to_string());
-        let reply = self.invoke("claim", invocation).await?;
+        let reply = match self.invoke("claim", invocation).await {
+            Ok(reply) => reply,
+            Err(e) => {
+                // The claim may have been applied even though its reply was
+                // lost: make sure it does not hold the key for a whole lease.
+                if matches!(
+                    e.kind(),
+                    StoreErrorKind::Timeout | StoreErrorKind::Unavailable
+                ) {
+                    self.abandon_in_background(name, nonce, lease);
+                }
+                return Err(e);
+            }
+        };
         let Value::Array(items) = &reply else {
             return Err(corrupt("claim", &reply));
         };

@@ -124,3 +124,18 @@ if redis.call('DEL', KEYS[1]) == 1 then redis.call('PUBLISH', ARGV[1], KEYS[1]) 
 if held then return 1 end
 return 0
 "#;
+
+/// `abandon(nonce, channel)` → 1 when the claim made with this nonce was
+/// still in flight and is now released, else 0. Used after a claim whose
+/// reply was lost: the claim may have been applied with a fence we never
+/// learned, but we know the nonce we sent.
+pub(super) const ABANDON: &str = concat!(
+    prologue!(),
+    r#"
+if not (st == 'i' and nonce == ARGV[1]) then return 0 end
+redis.call('HSET', KEYS[1], 'st', 'f')
+redis.call('HDEL', KEYS[1], 'dl')
+redis.call('PUBLISH', ARGV[2], KEYS[1])
+return 1
+"#
+);
