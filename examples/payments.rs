@@ -27,7 +27,17 @@
 //!
 //! Flags: `--addr` (default `127.0.0.1:3000`), `--delay-ms` (simulated
 //! processing time, default 2000), `--no-idempotency` (same routes without
-//! the layer, to measure its cost). Stops cleanly on Ctrl-C or SIGTERM.
+//! the layer, to measure its cost), `--store memory|redis` and
+//! `--redis-url` (default `redis://127.0.0.1:6379`; needs
+//! `--features redis`). Two instances on two ports sharing one Redis form a
+//! small fleet:
+//!
+//! ```sh
+//! cargo run --features redis --example payments -- --store redis --addr 127.0.0.1:3000 &
+//! cargo run --features redis --example payments -- --store redis --addr 127.0.0.1:3001 &
+//! ```
+//!
+//! Stops cleanly on Ctrl-C or SIGTERM.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -44,7 +54,7 @@ use clap::Parser;
 use serde::{Deserialize, Serialize};
 use tower::ServiceBuilder;
 use tower_idempotency::IdempotencyLayer;
-use tower_idempotency::store::MemoryStore;
+use tower_idempotency::store::{MemoryStore, Store};
 use tracing_subscriber::EnvFilter;
 
 /// The payments demo server.
@@ -60,6 +70,20 @@ struct Args {
     /// Serve the same routes without the idempotency layer.
     #[arg(long)]
     no_idempotency: bool,
+    /// Where idempotency records live.
+    #[arg(long, value_enum, default_value_t = StoreKind::Memory)]
+    store: StoreKind,
+    /// The Redis to use with `--store redis`.
+    #[arg(long, default_value = "redis://127.0.0.1:6379")]
+    redis_url: String,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum StoreKind {
+    /// In this process only.
+    Memory,
+    /// Shared by every instance pointed at the same Redis.
+    Redis,
 }
 
 #[derive(Debug, Deserialize)]
@@ -136,7 +160,8 @@ async fn healthz() -> &'static str {
     "ok"
 }
 
-fn app(args: &Args) -> Router {
+/// Builds the router; `guard` wraps the charge route with the layer.
+fn app(args: &Args, guard: impl FnOnce(Router<AppState>) -> Router<AppState>) -> Router {
     let started = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis())
@@ -151,13 +176,17 @@ fn app(args: &Args) -> Router {
     let charges = if args.no_idempotency {
         charges
     } else {
-        // `route_layer`: only matched routes are guarded, so a 404 stays a 404.
-        charges.route_layer(ServiceBuilder::new().layer(IdempotencyLayer::new(MemoryStore::new())))
+        guard(charges)
     };
     charges
         .route("/payments", get(list_payments))
         .route("/healthz", get(healthz))
         .with_state(state)
+}
+
+/// `route_layer`: only matched routes are guarded, so a 404 stays a 404.
+fn guard_with<St: Store>(store: St) -> impl FnOnce(Router<AppState>) -> Router<AppState> {
+    move |router| router.route_layer(ServiceBuilder::new().layer(IdempotencyLayer::new(store)))
 }
 
 async fn shutdown_signal() {
@@ -193,16 +222,31 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         )
         .init();
     let args = Args::parse();
+    let router = match args.store {
+        StoreKind::Memory => app(&args, guard_with(MemoryStore::new())),
+        #[cfg(feature = "redis")]
+        StoreKind::Redis => {
+            let store = tower_idempotency::store::RedisStore::connect(&args.redis_url)
+                .await
+                .map_err(|e| format!("cannot use Redis at {}: {e}", args.redis_url))?;
+            app(&args, guard_with(store))
+        }
+        #[cfg(not(feature = "redis"))]
+        StoreKind::Redis => {
+            return Err("this build has no Redis support: run with `--features redis`".into());
+        }
+    };
     let listener = tokio::net::TcpListener::bind(args.addr)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.addr))?;
     tracing::info!(
-        "payments demo listening on http://{} (idempotency {}, memory store, {} ms per charge)",
+        "payments demo listening on http://{} (idempotency {}, {:?} store, {} ms per charge)",
         listener.local_addr()?,
         if args.no_idempotency { "OFF" } else { "on" },
+        args.store,
         args.delay_ms
     );
-    axum::serve(listener, app(&args))
+    axum::serve(listener, router)
         .with_graceful_shutdown(shutdown_signal())
         .await?;
     Ok(())

@@ -34,9 +34,9 @@ impl RedisServer {
                     "{test}: redis-server is not on the PATH and TOWER_IDEMPOTENCY_REQUIRE_REDIS=1"
                 );
             }
-            eprintln!(
+            say_skipped(&format!(
                 "SKIPPED {test}: redis-server is not on the PATH (install it to run the Redis tests)"
-            );
+            ));
             return None;
         }
         let dir = std::env::temp_dir().join(format!(
@@ -162,6 +162,18 @@ impl Drop for RedisServer {
         }
         self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Prints past the test harness's output capture (which swallows what a
+/// passing test prints), so a skip is never silent.
+fn say_skipped(line: &str) {
+    use std::io::Write;
+    match std::fs::OpenOptions::new().write(true).open("/dev/stderr") {
+        Ok(mut stderr) => {
+            let _ = writeln!(stderr, "{line}");
+        }
+        Err(_) => eprintln!("{line}"),
     }
 }
 
