@@ -41,6 +41,7 @@ pub(crate) struct Config {
     pub(crate) replay_set_cookie: bool,
     pub(crate) excluded_headers: Vec<HeaderName>,
     pub(crate) retry_after: Duration,
+    pub(crate) grpc_methods: Option<Vec<String>>,
 }
 
 impl Default for Config {
@@ -60,6 +61,7 @@ impl Default for Config {
             replay_set_cookie: false,
             excluded_headers: Vec::new(),
             retry_after: Duration::from_secs(1),
+            grpc_methods: None,
         }
     }
 }
@@ -80,6 +82,7 @@ impl fmt::Debug for Config {
             .field("replay_set_cookie", &self.replay_set_cookie)
             .field("excluded_headers", &self.excluded_headers)
             .field("retry_after", &self.retry_after)
+            .field("grpc_methods", &self.grpc_methods)
             .finish_non_exhaustive()
     }
 }
@@ -273,6 +276,26 @@ impl<St: Store> IdempotencyLayer<St> {
     /// The `Retry-After` sent with 409 (in flight) and 503 (default 1 s).
     pub fn retry_after(self, after: Duration) -> Self {
         self.config(|c| c.retry_after = after)
+    }
+
+    /// The gRPC methods (paths such as `/payments.v1.Payments/Charge`) the
+    /// layer guards; other gRPC calls pass through untouched.
+    ///
+    /// A layer cannot tell a streaming RPC from a unary one on the wire, and
+    /// it must read a guarded request's whole body before calling the
+    /// service, which would stall a client-streaming or bidirectional call.
+    /// So by default a gRPC call is guarded only when it carries an
+    /// `idempotency-key` (send keys on unary calls only), and a keyless one
+    /// passes through. With a list, the listed methods require a key
+    /// (missing: `INVALID_ARGUMENT`) and every other method passes through,
+    /// key or not.
+    pub fn grpc_methods<I, P>(self, paths: I) -> Self
+    where
+        I: IntoIterator<Item = P>,
+        P: Into<String>,
+    {
+        let paths = paths.into_iter().map(Into::into).collect();
+        self.config(|c| c.grpc_methods = Some(paths))
     }
 
     /// The store.

@@ -43,6 +43,16 @@
 //! | client disconnects while the inner service runs | the execution finishes and is stored; the retry gets it |
 //!
 //! Refusals are RFC 9457 problem documents; see [`problem`] for their types.
+//!
+//! # gRPC
+//!
+//! The same layer wraps tonic servers. gRPC calls take the key from the
+//! `idempotency-key` metadata, replays carry the original trailers
+//! (`grpc-status`, `grpc-message`), storage is judged by `grpc-status`
+//! ([`policy::GrpcStatusCode`]), and refusals are gRPC statuses rather than
+//! HTTP errors. Calls without a key, or outside
+//! [`grpc_methods`](IdempotencyLayer::grpc_methods), pass through, so
+//! streaming RPCs are never stalled.
 //! The inner service finds an [`IdempotencyInfo`] in the request extensions.
 //!
 //! # Placing the layer
@@ -74,6 +84,7 @@ mod body;
 pub mod engine;
 pub mod fingerprint;
 mod future;
+mod grpc;
 pub mod key;
 mod layer;
 mod observe;

@@ -28,7 +28,10 @@ pub enum StorePolicy {
     DoNotStore,
 }
 
-/// The default predicate: store everything but 5xx, 408 and 429.
+pub use crate::grpc::GrpcStatusCode;
+
+/// The default predicate: store everything but 5xx, 408 and 429 (and, for
+/// gRPC, the [retryable codes](GrpcStatusCode::is_retryable)).
 ///
 /// Those statuses say "try again" (a timeout, a rate limit, a server
 /// failure), so the key is released and a retry executes again. A handler
@@ -36,6 +39,9 @@ pub enum StorePolicy {
 /// on retry: make such handlers atomic, or mark the response
 /// [`StorePolicy::Store`].
 pub fn default_should_store(parts: &response::Parts) -> bool {
+    if let Some(code) = parts.extensions.get::<GrpcStatusCode>() {
+        return !code.is_retryable();
+    }
     let s = parts.status;
     !(s.is_server_error() || s == StatusCode::REQUEST_TIMEOUT || s == StatusCode::TOO_MANY_REQUESTS)
 }

@@ -16,6 +16,7 @@ use crate::body::{RequestBody, ResponseBody};
 use crate::engine::{Completion, Engine, EngineError, ExecutionContext, Outcome};
 use crate::fingerprint::{Fingerprint, FingerprintHasher};
 use crate::future::ResponseFuture;
+use crate::grpc::{self, GrpcStatusCode};
 use crate::key::{IdempotencyKey, Scope, StoreKey};
 use crate::layer::Config;
 use crate::observe::{self, Event};
@@ -117,8 +118,18 @@ where
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let config = &self.config;
+        let has_key = req.headers().contains_key(&config.key_header);
         let guarded = config.methods.contains(req.method())
-            && (config.key_required || req.headers().contains_key(&config.key_header));
+            && if grpc::is_grpc(req.headers()) {
+                // A layer cannot tell a streaming RPC from a unary one on the
+                // wire: guard listed methods, or else calls that carry a key.
+                match &config.grpc_methods {
+                    Some(methods) => methods.iter().any(|m| m == req.uri().path()),
+                    None => has_key,
+                }
+            } else {
+                config.key_required || has_key
+            };
         if !guarded {
             return ResponseFuture::passthrough(self.inner.call(req.map(RequestBody::passthrough)));
         }
@@ -132,8 +143,11 @@ where
 
 type Reply<B, E> = Result<Response<ResponseBody<B>>, E>;
 
-fn refuse<B>(problem: Problem) -> Response<ResponseBody<B>> {
+fn refuse<B>(grpc: bool, problem: Problem) -> Response<ResponseBody<B>> {
     observe::refusal(problem.kind);
+    if grpc {
+        return grpc::refusal(&problem, ResponseBody::full(Bytes::new(), None));
+    }
     problem.into_response(|bytes| ResponseBody::full(bytes, None))
 }
 
@@ -154,24 +168,26 @@ where
     ResBody::Error: Into<BoxError>,
 {
     let (parts, body) = req.into_parts();
+    let grpc = grpc::is_grpc(&parts.headers);
     let key = match IdempotencyKey::from_header_values(
         parts.headers.get_all(&config.key_header).iter(),
     ) {
         Ok(Some(key)) => key,
-        Ok(None) => return Ok(refused(ProblemKind::MissingKey, None)),
-        Err(e) => return Ok(refused(ProblemKind::InvalidKey, Some(e.to_string()))),
+        Ok(None) => return Ok(refused(grpc, ProblemKind::MissingKey, None)),
+        Err(e) => return Ok(refused(grpc, ProblemKind::InvalidKey, Some(e.to_string()))),
     };
     let scope = match &config.scope {
         None => Scope::global(),
         Some(scope_of) => match scope_of(&parts) {
             Some(scope) => scope,
-            None => return Ok(refused(ProblemKind::ScopeUnavailable, None)),
+            None => return Ok(refused(grpc, ProblemKind::ScopeUnavailable, None)),
         },
     };
     let store_key = StoreKey::new(&scope, &key);
     let limit = config.request_body_limit;
     if declared_length(&parts.headers).is_some_and(|len| len > limit as u64) {
         return Ok(refused(
+            grpc,
             ProblemKind::PayloadTooLarge,
             Some(too_large(limit)),
         ));
@@ -186,12 +202,17 @@ where
         Ok(read) => read,
         Err(ReadError::TooLarge) => {
             return Ok(refused(
+                grpc,
                 ProblemKind::PayloadTooLarge,
                 Some(too_large(limit)),
             ));
         }
         Err(ReadError::Body(e)) => {
-            return Ok(refused(ProblemKind::BodyUnreadable, Some(e.to_string())));
+            return Ok(refused(
+                grpc,
+                ProblemKind::BodyUnreadable,
+                Some(e.to_string()),
+            ));
         }
     };
     let mut pending = Some((
@@ -208,24 +229,26 @@ where
                 key,
                 execution,
             });
-            async move { execute(&mut inner, req, &run_config).await }
+            async move { execute(&mut inner, req, grpc, &run_config).await }
         })
         .instrument(tracing::debug_span!("idempotency", key = %store_key))
         .await;
 
     match result {
         Ok(Outcome::Executed(response)) => Ok(response),
-        Ok(Outcome::Replayed { payload, .. }) => Ok(replay(&payload, &config)),
+        Ok(Outcome::Replayed { payload, .. }) => Ok(replay(grpc, &payload, &config)),
         Err(EngineError::Operation(e)) => Err(e),
         Err(EngineError::Mismatch) => Ok(refuse(
+            grpc,
             Problem::new(ProblemKind::KeyMismatch).status(config.mismatch_status),
         )),
         Err(EngineError::InFlight) => Ok(refuse(
+            grpc,
             Problem::new(ProblemKind::InFlight).retry_after(config.retry_after),
         )),
         Err(EngineError::Store(e)) => {
             if e.kind() == StoreErrorKind::Corrupt {
-                return Ok(refused(ProblemKind::RecordUnreadable, None));
+                return Ok(refused(grpc, ProblemKind::RecordUnreadable, None));
             }
             match pending.take() {
                 Some((mut inner, req)) if config.fail_open => {
@@ -236,22 +259,24 @@ where
                         .map(|res| res.map(ResponseBody::inner))
                 }
                 _ => Ok(refuse(
+                    grpc,
                     Problem::new(ProblemKind::StoreUnavailable).retry_after(config.retry_after),
                 )),
             }
         }
         Err(EngineError::Aborted) => Ok(refuse(
+            grpc,
             Problem::new(ProblemKind::StoreUnavailable).retry_after(config.retry_after),
         )),
     }
 }
 
-fn refused<B>(kind: ProblemKind, detail: Option<String>) -> Response<ResponseBody<B>> {
+fn refused<B>(grpc: bool, kind: ProblemKind, detail: Option<String>) -> Response<ResponseBody<B>> {
     let mut problem = Problem::new(kind);
     if let Some(detail) = detail {
         problem = problem.detail(detail);
     }
-    refuse(problem)
+    refuse(grpc, problem)
 }
 
 fn too_large(limit: usize) -> String {
@@ -334,6 +359,7 @@ where
 async fn execute<S, ReqBody, ResBody>(
     inner: &mut S,
     req: Request<RequestBody<ReqBody>>,
+    grpc: bool,
     config: &Config,
 ) -> Result<(Response<ResponseBody<ResBody>>, Completion), S::Error>
 where
@@ -342,27 +368,28 @@ where
     ResBody::Error: Into<BoxError>,
 {
     let response = inner.call(req).await?;
-    let (parts, body) = response.into_parts();
-    let store = match parts.extensions.get::<StorePolicy>() {
-        Some(StorePolicy::Store) => true,
-        Some(StorePolicy::DoNotStore) => false,
-        None => (config.should_store)(&parts),
+    let (mut parts, body) = response.into_parts();
+    // Decide now where the outcome is already known: the handler's own
+    // verdict, an HTTP status, or a gRPC Trailers-Only status. A gRPC
+    // outcome that arrives in the trailers is judged after the body.
+    let decided = match parts.extensions.get::<StorePolicy>() {
+        Some(policy) => Some(*policy == StorePolicy::Store),
+        None if !grpc => Some((config.should_store)(&parts)),
+        None => grpc::status_in(&parts.headers).map(|code| {
+            parts.extensions.insert(code);
+            (config.should_store)(&parts)
+        }),
     };
-    if !store {
-        return Ok((
-            Response::from_parts(parts, ResponseBody::inner(body)),
-            Completion::Release,
-        ));
+    if decided == Some(false) {
+        let response = Response::from_parts(parts, ResponseBody::inner(body));
+        return Ok((response, Completion::Release));
     }
     if is_event_stream(&parts.headers) {
         let not_replayable = StoredOutcome::NotReplayable {
             status: parts.status,
         };
-        let completion = Completion::Store(not_replayable.encode());
-        return Ok((
-            Response::from_parts(parts, ResponseBody::inner(body)),
-            completion,
-        ));
+        let response = Response::from_parts(parts, ResponseBody::inner(body));
+        return Ok((response, Completion::Store(not_replayable.encode())));
     }
     let mut body = Box::pin(body);
     let limit = config.stored_response_limit;
@@ -386,10 +413,8 @@ where
                         status: parts.status,
                     };
                     let body = ResponseBody::chained(buf.freeze(), body);
-                    return Ok((
-                        Response::from_parts(parts, body),
-                        Completion::Store(not_replayable.encode()),
-                    ));
+                    let response = Response::from_parts(parts, body);
+                    return Ok((response, Completion::Store(not_replayable.encode())));
                 }
                 buf.extend_from_slice(&data);
             }
@@ -404,6 +429,19 @@ where
         }
     }
     let data = buf.freeze();
+    if decided.is_none() {
+        // A gRPC response without a `grpc-status` is broken: judge it as
+        // INTERNAL, which the default predicate does not store.
+        let code = trailers
+            .as_ref()
+            .and_then(grpc::status_in)
+            .unwrap_or(GrpcStatusCode(13));
+        parts.extensions.insert(code);
+        if !(config.should_store)(&parts) {
+            let response = Response::from_parts(parts, ResponseBody::full(data, trailers));
+            return Ok((response, Completion::Release));
+        }
+    }
     let filter = ReplayFilter::new(
         &parts.headers,
         config.replay_set_cookie,
@@ -416,7 +454,7 @@ where
 }
 
 /// Builds the replay of a stored outcome.
-fn replay<B>(payload: &Bytes, config: &Config) -> Response<ResponseBody<B>> {
+fn replay<B>(grpc: bool, payload: &Bytes, config: &Config) -> Response<ResponseBody<B>> {
     match StoredOutcome::decode(payload) {
         Ok(StoredOutcome::Response(stored)) => {
             let mut res = Response::new(ResponseBody::full(stored.body, stored.trailers));
@@ -429,6 +467,7 @@ fn replay<B>(payload: &Bytes, config: &Config) -> Response<ResponseBody<B>> {
             res
         }
         Ok(StoredOutcome::NotReplayable { status }) => refused(
+            grpc,
             ProblemKind::NotReplayable,
             Some(format!(
                 "the request with this key was executed (status {}), but its response was too large or streaming to store",
@@ -437,7 +476,7 @@ fn replay<B>(payload: &Bytes, config: &Config) -> Response<ResponseBody<B>> {
         ),
         Err(e) => {
             tracing::error!(error = %e, "stored idempotency record cannot be decoded");
-            refused(ProblemKind::RecordUnreadable, None)
+            refused(grpc, ProblemKind::RecordUnreadable, None)
         }
     }
 }
