@@ -178,6 +178,57 @@ pub struct Engine<St> {
     lease: Duration,
     retention: Duration,
     in_flight: InFlightPolicy,
+    executions: Executions,
+}
+
+/// Counts the executions running in an engine's tasks, so a server can let
+/// them finish (and be stored) before it exits.
+///
+/// Executions are detached from their callers, so a graceful HTTP shutdown,
+/// which waits for open connections, does not wait for an execution whose
+/// client already went away. [`wait_idle`](Self::wait_idle) does.
+#[derive(Debug, Clone, Default)]
+pub struct Executions {
+    inner: Arc<ExecutionsInner>,
+}
+
+#[derive(Debug, Default)]
+struct ExecutionsInner {
+    running: std::sync::atomic::AtomicUsize,
+    idle: tokio::sync::Notify,
+}
+
+impl Executions {
+    /// How many executions are running now.
+    pub fn running(&self) -> usize {
+        self.inner.running.load(Ordering::Acquire)
+    }
+
+    /// Waits until no execution is running.
+    pub async fn wait_idle(&self) {
+        loop {
+            let idle = self.inner.idle.notified();
+            if self.running() == 0 {
+                return;
+            }
+            idle.await;
+        }
+    }
+
+    fn start(&self) -> ExecutionGuard {
+        self.inner.running.fetch_add(1, Ordering::AcqRel);
+        ExecutionGuard(self.inner.clone())
+    }
+}
+
+struct ExecutionGuard(Arc<ExecutionsInner>);
+
+impl Drop for ExecutionGuard {
+    fn drop(&mut self) {
+        if self.0.running.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.0.idle.notify_waiters();
+        }
+    }
 }
 
 impl<St: Store> Engine<St> {
@@ -189,7 +240,13 @@ impl<St: Store> Engine<St> {
             lease: DEFAULT_LEASE,
             retention: DEFAULT_RETENTION,
             in_flight: InFlightPolicy::Wait(DEFAULT_WAIT),
+            executions: Executions::default(),
         }
+    }
+
+    /// The executions this engine (and its clones) are running.
+    pub fn executions(&self) -> &Executions {
+        &self.executions
     }
 
     /// Sets the lease (at least [`MIN_LEASE`]); it is renewed every third of it.
@@ -340,7 +397,9 @@ impl<St: Store> Engine<St> {
         let (lease, retention) = (self.lease, self.retention);
         // The task, not the caller, owns the execution: dropping the caller's
         // future detaches it instead of cancelling it.
+        let running = self.executions.start();
         let task = tokio::spawn(async move {
+            let _running = running;
             let mut guard = ReleaseOnDrop {
                 store: Some(store.clone()),
                 key,

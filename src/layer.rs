@@ -298,6 +298,20 @@ impl<St: Store> IdempotencyLayer<St> {
         self.config(|c| c.grpc_methods = Some(paths))
     }
 
+    /// The executions running behind this layer (and every service it
+    /// built): wait for them at shutdown so none is cut off before its
+    /// response is stored.
+    ///
+    /// ```no_run
+    /// # async fn shutdown(layer: tower_idempotency::IdempotencyLayer<tower_idempotency::store::MemoryStore>) {
+    /// // after the server stopped accepting and drained its connections:
+    /// layer.executions().wait_idle().await;
+    /// # }
+    /// ```
+    pub fn executions(&self) -> &crate::engine::Executions {
+        self.engine.executions()
+    }
+
     /// The store.
     pub fn store(&self) -> &St {
         self.engine.store()

@@ -200,3 +200,46 @@ async fn a_fresh_owner_token_fences_each_grant() {
         "fences grow: {fences:?}"
     );
 }
+
+#[tokio::test]
+async fn executions_can_be_awaited_at_shutdown() {
+    let engine = Engine::new(TestStore::new());
+    let proceed = Arc::new(Notify::new());
+    let started = Arc::new(Notify::new());
+    let caller = {
+        let (engine, proceed, started) = (engine.clone(), proceed.clone(), started.clone());
+        tokio::spawn(async move {
+            engine
+                .run_stored(key("shutdown"), FP, move |_| async move {
+                    started.notify_one();
+                    proceed.notified().await;
+                    Ok::<_, std::io::Error>(Bytes::from_static(b"stored"))
+                })
+                .await
+        })
+    };
+    started.notified().await;
+    caller.abort(); // the client went away; the execution is detached
+    assert_eq!(engine.executions().running(), 1);
+    let idle = tokio::spawn({
+        let engine = engine.clone();
+        async move { engine.executions().wait_idle().await }
+    });
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    assert!(!idle.is_finished(), "still running");
+    proceed.notify_one();
+    tokio::time::timeout(Duration::from_secs(5), idle)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(engine.executions().running(), 0);
+    let replay = engine
+        .run_stored(key("shutdown"), FP, |_| async {
+            Ok::<_, std::io::Error>(Bytes::new())
+        })
+        .await;
+    assert!(
+        matches!(replay, Ok(Outcome::Replayed { .. })),
+        "the result was stored before idle"
+    );
+}
