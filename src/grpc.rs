@@ -80,7 +80,8 @@ fn code_for(kind: ProblemKind) -> i32 {
         ProblemKind::PayloadTooLarge => code::RESOURCE_EXHAUSTED,
         ProblemKind::KeyMismatch | ProblemKind::NotReplayable => code::FAILED_PRECONDITION,
         ProblemKind::InFlight => code::ABORTED,
-        ProblemKind::StoreUnavailable => code::UNAVAILABLE,
+        ProblemKind::StoreUnavailable | ProblemKind::UpstreamUnavailable => code::UNAVAILABLE,
+        ProblemKind::UpstreamTimeout => code::DEADLINE_EXCEEDED,
         ProblemKind::ScopeUnavailable | ProblemKind::RecordUnreadable => code::INTERNAL,
     }
 }

@@ -74,6 +74,9 @@
 //! | feature | default | what it adds |
 //! |---|---|---|
 //! | `memory` | yes | [`store::MemoryStore`] (moka) |
+//! | `redis` | no | [`store::RedisStore`] |
+//! | `redis-cluster` | no | Redis Cluster connections for `RedisStore::with_connection` |
+//! | `sidecar` | no | [`sidecar`] and the `idempotency-sidecar` binary (implies `memory`, `redis`) |
 //! | `metrics` | no | an `idempotency_events_total{outcome}` counter through the `metrics` facade |
 //! | `test-util` | no | [`store::conformance`], the store contract as tests |
 #![cfg_attr(docsrs, feature(doc_cfg))]
@@ -92,6 +95,9 @@ pub mod policy;
 pub mod problem;
 pub mod record;
 mod service;
+#[cfg(feature = "sidecar")]
+#[cfg_attr(docsrs, doc(cfg(feature = "sidecar")))]
+pub mod sidecar;
 pub mod store;
 
 pub use body::{RequestBody, ResponseBody};

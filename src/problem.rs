@@ -17,6 +17,8 @@
 //! | [`StoreUnavailable`](ProblemKind::StoreUnavailable) | 503 | yes | yes, same request |
 //! | [`ScopeUnavailable`](ProblemKind::ScopeUnavailable) | 500 | no | no (server misconfigured) |
 //! | [`RecordUnreadable`](ProblemKind::RecordUnreadable) | 500 | no | no (operator must purge) |
+//! | [`UpstreamUnavailable`](ProblemKind::UpstreamUnavailable) (sidecar) | 502 | no | yes, once the upstream is back |
+//! | [`UpstreamTimeout`](ProblemKind::UpstreamTimeout) (sidecar) | 504 | no | yes |
 //!
 //! The mismatch and in-flight refusals share 409 by default; clients tell
 //! them apart by `type` (and by `Retry-After`, which only the in-flight one
@@ -56,6 +58,11 @@ pub enum ProblemKind {
     ScopeUnavailable,
     /// The stored record for this key cannot be read.
     RecordUnreadable,
+    /// (Sidecar) The upstream could not be reached; nothing executed there,
+    /// and the key was released.
+    UpstreamUnavailable,
+    /// (Sidecar) The upstream did not answer in time; the key was released.
+    UpstreamTimeout,
 }
 
 impl ProblemKind {
@@ -72,6 +79,8 @@ impl ProblemKind {
             ProblemKind::StoreUnavailable => const_concat::STORE_UNAVAILABLE,
             ProblemKind::ScopeUnavailable => const_concat::SCOPE_UNAVAILABLE,
             ProblemKind::RecordUnreadable => const_concat::RECORD_UNREADABLE,
+            ProblemKind::UpstreamUnavailable => const_concat::UPSTREAM_UNAVAILABLE,
+            ProblemKind::UpstreamTimeout => const_concat::UPSTREAM_TIMEOUT,
         }
     }
 
@@ -88,6 +97,8 @@ impl ProblemKind {
             ProblemKind::StoreUnavailable => "store_unavailable",
             ProblemKind::ScopeUnavailable => "scope_unavailable",
             ProblemKind::RecordUnreadable => "record_unreadable",
+            ProblemKind::UpstreamUnavailable => "upstream_unavailable",
+            ProblemKind::UpstreamTimeout => "upstream_timeout",
         }
     }
 
@@ -108,6 +119,8 @@ impl ProblemKind {
             ProblemKind::RecordUnreadable => {
                 "Stored response for this Idempotency-Key is unreadable"
             }
+            ProblemKind::UpstreamUnavailable => "The upstream service is unavailable",
+            ProblemKind::UpstreamTimeout => "The upstream service did not answer in time",
         }
     }
 
@@ -125,6 +138,8 @@ impl ProblemKind {
             ProblemKind::ScopeUnavailable | ProblemKind::RecordUnreadable => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
+            ProblemKind::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
+            ProblemKind::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
         }
     }
 
@@ -155,6 +170,8 @@ mod const_concat {
     uri!(STORE_UNAVAILABLE, "StoreUnavailable");
     uri!(SCOPE_UNAVAILABLE, "ScopeUnavailable");
     uri!(RECORD_UNREADABLE, "RecordUnreadable");
+    uri!(UPSTREAM_UNAVAILABLE, "UpstreamUnavailable");
+    uri!(UPSTREAM_TIMEOUT, "UpstreamTimeout");
 }
 
 /// One refusal, ready to become a response.
@@ -278,6 +295,8 @@ mod tests {
             StoreUnavailable,
             ScopeUnavailable,
             RecordUnreadable,
+            UpstreamUnavailable,
+            UpstreamTimeout,
         ];
         let types: std::collections::HashSet<_> = all.iter().map(|k| k.type_uri()).collect();
         assert_eq!(types.len(), all.len());

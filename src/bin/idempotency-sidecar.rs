@@ -1,0 +1,287 @@
+//! `idempotency-sidecar`: makes any HTTP backend safe to retry.
+//!
+//! ```sh
+//! cargo run --release --features sidecar --bin idempotency-sidecar -- \
+//!     --listen 127.0.0.1:8080 --upstream http://127.0.0.1:8081
+//! ```
+//!
+//! Every flag also reads an environment variable (`IDEMPOTENCY_…`, listed
+//! by `--help`).
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::Parser;
+use http::{HeaderName, Method, StatusCode};
+use tower_idempotency::IdempotencyLayer;
+use tower_idempotency::sidecar::{self, SidecarConfig};
+use tower_idempotency::store::{MemoryStore, RedisStore, Store};
+use tracing_subscriber::EnvFilter;
+
+/// A reverse proxy that puts an idempotency layer in front of any HTTP
+/// backend: requests carrying an Idempotency-Key execute at most once, and
+/// every retry gets the original response, byte for byte.
+#[derive(Debug, Parser)]
+#[command(name = "idempotency-sidecar", version)]
+struct Args {
+    /// Address to listen on.
+    #[arg(long, env = "IDEMPOTENCY_LISTEN", default_value = "127.0.0.1:8080")]
+    listen: SocketAddr,
+    /// The backend to protect, as http://host:port.
+    #[arg(long, env = "IDEMPOTENCY_UPSTREAM")]
+    upstream: String,
+    /// Speak HTTP/2 without TLS (h2c) to the upstream instead of HTTP/1.1.
+    #[arg(long, env = "IDEMPOTENCY_UPSTREAM_H2C")]
+    upstream_h2c: bool,
+    /// How long to wait for the upstream's response head before answering
+    /// 504 (and releasing the key). Durations: 250ms, 30s, 5m, 24h.
+    #[arg(long, env = "IDEMPOTENCY_UPSTREAM_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    upstream_timeout: Duration,
+    /// Where records live: memory (this process only) or redis (shared by
+    /// every sidecar on the same Redis).
+    #[arg(long, env = "IDEMPOTENCY_STORE", value_enum, default_value_t = StoreKind::Memory)]
+    store: StoreKind,
+    /// The Redis to use with --store redis.
+    #[arg(
+        long,
+        env = "IDEMPOTENCY_REDIS_URL",
+        default_value = "redis://127.0.0.1:6379"
+    )]
+    redis_url: String,
+    /// Prefix of the Redis key names.
+    #[arg(long, env = "IDEMPOTENCY_REDIS_PREFIX", default_value = "idem")]
+    redis_prefix: String,
+    /// The idempotency key header.
+    #[arg(long, env = "IDEMPOTENCY_HEADER", default_value = "Idempotency-Key", value_parser = parse_header_name)]
+    header: HeaderName,
+    /// Guarded methods, comma-separated; others pass straight through.
+    #[arg(long, env = "IDEMPOTENCY_METHODS", value_delimiter = ',', default_value = "POST,PATCH", value_parser = parse_method)]
+    methods: Vec<Method>,
+    /// Let guarded requests without a key through unguarded (by default they
+    /// get 400).
+    #[arg(long, env = "IDEMPOTENCY_OPTIONAL")]
+    optional: bool,
+    /// Take each request's scope (the namespace of its keys) from this
+    /// header, e.g. an API key or tenant id set by the gateway; it is
+    /// hashed. Requests without it are refused. Without this flag every
+    /// caller shares one namespace.
+    #[arg(long, env = "IDEMPOTENCY_SCOPE_HEADER", value_parser = parse_header_name)]
+    scope_header: Option<HeaderName>,
+    /// Largest request body read, in bytes; larger requests get 413.
+    #[arg(long, env = "IDEMPOTENCY_REQUEST_BODY_LIMIT", default_value_t = tower_idempotency::DEFAULT_REQUEST_BODY_LIMIT)]
+    request_body_limit: usize,
+    /// Largest response stored, in bytes; larger ones are delivered once and
+    /// then "not replayable".
+    #[arg(long, env = "IDEMPOTENCY_STORED_RESPONSE_LIMIT", default_value_t = tower_idempotency::DEFAULT_STORED_RESPONSE_LIMIT)]
+    stored_response_limit: usize,
+    /// How long responses are replayed.
+    #[arg(long, env = "IDEMPOTENCY_RETENTION", default_value = "24h", value_parser = parse_duration)]
+    retention: Duration,
+    /// Claim lease, renewed every third of it while the upstream works.
+    #[arg(long, env = "IDEMPOTENCY_LEASE", default_value = "30s", value_parser = parse_duration)]
+    lease: Duration,
+    /// How long a duplicate waits for the first request before 409.
+    #[arg(long, env = "IDEMPOTENCY_WAIT", default_value = "10s", value_parser = parse_duration)]
+    wait: Duration,
+    /// Answer duplicates of in-flight requests with 409 at once instead of
+    /// waiting.
+    #[arg(long, env = "IDEMPOTENCY_REJECT_IN_FLIGHT")]
+    reject_in_flight: bool,
+    /// Status for a key reused with a different request (409, or 422 as in
+    /// the IETF draft).
+    #[arg(long, env = "IDEMPOTENCY_MISMATCH_STATUS", default_value = "409", value_parser = parse_status)]
+    mismatch_status: StatusCode,
+    /// Path of the sidecar's own health check.
+    #[arg(long, env = "IDEMPOTENCY_HEALTH_PATH", default_value = sidecar::DEFAULT_HEALTH_PATH)]
+    health_path: String,
+    /// On SIGTERM or Ctrl-C, how long to let open requests and executions
+    /// finish (and be stored) before exiting.
+    #[arg(long, env = "IDEMPOTENCY_DRAIN_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    drain_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum StoreKind {
+    Memory,
+    Redis,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    let s = s.trim();
+    let split = s
+        .find(|c: char| !c.is_ascii_digit() && c != '.')
+        .unwrap_or(s.len());
+    let (number, unit) = s.split_at(split);
+    let value: f64 = number
+        .parse()
+        .map_err(|_| format!("{s:?} is not a duration such as 250ms, 30s, 5m or 24h"))?;
+    let seconds = match unit {
+        "ms" => value / 1000.0,
+        "" | "s" => value,
+        "m" => value * 60.0,
+        "h" => value * 3600.0,
+        _ => return Err(format!("unknown unit {unit:?} in {s:?}: use ms, s, m or h")),
+    };
+    Duration::try_from_secs_f64(seconds).map_err(|e| format!("{s:?}: {e}"))
+}
+
+fn parse_header_name(s: &str) -> Result<HeaderName, String> {
+    HeaderName::from_bytes(s.trim().as_bytes())
+        .map_err(|_| format!("{s:?} is not a valid header name"))
+}
+
+fn parse_method(s: &str) -> Result<Method, String> {
+    Method::from_bytes(s.trim().to_ascii_uppercase().as_bytes())
+        .map_err(|_| format!("{s:?} is not a valid method"))
+}
+
+fn parse_status(s: &str) -> Result<StatusCode, String> {
+    let status: StatusCode = s
+        .trim()
+        .parse()
+        .map_err(|_| format!("{s:?} is not a status code"))?;
+    if status.is_client_error() || status.is_server_error() {
+        Ok(status)
+    } else {
+        Err(format!("{s:?} must be a 4xx or 5xx status"))
+    }
+}
+
+fn configure<St: Store>(args: &Args, store: St) -> IdempotencyLayer<St> {
+    let mut layer = IdempotencyLayer::new(store)
+        .key_header(args.header.clone())
+        .methods(args.methods.clone())
+        .request_body_limit(args.request_body_limit)
+        .stored_response_limit(args.stored_response_limit)
+        .retention(args.retention)
+        .lease(args.lease)
+        .mismatch_status(args.mismatch_status);
+    layer = if args.reject_in_flight {
+        layer.reject_in_flight()
+    } else {
+        layer.wait_for_in_flight(args.wait)
+    };
+    if args.optional {
+        layer = layer.optional();
+    }
+    if let Some(header) = &args.scope_header {
+        layer = layer.scope(sidecar::scope_from_header(header.clone()));
+    }
+    layer
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+async fn run<St: Store>(args: Args, store: St) -> Result<(), Box<dyn std::error::Error>> {
+    let config = SidecarConfig::new(&args.upstream)?
+        .upstream_h2c(args.upstream_h2c)
+        .upstream_timeout(args.upstream_timeout)
+        .health_path(args.health_path.clone());
+    let layer = configure(&args, store);
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+    tracing::info!(
+        listen = %listener.local_addr()?, upstream = %args.upstream, store = ?args.store,
+        "idempotency sidecar ready"
+    );
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(sidecar::serve(listener, layer, config, async {
+        let _ = stop_rx.await;
+    }));
+    shutdown_signal().await;
+    tracing::info!(drain_timeout = ?args.drain_timeout, "shutting down");
+    let _ = stop_tx.send(());
+    match tokio::time::timeout(args.drain_timeout, server).await {
+        Ok(joined) => joined??,
+        Err(_) => tracing::warn!("drain timeout reached; exiting with work in flight"),
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
+        )
+        .init();
+    match start(Args::parse()).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("idempotency-sidecar: {e}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn start(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    match args.store {
+        StoreKind::Memory => run(args, MemoryStore::new()).await,
+        StoreKind::Redis => {
+            let store = RedisStore::builder(&args.redis_url)?
+                .prefix(args.redis_prefix.clone())
+                .build()
+                .await?;
+            run(args, store).await
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations() {
+        assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
+        assert_eq!(parse_duration("30").unwrap(), Duration::from_secs(30));
+        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
+        assert_eq!(parse_duration("24h").unwrap(), Duration::from_secs(86_400));
+        assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("3d").is_err());
+        assert!(parse_duration("").is_err());
+    }
+
+    #[test]
+    fn statuses_and_methods() {
+        assert_eq!(
+            parse_status("422").unwrap(),
+            StatusCode::UNPROCESSABLE_ENTITY
+        );
+        assert!(parse_status("200").is_err());
+        assert!(parse_status("abc").is_err());
+        assert_eq!(parse_method("post").unwrap(), Method::POST);
+        assert!(parse_header_name("bad header").is_err());
+    }
+
+    #[test]
+    fn every_flag_is_documented() {
+        use clap::CommandFactory;
+        Args::command().debug_assert();
+        for arg in Args::command().get_arguments() {
+            assert!(arg.get_help().is_some(), "--{} has no help", arg.get_id());
+        }
+    }
+}

@@ -1,0 +1,365 @@
+//! The sidecar: the layer as a reverse proxy in front of any HTTP backend.
+//!
+//! [`serve`] accepts HTTP/1.1 and HTTP/2 (cleartext) connections, answers
+//! its own health check, and forwards everything else through an
+//! [`IdempotencyLayer`] to one upstream, so a backend written in any
+//! language gets the same guarantee without a line of its code changing.
+//! The `idempotency-sidecar` binary (feature `sidecar`) is a command line
+//! over this module.
+//!
+//! Forwarding keeps the method, path, query, headers (minus hop-by-hop
+//! ones; plus `Forwarded`, `X-Forwarded-For`, `-Host` and `-Proto`), body
+//! and trailers, over pooled keep-alive connections (HTTP/1.1, or h2c with
+//! [`SidecarConfig::upstream_h2c`]). An unreachable upstream is answered
+//! with 502 and a timed-out one with 504 (problem+json); both are 5xx, so
+//! the key is released and a retry executes once the upstream is back.
+//!
+//! On shutdown it stops accepting, lets open connections finish, and then
+//! waits for executions whose clients went away, so every started execution
+//! is stored before the process exits.
+
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use bytes::Bytes;
+use http::uri::{Authority, Scheme};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, Uri, header};
+use http_body_util::{Either, Full};
+use hyper::body::Incoming;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use sha2::{Digest, Sha256};
+use tokio::net::TcpListener;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::IdempotencyLayer;
+use crate::body::{RequestBody, ResponseBody};
+use crate::key::Scope;
+use crate::problem::{Problem, ProblemKind};
+use crate::store::Store;
+
+/// Default path of the sidecar's own health check.
+pub const DEFAULT_HEALTH_PATH: &str = "/_idempotency/health";
+/// Default bound on waiting for the upstream's response head.
+pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// Why the sidecar could not start or run.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SidecarError {
+    /// The upstream address is not an absolute `http://host:port` URI.
+    #[error(
+        "the upstream must be an absolute http:// URI such as http://127.0.0.1:8081, got {0:?}"
+    )]
+    InvalidUpstream(String),
+    /// Listening failed.
+    #[error("cannot listen: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Where and how the sidecar forwards.
+#[derive(Debug, Clone)]
+pub struct SidecarConfig {
+    scheme: Scheme,
+    authority: Authority,
+    h2c: bool,
+    timeout: Duration,
+    health_path: String,
+}
+
+impl SidecarConfig {
+    /// Forwards to `upstream`, an absolute `http://host:port` URI (its path,
+    /// if any, is ignored: requests keep their own).
+    pub fn new(upstream: &str) -> Result<Self, SidecarError> {
+        let invalid = || SidecarError::InvalidUpstream(upstream.to_owned());
+        let uri: Uri = upstream.parse().map_err(|_| invalid())?;
+        let scheme = uri.scheme().cloned().ok_or_else(invalid)?;
+        if scheme != Scheme::HTTP {
+            return Err(invalid());
+        }
+        let authority = uri.authority().cloned().ok_or_else(invalid)?;
+        Ok(Self {
+            scheme,
+            authority,
+            h2c: false,
+            timeout: DEFAULT_UPSTREAM_TIMEOUT,
+            health_path: DEFAULT_HEALTH_PATH.to_owned(),
+        })
+    }
+
+    /// Speaks HTTP/2 without TLS (h2c) to the upstream (default HTTP/1.1).
+    pub fn upstream_h2c(mut self, h2c: bool) -> Self {
+        self.h2c = h2c;
+        self
+    }
+
+    /// Bounds the wait for the upstream's response head (default 30 s); past
+    /// it the caller gets 504 and the key is released.
+    pub fn upstream_timeout(mut self, timeout: Duration) -> Self {
+        self.timeout = timeout;
+        self
+    }
+
+    /// The path of the sidecar's own health check (default
+    /// `/_idempotency/health`), answered without touching the upstream.
+    pub fn health_path(mut self, path: impl Into<String>) -> Self {
+        self.health_path = path.into();
+        self
+    }
+}
+
+/// A scope function for [`IdempotencyLayer::scope`] that takes the scope from
+/// a request header set by the gateway in front (an API key or tenant id),
+/// hashed so the raw value is never kept. Requests without it are refused
+/// (the gateway is misconfigured).
+pub fn scope_from_header(
+    name: HeaderName,
+) -> impl Fn(&http::request::Parts) -> Option<Scope> + Send + Sync + 'static {
+    move |parts| {
+        let value = parts.headers.get(&name)?;
+        let digest: [u8; 32] = Sha256::digest(value.as_bytes()).into();
+        Some(Scope::new(Bytes::copy_from_slice(&digest)))
+    }
+}
+
+/// The peer address of a connection, put in each request's extensions.
+#[derive(Debug, Clone, Copy)]
+struct ClientAddr(SocketAddr);
+
+type ProxyBody = Either<Incoming, Full<Bytes>>;
+
+/// Forwards requests to the upstream.
+#[derive(Clone)]
+struct Proxy {
+    client: Client<HttpConnector, RequestBody<Incoming>>,
+    config: SidecarConfig,
+}
+
+impl Proxy {
+    fn new(config: SidecarConfig) -> Self {
+        let mut connector = HttpConnector::new();
+        connector.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .http2_only(config.h2c)
+            .build(connector);
+        Self { client, config }
+    }
+}
+
+fn problem_response(kind: ProblemKind, detail: String) -> Response<ProxyBody> {
+    Problem::new(kind)
+        .detail(detail)
+        .into_response(|bytes| Either::Right(Full::new(bytes)))
+}
+
+impl Service<Request<RequestBody<Incoming>>> for Proxy {
+    type Response = Response<ProxyBody>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: Request<RequestBody<Incoming>>) -> Self::Future {
+        let client = self.client.clone();
+        let config = self.config.clone();
+        Box::pin(async move {
+            let req = match to_upstream(req, &config) {
+                Ok(req) => req,
+                Err(detail) => {
+                    return Ok(problem_response(ProblemKind::UpstreamUnavailable, detail));
+                }
+            };
+            match tokio::time::timeout(config.timeout, client.request(req)).await {
+                Ok(Ok(res)) => {
+                    let (mut parts, body) = res.into_parts();
+                    strip_hop_by_hop(&mut parts.headers);
+                    Ok(Response::from_parts(parts, Either::Left(body)))
+                }
+                Ok(Err(e)) => {
+                    let detail = format!("the upstream could not be reached: {}", source_chain(&e));
+                    Ok(problem_response(ProblemKind::UpstreamUnavailable, detail))
+                }
+                Err(_) => {
+                    let detail = format!("the upstream did not answer within {:?}", config.timeout);
+                    Ok(problem_response(ProblemKind::UpstreamTimeout, detail))
+                }
+            }
+        })
+    }
+}
+
+fn source_chain(e: &dyn std::error::Error) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        out.push_str(": ");
+        out.push_str(&s.to_string());
+        source = s.source();
+    }
+    out
+}
+
+/// Rewrites a request for the upstream: its URI, hop-by-hop headers, and the
+/// forwarding headers.
+fn to_upstream(
+    req: Request<RequestBody<Incoming>>,
+    config: &SidecarConfig,
+) -> Result<Request<RequestBody<Incoming>>, String> {
+    let (mut parts, body) = req.into_parts();
+    let path_and_query = parts
+        .uri
+        .path_and_query()
+        .map_or("/", |pq| pq.as_str())
+        .to_owned();
+    parts.uri = Uri::builder()
+        .scheme(config.scheme.clone())
+        .authority(config.authority.clone())
+        .path_and_query(path_and_query)
+        .build()
+        .map_err(|e| format!("cannot build the upstream URI: {e}"))?;
+    let keep_te_trailers = parts
+        .headers
+        .get(header::TE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| {
+            v.split(',')
+                .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
+        });
+    strip_hop_by_hop(&mut parts.headers);
+    if keep_te_trailers {
+        // gRPC needs `te: trailers` end to end.
+        parts
+            .headers
+            .insert(header::TE, HeaderValue::from_static("trailers"));
+    }
+    let original_host = parts.headers.remove(header::HOST);
+    if let Ok(host) = HeaderValue::from_str(config.authority.as_str()) {
+        parts.headers.insert(header::HOST, host);
+    }
+    let client = parts.extensions.get::<ClientAddr>().map(|c| c.0);
+    add_forwarding_headers(&mut parts.headers, client, original_host.as_ref());
+    // HTTP/1 and HTTP/2 differ; let the client pick what the upstream speaks.
+    parts.version = http::Version::default();
+    Ok(Request::from_parts(parts, body))
+}
+
+fn add_forwarding_headers(
+    headers: &mut HeaderMap,
+    client: Option<SocketAddr>,
+    host: Option<&HeaderValue>,
+) {
+    const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+    const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
+    const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+    let mut forwarded = String::from("proto=http");
+    if let Some(addr) = client {
+        let ip = addr.ip();
+        if let Ok(v) = HeaderValue::from_str(&ip.to_string()) {
+            headers.append(X_FORWARDED_FOR, v);
+        }
+        let node = match ip {
+            std::net::IpAddr::V4(v4) => v4.to_string(),
+            std::net::IpAddr::V6(v6) => format!("\"[{v6}]\""),
+        };
+        forwarded = format!("for={node};{forwarded}");
+    }
+    if let Some(host) = host {
+        headers.insert(X_FORWARDED_HOST, host.clone());
+        // Only a plain host[:port] goes into `Forwarded` unquoted.
+        let plain = |h: &&str| {
+            h.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b".-:[]".contains(&b))
+        };
+        if let Some(h) = host.to_str().ok().filter(plain) {
+            forwarded.push_str(";host=");
+            forwarded.push_str(h);
+        }
+    }
+    headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
+    if let Ok(v) = HeaderValue::from_str(&forwarded) {
+        headers.append(header::FORWARDED, v);
+    }
+}
+
+fn strip_hop_by_hop(headers: &mut HeaderMap) {
+    let filter = crate::policy::ReplayFilter::new(headers, true, &[]);
+    let dropped: Vec<HeaderName> = headers
+        .keys()
+        .filter(|n| !filter.keeps(n))
+        .cloned()
+        .collect();
+    for name in dropped {
+        headers.remove(name);
+    }
+}
+
+/// Serves the sidecar on `listener` until `shutdown` completes, then drains:
+/// it stops accepting, lets open connections finish, and waits for detached
+/// executions, so every execution that started is stored before it returns.
+pub async fn serve<St: Store>(
+    listener: TcpListener,
+    layer: IdempotencyLayer<St>,
+    config: SidecarConfig,
+    shutdown: impl Future<Output = ()>,
+) -> Result<(), SidecarError> {
+    let health_path = config.health_path.clone();
+    let service = layer.layer(Proxy::new(config));
+    let graceful = GracefulShutdown::new();
+    let builder = auto::Builder::new(TokioExecutor::new());
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(accepted) => accepted,
+                Err(e) => {
+                    // Out of file descriptors and the like: back off, go on.
+                    tracing::warn!(error = %e, "sidecar accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let service = service.clone();
+        let health_path = health_path.clone();
+        let per_request = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+            let mut service = service.clone();
+            let is_health = req.method() == http::Method::GET && req.uri().path() == health_path;
+            req.extensions_mut().insert(ClientAddr(peer));
+            async move {
+                if is_health {
+                    return Ok::<_, Infallible>(Response::new(ResponseBody::full(
+                        Bytes::from_static(b"ok"),
+                        None,
+                    )));
+                }
+                std::future::poll_fn(|cx| service.poll_ready(cx)).await?;
+                service.call(req).await
+            }
+        });
+        let connection = builder
+            .serve_connection(TokioIo::new(stream), per_request)
+            .into_owned();
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(e) = connection.await {
+                tracing::debug!(error = %source_chain(&*e), "sidecar connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    tracing::info!("sidecar draining: finishing open connections and executions");
+    graceful.shutdown().await;
+    layer.executions().wait_idle().await;
+    Ok(())
+}

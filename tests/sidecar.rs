@@ -1,0 +1,380 @@
+//! The sidecar in front of a real upstream HTTP server, over loopback.
+
+mod common;
+#[path = "../examples/grpc_payments/service.rs"]
+mod grpc_service;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+
+use axum::body::Body;
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode};
+use axum::routing::{get, post};
+use bytes::Bytes;
+use common::Answer;
+use common::redis_server::redis_or_skip;
+use http::Request;
+use http_body_util::BodyExt;
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tower_idempotency::IdempotencyLayer;
+use tower_idempotency::sidecar::{self, SidecarConfig};
+use tower_idempotency::store::{MemoryStore, RedisStore, Store};
+
+/// The backend: counts executions, echoes what it saw.
+#[derive(Clone, Default)]
+struct Upstream {
+    executions: Arc<AtomicUsize>,
+}
+
+async fn charge(
+    State(up): State<Upstream>,
+    headers: HeaderMap,
+    body: Bytes,
+) -> (StatusCode, [(&'static str, String); 2], String) {
+    let n = up.executions.fetch_add(1, Ordering::SeqCst) + 1;
+    if let Some(ms) = headers
+        .get("x-delay-ms")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+    {
+        tokio::time::sleep(Duration::from_millis(ms)).await;
+    }
+    let seen = |h: &str| {
+        headers
+            .get(h)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("-")
+            .to_owned()
+    };
+    let echo = format!(
+        "exec={n} body={} xff={} proto={} fwd={} conn={}",
+        String::from_utf8_lossy(&body),
+        seen("x-forwarded-for"),
+        seen("x-forwarded-proto"),
+        seen("forwarded"),
+        seen("x-hop"),
+    );
+    (
+        StatusCode::CREATED,
+        [
+            ("x-exec", n.to_string()),
+            ("content-type", "text/plain".to_owned()),
+        ],
+        echo,
+    )
+}
+
+async fn start_upstream_on(listener: TcpListener, up: Upstream) {
+    let app = axum::Router::new()
+        .route("/charge", post(charge))
+        .route("/hello", get(|| async { "hello" }))
+        .with_state(up);
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+}
+
+async fn start_upstream() -> (SocketAddr, Upstream) {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let up = Upstream::default();
+    start_upstream_on(listener, up.clone()).await;
+    (addr, up)
+}
+
+struct Sidecar {
+    addr: SocketAddr,
+    stop: Option<oneshot::Sender<()>>,
+    done: tokio::task::JoinHandle<()>,
+}
+
+impl Sidecar {
+    async fn start<St: Store>(layer: IdempotencyLayer<St>, config: SidecarConfig) -> Self {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (stop, stopped) = oneshot::channel::<()>();
+        let done = tokio::spawn(async move {
+            sidecar::serve(listener, layer, config, async {
+                let _ = stopped.await;
+            })
+            .await
+            .unwrap();
+        });
+        Self {
+            addr,
+            stop: Some(stop),
+            done,
+        }
+    }
+
+    async fn shutdown(mut self) {
+        let _ = self.stop.take().unwrap().send(());
+        tokio::time::timeout(Duration::from_secs(10), &mut self.done)
+            .await
+            .expect("drains")
+            .unwrap();
+    }
+}
+
+fn client() -> Client<HttpConnector, Body> {
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+async fn post_to(addr: SocketAddr, key: &str, body: &'static str, delay_ms: u64) -> Answer {
+    let req = Request::post(format!("http://{addr}/charge"))
+        .header("idempotency-key", key)
+        .header("x-delay-ms", delay_ms.to_string())
+        .header("connection", "x-hop")
+        .header("x-hop", "secret")
+        .body(Body::from(body))
+        .unwrap();
+    let res = client().request(req).await.expect("request");
+    let (parts, body) = res.into_parts();
+    Answer {
+        status: parts.status,
+        headers: parts.headers,
+        body: body.collect().await.unwrap().to_bytes(),
+        trailers: None,
+    }
+}
+
+fn config(upstream: SocketAddr) -> SidecarConfig {
+    SidecarConfig::new(&format!("http://{upstream}")).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicates_reach_the_upstream_once_and_replay_identically() {
+    let (up_addr, up) = start_upstream().await;
+    let car = Sidecar::start(IdempotencyLayer::new(MemoryStore::new()), config(up_addr)).await;
+    let first = post_to(car.addr, "k", "{\"amount\":1}", 0).await;
+    let retry = post_to(car.addr, "k", "{\"amount\":1}", 0).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    assert!(retry.replayed());
+    assert_eq!(retry.body, first.body);
+    assert_eq!(retry.headers["x-exec"], "1");
+    assert_eq!(up.executions.load(Ordering::SeqCst), 1);
+    let echo = first.text();
+    assert!(
+        echo.contains("body={\"amount\":1}"),
+        "the body is forwarded: {echo}"
+    );
+    assert!(
+        echo.contains("xff=127.0.0.1"),
+        "X-Forwarded-For is added: {echo}"
+    );
+    assert!(echo.contains("proto=http"), "{echo}");
+    assert!(
+        echo.contains("fwd=for=127.0.0.1;proto=http;host=127.0.0.1:"),
+        "Forwarded is added: {echo}"
+    );
+    assert!(
+        echo.contains("conn=-"),
+        "headers named by Connection are not forwarded: {echo}"
+    );
+    // A different body under the same key is refused.
+    let other = post_to(car.addr, "k", "{\"amount\":2}", 0).await;
+    assert_eq!(other.status, StatusCode::CONFLICT);
+    assert_eq!(up.executions.load(Ordering::SeqCst), 1);
+    // Unguarded methods pass straight through.
+    let hello = client()
+        .get(format!("http://{}/hello", car.addr).parse().unwrap())
+        .await
+        .unwrap();
+    assert_eq!(
+        hello.into_body().collect().await.unwrap().to_bytes(),
+        Bytes::from_static(b"hello")
+    );
+    car.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn thirty_two_concurrent_duplicates_execute_upstream_once() {
+    let (up_addr, up) = start_upstream().await;
+    let car = Sidecar::start(IdempotencyLayer::new(MemoryStore::new()), config(up_addr)).await;
+    let calls: Vec<_> = (0..32)
+        .map(|_| tokio::spawn(post_to(car.addr, "dup", "{}", 300)))
+        .collect();
+    let mut bodies = Vec::new();
+    for call in calls {
+        let a = call.await.unwrap();
+        assert_eq!(a.status, StatusCode::CREATED);
+        bodies.push(a.body);
+    }
+    assert!(bodies.iter().all(|b| *b == bodies[0]));
+    assert_eq!(up.executions.load(Ordering::SeqCst), 1);
+    car.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_down_is_502_and_a_later_retry_executes_once_it_is_back() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up_addr = listener.local_addr().unwrap();
+    drop(listener);
+    let car = Sidecar::start(IdempotencyLayer::new(MemoryStore::new()), config(up_addr)).await;
+    let down = post_to(car.addr, "k", "{}", 0).await;
+    assert_eq!(down.status, StatusCode::BAD_GATEWAY);
+    assert!(
+        down.problem_type()
+            .ends_with("#variant.UpstreamUnavailable")
+    );
+    let up = Upstream::default();
+    start_upstream_on(TcpListener::bind(up_addr).await.unwrap(), up.clone()).await;
+    let back = post_to(car.addr, "k", "{}", 0).await;
+    assert_eq!(back.status, StatusCode::CREATED, "the 502 released the key");
+    assert!(!back.replayed());
+    assert_eq!(up.executions.load(Ordering::SeqCst), 1);
+    car.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn upstream_timeout_is_504_and_releases_the_key() {
+    let (up_addr, up) = start_upstream().await;
+    let car = Sidecar::start(
+        IdempotencyLayer::new(MemoryStore::new()),
+        config(up_addr).upstream_timeout(Duration::from_millis(200)),
+    )
+    .await;
+    let slow = post_to(car.addr, "k", "{}", 1000).await;
+    assert_eq!(slow.status, StatusCode::GATEWAY_TIMEOUT);
+    assert!(slow.problem_type().ends_with("#variant.UpstreamTimeout"));
+    let again = post_to(car.addr, "k", "{}", 0).await;
+    assert_eq!(again.status, StatusCode::CREATED);
+    assert_eq!(up.executions.load(Ordering::SeqCst), 2);
+    car.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_upstream_keeps_its_claim_through_renewal() {
+    let (up_addr, up) = start_upstream().await;
+    let layer = IdempotencyLayer::new(MemoryStore::new())
+        .lease(Duration::from_millis(300))
+        .reject_in_flight();
+    let car = Sidecar::start(layer, config(up_addr)).await;
+    let first = tokio::spawn(post_to(car.addr, "slow", "{}", 1500));
+    for _ in 0..3 {
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        let dup = post_to(car.addr, "slow", "{}", 0).await;
+        assert_eq!(
+            dup.status,
+            StatusCode::CONFLICT,
+            "still held after several leases"
+        );
+    }
+    let first = first.await.unwrap();
+    assert_eq!(first.status, StatusCode::CREATED);
+    assert!(post_to(car.addr, "slow", "{}", 0).await.replayed());
+    assert_eq!(up.executions.load(Ordering::SeqCst), 1);
+    car.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_check_answers_without_the_upstream() {
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let nowhere = listener.local_addr().unwrap();
+    drop(listener);
+    let car = Sidecar::start(IdempotencyLayer::new(MemoryStore::new()), config(nowhere)).await;
+    let res = client()
+        .get(
+            format!("http://{}{}", car.addr, sidecar::DEFAULT_HEALTH_PATH)
+                .parse()
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    car.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_lets_a_detached_execution_finish_and_be_stored() {
+    let (up_addr, up) = start_upstream().await;
+    let store = MemoryStore::new();
+    let car = Sidecar::start(IdempotencyLayer::new(store.clone()), config(up_addr)).await;
+    // A client that gives up while the upstream works.
+    let gave_up = tokio::time::timeout(
+        Duration::from_millis(200),
+        post_to(car.addr, "k", "{}", 800),
+    )
+    .await;
+    assert!(gave_up.is_err());
+    let started = std::time::Instant::now();
+    car.shutdown().await;
+    assert!(
+        started.elapsed() >= Duration::from_millis(400),
+        "shutdown waited for the execution"
+    );
+    // A new sidecar on the same store replays the stored result.
+    let car = Sidecar::start(IdempotencyLayer::new(store), config(up_addr)).await;
+    let retry = post_to(car.addr, "k", "{}", 0).await;
+    assert!(retry.replayed());
+    assert_eq!(up.executions.load(Ordering::SeqCst), 1);
+    car.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_sidecars_sharing_redis_execute_upstream_once() {
+    let Some(server) = redis_or_skip("two_sidecars") else {
+        return;
+    };
+    let (up_addr, up) = start_upstream().await;
+    let a = Sidecar::start(
+        IdempotencyLayer::new(RedisStore::connect(&server.url()).await.unwrap()),
+        config(up_addr),
+    )
+    .await;
+    let b = Sidecar::start(
+        IdempotencyLayer::new(RedisStore::connect(&server.url()).await.unwrap()),
+        config(up_addr),
+    )
+    .await;
+    let calls: Vec<_> = (0..16)
+        .map(|i| {
+            tokio::spawn(post_to(
+                if i % 2 == 0 { a.addr } else { b.addr },
+                "fleet",
+                "{}",
+                300,
+            ))
+        })
+        .collect();
+    let mut bodies = Vec::new();
+    for call in calls {
+        let answer = call.await.unwrap();
+        assert_eq!(answer.status, StatusCode::CREATED);
+        bodies.push(answer.body);
+    }
+    assert!(bodies.iter().all(|b| *b == bodies[0]));
+    assert_eq!(up.executions.load(Ordering::SeqCst), 1);
+    a.shutdown().await;
+    b.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grpc_through_the_sidecar_over_h2c_replays_with_trailers() {
+    let ledger = Arc::new(grpc_service::Ledger::default());
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up_addr = listener.local_addr().unwrap();
+    let upstream = tonic::transport::Server::builder()
+        .add_service(grpc_service::PaymentsServer::new(ledger.clone()))
+        .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener));
+    tokio::spawn(upstream);
+    let car = Sidecar::start(
+        IdempotencyLayer::new(MemoryStore::new()),
+        config(up_addr).upstream_h2c(true),
+    )
+    .await;
+    let mut client = grpc_service::PaymentsClient::connect(car.addr)
+        .await
+        .unwrap();
+    let first = client.charge(Some("g"), 100, "GHS").await.unwrap();
+    let retry = client.charge(Some("g"), 100, "GHS").await.unwrap();
+    assert!(grpc_service::replayed(&retry));
+    assert_eq!(retry.get_ref(), first.get_ref());
+    assert_eq!(ledger.executions.load(Ordering::SeqCst), 1);
+    car.shutdown().await;
+}
