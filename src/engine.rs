@@ -332,7 +332,12 @@ impl<St: Store> Engine<St> {
                 }
             };
             match claim {
-                Claim::Acquired(token) => return self.execute(key, fingerprint, token, op).await,
+                // Boxed: the execution path is large and taken once per key,
+                // and inlining it would make every replay's future (which
+                // callers move and box) that much larger too.
+                Claim::Acquired(token) => {
+                    return Box::pin(self.execute(key, fingerprint, token, op)).await;
+                }
                 Claim::Completed(record) if record.fingerprint == fingerprint => {
                     let event = if coalesced {
                         Event::Coalesced
@@ -358,7 +363,7 @@ impl<St: Store> Engine<St> {
                         observe::event(Event::InFlight, &key, None);
                         return Err(EngineError::InFlight);
                     }
-                    if let Err(e) = self.store.wait(key, fence, limit - waited).await {
+                    if let Err(e) = Box::pin(self.store.wait(key, fence, limit - waited)).await {
                         observe::event(Event::StoreError, &key, Some(&e));
                         return Err(EngineError::Store(e));
                     }

@@ -74,7 +74,8 @@ impl fmt::Debug for FingerprintHasher {
 }
 
 impl FingerprintHasher {
-    const VERSION: &'static [u8] = b"tower-idempotency/fingerprint/http/v1";
+    /// Domain separation and format version (short: it is hashed per request).
+    const VERSION: &'static [u8] = b"tidf/http/v1";
 
     /// Starts a fingerprint over the request head.
     ///

@@ -209,7 +209,8 @@ impl Reader<'_> {
         if count > self.buf.len().saturating_sub(self.pos) / 6 {
             return Err(RecordError::Corrupt);
         }
-        let mut map = HeaderMap::with_capacity(count);
+        // One spare slot: a replay adds its marker header.
+        let mut map = HeaderMap::with_capacity(count + 1);
         for _ in 0..count {
             let name_len = usize::from(self.u16()?);
             let name =

@@ -55,9 +55,11 @@ pub struct MemoryStore {
     inner: Arc<Inner>,
 }
 
+type Hashing = crate::key::StoreKeyHasherBuilder;
+
 struct Inner {
-    in_flight: Mutex<HashMap<StoreKey, InFlight>>,
-    completed: moka::sync::Cache<StoreKey, Arc<Completed>>,
+    in_flight: Mutex<HashMap<StoreKey, InFlight, Hashing>>,
+    completed: moka::sync::Cache<StoreKey, Arc<Completed>, Hashing>,
     max_in_flight: usize,
     next_fence: AtomicU64,
     nonce_seed: u64,
@@ -131,10 +133,10 @@ impl MemoryStoreBuilder {
             })
             .eviction_policy(EvictionPolicy::lru())
             .expire_after(RetentionExpiry)
-            .build();
+            .build_with_hasher(Hashing::new());
         MemoryStore {
             inner: Arc::new(Inner {
-                in_flight: Mutex::new(HashMap::new()),
+                in_flight: Mutex::new(HashMap::with_hasher(Hashing::new())),
                 completed,
                 max_in_flight: self.max_in_flight,
                 next_fence: AtomicU64::new(1),
@@ -185,7 +187,7 @@ impl MemoryStore {
         self.inner.completed.weighted_size()
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<StoreKey, InFlight>> {
+    fn lock(&self) -> MutexGuard<'_, HashMap<StoreKey, InFlight, Hashing>> {
         // No code panics while holding the lock; if one ever did, the map is
         // still consistent (every update is a single insert or remove).
         self.inner

@@ -1,0 +1,132 @@
+#!/usr/bin/env bash
+# HTTP load benchmark: the payments demo on loopback, with and without the
+# layer, driven by wrk; rounds interleaved so every scenario meets the same
+# machine conditions.
+#
+#   bash benches/http_load.sh            # 3 rounds of 10 s per scenario
+#   ROUNDS=5 DURATION=20 bash benches/http_load.sh
+#
+# Scenarios (all POST /process-payment, --delay-ms 0, 32 connections, 2 threads):
+#   bare          --no-idempotency, no key
+#   first         memory store, a unique key per request
+#   replay        memory store, one fixed key (every request after the first replays)
+#   redis-first   Redis store, a unique key per request
+#   redis-replay  Redis store, one fixed key
+# It prints req/s, p50 and p99 per scenario and round, then the medians and
+# their ratios to bare. Needs wrk (installed with apt-get when missing) and,
+# for the Redis scenarios, redis-server (a private one on a free port).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+ROUNDS=${ROUNDS:-3}
+DURATION=${DURATION:-10}
+CONNECTIONS=${CONNECTIONS:-32}
+PORT=${PORT:-3900}
+work=$(mktemp -d)
+pids=()
+cleanup() {
+    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
+
+if ! command -v wrk >/dev/null; then
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null
+fi
+cargo build --release --quiet --features redis --example payments
+bin=target/release/examples/payments
+
+redis_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+have_redis=0
+if command -v redis-server >/dev/null; then
+    redis-server --port "$redis_port" --bind 127.0.0.1 --save '' --appendonly no --dir "$work" \
+        --maxmemory-policy noeviction >/dev/null 2>&1 &
+    pids+=($!)
+    have_redis=1
+    sleep 0.3
+fi
+
+cat >"$work/unique.lua" <<'LUA'
+local counter = 0
+local thread_id = 0
+local threads = 0
+setup = function(thread)
+    threads = threads + 1
+    thread:set("tid", threads)
+end
+init = function(args) thread_id = tid end
+request = function()
+    counter = counter + 1
+    wrk.headers["Idempotency-Key"] = string.format("k-%d-%d-%d", os.time(), thread_id, counter)
+    return wrk.format("POST", "/process-payment", nil, '{"amount":100,"currency":"GHS"}')
+end
+LUA
+cat >"$work/fixed.lua" <<'LUA'
+request = function()
+    wrk.headers["Idempotency-Key"] = "fixed-key"
+    return wrk.format("POST", "/process-payment", nil, '{"amount":100,"currency":"GHS"}')
+end
+LUA
+cat >"$work/none.lua" <<'LUA'
+request = function()
+    return wrk.format("POST", "/process-payment", nil, '{"amount":100,"currency":"GHS"}')
+end
+LUA
+
+start_server() { # args: extra flags
+    "$bin" --addr "127.0.0.1:$PORT" --delay-ms 0 "$@" >"$work/server.log" 2>&1 &
+    server=$!
+    for _ in $(seq 100); do
+        curl -s "http://127.0.0.1:$PORT/healthz" >/dev/null 2>&1 && return 0
+        sleep 0.05
+    done
+    echo "server did not start: $(cat "$work/server.log")" >&2
+    exit 1
+}
+stop_server() { kill "$server" 2>/dev/null || true; wait "$server" 2>/dev/null || true; }
+
+run() { # name script server-flags...
+    local name=$1 script=$2
+    shift 2
+    start_server "$@"
+    RUST_LOG=off wrk -t2 -c"$CONNECTIONS" -d"${DURATION}s" --latency -s "$work/$script" \
+        -H 'Content-Type: application/json' --timeout 5s \
+        "http://127.0.0.1:$PORT/process-payment" -- >"$work/out" 2>&1 \
+        || true
+    stop_server
+    local rps p50 p99 non2xx
+    rps=$(awk '/Requests\/sec/ {print $2}' "$work/out")
+    p50=$(awk '$1=="50%" {print $2}' "$work/out")
+    p99=$(awk '$1=="99%" {print $2}' "$work/out")
+    non2xx=$(awk '/Non-2xx/ {print $5}' "$work/out")
+    printf '%-13s %10s req/s  p50 %8s  p99 %8s  non-2xx %s\n' "$name" "$rps" "$p50" "$p99" "${non2xx:-0}"
+    echo "$name $rps" >>"$work/results"
+}
+
+echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
+echo "wrk: $(wrk -v 2>&1 | head -1)"
+echo "rounds=$ROUNDS duration=${DURATION}s connections=$CONNECTIONS"
+for round in $(seq "$ROUNDS"); do
+    echo "--- round $round"
+    run bare none.lua --no-idempotency
+    run first unique.lua
+    run replay fixed.lua
+    if [ "$have_redis" = 1 ]; then
+        run redis-first unique.lua --store redis --redis-url "redis://127.0.0.1:$redis_port"
+        run redis-replay fixed.lua --store redis --redis-url "redis://127.0.0.1:$redis_port"
+    fi
+done
+
+echo "--- medians (ratio to bare)"
+python3 - "$work/results" <<'PY'
+import statistics, sys
+runs = {}
+for line in open(sys.argv[1]):
+    name, rps = line.split()
+    runs.setdefault(name, []).append(float(rps))
+bare = statistics.median(runs["bare"])
+for name, values in runs.items():
+    m = statistics.median(values)
+    print(f"{name:13s} median {m:10.0f} req/s  range {min(values):.0f}-{max(values):.0f}  ratio {m / bare:.2f}")
+PY

@@ -1,0 +1,374 @@
+//! What the guarantee costs, in process, each scenario beside its baseline.
+//!
+//! ```sh
+//! cargo bench --all-features --bench layer
+//! ```
+//!
+//! Groups:
+//! - `memory`: the bare axum route, a request the layer passes through
+//!   (GET, no key), a first request (new key) and a replay, on `MemoryStore`,
+//!   and the same scenarios through the published `axum-idempotent` crate
+//!   (the peer) where it can run them.
+//! - `coalesced`: N = 1, 16, 256 concurrent duplicates of one new key.
+//! - `fingerprint`: hashing 64 B, 1 KiB, 64 KiB and 1 MiB bodies.
+//! - `redis`: first request and replay on `RedisStore`, beside a plain Redis
+//!   `GET` round trip, against a `redis-server` the bench starts on a free
+//!   port (skipped when there is none).
+
+use std::hint::black_box;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::Body;
+use axum::routing::{get, post};
+use bytes::Bytes;
+use criterion::{BenchmarkId, Criterion, Throughput, criterion_group, criterion_main};
+use http::{HeaderValue, Request, StatusCode};
+use http_body_util::BodyExt;
+use tower::{ServiceBuilder, ServiceExt};
+use tower_idempotency::IdempotencyLayer;
+use tower_idempotency::fingerprint::FingerprintHasher;
+use tower_idempotency::store::{MemoryStore, Store};
+
+const BODY_64: &[u8] = br#"{"amount":100,"currency":"GHS","reference":"order-000000000042"}"#;
+
+async fn handler(body: Bytes) -> (StatusCode, Bytes) {
+    (StatusCode::CREATED, body)
+}
+
+fn routes() -> Router {
+    Router::new().route("/pay", post(handler).get(|| async { "ok" }))
+}
+
+fn guarded<St: Store>(store: St) -> Router {
+    routes().layer(ServiceBuilder::new().layer(IdempotencyLayer::new(store)))
+}
+
+fn post_req(key: Option<&str>) -> Request<Body> {
+    let mut b = Request::post("/pay").header("content-type", "application/json");
+    if let Some(key) = key {
+        b = b.header("idempotency-key", key);
+    }
+    b.body(Body::from(Bytes::from_static(BODY_64))).unwrap()
+}
+
+fn get_req() -> Request<Body> {
+    Request::get("/pay").body(Body::empty()).unwrap()
+}
+
+async fn call(router: &Router, req: Request<Body>) -> StatusCode {
+    let res = router.clone().oneshot(req).await.unwrap();
+    let status = res.status();
+    black_box(res.into_body().collect().await.unwrap());
+    status
+}
+
+static NEXT_KEY: AtomicU64 = AtomicU64::new(0);
+
+fn fresh_key() -> String {
+    format!("key-{}", NEXT_KEY.fetch_add(1, Ordering::Relaxed))
+}
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap()
+}
+
+/// The peer: `axum-idempotent` over a ruts cookie session on moka, in
+/// header mode. It caches only for requests that carry a session cookie, so
+/// the bench logs in once and sends the cookie with every request.
+mod peer {
+    use super::*;
+    use axum_idempotent::{IdempotentLayer, IdempotentOptions};
+    use ruts::store::moka::MokaStore;
+    use ruts::{CookieOptions, Session, SessionLayer};
+
+    async fn login(session: Session<MokaStore>) -> &'static str {
+        let ttl = ruts::store::Ttl::new(3600).unwrap();
+        session.set("user", &"bench", ttl, None).await.unwrap();
+        "ok"
+    }
+
+    pub fn router() -> Router {
+        let store = Arc::new(MokaStore::builder().build());
+        // `false`: a request without a key passes through (the GET scenario);
+        // `true` would refuse it with 400, on every method.
+        let options =
+            IdempotentOptions::default().use_idempotency_key_header(Some("Idempotency-Key"), false);
+        routes().route("/login", get(login)).layer(
+            ServiceBuilder::new()
+                .layer(tower_cookies::CookieManagerLayer::new())
+                .layer(
+                    SessionLayer::new(store)
+                        .with_cookie_options(CookieOptions::build().name("session")),
+                )
+                .layer(IdempotentLayer::<MokaStore>::new(options)),
+        )
+    }
+
+    /// Logs in and returns the session cookie to send.
+    pub async fn session_cookie(router: &Router) -> HeaderValue {
+        let res = router
+            .clone()
+            .oneshot(Request::get("/login").body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        let Some(cookie) = res.headers().get("set-cookie") else {
+            panic!("no session cookie: {} {:?}", res.status(), res.headers());
+        };
+        let cookie = cookie.to_str().unwrap();
+        HeaderValue::from_str(cookie.split(';').next().unwrap()).unwrap()
+    }
+}
+
+fn with_cookie(mut req: Request<Body>, cookie: &HeaderValue) -> Request<Body> {
+    req.headers_mut().insert("cookie", cookie.clone());
+    req
+}
+
+fn memory(c: &mut Criterion) {
+    let rt = runtime();
+    let bare = routes();
+    let ours = guarded(MemoryStore::new());
+    let theirs = peer::router();
+    let cookie = rt.block_on(peer::session_cookie(&theirs));
+    // The replayed key, completed once up front.
+    rt.block_on(async {
+        assert_eq!(
+            call(&ours, post_req(Some("replayed"))).await,
+            StatusCode::CREATED
+        );
+        call(&theirs, with_cookie(post_req(Some("replayed")), &cookie)).await;
+        // Both really replay in this setup.
+        let ours_again = ours
+            .clone()
+            .oneshot(post_req(Some("replayed")))
+            .await
+            .unwrap();
+        assert!(ours_again.headers().contains_key("idempotent-replayed"));
+        let req = with_cookie(post_req(Some("replayed")), &cookie);
+        let theirs_again = theirs.clone().oneshot(req).await.unwrap();
+        assert!(
+            theirs_again.headers().contains_key("idempotency-replayed"),
+            "the peer replays"
+        );
+    });
+
+    let mut g = c.benchmark_group("memory");
+    g.measurement_time(Duration::from_secs(5));
+    g.bench_function("bare/post", |b| {
+        b.to_async(&rt).iter(|| call(&bare, post_req(None)))
+    });
+    g.bench_function("bare/get", |b| {
+        b.to_async(&rt).iter(|| call(&bare, get_req()))
+    });
+    g.bench_function("ours/passthrough_get", |b| {
+        b.to_async(&rt).iter(|| call(&ours, get_req()))
+    });
+    g.bench_function("ours/first", |b| {
+        b.to_async(&rt)
+            .iter(|| async { call(&ours, post_req(Some(&fresh_key()))).await })
+    });
+    g.bench_function("ours/replay", |b| {
+        b.to_async(&rt)
+            .iter(|| call(&ours, post_req(Some("replayed"))))
+    });
+    g.bench_function("peer/passthrough_get", |b| {
+        b.to_async(&rt)
+            .iter(|| call(&theirs, with_cookie(get_req(), &cookie)))
+    });
+    g.bench_function("peer/first", |b| {
+        b.to_async(&rt).iter(|| async {
+            call(&theirs, with_cookie(post_req(Some(&fresh_key())), &cookie)).await
+        })
+    });
+    g.bench_function("peer/replay", |b| {
+        b.to_async(&rt)
+            .iter(|| call(&theirs, with_cookie(post_req(Some("replayed")), &cookie)))
+    });
+    g.finish();
+}
+
+fn coalesced(c: &mut Criterion) {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let ours = guarded(MemoryStore::new());
+    let bare = routes();
+    let mut g = c.benchmark_group("coalesced");
+    g.measurement_time(Duration::from_secs(5));
+    for n in [1usize, 16, 256] {
+        g.throughput(Throughput::Elements(n as u64));
+        g.bench_with_input(BenchmarkId::new("bare", n), &n, |b, &n| {
+            b.to_async(&rt).iter(|| async {
+                let mut set = tokio::task::JoinSet::new();
+                for _ in 0..n {
+                    let bare = bare.clone();
+                    set.spawn(async move { call(&bare, post_req(None)).await });
+                }
+                set.join_all().await
+            })
+        });
+        g.bench_with_input(BenchmarkId::new("ours", n), &n, |b, &n| {
+            b.to_async(&rt).iter(|| async {
+                let key = fresh_key();
+                let mut set = tokio::task::JoinSet::new();
+                for _ in 0..n {
+                    let (ours, key) = (ours.clone(), key.clone());
+                    set.spawn(async move { call(&ours, post_req(Some(&key))).await });
+                }
+                set.join_all().await
+            })
+        });
+    }
+    g.finish();
+}
+
+fn fingerprint(c: &mut Criterion) {
+    let uri: http::Uri = "/pay?x=1".parse().unwrap();
+    let headers = http::HeaderMap::new();
+    let mut g = c.benchmark_group("fingerprint");
+    for size in [64usize, 1024, 64 * 1024, 1024 * 1024] {
+        let body = vec![b'x'; size];
+        g.throughput(Throughput::Bytes(size as u64));
+        g.bench_with_input(BenchmarkId::from_parameter(size), &body, |b, body| {
+            b.iter(|| {
+                let mut h = FingerprintHasher::new(&http::Method::POST, &uri, &headers, &[]);
+                h.update(black_box(body));
+                h.finish()
+            })
+        });
+    }
+    g.finish();
+}
+
+#[cfg(feature = "redis")]
+fn redis(c: &mut Criterion) {
+    use tower_idempotency::store::RedisStore;
+    let Some(server) = redis_server::start() else {
+        eprintln!("SKIPPED redis benches: redis-server is not on the PATH");
+        return;
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let url = format!("redis://127.0.0.1:{}", server.port);
+    let (ours, mut conn) = rt.block_on(async {
+        let store = RedisStore::connect(&url).await.unwrap();
+        let client = redis::Client::open(url.as_str()).unwrap();
+        let mut conn = client.get_connection_manager().await.unwrap();
+        let _: () = redis::cmd("SET")
+            .arg("plain")
+            .arg("value")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        (guarded(store), conn)
+    });
+    rt.block_on(async {
+        assert_eq!(
+            call(&ours, post_req(Some("replayed"))).await,
+            StatusCode::CREATED
+        )
+    });
+    let mut g = c.benchmark_group("redis");
+    g.measurement_time(Duration::from_secs(5));
+    g.bench_function("plain_get_round_trip", |b| {
+        b.to_async(&rt).iter(|| {
+            let mut conn = conn.clone();
+            async move {
+                let v: Option<String> = redis::cmd("GET")
+                    .arg("plain")
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                black_box(v)
+            }
+        })
+    });
+    let bare = routes();
+    g.bench_function("bare/post", |b| {
+        b.to_async(&rt).iter(|| call(&bare, post_req(None)))
+    });
+    g.bench_function("ours/first", |b| {
+        b.to_async(&rt)
+            .iter(|| async { call(&ours, post_req(Some(&fresh_key()))).await })
+    });
+    g.bench_function("ours/replay", |b| {
+        b.to_async(&rt)
+            .iter(|| call(&ours, post_req(Some("replayed"))))
+    });
+    g.finish();
+    let _: () = rt.block_on(async { redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap() });
+    drop(server);
+}
+
+#[cfg(not(feature = "redis"))]
+fn redis(_c: &mut Criterion) {
+    eprintln!("SKIPPED redis benches: built without the `redis` feature");
+}
+
+#[cfg(feature = "redis")]
+mod redis_server {
+    use std::process::{Child, Command, Stdio};
+
+    pub struct Server {
+        child: Child,
+        pub port: u16,
+        dir: std::path::PathBuf,
+    }
+
+    pub fn start() -> Option<Server> {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .ok()?
+            .local_addr()
+            .ok()?
+            .port();
+        let dir =
+            std::env::temp_dir().join(format!("tower-idempotency-bench-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).ok()?;
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .arg("--dir")
+            .arg(&dir)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .ok()?;
+        for _ in 0..500 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Some(Server { child, port, dir });
+            }
+            std::thread::sleep(std::time::Duration::from_millis(10));
+        }
+        None
+    }
+
+    impl Drop for Server {
+        fn drop(&mut self) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+criterion_group!(benches, memory, coalesced, fingerprint, redis);
+criterion_main!(benches);

@@ -1,0 +1,159 @@
+//! Memory: bytes per stored record and per in-flight claim on `MemoryStore`,
+//! and the store's byte bound under a flood of unique keys.
+//!
+//! ```sh
+//! cargo bench --all-features --bench memory
+//! ```
+//!
+//! A counting global allocator measures the heap the store keeps (bytes
+//! allocated minus bytes freed) around each step.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicIsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tower_idempotency::fingerprint::Fingerprint;
+use tower_idempotency::key::StoreKey;
+use tower_idempotency::record::{StoredOutcome, StoredResponse};
+use tower_idempotency::store::{Claim, CompletedRecord, MemoryStore, Store};
+
+struct Counting;
+
+static LIVE: AtomicIsize = AtomicIsize::new(0);
+
+// SAFETY: delegates to the system allocator and only counts sizes.
+#[allow(unsafe_code)]
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
+        // SAFETY: same contract as the caller's.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE.fetch_sub(layout.size() as isize, Ordering::Relaxed);
+        // SAFETY: same contract as the caller's.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        LIVE.fetch_add(
+            new_size as isize - layout.size() as isize,
+            Ordering::Relaxed,
+        );
+        // SAFETY: same contract as the caller's.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+fn live() -> isize {
+    LIVE.load(Ordering::Relaxed)
+}
+
+/// A typical stored payments response: 201, three headers, a 96-byte body.
+fn typical_payload() -> Bytes {
+    let mut headers = http::HeaderMap::new();
+    headers.insert("content-type", "application/json".parse().unwrap());
+    headers.insert("content-length", "96".parse().unwrap());
+    headers.insert("location", "/payments/pay_000042".parse().unwrap());
+    StoredOutcome::Response(StoredResponse {
+        status: http::StatusCode::CREATED,
+        headers,
+        body: Bytes::from(vec![b'x'; 96]),
+        trailers: None,
+    })
+    .encode()
+}
+
+fn key(i: u64) -> StoreKey {
+    StoreKey::from_parts(b"bench", &i.to_be_bytes())
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() {
+    let fp = Fingerprint::from_bytes([7; 32]);
+    let lease = Duration::from_secs(60);
+    let retention = Duration::from_secs(3600);
+    let n: u64 = 100_000;
+    let payload = typical_payload();
+    println!("memory bench (counting allocator, heap kept = allocated - freed)");
+    println!("typical stored payload: {} bytes", payload.len());
+
+    // Per in-flight claim.
+    let store = MemoryStore::builder().max_in_flight(n as usize + 1).build();
+    let before = live();
+    let mut tokens = Vec::with_capacity(n as usize);
+    let tokens_bytes = live() - before;
+    for i in 0..n {
+        match store.claim(key(i), fp, lease).await.unwrap() {
+            Claim::Acquired(t) => tokens.push(t),
+            other => panic!("{other:?}"),
+        }
+    }
+    let per_claim = (live() - before - tokens_bytes) as f64 / n as f64;
+    println!("in-flight claim: {per_claim:.0} bytes each ({n} claims held)");
+
+    // Per completed record (the claims above complete into records).
+    let before = live();
+    for (i, t) in tokens.iter().enumerate() {
+        let record = CompletedRecord {
+            fingerprint: fp,
+            payload: Bytes::copy_from_slice(&payload),
+        };
+        store
+            .complete(key(i as u64), *t, record, retention)
+            .await
+            .unwrap();
+    }
+    let after_complete = live();
+    // Completing frees the claim and keeps the record: add the claim back
+    // to get what a record costs on its own.
+    let per_record = (after_complete - before) as f64 / n as f64 + per_claim;
+    println!(
+        "completed record: {per_record:.0} bytes each, {:.0} bytes over its {}-byte payload ({n} records)",
+        per_record - payload.len() as f64,
+        payload.len()
+    );
+    drop(tokens);
+    drop(store);
+
+    // The byte bound under a flood of unique keys.
+    let bound: u64 = 8 * 1024 * 1024;
+    let store = MemoryStore::builder().max_bytes(bound).build();
+    let baseline = live();
+    let flood: u64 = 200_000;
+    let big = Bytes::from(vec![b'y'; 1024]);
+    let mut peak = 0isize;
+    for i in 0..flood {
+        let k = key(1_000_000 + i);
+        let Claim::Acquired(t) = store.claim(k, fp, lease).await.unwrap() else {
+            panic!("fresh key")
+        };
+        let record = CompletedRecord {
+            fingerprint: fp,
+            payload: Bytes::copy_from_slice(&big),
+        };
+        store.complete(k, t, record, retention).await.unwrap();
+        if i % 10_000 == 0 {
+            peak = peak.max(live() - baseline);
+        }
+    }
+    let weighed = store.completed_bytes();
+    let heap = live() - baseline;
+    peak = peak.max(heap);
+    println!(
+        "flood: {flood} unique keys x 1 KiB ({} MiB offered) into a {} MiB store: \
+         weighed size {:.2} MiB (bound holds: {}), heap kept {:.2} MiB, peak {:.2} MiB",
+        flood * 1024 / (1024 * 1024),
+        bound / (1024 * 1024),
+        weighed as f64 / 1048576.0,
+        weighed <= bound,
+        heap as f64 / 1048576.0,
+        peak as f64 / 1048576.0,
+    );
+    assert!(weighed <= bound, "the byte bound must hold");
+}
