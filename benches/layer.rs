@@ -9,6 +9,8 @@
 //!   (GET, no key), a first request (new key) and a replay, on `MemoryStore`,
 //!   and the same scenarios through the published `axum-idempotent` crate
 //!   (the peer) where it can run them.
+//! - `tower`: the same without axum (a bare `service_fn` vs the layer over
+//!   it), which isolates the layer's own cost from `Router::layer`'s.
 //! - `coalesced`: N = 1, 16, 256 concurrent duplicates of one new key.
 //! - `fingerprint`: hashing 64 B, 1 KiB, 64 KiB and 1 MiB bodies.
 //! - `redis`: first request and replay on `RedisStore`, beside a plain Redis
@@ -193,6 +195,64 @@ fn memory(c: &mut Criterion) {
     g.finish();
 }
 
+/// The layer's own cost, without axum: a bare `service_fn` against the same
+/// service wrapped by the layer (axum's `Router::layer` re-boxes every route,
+/// which any layer pays on top of this).
+fn tower_level(c: &mut Criterion) {
+    use tower::Layer;
+    let rt = runtime();
+    let inner = tower::service_fn(
+        |req: Request<tower_idempotency::RequestBody<Body>>| async move {
+            let body = req.into_body().collect().await.unwrap().to_bytes();
+            Ok::<_, std::convert::Infallible>(http::Response::new(Body::from(body)))
+        },
+    );
+    let bare = tower::service_fn(|req: Request<Body>| async move {
+        let body = req.into_body().collect().await.unwrap().to_bytes();
+        Ok::<_, std::convert::Infallible>(http::Response::new(Body::from(body)))
+    });
+    let ours = IdempotencyLayer::new(MemoryStore::new()).layer(inner);
+    rt.block_on(async {
+        let res = ours
+            .clone()
+            .oneshot(post_req(Some("replayed")))
+            .await
+            .unwrap();
+        black_box(res.into_body().collect().await.unwrap());
+    });
+    let mut g = c.benchmark_group("tower");
+    g.measurement_time(Duration::from_secs(5));
+    g.bench_function("bare/get", |b| {
+        b.to_async(&rt).iter(|| async {
+            let res = bare.clone().oneshot(get_req()).await.unwrap();
+            black_box(res.into_body().collect().await.unwrap())
+        })
+    });
+    g.bench_function("ours/passthrough_get", |b| {
+        b.to_async(&rt).iter(|| async {
+            let res = ours.clone().oneshot(get_req()).await.unwrap();
+            black_box(res.into_body().collect().await.unwrap())
+        })
+    });
+    g.bench_function("bare/post", |b| {
+        b.to_async(&rt).iter(|| async {
+            let res = bare.clone().oneshot(post_req(None)).await.unwrap();
+            black_box(res.into_body().collect().await.unwrap())
+        })
+    });
+    g.bench_function("ours/replay", |b| {
+        b.to_async(&rt).iter(|| async {
+            let res = ours
+                .clone()
+                .oneshot(post_req(Some("replayed")))
+                .await
+                .unwrap();
+            black_box(res.into_body().collect().await.unwrap())
+        })
+    });
+    g.finish();
+}
+
 fn coalesced(c: &mut Criterion) {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -370,5 +430,5 @@ mod redis_server {
     }
 }
 
-criterion_group!(benches, memory, coalesced, fingerprint, redis);
+criterion_group!(benches, memory, tower_level, coalesced, fingerprint, redis);
 criterion_main!(benches);

@@ -211,8 +211,19 @@ impl RedisStore {
     }
 
     /// Starts configuring a store for the Redis at `url`.
+    ///
+    /// Its connections set `TCP_NODELAY`: every operation is one small
+    /// request awaited by a caller, so Nagle's algorithm would only add
+    /// latency. (Build a `redis::Client` yourself and use
+    /// [`builder_for`](Self::builder_for) to choose otherwise.)
     pub fn builder(url: &str) -> Result<RedisStoreBuilder, StoreError> {
-        let client = redis::Client::open(url).map_err(|e| error("configure", e))?;
+        use redis::IntoConnectionInfo;
+        let info = url
+            .into_connection_info()
+            .map_err(|e| error("configure", e))?;
+        let nodelay = info.tcp_settings().clone().set_nodelay(true);
+        let client = redis::Client::open(info.set_tcp_settings(nodelay))
+            .map_err(|e| error("configure", e))?;
         Ok(Self::builder_for(client))
     }
 
