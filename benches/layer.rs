@@ -224,7 +224,7 @@ fn tower_level(c: &mut Criterion) {
     g.measurement_time(Duration::from_secs(5));
     g.bench_function("bare/get", |b| {
         b.to_async(&rt).iter(|| async {
-            let res = bare.clone().oneshot(get_req()).await.unwrap();
+            let res = bare.oneshot(get_req()).await.unwrap();
             black_box(res.into_body().collect().await.unwrap())
         })
     });
@@ -236,7 +236,7 @@ fn tower_level(c: &mut Criterion) {
     });
     g.bench_function("bare/post", |b| {
         b.to_async(&rt).iter(|| async {
-            let res = bare.clone().oneshot(post_req(None)).await.unwrap();
+            let res = bare.oneshot(post_req(None)).await.unwrap();
             black_box(res.into_body().collect().await.unwrap())
         })
     });
