@@ -174,6 +174,33 @@ async fn two_instances_sharing_redis_execute_64_duplicates_once_and_wake_waiters
     assert_eq!(ledger.count(), 1, "one execution across both instances");
 }
 
+fn ledger_request_k() -> http::Request<axum::body::Body> {
+    ledger_request("k", false)
+}
+
+/// Retries (for up to 5 s) while the store answers 503, as a client would
+/// while Redis comes back; returns the first other answer.
+async fn retry_until_available<Svc>(
+    svc: &Svc,
+    request: fn() -> http::Request<axum::body::Body>,
+) -> Answer
+where
+    Svc: tower::Service<
+            http::Request<axum::body::Body>,
+            Response = http::Response<tower_idempotency::ResponseBody<axum::body::Body>>,
+        > + Clone,
+    Svc::Error: std::fmt::Debug,
+{
+    for _ in 0..50 {
+        let answer = send(svc, request()).await;
+        if answer.status != StatusCode::SERVICE_UNAVAILABLE {
+            return answer;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the store did not become available again within 5 s");
+}
+
 async fn post_over_http(addr: std::net::SocketAddr, key: &'static str, gate: bool) -> Answer {
     use http_body_util::BodyExt;
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
@@ -203,19 +230,8 @@ async fn redis_down_before_a_request_fails_closed_and_recovers() {
     assert!(refused.headers.contains_key("retry-after"));
     assert_eq!(ledger.count(), 0, "nothing runs unguarded");
     server.restart();
-    let mut recovered = None;
-    for _ in 0..50 {
-        let a = send(&svc, ledger_request("k", false)).await;
-        if a.status != StatusCode::SERVICE_UNAVAILABLE {
-            recovered = Some(a);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(
-        recovered.expect("recovers by itself").status,
-        StatusCode::CREATED
-    );
+    let answer = retry_until_available(&svc, ledger_request_k).await;
+    assert_eq!(answer.status, StatusCode::CREATED, "recovers by itself");
     assert_eq!(ledger.count(), 1);
 }
 
@@ -248,16 +264,8 @@ async fn redis_killed_mid_request_then_restarted() {
     // gone, so a retry executes again. This is the documented
     // at-least-once-under-store-loss case.
     server.restart();
-    let mut after = None;
-    for _ in 0..50 {
-        let a = send(&svc, ledger_request("k", false)).await;
-        if a.status != StatusCode::SERVICE_UNAVAILABLE {
-            after = Some(a);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(after.expect("recovers").status, StatusCode::CREATED);
+    let answer = retry_until_available(&svc, ledger_request_k).await;
+    assert_eq!(answer.status, StatusCode::CREATED, "recovers");
     assert_eq!(ledger.count(), 2);
 }
 
@@ -286,19 +294,8 @@ async fn a_frozen_redis_times_out_instead_of_hanging() {
         "bounded by the command timeout, took {took:?}"
     );
     assert_eq!(ledger.count(), 1, "only the warm-up executed");
-    let mut after = None;
-    for _ in 0..50 {
-        let a = send(&svc, ledger_request("k", false)).await;
-        if a.status != StatusCode::SERVICE_UNAVAILABLE {
-            after = Some(a);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    assert_eq!(
-        after.expect("recovers after thaw").status,
-        StatusCode::CREATED
-    );
+    let answer = retry_until_available(&svc, ledger_request_k).await;
+    assert_eq!(answer.status, StatusCode::CREATED, "recovers after thaw");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
