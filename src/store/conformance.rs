@@ -64,12 +64,26 @@ impl<St: Store> Fixture for St {
 /// Generates one `#[tokio::test]` per conformance check, each running
 /// against the store (or [`Fixture`]) that `$make` evaluates to.
 ///
+/// With `optional:`, `$make` evaluates to an `Option` of one, and `None`
+/// skips the test (say why where you return it, e.g. "redis-server not
+/// installed"):
+///
+/// ```ignore
+/// tower_idempotency::store_conformance_tests!(optional: my_server_or_skip().await);
+/// ```
+///
 /// Requires `tokio` with the `macros` and `rt-multi-thread` features in the
 /// calling crate's dev-dependencies.
 #[macro_export]
 macro_rules! store_conformance_tests {
+    (optional: $make:expr) => {
+        $crate::store_conformance_tests!(@checks [optional] $make);
+    };
     ($make:expr) => {
-        $crate::store_conformance_tests!(@tests $make;
+        $crate::store_conformance_tests!(@checks [required] $make);
+    };
+    (@checks [$mode:ident] $make:expr) => {
+        $crate::store_conformance_tests!(@tests [$mode] $make;
             claim_is_exclusive_under_a_race,
             completed_records_are_replayed_exactly,
             complete_is_fenced_and_idempotent,
@@ -86,11 +100,23 @@ macro_rules! store_conformance_tests {
             keys_are_independent,
         );
     };
-    (@tests $make:expr; $($check:ident),+ $(,)?) => {
+    (@tests [required] $make:expr; $($check:ident),+ $(,)?) => {
         $(
             #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn $check() {
                 let fixture = $make;
+                $crate::store::conformance::$check(
+                    $crate::store::conformance::Fixture::store(&fixture),
+                )
+                .await;
+            }
+        )+
+    };
+    (@tests [optional] $make:expr; $($check:ident),+ $(,)?) => {
+        $(
+            #[::tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $check() {
+                let Some(fixture) = $make else { return };
                 $crate::store::conformance::$check(
                     $crate::store::conformance::Fixture::store(&fixture),
                 )
