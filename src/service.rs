@@ -118,25 +118,29 @@ where
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
         let config = &self.config;
-        let has_key = req.headers().contains_key(&config.key_header);
-        let guarded = config.methods.contains(req.method())
-            && if grpc::is_grpc(req.headers()) {
-                // A layer cannot tell a streaming RPC from a unary one on the
-                // wire: guard listed methods, or else calls that carry a key.
-                match &config.grpc_methods {
-                    Some(methods) => methods.iter().any(|m| m == req.uri().path()),
-                    None => has_key,
-                }
-            } else {
-                config.key_required || has_key
-            };
+        // Unguarded methods cost this one check.
+        let grpc = config
+            .methods
+            .contains(req.method())
+            .then(|| grpc::is_grpc(req.headers()));
+        let guarded = match grpc {
+            None => false,
+            // A layer cannot tell a streaming RPC from a unary one on the
+            // wire: guard listed methods, or else calls that carry a key.
+            Some(true) => match &config.grpc_methods {
+                Some(methods) => methods.iter().any(|m| m == req.uri().path()),
+                None => req.headers().contains_key(&config.key_header),
+            },
+            Some(false) => config.key_required || req.headers().contains_key(&config.key_header),
+        };
+        let grpc = grpc == Some(true);
         if !guarded {
             return ResponseFuture::passthrough(self.inner.call(req.map(RequestBody::passthrough)));
         }
         // The ready instance goes into the future; the clone stays behind.
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
-        let fut = guard(inner, self.engine.clone(), self.config.clone(), req);
+        let fut = guard(inner, self.engine.clone(), self.config.clone(), req, grpc);
         ResponseFuture::guarded(Box::pin(fut))
     }
 }
@@ -156,6 +160,7 @@ async fn guard<S, St, ReqBody, ResBody>(
     engine: Engine<St>,
     config: Arc<Config>,
     req: Request<ReqBody>,
+    grpc: bool,
 ) -> Reply<ResBody, S::Error>
 where
     S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>> + Send + 'static,
@@ -168,7 +173,6 @@ where
     ResBody::Error: Into<BoxError>,
 {
     let (parts, body) = req.into_parts();
-    let grpc = grpc::is_grpc(&parts.headers);
     let key = match IdempotencyKey::from_header_values(
         parts.headers.get_all(&config.key_header).iter(),
     ) {
