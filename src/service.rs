@@ -345,10 +345,7 @@ where
             Err(frame) => frame,
         };
         if let Ok(t) = frame.into_trailers() {
-            match &mut trailers {
-                Some(existing) => existing.extend(t),
-                None => trailers = Some(t),
-            }
+            merge_trailers(&mut trailers, t);
         }
     }
     let data = match more {
@@ -356,6 +353,14 @@ where
         None => first.unwrap_or_default(),
     };
     Ok((data, trailers, hasher.finish()))
+}
+
+/// Adds a trailers frame to those already seen (a body may send more than one).
+fn merge_trailers(trailers: &mut Option<HeaderMap>, more: HeaderMap) {
+    match trailers {
+        Some(existing) => existing.extend(more),
+        None => *trailers = Some(more),
+    }
 }
 
 /// Runs in the engine's task: calls the inner service, then decides what
@@ -424,10 +429,7 @@ where
             }
             Err(frame) => {
                 if let Ok(t) = frame.into_trailers() {
-                    match &mut trailers {
-                        Some(existing) => existing.extend(t),
-                        None => trailers = Some(t),
-                    }
+                    merge_trailers(&mut trailers, t);
                 }
             }
         }
