@@ -183,6 +183,23 @@ impl PaymentsClient {
         })
     }
 
+    /// Wraps `message` with `key` as its `idempotency-key` metadata (if
+    /// given) and waits until the channel is ready.
+    async fn prepare<T>(&mut self, message: T, key: Option<&str>) -> Result<Request<T>, Status> {
+        let mut request = Request::new(message);
+        if let Some(key) = key {
+            let value = key
+                .parse()
+                .map_err(|_| Status::invalid_argument("bad key"))?;
+            request.metadata_mut().insert("idempotency-key", value);
+        }
+        self.grpc
+            .ready()
+            .await
+            .map_err(|e| Status::unavailable(e.to_string()))?;
+        Ok(request)
+    }
+
     /// Calls `Charge`, with `key` as the `idempotency-key` metadata if given.
     pub async fn charge(
         &mut self,
@@ -190,37 +207,22 @@ impl PaymentsClient {
         amount: u64,
         currency: &str,
     ) -> Result<Response<ChargeReply>, Status> {
-        let mut request = Request::new(ChargeRequest {
-            amount,
-            currency: currency.to_owned(),
-        });
-        if let Some(key) = key {
-            let value = key
-                .parse()
-                .map_err(|_| Status::invalid_argument("bad key"))?;
-            request.metadata_mut().insert("idempotency-key", value);
-        }
-        self.grpc
-            .ready()
-            .await
-            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let request = self
+            .prepare(
+                ChargeRequest {
+                    amount,
+                    currency: currency.to_owned(),
+                },
+                key,
+            )
+            .await?;
         let path = http::uri::PathAndQuery::from_static(CHARGE);
         self.grpc.unary(request, path, ProstCodec::default()).await
     }
 
     /// Calls `ListCharges` and collects the stream.
     pub async fn list_charges(&mut self, key: Option<&str>) -> Result<Vec<ChargeReply>, Status> {
-        let mut request = Request::new(ListChargesRequest {});
-        if let Some(key) = key {
-            let value = key
-                .parse()
-                .map_err(|_| Status::invalid_argument("bad key"))?;
-            request.metadata_mut().insert("idempotency-key", value);
-        }
-        self.grpc
-            .ready()
-            .await
-            .map_err(|e| Status::unavailable(e.to_string()))?;
+        let request = self.prepare(ListChargesRequest {}, key).await?;
         let path = http::uri::PathAndQuery::from_static(LIST_CHARGES);
         let mut stream = self
             .grpc
