@@ -311,8 +311,7 @@ fn fingerprint(c: &mut Criterion) {
 #[cfg(feature = "redis")]
 fn redis(c: &mut Criterion) {
     use tower_idempotency::store::RedisStore;
-    let Some(server) = redis_server::start() else {
-        eprintln!("SKIPPED redis benches: redis-server is not on the PATH");
+    let Some(server) = redis_server::redis_or_skip("redis benches") else {
         return;
     };
     let rt = tokio::runtime::Builder::new_multi_thread()
@@ -320,7 +319,7 @@ fn redis(c: &mut Criterion) {
         .enable_all()
         .build()
         .unwrap();
-    let url = format!("redis://127.0.0.1:{}", server.port);
+    let url = server.url();
     let (ours, mut conn) = rt.block_on(async {
         let store = RedisStore::connect(&url).await.unwrap();
         let client = redis::Client::open(url.as_str()).unwrap();
@@ -376,59 +375,11 @@ fn redis(_c: &mut Criterion) {
     eprintln!("SKIPPED redis benches: built without the `redis` feature");
 }
 
+// The same throwaway-server fixture the Redis tests use.
 #[cfg(feature = "redis")]
-mod redis_server {
-    use std::process::{Child, Command, Stdio};
-
-    pub struct Server {
-        child: Child,
-        pub port: u16,
-        dir: std::path::PathBuf,
-    }
-
-    pub fn start() -> Option<Server> {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .ok()?
-            .local_addr()
-            .ok()?
-            .port();
-        let dir =
-            std::env::temp_dir().join(format!("tower-idempotency-bench-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).ok()?;
-        let child = Command::new("redis-server")
-            .args([
-                "--port",
-                &port.to_string(),
-                "--bind",
-                "127.0.0.1",
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-            ])
-            .arg("--dir")
-            .arg(&dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .ok()?;
-        for _ in 0..500 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return Some(Server { child, port, dir });
-            }
-            std::thread::sleep(std::time::Duration::from_millis(10));
-        }
-        None
-    }
-
-    impl Drop for Server {
-        fn drop(&mut self) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-            let _ = std::fs::remove_dir_all(&self.dir);
-        }
-    }
-}
+#[allow(dead_code)]
+#[path = "../tests/common/redis_server.rs"]
+mod redis_server;
 
 criterion_group!(benches, memory, tower_level, coalesced, fingerprint, redis);
 criterion_main!(benches);
