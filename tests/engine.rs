@@ -106,24 +106,37 @@ async fn a_lost_lease_is_reported_and_the_outcome_not_stored() {
     );
 }
 
-#[tokio::test]
-async fn dropping_the_caller_detaches_the_execution() {
-    let engine = Engine::new(TestStore::new());
+type Caller = tokio::task::JoinHandle<Result<Outcome<Bytes>, EngineError<std::io::Error>>>;
+
+/// Starts `run_stored` on its own task with an operation that returns
+/// `payload` once `proceed` is notified; returns when the operation is running.
+async fn start_held(
+    engine: &Engine<TestStore>,
+    name: &'static str,
+    payload: &'static [u8],
+) -> (Caller, Arc<Notify>) {
     let proceed = Arc::new(Notify::new());
     let started = Arc::new(Notify::new());
     let caller = {
         let (engine, proceed, started) = (engine.clone(), proceed.clone(), started.clone());
         tokio::spawn(async move {
             engine
-                .run_stored(key("detach"), FP, move |_| async move {
+                .run_stored(key(name), FP, move |_| async move {
                     started.notify_one();
                     proceed.notified().await;
-                    Ok::<_, std::io::Error>(Bytes::from_static(b"finished"))
+                    Ok::<_, std::io::Error>(Bytes::from_static(payload))
                 })
                 .await
         })
     };
     started.notified().await;
+    (caller, proceed)
+}
+
+#[tokio::test]
+async fn dropping_the_caller_detaches_the_execution() {
+    let engine = Engine::new(TestStore::new());
+    let (caller, proceed) = start_held(&engine, "detach", b"finished").await;
     caller.abort();
     proceed.notify_one();
     let replay = engine
@@ -204,21 +217,7 @@ async fn a_fresh_owner_token_fences_each_grant() {
 #[tokio::test]
 async fn executions_can_be_awaited_at_shutdown() {
     let engine = Engine::new(TestStore::new());
-    let proceed = Arc::new(Notify::new());
-    let started = Arc::new(Notify::new());
-    let caller = {
-        let (engine, proceed, started) = (engine.clone(), proceed.clone(), started.clone());
-        tokio::spawn(async move {
-            engine
-                .run_stored(key("shutdown"), FP, move |_| async move {
-                    started.notify_one();
-                    proceed.notified().await;
-                    Ok::<_, std::io::Error>(Bytes::from_static(b"stored"))
-                })
-                .await
-        })
-    };
-    started.notified().await;
+    let (caller, proceed) = start_held(&engine, "shutdown", b"stored").await;
     caller.abort(); // the client went away; the execution is detached
     assert_eq!(engine.executions().running(), 1);
     let idle = tokio::spawn({
