@@ -6,8 +6,9 @@
 //! an async operation, it:
 //!
 //! 1. claims the key in the store (one atomic operation);
-//! 2. if it acquired the key, runs the operation **in a task of its own**, so
-//!    a caller that goes away (a client disconnect) does not cancel it; the
+//! 2. if it acquired the key, runs the operation in the caller's task, and
+//!    moves it to **a task of its own** if the caller goes away (a client
+//!    disconnect), so that dropping the caller never cancels it; the
 //!    lease is renewed while it runs, and a lost lease is reported through
 //!    [`ExecutionContext::lease_lost`] and the logs;
 //! 3. stores the operation's outcome (or releases the key, if the operation
@@ -52,6 +53,10 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::time::Instant;
+
+mod detach;
+
+use detach::Detachable;
 
 use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
@@ -127,9 +132,6 @@ pub enum EngineError<E> {
     /// The store failed; nothing was executed.
     #[error(transparent)]
     Store(#[from] StoreError),
-    /// The execution task was cancelled (the runtime is shutting down).
-    #[error("the idempotent execution was cancelled")]
-    Aborted,
 }
 
 /// What the running operation knows about its own execution.
@@ -335,8 +337,10 @@ impl<St: Store> Engine<St> {
                 // Boxed: the execution path is large and taken once per key,
                 // and inlining it would make every replay's future (which
                 // callers move and box) that much larger too.
+                // The execution is boxed inside `Detachable`, so every
+                // replay's future (which callers move and box) stays small.
                 Claim::Acquired(token) => {
-                    return Box::pin(self.execute(key, fingerprint, token, op)).await;
+                    return self.execute(key, fingerprint, token, op).await;
                 }
                 Claim::Completed(record) if record.fingerprint == fingerprint => {
                     let event = if coalesced {
@@ -377,13 +381,21 @@ impl<St: Store> Engine<St> {
         }
     }
 
-    async fn execute<F, Fut, T, E>(
+    /// Runs the operation of an acquired claim, then stores or releases.
+    ///
+    /// The execution runs inline in the caller's task (no spawn, no task
+    /// switch on the hot path) inside a [`Detachable`], which moves it to a
+    /// task of its own if the caller is dropped before it ends: a client
+    /// that goes away never cancels an execution. A panic in the operation
+    /// releases the key and unwinds through the caller, as an inline call's
+    /// would.
+    fn execute<F, Fut, T, E>(
         &self,
         key: StoreKey,
         fingerprint: Fingerprint,
         token: OwnerToken,
         op: F,
-    ) -> Result<Outcome<T>, EngineError<E>>
+    ) -> impl Future<Output = Result<Outcome<T>, EngineError<E>>> + Send + 'static
     where
         F: FnOnce(ExecutionContext) -> Fut,
         Fut: Future<Output = Result<(T, Completion), E>> + Send + 'static,
@@ -400,10 +412,8 @@ impl<St: Store> Engine<St> {
         let fut = op(ctx);
         let store = self.store.clone();
         let (lease, retention) = (self.lease, self.retention);
-        // The task, not the caller, owns the execution: dropping the caller's
-        // future detaches it instead of cancelling it.
         let running = self.executions.start();
-        let task = tokio::spawn(async move {
+        let execution = Detachable::new(async move {
             let _running = running;
             let mut guard = ReleaseOnDrop {
                 store: Some(store.clone()),
@@ -434,13 +444,11 @@ impl<St: Store> Engine<St> {
                 }
             }
         });
-        match task.await {
-            Ok(Ok(value)) => Ok(Outcome::Executed(value)),
-            Ok(Err(e)) => Err(EngineError::Operation(e)),
-            // The operation panicked: its guard released the key. Carry the
-            // panic on to the caller, as an inline call would have.
-            Err(join) if join.is_panic() => std::panic::resume_unwind(join.into_panic()),
-            Err(_) => Err(EngineError::Aborted),
+        async move {
+            match execution.await {
+                Ok(value) => Ok(Outcome::Executed(value)),
+                Err(e) => Err(EngineError::Operation(e)),
+            }
         }
     }
 }
@@ -517,8 +525,8 @@ async fn release<St: Store>(store: &St, key: StoreKey, token: OwnerToken) {
     }
 }
 
-/// Releases the claim if the execution task ends without reaching a verdict
-/// (the operation panicked, or the task was cancelled).
+/// Releases the claim if the execution ends without reaching a verdict (the
+/// operation panicked, or its detached task was cancelled at shutdown).
 struct ReleaseOnDrop<St: Store> {
     store: Option<St>,
     key: StoreKey,

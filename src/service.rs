@@ -268,10 +268,6 @@ where
                 )),
             }
         }
-        Err(EngineError::Aborted) => Ok(refuse(
-            grpc,
-            Problem::new(ProblemKind::StoreUnavailable).retry_after(config.retry_after),
-        )),
     }
 }
 
