@@ -55,8 +55,11 @@ use bytes::Bytes;
 use tokio::time::Instant;
 
 mod detach;
+mod running;
 
 use detach::Detachable;
+use futures_util::FutureExt;
+use running::Running;
 
 use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
@@ -409,41 +412,12 @@ impl<St: Store> Engine<St> {
             token,
             lost: lost.clone(),
         };
-        let fut = op(ctx);
-        let store = self.store.clone();
-        let (lease, retention) = (self.lease, self.retention);
-        let running = self.executions.start();
-        let execution = Detachable::new(async move {
-            let _running = running;
-            let mut guard = ReleaseOnDrop {
-                store: Some(store.clone()),
-                key,
-                token,
-            };
-            let result = with_heartbeat(&store, key, token, lease, &lost, fut).await;
-            guard.store = None;
-            match result {
-                Ok((value, Completion::Store(payload))) => {
-                    let record = CompletedRecord {
-                        fingerprint,
-                        payload,
-                    };
-                    complete(&store, key, token, record, retention).await;
-                    observe::event(Event::Executed, &key, None);
-                    Ok(value)
-                }
-                Ok((value, Completion::Release)) => {
-                    release(&store, key, token).await;
-                    observe::event(Event::Released, &key, None);
-                    Ok(value)
-                }
-                Err(e) => {
-                    release(&store, key, token).await;
-                    observe::event(Event::Failed, &key, None);
-                    Err(e)
-                }
-            }
-        });
+        let running = Running::new(op(ctx), self.store.clone(), key, token, self.lease, lost);
+        let (store, retention) = (self.store.clone(), self.retention);
+        let counted = self.executions.start();
+        let execution = Detachable::new(running.then(move |result| {
+            settle(store, key, token, fingerprint, retention, result, counted)
+        }));
         async move {
             match execution.await {
                 Ok(value) => Ok(Outcome::Executed(value)),
@@ -453,39 +427,36 @@ impl<St: Store> Engine<St> {
     }
 }
 
-/// Polls `fut` to completion while renewing the lease every third of it.
-async fn with_heartbeat<St: Store, R>(
-    store: &St,
+/// Stores or releases an operation's outcome, then hands its value on.
+async fn settle<St: Store, T, E>(
+    store: St,
     key: StoreKey,
     token: OwnerToken,
-    lease: Duration,
-    lost: &AtomicBool,
-    fut: impl Future<Output = R>,
-) -> R {
-    let heartbeat = async {
-        let period = lease / 3;
-        let mut next = Instant::now() + period;
-        loop {
-            tokio::time::sleep_until(next).await;
-            next += period;
-            match store.extend(key, token, lease).await {
-                Ok(LeaseStatus::Held) => {}
-                Ok(LeaseStatus::Lost) => {
-                    lost.store(true, Ordering::Release);
-                    observe::event(Event::LeaseLost, &key, None);
-                    break;
-                }
-                // Keep trying: the lease may still be valid, and the store
-                // may come back before it ends.
-                Err(e) => observe::event(Event::StoreError, &key, Some(&e)),
-            }
+    fingerprint: Fingerprint,
+    retention: Duration,
+    result: Result<(T, Completion), E>,
+    _counted: ExecutionGuard,
+) -> Result<T, E> {
+    match result {
+        Ok((value, Completion::Store(payload))) => {
+            let record = CompletedRecord {
+                fingerprint,
+                payload,
+            };
+            complete(&store, key, token, record, retention).await;
+            observe::event(Event::Executed, &key, None);
+            Ok(value)
         }
-        std::future::pending::<std::convert::Infallible>().await
-    };
-    tokio::select! {
-        biased;
-        result = fut => result,
-        never = heartbeat => match never {},
+        Ok((value, Completion::Release)) => {
+            release(&store, key, token).await;
+            observe::event(Event::Released, &key, None);
+            Ok(value)
+        }
+        Err(e) => {
+            release(&store, key, token).await;
+            observe::event(Event::Failed, &key, None);
+            Err(e)
+        }
     }
 }
 
@@ -522,25 +493,5 @@ async fn release<St: Store>(store: &St, key: StoreKey, token: OwnerToken) {
     if let Err(e) = store.release(key, token).await {
         // The claim will expire with its lease.
         observe::event(Event::StoreError, &key, Some(&e));
-    }
-}
-
-/// Releases the claim if the execution ends without reaching a verdict (the
-/// operation panicked, or its detached task was cancelled at shutdown).
-struct ReleaseOnDrop<St: Store> {
-    store: Option<St>,
-    key: StoreKey,
-    token: OwnerToken,
-}
-
-impl<St: Store> Drop for ReleaseOnDrop<St> {
-    fn drop(&mut self) {
-        if let Some(store) = self.store.take() {
-            let (key, token) = (self.key, self.token);
-            observe::event(Event::Failed, &key, None);
-            if let Ok(handle) = tokio::runtime::Handle::try_current() {
-                handle.spawn(async move { release(&store, key, token).await });
-            }
-        }
     }
 }

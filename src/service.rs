@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 
 use bytes::{Bytes, BytesMut};
+use futures_util::FutureExt;
 use http::{HeaderMap, HeaderValue, Request, Response, header};
 use http_body::Body;
 use http_body_util::BodyExt;
@@ -233,7 +234,11 @@ where
                 key,
                 execution,
             });
-            async move { execute(&mut inner, req, grpc, &run_config).await }
+            // Called here, so that the operation's future holds the inner
+            // future once, then the response handling in its place.
+            inner
+                .call(req)
+                .then(move |response| settle_response(response, grpc, run_config))
         })
         .instrument(tracing::debug_span!("idempotency", key = %store_key))
         .await;
@@ -359,20 +364,18 @@ fn merge_trailers(trailers: &mut Option<HeaderMap>, more: HeaderMap) {
     }
 }
 
-/// Runs in the engine's task: calls the inner service, then decides what
-/// to store and what to hand the caller.
-async fn execute<S, ReqBody, ResBody>(
-    inner: &mut S,
-    req: Request<RequestBody<ReqBody>>,
+/// Runs in the execution, once the inner service answered: decides what to
+/// store and what to hand the caller.
+async fn settle_response<ResBody, E>(
+    response: Result<Response<ResBody>, E>,
     grpc: bool,
-    config: &Config,
-) -> Result<(Response<ResponseBody<ResBody>>, Completion), S::Error>
+    config: Arc<Config>,
+) -> Result<(Response<ResponseBody<ResBody>>, Completion), E>
 where
-    S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>>,
     ResBody: Body<Data = Bytes>,
     ResBody::Error: Into<BoxError>,
 {
-    let response = inner.call(req).await?;
+    let response = response?;
     let (mut parts, body) = response.into_parts();
     // Decide now where the outcome is already known: the handler's own
     // verdict, an HTTP status, or a gRPC Trailers-Only status. A gRPC
