@@ -428,34 +428,55 @@ impl<St: Store> Engine<St> {
 }
 
 /// Stores or releases an operation's outcome, then hands its value on.
-async fn settle<St: Store, T, E>(
+///
+/// The value waits in the closure of a `map`, not in the store call's
+/// future, so it is held once.
+fn settle<St: Store, T, E>(
     store: St,
     key: StoreKey,
     token: OwnerToken,
     fingerprint: Fingerprint,
     retention: Duration,
     result: Result<(T, Completion), E>,
-    _counted: ExecutionGuard,
-) -> Result<T, E> {
-    match result {
-        Ok((value, Completion::Store(payload))) => {
-            let record = CompletedRecord {
+    counted: ExecutionGuard,
+) -> impl Future<Output = Result<T, E>> {
+    let (value, verdict) = match result {
+        Ok((value, Completion::Store(payload))) => (
+            Ok(value),
+            Verdict::Store(CompletedRecord {
                 fingerprint,
                 payload,
-            };
+            }),
+        ),
+        Ok((value, Completion::Release)) => (Ok(value), Verdict::Release(Event::Released)),
+        Err(e) => (Err(e), Verdict::Release(Event::Failed)),
+    };
+    record_verdict(store, key, token, retention, verdict, counted).map(move |()| value)
+}
+
+/// What to do with the key once the operation ended.
+enum Verdict {
+    Store(CompletedRecord),
+    /// Release the key and report this event.
+    Release(Event),
+}
+
+async fn record_verdict<St: Store>(
+    store: St,
+    key: StoreKey,
+    token: OwnerToken,
+    retention: Duration,
+    verdict: Verdict,
+    _counted: ExecutionGuard,
+) {
+    match verdict {
+        Verdict::Store(record) => {
             complete(&store, key, token, record, retention).await;
             observe::event(Event::Executed, &key, None);
-            Ok(value)
         }
-        Ok((value, Completion::Release)) => {
+        Verdict::Release(event) => {
             release(&store, key, token).await;
-            observe::event(Event::Released, &key, None);
-            Ok(value)
-        }
-        Err(e) => {
-            release(&store, key, token).await;
-            observe::event(Event::Failed, &key, None);
-            Err(e)
+            observe::event(event, &key, None);
         }
     }
 }

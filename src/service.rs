@@ -262,8 +262,9 @@ where
             match pending.take() {
                 Some((mut inner, req)) if config.fail_open => {
                     observe::event(Event::FailedOpen, &store_key, Some(&e));
-                    inner
-                        .call(req)
+                    // Boxed: rare, and the inner future would otherwise
+                    // enlarge every guarded request's future.
+                    Box::pin(inner.call(req))
                         .await
                         .map(|res| res.map(ResponseBody::inner))
                 }
