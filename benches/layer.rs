@@ -340,8 +340,12 @@ fn redis(c: &mut Criterion) {
     });
     let mut g = c.benchmark_group("redis");
     g.measurement_time(Duration::from_secs(5));
+    // Every scenario runs on a runtime worker, as a request handler does (a
+    // loop driven from the bench thread would add a cross-thread hop to each
+    // round trip; shared/research/performance.md §2.2).
     g.bench_function("plain_get_round_trip", |b| {
-        b.to_async(&rt).iter(|| {
+        let conn = conn.clone();
+        on_worker(&rt, b, move || {
             let mut conn = conn.clone();
             async move {
                 let v: Option<String> = redis::cmd("GET")
@@ -349,25 +353,60 @@ fn redis(c: &mut Criterion) {
                     .query_async(&mut conn)
                     .await
                     .unwrap();
-                black_box(v)
+                v
             }
         })
     });
     let bare = routes();
     g.bench_function("bare/post", |b| {
-        b.to_async(&rt).iter(|| call(&bare, post_req(None)))
+        let bare = bare.clone();
+        on_worker(&rt, b, move || {
+            let bare = bare.clone();
+            async move { call(&bare, post_req(None)).await }
+        })
     });
     g.bench_function("ours/first", |b| {
-        b.to_async(&rt)
-            .iter(|| async { call(&ours, post_req(Some(&fresh_key()))).await })
+        let ours = ours.clone();
+        on_worker(&rt, b, move || {
+            let ours = ours.clone();
+            async move { call(&ours, post_req(Some(&fresh_key()))).await }
+        })
     });
     g.bench_function("ours/replay", |b| {
-        b.to_async(&rt)
-            .iter(|| call(&ours, post_req(Some("replayed"))))
+        let ours = ours.clone();
+        on_worker(&rt, b, move || {
+            let ours = ours.clone();
+            async move { call(&ours, post_req(Some("replayed"))).await }
+        })
     });
     g.finish();
     let _: () = rt.block_on(async { redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap() });
     drop(server);
+}
+
+/// Times `iters` sequential calls of `op` inside one task spawned on the
+/// runtime, so that every call runs on a worker thread.
+#[cfg(feature = "redis")]
+fn on_worker<F, Fut>(rt: &tokio::runtime::Runtime, b: &mut criterion::Bencher<'_>, op: F)
+where
+    F: Fn() -> Fut + Send + Sync + Clone + 'static,
+    Fut: std::future::Future + Send,
+    Fut::Output: Send,
+{
+    b.iter_custom(|iters| {
+        let op = op.clone();
+        rt.block_on(async move {
+            tokio::spawn(async move {
+                let start = std::time::Instant::now();
+                for _ in 0..iters {
+                    black_box(op().await);
+                }
+                start.elapsed()
+            })
+            .await
+            .unwrap()
+        })
+    });
 }
 
 #[cfg(not(feature = "redis"))]

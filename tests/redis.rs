@@ -81,10 +81,18 @@ async fn a_first_request_costs_one_claim_and_one_completion_and_a_replay_one_cla
         2,
         "one claim + one completion"
     );
+    // Inside the scripts: the clock is read once by each, and nobody waited,
+    // so nothing is published.
+    assert_eq!(server.calls("time").await, 2);
+    assert_eq!(server.calls("publish").await, 0, "no waiter, no PUBLISH");
     server.reset_stats().await;
     let replay = send(&svc, ledger_request("k", false)).await;
     assert!(replay.replayed());
     assert_eq!(server.calls("evalsha").await, 1, "one claim-or-read");
+    // A replay is one HMGET inside its script: no clock, no second read.
+    assert_eq!(server.calls("hmget").await, 1);
+    assert_eq!(server.calls("time").await, 0);
+    assert_eq!(server.calls("hget").await, 0);
     assert_eq!(ledger.count(), 2);
 }
 

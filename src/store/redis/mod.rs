@@ -38,8 +38,9 @@ pub const DEFAULT_FENCE_MEMORY: Duration = Duration::from_secs(24 * 60 * 60);
 /// - **Cluster-safe names**: each key is `<prefix>:<hex SHA-256 of scope and
 ///   key>`; client input never reaches a key name, so it can never pick a
 ///   Cluster slot.
-/// - **Waiting without polling**: completions and releases are published on
-///   the channel `<prefix>:done`; waiters in every process wake at once. A
+/// - **Waiting without polling**: completions and releases of claims that
+///   someone waits for are published on the channel `<prefix>:done`; waiters
+///   in every process wake at once (claims nobody waits for publish nothing). A
 ///   bounded fallback check (default every second) covers lost
 ///   notifications, which Redis pub/sub does not redeliver.
 /// - **Bounded**: every command has a timeout (default 500 ms); a frozen or

@@ -9,7 +9,8 @@
 //! | `st` | `i` in flight, `d` done, `f` free (released; kept for its fence) |
 //! | `fence`, `nonce` | the owner token of the latest grant |
 //! | `fp` | the fingerprint (32 bytes) |
-//! | `dl` | the lease deadline, in ms of the Redis server's clock (`TIME`) |
+//! | `dl` | the lease deadline, in ms of the Redis server's clock (`TIME`); meaningful in state `i` only |
+//! | `w` | `1` once a waiter asked about the claim (`lease_left`), else `0` |
 //! | `pl` | the stored payload (when done) |
 //!
 //! Leases are judged by the server's clock only, so application servers
@@ -19,36 +20,62 @@
 //! and fails with `IDEM_CORRUPT` on a record it does not understand: Lua
 //! scripts are atomic but not transactional, so nothing is half-written.
 //! Completion and release publish the key on the store's channel, to wake
-//! waiters in every process.
+//! waiters in every process, when the claim has a waiter (`w`): a waiter
+//! marks the claim in the same script that reads its lease, after it
+//! registered for the notification, so no wake-up is lost, and a claim
+//! nobody waits for costs no `PUBLISH` (which every subscribed process
+//! would receive and dispatch).
+//!
+//! Each `redis.call` from Lua costs microseconds of server time, so the
+//! scripts make as few as they can: a replay is one `HMGET`; a claim of a
+//! new key `HMGET`, `TIME`, `HSET`, `PEXPIRE`; a completion the same.
 
-/// Shared prologue: the server time and the record, validated.
+/// Shared prologue: the record, validated, and whether its claim is live.
+/// `$extra` names more fields to read in the same `HMGET` (from `h[8]` on).
+/// The server's clock is read (`TIME`) only when a claim's deadline is at
+/// stake, so a replay is one `HMGET` and nothing else.
 macro_rules! prologue {
-    () => {
-        r#"
-local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local h = redis.call('HMGET', KEYS[1], 'v', 'st', 'fence', 'nonce', 'fp', 'dl')
-local v, st, fence, nonce, fp, dl = h[1], h[2], tonumber(h[3]), h[4], h[5], tonumber(h[6])
+    ($extra:literal) => {
+        concat!(
+            r#"
+local h = redis.call('HMGET', KEYS[1], 'v', 'st', 'fence', 'nonce', 'fp', 'dl', 'w'"#,
+            $extra,
+            r#")
+local v, st, fence, nonce, fp, dl, w = h[1], h[2], tonumber(h[3]), h[4], h[5], tonumber(h[6]), h[7]
 if v and v ~= '1' then return redis.error_reply('IDEM_CORRUPT unknown record version ' .. v) end
 if v and (not st or not fence or not nonce or not fp or (st == 'i' and not dl)) then
   return redis.error_reply('IDEM_CORRUPT incomplete record')
 end
 if st and st ~= 'i' and st ~= 'd' and st ~= 'f' then return redis.error_reply('IDEM_CORRUPT unknown state') end
-local live = st == 'i' and dl > now
+local function clock()
+  local t = redis.call('TIME')
+  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+end
+local now
+local live = false
+if st == 'i' then
+  now = clock()
+  live = dl > now
+end
 "#
+        )
     };
 }
 
 /// `claim(fp, lease_ms, keep_ms, nonce)` →
 /// `{1, fence}` acquired, `{2, fp, fence}` in flight, `{3, fp, payload}` done.
 pub(super) const CLAIM: &str = concat!(
-    prologue!(),
+    prologue!(", 'pl'"),
     r#"
-if st == 'd' then return {3, fp, redis.call('HGET', KEYS[1], 'pl')} end
+if st == 'd' then
+  if not h[8] then return redis.error_reply('IDEM_CORRUPT done without a payload') end
+  return {3, fp, h[8]}
+end
 if live then return {2, fp, fence} end
+now = now or clock()
 local next_fence = (fence or 0) + 1
 redis.call('HSET', KEYS[1], 'v', '1', 'st', 'i', 'fence', next_fence, 'nonce', ARGV[4],
-  'fp', ARGV[1], 'dl', now + tonumber(ARGV[2]))
+  'fp', ARGV[1], 'dl', now + tonumber(ARGV[2]), 'w', '0')
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]))
 return {1, next_fence}
 "#
@@ -56,15 +83,14 @@ return {1, next_fence}
 
 /// `complete(fence, nonce, payload, retention_ms, channel)` → 1 held, 0 lost.
 pub(super) const COMPLETE: &str = concat!(
-    prologue!(),
+    prologue!(""),
     r#"
 local mine = fence == tonumber(ARGV[1]) and nonce == ARGV[2]
 if st == 'd' and mine then return 1 end
 if not (live and mine) then return 0 end
 redis.call('HSET', KEYS[1], 'st', 'd', 'pl', ARGV[3])
-redis.call('HDEL', KEYS[1], 'dl')
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[4]))
-redis.call('PUBLISH', ARGV[5], KEYS[1])
+if w == '1' then redis.call('PUBLISH', ARGV[5], KEYS[1]) end
 return 1
 "#
 );
@@ -72,12 +98,11 @@ return 1
 /// `release(fence, nonce, channel)` → 1 held, 0 lost. A released record
 /// stays (state `f`) so the next grant's fence is higher.
 pub(super) const RELEASE: &str = concat!(
-    prologue!(),
+    prologue!(""),
     r#"
 if not (st == 'i' and fence == tonumber(ARGV[1]) and nonce == ARGV[2]) then return 0 end
 redis.call('HSET', KEYS[1], 'st', 'f')
-redis.call('HDEL', KEYS[1], 'dl')
-redis.call('PUBLISH', ARGV[3], KEYS[1])
+if w == '1' then redis.call('PUBLISH', ARGV[3], KEYS[1]) end
 if live then return 1 end
 return 0
 "#
@@ -86,7 +111,7 @@ return 0
 /// `extend(fence, nonce, lease_ms)` → 1 held, 0 lost. Never resurrects an
 /// expired lease, and never shortens the key's life.
 pub(super) const EXTEND: &str = concat!(
-    prologue!(),
+    prologue!(""),
     r#"
 if not (live and fence == tonumber(ARGV[1]) and nonce == ARGV[2]) then return 0 end
 local lease = tonumber(ARGV[3])
@@ -97,11 +122,15 @@ return 1
 );
 
 /// `lease_left(fence)` → ms left on the claim with this fence, or -1 when
-/// that claim is gone.
+/// that claim is gone. Marks the claim as waited for (`w`), so that its
+/// completion or release is published.
 pub(super) const LEASE_LEFT: &str = concat!(
-    prologue!(),
+    prologue!(""),
     r#"
-if live and fence == tonumber(ARGV[1]) then return dl - now end
+if live and fence == tonumber(ARGV[1]) then
+  if w ~= '1' then redis.call('HSET', KEYS[1], 'w', '1') end
+  return dl - now
+end
 return -1
 "#
 );
@@ -130,12 +159,11 @@ return 0
 /// reply was lost: the claim may have been applied with a fence we never
 /// learned, but we know the nonce we sent.
 pub(super) const ABANDON: &str = concat!(
-    prologue!(),
+    prologue!(""),
     r#"
 if not (st == 'i' and nonce == ARGV[1]) then return 0 end
 redis.call('HSET', KEYS[1], 'st', 'f')
-redis.call('HDEL', KEYS[1], 'dl')
-redis.call('PUBLISH', ARGV[2], KEYS[1])
+if w == '1' then redis.call('PUBLISH', ARGV[2], KEYS[1]) end
 return 1
 "#
 );
