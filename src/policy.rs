@@ -53,9 +53,10 @@ pub(crate) fn is_event_stream(headers: &HeaderMap) -> bool {
         .get(header::CONTENT_TYPE)
         .and_then(|v| v.to_str().ok())
         .is_some_and(|v| {
-            v.trim_start()
-                .to_ascii_lowercase()
-                .starts_with("text/event-stream")
+            // Compared in place: this runs on every executed response.
+            let v = v.trim_start().as_bytes();
+            let kind = b"text/event-stream";
+            v.len() >= kind.len() && v[..kind.len()].eq_ignore_ascii_case(kind)
         })
 }
 
@@ -160,5 +161,9 @@ mod tests {
             HeaderValue::from_static("Text/Event-Stream; charset=utf-8"),
         );
         assert!(is_event_stream(&h));
+        for other in ["text/", "", "text/html", "application/json"] {
+            h.insert(header::CONTENT_TYPE, HeaderValue::from_static(other));
+            assert!(!is_event_stream(&h), "{other:?}");
+        }
     }
 }
