@@ -3,7 +3,7 @@
 use std::collections::HashMap;
 use std::collections::hash_map::RandomState;
 use std::hash::BuildHasher;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
@@ -21,6 +21,9 @@ const DEFAULT_MAX_BYTES: u64 = 64 * 1024 * 1024;
 const DEFAULT_MAX_IN_FLIGHT: usize = 65_536;
 /// Bytes charged per completed record on top of its payload.
 const RECORD_OVERHEAD: u64 = 160;
+/// Independent locks over the in-flight claims, so that requests for
+/// different keys on different threads do not wait for each other.
+const SHARDS: usize = 64;
 
 /// An in-process [`Store`]: fast, but per process and lost on restart.
 ///
@@ -28,7 +31,9 @@ const RECORD_OVERHEAD: u64 = 160;
 /// recently used records go first when it is full) and expire after their
 /// retention. In-flight claims live apart, in a map the cache's eviction
 /// cannot reach (a byte-bounded cache may evict a brand-new entry at once,
-/// which would let a duplicate execute), bounded by a count: when it is full,
+/// which would let a duplicate execute; 64 independently locked shards, so
+/// that requests for different keys do not wait for each other), bounded by
+/// a count: when it is full,
 /// new claims fail with [`StoreErrorKind::CapacityExceeded`] and the layer
 /// answers 503 rather than dropping a live claim. Waiters are woken when the
 /// claim they wait on completes, is released or is taken over.
@@ -58,11 +63,26 @@ pub struct MemoryStore {
 type Hashing = crate::key::StoreKeyHasherBuilder;
 
 struct Inner {
-    in_flight: Mutex<HashMap<StoreKey, InFlight, Hashing>>,
+    shards: Box<[Shard]>,
+    /// Mixed into the shard choice, so that clients cannot aim keys at one.
+    shard_seed: u64,
+    /// Live entries across all shards, against `max_in_flight`.
+    claims: AtomicUsize,
     completed: moka::sync::Cache<StoreKey, Arc<Completed>, Hashing>,
     max_in_flight: usize,
-    next_fence: AtomicU64,
     nonce_seed: u64,
+}
+
+/// One lock's share of the in-flight claims, on its own cache lines.
+#[repr(align(128))]
+struct Shard(Mutex<Claims>);
+
+struct Claims {
+    map: HashMap<StoreKey, InFlight, Hashing>,
+    /// A key always maps to the same shard, so a per-shard counter gives
+    /// every key fences that grow with each grant. Shard `i` issues
+    /// `i + 1`, `i + 1 + SHARDS`, …, so no two grants share a token.
+    next_fence: u64,
 }
 
 struct InFlight {
@@ -134,13 +154,24 @@ impl MemoryStoreBuilder {
             .eviction_policy(EvictionPolicy::lru())
             .expire_after(RetentionExpiry)
             .build_with_hasher(Hashing::new());
+        let hashing = Hashing::new();
+        let shards = (0..SHARDS as u64)
+            .map(|i| {
+                Shard(Mutex::new(Claims {
+                    map: HashMap::with_hasher(hashing),
+                    next_fence: i + 1,
+                }))
+            })
+            .collect();
+        let random = RandomState::new();
         MemoryStore {
             inner: Arc::new(Inner {
-                in_flight: Mutex::new(HashMap::with_hasher(Hashing::new())),
+                shards,
+                shard_seed: random.hash_one(1u8),
+                claims: AtomicUsize::new(0),
                 completed,
                 max_in_flight: self.max_in_flight,
-                next_fence: AtomicU64::new(1),
-                nonce_seed: RandomState::new().hash_one(0u8),
+                nonce_seed: random.hash_one(0u8),
             }),
         }
     }
@@ -178,7 +209,7 @@ impl MemoryStore {
     /// How many in-flight claims the store holds now (expired ones not yet
     /// swept included).
     pub fn in_flight_count(&self) -> usize {
-        self.lock().len()
+        self.inner.shards.iter().map(|s| lock(s).map.len()).sum()
     }
 
     /// The approximate total weight of completed records, in bytes.
@@ -187,13 +218,40 @@ impl MemoryStore {
         self.inner.completed.weighted_size()
     }
 
-    fn lock(&self) -> MutexGuard<'_, HashMap<StoreKey, InFlight, Hashing>> {
-        // No code panics while holding the lock; if one ever did, the map is
-        // still consistent (every update is a single insert or remove).
-        self.inner
-            .in_flight
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
+    /// Locks the shard that holds `key`'s claim.
+    fn shard(&self, key: &StoreKey) -> MutexGuard<'_, Claims> {
+        let bytes = key.as_bytes();
+        let mut word = [0u8; 8];
+        word.copy_from_slice(&bytes[16..24]);
+        // The hash tables use the first 16 digest bytes; the shard uses others.
+        let mixed = u64::from_le_bytes(word) ^ self.inner.shard_seed;
+        lock(&self.inner.shards[(mixed % SHARDS as u64) as usize])
+    }
+
+    /// Takes one of the `max_in_flight` places, if one is free.
+    fn reserve_place(&self) -> bool {
+        if self.inner.claims.fetch_add(1, Ordering::AcqRel) < self.inner.max_in_flight {
+            return true;
+        }
+        self.inner.claims.fetch_sub(1, Ordering::AcqRel);
+        false
+    }
+
+    /// Gives back the places of claims removed from their shard.
+    fn free_places(&self, n: usize) {
+        self.inner.claims.fetch_sub(n, Ordering::AcqRel);
+    }
+
+    /// Drops expired claims from every shard, one lock at a time.
+    fn sweep_expired(&self, now: Instant) {
+        for shard in self.inner.shards.iter() {
+            let mut claims = lock(shard);
+            let before = claims.map.len();
+            claims.map.retain(|_, e| e.deadline > now);
+            let removed = before - claims.map.len();
+            drop(claims);
+            self.free_places(removed);
+        }
     }
 
     fn live_completed(&self, key: &StoreKey, now: Instant) -> Option<Arc<Completed>> {
@@ -207,40 +265,55 @@ impl MemoryStore {
         lease: Duration,
     ) -> Result<Claim, StoreError> {
         let now = Instant::now();
-        let mut map = self.lock();
-        match map.get(&key) {
-            Some(entry) if entry.deadline > now => {
-                return Ok(Claim::InFlight {
-                    fingerprint: entry.fingerprint,
-                    fence: entry.token.fence(),
-                });
-            }
-            // An expired claim is taken over below: replacing the entry drops
-            // its channel and wakes its waiters.
-            Some(_) => {}
-            None => {
-                if let Some(done) = self.live_completed(&key, now) {
-                    return Ok(Claim::Completed(done.record.clone()));
+        let mut swept = false;
+        loop {
+            let mut claims = self.shard(&key);
+            let takeover = match claims.map.get(&key) {
+                Some(entry) if entry.deadline > now => {
+                    return Ok(Claim::InFlight {
+                        fingerprint: entry.fingerprint,
+                        fence: entry.token.fence(),
+                    });
                 }
-                if map.len() >= self.inner.max_in_flight {
-                    map.retain(|_, e| e.deadline > now);
-                    if map.len() >= self.inner.max_in_flight {
-                        return Err(StoreError::new(StoreErrorKind::CapacityExceeded, "claim"));
+                // An expired claim is taken over below: replacing the entry
+                // drops its channel and wakes its waiters. It keeps its place.
+                Some(_) => true,
+                None => {
+                    if let Some(done) = self.live_completed(&key, now) {
+                        return Ok(Claim::Completed(done.record.clone()));
                     }
+                    false
                 }
+            };
+            if !takeover && !self.reserve_place() {
+                drop(claims);
+                if swept {
+                    return Err(StoreError::new(StoreErrorKind::CapacityExceeded, "claim"));
+                }
+                // Expired claims may be holding the places: sweep, then retry.
+                self.sweep_expired(now);
+                swept = true;
+                continue;
             }
+            let fence = claims.next_fence;
+            claims.next_fence += SHARDS as u64;
+            let token = OwnerToken::new(fence, self.inner.nonce_seed ^ fence);
+            let entry = InFlight {
+                token,
+                fingerprint,
+                deadline: now + lease,
+                gone: None,
+            };
+            claims.map.insert(key, entry);
+            return Ok(Claim::Acquired(token));
         }
-        let fence = self.inner.next_fence.fetch_add(1, Ordering::Relaxed);
-        let token = OwnerToken::new(fence, self.inner.nonce_seed ^ fence);
-        let entry = InFlight {
-            token,
-            fingerprint,
-            deadline: now + lease,
-            gone: None,
-        };
-        map.insert(key, entry);
-        Ok(Claim::Acquired(token))
     }
+}
+
+/// Locks a shard. No code panics while holding it; if one ever did, the map
+/// is still consistent (every update is a single insert or remove).
+fn lock(shard: &Shard) -> MutexGuard<'_, Claims> {
+    shard.0.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 impl Store for MemoryStore {
@@ -261,8 +334,8 @@ impl Store for MemoryStore {
         retention: Duration,
     ) -> Result<LeaseStatus, StoreError> {
         let now = Instant::now();
-        let mut map = self.lock();
-        match map.get(&key) {
+        let mut claims = self.shard(&key);
+        match claims.map.get(&key) {
             Some(entry) if entry.token == token && entry.deadline > now => {
                 let done = Completed {
                     record,
@@ -270,10 +343,12 @@ impl Store for MemoryStore {
                     expires_at: now + retention,
                     retention,
                 };
-                // Inserted while the claim map is locked, so a concurrent
+                // Inserted while the claim's shard is locked, so a concurrent
                 // claim sees either the claim or the record, never neither.
                 self.inner.completed.insert(key, Arc::new(done));
-                map.remove(&key);
+                claims.map.remove(&key);
+                drop(claims);
+                self.free_places(1);
                 Ok(LeaseStatus::Held)
             }
             Some(_) => Ok(LeaseStatus::Lost),
@@ -286,11 +361,13 @@ impl Store for MemoryStore {
 
     async fn release(&self, key: StoreKey, token: OwnerToken) -> Result<LeaseStatus, StoreError> {
         let now = Instant::now();
-        let mut map = self.lock();
-        match map.get(&key) {
+        let mut claims = self.shard(&key);
+        match claims.map.get(&key) {
             Some(entry) if entry.token == token => {
                 let live = entry.deadline > now;
-                map.remove(&key);
+                claims.map.remove(&key);
+                drop(claims);
+                self.free_places(1);
                 Ok(if live {
                     LeaseStatus::Held
                 } else {
@@ -308,8 +385,8 @@ impl Store for MemoryStore {
         lease: Duration,
     ) -> Result<LeaseStatus, StoreError> {
         let now = Instant::now();
-        let mut map = self.lock();
-        match map.get_mut(&key) {
+        let mut claims = self.shard(&key);
+        match claims.map.get_mut(&key) {
             Some(entry) if entry.token == token && entry.deadline > now => {
                 entry.deadline = now + lease;
                 Ok(LeaseStatus::Held)
@@ -321,8 +398,8 @@ impl Store for MemoryStore {
     async fn wait(&self, key: StoreKey, fence: u64, timeout: Duration) -> Result<(), StoreError> {
         let now = Instant::now();
         let (mut gone, until) = {
-            let mut map = self.lock();
-            match map.get_mut(&key) {
+            let mut claims = self.shard(&key);
+            match claims.map.get_mut(&key) {
                 Some(entry) if entry.token.fence() == fence && entry.deadline > now => {
                     let gone = entry
                         .gone
@@ -340,8 +417,12 @@ impl Store for MemoryStore {
 
     async fn purge(&self, key: StoreKey) -> Result<bool, StoreError> {
         let now = Instant::now();
-        let mut map = self.lock();
-        let had_claim = map.remove(&key).is_some_and(|e| e.deadline > now);
+        let mut claims = self.shard(&key);
+        let removed = claims.map.remove(&key);
+        if removed.is_some() {
+            self.free_places(1);
+        }
+        let had_claim = removed.is_some_and(|e| e.deadline > now);
         let had_record = self
             .inner
             .completed
@@ -394,6 +475,40 @@ mod tests {
             store.claim(key(9), FP, LEASE).await.unwrap(),
             Claim::Acquired(_)
         ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_in_flight_bound_holds_across_shards_and_grants_never_share_a_token() {
+        let store = MemoryStore::builder().max_in_flight(100).build();
+        let mut tokens = std::collections::HashSet::new();
+        let mut refused = 0;
+        // 300 keys spread over every shard: exactly 100 are granted.
+        for n in 0..300u16 {
+            let key = StoreKey::from_parts(b"", &n.to_be_bytes());
+            match store.claim(key, FP, LEASE).await {
+                Ok(Claim::Acquired(t)) => assert!(tokens.insert(t), "token {t:?} reused"),
+                Err(e) if e.kind() == StoreErrorKind::CapacityExceeded => refused += 1,
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!((tokens.len(), refused), (100, 200));
+        assert_eq!(store.in_flight_count(), 100);
+        // Completing and releasing give places back.
+        let mut held: Vec<_> = Vec::new();
+        for n in 0..300u16 {
+            let key = StoreKey::from_parts(b"", &n.to_be_bytes());
+            if let Ok(Claim::InFlight { .. }) = store.claim(key, FP, LEASE).await {
+                held.push(key);
+            }
+        }
+        assert_eq!(held.len(), 100);
+        assert!(store.purge(held[0]).await.unwrap());
+        let fresh = StoreKey::from_parts(b"", b"fresh");
+        assert!(matches!(
+            store.claim(fresh, FP, LEASE).await.unwrap(),
+            Claim::Acquired(_)
+        ));
+        assert!(store.claim(key(250), FP, LEASE).await.is_err());
     }
 
     #[tokio::test]
