@@ -9,7 +9,7 @@ use tower_layer::Layer;
 
 use crate::engine::{Engine, InFlightPolicy};
 use crate::key::{IdempotencyKey, Scope, StoreKey};
-use crate::service::Idempotency;
+use crate::service::{Idempotency, Shared};
 use crate::store::{Store, StoreError};
 
 /// The default key header, `Idempotency-Key`.
@@ -331,8 +331,10 @@ impl<S, St: Store> Layer<S> for IdempotencyLayer<St> {
     fn layer(&self, inner: S) -> Self::Service {
         Idempotency {
             inner,
-            engine: self.engine.clone(),
-            config: self.config.clone(),
+            shared: Arc::new(Shared {
+                engine: self.engine.clone(),
+                config: self.config.clone(),
+            }),
         }
     }
 }

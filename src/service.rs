@@ -35,6 +35,13 @@ use crate::store::{Store, StoreErrorKind};
 #[derive(Clone)]
 pub struct Idempotency<S, St> {
     pub(crate) inner: S,
+    /// One `Arc`, so that cloning the service (which axum does per request)
+    /// costs one reference count.
+    pub(crate) shared: Arc<Shared<St>>,
+}
+
+/// What every clone of an [`Idempotency`] shares.
+pub(crate) struct Shared<St> {
     pub(crate) engine: Engine<St>,
     pub(crate) config: Arc<Config>,
 }
@@ -43,8 +50,8 @@ impl<S: fmt::Debug, St: fmt::Debug> fmt::Debug for Idempotency<S, St> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Idempotency")
             .field("inner", &self.inner)
-            .field("engine", &self.engine)
-            .field("config", &self.config)
+            .field("engine", &self.shared.engine)
+            .field("config", &self.shared.config)
             .finish()
     }
 }
@@ -118,7 +125,7 @@ where
     }
 
     fn call(&mut self, req: Request<ReqBody>) -> Self::Future {
-        let config = &self.config;
+        let config = &self.shared.config;
         // Unguarded methods cost this one check.
         let grpc = config
             .methods
@@ -141,7 +148,7 @@ where
         // The ready instance goes into the future; the clone stays behind.
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
-        let fut = guard(inner, self.engine.clone(), self.config.clone(), req, grpc);
+        let fut = guard(inner, self.shared.clone(), req, grpc);
         ResponseFuture::guarded(Box::pin(fut))
     }
 }
@@ -158,8 +165,7 @@ fn refuse<B>(grpc: bool, problem: Problem) -> Response<ResponseBody<B>> {
 
 async fn guard<S, St, ReqBody, ResBody>(
     inner: S,
-    engine: Engine<St>,
-    config: Arc<Config>,
+    shared: Arc<Shared<St>>,
     req: Request<ReqBody>,
     grpc: bool,
 ) -> Reply<ResBody, S::Error>
@@ -173,6 +179,7 @@ where
     ResBody: Body<Data = Bytes> + Send + 'static,
     ResBody::Error: Into<BoxError>,
 {
+    let (engine, config) = (&shared.engine, &shared.config);
     let (parts, body) = req.into_parts();
     let key = match IdempotencyKey::from_header_values(
         parts.headers.get_all(&config.key_header).iter(),
@@ -245,7 +252,7 @@ where
 
     match result {
         Ok(Outcome::Executed(response)) => Ok(response),
-        Ok(Outcome::Replayed { payload, .. }) => Ok(replay(grpc, &payload, &config)),
+        Ok(Outcome::Replayed { payload, .. }) => Ok(replay(grpc, &payload, config)),
         Err(EngineError::Operation(e)) => Err(e),
         Err(EngineError::Mismatch) => Ok(refuse(
             grpc,
