@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::redis_server::{RedisServer, redis_or_skip};
-use common::{Answer, Ledger, send, serve};
+use common::{Answer, Ledger, collect, send, serve};
 use http::StatusCode;
 use tower::Layer;
 use tower_idempotency::engine::{Engine, Outcome};
@@ -204,19 +204,12 @@ where
 }
 
 async fn post_over_http(addr: std::net::SocketAddr, key: &'static str, gate: bool) -> Answer {
-    use http_body_util::BodyExt;
     let client = hyper_util::client::legacy::Client::builder(hyper_util::rt::TokioExecutor::new())
         .build_http();
     let mut req = ledger_request(key, gate);
     *req.uri_mut() = format!("http://{addr}/pay").parse().unwrap();
     let res = client.request(req).await.expect("request");
-    let (parts, body) = res.into_parts();
-    Answer {
-        status: parts.status,
-        headers: parts.headers,
-        body: body.collect().await.unwrap().to_bytes(),
-        trailers: None,
-    }
+    collect(res).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

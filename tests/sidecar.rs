@@ -134,13 +134,7 @@ async fn post_to(addr: SocketAddr, key: &str, body: &'static str, delay_ms: u64)
         .body(Body::from(body))
         .unwrap();
     let res = client().request(req).await.expect("request");
-    let (parts, body) = res.into_parts();
-    Answer {
-        status: parts.status,
-        headers: parts.headers,
-        body: body.collect().await.unwrap().to_bytes(),
-        trailers: None,
-    }
+    common::collect(res).await
 }
 
 fn config(upstream: SocketAddr) -> SidecarConfig {

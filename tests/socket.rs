@@ -8,7 +8,6 @@ use std::time::Duration;
 use axum::body::Body;
 use common::*;
 use http::{Request, StatusCode};
-use http_body_util::BodyExt;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tokio::io::AsyncWriteExt;
@@ -29,14 +28,7 @@ async fn post_to(client: &HttpClient, addr: std::net::SocketAddr, key: &str, gat
         .request(b.body(Body::from(r#"{"amount":100}"#)).unwrap())
         .await
         .expect("request");
-    let (parts, body) = res.into_parts();
-    let body = body.collect().await.expect("body").to_bytes();
-    Answer {
-        status: parts.status,
-        headers: parts.headers,
-        body,
-        trailers: None,
-    }
+    collect(res).await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
