@@ -311,6 +311,19 @@ where
         }
     }
 
+    /// An invocation of `script` on `key` by the owner of `token`: the
+    /// first two arguments of every fenced script are its fence and nonce.
+    fn by_owner<'s>(
+        &self,
+        script: &'s Script,
+        key: StoreKey,
+        token: OwnerToken,
+    ) -> redis::ScriptInvocation<'s> {
+        let mut invocation = script.key(self.key_name(key));
+        invocation.arg(token.fence()).arg(token.nonce().to_string());
+        invocation
+    }
+
     async fn fenced(
         &self,
         op: &'static str,
@@ -461,11 +474,8 @@ where
         record: CompletedRecord,
         retention: Duration,
     ) -> Result<LeaseStatus, StoreError> {
-        let name = self.key_name(key);
-        let mut invocation = self.inner.scripts.complete.key(&name);
+        let mut invocation = self.by_owner(&self.inner.scripts.complete, key, token);
         invocation
-            .arg(token.fence())
-            .arg(token.nonce().to_string())
             .arg(&record.payload[..])
             .arg(ms(retention))
             .arg(&self.inner.channel);
@@ -473,12 +483,8 @@ where
     }
 
     async fn release(&self, key: StoreKey, token: OwnerToken) -> Result<LeaseStatus, StoreError> {
-        let name = self.key_name(key);
-        let mut invocation = self.inner.scripts.release.key(&name);
-        invocation
-            .arg(token.fence())
-            .arg(token.nonce().to_string())
-            .arg(&self.inner.channel);
+        let mut invocation = self.by_owner(&self.inner.scripts.release, key, token);
+        invocation.arg(&self.inner.channel);
         self.fenced("release", invocation).await
     }
 
@@ -488,12 +494,8 @@ where
         token: OwnerToken,
         lease: Duration,
     ) -> Result<LeaseStatus, StoreError> {
-        let name = self.key_name(key);
-        let mut invocation = self.inner.scripts.extend.key(&name);
-        invocation
-            .arg(token.fence())
-            .arg(token.nonce().to_string())
-            .arg(ms(lease));
+        let mut invocation = self.by_owner(&self.inner.scripts.extend, key, token);
+        invocation.arg(ms(lease));
         self.fenced("extend", invocation).await
     }
 
