@@ -337,9 +337,6 @@ impl<St: Store> Engine<St> {
                 }
             };
             match claim {
-                // Boxed: the execution path is large and taken once per key,
-                // and inlining it would make every replay's future (which
-                // callers move and box) that much larger too.
                 // The execution is boxed inside `Detachable`, so every
                 // replay's future (which callers move and box) stays small.
                 Claim::Acquired(token) => {
