@@ -43,7 +43,9 @@ pin_project! {
     #[project = KindProj]
     enum Kind<B> {
         Inner { #[pin] inner: B },
-        Full { data: Option<Bytes>, trailers: Option<HeaderMap> },
+        // Trailers are rare outside gRPC and a `HeaderMap` is 96 bytes:
+        // boxed, they keep every body (and every response moved) small.
+        Full { data: Option<Bytes>, trailers: Option<Box<HeaderMap>> },
         // What was buffered, then the rest of the inner body.
         Chained { prefix: Option<Bytes>, rest: Pin<Box<B>> },
         // What was buffered, then the error that stopped the inner body.
@@ -59,7 +61,7 @@ impl<B> Kind<B> {
     fn full(data: Bytes, trailers: Option<HeaderMap>) -> Self {
         Kind::Full {
             data: non_empty(data),
-            trailers,
+            trailers: trailers.map(Box::new),
         }
     }
 }
@@ -68,6 +70,16 @@ impl<B> RequestBody<B> {
     pub(crate) fn passthrough(inner: B) -> Self {
         Self {
             kind: Kind::Inner { inner },
+        }
+    }
+
+    /// A body with nothing in it, left behind while the real one is read.
+    pub(crate) fn empty() -> Self {
+        Self {
+            kind: Kind::Full {
+                data: None,
+                trailers: None,
+            },
         }
     }
 
@@ -125,7 +137,7 @@ where
                 if let Some(data) = data.take() {
                     return Poll::Ready(Some(Ok(Frame::data(data))));
                 }
-                Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(t))))
+                Poll::Ready(trailers.take().map(|t| Ok(Frame::trailers(*t))))
             }
             KindProj::Chained { prefix, rest } => {
                 if let Some(prefix) = prefix.take() {

@@ -314,68 +314,77 @@ impl<St: Store> Engine<St> {
     /// example, a response carries per-caller headers). An `Err` releases the
     /// key. A panic in `op` releases the key and is resumed in the caller, as
     /// if `op` had run inline.
-    pub async fn run<F, Fut, T, E>(
+    #[allow(
+        clippy::manual_async_fn,
+        reason = "an async fn would hold its arguments twice"
+    )]
+    pub fn run<F, Fut, T, E>(
         &self,
         key: StoreKey,
         fingerprint: Fingerprint,
         op: F,
-    ) -> Result<Outcome<T>, EngineError<E>>
+    ) -> impl Future<Output = Result<Outcome<T>, EngineError<E>>>
     where
         F: FnOnce(ExecutionContext) -> Fut,
         Fut: Future<Output = Result<(T, Completion), E>> + Send + 'static,
         T: Send + 'static,
         E: Send + 'static,
     {
-        let started = Instant::now();
-        let mut coalesced = false;
-        loop {
-            let claim = match self.store.claim(key, fingerprint, self.lease).await {
-                Ok(claim) => claim,
-                Err(e) => {
-                    observe::event(Event::StoreError, &key, Some(&e));
-                    return Err(EngineError::Store(e));
-                }
-            };
-            match claim {
-                // The execution is boxed inside `Detachable`, so every
-                // replay's future (which callers move and box) stays small.
-                Claim::Acquired(token) => {
-                    return self.execute(key, fingerprint, token, op).await;
-                }
-                Claim::Completed(record) if record.fingerprint == fingerprint => {
-                    let event = if coalesced {
-                        Event::Coalesced
-                    } else {
-                        Event::Replayed
-                    };
-                    observe::event(event, &key, None);
-                    return Ok(Outcome::Replayed {
-                        payload: record.payload,
-                        coalesced,
-                    });
-                }
-                Claim::InFlight {
-                    fingerprint: theirs,
-                    fence,
-                } if theirs == fingerprint => {
-                    let limit = match self.in_flight {
-                        InFlightPolicy::Wait(limit) => limit,
-                        InFlightPolicy::Reject => Duration::ZERO,
-                    };
-                    let waited = started.elapsed();
-                    if waited >= limit {
-                        observe::event(Event::InFlight, &key, None);
-                        return Err(EngineError::InFlight);
-                    }
-                    if let Err(e) = Box::pin(self.store.wait(key, fence, limit - waited)).await {
+        // A block, not an `async fn`: an `async fn` keeps each argument twice
+        // in its future (rust-lang/rust#62958), and `op` carries the request.
+        async move {
+            let started = Instant::now();
+            let mut coalesced = false;
+            loop {
+                let claim = match self.store.claim(key, fingerprint, self.lease).await {
+                    Ok(claim) => claim,
+                    Err(e) => {
                         observe::event(Event::StoreError, &key, Some(&e));
                         return Err(EngineError::Store(e));
                     }
-                    coalesced = true;
-                }
-                Claim::Completed(_) | Claim::InFlight { .. } => {
-                    observe::event(Event::Mismatch, &key, None);
-                    return Err(EngineError::Mismatch);
+                };
+                match claim {
+                    // The execution is boxed inside `Detachable`, so every
+                    // replay's future (which callers move and box) stays small.
+                    Claim::Acquired(token) => {
+                        return self.execute(key, fingerprint, token, op).await;
+                    }
+                    Claim::Completed(record) if record.fingerprint == fingerprint => {
+                        let event = if coalesced {
+                            Event::Coalesced
+                        } else {
+                            Event::Replayed
+                        };
+                        observe::event(event, &key, None);
+                        return Ok(Outcome::Replayed {
+                            payload: record.payload,
+                            coalesced,
+                        });
+                    }
+                    Claim::InFlight {
+                        fingerprint: theirs,
+                        fence,
+                    } if theirs == fingerprint => {
+                        let limit = match self.in_flight {
+                            InFlightPolicy::Wait(limit) => limit,
+                            InFlightPolicy::Reject => Duration::ZERO,
+                        };
+                        let waited = started.elapsed();
+                        if waited >= limit {
+                            observe::event(Event::InFlight, &key, None);
+                            return Err(EngineError::InFlight);
+                        }
+                        if let Err(e) = Box::pin(self.store.wait(key, fence, limit - waited)).await
+                        {
+                            observe::event(Event::StoreError, &key, Some(&e));
+                            return Err(EngineError::Store(e));
+                        }
+                        coalesced = true;
+                    }
+                    Claim::Completed(_) | Claim::InFlight { .. } => {
+                        observe::event(Event::Mismatch, &key, None);
+                        return Err(EngineError::Mismatch);
+                    }
                 }
             }
         }

@@ -1,6 +1,7 @@
 //! [`Idempotency`]: the service the layer builds.
 
 use std::fmt;
+use std::future::Future;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -145,10 +146,27 @@ where
         if !guarded {
             return ResponseFuture::passthrough(self.inner.call(req.map(RequestBody::passthrough)));
         }
+        // What can be refused without waiting is refused here, so that the
+        // boxed future carries only what the waiting needs.
+        let (parts, body) = req.into_parts();
+        let prepared = match prepare(&self.shared.config, &parts) {
+            Ok(prepared) => prepared,
+            Err((kind, detail)) => {
+                let refusal = refused(grpc, kind, detail);
+                return ResponseFuture::guarded(Box::pin(std::future::ready(Ok(refusal))));
+            }
+        };
+        let req = Request::from_parts(parts, RequestBody::passthrough(body));
         // The ready instance goes into the future; the clone stays behind.
         let clone = self.inner.clone();
         let inner = std::mem::replace(&mut self.inner, clone);
-        let fut = guard(inner, self.shared.clone(), req, grpc);
+        let pending = Pending {
+            inner,
+            req,
+            scope: prepared.scope,
+            key: prepared.key,
+        };
+        let fut = guard(self.shared.clone(), Some(pending), prepared.store_key, grpc);
         ResponseFuture::guarded(Box::pin(fut))
     }
 }
@@ -163,12 +181,71 @@ fn refuse<B>(grpc: bool, problem: Problem) -> Response<ResponseBody<B>> {
     problem.into_response(|bytes| ResponseBody::full(bytes, None))
 }
 
-async fn guard<S, St, ReqBody, ResBody>(
+/// What a guarded request yields before its body is read.
+struct Prepared {
+    scope: Scope,
+    key: IdempotencyKey,
+    store_key: StoreKey,
+}
+
+/// A guarded request on its way to the inner service: the operation takes
+/// it (or the layer, failing open when the store is down).
+struct Pending<S, ReqBody> {
     inner: S,
+    req: Request<RequestBody<ReqBody>>,
+    scope: Scope,
+    key: IdempotencyKey,
+}
+
+/// Reads the key and the scope and checks the declared length: all that can
+/// be refused before waiting for anything.
+fn prepare(
+    config: &Config,
+    parts: &http::request::Parts,
+) -> Result<Prepared, (ProblemKind, Option<String>)> {
+    let key = match IdempotencyKey::from_header_values(
+        parts.headers.get_all(&config.key_header).iter(),
+    ) {
+        Ok(Some(key)) => key,
+        Ok(None) => return Err((ProblemKind::MissingKey, None)),
+        Err(e) => return Err((ProblemKind::InvalidKey, Some(e.to_string()))),
+    };
+    let scope = match &config.scope {
+        None => Scope::global(),
+        Some(scope_of) => match scope_of(parts) {
+            Some(scope) => scope,
+            None => return Err((ProblemKind::ScopeUnavailable, None)),
+        },
+    };
+    let limit = config.request_body_limit;
+    if declared_length(&parts.headers).is_some_and(|len| len > limit as u64) {
+        return Err((ProblemKind::PayloadTooLarge, Some(too_large(limit))));
+    }
+    Ok(Prepared {
+        store_key: StoreKey::new(&scope, &key),
+        scope,
+        key,
+    })
+}
+
+/// Reads the body (fingerprinting it), then runs the request through the
+/// engine.
+///
+/// This future is boxed once per guarded request, and every byte of it is
+/// written and moved on each one, so it holds each thing once: the request
+/// arrives already in `pending`, where the operation takes it from (its
+/// body is read out of it and the bytes put back), and nothing is copied
+/// into a second place.
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn would hold its arguments twice"
+)]
+fn guard<S, St, ReqBody, ResBody>(
     shared: Arc<Shared<St>>,
-    req: Request<ReqBody>,
+    mut pending: Option<Pending<S, ReqBody>>,
+    store_key: StoreKey,
     grpc: bool,
-) -> Reply<ResBody, S::Error>
+) -> impl Future<Output = Reply<ResBody, S::Error>> + Send + 'static
 where
     S: Service<Request<RequestBody<ReqBody>>, Response = Response<ResBody>> + Send + 'static,
     S::Future: Send + 'static,
@@ -179,108 +256,108 @@ where
     ResBody: Body<Data = Bytes> + Send + 'static,
     ResBody::Error: Into<BoxError>,
 {
-    let (engine, config) = (&shared.engine, &shared.config);
-    let (parts, body) = req.into_parts();
-    let key = match IdempotencyKey::from_header_values(
-        parts.headers.get_all(&config.key_header).iter(),
-    ) {
-        Ok(Some(key)) => key,
-        Ok(None) => return Ok(refused(grpc, ProblemKind::MissingKey, None)),
-        Err(e) => return Ok(refused(grpc, ProblemKind::InvalidKey, Some(e.to_string()))),
-    };
-    let scope = match &config.scope {
-        None => Scope::global(),
-        Some(scope_of) => match scope_of(&parts) {
-            Some(scope) => scope,
-            None => return Ok(refused(grpc, ProblemKind::ScopeUnavailable, None)),
-        },
-    };
-    let store_key = StoreKey::new(&scope, &key);
-    let limit = config.request_body_limit;
-    if declared_length(&parts.headers).is_some_and(|len| len > limit as u64) {
-        return Ok(refused(
-            grpc,
-            ProblemKind::PayloadTooLarge,
-            Some(too_large(limit)),
-        ));
-    }
-    let hasher = FingerprintHasher::new(
-        &parts.method,
-        &parts.uri,
-        &parts.headers,
-        &config.fingerprint_headers,
-    );
-    let (data, trailers, fingerprint) = match read_body(body, limit, hasher).await {
-        Ok(read) => read,
-        Err(ReadError::TooLarge) => {
-            return Ok(refused(
-                grpc,
-                ProblemKind::PayloadTooLarge,
-                Some(too_large(limit)),
-            ));
-        }
-        Err(ReadError::Body(e)) => {
-            return Ok(refused(
-                grpc,
-                ProblemKind::BodyUnreadable,
-                Some(e.to_string()),
-            ));
-        }
-    };
-    let mut pending = Some((
-        inner,
-        Request::from_parts(parts, RequestBody::buffered(data, trailers)),
-    ));
-    let run_config = config.clone();
-    let result = engine
-        .run(store_key, fingerprint, |execution| {
-            // The engine calls the operation at most once, and only here.
-            let (mut inner, mut req) = pending.take().expect("operation called once");
-            req.extensions_mut().insert(IdempotencyInfo {
-                scope,
-                key,
-                execution,
-            });
-            // Called here, so that the operation's future holds the inner
-            // future once, then the response handling in its place.
-            inner
-                .call(req)
-                .then(move |response| settle_response(response, grpc, run_config))
-        })
-        .instrument(tracing::debug_span!("idempotency", key = %store_key))
-        .await;
-
-    match result {
-        Ok(Outcome::Executed(response)) => Ok(response),
-        Ok(Outcome::Replayed { payload, .. }) => Ok(replay(grpc, &payload, config)),
-        Err(EngineError::Operation(e)) => Err(e),
-        Err(EngineError::Mismatch) => Ok(refuse(
-            grpc,
-            Problem::new(ProblemKind::KeyMismatch).status(config.mismatch_status),
-        )),
-        Err(EngineError::InFlight) => Ok(refuse(
-            grpc,
-            Problem::new(ProblemKind::InFlight).retry_after(config.retry_after),
-        )),
-        Err(EngineError::Store(e)) => {
-            if e.kind() == StoreErrorKind::Corrupt {
-                return Ok(refused(grpc, ProblemKind::RecordUnreadable, None));
-            }
-            match pending.take() {
-                Some((mut inner, req)) if config.fail_open => {
-                    observe::event(Event::FailedOpen, &store_key, Some(&e));
-                    // Boxed: rare, and the inner future would otherwise
-                    // enlarge every guarded request's future.
-                    Box::pin(inner.call(req))
-                        .await
-                        .map(|res| res.map(ResponseBody::inner))
+    // An `async` block rather than an `async fn`: an `async fn` moves its
+    // arguments into locals, keeping each twice in its future
+    // (rust-lang/rust#62958); a block uses its captures in place.
+    async move {
+        let (engine, config) = (&shared.engine, &shared.config);
+        let limit = config.request_body_limit;
+        let Some(Pending { req, .. }) = pending.as_mut() else {
+            return Ok(refused(grpc, ProblemKind::BodyUnreadable, None));
+        };
+        let hasher = FingerprintHasher::new(
+            req.method(),
+            req.uri(),
+            req.headers(),
+            &config.fingerprint_headers,
+        );
+        let body = std::mem::replace(req.body_mut(), RequestBody::empty());
+        let fingerprint = match read_body(body, limit, hasher).await {
+            Ok((data, trailers, fingerprint)) => {
+                if let Some(Pending { req, .. }) = pending.as_mut() {
+                    *req.body_mut() = RequestBody::buffered(data, trailers);
                 }
-                _ => Ok(refuse(
-                    grpc,
-                    Problem::new(ProblemKind::StoreUnavailable).retry_after(config.retry_after),
-                )),
+                fingerprint
             }
-        }
+            Err(ReadError::TooLarge) => {
+                return Ok(refused(
+                    grpc,
+                    ProblemKind::PayloadTooLarge,
+                    Some(too_large(limit)),
+                ));
+            }
+            Err(ReadError::Body(e)) => {
+                return Ok(refused(
+                    grpc,
+                    ProblemKind::BodyUnreadable,
+                    Some(e.to_string()),
+                ));
+            }
+        };
+        let run_config = config.clone();
+        let result = engine
+            .run(store_key, fingerprint, |execution| {
+                // The engine calls the operation at most once, and only here.
+                let Pending {
+                    mut inner,
+                    mut req,
+                    scope,
+                    key,
+                } = pending.take().expect("operation called once");
+                req.extensions_mut().insert(IdempotencyInfo {
+                    scope,
+                    key,
+                    execution,
+                });
+                // Called here, so that the operation's future holds the inner
+                // future once, then the response handling in its place.
+                inner
+                    .call(req)
+                    .then(move |response| settle_response(response, grpc, run_config))
+            })
+            .instrument(tracing::debug_span!("idempotency", key = %store_key))
+            .await;
+
+        // The fail-open call is awaited after this `match`, so that `result`
+        // is not kept in the future beside it.
+        let failed_open = match result {
+            Ok(Outcome::Executed(response)) => return Ok(response),
+            Ok(Outcome::Replayed { payload, .. }) => return Ok(replay(grpc, &payload, config)),
+            Err(EngineError::Operation(e)) => return Err(e),
+            Err(EngineError::Mismatch) => {
+                return Ok(refuse(
+                    grpc,
+                    Problem::new(ProblemKind::KeyMismatch).status(config.mismatch_status),
+                ));
+            }
+            Err(EngineError::InFlight) => {
+                return Ok(refuse(
+                    grpc,
+                    Problem::new(ProblemKind::InFlight).retry_after(config.retry_after),
+                ));
+            }
+            Err(EngineError::Store(e)) => {
+                if e.kind() == StoreErrorKind::Corrupt {
+                    return Ok(refused(grpc, ProblemKind::RecordUnreadable, None));
+                }
+                match pending.take() {
+                    Some(Pending { mut inner, req, .. }) if config.fail_open => {
+                        observe::event(Event::FailedOpen, &store_key, Some(&e));
+                        // Boxed: rare, and the inner future would otherwise
+                        // enlarge every guarded request's future.
+                        Box::pin(inner.call(req))
+                    }
+                    _ => {
+                        return Ok(refuse(
+                            grpc,
+                            Problem::new(ProblemKind::StoreUnavailable)
+                                .retry_after(config.retry_after),
+                        ));
+                    }
+                }
+            }
+        };
+        failed_open.await.map(|res| res.map(ResponseBody::inner))
     }
 }
 
@@ -313,55 +390,63 @@ enum ReadError {
 
 /// Reads the whole request body (within `limit`), fingerprinting it as it
 /// comes, and keeps its bytes and trailers for the inner service.
-async fn read_body<B>(
+#[allow(
+    clippy::manual_async_fn,
+    reason = "an async fn would hold its arguments twice"
+)]
+fn read_body<B>(
     body: B,
     limit: usize,
     mut hasher: FingerprintHasher,
-) -> Result<(Bytes, Option<HeaderMap>, Fingerprint), ReadError>
+) -> impl Future<Output = Result<(Bytes, Option<HeaderMap>, Fingerprint), ReadError>>
 where
     B: Body<Data = Bytes>,
     B::Error: Into<BoxError>,
 {
-    if body.size_hint().lower() > limit as u64 {
-        return Err(ReadError::TooLarge);
-    }
-    let mut body = std::pin::pin!(body);
-    let mut first: Option<Bytes> = None;
-    let mut more: Option<BytesMut> = None;
-    let mut len = 0usize;
-    let mut trailers: Option<HeaderMap> = None;
-    while let Some(frame) = body.frame().await {
-        let frame = frame.map_err(|e| ReadError::Body(e.into()))?;
-        let frame = match frame.into_data() {
-            Ok(data) => {
-                len = len.saturating_add(data.len());
-                if len > limit {
-                    return Err(ReadError::TooLarge);
-                }
-                hasher.update(&data);
-                match (&mut first, &mut more) {
-                    (None, _) => first = Some(data),
-                    (Some(f), None) => {
-                        let mut buf = BytesMut::with_capacity(f.len() + data.len());
-                        buf.extend_from_slice(f);
-                        buf.extend_from_slice(&data);
-                        more = Some(buf);
-                    }
-                    (Some(_), Some(buf)) => buf.extend_from_slice(&data),
-                }
-                continue;
-            }
-            Err(frame) => frame,
-        };
-        if let Ok(t) = frame.into_trailers() {
-            merge_trailers(&mut trailers, t);
+    // A block, not an `async fn`, so the body and the hasher are kept once
+    // (see `guard`).
+    async move {
+        if body.size_hint().lower() > limit as u64 {
+            return Err(ReadError::TooLarge);
         }
+        let mut body = std::pin::pin!(body);
+        let mut first: Option<Bytes> = None;
+        let mut more: Option<BytesMut> = None;
+        let mut len = 0usize;
+        let mut trailers: Option<HeaderMap> = None;
+        while let Some(frame) = body.frame().await {
+            let frame = frame.map_err(|e| ReadError::Body(e.into()))?;
+            let frame = match frame.into_data() {
+                Ok(data) => {
+                    len = len.saturating_add(data.len());
+                    if len > limit {
+                        return Err(ReadError::TooLarge);
+                    }
+                    hasher.update(&data);
+                    match (&mut first, &mut more) {
+                        (None, _) => first = Some(data),
+                        (Some(f), None) => {
+                            let mut buf = BytesMut::with_capacity(f.len() + data.len());
+                            buf.extend_from_slice(f);
+                            buf.extend_from_slice(&data);
+                            more = Some(buf);
+                        }
+                        (Some(_), Some(buf)) => buf.extend_from_slice(&data),
+                    }
+                    continue;
+                }
+                Err(frame) => frame,
+            };
+            if let Ok(t) = frame.into_trailers() {
+                merge_trailers(&mut trailers, t);
+            }
+        }
+        let data = match more {
+            Some(buf) => buf.freeze(),
+            None => first.unwrap_or_default(),
+        };
+        Ok((data, trailers, hasher.finish()))
     }
-    let data = match more {
-        Some(buf) => buf.freeze(),
-        None => first.unwrap_or_default(),
-    };
-    Ok((data, trailers, hasher.finish()))
 }
 
 /// Adds a trailers frame to those already seen (a body may send more than one).
