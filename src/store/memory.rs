@@ -279,7 +279,12 @@ impl MemoryStore {
                 // drops its channel and wakes its waiters. It keeps its place.
                 Some(_) => true,
                 None => {
-                    if let Some(done) = self.live_completed(&key, now) {
+                    // `contains_key` first: in moka a `get` that misses is
+                    // still recorded and later replayed into its bookkeeping,
+                    // which a new key (most claims) need not pay for.
+                    if self.inner.completed.contains_key(&key)
+                        && let Some(done) = self.live_completed(&key, now)
+                    {
                         return Ok(Claim::Completed(done.record.clone()));
                     }
                     false
