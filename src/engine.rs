@@ -333,7 +333,9 @@ impl<St: Store> Engine<St> {
         // A block, not an `async fn`: an `async fn` keeps each argument twice
         // in its future (rust-lang/rust#62958), and `op` carries the request.
         async move {
-            let started = Instant::now();
+            // The wait for an in-flight duplicate counts from the first time
+            // it is seen; a request that claims or replays never reads the clock.
+            let mut started: Option<Instant> = None;
             let mut coalesced = false;
             loop {
                 let claim = match self.store.claim(key, fingerprint, self.lease).await {
@@ -369,7 +371,7 @@ impl<St: Store> Engine<St> {
                             InFlightPolicy::Wait(limit) => limit,
                             InFlightPolicy::Reject => Duration::ZERO,
                         };
-                        let waited = started.elapsed();
+                        let waited = started.get_or_insert_with(Instant::now).elapsed();
                         if waited >= limit {
                             observe::event(Event::InFlight, &key, None);
                             return Err(EngineError::InFlight);
