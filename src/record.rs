@@ -64,7 +64,7 @@ impl StoredOutcome {
     pub fn encode(&self) -> Bytes {
         match self {
             StoredOutcome::Response(r) => {
-                encode_response(r.status, r.headers.iter(), &r.body, r.trailers.as_ref())
+                encode_response(r.status, &r.headers, |_| true, &r.body, r.trailers.as_ref())
             }
             StoredOutcome::NotReplayable { status } => {
                 let mut buf = BytesMut::with_capacity(8);
@@ -116,21 +116,31 @@ impl StoredOutcome {
     }
 }
 
-/// Encodes a response record straight from borrowed parts, so the layer
-/// can store a filtered view of a response's headers without copying them
-/// into a new map first.
-pub(crate) fn encode_response<'a>(
+/// Encodes a response record straight from borrowed parts, keeping the
+/// headers `keep` accepts, so the layer can store a filtered view of a
+/// response's headers without copying them into a new map first.
+pub(crate) fn encode_response(
     status: StatusCode,
-    headers: impl Iterator<Item = (&'a HeaderName, &'a HeaderValue)>,
+    headers: &HeaderMap,
+    keep: impl Fn(&HeaderName) -> bool,
     body: &Bytes,
     trailers: Option<&HeaderMap>,
 ) -> Bytes {
-    let mut buf = BytesMut::with_capacity(256 + body.len());
+    // Sized exactly, so a stored record holds no spare capacity that the
+    // store's byte bound would not see.
+    let len = MAGIC.len()
+        + 4 // version, kind, status
+        + headers_len(headers.iter().filter(|(name, _)| keep(name)))
+        + 8
+        + body.len()
+        + 1
+        + trailers.map_or(0, |t| headers_len(t.iter()));
+    let mut buf = BytesMut::with_capacity(len);
     buf.put_slice(MAGIC);
     buf.put_u8(VERSION);
     buf.put_u8(KIND_RESPONSE);
     buf.put_u16(status.as_u16());
-    put_headers(&mut buf, headers);
+    put_headers(&mut buf, headers.iter().filter(|(name, _)| keep(name)));
     buf.put_u64(body.len() as u64);
     buf.put_slice(body);
     match trailers {
@@ -140,7 +150,15 @@ pub(crate) fn encode_response<'a>(
             put_headers(&mut buf, t.iter());
         }
     }
+    debug_assert_eq!(buf.len(), len);
     buf.freeze()
+}
+
+/// The encoded length of `headers` (see [`put_headers`]).
+fn headers_len<'a>(headers: impl Iterator<Item = (&'a HeaderName, &'a HeaderValue)>) -> usize {
+    4 + headers
+        .map(|(name, value)| 2 + name.as_str().len() + 4 + value.len())
+        .sum::<usize>()
 }
 
 fn put_headers<'a>(

@@ -410,29 +410,17 @@ where
             return Err(ReadError::TooLarge);
         }
         let mut body = std::pin::pin!(body);
-        let mut first: Option<Bytes> = None;
-        let mut more: Option<BytesMut> = None;
-        let mut len = 0usize;
+        let mut data = Gathered::default();
         let mut trailers: Option<HeaderMap> = None;
         while let Some(frame) = body.frame().await {
             let frame = frame.map_err(|e| ReadError::Body(e.into()))?;
             let frame = match frame.into_data() {
-                Ok(data) => {
-                    len = len.saturating_add(data.len());
-                    if len > limit {
+                Ok(chunk) => {
+                    if data.len().saturating_add(chunk.len()) > limit {
                         return Err(ReadError::TooLarge);
                     }
-                    hasher.update(&data);
-                    match (&mut first, &mut more) {
-                        (None, _) => first = Some(data),
-                        (Some(f), None) => {
-                            let mut buf = BytesMut::with_capacity(f.len() + data.len());
-                            buf.extend_from_slice(f);
-                            buf.extend_from_slice(&data);
-                            more = Some(buf);
-                        }
-                        (Some(_), Some(buf)) => buf.extend_from_slice(&data),
-                    }
+                    hasher.update(&chunk);
+                    data.push(chunk);
                     continue;
                 }
                 Err(frame) => frame,
@@ -441,11 +429,46 @@ where
                 merge_trailers(&mut trailers, t);
             }
         }
-        let data = match more {
-            Some(buf) => buf.freeze(),
-            None => first.unwrap_or_default(),
-        };
+        let data = data.into_bytes();
         Ok((data, trailers, hasher.finish()))
+    }
+}
+
+/// The data frames of a body, joined. A body sent in one frame (the common
+/// case) is kept as it came: no copy, no allocation.
+#[derive(Default)]
+struct Gathered {
+    first: Option<Bytes>,
+    more: Option<BytesMut>,
+}
+
+impl Gathered {
+    fn len(&self) -> usize {
+        match (&self.first, &self.more) {
+            (_, Some(buf)) => buf.len(),
+            (Some(first), None) => first.len(),
+            (None, None) => 0,
+        }
+    }
+
+    fn push(&mut self, chunk: Bytes) {
+        match (&self.first, &mut self.more) {
+            (_, Some(buf)) => buf.extend_from_slice(&chunk),
+            (None, None) => self.first = Some(chunk),
+            (Some(first), None) => {
+                let mut buf = BytesMut::with_capacity(first.len() + chunk.len());
+                buf.extend_from_slice(first);
+                buf.extend_from_slice(&chunk);
+                self.more = Some(buf);
+            }
+        }
+    }
+
+    fn into_bytes(self) -> Bytes {
+        match (self.first, self.more) {
+            (_, Some(buf)) => buf.freeze(),
+            (first, None) => first.unwrap_or_default(),
+        }
     }
 }
 
@@ -494,7 +517,7 @@ where
     }
     let mut body = Box::pin(body);
     let limit = config.stored_response_limit;
-    let mut buf = BytesMut::new();
+    let mut buf = Gathered::default();
     let mut trailers: Option<HeaderMap> = None;
     while let Some(frame) = body.frame().await {
         let frame = match frame {
@@ -502,22 +525,22 @@ where
             Err(e) => {
                 // The response broke off: the caller gets what there was and
                 // the error; nothing is stored and the key is released.
-                let failed = ResponseBody::failed(buf.freeze(), e.into());
+                let failed = ResponseBody::failed(buf.into_bytes(), e.into());
                 return Ok((Response::from_parts(parts, failed), Completion::Release));
             }
         };
         match frame.into_data() {
             Ok(data) => {
                 if buf.len().saturating_add(data.len()) > limit {
-                    buf.extend_from_slice(&data);
+                    buf.push(data);
                     let not_replayable = StoredOutcome::NotReplayable {
                         status: parts.status,
                     };
-                    let body = ResponseBody::chained(buf.freeze(), body);
+                    let body = ResponseBody::chained(buf.into_bytes(), body);
                     let response = Response::from_parts(parts, body);
                     return Ok((response, Completion::Store(not_replayable.encode())));
                 }
-                buf.extend_from_slice(&data);
+                buf.push(data);
             }
             Err(frame) => {
                 if let Ok(t) = frame.into_trailers() {
@@ -526,7 +549,7 @@ where
             }
         }
     }
-    let data = buf.freeze();
+    let data = buf.into_bytes();
     if decided.is_none() {
         // A gRPC response without a `grpc-status` is broken: judge it as
         // INTERNAL, which the default predicate does not store.
@@ -545,8 +568,13 @@ where
         config.replay_set_cookie,
         &config.excluded_headers,
     );
-    let replayable = parts.headers.iter().filter(|(name, _)| filter.keeps(name));
-    let stored = encode_response(parts.status, replayable, &data, trailers.as_ref());
+    let stored = encode_response(
+        parts.status,
+        &parts.headers,
+        |name| filter.keeps(name),
+        &data,
+        trailers.as_ref(),
+    );
     let body = ResponseBody::full(data, trailers);
     Ok((Response::from_parts(parts, body), Completion::Store(stored)))
 }
@@ -576,5 +604,32 @@ fn replay<B>(grpc: bool, payload: &Bytes, config: &Config) -> Response<ResponseB
             tracing::error!(error = %e, "stored idempotency record cannot be decoded");
             refused(grpc, ProblemKind::RecordUnreadable, None)
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_body_in_one_frame_is_kept_without_a_copy() {
+        let chunk = Bytes::from(vec![7u8; 100]);
+        let mut gathered = Gathered::default();
+        gathered.push(chunk.clone());
+        assert_eq!(gathered.len(), 100);
+        let data = gathered.into_bytes();
+        assert_eq!(data.as_ptr(), chunk.as_ptr());
+    }
+
+    #[test]
+    fn frames_are_joined_in_order() {
+        let mut gathered = Gathered::default();
+        assert_eq!(gathered.len(), 0);
+        for part in [&b"ab"[..], b"", b"cde", b"f"] {
+            gathered.push(Bytes::copy_from_slice(part));
+        }
+        assert_eq!(gathered.len(), 6);
+        assert_eq!(gathered.into_bytes(), Bytes::from_static(b"abcdef"));
+        assert!(Gathered::default().into_bytes().is_empty());
     }
 }
