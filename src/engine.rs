@@ -79,8 +79,9 @@ pub const MIN_LEASE: Duration = Duration::from_millis(3);
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
 pub enum InFlightPolicy {
-    /// Wait for the first execution, up to this long, and return its outcome;
-    /// after the deadline, refuse as in flight (HTTP 409 + `Retry-After`).
+    /// Wait for the first execution, up to this long (counted from when the
+    /// duplicate first finds it in flight), and return its outcome; after
+    /// the deadline, refuse as in flight (HTTP 409 + `Retry-After`).
     Wait(Duration),
     /// Refuse at once as in flight.
     Reject,
