@@ -262,6 +262,8 @@ where
     async move {
         let (engine, config) = (&shared.engine, &shared.config);
         let limit = config.request_body_limit;
+        // `pending` is `Some` until the operation takes it, below; the
+        // `else` only spares this code an `expect`.
         let Some(Pending { req, .. }) = pending.as_mut() else {
             return Ok(refused(grpc, ProblemKind::BodyUnreadable, None));
         };
