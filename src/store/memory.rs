@@ -60,7 +60,7 @@ pub struct MemoryStore {
     inner: Arc<Inner>,
 }
 
-type Hashing = crate::key::StoreKeyHasherBuilder;
+type Hashing = super::key_hasher::StoreKeyHasherBuilder;
 
 struct Inner {
     shards: Box<[Shard]>,

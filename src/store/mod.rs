@@ -30,6 +30,8 @@ use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
 
 #[cfg(feature = "memory")]
+mod key_hasher;
+#[cfg(feature = "memory")]
 mod memory;
 #[cfg(feature = "memory")]
 #[cfg_attr(docsrs, doc(cfg(feature = "memory")))]
