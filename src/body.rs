@@ -75,12 +75,7 @@ impl<B> RequestBody<B> {
 
     /// A body with nothing in it, left behind while the real one is read.
     pub(crate) fn empty() -> Self {
-        Self {
-            kind: Kind::Full {
-                data: None,
-                trailers: None,
-            },
-        }
+        Self::buffered(Bytes::new(), None)
     }
 
     pub(crate) fn buffered(data: Bytes, trailers: Option<HeaderMap>) -> Self {

@@ -149,7 +149,7 @@ where
         // What can be refused without waiting is refused here, so that the
         // boxed future carries only what the waiting needs.
         let (parts, body) = req.into_parts();
-        let prepared = match prepare(&self.shared.config, &parts) {
+        let prepared = match prepare(config, &parts) {
             Ok(prepared) => prepared,
             Err((kind, detail)) => {
                 let refusal = refused(grpc, kind, detail);
