@@ -19,8 +19,12 @@ use crate::key::StoreKey;
 const DEFAULT_MAX_BYTES: u64 = 64 * 1024 * 1024;
 /// Default bound on simultaneous in-flight claims.
 const DEFAULT_MAX_IN_FLIGHT: usize = 65_536;
-/// Bytes charged per completed record on top of its payload.
-const RECORD_OVERHEAD: u64 = 160;
+/// Bytes charged per completed record on top of its payload: what the
+/// record's own allocations and moka's entry (its hash-table bucket, entry
+/// metadata, order-queue and timer nodes) take besides the payload, measured
+/// by `benches/memory.rs` (about 450 to 560 bytes) and held to by
+/// `tests/memory_bound.rs`.
+const RECORD_OVERHEAD: u64 = 560;
 /// Independent locks over the in-flight claims, so that requests for
 /// different keys on different threads do not wait for each other.
 const SHARDS: usize = 64;
@@ -95,10 +99,49 @@ struct InFlight {
 }
 
 struct Completed {
-    record: CompletedRecord,
+    /// Emptied when the cache drops the entry (see [`Completed::forget`]).
+    record: Mutex<Option<CompletedRecord>>,
+    /// The record's weight against `max_bytes`, fixed when it is stored.
+    weight: u32,
     owner: OwnerToken,
     expires_at: Instant,
     retention: Duration,
+}
+
+impl Completed {
+    fn new(record: CompletedRecord, owner: OwnerToken, now: Instant, retention: Duration) -> Self {
+        let weight =
+            u32::try_from(record.payload.len() as u64 + RECORD_OVERHEAD).unwrap_or(u32::MAX);
+        Self {
+            record: Mutex::new(Some(record)),
+            weight,
+            owner,
+            expires_at: now + retention,
+            retention,
+        }
+    }
+
+    /// The stored record, unless the cache has dropped it.
+    fn record(&self) -> Option<CompletedRecord> {
+        self.record
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .clone()
+    }
+
+    /// Frees the payload as soon as the cache drops the entry. moka's hash
+    /// table frees a removed entry only later, once no thread can still be
+    /// reading it (epoch-based reclamation), so without this a few dozen
+    /// evicted records per thread would stay allocated beyond `max_bytes`:
+    /// with 256 KiB records, more than half the bound again.
+    fn forget(&self) {
+        let record = self
+            .record
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        drop(record);
+    }
 }
 
 struct RetentionExpiry;
@@ -132,7 +175,11 @@ pub struct MemoryStoreBuilder {
 }
 
 impl MemoryStoreBuilder {
-    /// Bounds the total size of completed records (default 64 MiB).
+    /// Bounds the heap that completed records take (default 64 MiB): each
+    /// record is charged its stored length plus 560 bytes for the cache
+    /// entry around it, and an evicted record's payload is freed at once.
+    /// In-flight claims are bounded apart, by
+    /// [`max_in_flight`](Self::max_in_flight).
     pub fn max_bytes(mut self, bytes: u64) -> Self {
         self.max_bytes = bytes;
         self
@@ -148,11 +195,10 @@ impl MemoryStoreBuilder {
     pub fn build(self) -> MemoryStore {
         let completed = moka::sync::Cache::builder()
             .max_capacity(self.max_bytes)
-            .weigher(|_k: &StoreKey, v: &Arc<Completed>| {
-                u32::try_from(v.record.payload.len() as u64 + RECORD_OVERHEAD).unwrap_or(u32::MAX)
-            })
+            .weigher(|_k: &StoreKey, v: &Arc<Completed>| v.weight)
             .eviction_policy(EvictionPolicy::lru())
             .expire_after(RetentionExpiry)
+            .eviction_listener(|_k, v: Arc<Completed>, _cause| v.forget())
             .build_with_hasher(Hashing::new());
         let hashing = Hashing::new();
         let shards = (0..SHARDS as u64)
@@ -283,9 +329,10 @@ impl MemoryStore {
                     // still recorded and later replayed into its bookkeeping,
                     // which a new key (most claims) need not pay for.
                     if self.inner.completed.contains_key(&key)
-                        && let Some(done) = self.live_completed(&key, now)
+                        && let Some(record) =
+                            self.live_completed(&key, now).and_then(|c| c.record())
                     {
-                        return Ok(Claim::Completed(done.record.clone()));
+                        return Ok(Claim::Completed(record));
                     }
                     false
                 }
@@ -342,12 +389,7 @@ impl Store for MemoryStore {
         let mut claims = self.shard(&key);
         match claims.map.get(&key) {
             Some(entry) if entry.token == token && entry.deadline > now => {
-                let done = Completed {
-                    record,
-                    owner: token,
-                    expires_at: now + retention,
-                    retention,
-                };
+                let done = Completed::new(record, token, now, retention);
                 // Inserted while the claim's shard is locked, so a concurrent
                 // claim sees either the claim or the record, never neither.
                 self.inner.completed.insert(key, Arc::new(done));

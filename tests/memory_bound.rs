@@ -1,0 +1,128 @@
+//! `MemoryStore::max_bytes` bounds the heap its completed records take, not
+//! only their weighed size: a flood of unique keys, small records and large,
+//! measured with a counting global allocator (allocated minus freed bytes).
+//!
+//! This binary holds one test, so nothing else allocates while it measures.
+
+use std::alloc::{GlobalAlloc, Layout, System};
+use std::sync::atomic::{AtomicIsize, Ordering};
+use std::time::Duration;
+
+use bytes::Bytes;
+use tower_idempotency::fingerprint::Fingerprint;
+use tower_idempotency::key::StoreKey;
+use tower_idempotency::record::{StoredOutcome, StoredResponse};
+use tower_idempotency::store::{Claim, CompletedRecord, MemoryStore, Store};
+
+struct Counting;
+
+static LIVE: AtomicIsize = AtomicIsize::new(0);
+
+// SAFETY: delegates to the system allocator and only counts sizes.
+#[allow(unsafe_code)]
+unsafe impl GlobalAlloc for Counting {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
+        // SAFETY: same contract as the caller's.
+        unsafe { System.alloc(layout) }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        LIVE.fetch_sub(layout.size() as isize, Ordering::Relaxed);
+        // SAFETY: same contract as the caller's.
+        unsafe { System.dealloc(ptr, layout) }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        LIVE.fetch_add(
+            new_size as isize - layout.size() as isize,
+            Ordering::Relaxed,
+        );
+        // SAFETY: same contract as the caller's.
+        unsafe { System.realloc(ptr, layout, new_size) }
+    }
+}
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
+
+fn live() -> isize {
+    LIVE.load(Ordering::Relaxed)
+}
+
+/// A small stored response, as the layer encodes it: 201, three headers and
+/// a 96-byte body (about 200 bytes in all).
+fn small_payload() -> Bytes {
+    let mut headers = http::HeaderMap::new();
+    headers.insert("content-type", "application/json".parse().unwrap());
+    headers.insert("content-length", "96".parse().unwrap());
+    headers.insert("location", "/payments/pay_000042".parse().unwrap());
+    StoredOutcome::Response(StoredResponse {
+        status: http::StatusCode::CREATED,
+        headers,
+        body: Bytes::from(vec![b'x'; 96]),
+        trailers: None,
+    })
+    .encode()
+}
+
+/// Floods a store bounded at `bound` bytes with `keys` unique keys whose
+/// records are `payload`, and returns the most heap it kept at any check.
+async fn peak_heap_under_flood(bound: u64, payload: &Bytes, keys: u64, first_key: u64) -> isize {
+    let fp = Fingerprint::from_bytes([7; 32]);
+    let lease = Duration::from_secs(60);
+    let retention = Duration::from_secs(3600);
+    let baseline = live();
+    let store = MemoryStore::builder().max_bytes(bound).build();
+    let mut peak = 0;
+    let check_every = (keys / 50).max(1);
+    for i in 0..keys {
+        let key = StoreKey::from_parts(b"bound", &(first_key + i).to_be_bytes());
+        let Claim::Acquired(token) = store.claim(key, fp, lease).await.unwrap() else {
+            panic!("a fresh key is acquired");
+        };
+        let record = CompletedRecord {
+            fingerprint: fp,
+            payload: Bytes::copy_from_slice(payload),
+        };
+        store.complete(key, token, record, retention).await.unwrap();
+        if i % check_every == check_every - 1 {
+            // Let the cache finish its pending evictions before measuring.
+            store.completed_bytes();
+            peak = peak.max(live() - baseline);
+        }
+    }
+    assert!(
+        store.completed_bytes() <= bound,
+        "the weighed size stays bounded"
+    );
+    peak
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn max_bytes_bounds_the_heap_records_take() {
+    const BOUND: u64 = 8 * 1024 * 1024;
+    // 10 % for what the bound cannot see exactly: the cache's hash table
+    // grows in steps, and its housekeeping buffers a few entries.
+    let allowed = (BOUND + BOUND / 10) as isize;
+    let small = small_payload();
+    let large = Bytes::from(vec![b'y'; 4096]);
+    // Large records show what an evicted record that stays allocated costs.
+    let huge = Bytes::from(vec![b'z'; 256 * 1024]);
+    let cases = [
+        ("small", &small, 36_000),
+        ("4 KiB", &large, 6_000),
+        ("256 KiB", &huge, 400),
+    ];
+    for (name, payload, keys) in cases {
+        // Enough keys to fill the store three to six times over.
+        let peak = peak_heap_under_flood(BOUND, payload, keys, keys * 10).await;
+        eprintln!("{name}: peak heap {peak} bytes, bound {BOUND}");
+        assert!(
+            peak <= allowed,
+            "{name} records ({} bytes each): the store kept {peak} bytes of heap \
+             against a bound of {BOUND}",
+            payload.len()
+        );
+    }
+}
