@@ -13,6 +13,9 @@
 //!   it), which isolates the layer's own cost from `Router::layer`'s.
 //! - `coalesced`: N = 1, 16, 256 concurrent duplicates of one new key.
 //! - `fingerprint`: hashing 64 B, 1 KiB, 64 KiB and 1 MiB bodies.
+//! - `store`: what `MemoryStore` spends storing a new key (claim, then
+//!   complete) below its byte bound and at it, beside the same inserts into
+//!   a bare moka cache configured as the store configures it.
 //! - `redis`: first request and replay on `RedisStore`, beside a plain Redis
 //!   `GET` round trip, against a `redis-server` the bench starts on a free
 //!   port (skipped when there is none).
@@ -426,5 +429,144 @@ fn redis(_c: &mut Criterion) {
 #[path = "../tests/common/redis_server.rs"]
 mod redis_server;
 
-criterion_group!(benches, memory, tower_level, coalesced, fingerprint, redis);
+/// A new key into `MemoryStore` (claim, then complete) against the same
+/// insert into a bare moka cache built as the store builds its cache (LRU,
+/// a byte weigher, per-entry expiry), below the byte bound and at it. Keys
+/// are made outside the timed part; the at-bound stores are filled first.
+fn store(c: &mut Criterion) {
+    use criterion::BatchSize;
+    use tower_idempotency::fingerprint::Fingerprint;
+    use tower_idempotency::key::StoreKey;
+    use tower_idempotency::store::{Claim, CompletedRecord};
+
+    struct Value {
+        payload: Bytes,
+        retention: Duration,
+    }
+    /// A keyed multiply-fold hasher like the store's own (which is private):
+    /// moka rehashes every key as its table grows and as removals pile up,
+    /// so the hasher is part of what moka costs.
+    #[derive(Clone)]
+    struct FoldHasher(u64);
+    impl std::hash::Hasher for FoldHasher {
+        fn write(&mut self, bytes: &[u8]) {
+            for chunk in bytes.chunks(8) {
+                let mut word = [0u8; 8];
+                word[..chunk.len()].copy_from_slice(chunk);
+                let full = u128::from(self.0 ^ u64::from_le_bytes(word)) * 0x9E37_79B9_7F4A_7C15;
+                self.0 = (full as u64) ^ ((full >> 64) as u64);
+            }
+        }
+        fn finish(&self) -> u64 {
+            self.0
+        }
+    }
+    #[derive(Clone)]
+    struct Fold(u64);
+    impl std::hash::BuildHasher for Fold {
+        type Hasher = FoldHasher;
+        fn build_hasher(&self) -> FoldHasher {
+            FoldHasher(self.0)
+        }
+    }
+    struct Retention;
+    impl moka::Expiry<StoreKey, Arc<Value>> for Retention {
+        fn expire_after_create(
+            &self,
+            _key: &StoreKey,
+            value: &Arc<Value>,
+            _created_at: std::time::Instant,
+        ) -> Option<Duration> {
+            Some(value.retention)
+        }
+    }
+    const AT_BOUND: u64 = 4 * 1024 * 1024;
+    const BELOW_BOUND: u64 = 1 << 40;
+    let payload = Bytes::from(vec![b'r'; 200]);
+    let fp = Fingerprint::from_bytes([7; 32]);
+    let (lease, retention) = (Duration::from_secs(30), Duration::from_secs(86_400));
+    let next = AtomicU64::new(0);
+    let fresh = || {
+        StoreKey::from_parts(
+            b"bench",
+            &next.fetch_add(1, Ordering::Relaxed).to_be_bytes(),
+        )
+    };
+    let moka_cache = |bound: u64| {
+        moka::sync::Cache::builder()
+            .max_capacity(bound)
+            .weigher(|_k: &StoreKey, v: &Arc<Value>| {
+                u32::try_from(v.payload.len() + 560).unwrap_or(u32::MAX)
+            })
+            .eviction_policy(moka::policy::EvictionPolicy::lru())
+            .expire_after(Retention)
+            .build_with_hasher(Fold(0x5eed_1234_abcd_0001))
+    };
+    let moka_insert = |cache: &moka::sync::Cache<StoreKey, Arc<Value>, Fold>, key: StoreKey| {
+        if !cache.contains_key(&key) {
+            cache.insert(
+                key,
+                Arc::new(Value {
+                    payload: payload.clone(),
+                    retention,
+                }),
+            );
+        }
+    };
+    let rt = runtime();
+    let store_insert = |store: &MemoryStore, key: StoreKey| {
+        let store = store.clone();
+        let payload = payload.clone();
+        async move {
+            let Claim::Acquired(token) = store.claim(key, fp, lease).await.unwrap() else {
+                panic!("a fresh key is acquired")
+            };
+            let record = CompletedRecord {
+                fingerprint: fp,
+                payload,
+            };
+            black_box(store.complete(key, token, record, retention).await.unwrap())
+        }
+    };
+    let below = MemoryStore::builder().max_bytes(BELOW_BOUND).build();
+    let at = MemoryStore::builder().max_bytes(AT_BOUND).build();
+    let moka_below = moka_cache(BELOW_BOUND);
+    let moka_at = moka_cache(AT_BOUND);
+    // Three times over the bound, so every insert measured evicts.
+    for _ in 0..3 * AT_BOUND / 760 {
+        rt.block_on(store_insert(&at, fresh()));
+        moka_insert(&moka_at, fresh());
+    }
+    let mut g = c.benchmark_group("store");
+    g.measurement_time(Duration::from_secs(5));
+    g.bench_function("memory_store/below_bound", |b| {
+        b.to_async(&rt)
+            .iter_batched(&fresh, |k| store_insert(&below, k), BatchSize::SmallInput)
+    });
+    g.bench_function("memory_store/at_bound", |b| {
+        b.to_async(&rt)
+            .iter_batched(&fresh, |k| store_insert(&at, k), BatchSize::SmallInput)
+    });
+    g.bench_function("moka_alone/below_bound", |b| {
+        b.iter_batched(
+            &fresh,
+            |k| moka_insert(&moka_below, k),
+            BatchSize::SmallInput,
+        )
+    });
+    g.bench_function("moka_alone/at_bound", |b| {
+        b.iter_batched(&fresh, |k| moka_insert(&moka_at, k), BatchSize::SmallInput)
+    });
+    g.finish();
+}
+
+criterion_group!(
+    benches,
+    memory,
+    tower_level,
+    coalesced,
+    fingerprint,
+    redis,
+    store
+);
 criterion_main!(benches);
