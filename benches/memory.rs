@@ -8,66 +8,16 @@
 //! A counting global allocator measures the heap the store keeps (bytes
 //! allocated minus bytes freed) around each step.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
 use tower_idempotency::fingerprint::Fingerprint;
 use tower_idempotency::key::StoreKey;
-use tower_idempotency::record::{StoredOutcome, StoredResponse};
 use tower_idempotency::store::{Claim, CompletedRecord, MemoryStore, Store};
 
-struct Counting;
-
-static LIVE: AtomicIsize = AtomicIsize::new(0);
-
-// SAFETY: delegates to the system allocator and only counts sizes.
-#[allow(unsafe_code)]
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
-        // SAFETY: same contract as the caller's.
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        LIVE.fetch_sub(layout.size() as isize, Ordering::Relaxed);
-        // SAFETY: same contract as the caller's.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LIVE.fetch_add(
-            new_size as isize - layout.size() as isize,
-            Ordering::Relaxed,
-        );
-        // SAFETY: same contract as the caller's.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
-#[global_allocator]
-static ALLOCATOR: Counting = Counting;
-
-fn live() -> isize {
-    LIVE.load(Ordering::Relaxed)
-}
-
-/// A typical stored payments response: 201, three headers, a 96-byte body.
-fn typical_payload() -> Bytes {
-    let mut headers = http::HeaderMap::new();
-    headers.insert("content-type", "application/json".parse().unwrap());
-    headers.insert("content-length", "96".parse().unwrap());
-    headers.insert("location", "/payments/pay_000042".parse().unwrap());
-    StoredOutcome::Response(StoredResponse {
-        status: http::StatusCode::CREATED,
-        headers,
-        body: Bytes::from(vec![b'x'; 96]),
-        trailers: None,
-    })
-    .encode()
-}
+#[path = "../tests/common/heap.rs"]
+mod heap;
+use heap::{live, typical_payload};
 
 fn key(i: u64) -> StoreKey {
     StoreKey::from_parts(b"bench", &i.to_be_bytes())

@@ -6,67 +6,16 @@
 //!
 //! This binary holds one test, so nothing else allocates while it measures.
 
-use std::alloc::{GlobalAlloc, Layout, System};
-use std::sync::atomic::{AtomicIsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
 use tower_idempotency::fingerprint::Fingerprint;
 use tower_idempotency::key::StoreKey;
-use tower_idempotency::record::{StoredOutcome, StoredResponse};
 use tower_idempotency::store::{Claim, CompletedRecord, MemoryStore, Store};
 
-struct Counting;
-
-static LIVE: AtomicIsize = AtomicIsize::new(0);
-
-// SAFETY: delegates to the system allocator and only counts sizes.
-#[allow(unsafe_code)]
-unsafe impl GlobalAlloc for Counting {
-    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
-        LIVE.fetch_add(layout.size() as isize, Ordering::Relaxed);
-        // SAFETY: same contract as the caller's.
-        unsafe { System.alloc(layout) }
-    }
-
-    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
-        LIVE.fetch_sub(layout.size() as isize, Ordering::Relaxed);
-        // SAFETY: same contract as the caller's.
-        unsafe { System.dealloc(ptr, layout) }
-    }
-
-    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
-        LIVE.fetch_add(
-            new_size as isize - layout.size() as isize,
-            Ordering::Relaxed,
-        );
-        // SAFETY: same contract as the caller's.
-        unsafe { System.realloc(ptr, layout, new_size) }
-    }
-}
-
-#[global_allocator]
-static ALLOCATOR: Counting = Counting;
-
-fn live() -> isize {
-    LIVE.load(Ordering::Relaxed)
-}
-
-/// A small stored response, as the layer encodes it: 201, three headers and
-/// a 96-byte body (about 200 bytes in all).
-fn small_payload() -> Bytes {
-    let mut headers = http::HeaderMap::new();
-    headers.insert("content-type", "application/json".parse().unwrap());
-    headers.insert("content-length", "96".parse().unwrap());
-    headers.insert("location", "/payments/pay_000042".parse().unwrap());
-    StoredOutcome::Response(StoredResponse {
-        status: http::StatusCode::CREATED,
-        headers,
-        body: Bytes::from(vec![b'x'; 96]),
-        trailers: None,
-    })
-    .encode()
-}
+#[path = "common/heap.rs"]
+mod heap;
+use heap::{live, typical_payload};
 
 /// Floods a store bounded at `bound` bytes with `keys` unique keys whose
 /// records are `payload`, and returns the most heap it kept at any check.
@@ -114,7 +63,7 @@ async fn max_bytes_bounds_the_heap_records_take() {
     // 10 % for what the bound cannot see exactly: the cache's hash table
     // grows in steps, and its housekeeping buffers a few entries.
     let slack = (BOUND / 10) as isize;
-    let small = small_payload();
+    let small = typical_payload();
     let large = Bytes::from(vec![b'y'; 4096]);
     let huge = Bytes::from(vec![b'z'; 256 * 1024]);
     let cases = [
