@@ -104,25 +104,9 @@ struct InFlight {
 
 struct Completed {
     record: CompletedRecord,
-    /// The record's weight against `max_bytes`, fixed when it is stored.
-    weight: u32,
     owner: OwnerToken,
     expires_at: Instant,
     retention: Duration,
-}
-
-impl Completed {
-    fn new(record: CompletedRecord, owner: OwnerToken, now: Instant, retention: Duration) -> Self {
-        let weight =
-            u32::try_from(record.payload.len() as u64 + RECORD_OVERHEAD).unwrap_or(u32::MAX);
-        Self {
-            record,
-            weight,
-            owner,
-            expires_at: now + retention,
-            retention,
-        }
-    }
 }
 
 struct RetentionExpiry;
@@ -178,7 +162,9 @@ impl MemoryStoreBuilder {
     pub fn build(self) -> MemoryStore {
         let completed = moka::sync::Cache::builder()
             .max_capacity(self.max_bytes)
-            .weigher(|_k: &StoreKey, v: &Arc<Completed>| v.weight)
+            .weigher(|_k: &StoreKey, v: &Arc<Completed>| {
+                u32::try_from(v.record.payload.len() as u64 + RECORD_OVERHEAD).unwrap_or(u32::MAX)
+            })
             .eviction_policy(EvictionPolicy::lru())
             .expire_after(RetentionExpiry)
             .build_with_hasher(Hashing::new());
@@ -370,7 +356,12 @@ impl Store for MemoryStore {
         let mut claims = self.shard(&key);
         match claims.map.get(&key) {
             Some(entry) if entry.token == token && entry.deadline > now => {
-                let done = Completed::new(record, token, now, retention);
+                let done = Completed {
+                    record,
+                    owner: token,
+                    expires_at: now + retention,
+                    retention,
+                };
                 // Inserted while the claim's shard is locked, so a concurrent
                 // claim sees either the claim or the record, never neither.
                 self.inner.completed.insert(key, Arc::new(done));
