@@ -17,7 +17,7 @@ use tower_idempotency::store::{Claim, CompletedRecord, MemoryStore, Store};
 
 #[path = "../tests/common/heap.rs"]
 mod heap;
-use heap::{live, typical_payload};
+use heap::{flood, live, typical_payload};
 
 fn key(i: u64) -> StoreKey {
     StoreKey::from_parts(b"bench", &i.to_be_bytes())
@@ -73,37 +73,17 @@ async fn main() {
 
     // The byte bound under a flood of unique keys.
     let bound: u64 = 8 * 1024 * 1024;
-    let store = MemoryStore::builder().max_bytes(bound).build();
-    let baseline = live();
-    let flood: u64 = 200_000;
-    let big = Bytes::from(vec![b'y'; 1024]);
-    let mut peak = 0isize;
-    for i in 0..flood {
-        let k = key(1_000_000 + i);
-        let Claim::Acquired(t) = store.claim(k, fp, lease).await.unwrap() else {
-            panic!("fresh key")
-        };
-        let record = CompletedRecord {
-            fingerprint: fp,
-            payload: Bytes::copy_from_slice(&big),
-        };
-        store.complete(k, t, record, retention).await.unwrap();
-        if i % 10_000 == 0 {
-            peak = peak.max(live() - baseline);
-        }
-    }
-    let weighed = store.completed_bytes();
-    let heap = live() - baseline;
-    peak = peak.max(heap);
+    let keys: u64 = 200_000;
+    let outcome = flood(bound, &Bytes::from(vec![b'y'; 1024]), keys, 1_000_000).await;
     println!(
-        "flood: {flood} unique keys x 1 KiB ({} MiB offered) into a {} MiB store: \
+        "flood: {keys} unique keys x 1 KiB ({} MiB offered) into a {} MiB store: \
          weighed size {:.2} MiB (bound holds: {}), heap kept {:.2} MiB, peak {:.2} MiB",
-        flood * 1024 / (1024 * 1024),
+        keys * 1024 / (1024 * 1024),
         bound / (1024 * 1024),
-        weighed as f64 / 1048576.0,
-        weighed <= bound,
-        heap as f64 / 1048576.0,
-        peak as f64 / 1048576.0,
+        outcome.weighed as f64 / 1048576.0,
+        outcome.weighed <= bound,
+        outcome.kept_heap as f64 / 1048576.0,
+        outcome.peak_heap as f64 / 1048576.0,
     );
-    assert!(weighed <= bound, "the byte bound must hold");
+    assert!(outcome.weighed <= bound, "the byte bound must hold");
 }
