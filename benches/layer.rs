@@ -495,6 +495,8 @@ fn store(c: &mut Criterion) {
     let moka_cache = |bound: u64| {
         moka::sync::Cache::builder()
             .max_capacity(bound)
+            // 560: the store's charge per record (`RECORD_OVERHEAD` in
+            // src/store/memory.rs, private), so both hold as many records.
             .weigher(|_k: &StoreKey, v: &Arc<Value>| {
                 u32::try_from(v.payload.len() + 560).unwrap_or(u32::MAX)
             })
