@@ -16,6 +16,10 @@ const MAGIC: &[u8; 4] = b"TIDR";
 const VERSION: u8 = 1;
 const KIND_RESPONSE: u8 = 0;
 const KIND_NOT_REPLAYABLE: u8 = 1;
+/// The most header entries a record may hold: what one `HeaderMap` holds
+/// (its capacity is at most 32 768 slots, three quarters of them usable),
+/// less the spare one a replay adds. A real response never comes close.
+const MAX_HEADERS: usize = 24_575;
 
 /// A response as stored for replay.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -222,13 +226,15 @@ impl Reader<'_> {
 
     fn headers(&mut self) -> Result<HeaderMap, RecordError> {
         let count = self.u32()? as usize;
-        // Each entry takes at least 6 bytes: refuse counts the buffer cannot hold
-        // before allocating for them.
-        if count > self.buf.len().saturating_sub(self.pos) / 6 {
+        // Each entry takes at least 6 bytes: refuse counts the buffer cannot
+        // hold before allocating for them, and counts no `HeaderMap` can hold
+        // (the map's own constructors panic past its maximum size).
+        if count > self.buf.len().saturating_sub(self.pos) / 6 || count > MAX_HEADERS {
             return Err(RecordError::Corrupt);
         }
         // One spare slot: a replay adds its marker header.
-        let mut map = HeaderMap::with_capacity(count + 1);
+        let mut map =
+            HeaderMap::try_with_capacity(count + 1).map_err(|_| RecordError::Corrupt)?;
         for _ in 0..count {
             let name_len = usize::from(self.u16()?);
             let name =
@@ -236,7 +242,8 @@ impl Reader<'_> {
             let value_len = self.u32()? as usize;
             let value =
                 HeaderValue::from_bytes(self.take(value_len)?).map_err(|_| RecordError::Corrupt)?;
-            map.append(name, value);
+            map.try_append(name, value)
+                .map_err(|_| RecordError::Corrupt)?;
         }
         Ok(map)
     }
@@ -317,13 +324,158 @@ mod tests {
         );
     }
 
+    /// A record head (magic, version, kind, status) followed by `rest`.
+    fn record_with(rest: &[u8]) -> Bytes {
+        let mut bytes = b"TIDR\x01\x00\x00\xc8".to_vec();
+        bytes.extend_from_slice(rest);
+        Bytes::from(bytes)
+    }
+
+    #[test]
+    fn a_record_claiming_more_headers_than_a_header_map_holds_is_corrupt_not_a_panic() {
+        // 30 000 entries of 6 bytes each: more than `HeaderMap` can hold
+        // (it panics above about 24 576 when asked for the capacity), yet
+        // within what the bytes could frame.
+        for count in [24_577u32, 30_000, 40_000] {
+            let mut rest = count.to_be_bytes().to_vec();
+            rest.resize(4 + count as usize * 6, 0);
+            assert_eq!(
+                StoredOutcome::decode(&record_with(&rest)),
+                Err(RecordError::Corrupt),
+                "{count} headers"
+            );
+        }
+    }
+
+    #[test]
+    fn a_record_with_more_valid_headers_than_a_header_map_holds_is_corrupt_not_a_panic() {
+        // Distinct, valid names: the map fills up while appending.
+        let count = 40_000u32;
+        let mut rest = count.to_be_bytes().to_vec();
+        for n in 0..count {
+            let name = format!("h{n}");
+            rest.extend_from_slice(&(name.len() as u16).to_be_bytes());
+            rest.extend_from_slice(name.as_bytes());
+            rest.extend_from_slice(&0u32.to_be_bytes());
+        }
+        rest.extend_from_slice(&0u64.to_be_bytes());
+        rest.push(0);
+        assert_eq!(
+            StoredOutcome::decode(&record_with(&rest)),
+            Err(RecordError::Corrupt)
+        );
+    }
+
+    /// A response with random headers (repeated names, any bytes a header
+    /// value may hold), body and trailers.
+    fn any_response() -> impl Strategy<Value = StoredResponse> {
+        let header = (
+            proptest::sample::select(vec!["a", "x-multi", "set-cookie", "grpc-status", "x"]),
+            proptest::collection::vec(
+                any::<u8>().prop_filter("header value byte", |b| *b >= 0x20 && *b != 0x7f),
+                0..40,
+            ),
+        );
+        let headers = proptest::collection::vec(header, 0..12).prop_map(|pairs| {
+            let mut map = HeaderMap::new();
+            for (name, value) in pairs {
+                if let Ok(value) = HeaderValue::from_bytes(&value) {
+                    map.append(HeaderName::from_static(name), value);
+                }
+            }
+            map
+        });
+        (
+            100u16..600,
+            headers.clone(),
+            proptest::collection::vec(any::<u8>(), 0..2048),
+            proptest::option::of(headers),
+        )
+            .prop_map(|(status, headers, body, trailers)| StoredResponse {
+                status: StatusCode::from_u16(status).unwrap_or(StatusCode::OK),
+                headers,
+                body: Bytes::from(body),
+                trailers,
+            })
+    }
+
+    /// How a stored record may be damaged: cut short, a length or count
+    /// field overwritten with a large or random value, or a byte flipped.
+    #[derive(Debug, Clone)]
+    enum Damage {
+        Truncate(prop::sample::Index),
+        OverwriteU32(prop::sample::Index, u32),
+        OverwriteU64(prop::sample::Index, u64),
+        Flip(prop::sample::Index, u8),
+    }
+
+    fn any_damage() -> impl Strategy<Value = Damage> {
+        let large_u32 = prop_oneof![
+            Just(u32::MAX),
+            Just(24_576u32),
+            Just(1u32 << 16),
+            any::<u32>()
+        ];
+        let large_u64 = prop_oneof![Just(u64::MAX), Just(1u64 << 40), any::<u64>()];
+        prop_oneof![
+            any::<prop::sample::Index>().prop_map(Damage::Truncate),
+            (any::<prop::sample::Index>(), large_u32).prop_map(|(i, v)| Damage::OverwriteU32(i, v)),
+            (any::<prop::sample::Index>(), large_u64).prop_map(|(i, v)| Damage::OverwriteU64(i, v)),
+            (any::<prop::sample::Index>(), 1u8..=255).prop_map(|(i, v)| Damage::Flip(i, v)),
+        ]
+    }
+
+    fn damaged(record: &Bytes, damage: &Damage) -> Bytes {
+        let mut bytes = record.to_vec();
+        if bytes.is_empty() {
+            return Bytes::new();
+        }
+        match damage {
+            Damage::Truncate(at) => bytes.truncate(at.index(bytes.len())),
+            Damage::OverwriteU32(at, v) => {
+                let at = at.index(bytes.len().saturating_sub(3).max(1));
+                let end = (at + 4).min(bytes.len());
+                bytes[at..end].copy_from_slice(&v.to_be_bytes()[..end - at]);
+            }
+            Damage::OverwriteU64(at, v) => {
+                let at = at.index(bytes.len().saturating_sub(7).max(1));
+                let end = (at + 8).min(bytes.len());
+                bytes[at..end].copy_from_slice(&v.to_be_bytes()[..end - at]);
+            }
+            Damage::Flip(at, mask) => {
+                let at = at.index(bytes.len());
+                bytes[at] ^= mask;
+            }
+        }
+        Bytes::from(bytes)
+    }
+
     proptest! {
+        // Many cases: decoding is what stands between a hostile or damaged
+        // stored value and the process.
+        #![proptest_config(ProptestConfig::with_cases(2_048))]
+
         #[test]
         fn decoding_arbitrary_bytes_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
             let mut with_magic = b"TIDR\x01".to_vec();
             with_magic.extend_from_slice(&bytes);
             let _ = StoredOutcome::decode(&Bytes::from(bytes));
             let _ = StoredOutcome::decode(&Bytes::from(with_magic));
+        }
+
+        #[test]
+        fn records_round_trip_and_damaged_records_never_panic(
+            response in any_response(),
+            damages in proptest::collection::vec(any_damage(), 1..4),
+        ) {
+            let outcome = StoredOutcome::Response(response);
+            let record = outcome.encode();
+            prop_assert_eq!(StoredOutcome::decode(&record), Ok(outcome));
+            let mut bytes = record;
+            for damage in &damages {
+                bytes = damaged(&bytes, damage);
+                let _ = StoredOutcome::decode(&bytes);
+            }
         }
     }
 }
