@@ -99,6 +99,7 @@ mod service;
 #[cfg_attr(docsrs, doc(cfg(feature = "sidecar")))]
 pub mod sidecar;
 pub mod store;
+mod time;
 
 pub use body::{RequestBody, ResponseBody};
 pub use future::ResponseFuture;

@@ -233,8 +233,7 @@ impl Reader<'_> {
             return Err(RecordError::Corrupt);
         }
         // One spare slot: a replay adds its marker header.
-        let mut map =
-            HeaderMap::try_with_capacity(count + 1).map_err(|_| RecordError::Corrupt)?;
+        let mut map = HeaderMap::try_with_capacity(count + 1).map_err(|_| RecordError::Corrupt)?;
         for _ in 0..count {
             let name_len = usize::from(self.u16()?);
             let name =

@@ -834,3 +834,46 @@ async fn after_the_retention_window_a_key_is_a_new_request() {
     assert!(!late.replayed(), "executed again after retention");
     assert_eq!(ledger.count(), 2);
 }
+
+/// Every `Duration` setting at its extremes: `Duration::MAX` saturates and
+/// zero is raised to the minimum, and a first request, an in-flight
+/// duplicate (waited for, and refused) and a replay all go through without a
+/// panic.
+#[tokio::test(start_paused = true)]
+async fn every_duration_setting_at_zero_or_max_runs_first_duplicate_and_replay_without_a_panic() {
+    for extreme in [Duration::MAX, Duration::ZERO] {
+        let (ledger, store) = setup();
+        let configure = |layer: IdempotencyLayer<TestStore>| {
+            layer.lease(extreme).retention(extreme).retry_after(extreme)
+        };
+        let svc = configure(layer(store.clone()))
+            .wait_for_in_flight(extreme)
+            .layer(ledger.service());
+        let refusing = configure(layer(store.clone()))
+            .reject_in_flight()
+            .layer(ledger.service());
+        let first = start_gated(&svc, &ledger, "{}").await;
+        // Let a few lease renewals come due (the clock is paused).
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let refused = send(&refusing, req(Some("k"), "{}")).await;
+        assert_eq!(refused.status, StatusCode::CONFLICT, "{extreme:?}");
+        assert!(refused.headers.contains_key("retry-after"));
+        let waiting = tokio::spawn({
+            let svc = svc.clone();
+            async move { send(&svc, req(Some("k"), "{}")).await }
+        });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        ledger.open(1);
+        let first = first.await.unwrap();
+        let replay = send(&svc, req(Some("k"), "{}")).await;
+        assert!(replay.replayed(), "{extreme:?}");
+        assert_eq!(replay.body, first.body);
+        let waited = waiting.await.unwrap();
+        if extreme == Duration::MAX {
+            assert_eq!(waited.body, first.body, "the duplicate waited");
+        } else {
+            assert_eq!(waited.status, StatusCode::CONFLICT, "a zero wait refuses");
+        }
+        assert_eq!(ledger.count(), 1, "{extreme:?}");
+    }
+}

@@ -396,3 +396,76 @@ async fn eviction_under_allkeys_lru_voids_the_promise() {
         "an evicted record means the key executes again"
     );
 }
+
+/// Every `Duration` setting of the layer and of `RedisStore` at its
+/// extremes: a first request, an in-flight duplicate (waited for, and
+/// refused) and a replay go through without a panic, and `Duration::MAX`
+/// saturates to a lease and retention Redis accepts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_duration_setting_at_zero_or_max_runs_first_duplicate_and_replay_without_a_panic() {
+    let Some(server) = redis_or_skip("extreme_durations") else {
+        return;
+    };
+    for extreme in [Duration::MAX, Duration::ZERO] {
+        let key = format!("k-{}", extreme.as_secs());
+        let store = RedisStore::builder(&server.url())
+            .unwrap()
+            .operation_timeout(extreme.max(Duration::from_secs(1)))
+            .fallback_check(extreme)
+            .fence_memory(extreme)
+            .build()
+            .await
+            .unwrap();
+        let ledger = Ledger::new();
+        let configure = |layer: IdempotencyLayer<RedisStore>| {
+            layer.lease(extreme).retention(extreme).retry_after(extreme)
+        };
+        let svc = configure(IdempotencyLayer::new(store.clone()))
+            .wait_for_in_flight(extreme)
+            .layer(ledger.service());
+        let refusing = configure(IdempotencyLayer::new(store.clone()))
+            .reject_in_flight()
+            .layer(ledger.service());
+        let entered = ledger.entered.notified();
+        let first = tokio::spawn({
+            let (svc, key) = (svc.clone(), key.clone());
+            async move { send(&svc, ledger_request(&key, true)).await }
+        });
+        entered.await;
+        let refused = send(&refusing, ledger_request(&key, false)).await;
+        assert_eq!(refused.status, StatusCode::CONFLICT, "{extreme:?}");
+        assert!(refused.headers.contains_key("retry-after"));
+        let waiting = tokio::spawn({
+            let (svc, key) = (svc.clone(), key.clone());
+            async move { send(&svc, ledger_request(&key, false)).await }
+        });
+        ledger.open(1);
+        let first = first.await.unwrap();
+        assert_eq!(first.status, StatusCode::CREATED);
+        let waited = waiting.await.unwrap();
+        let replay = send(&svc, ledger_request(&key, false)).await;
+        if extreme == Duration::MAX {
+            assert_eq!(waited.body, first.body, "the duplicate waited");
+            assert!(replay.replayed());
+            assert_eq!(replay.body, first.body);
+            assert_eq!(ledger.count(), 1);
+            let ttl: i64 = redis::cmd("PTTL")
+                .arg(store_key_name(&store, &key))
+                .query_async(&mut server.conn().await)
+                .await
+                .unwrap();
+            assert!(ttl > 86_400_000, "kept for the saturated retention: {ttl}");
+        } else {
+            // A 1 ms retention may already have passed: either answer is fine.
+            assert!(waited.status.is_success() || waited.status == StatusCode::CONFLICT);
+            assert!(replay.status.is_success());
+        }
+    }
+}
+
+fn store_key_name(store: &RedisStore, key: &str) -> String {
+    store.key_name(StoreKey::new(
+        &Scope::global(),
+        &IdempotencyKey::parse(key.as_bytes()).unwrap(),
+    ))
+}

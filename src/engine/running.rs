@@ -13,6 +13,7 @@ use tokio::time::{Instant, Sleep};
 use crate::key::StoreKey;
 use crate::observe::{self, Event};
 use crate::store::{LeaseStatus, OwnerToken, Store, StoreError};
+use crate::time::deadline;
 
 type Renewal = Pin<Box<dyn Future<Output = Result<LeaseStatus, StoreError>> + Send>>;
 
@@ -114,14 +115,16 @@ impl<St: Store, F: Future> Future for Running<St, F> {
                 }
             }
             let Some(mut tick) = this.tick.as_mut().as_pin_mut() else {
-                this.tick
-                    .set(Some(tokio::time::sleep_until(Instant::now() + period)));
+                this.tick.set(Some(tokio::time::sleep_until(deadline(
+                    Instant::now(),
+                    period,
+                ))));
                 continue;
             };
             if tick.as_mut().poll(cx).is_pending() {
                 break;
             }
-            let next = tick.deadline() + period;
+            let next = deadline(tick.deadline(), period);
             tick.reset(next);
             let (store, key, token, lease) = (store.clone(), *this.key, *this.token, *this.lease);
             *this.renewal = Some(Box::pin(

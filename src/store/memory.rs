@@ -14,6 +14,7 @@ use tokio::time::Instant;
 use super::{Claim, CompletedRecord, LeaseStatus, OwnerToken, Store, StoreError, StoreErrorKind};
 use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
+use crate::time::deadline;
 
 /// Default bound on the bytes of completed records: 64 MiB.
 const DEFAULT_MAX_BYTES: u64 = 64 * 1024 * 1024;
@@ -320,7 +321,7 @@ impl MemoryStore {
             let entry = InFlight {
                 token,
                 fingerprint,
-                deadline: now + lease,
+                deadline: deadline(now, lease),
                 gone: None,
             };
             claims.map.insert(key, entry);
@@ -359,7 +360,7 @@ impl Store for MemoryStore {
                 let done = Completed {
                     record,
                     owner: token,
-                    expires_at: now + retention,
+                    expires_at: deadline(now, retention),
                     retention,
                 };
                 // Inserted while the claim's shard is locked, so a concurrent
@@ -407,7 +408,7 @@ impl Store for MemoryStore {
         let mut claims = self.shard(&key);
         match claims.map.get_mut(&key) {
             Some(entry) if entry.token == token && entry.deadline > now => {
-                entry.deadline = now + lease;
+                entry.deadline = deadline(now, lease);
                 Ok(LeaseStatus::Held)
             }
             _ => Ok(LeaseStatus::Lost),
@@ -424,7 +425,7 @@ impl Store for MemoryStore {
                         .gone
                         .get_or_insert_with(|| watch::channel(()).0)
                         .subscribe();
-                    (gone, entry.deadline.min(now + timeout))
+                    (gone, entry.deadline.min(deadline(now, timeout)))
                 }
                 _ => return Ok(()),
             }

@@ -16,6 +16,7 @@ use self::notify::Notifier;
 use super::{Claim, CompletedRecord, LeaseStatus, OwnerToken, Store, StoreError, StoreErrorKind};
 use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
+use crate::time::deadline;
 
 /// Default prefix of the Redis key names.
 pub const DEFAULT_PREFIX: &str = "idem";
@@ -342,7 +343,7 @@ where
     fn abandon_in_background(&self, name: String, nonce: u64, lease: Duration) {
         let store = self.clone();
         tokio::spawn(async move {
-            let give_up = tokio::time::Instant::now() + lease;
+            let give_up = deadline(tokio::time::Instant::now(), lease);
             let mut backoff = Duration::from_millis(50);
             while tokio::time::Instant::now() < give_up {
                 tokio::time::sleep(backoff).await;
@@ -383,8 +384,12 @@ where
 }
 
 fn ms(d: Duration) -> u64 {
-    // Never 0: `PEXPIRE key 0` deletes the key.
-    u64::try_from(d.as_millis()).unwrap_or(u64::MAX).max(1)
+    // Never 0: `PEXPIRE key 0` deletes the key. Never past a century: Redis
+    // refuses expiries that overflow its clock, and Lua's numbers stay exact
+    // below 2^53.
+    u64::try_from(d.min(crate::time::FAR_FUTURE).as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1)
 }
 
 fn error(op: &'static str, e: RedisError) -> StoreError {
@@ -501,7 +506,7 @@ where
 
     async fn wait(&self, key: StoreKey, fence: u64, timeout: Duration) -> Result<(), StoreError> {
         let name = self.key_name(key);
-        let deadline = tokio::time::Instant::now() + timeout;
+        let until_at_most = deadline(tokio::time::Instant::now(), timeout);
         // Register before looking, so a completion between the look and the
         // sleep still wakes us.
         let registration = match &self.inner.notifier {
@@ -519,9 +524,9 @@ where
             return Ok(()); // The claim is already gone.
         };
         let now = tokio::time::Instant::now();
-        let until = deadline
-            .min(now + Duration::from_millis(left))
-            .min(now + self.inner.fallback_check);
+        let until = until_at_most
+            .min(deadline(now, Duration::from_millis(left)))
+            .min(deadline(now, self.inner.fallback_check));
         match notified {
             Some(notified) => {
                 let _ = tokio::time::timeout_at(until, notified).await;

@@ -104,7 +104,7 @@ impl Notifier {
         let now = Instant::now();
         if dispatcher
             .last_attempt
-            .is_some_and(|at| now < at + self.retry_every)
+            .is_some_and(|at| now < crate::time::deadline(at, self.retry_every))
         {
             return;
         }
