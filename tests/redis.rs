@@ -12,7 +12,7 @@ use tower::Layer;
 use tower_idempotency::engine::{Engine, Outcome};
 use tower_idempotency::fingerprint::Fingerprint;
 use tower_idempotency::key::StoreKey;
-use tower_idempotency::store::{RedisStore, conformance};
+use tower_idempotency::store::{Claim, RedisStore, Store, conformance};
 use tower_idempotency::{IdempotencyKey, IdempotencyLayer, Scope};
 
 async fn store_for(server: &RedisServer) -> RedisStore {
@@ -468,4 +468,40 @@ fn store_key_name(store: &RedisStore, key: &str) -> String {
         &Scope::global(),
         &IdempotencyKey::parse(key.as_bytes()).unwrap(),
     ))
+}
+
+/// A Redis that restarts empty forgets every fence; the next grant's fence
+/// must still be above every fence handed out before, so a downstream that
+/// rejects lower fences accepts the rightful owner.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_redis_restarts_empty_a_claim_gets_a_fence_above_every_earlier_one() {
+    let Some(mut server) = redis_or_skip("fence_after_restart") else {
+        return;
+    };
+    let store = store_for(&server).await;
+    let key = StoreKey::from_parts(b"", b"fenced");
+    let fp = Fingerprint::of_bytes(b"x");
+    let mut highest = 0;
+    for _ in 0..5 {
+        let Ok(Claim::Acquired(token)) = store.claim(key, fp, Duration::from_secs(30)).await else {
+            panic!("the key is free");
+        };
+        assert!(token.fence() > highest);
+        highest = token.fence();
+        store.release(key, token).await.unwrap();
+    }
+    server.restart();
+    let token = loop {
+        match store.claim(key, fp, Duration::from_secs(30)).await {
+            Ok(Claim::Acquired(token)) => break token,
+            Ok(other) => panic!("the restarted Redis is empty, got {other:?}"),
+            // The connection manager reconnects after the restart.
+            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+        }
+    };
+    assert!(
+        token.fence() > highest,
+        "fence {} after the restart is not above {highest}",
+        token.fence()
+    );
 }

@@ -88,6 +88,7 @@ macro_rules! store_conformance_tests {
             completed_records_are_replayed_exactly,
             complete_is_fenced_and_idempotent,
             expired_lease_is_taken_over_with_a_higher_fence,
+            fences_never_go_backwards,
             extend_keeps_a_claim_alive,
             extend_never_resurrects_an_expired_claim,
             release_frees_the_key_for_its_owner_only,
@@ -132,6 +133,7 @@ pub async fn run_all<St: Store>(store: &St) {
     completed_records_are_replayed_exactly(store).await;
     complete_is_fenced_and_idempotent(store).await;
     expired_lease_is_taken_over_with_a_higher_fence(store).await;
+    fences_never_go_backwards(store).await;
     extend_keeps_a_claim_alive(store).await;
     extend_never_resurrects_an_expired_claim(store).await;
     release_frees_the_key_for_its_owner_only(store).await;
@@ -363,6 +365,46 @@ pub async fn expired_lease_is_taken_over_with_a_higher_fence<St: Store>(store: &
         Claim::Completed(got) => assert_eq!(got.payload, Bytes::from_static(b"fresh")),
         other => panic!("expected the new owner's record, got {other:?}"),
     }
+}
+
+/// Fences never go backwards for a key: not across takeovers, not after a
+/// release, and not after the key was purged (or, for a store that keeps
+/// fences in its records, after a record expired), so a downstream that
+/// rejects lower fences never refuses the rightful owner.
+pub async fn fences_never_go_backwards<St: Store>(store: &St) {
+    let key = fresh_key();
+    let mut highest = 0;
+    let mut grant = |token: OwnerToken, what: &str| {
+        assert!(
+            token.fence() > highest,
+            "fence {} after {what} is not above {highest}",
+            token.fence()
+        );
+        highest = token.fence();
+    };
+    let mut token = acquire(store, key, fp(1), SHORT_LEASE).await;
+    grant(token, "a first claim");
+    for _ in 0..3 {
+        tokio::time::sleep(PAST_SHORT_LEASE).await;
+        token = acquire(store, key, fp(1), SHORT_LEASE).await;
+        grant(token, "a takeover");
+    }
+    assert_eq!(
+        check("release", store.release(key, token)).await,
+        LeaseStatus::Held
+    );
+    let token = acquire(store, key, fp(1), LONG_LEASE).await;
+    grant(token, "a release");
+    let s = check(
+        "complete",
+        store.complete(key, token, record(fp(1), b"done"), LONG_RETENTION),
+    )
+    .await;
+    assert_eq!(s, LeaseStatus::Held);
+    assert!(store.purge(key).await.expect("purge failed"));
+    grant(acquire(store, key, fp(1), LONG_LEASE).await, "a purge");
+    assert!(store.purge(key).await.expect("purge failed"));
+    grant(acquire(store, key, fp(2), LONG_LEASE).await, "a purge");
 }
 
 /// Renewing a lease keeps the claim past its original end.

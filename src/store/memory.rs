@@ -89,9 +89,14 @@ struct Shard(Mutex<Claims>);
 struct Claims {
     map: HashMap<StoreKey, InFlight, Hashing>,
     /// A key always maps to the same shard, so a per-shard counter gives
-    /// every key fences that grow with each grant. Shard `i` issues
-    /// `i + 1`, `i + 1 + SHARDS`, …, so no two grants share a token.
+    /// every key fences that grow with each grant. Shard `i` issues fences
+    /// equal to `i + 1` modulo `SHARDS`, so no two grants share a token,
+    /// and never below the wall clock in µs times `SHARDS`
+    /// ([`clock_fence`]), so a process that restarts with an empty store
+    /// still hands out fences above those it handed out before.
     next_fence: u64,
+    /// This shard's residue, `i + 1`.
+    lane: u64,
 }
 
 struct InFlight {
@@ -175,6 +180,7 @@ impl MemoryStoreBuilder {
                 Shard(Mutex::new(Claims {
                     map: HashMap::with_hasher(hashing),
                     next_fence: i + 1,
+                    lane: i + 1,
                 }))
             })
             .collect();
@@ -315,8 +321,8 @@ impl MemoryStore {
                 swept = true;
                 continue;
             }
-            let fence = claims.next_fence;
-            claims.next_fence += SHARDS as u64;
+            let fence = claims.next_fence.max(clock_fence(claims.lane));
+            claims.next_fence = fence.saturating_add(SHARDS as u64);
             let token = OwnerToken::new(fence, self.inner.nonce_seed ^ fence);
             let entry = InFlight {
                 token,
@@ -328,6 +334,18 @@ impl MemoryStore {
             return Ok(Claim::Acquired(token));
         }
     }
+}
+
+/// The smallest fence the clock allows shard `lane` now: the wall clock in
+/// microseconds since 1970, times `SHARDS`, plus the lane. It stays below
+/// 2^63 for millennia; a shard that grants more than one claim per
+/// microsecond runs ahead of it by that much, which a restart never
+/// outpaces.
+fn clock_fence(lane: u64) -> u64 {
+    let micros = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX));
+    micros.saturating_mul(SHARDS as u64).saturating_add(lane)
 }
 
 /// Locks a shard. No code panics while holding it; if one ever did, the map
@@ -529,6 +547,32 @@ mod tests {
             Claim::Acquired(_)
         ));
         assert!(store.claim(key(250), FP, LEASE).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn a_store_that_restarts_empty_grants_fences_above_every_earlier_one() {
+        let k = key(1);
+        let mut highest = 0;
+        let before = MemoryStore::new();
+        for _ in 0..5 {
+            let Claim::Acquired(t) = before.claim(k, FP, LEASE).await.unwrap() else {
+                panic!("the key is free")
+            };
+            assert!(t.fence() > highest);
+            highest = t.fence();
+            before.release(k, t).await.unwrap();
+        }
+        drop(before);
+        // A process that restarts starts with an empty store.
+        let after = MemoryStore::new();
+        let Claim::Acquired(t) = after.claim(k, FP, LEASE).await.unwrap() else {
+            panic!("the key is free")
+        };
+        assert!(
+            t.fence() > highest,
+            "fence {} after the restart is not above {highest}",
+            t.fence()
+        );
     }
 
     #[tokio::test]

@@ -8,7 +8,7 @@
 //!
 //! | operation | what it does |
 //! |---|---|
-//! | [`claim`](Store::claim) | acquires the key with a lease and a fresh owner token, or reports what is there (in flight with its fingerprint, or completed). An expired lease is taken over with a higher fence. |
+//! | [`claim`](Store::claim) | acquires the key with a lease and a fresh owner token, or reports what is there (in flight with its fingerprint, or completed). An expired lease is taken over with a higher fence; fences never go backwards for a key, even after its record expired, was purged or was lost. |
 //! | [`complete`](Store::complete) | stores the record, only if the token still owns the key (fencing: an owner whose lease was taken over cannot overwrite the new owner's result). Repeating it with the same token is harmless. |
 //! | [`release`](Store::release) | drops the claim, only for the owning token. |
 //! | [`extend`](Store::extend) | renews the lease, only for the owning token; an expired lease is never resurrected. |
@@ -52,10 +52,15 @@ pub mod conformance;
 
 /// Proof of owning a key: a fence number and a unique nonce.
 ///
-/// The fence grows with every grant of the same key within its retention
-/// window, so a downstream system can reject writes that carry a lower fence
-/// than one it has already seen (Kleppmann's fencing token). The nonce makes
-/// tokens unique even where a store loses a key and starts counting again.
+/// The fence grows with every grant of the same key and never goes
+/// backwards: not after the key's record expired or was purged, and not
+/// after the store lost it (a restart without persistence), because stores
+/// derive it from their clock (the store server's, for a shared store) as
+/// well as from the previous fence. So a downstream system can reject
+/// writes that carry a lower fence than one it has already seen
+/// (Kleppmann's fencing token). Fences are large numbers (the built-in
+/// stores start from the clock in microseconds) and are compared, never
+/// counted. The nonce makes tokens unique even between two stores.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct OwnerToken {
     fence: u64,

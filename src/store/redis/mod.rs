@@ -34,8 +34,11 @@ pub const DEFAULT_FENCE_MEMORY: Duration = Duration::from_secs(24 * 60 * 60);
 ///   purge are each one single-key Lua script (`EVALSHA`, reloaded by itself
 ///   after a Redis restart) that checks the owner token.
 /// - **Fencing**: the fence grows with every grant of a key, even after a
-///   lease expires and is taken over; leases are judged by the Redis
-///   server's clock alone.
+///   lease expires and is taken over, and never goes backwards while the
+///   Redis server's clock does not: each grant's fence is at least the
+///   server's clock in microseconds, so it stays above earlier fences after
+///   the record expired, was purged, or was lost with a Redis that
+///   restarted empty. Leases are judged by the Redis server's clock alone.
 /// - **Cluster-safe names**: each key is `<prefix>:<hex SHA-256 of scope and
 ///   key>`; client input never reaches a key name, so it can never pick a
 ///   Cluster slot.

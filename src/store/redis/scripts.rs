@@ -7,7 +7,7 @@
 //! |---|---|
 //! | `v` | record format version (`1`) |
 //! | `st` | `i` in flight, `d` done, `f` free (released; kept for its fence) |
-//! | `fence`, `nonce` | the owner token of the latest grant |
+//! | `fence`, `nonce` | the owner token of the latest grant (fences are at least the server's clock in µs at the grant) |
 //! | `fp` | the fingerprint (32 bytes) |
 //! | `dl` | the lease deadline, in ms of the Redis server's clock (`TIME`); meaningful in state `i` only |
 //! | `w` | `1` once a waiter asked about the claim (`lease_left`), else `0` |
@@ -47,9 +47,11 @@ if v and (not st or not fence or not nonce or not fp or (st == 'i' and not dl)) 
   return redis.error_reply('IDEM_CORRUPT incomplete record')
 end
 if st and st ~= 'i' and st ~= 'd' and st ~= 'f' then return redis.error_reply('IDEM_CORRUPT unknown state') end
+local now_us
 local function clock()
   local t = redis.call('TIME')
-  return tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+  now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
+  return math.floor(now_us / 1000)
 end
 local now
 local live = false
@@ -64,6 +66,13 @@ end
 
 /// `claim(fp, lease_ms, keep_ms, nonce)` →
 /// `{1, fence}` acquired, `{2, fp, fence}` in flight, `{3, fp, payload}` done.
+///
+/// A grant's fence is the larger of the previous fence plus one and the
+/// server's clock in microseconds, so it never goes backwards while the
+/// server's clock does not: not after the record expired or was purged, and
+/// not after Redis lost it by restarting empty. (Microseconds since 1970
+/// stay below 2^53, where Lua's numbers are exact; `%d` writes the fence
+/// without Lua's default exponent notation.)
 pub(super) const CLAIM: &str = concat!(
     prologue!(", 'pl'"),
     r#"
@@ -73,8 +82,8 @@ if st == 'd' then
 end
 if live then return {2, fp, fence} end
 now = now or clock()
-local next_fence = (fence or 0) + 1
-redis.call('HSET', KEYS[1], 'v', '1', 'st', 'i', 'fence', next_fence, 'nonce', ARGV[4],
+local next_fence = math.max((fence or 0) + 1, now_us)
+redis.call('HSET', KEYS[1], 'v', '1', 'st', 'i', 'fence', string.format('%d', next_fence), 'nonce', ARGV[4],
   'fp', ARGV[1], 'dl', now + tonumber(ARGV[2]), 'w', '0')
 redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]))
 return {1, next_fence}
