@@ -12,7 +12,10 @@
 //!    lease is renewed while it runs, and a lost lease is reported through
 //!    [`ExecutionContext::lease_lost`] and the logs;
 //! 3. stores the operation's outcome (or releases the key, if the operation
-//!    failed or asked not to be stored), then hands it to the caller;
+//!    failed or asked not to be stored), then hands it to the caller; a
+//!    store error at this point is retried with backoff, the lease still
+//!    renewed, until the store confirms the record or the lease is lost, so
+//!    a short store outage never lets a retry run the operation again;
 //! 4. if the key is in flight with the same fingerprint, waits for it
 //!    (without polling) and replays its outcome, up to a deadline;
 //! 5. if the key completed, replays the stored outcome; if the fingerprint
@@ -59,12 +62,13 @@ mod running;
 
 use detach::Detachable;
 use futures_util::FutureExt;
-use running::Running;
+use running::{Lease, Running};
 
 use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
 use crate::observe::{self, Event};
 use crate::store::{Claim, CompletedRecord, LeaseStatus, OwnerToken, Store, StoreError};
+use crate::time::deadline;
 
 /// The default lease: 30 seconds, renewed every 10 while the operation runs.
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
@@ -168,9 +172,11 @@ impl ExecutionContext {
         self.token
     }
 
-    /// Whether the lease was found lost while renewing it: another owner may
-    /// now execute the same key, and this execution's outcome will not be
-    /// stored.
+    /// Whether the lease was found lost while renewing it, or renewals have
+    /// failed for longer than a lease (the store may have let it expire):
+    /// another owner may now execute the same key, and this execution's
+    /// outcome may not be stored. A handler that checks it before
+    /// committing can stop.
     pub fn lease_lost(&self) -> bool {
         self.lost.load(Ordering::Acquire)
     }
@@ -421,11 +427,25 @@ impl<St: Store> Engine<St> {
             token,
             lost: lost.clone(),
         };
-        let running = Running::new(op(ctx), self.store.clone(), key, token, self.lease, lost);
-        let (store, retention) = (self.store.clone(), self.retention);
+        let running = Running::new(
+            op(ctx),
+            self.store.clone(),
+            key,
+            token,
+            self.lease,
+            lost.clone(),
+        );
+        let owner = Owner {
+            store: self.store.clone(),
+            key,
+            token,
+            lease: self.lease,
+            lost,
+        };
+        let retention = self.retention;
         let counted = self.executions.start();
-        let execution = Detachable::new(running.then(move |result| {
-            settle(store, key, token, fingerprint, retention, result, counted)
+        let execution = Detachable::new(running.then(move |(result, lease)| {
+            settle(owner, lease, fingerprint, retention, result, counted)
         }));
         async move {
             match execution.await {
@@ -436,14 +456,30 @@ impl<St: Store> Engine<St> {
     }
 }
 
+/// The owner of a claim, once its operation ended: what storing or
+/// releasing the outcome needs.
+struct Owner<St> {
+    store: St,
+    key: StoreKey,
+    token: OwnerToken,
+    lease: Duration,
+    lost: Arc<AtomicBool>,
+}
+
+impl<St> Owner<St> {
+    fn lose_lease(&self) {
+        self.lost.store(true, Ordering::Release);
+        observe::event(Event::LeaseLost, &self.key, None);
+    }
+}
+
 /// Stores or releases an operation's outcome, then hands its value on.
 ///
 /// The value waits in the closure of a `map`, not in the store call's
 /// future, so it is held once.
 fn settle<St: Store, T, E>(
-    store: St,
-    key: StoreKey,
-    token: OwnerToken,
+    owner: Owner<St>,
+    lease: Lease,
     fingerprint: Fingerprint,
     retention: Duration,
     result: Result<(T, Completion), E>,
@@ -460,7 +496,7 @@ fn settle<St: Store, T, E>(
         Ok((value, Completion::Release)) => (Ok(value), Verdict::Release(Event::Released)),
         Err(e) => (Err(e), Verdict::Release(Event::Failed)),
     };
-    record_verdict(store, key, token, retention, verdict, counted).map(move |()| value)
+    record_verdict(owner, lease, retention, verdict, counted).map(move |()| value)
 }
 
 /// What to do with the key once the operation ended.
@@ -471,51 +507,83 @@ enum Verdict {
 }
 
 async fn record_verdict<St: Store>(
-    store: St,
-    key: StoreKey,
-    token: OwnerToken,
+    owner: Owner<St>,
+    lease: Lease,
     retention: Duration,
     verdict: Verdict,
     _counted: ExecutionGuard,
 ) {
     match verdict {
         Verdict::Store(record) => {
-            complete(&store, key, token, record, retention).await;
-            observe::event(Event::Executed, &key, None);
+            complete(&owner, lease, record, retention).await;
+            observe::event(Event::Executed, &owner.key, None);
         }
         Verdict::Release(event) => {
-            release(&store, key, token).await;
-            observe::event(event, &key, None);
+            release(&owner.store, owner.key, owner.token).await;
+            observe::event(event, &owner.key, None);
         }
     }
 }
 
-/// Stores the outcome, retrying transient store errors while the lease lasts.
+/// The first pause between completion attempts; it doubles up to
+/// [`COMPLETION_BACKOFF_CAP`].
+const COMPLETION_BACKOFF: Duration = Duration::from_millis(10);
+/// The longest pause between completion attempts.
+const COMPLETION_BACKOFF_CAP: Duration = Duration::from_secs(1);
+
+/// Stores the outcome, until the store confirms it or the lease is lost.
+///
+/// A store error leaves the outcome unknown to the store, so it is retried
+/// with capped exponential backoff for as long as the lease can be kept,
+/// and the lease keeps being renewed meanwhile: duplicates go on waiting
+/// instead of executing. It stops when the store confirms the record
+/// (a retry of a completion whose reply was lost confirms it too), when the
+/// store says the lease is lost, or when the lease has gone unconfirmed for
+/// a whole lease (the store may have let it expire). The execution stays
+/// counted in [`Executions`] until then, so a graceful shutdown waits.
 async fn complete<St: Store>(
-    store: &St,
-    key: StoreKey,
-    token: OwnerToken,
+    owner: &Owner<St>,
+    lease: Lease,
     record: CompletedRecord,
     retention: Duration,
 ) {
-    let mut backoff = Duration::from_millis(10);
-    for attempt in 1..=3 {
-        match store.complete(key, token, record.clone(), retention).await {
+    let Owner {
+        store, key, token, ..
+    } = owner;
+    let (key, token) = (*key, *token);
+    let period = owner.lease / 3;
+    let mut confirmed = lease.confirmed;
+    let mut renewing = !lease.lost;
+    let mut next_renewal = deadline(confirmed, period);
+    let mut backoff = COMPLETION_BACKOFF;
+    loop {
+        let error = match store.complete(key, token, record.clone(), retention).await {
             Ok(LeaseStatus::Held) => return,
-            Ok(LeaseStatus::Lost) => {
-                observe::event(Event::LeaseLost, &key, None);
-                return;
-            }
-            Err(e) => {
-                observe::event(Event::StoreError, &key, Some(&e));
-                if attempt == 3 {
-                    observe::event(Event::CompletionFailed, &key, Some(&e));
-                    return;
-                }
-                tokio::time::sleep(backoff).await;
-                backoff *= 5;
-            }
+            Ok(LeaseStatus::Lost) => return owner.lose_lease(),
+            Err(e) => e,
+        };
+        observe::event(Event::StoreError, &key, Some(&error));
+        let now = Instant::now();
+        if now >= deadline(confirmed, owner.lease) {
+            observe::event(Event::CompletionFailed, &key, Some(&error));
+            return owner.lost.store(true, Ordering::Release);
         }
+        if renewing && now >= next_renewal {
+            match store.extend(key, token, owner.lease).await {
+                Ok(LeaseStatus::Held) => confirmed = now,
+                // Taken over, or completed by an attempt whose reply was
+                // lost: the next attempt tells which.
+                Ok(LeaseStatus::Lost) => renewing = false,
+                Err(e) => observe::event(Event::StoreError, &key, Some(&e)),
+            }
+            next_renewal = deadline(now, period);
+        }
+        let mut wake = deadline(now, backoff).min(deadline(confirmed, owner.lease));
+        if renewing {
+            wake = wake.min(next_renewal);
+        }
+        tokio::time::sleep_until(wake).await;
+        backoff = backoff.saturating_mul(2).min(COMPLETION_BACKOFF_CAP);
     }
 }
 

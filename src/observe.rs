@@ -62,7 +62,7 @@ pub(crate) fn event(event: Event, key: &StoreKey, error: Option<&StoreError>) {
         ),
         Event::CompletionFailed => tracing::error!(
             key = %key, outcome, error = error.map(tracing::field::display),
-            "idempotency outcome delivered but not stored; a retry after the lease ends will execute again"
+            "idempotency outcome delivered, but the store did not confirm it while the lease lasted; a retry after the lease ends will execute again"
         ),
         Event::FailedOpen => tracing::warn!(
             key = %key, outcome, error = error.map(tracing::field::display),

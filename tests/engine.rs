@@ -242,3 +242,106 @@ async fn executions_can_be_awaited_at_shutdown() {
         "the result was stored before idle"
     );
 }
+
+/// A store outage of many seconds as the operation finishes (a Redis
+/// restart, a failover, `CLIENT PAUSE`): the completion is retried with
+/// backoff while the lease keeps being renewed, so a duplicate waits
+/// instead of executing, and the result is stored once the store is back.
+#[tokio::test(start_paused = true)]
+async fn a_short_store_outage_at_completion_does_not_lose_the_result() {
+    let store = TestStore::new();
+    let lease = Duration::from_millis(900);
+    let engine = Engine::new(store.clone())
+        .lease(lease)
+        .in_flight_policy(InFlightPolicy::Wait(Duration::from_secs(60)));
+    let runs = Arc::new(AtomicUsize::new(0));
+    // About 10 s of failed completions with the backoff capped at 1 s:
+    // more than ten leases.
+    store.fail_next("complete", 18);
+    let (first, proceed) = start_held(&engine, "outage", b"charged").await;
+    proceed.notify_one();
+    // While the completion fails, a duplicate arrives and waits.
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let duplicate = {
+        let (engine, runs) = (engine.clone(), runs.clone());
+        tokio::spawn(async move {
+            engine
+                .run_stored(key("outage"), FP, move |_| async move {
+                    runs.fetch_add(1, Ordering::SeqCst);
+                    Ok::<_, std::io::Error>(Bytes::from_static(b"again"))
+                })
+                .await
+        })
+    };
+    let first = first.await.unwrap().unwrap();
+    assert_eq!(first, Outcome::Executed(Bytes::from_static(b"charged")));
+    let duplicate = duplicate.await.unwrap().unwrap();
+    assert_eq!(
+        duplicate.value(),
+        &Bytes::from_static(b"charged"),
+        "the duplicate waited for the stored result: {duplicate:?}"
+    );
+    assert_eq!(runs.load(Ordering::SeqCst), 0, "nothing ran twice");
+    // Long after the lease, a retry still replays.
+    tokio::time::sleep(lease * 10).await;
+    let retry = engine
+        .run_stored(key("outage"), FP, |_| async {
+            Ok::<_, std::io::Error>(Bytes::from_static(b"again"))
+        })
+        .await
+        .unwrap();
+    assert_eq!(retry.value(), &Bytes::from_static(b"charged"));
+}
+
+/// The completion took effect but its reply was lost, several times, for
+/// longer than a lease: a renewal then finds the claim gone (it completed),
+/// and the next completion attempt confirms the record instead of giving up.
+#[tokio::test(start_paused = true)]
+async fn a_completion_whose_replies_are_lost_is_confirmed_by_its_retry() {
+    let store = TestStore::new();
+    let lease = Duration::from_millis(300);
+    let engine = Engine::new(store.clone()).lease(lease);
+    store.lose_next_replies("complete", 6);
+    let (first, proceed) = start_held(&engine, "lost-reply", b"charged").await;
+    proceed.notify_one();
+    assert_eq!(
+        first.await.unwrap().unwrap(),
+        Outcome::Executed(Bytes::from_static(b"charged"))
+    );
+    tokio::time::sleep(lease * 10).await;
+    let retry = engine
+        .run_stored(key("lost-reply"), FP, |_| async {
+            Ok::<_, std::io::Error>(Bytes::from_static(b"again"))
+        })
+        .await
+        .unwrap();
+    assert!(matches!(retry, Outcome::Replayed { .. }), "{retry:?}");
+    assert_eq!(retry.value(), &Bytes::from_static(b"charged"));
+}
+
+/// Renewals that fail for longer than the lease mean another process may
+/// own the key now: the operation learns that its lease is lost.
+#[tokio::test(start_paused = true)]
+async fn lease_lost_turns_true_when_renewals_fail_for_longer_than_the_lease() {
+    let store = TestStore::new();
+    let lease = Duration::from_millis(300);
+    let engine = Engine::new(store.clone()).lease(lease);
+    store.fail_next("extend", usize::MAX);
+    let started = tokio::time::Instant::now();
+    let out = engine
+        .run(key("renewals-fail"), FP, move |ctx| async move {
+            while !ctx.lease_lost() && started.elapsed() < lease * 20 {
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Ok::<_, std::io::Error>((started.elapsed(), Completion::Release))
+        })
+        .await
+        .unwrap();
+    let Outcome::Executed(noticed) = out else {
+        panic!("{out:?}")
+    };
+    assert!(
+        noticed >= lease && noticed < lease * 2,
+        "the loss was noticed after {noticed:?}, with a lease of {lease:?}"
+    );
+}

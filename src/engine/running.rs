@@ -27,6 +27,11 @@ pin_project! {
     /// it (the captured one and the awaited one), and this one keeps one.
     /// The timer is created only if the operation is still pending after its
     /// first poll, so an operation that finishes at once costs no timer.
+    ///
+    /// Renewals that fail for longer than a lease mark the lease lost (the
+    /// store may have let it expire, and another process may own the key).
+    /// The operation's output comes with the [`Lease`] as it stands, for
+    /// the completion that follows.
     pub(super) struct Running<St: Store, F> {
         #[pin]
         op: F,
@@ -40,6 +45,11 @@ pin_project! {
         lease: Duration,
         lost: Arc<AtomicBool>,
         renewing: bool,
+        // When the store last confirmed the lease: the claim's reply, then
+        // the sending of each renewal it accepted.
+        confirmed: Instant,
+        // When the renewal under way was sent.
+        renewal_sent: Instant,
     }
 
     impl<St: Store, F> PinnedDrop for Running<St, F> {
@@ -65,6 +75,7 @@ impl<St: Store, F: Future> Running<St, F> {
         lease: Duration,
         lost: Arc<AtomicBool>,
     ) -> Self {
+        let now = Instant::now();
         Self {
             op,
             tick: None,
@@ -75,20 +86,34 @@ impl<St: Store, F: Future> Running<St, F> {
             lease,
             lost,
             renewing: true,
+            confirmed: now,
+            renewal_sent: now,
         }
     }
 }
 
-impl<St: Store, F: Future> Future for Running<St, F> {
-    type Output = F::Output;
+/// The lease as the operation ended: when the store last confirmed it, and
+/// whether it is known lost.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Lease {
+    pub(super) confirmed: Instant,
+    pub(super) lost: bool,
+}
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+impl<St: Store, F: Future> Future for Running<St, F> {
+    type Output = (F::Output, Lease);
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
         if let Poll::Ready(output) = this.op.as_mut().poll(cx) {
             // Disarm the release: the caller stores or releases the outcome.
             *this.store = None;
             *this.renewal = None;
-            return Poll::Ready(output);
+            let lease = Lease {
+                confirmed: *this.confirmed,
+                lost: this.lost.load(Ordering::Acquire),
+            };
+            return Poll::Ready((output, lease));
         }
         let Some(store) = this.store.as_ref() else {
             return Poll::Pending;
@@ -102,16 +127,25 @@ impl<St: Store, F: Future> Future for Running<St, F> {
                 };
                 *this.renewal = None;
                 match renewed {
-                    Ok(LeaseStatus::Held) => {}
+                    Ok(LeaseStatus::Held) => *this.confirmed = *this.renewal_sent,
                     Ok(LeaseStatus::Lost) => {
                         this.lost.store(true, Ordering::Release);
                         observe::event(Event::LeaseLost, this.key, None);
                         *this.renewing = false;
                         break;
                     }
-                    // Keep trying: the lease may still be valid, and the
-                    // store may come back before it ends.
-                    Err(e) => observe::event(Event::StoreError, this.key, Some(&e)),
+                    Err(e) => {
+                        observe::event(Event::StoreError, this.key, Some(&e));
+                        // Keep trying while the lease may still be valid: the
+                        // store may come back before it ends. Past it, the
+                        // store may have let the claim expire.
+                        if Instant::now() >= deadline(*this.confirmed, *this.lease) {
+                            this.lost.store(true, Ordering::Release);
+                            observe::event(Event::LeaseLost, this.key, None);
+                            *this.renewing = false;
+                            break;
+                        }
+                    }
                 }
             }
             let Some(mut tick) = this.tick.as_mut().as_pin_mut() else {
@@ -124,6 +158,7 @@ impl<St: Store, F: Future> Future for Running<St, F> {
             if tick.as_mut().poll(cx).is_pending() {
                 break;
             }
+            *this.renewal_sent = tick.deadline();
             let next = deadline(tick.deadline(), period);
             tick.reset(next);
             let (store, key, token, lease) = (store.clone(), *this.key, *this.token, *this.lease);

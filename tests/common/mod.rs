@@ -183,13 +183,36 @@ impl std::fmt::Display for TestError {
 
 impl std::error::Error for TestError {}
 
-/// A store decorator that counts operations and can be made to fail.
+/// A store decorator that counts operations and can be made to fail: all
+/// of them ([`set_failing`](TestStore::set_failing)), or the next N calls
+/// of one operation, either before it takes effect
+/// ([`fail_next`](TestStore::fail_next)) or after, losing its reply
+/// ([`lose_next_replies`](TestStore::lose_next_replies)).
 #[derive(Clone)]
 pub struct TestStore<St = MemoryStore> {
     pub inner: St,
     pub calls: Arc<AtomicUsize>,
     pub fail: Arc<AtomicBool>,
     pub corrupt: Arc<AtomicBool>,
+    faults: Arc<std::sync::Mutex<std::collections::HashMap<&'static str, Faults>>>,
+}
+
+/// Faults planned for one operation.
+#[derive(Debug, Default, Clone, Copy)]
+struct Faults {
+    /// Calls still to fail before taking effect.
+    fail: usize,
+    /// Calls still to take effect and then lose their reply.
+    lose: usize,
+}
+
+fn injected(op: &'static str) -> StoreError {
+    let cause = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "injected");
+    StoreError::new(StoreErrorKind::Unavailable, op).with_source(cause)
+}
+
+fn reply_lost(op: &'static str) -> StoreError {
+    StoreError::new(StoreErrorKind::Timeout, op).with_source("injected: reply lost")
 }
 
 impl TestStore {
@@ -205,6 +228,38 @@ impl<St: Store> TestStore<St> {
             calls: Arc::default(),
             fail: Arc::default(),
             corrupt: Arc::default(),
+            faults: Arc::default(),
+        }
+    }
+
+    /// The next `n` calls of `op` fail without taking effect.
+    pub fn fail_next(&self, op: &'static str, n: usize) {
+        self.faults.lock().unwrap().entry(op).or_default().fail = n;
+    }
+
+    /// The next `n` calls of `op` take effect, then fail as if their reply
+    /// was lost.
+    pub fn lose_next_replies(&self, op: &'static str, n: usize) {
+        self.faults.lock().unwrap().entry(op).or_default().lose = n;
+    }
+
+    /// Whether this call of `op` loses its reply (counted down).
+    fn loses_reply(&self, op: &'static str) -> bool {
+        let mut faults = self.faults.lock().unwrap();
+        match faults.get_mut(op) {
+            Some(f) if f.lose > 0 => {
+                f.lose -= 1;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Applies the planned loss of `op`'s reply to its result.
+    fn settle<T>(&self, op: &'static str, result: Result<T, StoreError>) -> Result<T, StoreError> {
+        match result {
+            Ok(_) if self.loses_reply(op) => Err(reply_lost(op)),
+            other => other,
         }
     }
 
@@ -219,8 +274,12 @@ impl<St: Store> TestStore<St> {
     fn enter(&self, op: &'static str) -> Result<(), StoreError> {
         self.calls.fetch_add(1, Ordering::SeqCst);
         if self.fail.load(Ordering::SeqCst) {
-            let cause = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "injected");
-            return Err(StoreError::new(StoreErrorKind::Unavailable, op).with_source(cause));
+            return Err(injected(op));
+        }
+        let mut faults = self.faults.lock().unwrap();
+        if let Some(f) = faults.get_mut(op).filter(|f| f.fail > 0) {
+            f.fail -= 1;
+            return Err(injected(op));
         }
         Ok(())
     }
@@ -234,7 +293,7 @@ impl<St: Store> Store for TestStore<St> {
         lease: Duration,
     ) -> Result<Claim, StoreError> {
         self.enter("claim")?;
-        let claim = self.inner.claim(key, fp, lease).await?;
+        let claim = self.settle("claim", self.inner.claim(key, fp, lease).await)?;
         match claim {
             Claim::Completed(mut rec) if self.corrupt.load(Ordering::SeqCst) => {
                 rec.payload = Bytes::from_static(b"TIDR\x01garbage");
@@ -251,11 +310,13 @@ impl<St: Store> Store for TestStore<St> {
         retention: Duration,
     ) -> Result<LeaseStatus, StoreError> {
         self.enter("complete")?;
-        self.inner.complete(key, token, record, retention).await
+        let result = self.inner.complete(key, token, record, retention).await;
+        self.settle("complete", result)
     }
     async fn release(&self, key: StoreKey, token: OwnerToken) -> Result<LeaseStatus, StoreError> {
         self.enter("release")?;
-        self.inner.release(key, token).await
+        let result = self.inner.release(key, token).await;
+        self.settle("release", result)
     }
     async fn extend(
         &self,
@@ -264,7 +325,8 @@ impl<St: Store> Store for TestStore<St> {
         lease: Duration,
     ) -> Result<LeaseStatus, StoreError> {
         self.enter("extend")?;
-        self.inner.extend(key, token, lease).await
+        let result = self.inner.extend(key, token, lease).await;
+        self.settle("extend", result)
     }
     async fn wait(&self, key: StoreKey, fence: u64, timeout: Duration) -> Result<(), StoreError> {
         self.enter("wait")?;
