@@ -78,7 +78,9 @@ fn code_for(kind: ProblemKind) -> i32 {
             code::INVALID_ARGUMENT
         }
         ProblemKind::PayloadTooLarge => code::RESOURCE_EXHAUSTED,
-        ProblemKind::KeyMismatch | ProblemKind::NotReplayable => code::FAILED_PRECONDITION,
+        ProblemKind::KeyMismatch | ProblemKind::NotReplayable | ProblemKind::OutcomeUnknown => {
+            code::FAILED_PRECONDITION
+        }
         ProblemKind::InFlight => code::ABORTED,
         ProblemKind::StoreUnavailable | ProblemKind::UpstreamUnavailable => code::UNAVAILABLE,
         ProblemKind::UpstreamTimeout => code::DEADLINE_EXCEEDED,
@@ -160,6 +162,11 @@ mod tests {
             code::RESOURCE_EXHAUSTED
         );
         assert_eq!(code_for(ProblemKind::MissingKey), code::INVALID_ARGUMENT);
+        assert_eq!(
+            code_for(ProblemKind::OutcomeUnknown),
+            code::FAILED_PRECONDITION,
+            "never retried as it is"
+        );
     }
 
     #[test]

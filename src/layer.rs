@@ -38,6 +38,7 @@ pub(crate) struct Config {
     pub(crate) should_store: Arc<StorePredicate>,
     pub(crate) replay_header: HeaderName,
     pub(crate) fail_open: bool,
+    pub(crate) release_unknown_outcomes: bool,
     pub(crate) replay_set_cookie: bool,
     pub(crate) excluded_headers: Vec<HeaderName>,
     pub(crate) retry_after: Duration,
@@ -58,6 +59,7 @@ impl Default for Config {
             should_store: Arc::new(crate::policy::default_should_store),
             replay_header: IDEMPOTENT_REPLAYED,
             fail_open: false,
+            release_unknown_outcomes: false,
             replay_set_cookie: false,
             excluded_headers: Vec::new(),
             retry_after: Duration::from_secs(1),
@@ -79,6 +81,7 @@ impl fmt::Debug for Config {
             .field("mismatch_status", &self.mismatch_status)
             .field("replay_header", &self.replay_header)
             .field("fail_open", &self.fail_open)
+            .field("release_unknown_outcomes", &self.release_unknown_outcomes)
             .field("replay_set_cookie", &self.replay_set_cookie)
             .field("excluded_headers", &self.excluded_headers)
             .field("retry_after", &self.retry_after)
@@ -260,6 +263,14 @@ impl<St: Store> IdempotencyLayer<St> {
     /// execute (the default).
     pub fn fail_closed(self) -> Self {
         self.config(|c| c.fail_open = false)
+    }
+
+    /// Releases the key when the outcome is unknown (the response body broke
+    /// off after its head), so a retry executes again, instead of
+    /// completing it as "outcome unknown" and refusing every retry (the
+    /// default). Only for endpoints where running twice is harmless.
+    pub fn release_unknown_outcomes(self) -> Self {
+        self.config(|c| c.release_unknown_outcomes = true)
     }
 
     /// Also replay `Set-Cookie` (default off: cookies belong to one caller).

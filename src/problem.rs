@@ -14,6 +14,7 @@
 //! | [`KeyMismatch`](ProblemKind::KeyMismatch) | 409 (configurable, e.g. 422) | no | never with this key |
 //! | [`InFlight`](ProblemKind::InFlight) | 409 | yes | yes, same request |
 //! | [`NotReplayable`](ProblemKind::NotReplayable) | 409 | no | never: it executed |
+//! | [`OutcomeUnknown`](ProblemKind::OutcomeUnknown) | 409 | no | never: it executed, and what it did is unknown |
 //! | [`StoreUnavailable`](ProblemKind::StoreUnavailable) | 503 | yes | yes, same request |
 //! | [`ScopeUnavailable`](ProblemKind::ScopeUnavailable) | 500 | no | no (server misconfigured) |
 //! | [`RecordUnreadable`](ProblemKind::RecordUnreadable) | 500 | no | no (operator must purge) |
@@ -51,6 +52,14 @@ pub enum ProblemKind {
     /// The request with this key executed, but its response was too large
     /// or streaming, so it cannot be replayed.
     NotReplayable,
+    /// The request with this key executed, but its response broke off
+    /// after its head (the handler's body stream failed, or the sidecar's
+    /// upstream dropped the connection or never answered), so what it did
+    /// is unknown. It never runs again for this key: check its effect (for
+    /// example look the payment up) before sending it again with a new key.
+    /// gRPC: `FAILED_PRECONDITION`, as for other refusals that retrying the
+    /// same call cannot fix.
+    OutcomeUnknown,
     /// The idempotency store is unreachable or failing; nothing executed.
     StoreUnavailable,
     /// The layer could not determine the request's scope (for example the
@@ -76,6 +85,7 @@ impl ProblemKind {
             ProblemKind::KeyMismatch => const_concat::KEY_MISMATCH,
             ProblemKind::InFlight => const_concat::IN_FLIGHT,
             ProblemKind::NotReplayable => const_concat::NOT_REPLAYABLE,
+            ProblemKind::OutcomeUnknown => const_concat::OUTCOME_UNKNOWN,
             ProblemKind::StoreUnavailable => const_concat::STORE_UNAVAILABLE,
             ProblemKind::ScopeUnavailable => const_concat::SCOPE_UNAVAILABLE,
             ProblemKind::RecordUnreadable => const_concat::RECORD_UNREADABLE,
@@ -94,6 +104,7 @@ impl ProblemKind {
             ProblemKind::KeyMismatch => "key_mismatch",
             ProblemKind::InFlight => "in_flight",
             ProblemKind::NotReplayable => "not_replayable",
+            ProblemKind::OutcomeUnknown => "outcome_unknown",
             ProblemKind::StoreUnavailable => "store_unavailable",
             ProblemKind::ScopeUnavailable => "scope_unavailable",
             ProblemKind::RecordUnreadable => "record_unreadable",
@@ -114,6 +125,9 @@ impl ProblemKind {
             ProblemKind::NotReplayable => {
                 "The response for this Idempotency-Key cannot be replayed"
             }
+            ProblemKind::OutcomeUnknown => {
+                "The outcome of the request with this Idempotency-Key is unknown"
+            }
             ProblemKind::StoreUnavailable => "Idempotency store is unavailable",
             ProblemKind::ScopeUnavailable => "Idempotency scope could not be determined",
             ProblemKind::RecordUnreadable => {
@@ -131,9 +145,10 @@ impl ProblemKind {
                 StatusCode::BAD_REQUEST
             }
             ProblemKind::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
-            ProblemKind::KeyMismatch | ProblemKind::InFlight | ProblemKind::NotReplayable => {
-                StatusCode::CONFLICT
-            }
+            ProblemKind::KeyMismatch
+            | ProblemKind::InFlight
+            | ProblemKind::NotReplayable
+            | ProblemKind::OutcomeUnknown => StatusCode::CONFLICT,
             ProblemKind::StoreUnavailable => StatusCode::SERVICE_UNAVAILABLE,
             ProblemKind::ScopeUnavailable | ProblemKind::RecordUnreadable => {
                 StatusCode::INTERNAL_SERVER_ERROR
@@ -167,6 +182,7 @@ mod const_concat {
     uri!(KEY_MISMATCH, "KeyMismatch");
     uri!(IN_FLIGHT, "InFlight");
     uri!(NOT_REPLAYABLE, "NotReplayable");
+    uri!(OUTCOME_UNKNOWN, "OutcomeUnknown");
     uri!(STORE_UNAVAILABLE, "StoreUnavailable");
     uri!(SCOPE_UNAVAILABLE, "ScopeUnavailable");
     uri!(RECORD_UNREADABLE, "RecordUnreadable");

@@ -16,6 +16,7 @@ const MAGIC: &[u8; 4] = b"TIDR";
 const VERSION: u8 = 1;
 const KIND_RESPONSE: u8 = 0;
 const KIND_NOT_REPLAYABLE: u8 = 1;
+const KIND_OUTCOME_UNKNOWN: u8 = 2;
 /// The most header entries a record may hold: what one `HeaderMap` holds
 /// (its capacity is at most 32 768 slots, three quarters of them usable),
 /// less the spare one a replay adds. A real response never comes close.
@@ -49,6 +50,13 @@ pub enum StoredOutcome {
         /// The status the execution answered with.
         status: StatusCode,
     },
+    /// The request executed, but its response broke off after its head, so
+    /// what the handler did is unknown. Retries are refused and never
+    /// execute again.
+    OutcomeUnknown {
+        /// The status the execution answered with.
+        status: StatusCode,
+    },
 }
 
 /// A stored record that cannot be decoded.
@@ -70,13 +78,9 @@ impl StoredOutcome {
             StoredOutcome::Response(r) => {
                 encode_response(r.status, &r.headers, |_| true, &r.body, r.trailers.as_ref())
             }
-            StoredOutcome::NotReplayable { status } => {
-                let mut buf = BytesMut::with_capacity(8);
-                buf.put_slice(MAGIC);
-                buf.put_u8(VERSION);
-                buf.put_u8(KIND_NOT_REPLAYABLE);
-                buf.put_u16(status.as_u16());
-                buf.freeze()
+            StoredOutcome::NotReplayable { status } => encode_status(KIND_NOT_REPLAYABLE, *status),
+            StoredOutcome::OutcomeUnknown { status } => {
+                encode_status(KIND_OUTCOME_UNKNOWN, *status)
             }
         }
     }
@@ -111,6 +115,7 @@ impl StoredOutcome {
                 })
             }
             KIND_NOT_REPLAYABLE => StoredOutcome::NotReplayable { status },
+            KIND_OUTCOME_UNKNOWN => StoredOutcome::OutcomeUnknown { status },
             _ => return Err(RecordError::Corrupt),
         };
         if r.pos != bytes.len() {
@@ -155,6 +160,16 @@ pub(crate) fn encode_response(
         }
     }
     debug_assert_eq!(buf.len(), len);
+    buf.freeze()
+}
+
+/// A record of a kind that keeps only the status.
+fn encode_status(kind: u8, status: StatusCode) -> Bytes {
+    let mut buf = BytesMut::with_capacity(8);
+    buf.put_slice(MAGIC);
+    buf.put_u8(VERSION);
+    buf.put_u8(kind);
+    buf.put_u16(status.as_u16());
     buf.freeze()
 }
 
@@ -293,6 +308,10 @@ mod tests {
             status: StatusCode::OK,
         };
         assert_eq!(StoredOutcome::decode(&nr.encode()).unwrap(), nr);
+        let unknown = StoredOutcome::OutcomeUnknown {
+            status: StatusCode::CREATED,
+        };
+        assert_eq!(StoredOutcome::decode(&unknown.encode()).unwrap(), unknown);
         let mut r = sample();
         r.trailers = None;
         let o = StoredOutcome::Response(r);

@@ -525,10 +525,20 @@ where
         let frame = match frame {
             Ok(frame) => frame,
             Err(e) => {
-                // The response broke off: the caller gets what there was and
-                // the error; nothing is stored and the key is released.
+                // The response broke off after its head: the handler acted,
+                // and what it did is unknown. The caller gets what there was
+                // and the error; the key completes as "outcome unknown" (or
+                // is released, where the endpoint opted in).
+                let completion = if config.release_unknown_outcomes {
+                    Completion::Release
+                } else {
+                    let unknown = StoredOutcome::OutcomeUnknown {
+                        status: parts.status,
+                    };
+                    Completion::Store(unknown.encode())
+                };
                 let failed = ResponseBody::failed(buf.into_bytes(), e.into());
-                return Ok((Response::from_parts(parts, failed), Completion::Release));
+                return Ok((Response::from_parts(parts, failed), completion));
             }
         };
         match frame.into_data() {
@@ -599,6 +609,14 @@ fn replay<B>(grpc: bool, payload: &Bytes, config: &Config) -> Response<ResponseB
             ProblemKind::NotReplayable,
             Some(format!(
                 "the request with this key was executed (status {}), but its response was too large or streaming to store",
+                status.as_u16()
+            )),
+        ),
+        Ok(StoredOutcome::OutcomeUnknown { status }) => refused(
+            grpc,
+            ProblemKind::OutcomeUnknown,
+            Some(format!(
+                "the request with this key was executed (status {}), but its response broke off, so its outcome is unknown; check its effect before sending it again with a new key",
                 status.as_u16()
             )),
         ),

@@ -760,26 +760,65 @@ fn service_future_and_bodies_are_send_and_sync_where_frameworks_need_it() {
     });
 }
 
-#[tokio::test]
-async fn a_response_body_that_breaks_off_releases_the_key() {
-    let executions = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let inner = {
-        let executions = executions.clone();
-        tower::service_fn(move |_req: Request<tower_idempotency::RequestBody<Body>>| {
-            let n = executions.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
-            async move {
-                let (tx, body) = channel_body();
-                tx.send(Ok(Bytes::from_static(b"partial"))).await.unwrap();
-                if n == 0 {
-                    tx.send(Err(std::io::Error::other("upstream reset")))
-                        .await
-                        .unwrap();
-                }
-                Ok::<_, std::convert::Infallible>(http::Response::new(body))
+/// An inner service whose first response body breaks off after "partial";
+/// later ones end normally after it.
+fn breaking_off_once(
+    executions: std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) -> impl tower::Service<
+    Request<tower_idempotency::RequestBody<Body>>,
+    Response = http::Response<Body>,
+    Error = std::convert::Infallible,
+    Future = impl std::future::Future<Output = Result<http::Response<Body>, std::convert::Infallible>>
+             + Send
+             + 'static,
+> + Clone
++ Send
++ 'static {
+    tower::service_fn(move |_req: Request<tower_idempotency::RequestBody<Body>>| {
+        let n = executions.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        async move {
+            let (tx, body) = channel_body();
+            tx.send(Ok(Bytes::from_static(b"partial"))).await.unwrap();
+            if n == 0 {
+                tx.send(Err(std::io::Error::other("upstream reset")))
+                    .await
+                    .unwrap();
             }
-        })
-    };
-    let svc = layer(TestStore::new()).layer(inner);
+            Ok::<_, std::convert::Infallible>(http::Response::new(body))
+        }
+    })
+}
+
+#[tokio::test]
+async fn a_response_body_that_breaks_off_completes_the_key_as_outcome_unknown() {
+    let executions = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let svc = layer(TestStore::new()).layer(breaking_off_once(executions.clone()));
+    let res = svc.clone().oneshot(req(Some("k"), "{}")).await.unwrap();
+    let err = res.into_body().collect().await;
+    assert!(err.is_err(), "the caller sees the body error");
+    for _ in 0..2 {
+        let retry = send(&svc, req(Some("k"), "{}")).await;
+        assert_eq!(retry.status, StatusCode::CONFLICT);
+        assert!(
+            retry.problem_type().ends_with("#variant.OutcomeUnknown"),
+            "{}",
+            retry.problem_type()
+        );
+        assert!(!retry.headers.contains_key("retry-after"));
+    }
+    assert_eq!(
+        executions.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the handler acted once; its outcome is unknown, so it never runs again"
+    );
+}
+
+#[tokio::test]
+async fn release_unknown_outcomes_lets_a_broken_response_run_again() {
+    let executions = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let svc = layer(TestStore::new())
+        .release_unknown_outcomes()
+        .layer(breaking_off_once(executions.clone()));
     let res = svc.clone().oneshot(req(Some("k"), "{}")).await.unwrap();
     let err = res.into_body().collect().await;
     assert!(err.is_err(), "the caller sees the body error");
