@@ -12,7 +12,7 @@ use tower::Layer;
 use tower_idempotency::engine::{Engine, Outcome};
 use tower_idempotency::fingerprint::Fingerprint;
 use tower_idempotency::key::StoreKey;
-use tower_idempotency::store::{Claim, RedisStore, Store, conformance};
+use tower_idempotency::store::{Claim, RedisStore, Store, StoreErrorKind, conformance};
 use tower_idempotency::{IdempotencyKey, IdempotencyLayer, Scope};
 
 async fn store_for(server: &RedisServer) -> RedisStore {
@@ -503,5 +503,170 @@ async fn after_redis_restarts_empty_a_claim_gets_a_fence_above_every_earlier_one
         token.fence() > highest,
         "fence {} after the restart is not above {highest}",
         token.fence()
+    );
+}
+
+/// Claims a key until it is acquired, waiting on it meanwhile; returns how
+/// long that took, or `None` after `limit`.
+async fn acquire_within(store: &RedisStore, key: StoreKey, limit: Duration) -> Option<Duration> {
+    let started = std::time::Instant::now();
+    let fp = Fingerprint::of_bytes(b"x");
+    while started.elapsed() < limit {
+        match store.claim(key, fp, Duration::from_secs(30)).await {
+            Ok(Claim::Acquired(_)) => return Some(started.elapsed()),
+            Ok(Claim::InFlight { fence, .. }) => {
+                let _ = store.wait(key, fence, Duration::from_secs(1)).await;
+            }
+            Ok(other) => panic!("{other:?}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+    None
+}
+
+/// The caller of a claim goes away (the client disconnected) while Redis is
+/// paused: the claim is applied once Redis resumes, with nobody to own it.
+/// Its release is queued when the caller's future is dropped, so the key is
+/// free again long before the claim's 30 s lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_disconnects_during_a_claim_leaves_no_orphan_claim() {
+    let Some(server) = redis_or_skip("orphan_claim") else {
+        return;
+    };
+    let store = store_for(&server).await;
+    let other = store_for(&server).await;
+    let fp = Fingerprint::of_bytes(b"x");
+    // Load the scripts and open the connections first.
+    store
+        .claim(
+            StoreKey::from_parts(b"", b"warm"),
+            fp,
+            Duration::from_secs(1),
+        )
+        .await
+        .unwrap();
+    other
+        .purge(StoreKey::from_parts(b"", b"warm"))
+        .await
+        .unwrap();
+    let key = StoreKey::from_parts(b"", b"orphan");
+    let _: () = redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(400)
+        .arg("ALL")
+        .query_async(&mut server.conn().await)
+        .await
+        .unwrap();
+    // The client goes away while the claim waits for its reply.
+    let dropped = tokio::time::timeout(
+        Duration::from_millis(100),
+        store.claim(key, fp, Duration::from_secs(30)),
+    )
+    .await;
+    assert!(dropped.is_err(), "the claim was still under way");
+    let took = acquire_within(&other, key, Duration::from_secs(10)).await;
+    assert!(
+        took.is_some_and(|t| t < Duration::from_secs(5)),
+        "the orphan claim held the key for {took:?}"
+    );
+}
+
+/// During an outage, claims whose replies are lost queue their releases in
+/// one bounded queue served by one task, not a task each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn releases_of_lost_claims_are_bounded_during_an_outage() {
+    let Some(server) = redis_or_skip("bounded_releases") else {
+        return;
+    };
+    let store = RedisStore::builder(&server.url())
+        .unwrap()
+        .operation_timeout(Duration::from_millis(20))
+        .build()
+        .await
+        .unwrap();
+    let fp = Fingerprint::of_bytes(b"x");
+    store
+        .claim(
+            StoreKey::from_parts(b"", b"warm"),
+            fp,
+            Duration::from_secs(1),
+        )
+        .await
+        .unwrap();
+    let runtime = tokio::runtime::Handle::current().metrics();
+    let tasks_before = runtime.num_alive_tasks();
+    server.freeze();
+    let claims = (0..3000u32).map(|n| {
+        let store = store.clone();
+        async move {
+            let key = StoreKey::from_parts(b"outage", &n.to_be_bytes());
+            store.claim(key, fp, Duration::from_secs(30)).await
+        }
+    });
+    let results = futures_util::future::join_all(claims).await;
+    assert!(results.iter().all(Result::is_err), "Redis is frozen");
+    let tasks = runtime.num_alive_tasks();
+    let pending = store.lost_claims_pending();
+    server.thaw();
+    assert!(
+        tasks <= tasks_before + 2,
+        "{tasks} tasks alive during the outage (was {tasks_before})"
+    );
+    assert!(
+        (1..=1024).contains(&pending),
+        "{pending} releases queued, at most 1 024 kept"
+    );
+    // Once Redis is back, the queue drains.
+    let started = std::time::Instant::now();
+    while store.lost_claims_pending() > 0 && started.elapsed() < Duration::from_secs(20) {
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(store.lost_claims_pending(), 0, "the queue drained");
+}
+
+/// Claims refused because Redis is down never reached it: nothing is
+/// queued for them.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_that_never_reached_redis_queue_no_release() {
+    let Some(mut server) = redis_or_skip("unsent_claims") else {
+        return;
+    };
+    let store = store_for(&server).await;
+    let fp = Fingerprint::of_bytes(b"x");
+    store
+        .claim(
+            StoreKey::from_parts(b"", b"warm"),
+            fp,
+            Duration::from_secs(1),
+        )
+        .await
+        .unwrap();
+    server.kill();
+    // The first calls may find the old connection broken mid-command.
+    for n in 0..5u32 {
+        let key = StoreKey::from_parts(b"first", &n.to_be_bytes());
+        assert!(store.claim(key, fp, Duration::from_secs(30)).await.is_err());
+    }
+    // A claim that times out while the connection is being re-established
+    // may or may not have been sent: its release is queued. One whose
+    // connection was refused was not: nothing is queued for it.
+    let (mut refused, mut timed_out) = (0, 0);
+    let before = store.lost_claims_pending();
+    for n in 0..20u32 {
+        let key = StoreKey::from_parts(b"refused", &n.to_be_bytes());
+        let e = store
+            .claim(key, fp, Duration::from_secs(30))
+            .await
+            .unwrap_err();
+        match e.kind() {
+            StoreErrorKind::Timeout => timed_out += 1,
+            _ => refused += 1,
+        }
+    }
+    assert!(refused > 0, "some claims found the connection refused");
+    assert_eq!(
+        store.lost_claims_pending(),
+        before + timed_out,
+        "only the {timed_out} timed-out claims queue a release, not the {refused} refused"
     );
 }

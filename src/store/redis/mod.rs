@@ -1,5 +1,6 @@
 //! [`RedisStore`]: one guarantee across every process that shares a Redis.
 
+mod abandon;
 mod notify;
 mod scripts;
 
@@ -12,6 +13,7 @@ use std::time::Duration;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisError, Script, Value};
 
+use self::abandon::{Abandoner, Attempt, Lost};
 use self::notify::Notifier;
 use super::{Claim, CompletedRecord, LeaseStatus, OwnerToken, Store, StoreError, StoreErrorKind};
 use crate::fingerprint::Fingerprint;
@@ -50,6 +52,15 @@ pub const DEFAULT_FENCE_MEMORY: Duration = Duration::from_secs(24 * 60 * 60);
 /// - **Bounded**: every command has a timeout (default 500 ms); a frozen or
 ///   unreachable Redis makes the layer answer 503, and the store recovers by
 ///   itself when Redis is back.
+/// - **No orphan claims**: a claim whose reply is lost (a timeout, a broken
+///   connection, or a caller dropped while it was under way, as when a
+///   client disconnects) may have been applied with nobody to own it. Its
+///   release, by the nonce it was sent with, is queued and sent by one
+///   background task per store once Redis answers. At most 1 024 wait
+///   ([`lost_claims_pending`](Self::lost_claims_pending)); past that, or
+///   once its lease has ended, such a claim simply expires. A claim whose
+///   connection was refused, or that Redis answered with an error, never
+///   took effect and queues nothing.
 ///
 /// Run it on a Redis with `maxmemory-policy noeviction` (the store warns at
 /// start-up otherwise): an evicted claim lets a duplicate execute. See the
@@ -97,6 +108,7 @@ struct Inner<C> {
     scripts: Scripts,
     notifier: Option<Arc<Notifier>>,
     nonces: AtomicU64,
+    abandoner: Abandoner,
 }
 
 struct Scripts {
@@ -283,6 +295,7 @@ where
                 scripts: Scripts::new(),
                 notifier,
                 nonces: AtomicU64::new(RandomState::new().hash_one(0u8)),
+                abandoner: Abandoner::new(),
             }),
         }
     }
@@ -302,6 +315,16 @@ where
         op: &'static str,
         invocation: redis::ScriptInvocation<'_>,
     ) -> Result<Value, StoreError> {
+        self.call(op, invocation).await.map_err(|f| f.error)
+    }
+
+    /// Runs a script, telling apart the failures after which it cannot
+    /// have taken effect.
+    async fn call(
+        &self,
+        op: &'static str,
+        invocation: redis::ScriptInvocation<'_>,
+    ) -> Result<Value, Failure> {
         let mut conn = self.inner.conn.clone();
         match tokio::time::timeout(
             self.inner.op_timeout,
@@ -310,8 +333,17 @@ where
         .await
         {
             Ok(Ok(value)) => Ok(value),
-            Ok(Err(e)) => Err(error(op, e)),
-            Err(_) => Err(StoreError::new(StoreErrorKind::Timeout, op)),
+            Ok(Err(e)) => Err(Failure {
+                // Refused connections never carried the command, and Redis
+                // answers an error only for a script it did not run or
+                // that failed before its first write (they validate first).
+                unapplied: e.is_connection_refusal() || e.code().is_some(),
+                error: error(op, e),
+            }),
+            Err(_) => Err(Failure {
+                error: StoreError::new(StoreErrorKind::Timeout, op),
+                unapplied: false,
+            }),
         }
     }
 
@@ -340,28 +372,38 @@ where
         }
     }
 
+    /// Claims whose reply was lost (a timeout, a dropped connection, a
+    /// caller that went away during the claim), waiting to be released in
+    /// the background. At most 1 024 wait per store; beyond that, such a
+    /// claim expires with its lease.
+    pub fn lost_claims_pending(&self) -> usize {
+        self.inner.abandoner.pending()
+    }
+
     /// A claim whose reply was lost may still have been applied: nobody would
     /// own it, and duplicates would wait for it until its lease ran out.
-    /// Release it by the nonce we sent, once Redis answers, within one lease.
-    fn abandon_in_background(&self, name: String, nonce: u64, lease: Duration) {
-        let store = self.clone();
-        tokio::spawn(async move {
-            let give_up = deadline(tokio::time::Instant::now(), lease);
-            let mut backoff = Duration::from_millis(50);
-            while tokio::time::Instant::now() < give_up {
-                tokio::time::sleep(backoff).await;
-                backoff = (backoff * 2).min(Duration::from_secs(1));
-                let mut invocation = store.inner.scripts.abandon.key(&name);
-                invocation.arg(nonce.to_string()).arg(&store.inner.channel);
+    /// Queues its release by the nonce we sent, once Redis answers, within
+    /// its lease (see the `abandon` module).
+    fn abandon(&self, lost: Lost) {
+        let inner = Arc::downgrade(&self.inner);
+        self.inner.abandoner.push(lost, move |lost: Lost| {
+            let store = RedisStore {
+                inner: inner.upgrade()?,
+            };
+            Some(async move {
+                let mut invocation = store.inner.scripts.abandon.key(&lost.name);
+                invocation
+                    .arg(lost.nonce.to_string())
+                    .arg(&store.inner.channel);
                 match store.invoke("abandon", invocation).await {
                     Ok(Value::Int(1)) => {
                         tracing::debug!("released a claim whose reply was lost");
-                        return;
+                        (lost, Attempt::Done)
                     }
-                    Ok(_) => return,
-                    Err(_) => continue,
+                    Ok(_) => (lost, Attempt::Done),
+                    Err(_) => (lost, Attempt::Again),
                 }
-            }
+            })
         });
     }
 
@@ -382,6 +424,27 @@ where
             _ => tracing::debug!(
                 "could not read Redis maxmemory-policy (CONFIG GET refused or Redis unreachable)"
             ),
+        }
+    }
+}
+
+/// A store call that failed, and whether it provably did not take effect.
+struct Failure {
+    error: StoreError,
+    unapplied: bool,
+}
+
+/// A claim sent whose reply is not in yet; dropped armed, it queues the
+/// claim's release.
+struct Unsettled<'a, C: ConnectionLike + Clone + Send + Sync + 'static> {
+    store: &'a RedisStore<C>,
+    lost: Option<Lost>,
+}
+
+impl<C: ConnectionLike + Clone + Send + Sync + 'static> Drop for Unsettled<'_, C> {
+    fn drop(&mut self) {
+        if let Some(lost) = self.lost.take() {
+            self.store.abandon(lost);
         }
     }
 }
@@ -439,20 +502,27 @@ where
             .arg(ms(lease))
             .arg(keep)
             .arg(nonce.to_string());
-        let reply = match self.invoke("claim", invocation).await {
+        // Until its reply is in, the claim may have been applied with nobody
+        // to own it: if the reply is lost, or this future is dropped (the
+        // client went away), the guard queues its release.
+        let mut unsettled = Unsettled {
+            store: self,
+            lost: Some(Lost {
+                name,
+                nonce,
+                until: deadline(tokio::time::Instant::now(), lease),
+            }),
+        };
+        let reply = match self.call("claim", invocation).await {
             Ok(reply) => reply,
-            Err(e) => {
-                // The claim may have been applied even though its reply was
-                // lost: make sure it does not hold the key for a whole lease.
-                if matches!(
-                    e.kind(),
-                    StoreErrorKind::Timeout | StoreErrorKind::Unavailable
-                ) {
-                    self.abandon_in_background(name, nonce, lease);
+            Err(failure) => {
+                if failure.unapplied {
+                    unsettled.lost = None;
                 }
-                return Err(e);
+                return Err(failure.error);
             }
         };
+        unsettled.lost = None;
         let Value::Array(items) = &reply else {
             return Err(corrupt("claim", &reply));
         };

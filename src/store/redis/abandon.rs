@@ -1,0 +1,150 @@
+//! Releasing claims whose reply never came back, in the background and
+//! within a bound.
+//!
+//! A claim whose reply was lost (a timeout, a dropped connection, a caller
+//! that went away while it was under way) may still have been applied:
+//! nobody would own it, and duplicates would wait for it until its lease
+//! ran out. The claim's nonce is known, so the claim can be released by it
+//! once Redis answers. These releases go through one bounded queue per
+//! store and one worker task that sends them one at a time, so that an
+//! outage at thousands of requests a second costs a fixed amount of memory
+//! and no task per request, and Redis is not flooded when it comes back.
+//! When the queue is full, a claim is left to expire with its lease.
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock, Weak};
+use std::time::Duration;
+
+use tokio::sync::mpsc;
+
+/// How many lost claims may wait to be released, per store.
+pub(super) const QUEUE_BOUND: usize = 1024;
+use tokio::time::Instant;
+
+/// The first pause after a release that failed; it doubles up to
+/// [`RETRY_CAP`].
+const RETRY_FIRST: Duration = Duration::from_millis(50);
+const RETRY_CAP: Duration = Duration::from_secs(1);
+
+/// A claim to release: its key name and nonce, and when its lease ends
+/// (after which releasing it is pointless).
+#[derive(Debug)]
+pub(super) struct Lost {
+    pub(super) name: String,
+    pub(super) nonce: u64,
+    pub(super) until: Instant,
+}
+
+/// What one release attempt found.
+pub(super) enum Attempt {
+    /// Redis answered (the claim is released, or was not there).
+    Done,
+    /// Redis did not answer: try again later.
+    Again,
+}
+
+/// Sends releases of lost claims, one at a time, through a bounded queue.
+pub(super) struct Abandoner {
+    queue: OnceLock<mpsc::UnboundedSender<Lost>>,
+    pending: Arc<AtomicUsize>,
+}
+
+impl Abandoner {
+    pub(super) fn new() -> Self {
+        Self {
+            queue: OnceLock::new(),
+            pending: Arc::default(),
+        }
+    }
+
+    /// Lost claims waiting to be released (queued or being retried).
+    pub(super) fn pending(&self) -> usize {
+        self.pending.load(Ordering::Acquire)
+    }
+
+    /// Queues `lost` for release, starting the worker on first use. `release`
+    /// makes one attempt for the store, if it still exists. Returns `false`
+    /// when the queue is full or no runtime can run the worker: the claim
+    /// then expires with its lease.
+    pub(super) fn push<R, Fut>(&self, lost: Lost, release: R) -> bool
+    where
+        R: Fn(Lost) -> Option<Fut> + Send + 'static,
+        Fut: std::future::Future<Output = (Lost, Attempt)> + Send + 'static,
+    {
+        let queue = match self.queue.get() {
+            Some(queue) => queue,
+            None => {
+                let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+                    return false;
+                };
+                self.queue.get_or_init(|| {
+                    // Bounded by `pending`, which counts the claims queued
+                    // and those the worker holds for another attempt.
+                    let (tx, rx) = mpsc::unbounded_channel();
+                    runtime.spawn(work(rx, Arc::downgrade(&self.pending), release));
+                    tx
+                })
+            }
+        };
+        if self.pending.fetch_add(1, Ordering::AcqRel) < QUEUE_BOUND && queue.send(lost).is_ok() {
+            return true;
+        }
+        self.pending.fetch_sub(1, Ordering::AcqRel);
+        tracing::debug!("too many lost idempotency claims queued; this one expires with its lease");
+        false
+    }
+}
+
+/// The worker: one release at a time, oldest first; while Redis does not
+/// answer it backs off, keeping the order, and drops claims whose lease
+/// has ended. It stops when the store (and so the queue's sender) is gone.
+async fn work<R, Fut>(mut rx: mpsc::UnboundedReceiver<Lost>, pending: Weak<AtomicUsize>, release: R)
+where
+    R: Fn(Lost) -> Option<Fut>,
+    Fut: std::future::Future<Output = (Lost, Attempt)>,
+{
+    let mut retrying: VecDeque<Lost> = VecDeque::new();
+    let mut backoff = RETRY_FIRST;
+    loop {
+        let next = match retrying.pop_front() {
+            Some(lost) => lost,
+            None => match rx.recv().await {
+                Some(lost) => lost,
+                None => return,
+            },
+        };
+        let settled = |n: usize| {
+            if let Some(pending) = pending.upgrade() {
+                pending.fetch_sub(n, Ordering::AcqRel);
+            }
+        };
+        if Instant::now() >= next.until {
+            settled(1);
+            continue;
+        }
+        let Some(attempt) = release(next) else {
+            return;
+        };
+        match attempt.await {
+            (_, Attempt::Done) => {
+                settled(1);
+                backoff = RETRY_FIRST;
+            }
+            (lost, Attempt::Again) => {
+                retrying.push_front(lost);
+                tokio::time::sleep(backoff).await;
+                backoff = backoff.saturating_mul(2).min(RETRY_CAP);
+                // Take in what queued up meanwhile, behind the older ones,
+                // dropping what expired.
+                while let Ok(more) = rx.try_recv() {
+                    retrying.push_back(more);
+                }
+                let before = retrying.len();
+                let now = Instant::now();
+                retrying.retain(|lost| lost.until > now);
+                settled(before - retrying.len());
+            }
+        }
+    }
+}
