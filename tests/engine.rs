@@ -154,9 +154,13 @@ async fn dropping_the_caller_detaches_the_execution() {
     );
 }
 
-#[tokio::test]
+/// The waiter is woken by the release itself: on a paused clock, it runs
+/// at the instant of the release, not at the end of its 10 s wait or of
+/// the 30 s lease.
+#[tokio::test(start_paused = true)]
 async fn a_waiter_executes_itself_when_the_first_execution_releases() {
-    let engine = Engine::new(TestStore::new());
+    let store = TestStore::new();
+    let engine = Engine::new(store.clone());
     let proceed = Arc::new(Notify::new());
     let started = Arc::new(Notify::new());
     let first = {
@@ -175,20 +179,29 @@ async fn a_waiter_executes_itself_when_the_first_execution_releases() {
     let second = {
         let engine = engine.clone();
         tokio::spawn(async move {
-            engine
+            let ran = engine
                 .run(key("handover"), FP, |_| async {
                     Ok::<_, std::io::Error>(("ok", Completion::Store(Bytes::new())))
                 })
-                .await
+                .await;
+            (ran, tokio::time::Instant::now())
         })
     };
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // The waiter is registered once its wait was called.
+    store.until_calls_of("wait", 1).await;
+    let released = tokio::time::Instant::now();
     proceed.notify_one();
     assert_eq!(first.await.unwrap().unwrap(), Outcome::Executed("failed"));
+    let (ran, at) = second.await.unwrap();
     assert_eq!(
-        second.await.unwrap().unwrap(),
+        ran.unwrap(),
         Outcome::Executed("ok"),
         "the waiter re-claimed and ran"
+    );
+    assert!(
+        at - released < Duration::from_millis(100),
+        "the waiter woke {:?} after the release",
+        at - released
     );
 }
 

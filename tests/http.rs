@@ -287,13 +287,14 @@ async fn handler_sees_idempotency_info() {
 async fn a_slow_upload_never_holds_the_key() {
     let (ledger, store) = setup();
     let svc = layer(store.clone()).layer(ledger.service());
-    let (tx, slow_body) = channel_body();
-    tx.send(Ok(Bytes::from_static(b"{}"))).await.unwrap();
+    let (tx, slow_body) = channel_body_holding(1);
+    tx.send(Ok(Bytes::from_static(b"{"))).await.unwrap();
     let slow = tokio::spawn({
         let svc = svc.clone();
         async move { send(&svc, post(Some("k")).body(slow_body).unwrap()).await }
     });
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    // Returns once the layer took the first chunk: it is reading the body.
+    tx.send(Ok(Bytes::from_static(b"}"))).await.unwrap();
     assert_eq!(
         store.calls(),
         0,
@@ -332,7 +333,7 @@ async fn a_broken_request_body_is_refused_and_not_executed() {
 #[tokio::test]
 async fn an_in_flight_duplicate_waits_and_gets_the_same_answer() {
     let (ledger, store) = setup();
-    let svc = layer(store).layer(ledger.service());
+    let svc = layer(store.clone()).layer(ledger.service());
     let gated = || {
         post(Some("k"))
             .header("x-gate", "1")
@@ -344,7 +345,7 @@ async fn an_in_flight_duplicate_waits_and_gets_the_same_answer() {
         let svc = svc.clone();
         async move { send(&svc, gated()).await }
     });
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    store.until_calls_of("wait", 1).await;
     assert!(!second.is_finished(), "the duplicate waits for the first");
     ledger.open(1);
     let (first, second) = (first.await.unwrap(), second.await.unwrap());
@@ -700,13 +701,8 @@ async fn a_panicking_handler_releases_the_key_and_the_panic_propagates() {
         outcome.unwrap_err().is_panic(),
         "the handler's panic reaches the caller"
     );
-    // The release is spawned by the dying task: give it a moment.
-    for _ in 0..100 {
-        if store.inner.in_flight_count() == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    // The release is spawned by the dying task.
+    store.until_calls_of("release", 1).await;
     let retry = send(&svc, req(Some("k"), "{}")).await;
     assert_eq!(
         retry.status,
@@ -729,12 +725,7 @@ async fn behind_catch_panic_a_panic_is_a_500_and_the_retry_executes() {
         .unwrap();
     let res = svc.clone().oneshot(panicking).await.unwrap();
     assert_eq!(res.status(), StatusCode::INTERNAL_SERVER_ERROR);
-    for _ in 0..100 {
-        if store.inner.in_flight_count() == 0 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    store.until_calls_of("release", 1).await;
     let retry = svc.clone().oneshot(req(Some("k"), "{}")).await.unwrap();
     assert_eq!(retry.status(), StatusCode::CREATED);
     assert_eq!(ledger.count(), 2);

@@ -3,7 +3,6 @@
 mod common;
 
 use std::sync::atomic::Ordering;
-use std::time::Duration;
 
 use axum::body::Body;
 use common::*;
@@ -34,7 +33,8 @@ async fn post_to(client: &HttpClient, addr: std::net::SocketAddr, key: &str, gat
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_concurrent_duplicates_execute_once_and_get_identical_bodies() {
     let ledger = Ledger::new();
-    let svc = layer(TestStore::new()).layer(ledger.infallible());
+    let store = TestStore::new();
+    let svc = layer(store.clone()).layer(ledger.infallible());
     let addr = serve(svc).await;
     let entered = ledger.entered.notified();
     let first = tokio::spawn(async move { post_to(&client(), addr, "dup", true).await });
@@ -46,7 +46,8 @@ async fn a_hundred_concurrent_duplicates_execute_once_and_get_identical_bodies()
             post_to(&client(), addr, "dup", true).await
         }));
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Every duplicate is waiting on the first before it ends.
+    store.until_calls_of("wait", 99).await;
     ledger.open(100);
     let first = first.await.unwrap();
     assert_eq!(first.status, StatusCode::CREATED);
@@ -68,9 +69,25 @@ async fn a_hundred_concurrent_duplicates_execute_once_and_get_identical_bodies()
 async fn a_client_disconnect_does_not_cancel_the_execution() {
     let ledger = Ledger::new();
     let svc = layer(TestStore::new()).layer(ledger.infallible());
+    // Signals when the server drops a request's future before it ended,
+    // as it does when it notices the client went away.
+    let dropped = std::sync::Arc::new(tokio::sync::Notify::new());
+    let svc = {
+        let dropped = dropped.clone();
+        tower::service_fn(move |req: Request<Body>| {
+            let fut = tower::ServiceExt::oneshot(svc.clone(), req);
+            let guard = NotifyOnDrop(Some(dropped.clone()));
+            async move {
+                let res = fut.await;
+                guard.disarm();
+                res
+            }
+        })
+    };
     let addr = serve(svc).await;
 
     let entered = ledger.entered.notified();
+    let gone = dropped.notified();
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     let body = r#"{"amount":100}"#;
     let head = format!(
@@ -80,15 +97,13 @@ async fn a_client_disconnect_does_not_cancel_the_execution() {
     stream.write_all(head.as_bytes()).await.unwrap();
     entered.await;
     drop(stream);
-    // Let the server notice the closed connection and drop its future.
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    // The server noticed the closed connection and dropped the future.
+    gone.await;
+    let finished = ledger.done.notified();
     ledger.open(1);
-    for _ in 0..200 {
-        if ledger.finished.load(Ordering::SeqCst) == 1 {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    tokio::time::timeout(std::time::Duration::from_secs(10), finished)
+        .await
+        .expect("the execution was cancelled with its client");
     assert_eq!(
         ledger.finished.load(Ordering::SeqCst),
         1,
@@ -102,6 +117,23 @@ async fn a_client_disconnect_does_not_cancel_the_execution() {
     );
     assert_eq!(retry.headers["x-exec"], "1");
     assert_eq!(ledger.count(), 1);
+}
+
+/// Notifies when dropped, unless disarmed first.
+struct NotifyOnDrop(Option<std::sync::Arc<tokio::sync::Notify>>);
+
+impl NotifyOnDrop {
+    fn disarm(mut self) {
+        self.0 = None;
+    }
+}
+
+impl Drop for NotifyOnDrop {
+    fn drop(&mut self) {
+        if let Some(notify) = self.0.take() {
+            notify.notify_one();
+        }
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -510,7 +510,14 @@ async fn wait_for_change<St: Store>(
             start.elapsed()
         })
     };
+    // Give the waiter time to block; it must still be waiting on the live
+    // claim (a wait that returns at once would make the check below pass
+    // whatever the store does on a change).
     tokio::time::sleep(Duration::from_millis(100)).await;
+    assert!(
+        !waiter.is_finished(),
+        "a wait on a live claim returned before the claim changed"
+    );
     change.await;
     let waited = tokio::time::timeout(WAKE_BOUND, waiter)
         .await

@@ -40,6 +40,8 @@ pub struct Ledger {
     /// Executions that ran to the end (not cancelled).
     pub finished: Arc<AtomicUsize>,
     pub entered: Arc<Notify>,
+    /// Notified (one permit) each time an execution ran to its end.
+    pub done: Arc<Notify>,
     gate: Arc<Semaphore>,
     pub saw_info: Arc<AtomicBool>,
     pub last_body: Arc<std::sync::Mutex<Bytes>>,
@@ -51,6 +53,7 @@ impl Ledger {
             executions: Arc::default(),
             finished: Arc::default(),
             entered: Arc::default(),
+            done: Arc::default(),
             gate: Arc::new(Semaphore::new(0)),
             saw_info: Arc::default(),
             last_body: Arc::default(),
@@ -121,6 +124,7 @@ impl Ledger {
             permit.forget();
         }
         self.finished.fetch_add(1, Ordering::SeqCst);
+        self.done.notify_one();
         if fail {
             return Err(TestError("handler failed"));
         }
@@ -195,6 +199,9 @@ pub struct TestStore<St = MemoryStore> {
     pub fail: Arc<AtomicBool>,
     pub corrupt: Arc<AtomicBool>,
     faults: Arc<std::sync::Mutex<std::collections::HashMap<&'static str, Faults>>>,
+    /// Calls per operation, and a signal on each call.
+    per_op: Arc<std::sync::Mutex<std::collections::HashMap<&'static str, usize>>>,
+    called: Arc<Notify>,
 }
 
 /// Faults planned for one operation.
@@ -229,6 +236,26 @@ impl<St: Store> TestStore<St> {
             fail: Arc::default(),
             corrupt: Arc::default(),
             faults: Arc::default(),
+            per_op: Arc::default(),
+            called: Arc::default(),
+        }
+    }
+
+    /// How many times `op` was called.
+    pub fn calls_of(&self, op: &'static str) -> usize {
+        self.per_op.lock().unwrap().get(op).copied().unwrap_or(0)
+    }
+
+    /// Returns once `op` has been called at least `n` times. A call is
+    /// counted in the same poll that starts the wrapped store's operation,
+    /// so a `MemoryStore` waiter counted here is already registered.
+    pub async fn until_calls_of(&self, op: &'static str, n: usize) {
+        loop {
+            let called = self.called.notified();
+            if self.calls_of(op) >= n {
+                return;
+            }
+            called.await;
         }
     }
 
@@ -273,6 +300,8 @@ impl<St: Store> TestStore<St> {
 
     fn enter(&self, op: &'static str) -> Result<(), StoreError> {
         self.calls.fetch_add(1, Ordering::SeqCst);
+        *self.per_op.lock().unwrap().entry(op).or_default() += 1;
+        self.called.notify_waiters();
         if self.fail.load(Ordering::SeqCst) {
             return Err(injected(op));
         }
@@ -487,7 +516,18 @@ pub fn channel_body() -> (
     tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>,
     Body,
 ) {
-    let (tx, rx) = tokio::sync::mpsc::channel(64);
+    channel_body_holding(64)
+}
+
+/// A [`channel_body`] that holds at most `chunks` unread chunks, so a send
+/// past them returns only once the reader took one.
+pub fn channel_body_holding(
+    chunks: usize,
+) -> (
+    tokio::sync::mpsc::Sender<Result<Bytes, std::io::Error>>,
+    Body,
+) {
+    let (tx, rx) = tokio::sync::mpsc::channel(chunks);
     (tx, Body::new(ChannelBody { rx }))
 }
 
