@@ -60,8 +60,9 @@ pub(crate) fn is_event_stream(headers: &HeaderMap) -> bool {
         })
 }
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1): meaningful for one connection only.
-const HOP_BY_HOP: [HeaderName; 7] = [
+/// Hop-by-hop headers (RFC 9110 §7.6.1, and the proxy headers that Go's
+/// reverse proxy also treats so): meaningful for one connection only.
+const HOP_BY_HOP: [HeaderName; 8] = [
     header::CONNECTION,
     HeaderName::from_static("keep-alive"),
     HeaderName::from_static("proxy-connection"),
@@ -69,11 +70,18 @@ const HOP_BY_HOP: [HeaderName; 7] = [
     header::TRANSFER_ENCODING,
     header::UPGRADE,
     header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
 ];
 
+/// The most names of a `Connection` header that are honoured; names past
+/// it are not looked at, so a header listing thousands costs no more than
+/// this many comparisons per header. Real ones list one to three.
+const MAX_CONNECTION_NAMES: usize = 64;
+
 /// Decides which response headers a replay may carry: all but hop-by-hop
-/// ones (including those the `Connection` header names), `Set-Cookie`
-/// unless kept, and any excluded by name.
+/// ones (including those the `Connection` header names, up to
+/// [`MAX_CONNECTION_NAMES`] of them), `Set-Cookie` unless kept, and any
+/// excluded by name.
 pub(crate) struct ReplayFilter<'a> {
     named_by_connection: Vec<HeaderName>,
     keep_set_cookie: bool,
@@ -91,6 +99,7 @@ impl<'a> ReplayFilter<'a> {
             .iter()
             .filter_map(|v| v.to_str().ok())
             .flat_map(|v| v.split(','))
+            .take(MAX_CONNECTION_NAMES)
             .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
             .collect();
         Self {

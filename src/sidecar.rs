@@ -8,9 +8,14 @@
 //! over this module.
 //!
 //! Forwarding keeps the method, path, query, headers (minus hop-by-hop
-//! ones; plus `Forwarded`, `X-Forwarded-For`, `-Host` and `-Proto`), body
-//! and trailers, over pooled keep-alive connections (HTTP/1.1, or h2c with
-//! [`SidecarConfig::upstream_h2c`]). An unreachable upstream is answered
+//! ones, `Proxy-Authorization` and `Proxy-Connection` among them; plus
+//! `Forwarded`, `X-Forwarded-For`, `-Host` and `-Proto`, where a client's
+//! own `Forwarded` and `X-Forwarded-For` are replaced unless
+//! [`SidecarConfig::trust_forwarded_headers`]), body and trailers, over
+//! pooled keep-alive connections (HTTP/1.1, or h2c with
+//! [`SidecarConfig::upstream_h2c`]). Client connections are bounded in
+//! number ([`SidecarConfig::max_connections`]) and in how long a request's
+//! head may take to arrive ([`SidecarConfig::header_read_timeout`]). An unreachable upstream is answered
 //! with 502 and a timed-out one with 504 (problem+json); both are 5xx, so
 //! the key is released and a retry executes once the upstream is back.
 //!
@@ -22,6 +27,7 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -32,11 +38,12 @@ use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use hyper_util::server::graceful::GracefulShutdown;
 use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
 use tower_layer::Layer;
 use tower_service::Service;
 
@@ -50,6 +57,12 @@ use crate::store::Store;
 pub const DEFAULT_HEALTH_PATH: &str = "/_idempotency/health";
 /// Default bound on waiting for the upstream's response head.
 pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default bound on reading a request's head (HTTP/1): a client that takes
+/// longer is disconnected, so slow clients cannot hold connections open.
+pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default bound on open client connections; further clients wait in the
+/// listen backlog until one closes.
+pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
 
 /// Why the sidecar could not start or run.
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +86,9 @@ pub struct SidecarConfig {
     h2c: bool,
     timeout: Duration,
     health_path: String,
+    trust_forwarded: bool,
+    header_read_timeout: Duration,
+    max_connections: usize,
 }
 
 impl SidecarConfig {
@@ -92,7 +108,36 @@ impl SidecarConfig {
             h2c: false,
             timeout: DEFAULT_UPSTREAM_TIMEOUT,
             health_path: DEFAULT_HEALTH_PATH.to_owned(),
+            trust_forwarded: false,
+            header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
         })
+    }
+
+    /// Keeps the client's `X-Forwarded-For` and `Forwarded` headers and
+    /// appends this hop to them (default off: they are replaced, because a
+    /// client can put anything there and an upstream that reads the first
+    /// value would trust a spoofed address). Turn it on only behind a proxy
+    /// you trust to set them. `X-Forwarded-Host` and `-Proto` are always
+    /// set by the sidecar.
+    pub fn trust_forwarded_headers(mut self, trust: bool) -> Self {
+        self.trust_forwarded = trust;
+        self
+    }
+
+    /// Bounds how long a client may take to send a request's head over
+    /// HTTP/1 (default 10 s, at least 1 ms); past it the connection is
+    /// closed.
+    pub fn header_read_timeout(mut self, timeout: Duration) -> Self {
+        self.header_read_timeout = timeout.max(Duration::from_millis(1));
+        self
+    }
+
+    /// Bounds the open client connections (default 4 096, at least 1).
+    /// Past it the sidecar accepts no more until one closes.
+    pub fn max_connections(mut self, connections: usize) -> Self {
+        self.max_connections = connections.max(1);
+        self
     }
 
     /// Speaks HTTP/2 without TLS (h2c) to the upstream (default HTTP/1.1).
@@ -247,18 +292,25 @@ fn to_upstream(
         parts.headers.insert(header::HOST, host);
     }
     let client = parts.extensions.get::<ClientAddr>().map(|c| c.0);
+    if !config.trust_forwarded {
+        parts.headers.remove(X_FORWARDED_FOR);
+        parts.headers.remove(header::FORWARDED);
+    }
     add_forwarding_headers(&mut parts.headers, client, original_host.as_ref());
     // HTTP/1 and HTTP/2 differ; let the client pick what the upstream speaks.
     parts.version = http::Version::default();
     Ok(Request::from_parts(parts, body))
 }
 
+const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+
+/// Adds this hop to `X-Forwarded-For` and `Forwarded` (after any the client
+/// sent and the sidecar trusts), and sets `X-Forwarded-Host` and `-Proto`.
 fn add_forwarding_headers(
     headers: &mut HeaderMap,
     client: Option<SocketAddr>,
     host: Option<&HeaderValue>,
 ) {
-    const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
     const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
     const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
     let mut forwarded = String::from("proto=http");
@@ -313,11 +365,25 @@ pub async fn serve<St: Store>(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), SidecarError> {
     let health_path = config.health_path.clone();
+    let places = Arc::new(Semaphore::new(config.max_connections));
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(config.header_read_timeout);
     let service = layer.layer(Proxy::new(config));
     let graceful = GracefulShutdown::new();
-    let builder = auto::Builder::new(TokioExecutor::new());
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
+        // A place first, then a connection: past the limit, clients wait in
+        // the listen backlog.
+        let place = tokio::select! {
+            place = places.clone().acquire_owned() => match place {
+                Ok(place) => place,
+                Err(_) => break,
+            },
+            () = &mut shutdown => break,
+        };
         let (stream, peer) = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok(accepted) => accepted,
@@ -355,6 +421,7 @@ pub async fn serve<St: Store>(
             if let Err(e) = connection.await {
                 tracing::debug!(error = %source_chain(&*e), "sidecar connection ended with an error");
             }
+            drop(place);
         });
     }
     drop(listener);

@@ -53,13 +53,25 @@ async fn charge(
             .unwrap_or("-")
             .to_owned()
     };
+    let all = |h: &str| {
+        headers
+            .get_all(h)
+            .iter()
+            .filter_map(|v| v.to_str().ok())
+            .collect::<Vec<_>>()
+            .join("|")
+    };
     let echo = format!(
-        "exec={n} body={} xff={} proto={} fwd={} conn={}",
+        "exec={n} body={} xff={} proto={} fwd={} conn={} proxy={}/{}/{} far={}",
         String::from_utf8_lossy(&body),
-        seen("x-forwarded-for"),
+        all("x-forwarded-for"),
         seen("x-forwarded-proto"),
-        seen("forwarded"),
+        all("forwarded"),
         seen("x-hop"),
+        seen("proxy-authorization"),
+        seen("proxy-authenticate"),
+        seen("proxy-connection"),
+        seen("x-far"),
     );
     (
         StatusCode::CREATED,
@@ -370,5 +382,125 @@ async fn grpc_through_the_sidecar_over_h2c_replays_with_trailers() {
     assert!(grpc_service::replayed(&retry));
     assert_eq!(retry.get_ref(), first.get_ref());
     assert_eq!(ledger.executions.load(Ordering::SeqCst), 1);
+    car.shutdown().await;
+}
+
+/// A POST to the sidecar with extra request headers.
+async fn post_with(addr: SocketAddr, key: &str, headers: &[(&str, &str)]) -> Answer {
+    let mut req = Request::post(format!("http://{addr}/charge")).header("idempotency-key", key);
+    for (name, value) in headers {
+        req = req.header(*name, *value);
+    }
+    let res = client()
+        .request(req.body(Body::from("{}")).unwrap())
+        .await
+        .expect("request");
+    common::collect(res).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_headers_are_hop_by_hop_and_never_reach_the_upstream() {
+    let (up_addr, _up) = start_upstream().await;
+    let car = Sidecar::start(IdempotencyLayer::new(MemoryStore::new()), config(up_addr)).await;
+    let answer = post_with(
+        car.addr,
+        "proxy",
+        &[
+            ("proxy-authorization", "Basic c2VjcmV0"),
+            ("proxy-authenticate", "Basic"),
+            ("proxy-connection", "keep-alive"),
+        ],
+    )
+    .await;
+    assert!(answer.text().contains("proxy=-/-/-"), "{}", answer.text());
+    car.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_supplied_forwarding_headers_are_replaced_unless_trusted() {
+    let (up_addr, _up) = start_upstream().await;
+    let spoofed = [("x-forwarded-for", "6.6.6.6"), ("forwarded", "for=6.6.6.6")];
+    let car = Sidecar::start(IdempotencyLayer::new(MemoryStore::new()), config(up_addr)).await;
+    let replaced = post_with(car.addr, "fwd-1", &spoofed).await.text();
+    assert!(replaced.contains("xff=127.0.0.1 "), "{replaced}");
+    assert!(!replaced.contains("6.6.6.6"), "{replaced}");
+    car.shutdown().await;
+
+    let trusting = config(up_addr).trust_forwarded_headers(true);
+    let car = Sidecar::start(IdempotencyLayer::new(MemoryStore::new()), trusting).await;
+    let appended = post_with(car.addr, "fwd-2", &spoofed).await.text();
+    assert!(appended.contains("xff=6.6.6.6|127.0.0.1 "), "{appended}");
+    assert!(
+        appended.contains("fwd=for=6.6.6.6|for=127.0.0.1;"),
+        "{appended}"
+    );
+    car.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_header_naming_thousands_of_headers_is_bounded() {
+    let (up_addr, _up) = start_upstream().await;
+    let car = Sidecar::start(IdempotencyLayer::new(MemoryStore::new()), config(up_addr)).await;
+    // 20 000 names: the first is honoured (x-hop is dropped), names past
+    // the bound are not looked at (x-far, the last one, is forwarded).
+    let mut names: Vec<String> = vec!["x-hop".to_owned()];
+    names.extend((0..19_998).map(|n| format!("x-n{n}")));
+    names.push("x-far".to_owned());
+    let connection = names.join(", ");
+    let answer = post_with(
+        car.addr,
+        "conn",
+        &[
+            ("connection", &connection),
+            ("x-hop", "secret"),
+            ("x-far", "far"),
+        ],
+    )
+    .await;
+    assert_eq!(answer.status, StatusCode::CREATED);
+    assert!(answer.text().contains("conn=-"), "{}", answer.text());
+    assert!(answer.text().contains("far=far"), "{}", answer.text());
+    car.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_finishes_its_headers_is_disconnected() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (up_addr, _up) = start_upstream().await;
+    let car = Sidecar::start(
+        IdempotencyLayer::new(MemoryStore::new()),
+        config(up_addr).header_read_timeout(Duration::from_millis(300)),
+    )
+    .await;
+    let mut slow = tokio::net::TcpStream::connect(car.addr).await.unwrap();
+    slow.write_all(b"POST /charge HTTP/1.1\r\nhost: x\r\n")
+        .await
+        .unwrap();
+    // The sidecar closes the connection (with or without a 408 first).
+    let mut rest = Vec::new();
+    let closed = tokio::time::timeout(Duration::from_secs(5), slow.read_to_end(&mut rest)).await;
+    assert!(closed.is_ok(), "the slow client was not disconnected");
+    car.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_past_the_limit_wait_for_a_free_place() {
+    let (up_addr, _up) = start_upstream().await;
+    let car = Sidecar::start(
+        IdempotencyLayer::new(MemoryStore::new()),
+        config(up_addr).max_connections(1),
+    )
+    .await;
+    let holder = tokio::net::TcpStream::connect(car.addr).await.unwrap();
+    let waiting = tokio::spawn(post_with(car.addr, "limit", &[]));
+    // The second connection is not served while the first holds the place.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!waiting.is_finished(), "served past the connection limit");
+    drop(holder);
+    let answer = tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("served once a place was free")
+        .unwrap();
+    assert_eq!(answer.status, StatusCode::CREATED);
     car.shutdown().await;
 }

@@ -91,6 +91,18 @@ struct Args {
     /// the IETF draft).
     #[arg(long, env = "IDEMPOTENCY_MISMATCH_STATUS", default_value = "409", value_parser = parse_status)]
     mismatch_status: StatusCode,
+    /// Keep client-supplied X-Forwarded-For and Forwarded headers and append
+    /// this hop (by default they are replaced: clients can spoof them). Only
+    /// behind a proxy you trust to set them.
+    #[arg(long, env = "IDEMPOTENCY_TRUST_FORWARDED_HEADERS")]
+    trust_forwarded_headers: bool,
+    /// How long a client may take to send a request's head (HTTP/1) before
+    /// it is disconnected.
+    #[arg(long, env = "IDEMPOTENCY_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    header_read_timeout: Duration,
+    /// Most open client connections; more wait until one closes.
+    #[arg(long, env = "IDEMPOTENCY_MAX_CONNECTIONS", default_value_t = sidecar::DEFAULT_MAX_CONNECTIONS)]
+    max_connections: usize,
     /// Path of the sidecar's own health check.
     #[arg(long, env = "IDEMPOTENCY_HEALTH_PATH", default_value = sidecar::DEFAULT_HEALTH_PATH)]
     health_path: String,
@@ -196,7 +208,10 @@ async fn run<St: Store>(args: Args, store: St) -> Result<(), Box<dyn std::error:
     let config = SidecarConfig::new(&args.upstream)?
         .upstream_h2c(args.upstream_h2c)
         .upstream_timeout(args.upstream_timeout)
-        .health_path(args.health_path.clone());
+        .health_path(args.health_path.clone())
+        .trust_forwarded_headers(args.trust_forwarded_headers)
+        .header_read_timeout(args.header_read_timeout)
+        .max_connections(args.max_connections);
     let layer = configure(&args, store);
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
