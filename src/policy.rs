@@ -26,6 +26,13 @@ pub enum StorePolicy {
     Store,
     /// Do not store it and release the key: a retry executes again.
     DoNotStore,
+    /// What the handler did is unknown (for example a call it made timed
+    /// out after sending): hand this response to the caller, and complete
+    /// the key as "outcome unknown", so retries are refused (409
+    /// `OutcomeUnknown`) and nothing runs again. Unless the layer releases
+    /// unknown outcomes
+    /// ([`release_unknown_outcomes`](crate::IdempotencyLayer::release_unknown_outcomes)).
+    OutcomeUnknown,
 }
 
 pub use crate::grpc::GrpcStatusCode;

@@ -14,12 +14,12 @@
 //! | [`KeyMismatch`](ProblemKind::KeyMismatch) | 409 (configurable, e.g. 422) | no | never with this key |
 //! | [`InFlight`](ProblemKind::InFlight) | 409 | yes | yes, same request |
 //! | [`NotReplayable`](ProblemKind::NotReplayable) | 409 | no | never: it executed |
-//! | [`OutcomeUnknown`](ProblemKind::OutcomeUnknown) | 409 | no | never: it executed, and what it did is unknown |
+//! | [`OutcomeUnknown`](ProblemKind::OutcomeUnknown) | 409 (the sidecar's first answer: 502 or 504) | no | never: it executed, and what it did is unknown |
 //! | [`StoreUnavailable`](ProblemKind::StoreUnavailable) | 503 | yes | yes, same request |
 //! | [`ScopeUnavailable`](ProblemKind::ScopeUnavailable) | 500 | no | no (server misconfigured) |
 //! | [`RecordUnreadable`](ProblemKind::RecordUnreadable) | 500 | no | no (operator must purge) |
 //! | [`UpstreamUnavailable`](ProblemKind::UpstreamUnavailable) (sidecar) | 502 | no | yes, once the upstream is back |
-//! | [`UpstreamTimeout`](ProblemKind::UpstreamTimeout) (sidecar) | 504 | no | yes |
+//! | [`UpstreamTimeout`](ProblemKind::UpstreamTimeout) (sidecar) | 504 | yes | yes, same request: it waits for the call still running, or replays it |
 //!
 //! The mismatch and in-flight refusals share 409 by default; clients tell
 //! them apart by `type` (and by `Retry-After`, which only the in-flight one
@@ -67,10 +67,12 @@ pub enum ProblemKind {
     ScopeUnavailable,
     /// The stored record for this key cannot be read.
     RecordUnreadable,
-    /// (Sidecar) The upstream could not be reached; nothing executed there,
-    /// and the key was released.
+    /// (Sidecar) The upstream could not be connected to; nothing was sent
+    /// there, and the key was released.
     UpstreamUnavailable,
-    /// (Sidecar) The upstream did not answer in time; the key was released.
+    /// (Sidecar) The upstream did not answer within the client's wait. The
+    /// call goes on; its response is stored when it comes, and a retry of
+    /// the same request waits for it or replays it.
     UpstreamTimeout,
 }
 
@@ -161,7 +163,10 @@ impl ProblemKind {
     /// Whether the same request may succeed later (such refusals carry
     /// `Retry-After`).
     pub fn is_retryable(self) -> bool {
-        matches!(self, ProblemKind::InFlight | ProblemKind::StoreUnavailable)
+        matches!(
+            self,
+            ProblemKind::InFlight | ProblemKind::StoreUnavailable | ProblemKind::UpstreamTimeout
+        )
     }
 }
 
@@ -310,6 +315,7 @@ mod tests {
             KeyMismatch,
             InFlight,
             NotReplayable,
+            OutcomeUnknown,
             StoreUnavailable,
             ScopeUnavailable,
             RecordUnreadable,

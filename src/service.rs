@@ -499,6 +499,11 @@ where
     // verdict, an HTTP status, or a gRPC Trailers-Only status. A gRPC
     // outcome that arrives in the trailers is judged after the body.
     let decided = match parts.extensions.get::<StorePolicy>() {
+        Some(StorePolicy::OutcomeUnknown) => {
+            let completion = unknown_outcome(parts.status, &config);
+            let response = Response::from_parts(parts, ResponseBody::inner(body));
+            return Ok((response, completion));
+        }
         Some(policy) => Some(*policy == StorePolicy::Store),
         None if !grpc => Some((config.should_store)(&parts)),
         None => grpc::status_in(&parts.headers).map(|code| {
@@ -529,14 +534,7 @@ where
                 // and what it did is unknown. The caller gets what there was
                 // and the error; the key completes as "outcome unknown" (or
                 // is released, where the endpoint opted in).
-                let completion = if config.release_unknown_outcomes {
-                    Completion::Release
-                } else {
-                    let unknown = StoredOutcome::OutcomeUnknown {
-                        status: parts.status,
-                    };
-                    Completion::Store(unknown.encode())
-                };
+                let completion = unknown_outcome(parts.status, &config);
                 let failed = ResponseBody::failed(buf.into_bytes(), e.into());
                 return Ok((Response::from_parts(parts, failed), completion));
             }
@@ -589,6 +587,15 @@ where
     );
     let body = ResponseBody::full(data, trailers);
     Ok((Response::from_parts(parts, body), Completion::Store(stored)))
+}
+
+/// What to do with a key whose outcome is unknown: complete it as such, or
+/// release it where the endpoint opted in.
+fn unknown_outcome(status: http::StatusCode, config: &Config) -> Completion {
+    if config.release_unknown_outcomes {
+        return Completion::Release;
+    }
+    Completion::Store(StoredOutcome::OutcomeUnknown { status }.encode())
 }
 
 /// Builds the replay of a stored outcome.

@@ -15,9 +15,19 @@
 //! pooled keep-alive connections (HTTP/1.1, or h2c with
 //! [`SidecarConfig::upstream_h2c`]). Client connections are bounded in
 //! number ([`SidecarConfig::max_connections`]) and in how long a request's
-//! head may take to arrive ([`SidecarConfig::header_read_timeout`]). An unreachable upstream is answered
-//! with 502 and a timed-out one with 504 (problem+json); both are 5xx, so
-//! the key is released and a retry executes once the upstream is back.
+//! head may take to arrive ([`SidecarConfig::header_read_timeout`]).
+//!
+//! A slow or broken upstream never makes a request run twice:
+//!
+//! | the upstream | the client gets | the key |
+//! |---|---|---|
+//! | cannot be connected to (nothing was sent) | 502 `UpstreamUnavailable` | released: a retry is sent once the upstream is back |
+//! | has not answered within [`upstream_timeout`](SidecarConfig::upstream_timeout) | 504 `UpstreamTimeout` with `Retry-After` | still held: the call goes on, its response is stored when it comes, and a retry waits for it or replays it |
+//! | has not answered within [`upstream_hard_timeout`](SidecarConfig::upstream_hard_timeout) | (the 504 above) | completed as "outcome unknown": retries get 409 `OutcomeUnknown` |
+//! | drops the connection after the request was sent, or its response body breaks off | 502 `OutcomeUnknown`, or the part of the body that came | completed as "outcome unknown" |
+//!
+//! ([`IdempotencyLayer::release_unknown_outcomes`] releases unknown outcomes
+//! instead, for upstreams where running twice is harmless.)
 //!
 //! On shutdown it stops accepting, lets open connections finish, and then
 //! waits for executions whose clients went away, so every started execution
@@ -33,7 +43,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::uri::{Authority, Scheme};
-use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, Uri, header};
+use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, header};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper_util::client::legacy::Client;
@@ -50,13 +60,17 @@ use tower_service::Service;
 use crate::IdempotencyLayer;
 use crate::body::{RequestBody, ResponseBody};
 use crate::key::Scope;
+use crate::policy::StorePolicy;
 use crate::problem::{Problem, ProblemKind};
 use crate::store::Store;
 
 /// Default path of the sidecar's own health check.
 pub const DEFAULT_HEALTH_PATH: &str = "/_idempotency/health";
-/// Default bound on waiting for the upstream's response head.
+/// Default bound on the client's wait for the upstream.
 pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(30);
+/// Default bound on the upstream call itself, after which its outcome is
+/// taken as unknown.
+pub const DEFAULT_UPSTREAM_HARD_TIMEOUT: Duration = Duration::from_secs(5 * 60);
 /// Default bound on reading a request's head (HTTP/1): a client that takes
 /// longer is disconnected, so slow clients cannot hold connections open.
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
@@ -85,6 +99,7 @@ pub struct SidecarConfig {
     authority: Authority,
     h2c: bool,
     timeout: Duration,
+    hard_timeout: Duration,
     health_path: String,
     trust_forwarded: bool,
     header_read_timeout: Duration,
@@ -107,6 +122,7 @@ impl SidecarConfig {
             authority,
             h2c: false,
             timeout: DEFAULT_UPSTREAM_TIMEOUT,
+            hard_timeout: DEFAULT_UPSTREAM_HARD_TIMEOUT,
             health_path: DEFAULT_HEALTH_PATH.to_owned(),
             trust_forwarded: false,
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
@@ -146,10 +162,22 @@ impl SidecarConfig {
         self
     }
 
-    /// Bounds the wait for the upstream's response head (default 30 s); past
-    /// it the caller gets 504 and the key is released.
+    /// Bounds the client's wait (default 30 s): past it the client gets 504
+    /// with `Retry-After`, while the upstream call goes on (for a guarded
+    /// request) and its response is stored when it arrives, for the
+    /// client's retry to wait for or replay. Unguarded requests are simply
+    /// cut off.
     pub fn upstream_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
+        self
+    }
+
+    /// Bounds the upstream call itself (default 5 minutes): an upstream that
+    /// has not answered by then may or may not have acted, and the key
+    /// completes as "outcome unknown" (retries get 409, nothing is sent
+    /// again). Keep it above [`upstream_timeout`](Self::upstream_timeout).
+    pub fn upstream_hard_timeout(mut self, timeout: Duration) -> Self {
+        self.hard_timeout = timeout;
         self
     }
 
@@ -205,6 +233,17 @@ fn problem_response(kind: ProblemKind, detail: String) -> Response<ProxyBody> {
         .into_response(|bytes| Either::Right(Full::new(bytes)))
 }
 
+/// The answer when the upstream may have acted but its response was lost:
+/// marked so that the layer completes the key as "outcome unknown".
+fn outcome_unknown(status: StatusCode, detail: String) -> Response<ProxyBody> {
+    let mut res = Problem::new(ProblemKind::OutcomeUnknown)
+        .status(status)
+        .detail(detail)
+        .into_response(|bytes| Either::Right(Full::new(bytes)));
+    res.extensions_mut().insert(StorePolicy::OutcomeUnknown);
+    res
+}
+
 impl Service<Request<RequestBody<Incoming>>> for Proxy {
     type Response = Response<ProxyBody>;
     type Error = Infallible;
@@ -224,19 +263,30 @@ impl Service<Request<RequestBody<Incoming>>> for Proxy {
                     return Ok(problem_response(ProblemKind::UpstreamUnavailable, detail));
                 }
             };
-            match tokio::time::timeout(config.timeout, client.request(req)).await {
+            match tokio::time::timeout(config.hard_timeout, client.request(req)).await {
                 Ok(Ok(res)) => {
                     let (mut parts, body) = res.into_parts();
                     strip_hop_by_hop(&mut parts.headers);
                     Ok(Response::from_parts(parts, Either::Left(body)))
                 }
-                Ok(Err(e)) => {
+                // Nothing was sent: a 5xx, so the key is released.
+                Ok(Err(e)) if e.is_connect() => {
                     let detail = format!("the upstream could not be reached: {}", source_chain(&e));
                     Ok(problem_response(ProblemKind::UpstreamUnavailable, detail))
                 }
+                Ok(Err(e)) => {
+                    let detail = format!(
+                        "the upstream failed after the request was sent, so it may have acted on it: {}",
+                        source_chain(&e)
+                    );
+                    Ok(outcome_unknown(StatusCode::BAD_GATEWAY, detail))
+                }
                 Err(_) => {
-                    let detail = format!("the upstream did not answer within {:?}", config.timeout);
-                    Ok(problem_response(ProblemKind::UpstreamTimeout, detail))
+                    let detail = format!(
+                        "the upstream did not answer within {:?}, so it may or may not have acted",
+                        config.hard_timeout
+                    );
+                    Ok(outcome_unknown(StatusCode::GATEWAY_TIMEOUT, detail))
                 }
             }
         })
@@ -355,6 +405,16 @@ fn strip_hop_by_hop(headers: &mut HeaderMap) {
     }
 }
 
+/// The 504 a client gets when its wait ends before the upstream answered.
+fn client_timeout<B>(waited: Duration) -> Response<ResponseBody<B>> {
+    Problem::new(ProblemKind::UpstreamTimeout)
+        .detail(format!(
+            "the upstream did not answer within {waited:?}; the request goes on, and its response is kept for a retry with the same key"
+        ))
+        .retry_after(Duration::from_secs(1))
+        .into_response(|bytes| ResponseBody::full(bytes, None))
+}
+
 /// Serves the sidecar on `listener` until `shutdown` completes, then drains:
 /// it stops accepting, lets open connections finish, and waits for detached
 /// executions, so every execution that started is stored before it returns.
@@ -365,6 +425,7 @@ pub async fn serve<St: Store>(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), SidecarError> {
     let health_path = config.health_path.clone();
+    let client_wait = config.timeout;
     let places = Arc::new(Semaphore::new(config.max_connections));
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
@@ -410,7 +471,13 @@ pub async fn serve<St: Store>(
                     )));
                 }
                 std::future::poll_fn(|cx| service.poll_ready(cx)).await?;
-                service.call(req).await
+                // Past the client's wait, the call is dropped here: a
+                // guarded execution then goes on in a task of its own and
+                // stores its response when it comes.
+                match tokio::time::timeout(client_wait, service.call(req)).await {
+                    Ok(answered) => answered,
+                    Err(_) => Ok(client_timeout(client_wait)),
+                }
             }
         });
         let connection = builder

@@ -907,3 +907,26 @@ async fn every_duration_setting_at_zero_or_max_runs_first_duplicate_and_replay_w
         assert_eq!(ledger.count(), 1, "{extreme:?}");
     }
 }
+
+#[tokio::test]
+async fn a_handler_that_marks_its_outcome_unknown_is_never_run_again() {
+    let (ledger, store) = setup();
+    let svc = layer(store).layer(ledger.service());
+    let unknown = || {
+        post(Some("k"))
+            .header("x-policy", "unknown")
+            .header("x-status", "504")
+            .body(Body::from("{}"))
+            .unwrap()
+    };
+    let first = send(&svc, unknown()).await;
+    assert_eq!(
+        first.status,
+        StatusCode::GATEWAY_TIMEOUT,
+        "the caller gets the handler's answer"
+    );
+    let retry = send(&svc, unknown()).await;
+    assert_eq!(retry.status, StatusCode::CONFLICT);
+    assert!(retry.problem_type().ends_with("#variant.OutcomeUnknown"));
+    assert_eq!(ledger.count(), 1);
+}

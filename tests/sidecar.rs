@@ -237,8 +237,23 @@ async fn upstream_down_is_502_and_a_later_retry_executes_once_it_is_back() {
     car.shutdown().await;
 }
 
+/// Retries as a client would while the answer is 504 (each wait is bounded
+/// by the sidecar's upstream timeout), at most 50 times.
+async fn retry_through_504s(addr: SocketAddr, key: &str) -> Answer {
+    for _ in 0..50 {
+        let answer = post_to(addr, key, "{}", 0).await;
+        if answer.status != StatusCode::GATEWAY_TIMEOUT {
+            return answer;
+        }
+    }
+    panic!("still 504 after 50 retries");
+}
+
+/// The client's wait ends at `--upstream-timeout` with a 504, but the
+/// upstream call goes on: its response is stored when it arrives, and the
+/// client's retry waits for it and replays it. Nothing runs twice.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn upstream_timeout_is_504_and_releases_the_key() {
+async fn a_slow_upstream_keeps_running_after_the_504_and_its_response_is_replayed() {
     let (up_addr, up) = start_upstream().await;
     let car = Sidecar::start(
         IdempotencyLayer::new(MemoryStore::new()),
@@ -248,9 +263,93 @@ async fn upstream_timeout_is_504_and_releases_the_key() {
     let slow = post_to(car.addr, "k", "{}", 1000).await;
     assert_eq!(slow.status, StatusCode::GATEWAY_TIMEOUT);
     assert!(slow.problem_type().ends_with("#variant.UpstreamTimeout"));
-    let again = post_to(car.addr, "k", "{}", 0).await;
+    assert!(slow.headers.contains_key("retry-after"));
+    let again = retry_through_504s(car.addr, "k").await;
     assert_eq!(again.status, StatusCode::CREATED);
-    assert_eq!(up.executions.load(Ordering::SeqCst), 2);
+    assert!(again.replayed(), "the retry got the first call's response");
+    assert_eq!(again.headers["x-exec"], "1");
+    assert_eq!(up.executions.load(Ordering::SeqCst), 1);
+    car.shutdown().await;
+}
+
+/// An upstream that never answers within the hard cap leaves the outcome
+/// unknown: the key completes as such and retries are refused, never sent
+/// upstream again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_never_answers_completes_the_key_as_outcome_unknown() {
+    let (up_addr, up) = start_upstream().await;
+    let car = Sidecar::start(
+        IdempotencyLayer::new(MemoryStore::new()),
+        config(up_addr)
+            .upstream_timeout(Duration::from_millis(200))
+            .upstream_hard_timeout(Duration::from_millis(600)),
+    )
+    .await;
+    let slow = post_to(car.addr, "k", "{}", 5000).await;
+    assert_eq!(slow.status, StatusCode::GATEWAY_TIMEOUT);
+    // Retries wait for the call in flight, which ends at the hard cap.
+    let again = retry_through_504s(car.addr, "k").await;
+    assert_eq!(again.status, StatusCode::CONFLICT);
+    assert!(
+        again.problem_type().ends_with("#variant.OutcomeUnknown"),
+        "{}",
+        again.problem_type()
+    );
+    assert_eq!(up.executions.load(Ordering::SeqCst), 1);
+    car.shutdown().await;
+}
+
+/// An upstream that reads the request and then drops the connection may
+/// have acted on it: the outcome is unknown, and a retry is refused rather
+/// than sent upstream again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upstream_that_drops_the_connection_after_the_request_completes_as_outcome_unknown() {
+    use tokio::io::AsyncReadExt;
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up_addr = listener.local_addr().unwrap();
+    let received = Arc::new(AtomicUsize::new(0));
+    tokio::spawn({
+        let received = received.clone();
+        async move {
+            loop {
+                let Ok((mut conn, _)) = listener.accept().await else {
+                    return;
+                };
+                let received = received.clone();
+                tokio::spawn(async move {
+                    // Read the request head, then hang up without a word.
+                    let mut buf = vec![0u8; 64 * 1024];
+                    let mut seen = Vec::new();
+                    while let Ok(n) = conn.read(&mut buf).await {
+                        if n == 0 {
+                            return;
+                        }
+                        seen.extend_from_slice(&buf[..n]);
+                        if seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                            received.fetch_add(1, Ordering::SeqCst);
+                            return;
+                        }
+                    }
+                });
+            }
+        }
+    });
+    let car = Sidecar::start(IdempotencyLayer::new(MemoryStore::new()), config(up_addr)).await;
+    let first = post_to(car.addr, "k", "{}", 0).await;
+    assert_eq!(first.status, StatusCode::BAD_GATEWAY);
+    assert!(
+        first.problem_type().ends_with("#variant.OutcomeUnknown"),
+        "{}",
+        first.problem_type()
+    );
+    let again = post_to(car.addr, "k", "{}", 0).await;
+    assert_eq!(again.status, StatusCode::CONFLICT);
+    assert!(again.problem_type().ends_with("#variant.OutcomeUnknown"));
+    assert_eq!(
+        received.load(Ordering::SeqCst),
+        1,
+        "the request reached the upstream once"
+    );
     car.shutdown().await;
 }
 

@@ -33,10 +33,15 @@ struct Args {
     /// Speak HTTP/2 without TLS (h2c) to the upstream instead of HTTP/1.1.
     #[arg(long, env = "IDEMPOTENCY_UPSTREAM_H2C")]
     upstream_h2c: bool,
-    /// How long to wait for the upstream's response head before answering
-    /// 504 (and releasing the key). Durations: 250ms, 30s, 5m, 24h.
+    /// How long a client waits for the upstream before it gets 504; the call
+    /// goes on and its response is kept for the client's retry. Durations:
+    /// 250ms, 30s, 5m, 24h.
     #[arg(long, env = "IDEMPOTENCY_UPSTREAM_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     upstream_timeout: Duration,
+    /// How long the upstream call itself may take; past it, its outcome is
+    /// unknown and retries with the key are refused (409).
+    #[arg(long, env = "IDEMPOTENCY_UPSTREAM_HARD_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
+    upstream_hard_timeout: Duration,
     /// Where records live: memory (this process only) or redis (shared by
     /// every sidecar on the same Redis).
     #[arg(long, env = "IDEMPOTENCY_STORE", value_enum, default_value_t = StoreKind::Memory)]
@@ -208,6 +213,7 @@ async fn run<St: Store>(args: Args, store: St) -> Result<(), Box<dyn std::error:
     let config = SidecarConfig::new(&args.upstream)?
         .upstream_h2c(args.upstream_h2c)
         .upstream_timeout(args.upstream_timeout)
+        .upstream_hard_timeout(args.upstream_hard_timeout)
         .health_path(args.health_path.clone())
         .trust_forwarded_headers(args.trust_forwarded_headers)
         .header_read_timeout(args.header_read_timeout)

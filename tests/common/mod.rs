@@ -30,7 +30,7 @@ use tower_idempotency::{IdempotencyInfo, IdempotencyLayer, RequestBody, StorePol
 /// - `x-gate: 1` waits for a permit from [`Ledger::open`] after entering;
 /// - `x-body-bytes: N` answers with N bytes;
 /// - `x-fail: 1` returns `Err`; `x-panic: 1` panics;
-/// - `x-policy: store|skip` sets a `StorePolicy` extension.
+/// - `x-policy: store|skip|unknown` sets a `StorePolicy` extension.
 ///
 /// It answers `exec-<n>:<request body>` with headers `x-exec: <n>`, two
 /// `set-cookie`s, a repeated `x-multi`, and a `connection`-scoped header.
@@ -169,6 +169,9 @@ impl Ledger {
             }
             Some("skip") => {
                 res.extensions_mut().insert(StorePolicy::DoNotStore);
+            }
+            Some("unknown") => {
+                res.extensions_mut().insert(StorePolicy::OutcomeUnknown);
             }
             _ => {}
         }
