@@ -15,6 +15,7 @@ use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
 
 use crate::BoxError;
+use crate::engine::{Completion, Decider};
 
 pin_project! {
     /// The request body the inner service receives.
@@ -50,6 +51,50 @@ pin_project! {
         Chained { prefix: Option<Bytes>, rest: Pin<Box<B>> },
         // What was buffered, then the error that stopped the inner body.
         Failed { prefix: Option<Bytes>, error: Option<BoxError> },
+        Judged { prefix: Option<Bytes>, rest: Pin<Box<B>>, judge: Option<Box<EndJudge>> },
+    }
+}
+
+/// How a response streamed to its caller ended, for an [`EndJudge`].
+pub(crate) enum End<'a> {
+    /// It ended normally, with these trailers (if any).
+    Finished(Option<&'a HeaderMap>),
+    /// Its stream failed.
+    Broke,
+    /// The caller dropped it before the end.
+    Dropped,
+}
+
+/// Decides a [`Completion::Later`](crate::engine::Completion::Later) once
+/// the response it belongs to has been streamed to its end (or not).
+pub(crate) struct EndJudge {
+    decider: Option<Decider>,
+    verdict: Option<Box<Verdict>>,
+}
+
+type Verdict = dyn FnOnce(End<'_>) -> Completion + Send + Sync;
+
+impl EndJudge {
+    pub(crate) fn new(
+        decider: Decider,
+        verdict: impl FnOnce(End<'_>) -> Completion + Send + Sync + 'static,
+    ) -> Self {
+        Self {
+            decider: Some(decider),
+            verdict: Some(Box::new(verdict)),
+        }
+    }
+
+    fn end(&mut self, how: End<'_>) {
+        if let (Some(decider), Some(verdict)) = (self.decider.take(), self.verdict.take()) {
+            decider.decide(verdict(how));
+        }
+    }
+}
+
+impl Drop for EndJudge {
+    fn drop(&mut self) {
+        self.end(End::Dropped);
     }
 }
 
@@ -107,6 +152,17 @@ impl<B> ResponseBody<B> {
         }
     }
 
+    /// `prefix`, then the rest of the stream, whose end `judge` decides on.
+    pub(crate) fn judged(prefix: Bytes, rest: Pin<Box<B>>, judge: EndJudge) -> Self {
+        Self {
+            kind: Kind::Judged {
+                prefix: non_empty(prefix),
+                rest,
+                judge: Some(Box::new(judge)),
+            },
+        }
+    }
+
     pub(crate) fn failed(prefix: Bytes, error: BoxError) -> Self {
         Self {
             kind: Kind::Failed {
@@ -146,6 +202,28 @@ where
                 }
                 Poll::Ready(error.take().map(Err))
             }
+            KindProj::Judged {
+                prefix,
+                rest,
+                judge,
+            } => {
+                if let Some(prefix) = prefix.take() {
+                    return Poll::Ready(Some(Ok(Frame::data(prefix))));
+                }
+                let polled = rest.as_mut().poll_frame(cx).map_err(Into::into);
+                if let (Poll::Ready(end), Some(j)) = (&polled, judge.as_mut()) {
+                    match end {
+                        Some(Ok(frame)) => {
+                            if let Some(trailers) = frame.trailers_ref() {
+                                j.end(End::Finished(Some(trailers)));
+                            }
+                        }
+                        Some(Err(_)) => j.end(End::Broke),
+                        None => j.end(End::Finished(None)),
+                    }
+                }
+                polled
+            }
         }
     }
 
@@ -155,6 +233,8 @@ where
             Kind::Full { data, trailers } => data.is_none() && trailers.is_none(),
             Kind::Chained { prefix, rest } => prefix.is_none() && rest.is_end_stream(),
             Kind::Failed { prefix, error } => prefix.is_none() && error.is_none(),
+            // Never ends early: its judge must see the end.
+            Kind::Judged { .. } => false,
         }
     }
 
@@ -163,7 +243,7 @@ where
         match self {
             Kind::Inner { inner } => inner.size_hint(),
             Kind::Full { data, .. } => SizeHint::with_exact(len(data)),
-            Kind::Chained { prefix, rest } => {
+            Kind::Chained { prefix, rest } | Kind::Judged { prefix, rest, .. } => {
                 let inner = rest.size_hint();
                 let mut hint = SizeHint::new();
                 hint.set_lower(inner.lower().saturating_add(len(prefix)));
@@ -217,6 +297,7 @@ macro_rules! forward_body {
                     Kind::Full { .. } => "Full",
                     Kind::Chained { .. } => "Chained",
                     Kind::Failed { .. } => "Failed",
+                    Kind::Judged { .. } => "Judged",
                 };
                 f.debug_struct(stringify!($ty))
                     .field("kind", &variant)

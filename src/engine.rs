@@ -62,6 +62,7 @@ mod running;
 
 use detach::Detachable;
 use futures_util::FutureExt;
+use futures_util::future::Either;
 use running::{Lease, Running};
 
 use crate::fingerprint::Fingerprint;
@@ -92,13 +93,45 @@ pub enum InFlightPolicy {
 }
 
 /// What the operation asks the engine to do with its outcome.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug)]
 pub enum Completion {
     /// Store this payload; every later call with the key replays it.
     Store(Bytes),
     /// Store nothing and release the key: a later call executes again.
     Release,
+    /// Decided after the caller got its value, through the [`Decider`]
+    /// that [`Completion::later`] returned with it (for example once a
+    /// response streamed to the caller has ended). The key stays claimed,
+    /// its lease renewed, until then; a `Decider` dropped without deciding
+    /// releases it. A graceful shutdown waits for the decision
+    /// ([`Executions`]).
+    Later(Later),
 }
+
+impl Completion {
+    /// A completion to be decided later, and the handle that decides it.
+    pub fn later() -> (Decider, Completion) {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        (Decider(tx), Completion::Later(Later(rx)))
+    }
+}
+
+/// Decides a [`Completion::Later`].
+#[derive(Debug)]
+pub struct Decider(tokio::sync::oneshot::Sender<Completion>);
+
+impl Decider {
+    /// Stores or releases the key, as `completion` says (a nested
+    /// [`Completion::Later`] releases it).
+    pub fn decide(self, completion: Completion) {
+        // The execution may be gone (its runtime shut down): nothing to do.
+        let _ = self.0.send(completion);
+    }
+}
+
+/// A completion that a [`Decider`] will send.
+#[derive(Debug)]
+pub struct Later(tokio::sync::oneshot::Receiver<Completion>);
 
 /// A successful run: either this call executed, or it got a stored outcome.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -486,17 +519,57 @@ fn settle<St: Store, T, E>(
     counted: ExecutionGuard,
 ) -> impl Future<Output = Result<T, E>> {
     let (value, verdict) = match result {
-        Ok((value, Completion::Store(payload))) => (
-            Ok(value),
-            Verdict::Store(CompletedRecord {
-                fingerprint,
-                payload,
-            }),
-        ),
-        Ok((value, Completion::Release)) => (Ok(value), Verdict::Release(Event::Released)),
+        Ok((value, Completion::Later(later))) => {
+            // The caller gets its value now; the verdict is awaited and
+            // recorded in a task of its own, still counted as running.
+            tokio::spawn(async move {
+                let (completion, lease) = await_later(&owner, lease, later).await;
+                let verdict = Verdict::of(completion, fingerprint);
+                record_verdict(owner, lease, retention, verdict, counted).await;
+            });
+            return Either::Left(std::future::ready(Ok(value)));
+        }
+        Ok((value, completion)) => (Ok(value), Verdict::of(completion, fingerprint)),
         Err(e) => (Err(e), Verdict::Release(Event::Failed)),
     };
-    record_verdict(owner, lease, retention, verdict, counted).map(move |()| value)
+    Either::Right(record_verdict(owner, lease, retention, verdict, counted).map(move |()| value))
+}
+
+/// Waits for a [`Completion::Later`] to be decided, renewing the lease
+/// meanwhile; returns the decision and the lease as it then stands. A lost
+/// lease ends the wait: nothing of this execution can be stored any more.
+async fn await_later<St: Store>(
+    owner: &Owner<St>,
+    mut lease: Lease,
+    Later(mut decision): Later,
+) -> (Completion, Lease) {
+    let period = owner.lease / 3;
+    let mut next_renewal = deadline(lease.confirmed, period);
+    loop {
+        tokio::select! {
+            decided = &mut decision => {
+                return (decided.unwrap_or(Completion::Release), lease);
+            }
+            () = tokio::time::sleep_until(next_renewal), if !lease.lost => {
+                let now = Instant::now();
+                match owner.store.extend(owner.key, owner.token, owner.lease).await {
+                    Ok(LeaseStatus::Held) => lease.confirmed = now,
+                    Ok(LeaseStatus::Lost) => {
+                        owner.lose_lease();
+                        lease.lost = true;
+                    }
+                    Err(e) => {
+                        observe::event(Event::StoreError, &owner.key, Some(&e));
+                        if now >= deadline(lease.confirmed, owner.lease) {
+                            owner.lose_lease();
+                            lease.lost = true;
+                        }
+                    }
+                }
+                next_renewal = deadline(now, period);
+            }
+        }
+    }
 }
 
 /// What to do with the key once the operation ended.
@@ -504,6 +577,18 @@ enum Verdict {
     Store(CompletedRecord),
     /// Release the key and report this event.
     Release(Event),
+}
+
+impl Verdict {
+    fn of(completion: Completion, fingerprint: Fingerprint) -> Self {
+        match completion {
+            Completion::Store(payload) => Verdict::Store(CompletedRecord {
+                fingerprint,
+                payload,
+            }),
+            Completion::Release | Completion::Later(_) => Verdict::Release(Event::Released),
+        }
+    }
 }
 
 async fn record_verdict<St: Store>(

@@ -6,6 +6,11 @@
 //! for a Trailers-Only response), not the HTTP status, which is 200 either
 //! way; so the layer classifies gRPC responses by `grpc-status`, stores
 //! their trailers, and answers refusals as gRPC statuses.
+//!
+//! gRPC-Web (`application/grpc-web…`, binary or base64 text) is gRPC too:
+//! its status comes either in the headers (Trailers-Only) or in a trailer
+//! frame at the end of the body, which the layer reads from the buffered
+//! body before judging the response.
 
 use http::{HeaderMap, HeaderValue, Response, header};
 
@@ -64,6 +69,77 @@ pub(crate) fn is_grpc(headers: &HeaderMap) -> bool {
     headers
         .get(header::CONTENT_TYPE)
         .is_some_and(|v| v.as_bytes().starts_with(b"application/grpc"))
+}
+
+/// The trailers a gRPC-Web response carries at the end of its body (a
+/// frame flagged `0x80` holding HTTP/1-style header lines), for a response
+/// whose content type is `application/grpc-web…` (binary) or
+/// `application/grpc-web-text…` (base64). `None` for other responses, or a
+/// body without a readable trailer frame.
+pub(crate) fn web_trailers(headers: &HeaderMap, body: &[u8]) -> Option<HeaderMap> {
+    let content_type = headers.get(header::CONTENT_TYPE)?.as_bytes();
+    let decoded;
+    let frames = if content_type.starts_with(b"application/grpc-web-text") {
+        decoded = decode_web_text(body)?;
+        &decoded[..]
+    } else if content_type.starts_with(b"application/grpc-web") {
+        body
+    } else {
+        return None;
+    };
+    let mut rest = frames;
+    let mut trailers = None;
+    while let [flag, a, b, c, d, tail @ ..] = rest {
+        let len = u32::from_be_bytes([*a, *b, *c, *d]) as usize;
+        let (payload, after) = tail.split_at_checked(len)?;
+        if flag & 0x80 != 0 {
+            trailers = Some(parse_web_trailers(payload));
+        }
+        rest = after;
+    }
+    trailers
+}
+
+/// Decodes a gRPC-Web text body: base64 in groups of four characters,
+/// where each write may end with its own padding.
+fn decode_web_text(body: &[u8]) -> Option<Vec<u8>> {
+    use base64::Engine;
+    let mut out = Vec::with_capacity(body.len() / 4 * 3);
+    let clean: Vec<u8> = body
+        .iter()
+        .copied()
+        .filter(|b| !b.is_ascii_whitespace())
+        .collect();
+    for quad in clean.chunks(4) {
+        let bytes = base64::engine::general_purpose::STANDARD
+            .decode(quad)
+            .ok()?;
+        out.extend_from_slice(&bytes);
+    }
+    Some(out)
+}
+
+/// Parses `name: value` lines (CRLF-separated) into a header map, skipping
+/// lines that are not valid headers.
+fn parse_web_trailers(payload: &[u8]) -> HeaderMap {
+    let mut map = HeaderMap::new();
+    for line in payload.split(|b| *b == b'\n') {
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        let Some(colon) = line.iter().position(|b| *b == b':') else {
+            continue;
+        };
+        let (name, value) = (&line[..colon], line[colon + 1..].trim_ascii());
+        if let (Ok(name), Ok(value)) = (
+            http::HeaderName::from_bytes(&name.to_ascii_lowercase()),
+            HeaderValue::from_bytes(value),
+        ) {
+            // A hostile body cannot grow the map past its limit: stop there.
+            if map.try_append(name, value).is_err() {
+                break;
+            }
+        }
+    }
+    map
 }
 
 /// The `grpc-status` in `headers`, if there is a valid one.
@@ -166,6 +242,47 @@ mod tests {
             code_for(ProblemKind::OutcomeUnknown),
             code::FAILED_PRECONDITION,
             "never retried as it is"
+        );
+    }
+
+    #[test]
+    fn grpc_web_trailer_frames_are_read_and_damaged_ones_are_not() {
+        let mut h = HeaderMap::new();
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc-web+proto"),
+        );
+        let trailer = b"Grpc-Status: 14\r\ngrpc-message: down\r\nbad line\r\n";
+        let mut body = vec![
+            0,
+            0,
+            0,
+            0,
+            2,
+            b'h',
+            b'i',
+            0x80,
+            0,
+            0,
+            0,
+            trailer.len() as u8,
+        ];
+        body.extend_from_slice(trailer);
+        let t = web_trailers(&h, &body).unwrap();
+        assert_eq!(status_in(&t), Some(GrpcStatusCode(14)));
+        assert_eq!(t["grpc-message"], "down");
+        // Cut short, or a length past the end: no trailers, no panic.
+        for cut in 0..body.len() {
+            let _ = web_trailers(&h, &body[..cut]);
+        }
+        assert!(web_trailers(&h, &[0x80, 0xff, 0xff, 0xff, 0xff, 1]).is_none());
+        h.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/grpc"),
+        );
+        assert!(
+            web_trailers(&h, &body).is_none(),
+            "plain gRPC has real trailers"
         );
     }
 

@@ -14,7 +14,7 @@ use tower_service::Service;
 use tracing::Instrument;
 
 use crate::BoxError;
-use crate::body::{RequestBody, ResponseBody};
+use crate::body::{End, EndJudge, RequestBody, ResponseBody};
 use crate::engine::{Completion, Engine, EngineError, ExecutionContext, Outcome};
 use crate::fingerprint::{Fingerprint, FingerprintHasher};
 use crate::future::ResponseFuture;
@@ -543,6 +543,14 @@ where
             Ok(data) => {
                 if buf.len().saturating_add(data.len()) > limit {
                     buf.push(data);
+                    if decided.is_none() {
+                        // A gRPC status still to come in the trailers
+                        // decides, once the rest has streamed to the caller.
+                        let (decider, later) = Completion::later();
+                        let judge = trailers_judge(decider, &parts, config);
+                        let body = ResponseBody::judged(buf.into_bytes(), body, judge);
+                        return Ok((Response::from_parts(parts, body), later));
+                    }
                     let not_replayable = StoredOutcome::NotReplayable {
                         status: parts.status,
                     };
@@ -566,6 +574,7 @@ where
         let code = trailers
             .as_ref()
             .and_then(grpc::status_in)
+            .or_else(|| grpc::web_trailers(&parts.headers, &data).and_then(|t| grpc::status_in(&t)))
             .unwrap_or(GrpcStatusCode(13));
         parts.extensions.insert(code);
         if !(config.should_store)(&parts) {
@@ -587,6 +596,36 @@ where
     );
     let body = ResponseBody::full(data, trailers);
     Ok((Response::from_parts(parts, body), Completion::Store(stored)))
+}
+
+/// Judges an oversized gRPC response by the `grpc-status` of its trailers
+/// once it has streamed to its end: "not replayable" where the predicate
+/// would store it, released where it would not (a retryable status), and
+/// "outcome unknown" where the stream broke or the caller dropped it first.
+fn trailers_judge(
+    decider: crate::engine::Decider,
+    parts: &http::response::Parts,
+    config: Arc<Config>,
+) -> EndJudge {
+    let (status, headers) = (parts.status, parts.headers.clone());
+    EndJudge::new(decider, move |end| match end {
+        End::Finished(trailers) => {
+            let code = trailers
+                .and_then(grpc::status_in)
+                .unwrap_or(GrpcStatusCode(13));
+            let mut judged = Response::new(());
+            *judged.status_mut() = status;
+            *judged.headers_mut() = headers;
+            judged.extensions_mut().insert(code);
+            let (judged, ()) = judged.into_parts();
+            if (config.should_store)(&judged) {
+                Completion::Store(StoredOutcome::NotReplayable { status }.encode())
+            } else {
+                Completion::Release
+            }
+        }
+        End::Broke | End::Dropped => unknown_outcome(status, &config),
+    })
 }
 
 /// What to do with a key whose outcome is unknown: complete it as such, or

@@ -217,3 +217,183 @@ async fn one_service_can_be_layered_with_named_layer() {
     assert_eq!(retry.get_ref(), first.get_ref());
     assert_eq!(executions(&ledger), 1);
 }
+
+mod by_hand {
+    //! gRPC-Web and oversized gRPC responses, from services written by hand.
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use axum::body::Body;
+    use bytes::{BufMut, Bytes, BytesMut};
+    use http::{HeaderMap, HeaderValue, Request, Response};
+    use http_body_util::BodyExt;
+    use tower::{Layer, ServiceExt};
+    use tower_idempotency::{IdempotencyLayer, RequestBody};
+
+    use super::common::{TestStore, collect};
+
+    /// A gRPC-Web body: one message frame, then the trailer frame.
+    fn grpc_web_body(message: &[u8], status: u32) -> Bytes {
+        let mut buf = BytesMut::new();
+        buf.put_u8(0);
+        buf.put_u32(message.len() as u32);
+        buf.put_slice(message);
+        let trailers = format!("grpc-status: {status}\r\ngrpc-message: m\r\n");
+        buf.put_u8(0x80);
+        buf.put_u32(trailers.len() as u32);
+        buf.put_slice(trailers.as_bytes());
+        buf.freeze()
+    }
+
+    fn call(content_type: &'static str) -> Request<Body> {
+        Request::post("/pay.v1.Payments/Charge")
+            .header("content-type", content_type)
+            .header("idempotency-key", "k")
+            .body(Body::from("\0\0\0\0\x02hi"))
+            .unwrap()
+    }
+
+    /// A gRPC-Web service answering `status` in its trailer frame (encoded
+    /// as text when `text`), counting its executions.
+    fn web_service(
+        status: u32,
+        text: bool,
+        executions: Arc<AtomicUsize>,
+    ) -> impl tower::Service<
+        Request<RequestBody<Body>>,
+        Response = Response<Body>,
+        Error = std::convert::Infallible,
+        Future = impl std::future::Future<Output = Result<Response<Body>, std::convert::Infallible>>
+                 + Send
+                 + 'static,
+    > + Clone
+    + Send
+    + 'static {
+        tower::service_fn(move |_req: Request<RequestBody<Body>>| {
+            let n = executions.fetch_add(1, Ordering::SeqCst);
+            async move {
+                let binary = grpc_web_body(format!("charge-{n}").as_bytes(), status);
+                let (body, content_type) = if text {
+                    use base64::Engine;
+                    let encoded = base64::engine::general_purpose::STANDARD.encode(&binary);
+                    (Bytes::from(encoded), "application/grpc-web-text+proto")
+                } else {
+                    (binary, "application/grpc-web+proto")
+                };
+                let mut res = Response::new(Body::from(body));
+                res.headers_mut()
+                    .insert("content-type", HeaderValue::from_static(content_type));
+                Ok(res)
+            }
+        })
+    }
+
+    #[tokio::test]
+    async fn grpc_web_statuses_are_read_from_the_trailer_frame() {
+        for (content_type, text) in [
+            ("application/grpc-web+proto", false),
+            ("application/grpc-web-text+proto", true),
+        ] {
+            // OK: stored and replayed.
+            let executions = Arc::new(AtomicUsize::new(0));
+            let svc = IdempotencyLayer::new(TestStore::new()).layer(web_service(
+                0,
+                text,
+                executions.clone(),
+            ));
+            let first = collect(svc.clone().oneshot(call(content_type)).await.unwrap()).await;
+            let again = collect(svc.clone().oneshot(call(content_type)).await.unwrap()).await;
+            assert!(again.replayed(), "{content_type}: an OK call is stored");
+            assert_eq!(again.body, first.body);
+            assert_eq!(executions.load(Ordering::SeqCst), 1);
+            // UNAVAILABLE: not stored, so a retry runs again.
+            let executions = Arc::new(AtomicUsize::new(0));
+            let svc = IdempotencyLayer::new(TestStore::new()).layer(web_service(
+                14,
+                text,
+                executions.clone(),
+            ));
+            svc.clone().oneshot(call(content_type)).await.unwrap();
+            let again = collect(svc.clone().oneshot(call(content_type)).await.unwrap()).await;
+            assert!(!again.replayed(), "{content_type}: UNAVAILABLE is released");
+            assert_eq!(executions.load(Ordering::SeqCst), 2);
+        }
+    }
+
+    /// A gRPC service whose response is larger than the stored limit and
+    /// whose status comes in its trailers.
+    fn large_service(
+        status: &'static str,
+        executions: Arc<AtomicUsize>,
+    ) -> impl tower::Service<
+        Request<RequestBody<Body>>,
+        Response = Response<Body>,
+        Error = std::convert::Infallible,
+        Future = impl std::future::Future<Output = Result<Response<Body>, std::convert::Infallible>>
+                 + Send
+                 + 'static,
+    > + Clone
+    + Send
+    + 'static {
+        tower::service_fn(move |_req: Request<RequestBody<Body>>| {
+            executions.fetch_add(1, Ordering::SeqCst);
+            async move {
+                let mut trailers = HeaderMap::new();
+                trailers.insert("grpc-status", HeaderValue::from_static(status));
+                let body = http_body_util::Full::new(Bytes::from(vec![0u8; 4096]))
+                    .with_trailers(async move { Some(Ok(trailers)) });
+                let mut res = Response::new(Body::new(body));
+                res.headers_mut()
+                    .insert("content-type", HeaderValue::from_static("application/grpc"));
+                Ok(res)
+            }
+        })
+    }
+
+    #[tokio::test]
+    async fn an_oversized_grpc_response_is_judged_by_its_trailers() {
+        // UNAVAILABLE in the trailers: released, so a retry runs again.
+        let executions = Arc::new(AtomicUsize::new(0));
+        let svc = IdempotencyLayer::new(TestStore::new())
+            .stored_response_limit(1024)
+            .layer(large_service("14", executions.clone()));
+        let first = collect(svc.clone().oneshot(call("application/grpc")).await.unwrap()).await;
+        assert_eq!(first.body.len(), 4096, "the caller gets the whole response");
+        assert_eq!(first.trailers.unwrap()["grpc-status"], "14");
+        let again = collect(svc.clone().oneshot(call("application/grpc")).await.unwrap()).await;
+        assert_eq!(again.body.len(), 4096, "a retryable status is not stored");
+        assert_eq!(executions.load(Ordering::SeqCst), 2);
+
+        // OK in the trailers: executed once, then "not replayable".
+        let executions = Arc::new(AtomicUsize::new(0));
+        let svc = IdempotencyLayer::new(TestStore::new())
+            .stored_response_limit(1024)
+            .layer(large_service("0", executions.clone()));
+        let first = collect(svc.clone().oneshot(call("application/grpc")).await.unwrap()).await;
+        assert_eq!(first.body.len(), 4096);
+        let again = collect(svc.clone().oneshot(call("application/grpc")).await.unwrap()).await;
+        assert_eq!(again.headers["grpc-status"], "9", "not replayable");
+        assert_eq!(executions.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test]
+    async fn an_oversized_grpc_response_dropped_midway_is_an_unknown_outcome() {
+        let executions = Arc::new(AtomicUsize::new(0));
+        let svc = IdempotencyLayer::new(TestStore::new())
+            .stored_response_limit(1024)
+            .layer(large_service("0", executions.clone()));
+        let res = svc.clone().oneshot(call("application/grpc")).await.unwrap();
+        drop(res);
+        let again = collect(svc.clone().oneshot(call("application/grpc")).await.unwrap()).await;
+        assert_eq!(again.headers["grpc-status"], "9");
+        assert!(
+            again.headers["grpc-message"]
+                .to_str()
+                .unwrap()
+                .contains("unknown"),
+            "{:?}",
+            again.headers["grpc-message"]
+        );
+        assert_eq!(executions.load(Ordering::SeqCst), 1);
+    }
+}
