@@ -253,12 +253,11 @@ mod by_hand {
             .unwrap()
     }
 
-    /// A gRPC-Web service answering `status` in its trailer frame (encoded
-    /// as text when `text`), counting its executions.
-    fn web_service(
-        status: u32,
-        text: bool,
+    /// A service that counts its executions and answers what `respond`
+    /// builds from the execution's number (from 0).
+    fn counting(
         executions: Arc<AtomicUsize>,
+        respond: impl Fn(usize) -> Response<Body> + Clone + Send + 'static,
     ) -> impl tower::Service<
         Request<RequestBody<Body>>,
         Response = Response<Body>,
@@ -271,21 +270,27 @@ mod by_hand {
     + 'static {
         tower::service_fn(move |_req: Request<RequestBody<Body>>| {
             let n = executions.fetch_add(1, Ordering::SeqCst);
-            async move {
-                let binary = grpc_web_body(format!("charge-{n}").as_bytes(), status);
-                let (body, content_type) = if text {
-                    use base64::Engine;
-                    let encoded = base64::engine::general_purpose::STANDARD.encode(&binary);
-                    (Bytes::from(encoded), "application/grpc-web-text+proto")
-                } else {
-                    (binary, "application/grpc-web+proto")
-                };
-                let mut res = Response::new(Body::from(body));
-                res.headers_mut()
-                    .insert("content-type", HeaderValue::from_static(content_type));
-                Ok(res)
-            }
+            std::future::ready(Ok(respond(n)))
         })
+    }
+
+    /// A gRPC-Web answer with `status` in its trailer frame (encoded as
+    /// text when `text`).
+    fn web_answer(status: u32, text: bool) -> impl Fn(usize) -> Response<Body> + Clone {
+        move |n| {
+            let binary = grpc_web_body(format!("charge-{n}").as_bytes(), status);
+            let (body, content_type) = if text {
+                use base64::Engine;
+                let encoded = base64::engine::general_purpose::STANDARD.encode(&binary);
+                (Bytes::from(encoded), "application/grpc-web-text+proto")
+            } else {
+                (binary, "application/grpc-web+proto")
+            };
+            let mut res = Response::new(Body::from(body));
+            res.headers_mut()
+                .insert("content-type", HeaderValue::from_static(content_type));
+            res
+        }
     }
 
     #[tokio::test]
@@ -296,11 +301,8 @@ mod by_hand {
         ] {
             // OK: stored and replayed.
             let executions = Arc::new(AtomicUsize::new(0));
-            let svc = IdempotencyLayer::new(TestStore::new()).layer(web_service(
-                0,
-                text,
-                executions.clone(),
-            ));
+            let svc = IdempotencyLayer::new(TestStore::new())
+                .layer(counting(executions.clone(), web_answer(0, text)));
             let first = collect(svc.clone().oneshot(call(content_type)).await.unwrap()).await;
             let again = collect(svc.clone().oneshot(call(content_type)).await.unwrap()).await;
             assert!(again.replayed(), "{content_type}: an OK call is stored");
@@ -308,11 +310,8 @@ mod by_hand {
             assert_eq!(executions.load(Ordering::SeqCst), 1);
             // UNAVAILABLE: not stored, so a retry runs again.
             let executions = Arc::new(AtomicUsize::new(0));
-            let svc = IdempotencyLayer::new(TestStore::new()).layer(web_service(
-                14,
-                text,
-                executions.clone(),
-            ));
+            let svc = IdempotencyLayer::new(TestStore::new())
+                .layer(counting(executions.clone(), web_answer(14, text)));
             svc.clone().oneshot(call(content_type)).await.unwrap();
             let again = collect(svc.clone().oneshot(call(content_type)).await.unwrap()).await;
             assert!(!again.replayed(), "{content_type}: UNAVAILABLE is released");
@@ -320,34 +319,19 @@ mod by_hand {
         }
     }
 
-    /// A gRPC service whose response is larger than the stored limit and
-    /// whose status comes in its trailers.
-    fn large_service(
-        status: &'static str,
-        executions: Arc<AtomicUsize>,
-    ) -> impl tower::Service<
-        Request<RequestBody<Body>>,
-        Response = Response<Body>,
-        Error = std::convert::Infallible,
-        Future = impl std::future::Future<Output = Result<Response<Body>, std::convert::Infallible>>
-                 + Send
-                 + 'static,
-    > + Clone
-    + Send
-    + 'static {
-        tower::service_fn(move |_req: Request<RequestBody<Body>>| {
-            executions.fetch_add(1, Ordering::SeqCst);
-            async move {
-                let mut trailers = HeaderMap::new();
-                trailers.insert("grpc-status", HeaderValue::from_static(status));
-                let body = http_body_util::Full::new(Bytes::from(vec![0u8; 4096]))
-                    .with_trailers(async move { Some(Ok(trailers)) });
-                let mut res = Response::new(Body::new(body));
-                res.headers_mut()
-                    .insert("content-type", HeaderValue::from_static("application/grpc"));
-                Ok(res)
-            }
-        })
+    /// A gRPC answer larger than the stored limit (4 KiB), with `status` in
+    /// its trailers.
+    fn large_answer(status: &'static str) -> impl Fn(usize) -> Response<Body> + Clone {
+        move |_| {
+            let mut trailers = HeaderMap::new();
+            trailers.insert("grpc-status", HeaderValue::from_static(status));
+            let body = http_body_util::Full::new(Bytes::from(vec![0u8; 4096]))
+                .with_trailers(async move { Some(Ok(trailers)) });
+            let mut res = Response::new(Body::new(body));
+            res.headers_mut()
+                .insert("content-type", HeaderValue::from_static("application/grpc"));
+            res
+        }
     }
 
     #[tokio::test]
@@ -356,7 +340,7 @@ mod by_hand {
         let executions = Arc::new(AtomicUsize::new(0));
         let svc = IdempotencyLayer::new(TestStore::new())
             .stored_response_limit(1024)
-            .layer(large_service("14", executions.clone()));
+            .layer(counting(executions.clone(), large_answer("14")));
         let first = collect(svc.clone().oneshot(call("application/grpc")).await.unwrap()).await;
         assert_eq!(first.body.len(), 4096, "the caller gets the whole response");
         assert_eq!(first.trailers.unwrap()["grpc-status"], "14");
@@ -368,7 +352,7 @@ mod by_hand {
         let executions = Arc::new(AtomicUsize::new(0));
         let svc = IdempotencyLayer::new(TestStore::new())
             .stored_response_limit(1024)
-            .layer(large_service("0", executions.clone()));
+            .layer(counting(executions.clone(), large_answer("0")));
         let first = collect(svc.clone().oneshot(call("application/grpc")).await.unwrap()).await;
         assert_eq!(first.body.len(), 4096);
         let again = collect(svc.clone().oneshot(call("application/grpc")).await.unwrap()).await;
@@ -381,7 +365,7 @@ mod by_hand {
         let executions = Arc::new(AtomicUsize::new(0));
         let svc = IdempotencyLayer::new(TestStore::new())
             .stored_response_limit(1024)
-            .layer(large_service("0", executions.clone()));
+            .layer(counting(executions.clone(), large_answer("0")));
         let res = svc.clone().oneshot(call("application/grpc")).await.unwrap();
         drop(res);
         let again = collect(svc.clone().oneshot(call("application/grpc")).await.unwrap()).await;

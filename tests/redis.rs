@@ -506,6 +506,15 @@ async fn after_redis_restarts_empty_a_claim_gets_a_fence_above_every_earlier_one
     );
 }
 
+/// Loads the scripts and opens the store's connection with one claim.
+async fn warm_up(store: &RedisStore) {
+    let key = StoreKey::from_parts(b"", b"warm");
+    store
+        .claim(key, Fingerprint::of_bytes(b"x"), Duration::from_secs(1))
+        .await
+        .unwrap();
+}
+
 /// Claims a key until it is acquired, waiting on it meanwhile; returns how
 /// long that took, or `None` after `limit`.
 async fn acquire_within(store: &RedisStore, key: StoreKey, limit: Duration) -> Option<Duration> {
@@ -537,14 +546,7 @@ async fn a_client_that_disconnects_during_a_claim_leaves_no_orphan_claim() {
     let other = store_for(&server).await;
     let fp = Fingerprint::of_bytes(b"x");
     // Load the scripts and open the connections first.
-    store
-        .claim(
-            StoreKey::from_parts(b"", b"warm"),
-            fp,
-            Duration::from_secs(1),
-        )
-        .await
-        .unwrap();
+    warm_up(&store).await;
     other
         .purge(StoreKey::from_parts(b"", b"warm"))
         .await
@@ -585,14 +587,7 @@ async fn releases_of_lost_claims_are_bounded_during_an_outage() {
         .await
         .unwrap();
     let fp = Fingerprint::of_bytes(b"x");
-    store
-        .claim(
-            StoreKey::from_parts(b"", b"warm"),
-            fp,
-            Duration::from_secs(1),
-        )
-        .await
-        .unwrap();
+    warm_up(&store).await;
     let runtime = tokio::runtime::Handle::current().metrics();
     let tasks_before = runtime.num_alive_tasks();
     server.freeze();
@@ -633,14 +628,7 @@ async fn claims_that_never_reached_redis_queue_no_release() {
     };
     let store = store_for(&server).await;
     let fp = Fingerprint::of_bytes(b"x");
-    store
-        .claim(
-            StoreKey::from_parts(b"", b"warm"),
-            fp,
-            Duration::from_secs(1),
-        )
-        .await
-        .unwrap();
+    warm_up(&store).await;
     server.kill();
     // The first calls may find the old connection broken mid-command.
     for n in 0..5u32 {
