@@ -499,10 +499,34 @@ struct Owner<St> {
     lost: Arc<AtomicBool>,
 }
 
-impl<St> Owner<St> {
+impl<St: Store> Owner<St> {
     fn lose_lease(&self) {
         self.lost.store(true, Ordering::Release);
         observe::event(Event::LeaseLost, &self.key, None);
+    }
+
+    /// When `lease` ends unless renewed: a whole lease after the store last
+    /// confirmed it.
+    fn expiry(&self, lease: &Lease) -> Instant {
+        deadline(lease.confirmed, self.lease)
+    }
+
+    /// Renews the lease once, noting in `lease` when the store confirmed
+    /// it. `None` when the store failed (reported here).
+    async fn renew(&self, lease: &mut Lease) -> Option<LeaseStatus> {
+        let sent = Instant::now();
+        match self.store.extend(self.key, self.token, self.lease).await {
+            Ok(status) => {
+                if status == LeaseStatus::Held {
+                    lease.confirmed = sent;
+                }
+                Some(status)
+            }
+            Err(e) => {
+                observe::event(Event::StoreError, &self.key, Some(&e));
+                None
+            }
+        }
     }
 }
 
@@ -551,20 +575,11 @@ async fn await_later<St: Store>(
                 return (decided.unwrap_or(Completion::Release), lease);
             }
             () = tokio::time::sleep_until(next_renewal), if !lease.lost => {
+                let renewed = owner.renew(&mut lease).await;
                 let now = Instant::now();
-                match owner.store.extend(owner.key, owner.token, owner.lease).await {
-                    Ok(LeaseStatus::Held) => lease.confirmed = now,
-                    Ok(LeaseStatus::Lost) => {
-                        owner.lose_lease();
-                        lease.lost = true;
-                    }
-                    Err(e) => {
-                        observe::event(Event::StoreError, &owner.key, Some(&e));
-                        if now >= deadline(lease.confirmed, owner.lease) {
-                            owner.lose_lease();
-                            lease.lost = true;
-                        }
-                    }
+                if renewed == Some(LeaseStatus::Lost) || (renewed.is_none() && now >= owner.expiry(&lease)) {
+                    owner.lose_lease();
+                    lease.lost = true;
                 }
                 next_renewal = deadline(now, period);
             }
@@ -632,38 +647,34 @@ async fn complete<St: Store>(
     record: CompletedRecord,
     retention: Duration,
 ) {
-    let Owner {
-        store, key, token, ..
-    } = owner;
-    let (key, token) = (*key, *token);
+    let (key, token) = (owner.key, owner.token);
     let period = owner.lease / 3;
-    let mut confirmed = lease.confirmed;
+    let mut lease = lease;
     let mut renewing = !lease.lost;
-    let mut next_renewal = deadline(confirmed, period);
+    let mut next_renewal = deadline(lease.confirmed, period);
     let mut backoff = COMPLETION_BACKOFF;
     loop {
-        let error = match store.complete(key, token, record.clone(), retention).await {
+        let attempt = owner.store.complete(key, token, record.clone(), retention);
+        let error = match attempt.await {
             Ok(LeaseStatus::Held) => return,
             Ok(LeaseStatus::Lost) => return owner.lose_lease(),
             Err(e) => e,
         };
         observe::event(Event::StoreError, &key, Some(&error));
         let now = Instant::now();
-        if now >= deadline(confirmed, owner.lease) {
+        if now >= owner.expiry(&lease) {
             observe::event(Event::CompletionFailed, &key, Some(&error));
             return owner.lost.store(true, Ordering::Release);
         }
         if renewing && now >= next_renewal {
-            match store.extend(key, token, owner.lease).await {
-                Ok(LeaseStatus::Held) => confirmed = now,
-                // Taken over, or completed by an attempt whose reply was
-                // lost: the next attempt tells which.
-                Ok(LeaseStatus::Lost) => renewing = false,
-                Err(e) => observe::event(Event::StoreError, &key, Some(&e)),
+            // Lost means taken over, or completed by an attempt whose reply
+            // was lost: the next attempt tells which.
+            if owner.renew(&mut lease).await == Some(LeaseStatus::Lost) {
+                renewing = false;
             }
             next_renewal = deadline(now, period);
         }
-        let mut wake = deadline(now, backoff).min(deadline(confirmed, owner.lease));
+        let mut wake = deadline(now, backoff).min(owner.expiry(&lease));
         if renewing {
             wake = wake.min(next_renewal);
         }
