@@ -7,7 +7,7 @@ use sha2::{Digest, Sha256};
 
 /// A SHA-256 digest identifying one request's content.
 ///
-/// The same key sent with a different fingerprint is refused (SPEC §3): the
+/// The same key sent with a different fingerprint is refused: the
 /// fingerprint covers the method, the path and query, any request headers
 /// the user selected, and the body bytes. Every field is length-prefixed so
 /// that no two different requests frame to the same bytes, and a version tag

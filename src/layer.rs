@@ -111,7 +111,7 @@ impl<St: fmt::Debug> fmt::Debug for IdempotencyLayer<St> {
 }
 
 impl<St: Store> IdempotencyLayer<St> {
-    /// A layer over `store` with the SPEC defaults: guards `POST` and
+    /// A layer over `store` with the defaults: guards `POST` and
     /// `PATCH`, requires the `Idempotency-Key` header, one global scope,
     /// 1 MiB request and stored-response limits, 24 h retention, 30 s lease,
     /// waits up to 10 s for an in-flight duplicate, answers 409 on a

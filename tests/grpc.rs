@@ -1,5 +1,5 @@
 //! The layer in front of a tonic server, driven by a real tonic client over
-//! loopback (SPEC §6).
+//! loopback: keys from metadata, gRPC statuses, trailers replayed.
 
 mod common;
 #[path = "../examples/grpc_payments/service.rs"]

@@ -1,4 +1,4 @@
-//! The SPEC §2 behaviour table, row by row, through the layer.
+//! The README's "What happens to a request" table, row by row, through the layer.
 
 mod common;
 

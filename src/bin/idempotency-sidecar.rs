@@ -35,7 +35,7 @@ struct Args {
     upstream_h2c: bool,
     /// How long a client waits for the upstream before it gets 504; the call
     /// goes on and its response is kept for the client's retry. Durations:
-    /// 250ms, 30s, 5m, 24h.
+    /// 250ms, 30s, 5m, 1h30m, 2d (or a bare number of seconds).
     #[arg(long, env = "IDEMPOTENCY_UPSTREAM_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     upstream_timeout: Duration,
     /// How long the upstream call itself may take; past it, its outcome is
@@ -123,23 +123,15 @@ enum StoreKind {
     Redis,
 }
 
+/// A duration as `humantime` reads it (`250ms`, `30s`, `1h30m`, `2d`), or a
+/// bare number of seconds.
 fn parse_duration(s: &str) -> Result<Duration, String> {
     let s = s.trim();
-    let split = s
-        .find(|c: char| !c.is_ascii_digit() && c != '.')
-        .unwrap_or(s.len());
-    let (number, unit) = s.split_at(split);
-    let value: f64 = number
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration such as 250ms, 30s, 5m or 24h"))?;
-    let seconds = match unit {
-        "ms" => value / 1000.0,
-        "" | "s" => value,
-        "m" => value * 60.0,
-        "h" => value * 3600.0,
-        _ => return Err(format!("unknown unit {unit:?} in {s:?}: use ms, s, m or h")),
-    };
-    Duration::try_from_secs_f64(seconds).map_err(|e| format!("{s:?}: {e}"))
+    if let Ok(seconds) = s.parse::<u64>() {
+        return Ok(Duration::from_secs(seconds));
+    }
+    humantime::parse_duration(s)
+        .map_err(|e| format!("{s:?} is not a duration such as 250ms, 30s, 1h30m or 2d: {e}"))
 }
 
 fn parse_header_name(s: &str) -> Result<HeaderName, String> {
@@ -277,11 +269,13 @@ mod tests {
     fn durations() {
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
         assert_eq!(parse_duration("30").unwrap(), Duration::from_secs(30));
-        assert_eq!(parse_duration("1.5s").unwrap(), Duration::from_millis(1500));
+        assert_eq!(parse_duration("1s 500ms").unwrap(), Duration::from_millis(1500));
         assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
         assert_eq!(parse_duration("24h").unwrap(), Duration::from_secs(86_400));
+        assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5_400));
+        assert_eq!(parse_duration("2d").unwrap(), Duration::from_secs(172_800));
         assert!(parse_duration("soon").is_err());
-        assert!(parse_duration("3d").is_err());
+        assert!(parse_duration("3 fortnights").is_err());
         assert!(parse_duration("").is_err());
     }
 
