@@ -84,6 +84,7 @@
 #![warn(missing_debug_implementations, rust_2018_idioms)]
 
 mod body;
+mod config;
 pub mod engine;
 pub mod fingerprint;
 mod future;
@@ -102,12 +103,12 @@ pub mod store;
 mod time;
 
 pub use body::{RequestBody, ResponseBody};
+pub use config::{
+    DEFAULT_REQUEST_BODY_LIMIT, DEFAULT_STORED_RESPONSE_LIMIT, IDEMPOTENCY_KEY, IDEMPOTENT_REPLAYED,
+};
 pub use future::ResponseFuture;
 pub use key::{IdempotencyKey, Scope};
-pub use layer::{
-    DEFAULT_REQUEST_BODY_LIMIT, DEFAULT_STORED_RESPONSE_LIMIT, IDEMPOTENCY_KEY,
-    IDEMPOTENT_REPLAYED, IdempotencyLayer,
-};
+pub use layer::IdempotencyLayer;
 pub use policy::StorePolicy;
 pub use service::{Idempotency, IdempotencyInfo};
 pub use store::Store;

@@ -15,12 +15,12 @@ use tracing::Instrument;
 
 use crate::BoxError;
 use crate::body::{End, EndJudge, RequestBody, ResponseBody};
+use crate::config::Config;
 use crate::engine::{Completion, Engine, EngineError, ExecutionContext, Outcome};
 use crate::fingerprint::{Fingerprint, FingerprintHasher};
 use crate::future::ResponseFuture;
 use crate::grpc::{self, GrpcStatusCode};
 use crate::key::{IdempotencyKey, Scope, StoreKey};
-use crate::layer::Config;
 use crate::observe::{self, Event};
 use crate::policy::{ReplayFilter, StorePolicy, is_event_stream};
 use crate::problem::{Problem, ProblemKind};
@@ -44,7 +44,7 @@ pub struct Idempotency<S, St> {
 /// What every clone of an [`Idempotency`] shares.
 pub(crate) struct Shared<St> {
     pub(crate) engine: Engine<St>,
-    pub(crate) config: Arc<Config>,
+    pub(crate) config: Config,
 }
 
 impl<S: fmt::Debug, St: fmt::Debug> fmt::Debug for Idempotency<S, St> {
@@ -296,7 +296,7 @@ where
                 ));
             }
         };
-        let run_config = config.clone();
+        let run_shared = shared.clone();
         let result = engine
             .run(store_key, fingerprint, |execution| {
                 // The engine calls the operation at most once, and only here.
@@ -315,7 +315,7 @@ where
                 // future once, then the response handling in its place.
                 inner
                     .call(req)
-                    .then(move |response| settle_response(response, grpc, run_config))
+                    .then(move |response| settle_response(response, grpc, run_shared))
             })
             .instrument(tracing::debug_span!("idempotency", key = %store_key))
             .await;
@@ -484,15 +484,16 @@ fn merge_trailers(trailers: &mut Option<HeaderMap>, more: HeaderMap) {
 
 /// Runs in the execution, once the inner service answered: decides what to
 /// store and what to hand the caller.
-async fn settle_response<ResBody, E>(
+async fn settle_response<ResBody, E, St: Store>(
     response: Result<Response<ResBody>, E>,
     grpc: bool,
-    config: Arc<Config>,
+    shared: Arc<Shared<St>>,
 ) -> Result<(Response<ResponseBody<ResBody>>, Completion), E>
 where
     ResBody: Body<Data = Bytes>,
     ResBody::Error: Into<BoxError>,
 {
+    let config = &shared.config;
     let response = response?;
     let (mut parts, body) = response.into_parts();
     // Decide now where the outcome is already known: the handler's own
@@ -500,7 +501,7 @@ where
     // outcome that arrives in the trailers is judged after the body.
     let decided = match parts.extensions.get::<StorePolicy>() {
         Some(StorePolicy::OutcomeUnknown) => {
-            let completion = unknown_outcome(parts.status, &config);
+            let completion = unknown_outcome(parts.status, config);
             let response = Response::from_parts(parts, ResponseBody::inner(body));
             return Ok((response, completion));
         }
@@ -534,7 +535,7 @@ where
                 // and what it did is unknown. The caller gets what there was
                 // and the error; the key completes as "outcome unknown" (or
                 // is released, where the endpoint opted in).
-                let completion = unknown_outcome(parts.status, &config);
+                let completion = unknown_outcome(parts.status, config);
                 let failed = ResponseBody::failed(buf.into_bytes(), e.into());
                 return Ok((Response::from_parts(parts, failed), completion));
             }
@@ -547,7 +548,7 @@ where
                         // A gRPC status still to come in the trailers
                         // decides, once the rest has streamed to the caller.
                         let (decider, later) = Completion::later();
-                        let judge = trailers_judge(decider, &parts, config);
+                        let judge = trailers_judge(decider, &parts, shared.clone());
                         let body = ResponseBody::judged(buf.into_bytes(), body, judge);
                         return Ok((Response::from_parts(parts, body), later));
                     }
@@ -602,10 +603,10 @@ where
 /// once it has streamed to its end: "not replayable" where the predicate
 /// would store it, released where it would not (a retryable status), and
 /// "outcome unknown" where the stream broke or the caller dropped it first.
-fn trailers_judge(
+fn trailers_judge<St: Store>(
     decider: crate::engine::Decider,
     parts: &http::response::Parts,
-    config: Arc<Config>,
+    shared: Arc<Shared<St>>,
 ) -> EndJudge {
     let (status, headers) = (parts.status, parts.headers.clone());
     EndJudge::new(decider, move |end| match end {
@@ -618,13 +619,13 @@ fn trailers_judge(
             *judged.headers_mut() = headers;
             judged.extensions_mut().insert(code);
             let (judged, ()) = judged.into_parts();
-            if (config.should_store)(&judged) {
+            if (shared.config.should_store)(&judged) {
                 Completion::Store(StoredOutcome::NotReplayable { status }.encode())
             } else {
                 Completion::Release
             }
         }
-        End::Broke | End::Dropped => unknown_outcome(status, &config),
+        End::Broke | End::Dropped => unknown_outcome(status, &shared.config),
     })
 }
 

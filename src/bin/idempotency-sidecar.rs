@@ -269,7 +269,10 @@ mod tests {
     fn durations() {
         assert_eq!(parse_duration("250ms").unwrap(), Duration::from_millis(250));
         assert_eq!(parse_duration("30").unwrap(), Duration::from_secs(30));
-        assert_eq!(parse_duration("1s 500ms").unwrap(), Duration::from_millis(1500));
+        assert_eq!(
+            parse_duration("1s 500ms").unwrap(),
+            Duration::from_millis(1500)
+        );
         assert_eq!(parse_duration("5m").unwrap(), Duration::from_secs(300));
         assert_eq!(parse_duration("24h").unwrap(), Duration::from_secs(86_400));
         assert_eq!(parse_duration("1h30m").unwrap(), Duration::from_secs(5_400));
