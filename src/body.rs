@@ -9,7 +9,7 @@
 use std::pin::Pin;
 use std::task::{Context, Poll};
 
-use bytes::Bytes;
+use bytes::{Bytes, BytesMut};
 use http::HeaderMap;
 use http_body::{Body, Frame, SizeHint};
 use pin_project_lite::pin_project;
@@ -261,6 +261,52 @@ where
     }
 }
 
+/// The data frames of a body, joined. A body sent in one frame (the common
+/// case) is kept as it came: no copy, no allocation.
+#[derive(Default)]
+pub(crate) struct Gathered {
+    first: Option<Bytes>,
+    more: Option<BytesMut>,
+}
+
+impl Gathered {
+    pub(crate) fn len(&self) -> usize {
+        match (&self.first, &self.more) {
+            (_, Some(buf)) => buf.len(),
+            (Some(first), None) => first.len(),
+            (None, None) => 0,
+        }
+    }
+
+    pub(crate) fn push(&mut self, chunk: Bytes) {
+        match (&self.first, &mut self.more) {
+            (_, Some(buf)) => buf.extend_from_slice(&chunk),
+            (None, None) => self.first = Some(chunk),
+            (Some(first), None) => {
+                let mut buf = BytesMut::with_capacity(first.len() + chunk.len());
+                buf.extend_from_slice(first);
+                buf.extend_from_slice(&chunk);
+                self.more = Some(buf);
+            }
+        }
+    }
+
+    pub(crate) fn into_bytes(self) -> Bytes {
+        match (self.first, self.more) {
+            (_, Some(buf)) => buf.freeze(),
+            (first, None) => first.unwrap_or_default(),
+        }
+    }
+}
+
+/// Adds a trailers frame to those already seen (a body may send more than one).
+pub(crate) fn merge_trailers(trailers: &mut Option<HeaderMap>, more: HeaderMap) {
+    match trailers {
+        Some(existing) => existing.extend(more),
+        None => *trailers = Some(more),
+    }
+}
+
 macro_rules! forward_body {
     ($ty:ident) => {
         impl<B> Body for $ty<B>
@@ -314,6 +360,28 @@ forward_body!(ResponseBody);
 mod tests {
     use super::*;
     use http_body_util::{BodyExt, Full};
+
+    #[test]
+    fn a_body_in_one_frame_is_kept_without_a_copy() {
+        let chunk = Bytes::from(vec![7u8; 100]);
+        let mut gathered = Gathered::default();
+        gathered.push(chunk.clone());
+        assert_eq!(gathered.len(), 100);
+        let data = gathered.into_bytes();
+        assert_eq!(data.as_ptr(), chunk.as_ptr());
+    }
+
+    #[test]
+    fn frames_are_joined_in_order() {
+        let mut gathered = Gathered::default();
+        assert_eq!(gathered.len(), 0);
+        for part in [&b"ab"[..], b"", b"cde", b"f"] {
+            gathered.push(Bytes::copy_from_slice(part));
+        }
+        assert_eq!(gathered.len(), 6);
+        assert_eq!(gathered.into_bytes(), Bytes::from_static(b"abcdef"));
+        assert!(Gathered::default().into_bytes().is_empty());
+    }
 
     #[tokio::test]
     async fn full_body_yields_data_then_trailers_then_ends() {
