@@ -58,18 +58,22 @@ use bytes::Bytes;
 use tokio::time::Instant;
 
 mod detach;
+mod executions;
 mod running;
+mod settle;
+
+pub use executions::Executions;
+pub use settle::{Completion, Decider, Later};
 
 use detach::Detachable;
 use futures_util::FutureExt;
-use futures_util::future::Either;
-use running::{Lease, Running};
+use running::Running;
+use settle::{Owner, settle};
 
 use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
 use crate::observe::{self, Event};
-use crate::store::{Claim, CompletedRecord, LeaseStatus, OwnerToken, Store, StoreError};
-use crate::time::deadline;
+use crate::store::{Claim, OwnerToken, Store, StoreError};
 
 /// The default lease: 30 seconds, renewed every 10 while the operation runs.
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
@@ -91,47 +95,6 @@ pub enum InFlightPolicy {
     /// Refuse at once as in flight.
     Reject,
 }
-
-/// What the operation asks the engine to do with its outcome.
-#[derive(Debug)]
-pub enum Completion {
-    /// Store this payload; every later call with the key replays it.
-    Store(Bytes),
-    /// Store nothing and release the key: a later call executes again.
-    Release,
-    /// Decided after the caller got its value, through the [`Decider`]
-    /// that [`Completion::later`] returned with it (for example once a
-    /// response streamed to the caller has ended). The key stays claimed,
-    /// its lease renewed, until then; a `Decider` dropped without deciding
-    /// releases it. A graceful shutdown waits for the decision
-    /// ([`Executions`]).
-    Later(Later),
-}
-
-impl Completion {
-    /// A completion to be decided later, and the handle that decides it.
-    pub fn later() -> (Decider, Completion) {
-        let (tx, rx) = tokio::sync::oneshot::channel();
-        (Decider(tx), Completion::Later(Later(rx)))
-    }
-}
-
-/// Decides a [`Completion::Later`].
-#[derive(Debug)]
-pub struct Decider(tokio::sync::oneshot::Sender<Completion>);
-
-impl Decider {
-    /// Stores or releases the key, as `completion` says (a nested
-    /// [`Completion::Later`] releases it).
-    pub fn decide(self, completion: Completion) {
-        // The execution may be gone (its runtime shut down): nothing to do.
-        let _ = self.0.send(completion);
-    }
-}
-
-/// A completion that a [`Decider`] will send.
-#[derive(Debug)]
-pub struct Later(tokio::sync::oneshot::Receiver<Completion>);
 
 /// A successful run: either this call executed, or it got a stored outcome.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -224,56 +187,6 @@ pub struct Engine<St> {
     retention: Duration,
     in_flight: InFlightPolicy,
     executions: Executions,
-}
-
-/// Counts the executions running in an engine's tasks, so a server can let
-/// them finish (and be stored) before it exits.
-///
-/// Executions are detached from their callers, so a graceful HTTP shutdown,
-/// which waits for open connections, does not wait for an execution whose
-/// client already went away. [`wait_idle`](Self::wait_idle) does.
-#[derive(Debug, Clone, Default)]
-pub struct Executions {
-    inner: Arc<ExecutionsInner>,
-}
-
-#[derive(Debug, Default)]
-struct ExecutionsInner {
-    running: std::sync::atomic::AtomicUsize,
-    idle: tokio::sync::Notify,
-}
-
-impl Executions {
-    /// How many executions are running now.
-    pub fn running(&self) -> usize {
-        self.inner.running.load(Ordering::Acquire)
-    }
-
-    /// Waits until no execution is running.
-    pub async fn wait_idle(&self) {
-        loop {
-            let idle = self.inner.idle.notified();
-            if self.running() == 0 {
-                return;
-            }
-            idle.await;
-        }
-    }
-
-    fn start(&self) -> ExecutionGuard {
-        self.inner.running.fetch_add(1, Ordering::AcqRel);
-        ExecutionGuard(self.inner.clone())
-    }
-}
-
-struct ExecutionGuard(Arc<ExecutionsInner>);
-
-impl Drop for ExecutionGuard {
-    fn drop(&mut self) {
-        if self.0.running.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0.idle.notify_waiters();
-        }
-    }
 }
 
 impl<St: Store> Engine<St> {
@@ -486,206 +399,5 @@ impl<St: Store> Engine<St> {
                 Err(e) => Err(EngineError::Operation(e)),
             }
         }
-    }
-}
-
-/// The owner of a claim, once its operation ended: what storing or
-/// releasing the outcome needs.
-struct Owner<St> {
-    store: St,
-    key: StoreKey,
-    token: OwnerToken,
-    lease: Duration,
-    lost: Arc<AtomicBool>,
-}
-
-impl<St: Store> Owner<St> {
-    fn lose_lease(&self) {
-        self.lost.store(true, Ordering::Release);
-        observe::event(Event::LeaseLost, &self.key, None);
-    }
-
-    /// When `lease` ends unless renewed: a whole lease after the store last
-    /// confirmed it.
-    fn expiry(&self, lease: &Lease) -> Instant {
-        deadline(lease.confirmed, self.lease)
-    }
-
-    /// Renews the lease once, noting in `lease` when the store confirmed
-    /// it. `None` when the store failed (reported here).
-    async fn renew(&self, lease: &mut Lease) -> Option<LeaseStatus> {
-        let sent = Instant::now();
-        match self.store.extend(self.key, self.token, self.lease).await {
-            Ok(status) => {
-                if status == LeaseStatus::Held {
-                    lease.confirmed = sent;
-                }
-                Some(status)
-            }
-            Err(e) => {
-                observe::event(Event::StoreError, &self.key, Some(&e));
-                None
-            }
-        }
-    }
-}
-
-/// Stores or releases an operation's outcome, then hands its value on.
-///
-/// The value waits in the closure of a `map`, not in the store call's
-/// future, so it is held once.
-fn settle<St: Store, T, E>(
-    owner: Owner<St>,
-    lease: Lease,
-    fingerprint: Fingerprint,
-    retention: Duration,
-    result: Result<(T, Completion), E>,
-    counted: ExecutionGuard,
-) -> impl Future<Output = Result<T, E>> {
-    let (value, verdict) = match result {
-        Ok((value, Completion::Later(later))) => {
-            // The caller gets its value now; the verdict is awaited and
-            // recorded in a task of its own, still counted as running.
-            tokio::spawn(async move {
-                let (completion, lease) = await_later(&owner, lease, later).await;
-                let verdict = Verdict::of(completion, fingerprint);
-                record_verdict(owner, lease, retention, verdict, counted).await;
-            });
-            return Either::Left(std::future::ready(Ok(value)));
-        }
-        Ok((value, completion)) => (Ok(value), Verdict::of(completion, fingerprint)),
-        Err(e) => (Err(e), Verdict::Release(Event::Failed)),
-    };
-    Either::Right(record_verdict(owner, lease, retention, verdict, counted).map(move |()| value))
-}
-
-/// Waits for a [`Completion::Later`] to be decided, renewing the lease
-/// meanwhile; returns the decision and the lease as it then stands. A lost
-/// lease ends the wait: nothing of this execution can be stored any more.
-async fn await_later<St: Store>(
-    owner: &Owner<St>,
-    mut lease: Lease,
-    Later(mut decision): Later,
-) -> (Completion, Lease) {
-    let period = owner.lease / 3;
-    let mut next_renewal = deadline(lease.confirmed, period);
-    loop {
-        tokio::select! {
-            decided = &mut decision => {
-                return (decided.unwrap_or(Completion::Release), lease);
-            }
-            () = tokio::time::sleep_until(next_renewal), if !lease.lost => {
-                let renewed = owner.renew(&mut lease).await;
-                let now = Instant::now();
-                if renewed == Some(LeaseStatus::Lost) || (renewed.is_none() && now >= owner.expiry(&lease)) {
-                    owner.lose_lease();
-                    lease.lost = true;
-                }
-                next_renewal = deadline(now, period);
-            }
-        }
-    }
-}
-
-/// What to do with the key once the operation ended.
-enum Verdict {
-    Store(CompletedRecord),
-    /// Release the key and report this event.
-    Release(Event),
-}
-
-impl Verdict {
-    fn of(completion: Completion, fingerprint: Fingerprint) -> Self {
-        match completion {
-            Completion::Store(payload) => Verdict::Store(CompletedRecord {
-                fingerprint,
-                payload,
-            }),
-            Completion::Release | Completion::Later(_) => Verdict::Release(Event::Released),
-        }
-    }
-}
-
-async fn record_verdict<St: Store>(
-    owner: Owner<St>,
-    lease: Lease,
-    retention: Duration,
-    verdict: Verdict,
-    _counted: ExecutionGuard,
-) {
-    match verdict {
-        Verdict::Store(record) => {
-            complete(&owner, lease, record, retention).await;
-            observe::event(Event::Executed, &owner.key, None);
-        }
-        Verdict::Release(event) => {
-            release(&owner.store, owner.key, owner.token).await;
-            observe::event(event, &owner.key, None);
-        }
-    }
-}
-
-/// The first pause between completion attempts; it doubles up to
-/// [`COMPLETION_BACKOFF_CAP`].
-const COMPLETION_BACKOFF: Duration = Duration::from_millis(10);
-/// The longest pause between completion attempts.
-const COMPLETION_BACKOFF_CAP: Duration = Duration::from_secs(1);
-
-/// Stores the outcome, until the store confirms it or the lease is lost.
-///
-/// A store error leaves the outcome unknown to the store, so it is retried
-/// with capped exponential backoff for as long as the lease can be kept,
-/// and the lease keeps being renewed meanwhile: duplicates go on waiting
-/// instead of executing. It stops when the store confirms the record
-/// (a retry of a completion whose reply was lost confirms it too), when the
-/// store says the lease is lost, or when the lease has gone unconfirmed for
-/// a whole lease (the store may have let it expire). The execution stays
-/// counted in [`Executions`] until then, so a graceful shutdown waits.
-async fn complete<St: Store>(
-    owner: &Owner<St>,
-    lease: Lease,
-    record: CompletedRecord,
-    retention: Duration,
-) {
-    let (key, token) = (owner.key, owner.token);
-    let period = owner.lease / 3;
-    let mut lease = lease;
-    let mut renewing = !lease.lost;
-    let mut next_renewal = deadline(lease.confirmed, period);
-    let mut backoff = COMPLETION_BACKOFF;
-    loop {
-        let attempt = owner.store.complete(key, token, record.clone(), retention);
-        let error = match attempt.await {
-            Ok(LeaseStatus::Held) => return,
-            Ok(LeaseStatus::Lost) => return owner.lose_lease(),
-            Err(e) => e,
-        };
-        observe::event(Event::StoreError, &key, Some(&error));
-        let now = Instant::now();
-        if now >= owner.expiry(&lease) {
-            observe::event(Event::CompletionFailed, &key, Some(&error));
-            return owner.lost.store(true, Ordering::Release);
-        }
-        if renewing && now >= next_renewal {
-            // Lost means taken over, or completed by an attempt whose reply
-            // was lost: the next attempt tells which.
-            if owner.renew(&mut lease).await == Some(LeaseStatus::Lost) {
-                renewing = false;
-            }
-            next_renewal = deadline(now, period);
-        }
-        let mut wake = deadline(now, backoff).min(owner.expiry(&lease));
-        if renewing {
-            wake = wake.min(next_renewal);
-        }
-        tokio::time::sleep_until(wake).await;
-        backoff = backoff.saturating_mul(2).min(COMPLETION_BACKOFF_CAP);
-    }
-}
-
-async fn release<St: Store>(store: &St, key: StoreKey, token: OwnerToken) {
-    if let Err(e) = store.release(key, token).await {
-        // The claim will expire with its lease.
-        observe::event(Event::StoreError, &key, Some(&e));
     }
 }

@@ -15,6 +15,8 @@ use crate::observe::{self, Event};
 use crate::store::{LeaseStatus, OwnerToken, Store, StoreError};
 use crate::time::deadline;
 
+use super::settle::release;
+
 type Renewal = Pin<Box<dyn Future<Output = Result<LeaseStatus, StoreError>> + Send>>;
 
 pin_project! {
@@ -59,7 +61,7 @@ pin_project! {
                 let (key, token) = (*this.key, *this.token);
                 observe::event(Event::Failed, &key, None);
                 if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                    runtime.spawn(async move { super::release(&store, key, token).await });
+                    runtime.spawn(async move { release(&store, key, token).await });
                 }
             }
         }

@@ -28,7 +28,7 @@ mod request;
 mod response;
 
 use request::{Pending, ReadError, prepare, read_body, too_large};
-use response::{refuse, refused, replay, settle_response};
+use response::{judge_response, refuse, refused, replay};
 
 /// Middleware that makes the inner service safe to retry. Built by
 /// [`IdempotencyLayer`](crate::IdempotencyLayer).
@@ -263,7 +263,7 @@ where
                 // future once, then the response handling in its place.
                 inner
                     .call(req)
-                    .then(move |response| settle_response(response, grpc, run_shared))
+                    .then(move |response| judge_response(response, grpc, run_shared))
             })
             .instrument(tracing::debug_span!("idempotency", key = %store_key))
             .await;

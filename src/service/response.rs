@@ -41,9 +41,10 @@ pub(super) fn refused<B>(
     refuse(grpc, problem)
 }
 
-/// Runs in the execution, once the inner service answered: decides what to
-/// store and what to hand the caller.
-pub(super) async fn settle_response<ResBody, E, St: Store>(
+/// Runs in the execution, once the inner service answered: judges the
+/// response into the [`Completion`] the engine settles the key by, and the
+/// response to hand the caller.
+pub(super) async fn judge_response<ResBody, E, St: Store>(
     response: Result<Response<ResBody>, E>,
     grpc: bool,
     shared: Arc<Shared<St>>,
