@@ -283,63 +283,87 @@ impl<St: Store> Engine<St> {
         T: Send + 'static,
         E: Send + 'static,
     {
-        // A block, not an `async fn`: an `async fn` keeps each argument twice
-        // in its future (rust-lang/rust#62958), and `op` carries the request.
+        // A block, not an `async fn` (see `crate::service::guard`): `op`
+        // carries the request.
         async move {
-            // The wait for an in-flight duplicate counts from the first time
-            // it is seen; a request that claims or replays never reads the clock.
-            let mut started: Option<Instant> = None;
-            let mut coalesced = false;
-            loop {
-                let claim = match self.store.claim(key, fingerprint, self.lease).await {
-                    Ok(claim) => claim,
-                    Err(e) => {
+            match self.begin(key, fingerprint).await? {
+                Begun::Acquired(acquired) => acquired
+                    .execute(op)
+                    .await
+                    .map(Outcome::Executed)
+                    .map_err(EngineError::Operation),
+                Begun::Replayed { payload, coalesced } => {
+                    Ok(Outcome::Replayed { payload, coalesced })
+                }
+            }
+        }
+    }
+
+    /// Claims `key` (waiting for an in-flight duplicate as the policy says)
+    /// without running anything yet: the first half of [`run`](Self::run),
+    /// for a caller that must keep what the operation would consume until it
+    /// knows the store answered (the HTTP layer, to fail open).
+    pub(crate) async fn begin<E>(
+        &self,
+        key: StoreKey,
+        fingerprint: Fingerprint,
+    ) -> Result<Begun<'_, St>, EngineError<E>> {
+        // The wait for an in-flight duplicate counts from the first time
+        // it is seen; a request that claims or replays never reads the clock.
+        let mut started: Option<Instant> = None;
+        let mut coalesced = false;
+        loop {
+            let claim = match self.store.claim(key, fingerprint, self.lease).await {
+                Ok(claim) => claim,
+                Err(e) => {
+                    observe::event(Event::StoreError, &key, Some(&e));
+                    return Err(EngineError::Store(e));
+                }
+            };
+            match claim {
+                Claim::Acquired(token) => {
+                    return Ok(Begun::Acquired(Acquired {
+                        engine: self,
+                        key,
+                        fingerprint,
+                        token,
+                        executed: false,
+                    }));
+                }
+                Claim::Completed(record) if record.fingerprint == fingerprint => {
+                    let event = if coalesced {
+                        Event::Coalesced
+                    } else {
+                        Event::Replayed
+                    };
+                    observe::event(event, &key, None);
+                    return Ok(Begun::Replayed {
+                        payload: record.payload,
+                        coalesced,
+                    });
+                }
+                Claim::InFlight {
+                    fingerprint: theirs,
+                    fence,
+                } if theirs == fingerprint => {
+                    let limit = match self.in_flight {
+                        InFlightPolicy::Wait(limit) => limit,
+                        InFlightPolicy::Reject => Duration::ZERO,
+                    };
+                    let waited = started.get_or_insert_with(Instant::now).elapsed();
+                    if waited >= limit {
+                        observe::event(Event::InFlight, &key, None);
+                        return Err(EngineError::InFlight);
+                    }
+                    if let Err(e) = Box::pin(self.store.wait(key, fence, limit - waited)).await {
                         observe::event(Event::StoreError, &key, Some(&e));
                         return Err(EngineError::Store(e));
                     }
-                };
-                match claim {
-                    // The execution is boxed inside `Detachable`, so every
-                    // replay's future (which callers move and box) stays small.
-                    Claim::Acquired(token) => {
-                        return self.execute(key, fingerprint, token, op).await;
-                    }
-                    Claim::Completed(record) if record.fingerprint == fingerprint => {
-                        let event = if coalesced {
-                            Event::Coalesced
-                        } else {
-                            Event::Replayed
-                        };
-                        observe::event(event, &key, None);
-                        return Ok(Outcome::Replayed {
-                            payload: record.payload,
-                            coalesced,
-                        });
-                    }
-                    Claim::InFlight {
-                        fingerprint: theirs,
-                        fence,
-                    } if theirs == fingerprint => {
-                        let limit = match self.in_flight {
-                            InFlightPolicy::Wait(limit) => limit,
-                            InFlightPolicy::Reject => Duration::ZERO,
-                        };
-                        let waited = started.get_or_insert_with(Instant::now).elapsed();
-                        if waited >= limit {
-                            observe::event(Event::InFlight, &key, None);
-                            return Err(EngineError::InFlight);
-                        }
-                        if let Err(e) = Box::pin(self.store.wait(key, fence, limit - waited)).await
-                        {
-                            observe::event(Event::StoreError, &key, Some(&e));
-                            return Err(EngineError::Store(e));
-                        }
-                        coalesced = true;
-                    }
-                    Claim::Completed(_) | Claim::InFlight { .. } => {
-                        observe::event(Event::Mismatch, &key, None);
-                        return Err(EngineError::Mismatch);
-                    }
+                    coalesced = true;
+                }
+                Claim::Completed(_) | Claim::InFlight { .. } => {
+                    observe::event(Event::Mismatch, &key, None);
+                    return Err(EngineError::Mismatch);
                 }
             }
         }
@@ -359,7 +383,7 @@ impl<St: Store> Engine<St> {
         fingerprint: Fingerprint,
         token: OwnerToken,
         op: F,
-    ) -> impl Future<Output = Result<Outcome<T>, EngineError<E>>> + Send + 'static
+    ) -> Detachable<impl Future<Output = Result<T, E>> + Send + 'static>
     where
         F: FnOnce(ExecutionContext) -> Fut,
         Fut: Future<Output = Result<(T, Completion), E>> + Send + 'static,
@@ -390,14 +414,93 @@ impl<St: Store> Engine<St> {
         };
         let retention = self.retention;
         let counted = self.executions.start();
-        let execution = Detachable::new(running.then(move |(result, lease)| {
+        // Boxed inside `Detachable`, so that every replay's future (which
+        // callers move and box) stays small.
+        Detachable::new(running.then(move |(result, lease)| {
             settle(owner, lease, fingerprint, retention, result, counted)
-        }));
-        async move {
-            match execution.await {
-                Ok(value) => Ok(Outcome::Executed(value)),
-                Err(e) => Err(EngineError::Operation(e)),
-            }
+        }))
+    }
+}
+
+/// How [`Engine::begin`] found the key.
+pub(crate) enum Begun<'a, St: Store> {
+    /// This caller holds the claim: [`Acquired::execute`] runs the operation.
+    Acquired(Acquired<'a, St>),
+    /// Another execution's stored outcome.
+    Replayed {
+        /// The stored payload.
+        payload: Bytes,
+        /// Whether this call waited for an in-flight execution.
+        coalesced: bool,
+    },
+}
+
+/// A claim this caller holds. Dropped without executing, it releases the
+/// key, so the claim does not block it for a whole lease.
+pub(crate) struct Acquired<'a, St: Store> {
+    engine: &'a Engine<St>,
+    key: StoreKey,
+    fingerprint: Fingerprint,
+    token: OwnerToken,
+    executed: bool,
+}
+
+impl<St: Store> Acquired<'_, St> {
+    /// Runs `op` under the claim; see [`Engine::run`]. The execution runs
+    /// in the caller's task and carries on in a task of its own if the
+    /// caller goes away.
+    pub(crate) fn execute<F, Fut, T, E>(
+        mut self,
+        op: F,
+    ) -> impl Future<Output = Result<T, E>> + Send + 'static
+    where
+        F: FnOnce(ExecutionContext) -> Fut,
+        Fut: Future<Output = Result<(T, Completion), E>> + Send + 'static,
+        T: Send + 'static,
+        E: Send + 'static,
+    {
+        self.executed = true;
+        self.engine
+            .execute(self.key, self.fingerprint, self.token, op)
+    }
+}
+
+impl<St: Store> Drop for Acquired<'_, St> {
+    fn drop(&mut self) {
+        if self.executed {
+            return;
         }
+        let (store, key, token) = (self.engine.store.clone(), self.key, self.token);
+        if let Ok(runtime) = tokio::runtime::Handle::try_current() {
+            runtime.spawn(async move { settle::release(&store, key, token).await });
+        }
+    }
+}
+
+#[cfg(all(test, feature = "memory"))]
+mod tests {
+    use super::*;
+    use crate::store::MemoryStore;
+
+    #[tokio::test]
+    async fn a_claim_dropped_before_executing_is_released() {
+        let engine = Engine::new(MemoryStore::new());
+        let key = StoreKey::from_parts(b"", b"k");
+        let fingerprint = Fingerprint::of_bytes(b"request");
+        let begun = engine
+            .begin::<std::convert::Infallible>(key, fingerprint)
+            .await
+            .unwrap();
+        assert!(matches!(begun, Begun::Acquired(_)));
+        drop(begun);
+        // The release runs in a task of its own.
+        for _ in 0..100 {
+            if engine.store().in_flight_count() == 0 {
+                break;
+            }
+            tokio::task::yield_now().await;
+        }
+        let again = engine.store().claim(key, fingerprint, DEFAULT_LEASE).await;
+        assert!(matches!(again, Ok(Claim::Acquired(_))), "{again:?}");
     }
 }

@@ -15,7 +15,7 @@ use tracing::Instrument;
 use crate::BoxError;
 use crate::body::{RequestBody, ResponseBody};
 use crate::config::Config;
-use crate::engine::{Engine, EngineError, ExecutionContext, Outcome};
+use crate::engine::{Begun, Engine, EngineError, ExecutionContext};
 use crate::fingerprint::FingerprintHasher;
 use crate::future::ResponseFuture;
 use crate::grpc;
@@ -169,28 +169,34 @@ where
             scope: prepared.scope,
             key: prepared.key,
         };
-        let fut = guard(self.shared.clone(), Some(pending), prepared.store_key, grpc);
+        let fut = guard(self.shared.clone(), pending, prepared.store_key, grpc);
         ResponseFuture::guarded(Box::pin(fut))
     }
 }
 
 type Reply<B, E> = Result<Response<ResponseBody<B>>, E>;
 
-/// Reads the body (fingerprinting it), then runs the request through the
-/// engine.
+/// The guarded path, top to bottom: read the body (fingerprinting it),
+/// claim the key (or learn its stored outcome, or wait for it), then run
+/// the inner service under the claim; if the store fails, refuse (or fail
+/// open, where configured, with the request still in hand).
 ///
 /// This future is boxed once per guarded request, and every byte of it is
 /// written and moved on each one, so it holds each thing once: the request
-/// arrives already in `pending`, where the operation takes it from (its
-/// body is read out of it and the bytes put back), and nothing is copied
-/// into a second place.
+/// arrives already in `pending` (its body is read out of it and the bytes
+/// put back), and moves into the operation only once the claim is held.
+///
+/// It is an `async` block rather than an `async fn`, as are the other
+/// futures on the request path: an `async fn` moves its arguments into
+/// locals and so keeps each twice in its future (rust-lang/rust#62958),
+/// while a block uses its captures in place.
 #[allow(
     clippy::manual_async_fn,
     reason = "an async fn would hold its arguments twice"
 )]
 fn guard<S, St, ReqBody, ResBody>(
     shared: Arc<Shared<St>>,
-    mut pending: Option<Pending<S, ReqBody>>,
+    mut pending: Pending<S, ReqBody>,
     store_key: StoreKey,
     grpc: bool,
 ) -> impl Future<Output = Reply<ResBody, S::Error>> + Send + 'static
@@ -204,17 +210,10 @@ where
     ResBody: Body<Data = Bytes> + Send + 'static,
     ResBody::Error: Into<BoxError>,
 {
-    // An `async` block rather than an `async fn`: an `async fn` moves its
-    // arguments into locals, keeping each twice in its future
-    // (rust-lang/rust#62958); a block uses its captures in place.
     async move {
         let (engine, config) = (&shared.engine, &shared.config);
         let limit = config.request_body_limit;
-        // `pending` is `Some` until the operation takes it, below; the
-        // `else` only spares this code an `expect`.
-        let Some(Pending { req, .. }) = pending.as_mut() else {
-            return Ok(refused(grpc, ProblemKind::BodyUnreadable, None));
-        };
+        let req = &mut pending.req;
         let hasher = FingerprintHasher::new(
             req.method(),
             req.uri(),
@@ -224,9 +223,7 @@ where
         let body = std::mem::replace(req.body_mut(), RequestBody::empty());
         let fingerprint = match read_body(body, limit, hasher).await {
             Ok((data, trailers, fingerprint)) => {
-                if let Some(Pending { req, .. }) = pending.as_mut() {
-                    *req.body_mut() = RequestBody::buffered(data, trailers);
-                }
+                *pending.req.body_mut() = RequestBody::buffered(data, trailers);
                 fingerprint
             }
             Err(ReadError::TooLarge) => {
@@ -244,36 +241,14 @@ where
                 ));
             }
         };
-        let run_shared = shared.clone();
-        let result = engine
-            .run(store_key, fingerprint, |execution| {
-                // The engine calls the operation at most once, and only here.
-                let Pending {
-                    mut inner,
-                    mut req,
-                    scope,
-                    key,
-                } = pending.take().expect("operation called once");
-                req.extensions_mut().insert(IdempotencyInfo {
-                    scope,
-                    key,
-                    execution,
-                });
-                // Called here, so that the operation's future holds the inner
-                // future once, then the response handling in its place.
-                inner
-                    .call(req)
-                    .then(move |response| judge_response(response, grpc, run_shared))
-            })
-            .instrument(tracing::debug_span!("idempotency", key = %store_key))
+        let span = tracing::debug_span!("idempotency", key = %store_key);
+        let begun = engine
+            .begin::<std::convert::Infallible>(store_key, fingerprint)
+            .instrument(span.clone())
             .await;
-
-        // The fail-open call is awaited after this `match`, so that `result`
-        // is not kept in the future beside it.
-        let failed_open = match result {
-            Ok(Outcome::Executed(response)) => return Ok(response),
-            Ok(Outcome::Replayed { payload, .. }) => return Ok(replay(grpc, &payload, config)),
-            Err(EngineError::Operation(e)) => return Err(e),
+        let acquired = match begun {
+            Ok(Begun::Acquired(acquired)) => acquired,
+            Ok(Begun::Replayed { payload, .. }) => return Ok(replay(grpc, &payload, config)),
             Err(EngineError::Mismatch) => {
                 return Ok(refuse(
                     grpc,
@@ -286,27 +261,46 @@ where
                     Problem::new(ProblemKind::InFlight).retry_after(config.retry_after),
                 ));
             }
-            Err(EngineError::Store(e)) => {
-                if e.kind() == StoreErrorKind::Corrupt {
-                    return Ok(refused(grpc, ProblemKind::RecordUnreadable, None));
-                }
-                match pending.take() {
-                    Some(Pending { mut inner, req, .. }) if config.fail_open => {
-                        observe::event(Event::FailedOpen, &store_key, Some(&e));
-                        // Boxed: rare, and the inner future would otherwise
-                        // enlarge every guarded request's future.
-                        Box::pin(inner.call(req))
-                    }
-                    _ => {
-                        return Ok(refuse(
-                            grpc,
-                            Problem::new(ProblemKind::StoreUnavailable)
-                                .retry_after(config.retry_after),
-                        ));
-                    }
-                }
+            Err(EngineError::Store(e)) if e.kind() == StoreErrorKind::Corrupt => {
+                return Ok(refused(grpc, ProblemKind::RecordUnreadable, None));
             }
+            Err(EngineError::Store(e)) if config.fail_open => {
+                observe::event(Event::FailedOpen, &store_key, Some(&e));
+                let Pending { mut inner, req, .. } = pending;
+                // Boxed: rare, and the inner future would otherwise enlarge
+                // every guarded request's future.
+                let unguarded = Box::pin(inner.call(req));
+                return unguarded.await.map(|res| res.map(ResponseBody::inner));
+            }
+            Err(EngineError::Store(_)) => {
+                return Ok(refuse(
+                    grpc,
+                    Problem::new(ProblemKind::StoreUnavailable).retry_after(config.retry_after),
+                ));
+            }
+            Err(EngineError::Operation(never)) => match never {},
         };
-        failed_open.await.map(|res| res.map(ResponseBody::inner))
+        let Pending {
+            mut inner,
+            mut req,
+            scope,
+            key,
+        } = pending;
+        let run_shared = shared.clone();
+        acquired
+            .execute(move |execution| {
+                req.extensions_mut().insert(IdempotencyInfo {
+                    scope,
+                    key,
+                    execution,
+                });
+                // Called here, so that the operation's future holds the inner
+                // future once, then the response handling in its place.
+                inner
+                    .call(req)
+                    .then(move |response| judge_response(response, grpc, run_shared))
+            })
+            .instrument(span)
+            .await
     }
 }
