@@ -23,12 +23,8 @@ const DEFAULT_MAX_IN_FLIGHT: usize = 65_536;
 /// Bytes charged per completed record on top of its payload: what the
 /// record's own allocations and moka's entry (its hash-table bucket, entry
 /// metadata, order-queue and timer nodes) take besides the payload, measured
-/// by `benches/memory.rs` (about 450 to 560 bytes) and held to by
-/// `tests/memory_bound.rs`. (An eviction listener that freed evicted
-/// payloads at once was tried and dropped: moka then takes a key lock per
-/// insert and eviction, which made a first request at the bound cost 10 %
-/// more instructions under callgrind and about 25 % more time in a paired
-/// probe.)
+/// by `benches/memory.rs` and held to by `tests/memory_bound.rs`. The cache
+/// has no eviction listener on purpose (BENCHMARKS.md says why).
 const RECORD_OVERHEAD: u64 = 560;
 /// Independent locks over the in-flight claims, so that requests for
 /// different keys on different threads do not wait for each other.
@@ -148,11 +144,11 @@ pub struct MemoryStoreBuilder {
 impl MemoryStoreBuilder {
     /// Bounds the heap that completed records take (default 64 MiB): each
     /// record is charged its stored length plus 560 bytes for the cache
-    /// entry around it. An evicted record is freed a moment later, once no
-    /// thread can still be reading it (moka defers up to 64 such frees per
-    /// thread), which only large stored responses make noticeable: lower
-    /// the layer's `stored_response_limit` if they matter. In-flight claims
-    /// are bounded apart, by [`max_in_flight`](Self::max_in_flight).
+    /// entry around it. A few just-evicted records may stay allocated a
+    /// moment past the bound, which only large stored responses make
+    /// noticeable: lower the layer's `stored_response_limit` if they matter.
+    /// In-flight claims are bounded apart, by
+    /// [`max_in_flight`](Self::max_in_flight).
     pub fn max_bytes(mut self, bytes: u64) -> Self {
         self.max_bytes = bytes;
         self
