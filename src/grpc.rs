@@ -158,7 +158,10 @@ fn code_for(kind: ProblemKind) -> i32 {
             code::FAILED_PRECONDITION
         }
         ProblemKind::InFlight => code::ABORTED,
-        ProblemKind::StoreUnavailable | ProblemKind::UpstreamUnavailable => code::UNAVAILABLE,
+        ProblemKind::StoreUnavailable => code::UNAVAILABLE,
+        #[cfg(feature = "sidecar")]
+        ProblemKind::UpstreamUnavailable => code::UNAVAILABLE,
+        #[cfg(feature = "sidecar")]
         ProblemKind::UpstreamTimeout => code::DEADLINE_EXCEEDED,
         ProblemKind::ScopeUnavailable | ProblemKind::RecordUnreadable => code::INTERNAL,
     }

@@ -94,7 +94,7 @@ mod layer;
 mod observe;
 pub mod policy;
 pub mod problem;
-pub mod record;
+mod record;
 mod service;
 #[cfg(feature = "sidecar")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sidecar")))]

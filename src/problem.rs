@@ -18,8 +18,8 @@
 //! | [`StoreUnavailable`](ProblemKind::StoreUnavailable) | 503 | yes | yes, same request |
 //! | [`ScopeUnavailable`](ProblemKind::ScopeUnavailable) | 500 | no | no (server misconfigured) |
 //! | [`RecordUnreadable`](ProblemKind::RecordUnreadable) | 500 | no | no (operator must purge) |
-//! | [`UpstreamUnavailable`](ProblemKind::UpstreamUnavailable) (sidecar) | 502 | no | yes, once the upstream is back |
-//! | [`UpstreamTimeout`](ProblemKind::UpstreamTimeout) (sidecar) | 504 | yes | yes, same request: it waits for the call still running, or replays it |
+//! | `UpstreamUnavailable` (feature `sidecar`) | 502 | no | yes, once the upstream is back |
+//! | `UpstreamTimeout` (feature `sidecar`) | 504 | yes | yes, same request: it waits for the call still running, or replays it |
 //!
 //! The mismatch and in-flight refusals share 409 by default; clients tell
 //! them apart by `type` (and by `Retry-After`, which only the in-flight one
@@ -69,10 +69,14 @@ pub enum ProblemKind {
     RecordUnreadable,
     /// (Sidecar) The upstream could not be connected to; nothing was sent
     /// there, and the key was released.
+    #[cfg(feature = "sidecar")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "sidecar")))]
     UpstreamUnavailable,
     /// (Sidecar) The upstream did not answer within the client's wait. The
     /// call goes on; its response is stored when it comes, and a retry of
     /// the same request waits for it or replays it.
+    #[cfg(feature = "sidecar")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "sidecar")))]
     UpstreamTimeout,
 }
 
@@ -91,7 +95,9 @@ impl ProblemKind {
             ProblemKind::StoreUnavailable => const_concat::STORE_UNAVAILABLE,
             ProblemKind::ScopeUnavailable => const_concat::SCOPE_UNAVAILABLE,
             ProblemKind::RecordUnreadable => const_concat::RECORD_UNREADABLE,
+            #[cfg(feature = "sidecar")]
             ProblemKind::UpstreamUnavailable => const_concat::UPSTREAM_UNAVAILABLE,
+            #[cfg(feature = "sidecar")]
             ProblemKind::UpstreamTimeout => const_concat::UPSTREAM_TIMEOUT,
         }
     }
@@ -110,7 +116,9 @@ impl ProblemKind {
             ProblemKind::StoreUnavailable => "store_unavailable",
             ProblemKind::ScopeUnavailable => "scope_unavailable",
             ProblemKind::RecordUnreadable => "record_unreadable",
+            #[cfg(feature = "sidecar")]
             ProblemKind::UpstreamUnavailable => "upstream_unavailable",
+            #[cfg(feature = "sidecar")]
             ProblemKind::UpstreamTimeout => "upstream_timeout",
         }
     }
@@ -135,7 +143,9 @@ impl ProblemKind {
             ProblemKind::RecordUnreadable => {
                 "Stored response for this Idempotency-Key is unreadable"
             }
+            #[cfg(feature = "sidecar")]
             ProblemKind::UpstreamUnavailable => "The upstream service is unavailable",
+            #[cfg(feature = "sidecar")]
             ProblemKind::UpstreamTimeout => "The upstream service did not answer in time",
         }
     }
@@ -155,7 +165,9 @@ impl ProblemKind {
             ProblemKind::ScopeUnavailable | ProblemKind::RecordUnreadable => {
                 StatusCode::INTERNAL_SERVER_ERROR
             }
+            #[cfg(feature = "sidecar")]
             ProblemKind::UpstreamUnavailable => StatusCode::BAD_GATEWAY,
+            #[cfg(feature = "sidecar")]
             ProblemKind::UpstreamTimeout => StatusCode::GATEWAY_TIMEOUT,
         }
     }
@@ -163,10 +175,12 @@ impl ProblemKind {
     /// Whether the same request may succeed later (such refusals carry
     /// `Retry-After`).
     pub fn is_retryable(self) -> bool {
-        matches!(
-            self,
-            ProblemKind::InFlight | ProblemKind::StoreUnavailable | ProblemKind::UpstreamTimeout
-        )
+        match self {
+            ProblemKind::InFlight | ProblemKind::StoreUnavailable => true,
+            #[cfg(feature = "sidecar")]
+            ProblemKind::UpstreamTimeout => true,
+            _ => false,
+        }
     }
 }
 
@@ -191,7 +205,9 @@ mod const_concat {
     uri!(STORE_UNAVAILABLE, "StoreUnavailable");
     uri!(SCOPE_UNAVAILABLE, "ScopeUnavailable");
     uri!(RECORD_UNREADABLE, "RecordUnreadable");
+    #[cfg(feature = "sidecar")]
     uri!(UPSTREAM_UNAVAILABLE, "UpstreamUnavailable");
+    #[cfg(feature = "sidecar")]
     uri!(UPSTREAM_TIMEOUT, "UpstreamTimeout");
 }
 
@@ -319,7 +335,9 @@ mod tests {
             StoreUnavailable,
             ScopeUnavailable,
             RecordUnreadable,
+            #[cfg(feature = "sidecar")]
             UpstreamUnavailable,
+            #[cfg(feature = "sidecar")]
             UpstreamTimeout,
         ];
         let types: std::collections::HashSet<_> = all.iter().map(|k| k.type_uri()).collect();

@@ -24,15 +24,15 @@ const MAX_HEADERS: usize = 24_575;
 
 /// A response as stored for replay.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct StoredResponse {
+pub(crate) struct StoredResponse {
     /// The status code.
-    pub status: StatusCode,
+    pub(crate) status: StatusCode,
     /// The replayable headers, in order, repeated names kept.
-    pub headers: HeaderMap,
+    pub(crate) headers: HeaderMap,
     /// The body bytes.
-    pub body: Bytes,
+    pub(crate) body: Bytes,
     /// The trailers, if the response ended with a trailers frame.
-    pub trailers: Option<HeaderMap>,
+    pub(crate) trailers: Option<HeaderMap>,
 }
 
 /// What was stored for a completed key.
@@ -41,7 +41,7 @@ pub struct StoredResponse {
 #[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq, Eq)]
 #[non_exhaustive]
-pub enum StoredOutcome {
+pub(crate) enum StoredOutcome {
     /// A full response to replay.
     Response(StoredResponse),
     /// The request executed, but its response was too large (or streaming)
@@ -62,7 +62,7 @@ pub enum StoredOutcome {
 /// A stored record that cannot be decoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
-pub enum RecordError {
+pub(crate) enum RecordError {
     /// The bytes are not a record of this crate, or are truncated or damaged.
     #[error("stored idempotency record is corrupt")]
     Corrupt,
@@ -73,7 +73,7 @@ pub enum RecordError {
 
 impl StoredOutcome {
     /// Encodes the outcome as a record.
-    pub fn encode(&self) -> Bytes {
+    pub(crate) fn encode(&self) -> Bytes {
         match self {
             StoredOutcome::Response(r) => {
                 encode_response(r.status, &r.headers, |_| true, &r.body, r.trailers.as_ref())
@@ -86,7 +86,7 @@ impl StoredOutcome {
     }
 
     /// Decodes a record; never panics, whatever the bytes.
-    pub fn decode(bytes: &Bytes) -> Result<Self, RecordError> {
+    pub(crate) fn decode(bytes: &Bytes) -> Result<Self, RecordError> {
         let mut r = Reader { buf: bytes, pos: 0 };
         if r.take(4)? != MAGIC {
             return Err(RecordError::Corrupt);

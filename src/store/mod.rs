@@ -90,7 +90,7 @@ pub struct CompletedRecord {
     /// The fingerprint of the request that executed.
     pub fingerprint: Fingerprint,
     /// The stored outcome, opaque to the store (the HTTP layer puts an
-    /// encoded [`StoredOutcome`](crate::record::StoredOutcome) here).
+    /// encoded, versioned record of the response here).
     pub payload: Bytes,
 }
 

@@ -300,7 +300,10 @@ where
         }
     }
 
-    /// The Redis key name of `key`.
+    /// The Redis key name of `key`: public so that an operator can find a
+    /// key's record with `redis-cli` (for example to inspect it, or to check
+    /// its TTL); client input never reaches it, it is a hash of scope and
+    /// key.
     pub fn key_name(&self, key: StoreKey) -> String {
         format!("{}:{}", self.inner.prefix, key.to_hex())
     }
