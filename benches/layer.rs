@@ -423,11 +423,11 @@ fn redis(_c: &mut Criterion) {
     eprintln!("SKIPPED redis benches: built without the `redis` feature");
 }
 
-// The same throwaway-server fixture the Redis tests use.
+// The support module the tests use (a throwaway `redis-server`, here).
+#[path = "../tests/common/mod.rs"]
+mod common;
 #[cfg(feature = "redis")]
-#[allow(dead_code)]
-#[path = "../tests/common/redis_server.rs"]
-mod redis_server;
+use common::redis_server;
 
 /// A new key into `MemoryStore` (claim, then complete) against the same
 /// insert into a bare moka cache built as the store builds its cache (LRU,

@@ -15,9 +15,12 @@ use tower_idempotency::fingerprint::Fingerprint;
 use tower_idempotency::key::StoreKey;
 use tower_idempotency::store::{Claim, CompletedRecord, MemoryStore, Store};
 
-#[path = "../tests/common/heap.rs"]
-mod heap;
-use heap::{flood, live, typical_payload};
+#[path = "../tests/common/mod.rs"]
+mod common;
+use common::heap::{Counting, flood, live, typical_payload};
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
 
 fn key(i: u64) -> StoreKey {
     StoreKey::from_parts(b"bench", &i.to_be_bytes())

@@ -2,15 +2,13 @@
 //! loopback: keys from metadata, gRPC statuses, trailers replayed.
 
 mod common;
-#[path = "../examples/grpc_payments/service.rs"]
-mod service;
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::TestStore;
-use service::{CHARGE, Ledger, PaymentsClient, PaymentsServer, replayed};
+use common::grpc_service::{CHARGE, Ledger, PaymentsClient, PaymentsServer, replayed};
 use tonic::Code;
 use tower_idempotency::IdempotencyLayer;
 

@@ -8,9 +8,11 @@
 
 use bytes::Bytes;
 
-#[path = "common/heap.rs"]
-mod heap;
-use heap::{flood, typical_payload};
+mod common;
+use common::heap::{Counting, flood, typical_payload};
+
+#[global_allocator]
+static ALLOCATOR: Counting = Counting;
 
 /// What an evicted record may keep allocated for a while: moka's hash table
 /// frees a removed entry only once no thread can still be reading it

@@ -1,8 +1,6 @@
 //! The sidecar in front of a real upstream HTTP server, over loopback.
 
 mod common;
-#[path = "../examples/grpc_payments/service.rs"]
-mod grpc_service;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -461,11 +459,11 @@ async fn two_sidecars_sharing_redis_execute_upstream_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grpc_through_the_sidecar_over_h2c_replays_with_trailers() {
-    let ledger = Arc::new(grpc_service::Ledger::default());
+    let ledger = Arc::new(common::grpc_service::Ledger::default());
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
     let up_addr = listener.local_addr().unwrap();
     let upstream = tonic::transport::Server::builder()
-        .add_service(grpc_service::PaymentsServer::new(ledger.clone()))
+        .add_service(common::grpc_service::PaymentsServer::new(ledger.clone()))
         .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener));
     tokio::spawn(upstream);
     let car = Sidecar::start(
@@ -473,12 +471,12 @@ async fn grpc_through_the_sidecar_over_h2c_replays_with_trailers() {
         config(up_addr).upstream_h2c(true),
     )
     .await;
-    let mut client = grpc_service::PaymentsClient::connect(car.addr)
+    let mut client = common::grpc_service::PaymentsClient::connect(car.addr)
         .await
         .unwrap();
     let first = client.charge(Some("g"), 100, "GHS").await.unwrap();
     let retry = client.charge(Some("g"), 100, "GHS").await.unwrap();
-    assert!(grpc_service::replayed(&retry));
+    assert!(common::grpc_service::replayed(&retry));
     assert_eq!(retry.get_ref(), first.get_ref());
     assert_eq!(ledger.executions.load(Ordering::SeqCst), 1);
     car.shutdown().await;

@@ -1,7 +1,12 @@
-//! A counting global allocator, a typical stored record and a flood of
-//! unique keys, shared by the memory test (`tests/memory_bound.rs`) and the
-//! memory bench (`benches/memory.rs`), which include this file with
-//! `#[path]`. Including it installs the allocator for the whole binary.
+//! A counting allocator, a typical stored record and a flood of unique
+//! keys, for the memory test (`tests/memory_bound.rs`) and the memory bench
+//! (`benches/memory.rs`). A target that measures installs the allocator
+//! itself:
+//!
+//! ```ignore
+//! #[global_allocator]
+//! static ALLOCATOR: common::heap::Counting = common::heap::Counting;
+//! ```
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::sync::atomic::{AtomicIsize, Ordering};
@@ -42,9 +47,6 @@ unsafe impl GlobalAlloc for Counting {
         unsafe { System.realloc(ptr, layout, new_size) }
     }
 }
-
-#[global_allocator]
-static ALLOCATOR: Counting = Counting;
 
 /// Bytes allocated and not yet freed, in the whole process.
 pub fn live() -> isize {
