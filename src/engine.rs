@@ -26,8 +26,11 @@
 //! use tower_idempotency::engine::{Engine, Outcome};
 //! use tower_idempotency::fingerprint::Fingerprint;
 //! use tower_idempotency::key::StoreKey;
+//! # #[cfg(feature = "memory")]
 //! use tower_idempotency::store::MemoryStore;
 //!
+//! # #[cfg(not(feature = "memory"))] fn main() {}
+//! # #[cfg(feature = "memory")]
 //! # #[tokio::main(flavor = "current_thread")]
 //! # async fn main() {
 //! let engine = Engine::new(MemoryStore::new());

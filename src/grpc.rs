@@ -37,6 +37,7 @@ pub(crate) mod code {
 /// predicate can judge gRPC outcomes the way the default one does.
 ///
 /// ```
+/// # #[cfg(feature = "memory")] {
 /// use tower_idempotency::{IdempotencyLayer, policy::GrpcStatusCode, store::MemoryStore};
 ///
 /// // Store gRPC successes only.
@@ -47,6 +48,7 @@ pub(crate) mod code {
 ///     }
 /// });
 /// # drop(layer);
+/// # }
 /// ```
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GrpcStatusCode(pub i32);

@@ -83,6 +83,7 @@ impl<St: Store> IdempotencyLayer<St> {
     /// it means the layer runs before authentication.
     ///
     /// ```
+    /// # #[cfg(feature = "memory")] {
     /// use tower_idempotency::{IdempotencyLayer, Scope, store::MemoryStore};
     ///
     /// #[derive(Clone)]
@@ -91,6 +92,7 @@ impl<St: Store> IdempotencyLayer<St> {
     /// let layer = IdempotencyLayer::new(MemoryStore::new())
     ///     .scope(|req| req.extensions.get::<Principal>().map(|p| Scope::from(p.0.clone())));
     /// # drop(layer);
+    /// # }
     /// ```
     ///
     /// Without a scope function every caller shares one namespace: one
@@ -238,6 +240,7 @@ impl<St: Store> IdempotencyLayer<St> {
     /// response is stored.
     ///
     /// ```no_run
+    /// # #[cfg(feature = "memory")]
     /// # async fn shutdown(layer: tower_idempotency::IdempotencyLayer<tower_idempotency::store::MemoryStore>) {
     /// // after the server stopped accepting and drained its connections:
     /// layer.executions().wait_idle().await;

@@ -9,6 +9,7 @@
 //! # Example
 //!
 //! ```
+//! # #[cfg(feature = "memory")] {
 //! use axum::{Router, routing::post};
 //! use tower::ServiceBuilder;
 //! use tower_idempotency::{IdempotencyLayer, store::MemoryStore};
@@ -21,6 +22,7 @@
 //!     .route("/charges", post(charge))
 //!     .layer(ServiceBuilder::new().layer(IdempotencyLayer::new(MemoryStore::new())));
 //! # drop(app);
+//! # }
 //! ```
 //!
 //! # Behaviour
