@@ -12,6 +12,7 @@ use tokio::sync::Notify;
 use tower_idempotency::engine::{Completion, Engine, EngineError, InFlightPolicy, Outcome};
 use tower_idempotency::fingerprint::Fingerprint;
 use tower_idempotency::key::StoreKey;
+use tower_idempotency::store::fault::{Fault, Operation};
 use tower_idempotency::store::{Claim, Store};
 
 const FP: Fingerprint = Fingerprint::from_bytes([1; 32]);
@@ -188,7 +189,7 @@ async fn a_waiter_executes_itself_when_the_first_execution_releases() {
         })
     };
     // The waiter is registered once its wait was called.
-    store.until_calls_of("wait", 1).await;
+    store.faults.until_calls(Operation::Wait, 1).await;
     let released = tokio::time::Instant::now();
     proceed.notify_one();
     assert_eq!(first.await.unwrap().unwrap(), Outcome::Executed("failed"));
@@ -270,7 +271,9 @@ async fn a_short_store_outage_at_completion_does_not_lose_the_result() {
     let runs = Arc::new(AtomicUsize::new(0));
     // About 10 s of failed completions with the backoff capped at 1 s:
     // more than ten leases.
-    store.fail_next("complete", 18);
+    store
+        .faults
+        .inject(Operation::Complete, Fault::FailBefore, 18);
     let (first, proceed) = start_held(&engine, "outage", b"charged").await;
     proceed.notify_one();
     // While the completion fails, a duplicate arrives and waits.
@@ -314,7 +317,9 @@ async fn a_completion_whose_replies_are_lost_is_confirmed_by_its_retry() {
     let store = TestStore::new();
     let lease = Duration::from_millis(300);
     let engine = Engine::new(store.clone()).lease(lease);
-    store.lose_next_replies("complete", 6);
+    store
+        .faults
+        .inject(Operation::Complete, Fault::LoseReply, 6);
     let (first, proceed) = start_held(&engine, "lost-reply", b"charged").await;
     proceed.notify_one();
     assert_eq!(
@@ -339,7 +344,9 @@ async fn lease_lost_turns_true_when_renewals_fail_for_longer_than_the_lease() {
     let store = TestStore::new();
     let lease = Duration::from_millis(300);
     let engine = Engine::new(store.clone()).lease(lease);
-    store.fail_next("extend", usize::MAX);
+    store
+        .faults
+        .inject(Operation::Extend, Fault::FailBefore, usize::MAX);
     let started = tokio::time::Instant::now();
     let out = engine
         .run(key("renewals-fail"), FP, move |ctx| async move {

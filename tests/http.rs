@@ -10,6 +10,7 @@ use common::*;
 use http::{Method, Request, StatusCode};
 use http_body_util::BodyExt;
 use tower::{Layer, ServiceExt};
+use tower_idempotency::store::fault::Operation;
 use tower_idempotency::{IdempotencyLayer, Scope};
 
 fn setup() -> (Ledger, TestStore) {
@@ -345,7 +346,7 @@ async fn an_in_flight_duplicate_waits_and_gets_the_same_answer() {
         let svc = svc.clone();
         async move { send(&svc, gated()).await }
     });
-    store.until_calls_of("wait", 1).await;
+    store.faults.until_calls(Operation::Wait, 1).await;
     assert!(!second.is_finished(), "the duplicate waits for the first");
     ledger.open(1);
     let (first, second) = (first.await.unwrap(), second.await.unwrap());
@@ -702,7 +703,7 @@ async fn a_panicking_handler_releases_the_key_and_the_panic_propagates() {
         "the handler's panic reaches the caller"
     );
     // The release is spawned by the dying task.
-    store.until_calls_of("release", 1).await;
+    store.faults.until_calls(Operation::Release, 1).await;
     let retry = send(&svc, req(Some("k"), "{}")).await;
     assert_eq!(
         retry.status,
@@ -725,7 +726,7 @@ async fn behind_catch_panic_a_panic_is_a_500_and_the_retry_executes() {
         .unwrap();
     let res = svc.clone().oneshot(panicking).await.unwrap();
     assert_eq!(res.status(), StatusCode::INTERNAL_SERVER_ERROR);
-    store.until_calls_of("release", 1).await;
+    store.faults.until_calls(Operation::Release, 1).await;
     let retry = svc.clone().oneshot(req(Some("k"), "{}")).await.unwrap();
     assert_eq!(retry.status(), StatusCode::CREATED);
     assert_eq!(ledger.count(), 2);

@@ -11,6 +11,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tokio::io::AsyncWriteExt;
 use tower::Layer;
+use tower_idempotency::store::fault::Operation;
 
 type HttpClient = Client<hyper_util::client::legacy::connect::HttpConnector, Body>;
 
@@ -47,7 +48,7 @@ async fn a_hundred_concurrent_duplicates_execute_once_and_get_identical_bodies()
         }));
     }
     // Every duplicate is waiting on the first before it ends.
-    store.until_calls_of("wait", 99).await;
+    store.faults.until_calls(Operation::Wait, 99).await;
     ledger.open(100);
     let first = first.await.unwrap();
     assert_eq!(first.status, StatusCode::CREATED);

@@ -49,6 +49,9 @@ pub use self::redis::{
 #[cfg(feature = "test-util")]
 #[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
 pub mod conformance;
+#[cfg(feature = "test-util")]
+#[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
+pub mod fault;
 
 /// Proof of owning a key: a fence number and a unique nonce.
 ///

@@ -28,6 +28,7 @@ use tower::{Service, ServiceExt};
 use tower_idempotency::engine::ExecutionContext;
 use tower_idempotency::fingerprint::Fingerprint;
 use tower_idempotency::key::StoreKey;
+use tower_idempotency::store::fault::FaultStore;
 use tower_idempotency::store::{
     Claim, CompletedRecord, LeaseStatus, MemoryStore, OwnerToken, Store, StoreError, StoreErrorKind,
 };
@@ -200,38 +201,16 @@ impl std::fmt::Display for TestError {
 impl std::error::Error for TestError {}
 
 /// A store decorator that counts operations and can be made to fail: all
-/// of them ([`set_failing`](TestStore::set_failing)), or the next N calls
-/// of one operation, either before it takes effect
-/// ([`fail_next`](TestStore::fail_next)) or after, losing its reply
-/// ([`lose_next_replies`](TestStore::lose_next_replies)).
+/// of them ([`set_failing`](TestStore::set_failing)), or chosen calls of one
+/// operation through its [`FaultStore`] (`store.faults.inject(..)`), which
+/// also counts each operation's calls.
 #[derive(Clone)]
 pub struct TestStore<St = MemoryStore> {
     pub inner: St,
+    pub faults: FaultStore<St>,
     pub calls: Arc<AtomicUsize>,
     pub fail: Arc<AtomicBool>,
     pub corrupt: Arc<AtomicBool>,
-    faults: Arc<std::sync::Mutex<std::collections::HashMap<&'static str, Faults>>>,
-    /// Calls per operation, and a signal on each call.
-    per_op: Arc<std::sync::Mutex<std::collections::HashMap<&'static str, usize>>>,
-    called: Arc<Notify>,
-}
-
-/// Faults planned for one operation.
-#[derive(Debug, Default, Clone, Copy)]
-struct Faults {
-    /// Calls still to fail before taking effect.
-    fail: usize,
-    /// Calls still to take effect and then lose their reply.
-    lose: usize,
-}
-
-fn injected(op: &'static str) -> StoreError {
-    let cause = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "injected");
-    StoreError::new(StoreErrorKind::Unavailable, op).with_source(cause)
-}
-
-fn reply_lost(op: &'static str) -> StoreError {
-    StoreError::new(StoreErrorKind::Timeout, op).with_source("injected: reply lost")
 }
 
 impl TestStore {
@@ -243,62 +222,11 @@ impl TestStore {
 impl<St: Store> TestStore<St> {
     pub fn wrap(inner: St) -> Self {
         Self {
+            faults: FaultStore::new(inner.clone()),
             inner,
             calls: Arc::default(),
             fail: Arc::default(),
             corrupt: Arc::default(),
-            faults: Arc::default(),
-            per_op: Arc::default(),
-            called: Arc::default(),
-        }
-    }
-
-    /// How many times `op` was called.
-    pub fn calls_of(&self, op: &'static str) -> usize {
-        self.per_op.lock().unwrap().get(op).copied().unwrap_or(0)
-    }
-
-    /// Returns once `op` has been called at least `n` times. A call is
-    /// counted in the same poll that starts the wrapped store's operation,
-    /// so a `MemoryStore` waiter counted here is already registered.
-    pub async fn until_calls_of(&self, op: &'static str, n: usize) {
-        loop {
-            let called = self.called.notified();
-            if self.calls_of(op) >= n {
-                return;
-            }
-            called.await;
-        }
-    }
-
-    /// The next `n` calls of `op` fail without taking effect.
-    pub fn fail_next(&self, op: &'static str, n: usize) {
-        self.faults.lock().unwrap().entry(op).or_default().fail = n;
-    }
-
-    /// The next `n` calls of `op` take effect, then fail as if their reply
-    /// was lost.
-    pub fn lose_next_replies(&self, op: &'static str, n: usize) {
-        self.faults.lock().unwrap().entry(op).or_default().lose = n;
-    }
-
-    /// Whether this call of `op` loses its reply (counted down).
-    fn loses_reply(&self, op: &'static str) -> bool {
-        let mut faults = self.faults.lock().unwrap();
-        match faults.get_mut(op) {
-            Some(f) if f.lose > 0 => {
-                f.lose -= 1;
-                true
-            }
-            _ => false,
-        }
-    }
-
-    /// Applies the planned loss of `op`'s reply to its result.
-    fn settle<T>(&self, op: &'static str, result: Result<T, StoreError>) -> Result<T, StoreError> {
-        match result {
-            Ok(_) if self.loses_reply(op) => Err(reply_lost(op)),
-            other => other,
         }
     }
 
@@ -312,15 +240,9 @@ impl<St: Store> TestStore<St> {
 
     fn enter(&self, op: &'static str) -> Result<(), StoreError> {
         self.calls.fetch_add(1, Ordering::SeqCst);
-        *self.per_op.lock().unwrap().entry(op).or_default() += 1;
-        self.called.notify_waiters();
         if self.fail.load(Ordering::SeqCst) {
-            return Err(injected(op));
-        }
-        let mut faults = self.faults.lock().unwrap();
-        if let Some(f) = faults.get_mut(op).filter(|f| f.fail > 0) {
-            f.fail -= 1;
-            return Err(injected(op));
+            let cause = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "injected");
+            return Err(StoreError::new(StoreErrorKind::Unavailable, op).with_source(cause));
         }
         Ok(())
     }
@@ -334,7 +256,7 @@ impl<St: Store> Store for TestStore<St> {
         lease: Duration,
     ) -> Result<Claim, StoreError> {
         self.enter("claim")?;
-        let claim = self.settle("claim", self.inner.claim(key, fp, lease).await)?;
+        let claim = self.faults.claim(key, fp, lease).await?;
         match claim {
             Claim::Completed(mut rec) if self.corrupt.load(Ordering::SeqCst) => {
                 rec.payload = Bytes::from_static(b"TIDR\x01garbage");
@@ -351,13 +273,11 @@ impl<St: Store> Store for TestStore<St> {
         retention: Duration,
     ) -> Result<LeaseStatus, StoreError> {
         self.enter("complete")?;
-        let result = self.inner.complete(key, token, record, retention).await;
-        self.settle("complete", result)
+        self.faults.complete(key, token, record, retention).await
     }
     async fn release(&self, key: StoreKey, token: OwnerToken) -> Result<LeaseStatus, StoreError> {
         self.enter("release")?;
-        let result = self.inner.release(key, token).await;
-        self.settle("release", result)
+        self.faults.release(key, token).await
     }
     async fn extend(
         &self,
@@ -366,16 +286,15 @@ impl<St: Store> Store for TestStore<St> {
         lease: Duration,
     ) -> Result<LeaseStatus, StoreError> {
         self.enter("extend")?;
-        let result = self.inner.extend(key, token, lease).await;
-        self.settle("extend", result)
+        self.faults.extend(key, token, lease).await
     }
     async fn wait(&self, key: StoreKey, fence: u64, timeout: Duration) -> Result<(), StoreError> {
         self.enter("wait")?;
-        self.inner.wait(key, fence, timeout).await
+        self.faults.wait(key, fence, timeout).await
     }
     async fn purge(&self, key: StoreKey) -> Result<bool, StoreError> {
         self.enter("purge")?;
-        self.inner.purge(key).await
+        self.faults.purge(key).await
     }
 }
 
