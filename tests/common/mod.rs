@@ -10,6 +10,8 @@
 #[path = "../../examples/grpc_payments/service.rs"]
 pub mod grpc_service;
 pub mod heap;
+#[cfg(feature = "redis-cluster")]
+pub mod redis_cluster;
 #[cfg(feature = "redis")]
 pub mod redis_server;
 

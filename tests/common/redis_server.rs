@@ -23,29 +23,30 @@ pub fn redis_or_skip(test: &str) -> Option<RedisServer> {
 
 impl RedisServer {
     pub fn start_with(test: &str, extra: &[&str]) -> Option<Self> {
-        let found = Command::new("redis-server")
-            .arg("--version")
-            .stdout(Stdio::null())
-            .status()
-            .is_ok();
-        if !found {
-            if std::env::var("TOWER_IDEMPOTENCY_REQUIRE_REDIS").is_ok_and(|v| v == "1") {
-                panic!(
-                    "{test}: redis-server is not on the PATH and TOWER_IDEMPOTENCY_REQUIRE_REDIS=1"
-                );
+        installed(test)?;
+        Some(Self::launched(extra, free_port()))
+    }
+
+    /// Like [`start_with`](Self::start_with), on a port whose cluster bus
+    /// port (10 000 higher) is free too.
+    pub fn start_with_cluster_port(test: &str, extra: &[&str]) -> Option<Self> {
+        installed(test)?;
+        let port = loop {
+            let port = free_port();
+            if port < 55_000 && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+                break port;
             }
-            say_skipped(&format!(
-                "SKIPPED {test}: redis-server is not on the PATH (install it to run the Redis tests)"
-            ));
-            return None;
-        }
+        };
+        Some(Self::launched(extra, port))
+    }
+
+    fn launched(extra: &[&str], port: u16) -> Self {
         let dir = std::env::temp_dir().join(format!(
             "tower-idempotency-{}-{}",
             std::process::id(),
             unique()
         ));
         std::fs::create_dir_all(&dir).expect("temp dir");
-        let port = free_port();
         let mut server = Self {
             child: None,
             port,
@@ -53,7 +54,12 @@ impl RedisServer {
             extra: extra.iter().map(|s| s.to_string()).collect(),
         };
         server.launch();
-        Some(server)
+        server
+    }
+
+    /// Whether the server process is running (not killed).
+    pub fn is_running(&self) -> bool {
+        self.child.is_some()
     }
 
     fn launch(&mut self) {
@@ -163,6 +169,32 @@ impl Drop for RedisServer {
         self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// `Some` when `redis-server` is on the PATH; see [`missing`].
+fn installed(test: &str) -> Option<()> {
+    let found = Command::new("redis-server")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok();
+    if found {
+        Some(())
+    } else {
+        missing(test, "redis-server")
+    }
+}
+
+/// A missing tool: a failure under `TOWER_IDEMPOTENCY_REQUIRE_REDIS=1`,
+/// else a skip that says so. Always `None`.
+pub fn missing(test: &str, tool: &str) -> Option<()> {
+    if std::env::var("TOWER_IDEMPOTENCY_REQUIRE_REDIS").is_ok_and(|v| v == "1") {
+        panic!("{test}: {tool} is not on the PATH and TOWER_IDEMPOTENCY_REQUIRE_REDIS=1");
+    }
+    say_skipped(&format!(
+        "SKIPPED {test}: {tool} is not on the PATH (install redis-server and redis-tools to run the Redis tests)"
+    ));
+    None
 }
 
 /// Prints past the test harness's output capture (which swallows what a

@@ -1,0 +1,121 @@
+//! A throwaway local Redis Cluster: three primaries on free loopback ports
+//! in a temporary directory, created with `redis-cli --cluster create`,
+//! stopped on drop. No Docker. Each primary is a [`RedisServer`], so one can
+//! be killed or frozen; `cluster-require-full-coverage no` keeps the other
+//! shards serving when one is down.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::redis_server::RedisServer;
+
+pub struct RedisCluster {
+    pub primaries: Vec<RedisServer>,
+}
+
+impl RedisCluster {
+    /// Starts a cluster, or returns `None` (after saying so) when
+    /// `redis-server` or `redis-cli` is missing; with
+    /// `TOWER_IDEMPOTENCY_REQUIRE_REDIS=1` a missing one is a failure.
+    pub fn start_or_skip(test: &str) -> Option<Self> {
+        let cli = Command::new("redis-cli")
+            .arg("--version")
+            .stdout(Stdio::null())
+            .status()
+            .is_ok();
+        if !cli {
+            super::redis_server::missing(test, "redis-cli")?;
+        }
+        let mut primaries = Vec::new();
+        for _ in 0..3 {
+            primaries.push(RedisServer::start_with_cluster_port(
+                test,
+                &[
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    "nodes.conf",
+                    "--cluster-node-timeout",
+                    "2000",
+                    "--cluster-require-full-coverage",
+                    "no",
+                ],
+            )?);
+        }
+        let cluster = Self { primaries };
+        cluster.create();
+        cluster.wait_until_ok();
+        Some(cluster)
+    }
+
+    fn addresses(&self) -> Vec<String> {
+        self.primaries
+            .iter()
+            .map(|p| format!("127.0.0.1:{}", p.port))
+            .collect()
+    }
+
+    /// `redis://` URLs of the primaries.
+    pub fn urls(&self) -> Vec<String> {
+        self.primaries.iter().map(|p| p.url()).collect()
+    }
+
+    fn create(&self) {
+        for _attempt in 0..5 {
+            let status = Command::new("redis-cli")
+                .arg("--cluster")
+                .arg("create")
+                .args(self.addresses())
+                .args(["--cluster-replicas", "0", "--cluster-yes"])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .status()
+                .expect("run redis-cli");
+            if status.success() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        panic!("redis-cli --cluster create failed five times");
+    }
+
+    fn wait_until_ok(&self) {
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(30) {
+            let ok = self.primaries.iter().all(|p| {
+                Command::new("redis-cli")
+                    .args(["-p", &p.port.to_string(), "cluster", "info"])
+                    .output()
+                    .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("cluster_state:ok"))
+            });
+            if ok {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("the cluster did not reach cluster_state:ok within 30 s");
+    }
+
+    /// The index of the primary that serves `key_name` (by `CLUSTER
+    /// KEYSLOT` and the slot ranges `--cluster create` assigns in order).
+    pub fn primary_of(&self, key_name: &str) -> usize {
+        let live = self
+            .primaries
+            .iter()
+            .find(|p| p.is_running())
+            .expect("a live primary");
+        let out = Command::new("redis-cli")
+            .args(["-p", &live.port.to_string(), "cluster", "keyslot", key_name])
+            .output()
+            .expect("redis-cli");
+        let slot: u32 = String::from_utf8_lossy(&out.stdout)
+            .trim()
+            .parse()
+            .expect("a slot number");
+        match slot {
+            0..=5460 => 0,
+            5461..=10922 => 1,
+            _ => 2,
+        }
+    }
+}

@@ -1,0 +1,120 @@
+//! `RedisStore` on a local three-primary Redis Cluster: the store contract,
+//! duplicates across two instances, and a dead shard.
+
+mod common;
+
+use std::time::Duration;
+
+use common::redis_cluster::RedisCluster;
+use common::{Ledger, send};
+use http::StatusCode;
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use tower::Layer;
+use tower_idempotency::key::StoreKey;
+use tower_idempotency::store::{RedisStore, conformance};
+use tower_idempotency::{IdempotencyKey, IdempotencyLayer, Scope};
+
+/// A store on `cluster` through a cluster connection of its own; waiters
+/// are woken through pub/sub on the first primary (cluster pub/sub reaches
+/// every node).
+async fn store_on(cluster: &RedisCluster) -> RedisStore<ClusterConnection> {
+    let client = ClusterClient::builder(cluster.urls())
+        .connection_timeout(Duration::from_millis(500))
+        .response_timeout(Duration::from_millis(500))
+        .retries(1)
+        .build()
+        .expect("cluster client");
+    let conn = client
+        .get_async_connection()
+        .await
+        .expect("cluster connection");
+    let notifications = redis::Client::open(cluster.urls()[0].as_str()).expect("client");
+    RedisStore::with_connection(conn, Some(notifications))
+}
+
+fn request(key: &str) -> http::Request<axum::body::Body> {
+    http::Request::post("/pay")
+        .header("idempotency-key", key)
+        .header("x-gate", "1")
+        .body(axum::body::Body::from(r#"{"amount":100}"#))
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_contract_holds_on_a_cluster() {
+    let Some(cluster) = RedisCluster::start_or_skip("cluster conformance") else {
+        return;
+    };
+    let store = store_on(&cluster).await;
+    conformance::run_all(&store).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_instances_on_a_cluster_execute_32_duplicates_once() {
+    let Some(cluster) = RedisCluster::start_or_skip("cluster duplicates") else {
+        return;
+    };
+    let ledger = Ledger::new();
+    let a = IdempotencyLayer::new(store_on(&cluster).await).layer(ledger.service());
+    let b = IdempotencyLayer::new(store_on(&cluster).await).layer(ledger.service());
+    // The first one executes (and waits at the gate); then 31 duplicates,
+    // alternating instances.
+    let entered = ledger.entered.notified();
+    let first = a.clone();
+    let mut calls = vec![tokio::spawn(
+        async move { send(&first, request("dup")).await },
+    )];
+    entered.await;
+    for i in 1..32 {
+        let svc = if i % 2 == 0 { a.clone() } else { b.clone() };
+        calls.push(tokio::spawn(
+            async move { send(&svc, request("dup")).await },
+        ));
+    }
+    ledger.open(32);
+    let mut bodies = Vec::new();
+    for call in calls {
+        let answer = call.await.unwrap();
+        assert_eq!(answer.status, StatusCode::CREATED);
+        bodies.push(answer.body);
+    }
+    assert!(bodies.iter().all(|b| *b == bodies[0]));
+    assert_eq!(ledger.count(), 1, "one execution across both instances");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_one_primary_dead_its_keys_get_503_and_the_others_keep_working() {
+    let Some(mut cluster) = RedisCluster::start_or_skip("cluster dead shard") else {
+        return;
+    };
+    let store = store_on(&cluster).await;
+    let ledger = Ledger::new();
+    let svc = IdempotencyLayer::new(store.clone()).layer(ledger.service());
+    // One key served by the first primary, one by another.
+    let shard_of = |key: &str| {
+        let store_key = StoreKey::new(
+            &Scope::global(),
+            &IdempotencyKey::parse(key.as_bytes()).unwrap(),
+        );
+        cluster.primary_of(&store.key_name(store_key))
+    };
+    let keys: Vec<String> = (0..200).map(|n| format!("k{n}")).collect();
+    let dead_key = keys.iter().find(|k| shard_of(k) == 0).unwrap().clone();
+    let live_key = keys.iter().find(|k| shard_of(k) != 0).unwrap().clone();
+    cluster.primaries[0].kill();
+    ledger.open(10);
+    let dead = send(&svc, request(&dead_key)).await;
+    assert_eq!(
+        dead.status,
+        StatusCode::SERVICE_UNAVAILABLE,
+        "{}",
+        dead.text()
+    );
+    assert_eq!(ledger.count(), 0, "nothing ran for the dead shard's key");
+    let live = send(&svc, request(&live_key)).await;
+    assert_eq!(live.status, StatusCode::CREATED, "{}", live.text());
+    let again = send(&svc, request(&live_key)).await;
+    assert!(again.replayed());
+    assert_eq!(ledger.count(), 1);
+}
