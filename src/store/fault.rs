@@ -133,6 +133,16 @@ impl<St> FaultStore<St> {
         }
     }
 
+    /// How many calls of `op` still have a fault planned.
+    pub fn planned(&self, op: Operation) -> usize {
+        self.state().planned.get(&op).map_or(0, |faults| {
+            faults
+                .iter()
+                .map(|(_, n)| *n)
+                .fold(0, usize::saturating_add)
+        })
+    }
+
     /// Drops every planned fault.
     pub fn clear(&self) {
         self.state().planned.clear();
