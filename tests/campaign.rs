@@ -169,8 +169,7 @@ fn problem_type(body: &Bytes) -> Option<String> {
 
 /// Runs a campaign over `stores` (one handle per instance, all on one
 /// backend) and checks its history; panics with the seed on a violation.
-async fn campaign<St: Store>(backend: &str, stores: Vec<St>) -> Summary {
-    let plan = Plan::from_env();
+async fn campaign<St: Store>(backend: &str, stores: Vec<St>, plan: &Plan) -> Summary {
     eprintln!(
         "campaign on {backend}: seed {} for {:?} (TOWER_IDEMPOTENCY_CAMPAIGN_SEED={} reproduces the choices)",
         plan.seed, plan.duration, plan.seed
@@ -450,7 +449,8 @@ async fn campaign<St: Store>(backend: &str, stores: Vec<St>) -> Summary {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn at_most_once_holds_under_random_store_faults_on_the_memory_store() {
     let store = MemoryStore::new();
-    let summary = campaign("memory", vec![store.clone(); INSTANCES]).await;
+    let plan = Plan::from_env();
+    let summary = campaign("memory", vec![store.clone(); INSTANCES], &plan).await;
     assert!(
         summary.executions > 0 && summary.replays_verified > 0,
         "{summary:?}"
@@ -468,7 +468,48 @@ async fn at_most_once_holds_under_random_store_faults_on_redis() {
     for _ in 0..INSTANCES {
         stores.push(RedisStore::connect(&server.url()).await.expect("connect"));
     }
-    let summary = campaign("redis", stores).await;
+    let plan = Plan::from_env();
+    // Faults of the server itself, beside the store faults: Redis stops
+    // answering for a while (`CLIENT PAUSE`, `DEBUG SLEEP`) or forgets its
+    // scripts (`SCRIPT FLUSH`). None loses data.
+    let server_faults = {
+        let mut rng = SmallRng::seed_from_u64(plan.seed ^ 0x5e7e);
+        let deadline = Instant::now() + plan.duration;
+        let mut conn = server.conn().await;
+        tokio::spawn(async move {
+            let mut counts: BTreeMap<&'static str, usize> = BTreeMap::new();
+            while Instant::now() < deadline {
+                tokio::time::sleep(Duration::from_millis(rng.random_range(300..1500))).await;
+                let (name, cmd) = match rng.random_range(0..3) {
+                    0 => {
+                        let mut cmd = redis::cmd("CLIENT");
+                        cmd.arg("PAUSE").arg(rng.random_range(50..400)).arg("ALL");
+                        ("CLIENT PAUSE", cmd)
+                    }
+                    1 => {
+                        let mut cmd = redis::cmd("DEBUG");
+                        cmd.arg("SLEEP").arg(0.2);
+                        ("DEBUG SLEEP", cmd)
+                    }
+                    _ => {
+                        let mut cmd = redis::cmd("SCRIPT");
+                        cmd.arg("FLUSH");
+                        ("SCRIPT FLUSH", cmd)
+                    }
+                };
+                if cmd.query_async::<()>(&mut conn).await.is_ok() {
+                    *counts.entry(name).or_default() += 1;
+                }
+            }
+            counts
+        })
+    };
+    let summary = campaign("redis", stores, &plan).await;
+    let server_faults = server_faults.await.expect("the server fault task panicked");
+    eprintln!(
+        "campaign on redis, seed {}: server faults {server_faults:?}",
+        plan.seed
+    );
     assert!(
         summary.executions > 0 && summary.replays_verified > 0,
         "{summary:?}"
