@@ -27,9 +27,10 @@
 //!
 //! Flags: `--addr` (default `127.0.0.1:3000`), `--delay-ms` (simulated
 //! processing time, default 2000), `--no-idempotency` (same routes without
-//! the layer, to measure its cost), `--store memory|redis` and
-//! `--redis-url` (default `redis://127.0.0.1:6379`; needs
-//! `--features redis`). Two instances on two ports sharing one Redis form a
+//! the layer, to measure its cost), `--store memory|redis|redis-cluster`
+//! and `--redis-url` (default `redis://127.0.0.1:6379`, or the cluster's
+//! seed nodes, comma-separated; needs `--features redis` or
+//! `--features redis-cluster`). Two instances on two ports sharing one Redis form a
 //! small fleet:
 //!
 //! ```sh
@@ -73,7 +74,8 @@ struct Args {
     /// Where idempotency records live.
     #[arg(long, value_enum, default_value_t = StoreKind::Memory)]
     store: StoreKind,
-    /// The Redis to use with `--store redis`.
+    /// The Redis to use with `--store redis`; with `--store redis-cluster`,
+    /// the cluster's seed nodes, comma-separated.
     #[arg(long, default_value = "redis://127.0.0.1:6379")]
     redis_url: String,
 }
@@ -84,6 +86,8 @@ enum StoreKind {
     Memory,
     /// Shared by every instance pointed at the same Redis.
     Redis,
+    /// Shared by every instance pointed at the same Redis Cluster.
+    RedisCluster,
 }
 
 #[derive(Debug, Deserialize)]
@@ -237,6 +241,23 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         #[cfg(not(feature = "redis"))]
         StoreKind::Redis => {
             return Err("this build has no Redis support: run with `--features redis`".into());
+        }
+        #[cfg(feature = "redis-cluster")]
+        StoreKind::RedisCluster => {
+            let nodes: Vec<&str> = args.redis_url.split(',').map(str::trim).collect();
+            let store = tower_idempotency::store::RedisStore::builder(nodes[0])
+                .map_err(|e| format!("cannot use Redis Cluster at {}: {e}", args.redis_url))?
+                .build_cluster(&nodes)
+                .await
+                .map_err(|e| format!("cannot use Redis Cluster at {}: {e}", args.redis_url))?;
+            app(&args, guard_with(store))
+        }
+        #[cfg(not(feature = "redis-cluster"))]
+        StoreKind::RedisCluster => {
+            return Err(
+                "this build has no Redis Cluster support: run with `--features redis-cluster`"
+                    .into(),
+            );
         }
     };
     let listener = tokio::net::TcpListener::bind(args.addr)

@@ -77,8 +77,8 @@
 //! |---|---|---|
 //! | `memory` | yes | [`store::MemoryStore`] (moka) |
 //! | `redis` | no | [`store::RedisStore`] |
-//! | `redis-cluster` | no | Redis Cluster connections for `RedisStore::with_connection` |
-//! | `sidecar` | no | [`sidecar`] and the `idempotency-sidecar` binary (implies `memory`, `redis`) |
+//! | `redis-cluster` | no | `RedisStoreBuilder::build_cluster`, and Redis Cluster connections for `RedisStore::with_connection` |
+//! | `sidecar` | no | [`sidecar`] and the `idempotency-sidecar` binary (implies `memory`, `redis`, `redis-cluster`) |
 //! | `metrics` | no | an `idempotency_events_total{outcome}` counter through the `metrics` facade |
 //! | `test-util` | no | [`store::conformance`], the store contract as tests |
 #![cfg_attr(docsrs, feature(doc_cfg))]

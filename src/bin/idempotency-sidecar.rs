@@ -42,11 +42,13 @@ struct Args {
     /// unknown and retries with the key are refused (409).
     #[arg(long, env = "IDEMPOTENCY_UPSTREAM_HARD_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
     upstream_hard_timeout: Duration,
-    /// Where records live: memory (this process only) or redis (shared by
-    /// every sidecar on the same Redis).
+    /// Where records live: memory (this process only), redis (shared by
+    /// every sidecar on the same Redis) or redis-cluster (the same on a
+    /// Redis Cluster).
     #[arg(long, env = "IDEMPOTENCY_STORE", value_enum, default_value_t = StoreKind::Memory)]
     store: StoreKind,
-    /// The Redis to use with --store redis.
+    /// The Redis to use with --store redis; with --store redis-cluster, the
+    /// cluster's seed nodes, comma-separated.
     #[arg(
         long,
         env = "IDEMPOTENCY_REDIS_URL",
@@ -121,6 +123,7 @@ struct Args {
 enum StoreKind {
     Memory,
     Redis,
+    RedisCluster,
 }
 
 /// A duration as `humantime` reads it (`250ms`, `30s`, `1h30m`, `2d`), or a
@@ -255,6 +258,18 @@ async fn start(args: Args) -> Result<(), Box<dyn std::error::Error>> {
             let store = RedisStore::builder(&args.redis_url)?
                 .prefix(args.redis_prefix.clone())
                 .build()
+                .await?;
+            run(args, store).await
+        }
+        StoreKind::RedisCluster => {
+            let nodes: Vec<String> = args
+                .redis_url
+                .split(',')
+                .map(|n| n.trim().to_owned())
+                .collect();
+            let store = RedisStore::builder(&nodes[0])?
+                .prefix(args.redis_prefix.clone())
+                .build_cluster(&nodes)
                 .await?;
             run(args, store).await
         }

@@ -196,11 +196,7 @@ impl RedisStoreBuilder {
     /// Redis is down (guarded requests get 503 until it is back). It then
     /// checks, best effort, that Redis will not evict claims.
     pub async fn build(self) -> Result<RedisStore, StoreError> {
-        if self.prefix.contains(['{', '}']) {
-            return Err(StoreError::new(StoreErrorKind::Unavailable, "configure").with_source(
-                "the key prefix must not contain '{' or '}' (they would pin a Redis Cluster slot)",
-            ));
-        }
+        self.check_prefix()?;
         let config = ConnectionManagerConfig::new()
             .set_connection_timeout(Some(self.op_timeout))
             .set_response_timeout(Some(self.op_timeout))
@@ -217,6 +213,48 @@ impl RedisStoreBuilder {
         let store = RedisStore::assemble(conn, Some(self.client), settings);
         store.warn_if_claims_can_be_evicted().await;
         Ok(store)
+    }
+
+    fn check_prefix(&self) -> Result<(), StoreError> {
+        if self.prefix.contains(['{', '}']) {
+            return Err(StoreError::new(StoreErrorKind::Unavailable, "configure").with_source(
+                "the key prefix must not contain '{' or '}' (they would pin a Redis Cluster slot)",
+            ));
+        }
+        Ok(())
+    }
+
+    /// Builds a store on a Redis Cluster (feature `redis-cluster`), with
+    /// this builder's settings: `nodes` are the cluster's seed nodes (for
+    /// example `redis://127.0.0.1:7000`), and the builder's own URL is the
+    /// node whose pub/sub wakes waiters (pub/sub reaches every node of a
+    /// cluster). Every operation is a single-key script, so each goes to
+    /// the shard that owns its key; a shard that is down makes its keys
+    /// answer 503 while the others keep serving.
+    #[cfg(feature = "redis-cluster")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "redis-cluster")))]
+    pub async fn build_cluster<T: AsRef<str>>(
+        self,
+        nodes: &[T],
+    ) -> Result<RedisStore<redis::cluster_async::ClusterConnection>, StoreError> {
+        self.check_prefix()?;
+        let client = redis::cluster::ClusterClient::builder(nodes.iter().map(|n| n.as_ref()))
+            .connection_timeout(self.op_timeout)
+            .response_timeout(self.op_timeout)
+            .retries(2)
+            .build()
+            .map_err(|e| error("configure", e))?;
+        let conn = tokio::time::timeout(self.op_timeout, client.get_async_connection())
+            .await
+            .map_err(|_| StoreError::new(StoreErrorKind::Timeout, "connect"))?
+            .map_err(|e| error("connect", e))?;
+        let settings = Settings {
+            prefix: self.prefix,
+            op_timeout: self.op_timeout,
+            fallback_check: self.fallback_check,
+            fence_memory: self.fence_memory,
+        };
+        Ok(RedisStore::assemble(conn, Some(self.client), settings))
     }
 }
 
