@@ -51,6 +51,9 @@ const WAIT: Duration = Duration::from_secs(2);
 struct Plan {
     seed: u64,
     duration: Duration,
+    /// How many times the backend lost its data (a Redis restarted empty);
+    /// bumped by whoever restarts it.
+    data_losses: Arc<AtomicU64>,
 }
 
 impl Plan {
@@ -66,6 +69,7 @@ impl Plan {
         Self {
             seed,
             duration: Duration::from_secs(secs),
+            data_losses: Arc::default(),
         }
     }
 }
@@ -76,16 +80,18 @@ struct Execution {
     id: u64,
     fence: u64,
     body: Bytes,
+    /// How many data losses of the backend came before it started.
+    epoch: u64,
     /// Shares the execution's lease state, so the checker sees whether the
     /// lease was lost, even after the handler returned.
     context: tower_idempotency::engine::ExecutionContext,
 }
 
 /// Every execution, per idempotency key, in the order they started.
-#[derive(Default)]
 struct Ledger {
     next: AtomicU64,
     by_key: Mutex<BTreeMap<String, Vec<Execution>>>,
+    data_losses: Arc<AtomicU64>,
 }
 
 impl Ledger {
@@ -122,6 +128,7 @@ async fn handle(
             id,
             fence: info.execution().owner_token().fence(),
             body: body.clone(),
+            epoch: ledger.data_losses.load(Ordering::SeqCst),
             context: info.execution().clone(),
         });
     tokio::time::sleep(Duration::from_millis(delay)).await;
@@ -151,6 +158,7 @@ struct Summary {
     mismatches_refused: usize,
     keys_checked: usize,
     explained_doubles: usize,
+    explained_by: BTreeMap<&'static str, usize>,
 }
 
 fn request(key: &str, body: &'static str, delay_ms: u64) -> Request<Body> {
@@ -174,7 +182,11 @@ async fn campaign<St: Store>(backend: &str, stores: Vec<St>, plan: &Plan) -> Sum
         "campaign on {backend}: seed {} for {:?} (TOWER_IDEMPOTENCY_CAMPAIGN_SEED={} reproduces the choices)",
         plan.seed, plan.duration, plan.seed
     );
-    let ledger = Arc::new(Ledger::default());
+    let ledger = Arc::new(Ledger {
+        next: AtomicU64::new(0),
+        by_key: Mutex::default(),
+        data_losses: plan.data_losses.clone(),
+    });
     let faulty: Vec<FaultStore<St>> = stores.into_iter().map(FaultStore::new).collect();
     let layers: Vec<_> = faulty
         .iter()
@@ -387,19 +399,34 @@ async fn campaign<St: Store>(backend: &str, stores: Vec<St>, plan: &Plan) -> Sum
                     "key {key}: a stale owner's result was kept, not the newest execution's ({ids:?})"
                 ));
             }
-            if runs[..runs.len() - 1]
-                .iter()
-                .all(|r| r.context.lease_lost())
-            {
-                eprintln!(
-                    "key {key} executed {} times (ids {ids:?}): explained, the earlier lease was lost",
-                    runs.len()
-                );
+            // Or when the backend lost its data between the two (Redis
+            // restarted empty: the README's "as safe as your Redis").
+            let explained_by = |pair: &[Execution]| {
+                if pair[0].context.lease_lost() {
+                    Some("the earlier lease was lost")
+                } else if pair[1].epoch > pair[0].epoch {
+                    Some("Redis restarted empty between them")
+                } else {
+                    None
+                }
+            };
+            let causes: Option<Vec<&str>> = runs.windows(2).map(explained_by).collect();
+            if let Some(causes) = causes {
+                if summary.explained_doubles < 5 {
+                    eprintln!(
+                        "key {key} executed {} times (ids {ids:?}): explained, {}",
+                        runs.len(),
+                        causes.join("; ")
+                    );
+                }
+                for cause in causes {
+                    *summary.explained_by.entry(cause).or_default() += 1;
+                }
                 summary.explained_doubles += 1;
                 explained.insert(key.as_str());
             } else {
                 problems.push(format!(
-                    "key {key} executed {} times (ids {ids:?}) with no lease lost",
+                    "key {key} executed {} times (ids {ids:?}) with no lease lost and no data lost",
                     runs.len()
                 ));
             }
@@ -470,23 +497,39 @@ async fn at_most_once_holds_under_random_store_faults_on_redis() {
     }
     let plan = Plan::from_env();
     // Faults of the server itself, beside the store faults: Redis stops
-    // answering for a while (`CLIENT PAUSE`, `DEBUG SLEEP`) or forgets its
-    // scripts (`SCRIPT FLUSH`). None loses data.
+    // answering for a while (`CLIENT PAUSE`, `DEBUG SLEEP`), forgets its
+    // scripts (`SCRIPT FLUSH`), or is killed and restarted empty.
     let server_faults = {
         let mut rng = SmallRng::seed_from_u64(plan.seed ^ 0x5e7e);
         let deadline = Instant::now() + plan.duration;
-        let mut conn = server.conn().await;
+        let data_losses = plan.data_losses.clone();
+        let mut server = server;
         tokio::spawn(async move {
+            let mut conn = server.conn().await;
             let mut counts: BTreeMap<&'static str, usize> = BTreeMap::new();
             while Instant::now() < deadline {
                 tokio::time::sleep(Duration::from_millis(rng.random_range(300..1500))).await;
-                let (name, cmd) = match rng.random_range(0..3) {
+                let (name, cmd) = match rng.random_range(0..8) {
                     0 => {
+                        // `kill -9` and a restart without persistence: every
+                        // record and claim is lost.
+                        data_losses.fetch_add(1, Ordering::SeqCst);
+                        server = tokio::task::spawn_blocking(move || {
+                            server.restart();
+                            server
+                        })
+                        .await
+                        .expect("restart");
+                        conn = server.conn().await;
+                        *counts.entry("kill -9 and restart empty").or_default() += 1;
+                        continue;
+                    }
+                    1..=3 => {
                         let mut cmd = redis::cmd("CLIENT");
                         cmd.arg("PAUSE").arg(rng.random_range(50..400)).arg("ALL");
                         ("CLIENT PAUSE", cmd)
                     }
-                    1 => {
+                    4 | 5 => {
                         let mut cmd = redis::cmd("DEBUG");
                         cmd.arg("SLEEP").arg(0.2);
                         ("DEBUG SLEEP", cmd)
@@ -501,11 +544,11 @@ async fn at_most_once_holds_under_random_store_faults_on_redis() {
                     *counts.entry(name).or_default() += 1;
                 }
             }
-            counts
+            (counts, server)
         })
     };
     let summary = campaign("redis", stores, &plan).await;
-    let server_faults = server_faults.await.expect("the server fault task panicked");
+    let (server_faults, _server) = server_faults.await.expect("the server fault task panicked");
     eprintln!(
         "campaign on redis, seed {}: server faults {server_faults:?}",
         plan.seed
