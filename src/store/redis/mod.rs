@@ -135,6 +135,8 @@ impl Scripts {
     }
 }
 
+/// What a store is configured with, beside its connection.
+#[derive(Debug, Clone)]
 struct Settings {
     prefix: String,
     op_timeout: Duration,
@@ -157,38 +159,35 @@ impl Default for Settings {
 #[derive(Debug, Clone)]
 pub struct RedisStoreBuilder {
     client: redis::Client,
-    prefix: String,
-    op_timeout: Duration,
-    fallback_check: Duration,
-    fence_memory: Duration,
+    settings: Settings,
 }
 
 impl RedisStoreBuilder {
     /// The prefix of every key name and of the channel (default `idem`).
     /// It must not contain `{` or `}` (they would pin a Cluster slot).
     pub fn prefix(mut self, prefix: impl Into<String>) -> Self {
-        self.prefix = prefix.into();
+        self.settings.prefix = prefix.into();
         self
     }
 
     /// The bound on each Redis command (default 500 ms, at least 1 ms). A
     /// command that takes longer fails as [`StoreErrorKind::Timeout`].
     pub fn operation_timeout(mut self, timeout: Duration) -> Self {
-        self.op_timeout = timeout.max(Duration::from_millis(1));
+        self.settings.op_timeout = timeout.max(Duration::from_millis(1));
         self
     }
 
     /// How often a waiter re-checks its key when no notification came
     /// (default 1 s, at least 10 ms).
     pub fn fallback_check(mut self, interval: Duration) -> Self {
-        self.fallback_check = interval.max(Duration::from_millis(10));
+        self.settings.fallback_check = interval.max(Duration::from_millis(10));
         self
     }
 
     /// How long a key's record (and so its fence) is kept after a claim that
     /// never completed (default 24 h). Keep it at least the layer's retention.
     pub fn fence_memory(mut self, keep: Duration) -> Self {
-        self.fence_memory = keep;
+        self.settings.fence_memory = keep;
         self
     }
 
@@ -198,25 +197,19 @@ impl RedisStoreBuilder {
     pub async fn build(self) -> Result<RedisStore, StoreError> {
         self.check_prefix()?;
         let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(self.op_timeout))
-            .set_response_timeout(Some(self.op_timeout))
+            .set_connection_timeout(Some(self.settings.op_timeout))
+            .set_response_timeout(Some(self.settings.op_timeout))
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_secs(1));
         let conn = ConnectionManager::new_lazy_with_config(self.client.clone(), config)
             .map_err(|e| error("connect", e))?;
-        let settings = Settings {
-            prefix: self.prefix,
-            op_timeout: self.op_timeout,
-            fallback_check: self.fallback_check,
-            fence_memory: self.fence_memory,
-        };
-        let store = RedisStore::assemble(conn, Some(self.client), settings);
+        let store = RedisStore::assemble(conn, Some(self.client), self.settings);
         store.warn_if_claims_can_be_evicted().await;
         Ok(store)
     }
 
     fn check_prefix(&self) -> Result<(), StoreError> {
-        if self.prefix.contains(['{', '}']) {
+        if self.settings.prefix.contains(['{', '}']) {
             return Err(StoreError::new(StoreErrorKind::Unavailable, "configure").with_source(
                 "the key prefix must not contain '{' or '}' (they would pin a Redis Cluster slot)",
             ));
@@ -239,22 +232,16 @@ impl RedisStoreBuilder {
     ) -> Result<RedisStore<redis::cluster_async::ClusterConnection>, StoreError> {
         self.check_prefix()?;
         let client = redis::cluster::ClusterClient::builder(nodes.iter().map(|n| n.as_ref()))
-            .connection_timeout(self.op_timeout)
-            .response_timeout(self.op_timeout)
+            .connection_timeout(self.settings.op_timeout)
+            .response_timeout(self.settings.op_timeout)
             .retries(2)
             .build()
             .map_err(|e| error("configure", e))?;
-        let conn = tokio::time::timeout(self.op_timeout, client.get_async_connection())
+        let conn = tokio::time::timeout(self.settings.op_timeout, client.get_async_connection())
             .await
             .map_err(|_| StoreError::new(StoreErrorKind::Timeout, "connect"))?
             .map_err(|e| error("connect", e))?;
-        let settings = Settings {
-            prefix: self.prefix,
-            op_timeout: self.op_timeout,
-            fallback_check: self.fallback_check,
-            fence_memory: self.fence_memory,
-        };
-        Ok(RedisStore::assemble(conn, Some(self.client), settings))
+        Ok(RedisStore::assemble(conn, Some(self.client), self.settings))
     }
 }
 
@@ -286,10 +273,7 @@ impl RedisStore {
     pub fn builder_for(client: redis::Client) -> RedisStoreBuilder {
         RedisStoreBuilder {
             client,
-            prefix: DEFAULT_PREFIX.to_owned(),
-            op_timeout: DEFAULT_OPERATION_TIMEOUT,
-            fallback_check: DEFAULT_FALLBACK_CHECK,
-            fence_memory: DEFAULT_FENCE_MEMORY,
+            settings: Settings::default(),
         }
     }
 }
