@@ -84,13 +84,7 @@ async fn two_instances_on_a_cluster_execute_32_duplicates_once() {
         ));
     }
     ledger.open(32);
-    let mut bodies = Vec::new();
-    for call in calls {
-        let answer = call.await.unwrap();
-        assert_eq!(answer.status, StatusCode::CREATED);
-        bodies.push(answer.body);
-    }
-    assert!(bodies.iter().all(|b| *b == bodies[0]));
+    common::all_created_alike(calls).await;
     assert_eq!(ledger.count(), 1, "one execution across both instances");
 }
 

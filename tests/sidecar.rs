@@ -203,13 +203,7 @@ async fn thirty_two_concurrent_duplicates_execute_upstream_once() {
     let calls: Vec<_> = (0..32)
         .map(|_| tokio::spawn(post_to(car.addr, "dup", "{}", 300)))
         .collect();
-    let mut bodies = Vec::new();
-    for call in calls {
-        let a = call.await.unwrap();
-        assert_eq!(a.status, StatusCode::CREATED);
-        bodies.push(a.body);
-    }
-    assert!(bodies.iter().all(|b| *b == bodies[0]));
+    common::all_created_alike(calls).await;
     assert_eq!(up.executions.load(Ordering::SeqCst), 1);
     car.shutdown().await;
 }
@@ -445,13 +439,7 @@ async fn two_sidecars_sharing_redis_execute_upstream_once() {
             ))
         })
         .collect();
-    let mut bodies = Vec::new();
-    for call in calls {
-        let answer = call.await.unwrap();
-        assert_eq!(answer.status, StatusCode::CREATED);
-        bodies.push(answer.body);
-    }
-    assert!(bodies.iter().all(|b| *b == bodies[0]));
+    common::all_created_alike(calls).await;
     assert_eq!(up.executions.load(Ordering::SeqCst), 1);
     a.shutdown().await;
     b.shutdown().await;

@@ -355,6 +355,18 @@ where
     }
 }
 
+/// Awaits duplicate calls: every one must answer 201, all with the same
+/// body.
+pub async fn all_created_alike(calls: Vec<tokio::task::JoinHandle<Answer>>) {
+    let mut bodies = Vec::new();
+    for call in calls {
+        let answer = call.await.expect("a call panicked");
+        assert_eq!(answer.status, StatusCode::CREATED);
+        bodies.push(answer.body);
+    }
+    assert!(bodies.iter().all(|b| *b == bodies[0]));
+}
+
 /// Sends one request through a clone of the service.
 pub async fn send<Svc>(svc: &Svc, req: Request<Body>) -> Answer
 where
