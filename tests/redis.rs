@@ -658,3 +658,168 @@ async fn claims_that_never_reached_redis_queue_no_release() {
         "only the {timed_out} timed-out claims queue a release, not the {refused} refused"
     );
 }
+
+/// A store whose connections go through a [`FaultProxy`] to `server`.
+async fn store_through_proxy(
+    server: &RedisServer,
+    timeout: Duration,
+) -> (RedisStore, common::fault_proxy::FaultProxy) {
+    let proxy = common::fault_proxy::FaultProxy::start(server.addr())
+        .await
+        .expect("start the proxy");
+    let store = RedisStore::builder(&proxy.redis_url())
+        .unwrap()
+        .operation_timeout(timeout)
+        .build()
+        .await
+        .unwrap();
+    warm_up(&store).await;
+    (store, proxy)
+}
+
+/// How long until a claim of a new key succeeds, or `None` after `limit`.
+async fn first_claim_within(store: &RedisStore, limit: Duration) -> Option<Duration> {
+    let started = std::time::Instant::now();
+    let mut n = 0u32;
+    while started.elapsed() < limit {
+        n += 1;
+        let key = StoreKey::from_parts(b"", format!("probe-{n}").as_bytes());
+        if store
+            .claim(key, Fingerprint::of_bytes(b"x"), Duration::from_secs(30))
+            .await
+            .is_ok()
+        {
+            return Some(started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    None
+}
+
+/// A half-open connection (the server's side is gone, the client's never
+/// hears of it) never answers and never fails: every command on it times
+/// out. The store must notice and open a new connection, not time out
+/// forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_open_connection_is_replaced_after_its_commands_time_out() {
+    let Some(server) = redis_or_skip("half-open") else {
+        return;
+    };
+    let timeout = Duration::from_millis(200);
+    let (store, proxy) = store_through_proxy(&server, timeout).await;
+    let connections = proxy.accepted();
+    proxy.half_open();
+    let key = StoreKey::from_parts(b"", b"during");
+    let e = store
+        .claim(key, Fingerprint::of_bytes(b"x"), Duration::from_secs(30))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), StoreErrorKind::Timeout, "{e}");
+    let recovered = first_claim_within(&store, Duration::from_secs(5)).await;
+    assert!(
+        recovered.is_some(),
+        "every command still times out 5 s after the connection went half-open"
+    );
+    assert!(
+        proxy.accepted() > connections,
+        "a new connection was opened"
+    );
+}
+
+/// Dropped connections cost the commands on them, and the next ones
+/// reconnect.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_connections_are_reopened() {
+    let Some(server) = redis_or_skip("dropped connections") else {
+        return;
+    };
+    let (store, proxy) = store_through_proxy(&server, Duration::from_millis(300)).await;
+    for _ in 0..3 {
+        proxy.drop_connections();
+        let took = first_claim_within(&store, Duration::from_secs(5)).await;
+        assert!(
+            took.is_some(),
+            "no claim succeeded after the connections dropped"
+        );
+    }
+}
+
+/// A black hole: the commands sent into it time out (bounded, 503), and
+/// when it ends their bytes arrive late. The late replies must not be
+/// taken for the answers of later commands: each claim gets its own reply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_black_hole_times_out_and_its_late_replies_answer_nobody_else() {
+    let Some(server) = redis_or_skip("black hole") else {
+        return;
+    };
+    let timeout = Duration::from_millis(200);
+    let (store, proxy) = store_through_proxy(&server, timeout).await;
+    let fp = Fingerprint::of_bytes(b"x");
+    let lease = Duration::from_secs(30);
+    proxy.set_black_hole(true);
+    for i in 0..3 {
+        let key = StoreKey::from_parts(b"", format!("held-{i}").as_bytes());
+        let started = std::time::Instant::now();
+        let e = store.claim(key, fp, lease).await.unwrap_err();
+        assert_eq!(e.kind(), StoreErrorKind::Timeout, "{e}");
+        assert!(started.elapsed() < timeout * 3, "bounded by the timeout");
+    }
+    proxy.set_black_hole(false);
+    // Each key claimed now is acquired once, with a fence of its own, and
+    // a second claim sees it in flight: no reply went to the wrong caller.
+    let mut fences = std::collections::HashSet::new();
+    for i in 0..20 {
+        let key = StoreKey::from_parts(b"", format!("after-{i}").as_bytes());
+        let token = loop {
+            match store.claim(key, fp, lease).await {
+                Ok(Claim::Acquired(token)) => break token,
+                Ok(other) => panic!("a new key answered {other:?}"),
+                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+            }
+        };
+        assert!(fences.insert(token.fence()), "fences are unique");
+        assert!(
+            matches!(
+                store.claim(key, fp, lease).await,
+                Ok(Claim::InFlight { .. })
+            ),
+            "the second claim of after-{i} sees it in flight"
+        );
+    }
+}
+
+/// Latency under the timeout slows the store down and changes nothing
+/// else; latency over it makes commands time out until it goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn latency_slows_commands_and_past_the_timeout_fails_them_until_it_goes() {
+    let Some(server) = redis_or_skip("latency") else {
+        return;
+    };
+    let timeout = Duration::from_millis(300);
+    let (store, proxy) = store_through_proxy(&server, timeout).await;
+    let fp = Fingerprint::of_bytes(b"x");
+    proxy.set_latency(Duration::from_millis(40));
+    let key = StoreKey::from_parts(b"", b"slow");
+    let started = std::time::Instant::now();
+    assert!(matches!(
+        store.claim(key, fp, Duration::from_secs(30)).await,
+        Ok(Claim::Acquired(_))
+    ));
+    assert!(started.elapsed() >= Duration::from_millis(80), "both ways");
+    proxy.set_latency(timeout * 2);
+    let e = store
+        .claim(
+            StoreKey::from_parts(b"", b"too-slow"),
+            fp,
+            Duration::from_secs(30),
+        )
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), StoreErrorKind::Timeout, "{e}");
+    proxy.heal();
+    assert!(
+        first_claim_within(&store, Duration::from_secs(5))
+            .await
+            .is_some()
+    );
+}

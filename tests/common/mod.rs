@@ -1,12 +1,15 @@
 //! The support module of every test and bench target: a ledger service, a
 //! fault-injecting store, a server (here); a throwaway `redis-server`
-//! (`redis_server`); a counting allocator and floods of records (`heap`);
+//! (`redis_server`) and a TCP proxy that breaks the network on command
+//! (`fault_proxy`); a counting allocator and floods of records (`heap`);
 //! the gRPC demo's service (`grpc_service`, from `examples/`).
 //!
 //! Every target includes it the same way: `mod common;` in `tests/`, and
 //! `#[path = "../tests/common/mod.rs"] mod common;` in `benches/`.
 #![allow(dead_code)]
 
+#[cfg(feature = "redis")]
+pub mod fault_proxy;
 #[path = "../../examples/grpc_payments/service.rs"]
 pub mod grpc_service;
 pub mod heap;

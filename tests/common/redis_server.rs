@@ -93,6 +93,11 @@ impl RedisServer {
         panic!("redis-server did not start on port {}", self.port);
     }
 
+    /// The server's address.
+    pub fn addr(&self) -> std::net::SocketAddr {
+        std::net::SocketAddr::from(([127, 0, 0, 1], self.port))
+    }
+
     pub fn url(&self) -> String {
         format!("redis://127.0.0.1:{}", self.port)
     }

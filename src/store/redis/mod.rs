@@ -1,6 +1,7 @@
 //! [`RedisStore`]: one guarantee across every process that shares a Redis.
 
 mod abandon;
+mod connection;
 mod notify;
 mod scripts;
 
@@ -14,6 +15,7 @@ use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisError, Script, Value};
 
 use self::abandon::{Abandoner, Attempt, Lost};
+use self::connection::{Connection, Reopen};
 use self::notify::Notifier;
 use super::{Claim, CompletedRecord, LeaseStatus, OwnerToken, Store, StoreError, StoreErrorKind};
 use crate::fingerprint::Fingerprint;
@@ -99,7 +101,7 @@ impl<C> std::fmt::Debug for RedisStore<C> {
 }
 
 struct Inner<C> {
-    conn: C,
+    conn: Connection<C>,
     prefix: String,
     channel: String,
     op_timeout: Duration,
@@ -201,8 +203,14 @@ impl RedisStoreBuilder {
             .set_response_timeout(Some(self.settings.op_timeout))
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_secs(1));
-        let conn = ConnectionManager::new_lazy_with_config(self.client.clone(), config)
+        let conn = ConnectionManager::new_lazy_with_config(self.client.clone(), config.clone())
             .map_err(|e| error("connect", e))?;
+        let client = self.client.clone();
+        let reopen: Reopen<ConnectionManager> = Arc::new(move || {
+            let (client, config) = (client.clone(), config.clone());
+            Box::pin(async move { ConnectionManager::new_lazy_with_config(client, config) })
+        });
+        let conn = Connection::new(conn, Some(reopen));
         let store = RedisStore::assemble(conn, Some(self.client), self.settings);
         store.warn_if_claims_can_be_evicted().await;
         Ok(store)
@@ -237,10 +245,23 @@ impl RedisStoreBuilder {
             .retries(2)
             .build()
             .map_err(|e| error("configure", e))?;
-        let conn = tokio::time::timeout(self.settings.op_timeout, client.get_async_connection())
+        let connect_timeout = self.settings.op_timeout;
+        let conn = tokio::time::timeout(connect_timeout, client.get_async_connection())
             .await
             .map_err(|_| StoreError::new(StoreErrorKind::Timeout, "connect"))?
             .map_err(|e| error("connect", e))?;
+        let reopen: Reopen<redis::cluster_async::ClusterConnection> = Arc::new(move || {
+            let client = client.clone();
+            Box::pin(async move {
+                match tokio::time::timeout(connect_timeout, client.get_async_connection()).await {
+                    Ok(conn) => conn,
+                    Err(_) => Err(RedisError::from(std::io::Error::from(
+                        std::io::ErrorKind::TimedOut,
+                    ))),
+                }
+            })
+        });
+        let conn = Connection::new(conn, Some(reopen));
         Ok(RedisStore::assemble(conn, Some(self.client), self.settings))
     }
 }
@@ -286,11 +307,20 @@ where
     /// cluster connection, …), with the default prefix and timeout.
     /// `notifications` is the client whose pub/sub connection wakes waiters;
     /// without one, waiters rely on the fallback check alone.
+    ///
+    /// The store cannot open another such connection: if yours goes
+    /// half-open, its commands time out until it recovers by itself (the
+    /// stores [`RedisStore::builder`] builds open a new connection after two
+    /// timeouts in a row).
     pub fn with_connection(conn: C, notifications: Option<redis::Client>) -> Self {
-        Self::assemble(conn, notifications, Settings::default())
+        Self::assemble(
+            Connection::new(conn, None),
+            notifications,
+            Settings::default(),
+        )
     }
 
-    fn assemble(conn: C, client: Option<redis::Client>, settings: Settings) -> Self {
+    fn assemble(conn: Connection<C>, client: Option<redis::Client>, settings: Settings) -> Self {
         let Settings {
             prefix,
             op_timeout,
@@ -350,25 +380,48 @@ where
         op: &'static str,
         invocation: redis::ScriptInvocation<'_>,
     ) -> Result<Value, Failure> {
-        let mut conn = self.inner.conn.clone();
+        let mut conn = self.inner.conn.get();
         match tokio::time::timeout(
             self.inner.op_timeout,
             invocation.invoke_async::<Value>(&mut conn),
         )
         .await
         {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(e)) => Err(Failure {
-                // Refused connections never carried the command, and Redis
-                // answers an error only for a script it did not run or
-                // that failed before its first write (they validate first).
-                unapplied: e.is_connection_refusal() || e.code().is_some(),
-                error: error(op, e),
-            }),
-            Err(_) => Err(Failure {
-                error: StoreError::new(StoreErrorKind::Timeout, op),
-                unapplied: false,
-            }),
+            Ok(Ok(value)) => {
+                self.inner.conn.answered();
+                Ok(value)
+            }
+            Ok(Err(e)) => {
+                if e.code().is_some() {
+                    self.inner.conn.answered();
+                } else if e.is_timeout() {
+                    self.timed_out();
+                }
+                Err(Failure {
+                    // Refused connections never carried the command, and Redis
+                    // answers an error only for a script it did not run or
+                    // that failed before its first write (they validate first).
+                    unapplied: e.is_connection_refusal() || e.code().is_some(),
+                    error: error(op, e),
+                })
+            }
+            Err(_) => {
+                self.timed_out();
+                Err(Failure {
+                    error: StoreError::new(StoreErrorKind::Timeout, op),
+                    unapplied: false,
+                })
+            }
+        }
+    }
+
+    /// A command timed out: after a few in a row the connection may be
+    /// half-open, and a new one is opened (and a new subscription with it).
+    fn timed_out(&self) {
+        if self.inner.conn.timed_out() {
+            if let Some(notifier) = &self.inner.notifier {
+                notifier.resubscribe();
+            }
         }
     }
 
@@ -433,7 +486,7 @@ where
     }
 
     async fn warn_if_claims_can_be_evicted(&self) {
-        let mut conn = self.inner.conn.clone();
+        let mut conn = self.inner.conn.get();
         let mut cmd = redis::cmd("CONFIG");
         cmd.arg("GET").arg("maxmemory-policy");
         let query = cmd.query_async::<Vec<String>>(&mut conn);

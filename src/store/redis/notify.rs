@@ -96,6 +96,18 @@ impl Notifier {
         }
     }
 
+    /// Drops the subscription (its connection may be half-open), so that the
+    /// next wait opens a new one at once. Best effort: skipped while a
+    /// subscription is being opened.
+    pub(super) fn resubscribe(&self) {
+        if let Ok(mut dispatcher) = self.dispatcher.try_lock() {
+            if let Some(task) = dispatcher.task.take() {
+                task.abort();
+            }
+            dispatcher.last_attempt = None;
+        }
+    }
+
     async fn ensure_subscribed(&self) {
         let mut dispatcher = self.dispatcher.lock().await;
         if dispatcher.task.as_ref().is_some_and(|t| !t.is_finished()) {
