@@ -418,10 +418,10 @@ where
     /// A command timed out: after a few in a row the connection may be
     /// half-open, and a new one is opened (and a new subscription with it).
     fn timed_out(&self) {
-        if self.inner.conn.timed_out() {
-            if let Some(notifier) = &self.inner.notifier {
-                notifier.resubscribe();
-            }
+        if self.inner.conn.timed_out()
+            && let Some(notifier) = &self.inner.notifier
+        {
+            notifier.resubscribe();
         }
     }
 
