@@ -264,7 +264,7 @@ type Instances<St> = Arc<Vec<Mutex<Instance<St>>>>;
 /// Runs a campaign over `INSTANCES` instances, each with a store handle from
 /// `connect` (all on one backend), and checks its history; panics with the
 /// seed on a violation.
-async fn campaign<St: Store>(backend: &str, connect: Connect<St>, plan: &Plan) -> Summary {
+async fn campaign<St: Store>(backend: &str, connect: Connect<St>, plan: &Plan) {
     eprintln!(
         "campaign on {backend}: seed {} for {:?} (TOWER_IDEMPOTENCY_CAMPAIGN_SEED={} reproduces the choices)",
         plan.seed, plan.duration, plan.seed
@@ -611,6 +611,9 @@ async fn campaign<St: Store>(backend: &str, connect: Connect<St>, plan: &Plan) -
         }
     }
     eprintln!("campaign on {backend}, seed {}: {summary:#?}", plan.seed);
+    if summary.executions == 0 || summary.replays_verified == 0 {
+        problems.push(format!("nothing was executed or replayed: {summary:?}"));
+    }
     problems.dedup();
     problems.truncate(20);
     assert!(
@@ -619,7 +622,6 @@ async fn campaign<St: Store>(backend: &str, connect: Connect<St>, plan: &Plan) -
         plan.seed,
         problems.join("\n")
     );
-    summary
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -630,11 +632,7 @@ async fn at_most_once_holds_under_random_store_faults_on_the_memory_store() {
         let store = store.clone();
         Box::pin(async move { store })
     });
-    let summary = campaign("memory", connect, &plan).await;
-    assert!(
-        summary.executions > 0 && summary.replays_verified > 0,
-        "{summary:?}"
-    );
+    campaign("memory", connect, &plan).await;
 }
 
 #[cfg(feature = "redis")]
@@ -683,23 +681,17 @@ async fn redis_campaign(
         Box::pin(async move { RedisStore::connect(&url).await.expect("connect") })
     });
     let plan = Plan::from_env();
-    let deadline = Instant::now() + plan.duration;
     let server_faults = server_faults(server, &plan, persistent);
     // The proxies outlive the fault task: the liveness check needs them.
     let network_faults = network_faults(proxies.clone(), &plan);
-    let summary = campaign(backend, connect, &plan).await;
+    campaign(backend, connect, &plan).await;
     let (server_faults, _server) = server_faults.await.expect("the server fault task panicked");
     let network_faults = network_faults
         .await
         .expect("the network fault task panicked");
-    assert!(Instant::now() >= deadline);
     eprintln!(
         "campaign on {backend}, seed {}: server faults {server_faults:?}, network faults {network_faults:?}",
         plan.seed
-    );
-    assert!(
-        summary.executions > 0 && summary.replays_verified > 0,
-        "{summary:?}"
     );
 }
 
@@ -866,14 +858,10 @@ async fn at_most_once_holds_under_random_faults_on_redis_cluster() {
             counts
         })
     };
-    let summary = campaign("redis cluster", connect, &plan).await;
+    campaign("redis cluster", connect, &plan).await;
     let node_faults = node_faults.await.expect("the node fault task panicked");
     eprintln!(
         "campaign on redis cluster, seed {}: node faults {node_faults:?}",
         plan.seed
-    );
-    assert!(
-        summary.executions > 0 && summary.replays_verified > 0,
-        "{summary:?}"
     );
 }
