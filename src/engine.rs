@@ -135,6 +135,12 @@ pub enum EngineError<E> {
     /// The store failed; nothing was executed.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// An earlier execution committed its effect and its outcome is
+    /// unknown ([`Claim::OutcomeUnknown`]); nothing was executed.
+    #[error(
+        "an earlier execution with this idempotency key committed its effect; its outcome is unknown"
+    )]
+    OutcomeUnknown,
 }
 
 /// Runs operations at most once per key over a [`Store`]. See the
@@ -320,7 +326,13 @@ impl<St: Store> Engine<St> {
                     }
                     coalesced = true;
                 }
-                Claim::Completed(_) | Claim::InFlight { .. } => {
+                Claim::OutcomeUnknown {
+                    fingerprint: theirs,
+                } if theirs == fingerprint => {
+                    observe::event(Event::OutcomeUnknown, &key, None);
+                    return Err(EngineError::OutcomeUnknown);
+                }
+                Claim::Completed(_) | Claim::InFlight { .. } | Claim::OutcomeUnknown { .. } => {
                     observe::event(Event::Mismatch, &key, None);
                     return Err(EngineError::Mismatch);
                 }

@@ -32,6 +32,8 @@ pub(crate) enum Event {
     CompletionFailed,
     /// The store failed and the request ran unguarded (fail-open).
     FailedOpen,
+    /// An earlier execution committed its effect and its outcome is unknown.
+    OutcomeUnknown,
 }
 
 impl Event {
@@ -48,6 +50,7 @@ impl Event {
             Event::StoreError => "store_error",
             Event::CompletionFailed => "completion_failed",
             Event::FailedOpen => "failed_open",
+            Event::OutcomeUnknown => "outcome_unknown",
         }
     }
 }

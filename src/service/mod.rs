@@ -261,6 +261,9 @@ where
                     Problem::new(ProblemKind::InFlight).retry_after(config.retry_after),
                 ));
             }
+            Err(EngineError::OutcomeUnknown) => {
+                return Ok(refuse(grpc, Problem::new(ProblemKind::OutcomeUnknown)));
+            }
             Err(EngineError::Store(e)) if e.kind() == StoreErrorKind::Corrupt => {
                 return Ok(refused(grpc, ProblemKind::RecordUnreadable, None));
             }

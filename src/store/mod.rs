@@ -46,6 +46,16 @@ pub use self::redis::{
     RedisStore, RedisStoreBuilder,
 };
 
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub mod postgres;
+#[cfg(feature = "postgres")]
+#[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
+pub use self::postgres::{FenceError, PostgresStore, PostgresStoreBuilder};
+
+#[cfg(any(feature = "redis", feature = "postgres"))]
+mod wakers;
+
 #[cfg(feature = "test-util")]
 #[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
 pub mod conformance;
@@ -112,6 +122,16 @@ pub enum Claim {
     },
     /// The key completed within the retention window.
     Completed(CompletedRecord),
+    /// An execution committed its effect (a store that fences the
+    /// handler's own transaction, such as `PostgresStore::fence`) and then
+    /// lost its lease without storing its outcome: what it answered is
+    /// unknown, and the key must not run again. The layer answers 409
+    /// `OutcomeUnknown`; if the execution stores its outcome late, later
+    /// claims replay it.
+    OutcomeUnknown {
+        /// The fingerprint the execution claimed with.
+        fingerprint: Fingerprint,
+    },
 }
 
 /// Whether a fenced operation still found the caller's claim.

@@ -13,6 +13,8 @@ pub mod fault_proxy;
 #[path = "../../examples/grpc_payments/service.rs"]
 pub mod grpc_service;
 pub mod heap;
+#[cfg(feature = "postgres")]
+pub mod postgres;
 #[cfg(feature = "redis-cluster")]
 pub mod redis_cluster;
 #[cfg(feature = "redis")]
@@ -504,4 +506,27 @@ where
     let handle = tokio::spawn(async move { send(&svc, gated).await });
     entered.await;
     handle
+}
+
+/// Prints past the test harness's output capture (which swallows what a
+/// passing test prints), so a skip is never silent.
+pub fn say_skipped(line: &str) {
+    use std::io::Write;
+    match std::fs::OpenOptions::new().write(true).open("/dev/stderr") {
+        Ok(mut stderr) => {
+            let _ = writeln!(stderr, "{line}");
+        }
+        Err(_) => eprintln!("{line}"),
+    }
+}
+
+pub fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    listener.local_addr().expect("addr").port()
+}
+
+pub fn unique() -> u64 {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    N.fetch_add(1, Ordering::Relaxed)
 }

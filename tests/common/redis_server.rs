@@ -7,6 +7,8 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
+use super::{free_port, say_skipped, unique};
+
 pub struct RedisServer {
     child: Option<Child>,
     pub port: u16,
@@ -200,27 +202,4 @@ pub fn missing(test: &str, tool: &str) -> Option<()> {
         "SKIPPED {test}: {tool} is not on the PATH (install redis-server and redis-tools to run the Redis tests)"
     ));
     None
-}
-
-/// Prints past the test harness's output capture (which swallows what a
-/// passing test prints), so a skip is never silent.
-fn say_skipped(line: &str) {
-    use std::io::Write;
-    match std::fs::OpenOptions::new().write(true).open("/dev/stderr") {
-        Ok(mut stderr) => {
-            let _ = writeln!(stderr, "{line}");
-        }
-        Err(_) => eprintln!("{line}"),
-    }
-}
-
-fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind");
-    listener.local_addr().expect("addr").port()
-}
-
-fn unique() -> u64 {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static N: AtomicU64 = AtomicU64::new(0);
-    N.fetch_add(1, Ordering::Relaxed)
 }

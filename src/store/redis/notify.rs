@@ -7,23 +7,21 @@
 //! also wake at their fallback check and at the end of the lease they wait
 //! on. When the subscription breaks, the next wait opens a new one.
 
-use std::collections::HashMap;
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use tokio::sync::Notify;
 use tokio::task::JoinHandle;
 use tokio::time::Instant;
 
-type Waiters = Mutex<HashMap<String, Weak<Notify>>>;
+use crate::store::wakers::{Registration, Wakers};
 
 pub(super) struct Notifier {
     client: redis::Client,
     channel: String,
     connect_timeout: Duration,
     retry_every: Duration,
-    waiters: Arc<Waiters>,
+    waiters: Arc<Wakers>,
     dispatcher: tokio::sync::Mutex<Dispatcher>,
 }
 
@@ -31,30 +29,6 @@ pub(super) struct Notifier {
 struct Dispatcher {
     task: Option<JoinHandle<()>>,
     last_attempt: Option<Instant>,
-}
-
-/// A waiter's interest in one key; dropping it forgets the key when it was
-/// the last one.
-pub(super) struct Registration {
-    notify: Arc<Notify>,
-    name: String,
-    waiters: Arc<Waiters>,
-}
-
-impl Registration {
-    pub(super) fn notified(&self) -> tokio::sync::futures::Notified<'_> {
-        self.notify.notified()
-    }
-}
-
-impl Drop for Registration {
-    fn drop(&mut self) {
-        let mut map = self.waiters.lock().unwrap_or_else(PoisonError::into_inner);
-        // Ours is the last strong reference: nobody else waits on this key.
-        if Arc::strong_count(&self.notify) == 1 {
-            map.remove(&self.name);
-        }
-    }
 }
 
 impl Notifier {
@@ -78,22 +52,7 @@ impl Notifier {
     /// running (best effort: without one, waiters fall back to re-checking).
     pub(super) async fn register(this: &Arc<Self>, name: &str) -> Registration {
         this.ensure_subscribed().await;
-        let notify = {
-            let mut map = this.waiters.lock().unwrap_or_else(PoisonError::into_inner);
-            match map.get(name).and_then(Weak::upgrade) {
-                Some(existing) => existing,
-                None => {
-                    let fresh = Arc::new(Notify::new());
-                    map.insert(name.to_owned(), Arc::downgrade(&fresh));
-                    fresh
-                }
-            }
-        };
-        Registration {
-            notify,
-            name: name.to_owned(),
-            waiters: this.waiters.clone(),
-        }
+        this.waiters.register(name)
     }
 
     /// Drops the subscription (its connection may be half-open), so that the
@@ -149,20 +108,13 @@ impl Drop for Notifier {
     }
 }
 
-async fn dispatch(waiters: Weak<Waiters>, mut messages: redis::aio::PubSubStream) {
+async fn dispatch(waiters: Weak<Wakers>, mut messages: redis::aio::PubSubStream) {
     while let Some(message) = messages.next().await {
         let Some(waiters) = waiters.upgrade() else {
             return;
         };
-        let Ok(name) = std::str::from_utf8(message.get_payload_bytes()) else {
-            continue;
-        };
-        let target = {
-            let map = waiters.lock().unwrap_or_else(PoisonError::into_inner);
-            map.get(name).and_then(Weak::upgrade)
-        };
-        if let Some(notify) = target {
-            notify.notify_waiters();
+        if let Ok(name) = std::str::from_utf8(message.get_payload_bytes()) {
+            waiters.wake(name);
         }
     }
     tracing::debug!("idempotency notification subscription ended; the next wait resubscribes");

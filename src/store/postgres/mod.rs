@@ -1,0 +1,760 @@
+//! [`PostgresStore`]: records in a table of your own PostgreSQL database,
+//! and a fence for the handler's own transaction.
+
+mod cleanup;
+mod listen;
+mod sql;
+
+use std::future::Future;
+use std::sync::{Arc, Mutex, PoisonError};
+use std::time::Duration;
+
+use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
+use tokio::task::JoinHandle;
+use tokio_postgres::error::SqlState;
+use tokio_postgres::types::{ToSql, Type};
+use tokio_postgres::{NoTls, Row};
+
+use self::listen::Listener;
+use self::sql::Statements;
+use super::{Claim, CompletedRecord, LeaseStatus, OwnerToken, Store, StoreError, StoreErrorKind};
+use crate::engine::ExecutionContext;
+use crate::fingerprint::Fingerprint;
+use crate::key::StoreKey;
+use crate::time::deadline;
+
+/// The default table: `idempotency_keys`.
+pub const DEFAULT_TABLE: &str = "idempotency_keys";
+/// The default bound on each store operation, pool wait included: 1 s.
+pub const DEFAULT_OPERATION_TIMEOUT: Duration = Duration::from_secs(1);
+/// How often a waiter re-checks its key by default when no notification
+/// came: every second.
+pub const DEFAULT_FALLBACK_CHECK: Duration = Duration::from_secs(1);
+/// The default pool size: 16 connections.
+pub const DEFAULT_POOL_SIZE: usize = 16;
+/// How often expired rows are removed by default: every minute.
+pub const DEFAULT_CLEANUP_EVERY: Duration = Duration::from_secs(60);
+/// How many expired rows one cleanup statement removes at most by default.
+pub const DEFAULT_CLEANUP_BATCH: u32 = 1000;
+
+/// A [`Store`] on a table of a PostgreSQL database (feature `postgres`).
+///
+/// - **Durable**: a completed record is a committed row, as durable as the
+///   rest of your data; a restart or a crash of the database loses nothing
+///   that was confirmed.
+/// - **One statement per operation**: a claim is one `INSERT … ON CONFLICT
+///   … DO UPDATE … WHERE <expired>` that also reports what the key holds,
+///   so a first request costs two round trips (claim, completion) and a
+///   replay one. Statements are prepared once per pooled connection.
+/// - **Server time**: every lease and expiry is computed by the database
+///   (`clock_timestamp()`), never from this process's clock. Fences start
+///   from the database clock in microseconds and grow with every grant, so
+///   they never go backwards, even after a row was removed.
+/// - **Fenced**: completion, release and renewal only apply for the token
+///   that owns the key.
+/// - **Waiters** are woken by `LISTEN`/`NOTIFY` on one connection per store,
+///   with a re-check every [`fallback_check`](PostgresStoreBuilder::fallback_check)
+///   in case a notification is lost.
+/// - **Expired rows** are removed by a background task in bounded batches,
+///   off the request path ([`cleanup_every`](PostgresStoreBuilder::cleanup_every)).
+/// - **Fail closed**: a pool that has no connection to give in time, a
+///   database that does not answer within the
+///   [operation timeout](PostgresStoreBuilder::operation_timeout), or a
+///   database error fails the operation, and the layer answers 503.
+///
+/// # Exactly-once effects inside the database
+///
+/// A handler that writes its business rows in the same database can make
+/// them commit only if its execution still owns the key: it calls
+/// [`fence`](Self::fence) inside its own transaction, before committing.
+/// The call locks the key's row, checks the execution's fence, and marks
+/// the key "effect committed" as part of that transaction. So:
+///
+/// - an execution whose lease was lost (a pause, a partition) and whose key
+///   was taken over gets [`FenceError::Lost`] and must roll back: its
+///   business rows never commit;
+/// - once the mark commits, the key is never executed again: a duplicate
+///   waits for the response; if the execution then cannot store its
+///   response (its process died), the key answers "outcome unknown"
+///   (409) instead of running again; if it stores it late, duplicates get
+///   it as usual. Releasing such a key (a handler error, a 5xx) also leaves
+///   it "outcome unknown": its effect is committed.
+///
+/// ```no_run
+/// # async fn example(
+/// #     store: tower_idempotency::store::PostgresStore,
+/// #     client: &mut tokio_postgres::Client,
+/// #     info: &tower_idempotency::IdempotencyInfo,
+/// # ) -> Result<(), Box<dyn std::error::Error>> {
+/// let tx = client.transaction().await?;
+/// tx.execute("INSERT INTO charges (amount) VALUES ($1)", &[&100i64]).await?;
+/// // Fails with FenceError::Lost if another execution took the key over;
+/// // dropping `tx` then rolls the charge back.
+/// store.fence(&tx, info.execution()).await?;
+/// tx.commit().await?;
+/// # Ok(())
+/// # }
+/// ```
+///
+/// # The table
+///
+/// [`migrate`](Self::migrate) creates it (safe to run from every instance
+/// at start-up). For teams that run their own migrations, the SQL for the
+/// default table name is:
+///
+/// ```sql
+/// CREATE TABLE IF NOT EXISTS idempotency_keys (
+///     key              bytea       PRIMARY KEY,
+///     fingerprint      bytea       NOT NULL,
+///     fence            bigint      NOT NULL,
+///     nonce            bigint      NOT NULL,
+///     state            smallint    NOT NULL,
+///     lease_until      timestamptz NOT NULL,
+///     expires_at       timestamptz NOT NULL,
+///     effect_committed boolean     NOT NULL DEFAULT false,
+///     payload          bytea
+/// );
+/// CREATE INDEX IF NOT EXISTS idempotency_keys_expires_at ON idempotency_keys (expires_at);
+/// ```
+///
+/// ```no_run
+/// # async fn example() -> Result<(), tower_idempotency::store::StoreError> {
+/// use tower_idempotency::IdempotencyLayer;
+/// use tower_idempotency::store::PostgresStore;
+///
+/// let store = PostgresStore::connect("postgres://postgres@127.0.0.1:5432/postgres").await?;
+/// store.migrate().await?;
+/// let layer = IdempotencyLayer::new(store);
+/// # drop(layer);
+/// # Ok(())
+/// # }
+/// ```
+#[derive(Clone)]
+pub struct PostgresStore {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for PostgresStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStore")
+            .field("table", &self.inner.table)
+            .field("operation_timeout", &self.inner.op_timeout)
+            .field("notifications", &self.inner.listener.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+struct Inner {
+    pool: Pool,
+    table: String,
+    sql: Statements,
+    channel: String,
+    op_timeout: Duration,
+    fallback_check: Duration,
+    fence_memory: Duration,
+    cleanup_batch: u32,
+    listener: Option<Arc<Listener>>,
+    cleanup: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Some(task) = self.cleanup_task().take() {
+            task.abort();
+        }
+    }
+}
+
+impl Inner {
+    fn cleanup_task(&self) -> std::sync::MutexGuard<'_, Option<JoinHandle<()>>> {
+        self.cleanup.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+/// Where the store's connections come from.
+enum Source {
+    Config(tokio_postgres::Config),
+    Pool(Pool, Option<tokio_postgres::Config>),
+}
+
+/// Configures a [`PostgresStore`].
+pub struct PostgresStoreBuilder {
+    source: Source,
+    table: String,
+    op_timeout: Duration,
+    pool_size: usize,
+    fallback_check: Duration,
+    fence_memory: Duration,
+    cleanup_every: Option<Duration>,
+    cleanup_batch: u32,
+}
+
+impl std::fmt::Debug for PostgresStoreBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PostgresStoreBuilder")
+            .field("table", &self.table)
+            .field("operation_timeout", &self.op_timeout)
+            .finish_non_exhaustive()
+    }
+}
+
+impl PostgresStoreBuilder {
+    fn new(source: Source) -> Self {
+        Self {
+            source,
+            table: DEFAULT_TABLE.to_owned(),
+            op_timeout: DEFAULT_OPERATION_TIMEOUT,
+            pool_size: DEFAULT_POOL_SIZE,
+            fallback_check: DEFAULT_FALLBACK_CHECK,
+            fence_memory: crate::engine::DEFAULT_RETENTION,
+            cleanup_every: Some(DEFAULT_CLEANUP_EVERY),
+            cleanup_batch: DEFAULT_CLEANUP_BATCH,
+        }
+    }
+
+    /// The table (default `idempotency_keys`): a plain lower-case
+    /// identifier (`[a-z_][a-z0-9_]*`, at most 48 bytes), in the
+    /// connection's `search_path`. [`build`](Self::build) refuses others.
+    pub fn table(mut self, table: impl Into<String>) -> Self {
+        self.table = table.into();
+        self
+    }
+
+    /// The bound on each operation, the wait for a pooled connection
+    /// included (default 1 s, at least 1 ms). An operation that takes
+    /// longer fails as [`StoreErrorKind::Timeout`].
+    pub fn operation_timeout(mut self, timeout: Duration) -> Self {
+        self.op_timeout = timeout.max(Duration::from_millis(1));
+        self
+    }
+
+    /// How many connections the store's own pool keeps at most (default
+    /// 16, at least 1). Ignored for a pool you provide.
+    pub fn pool_size(mut self, size: usize) -> Self {
+        self.pool_size = size.max(1);
+        self
+    }
+
+    /// How often a waiter re-checks its key when no notification came
+    /// (default 1 s, at least 10 ms).
+    pub fn fallback_check(mut self, interval: Duration) -> Self {
+        self.fallback_check = interval.max(Duration::from_millis(10));
+        self
+    }
+
+    /// How long the row of a claim that never completed is kept (default
+    /// 24 h, at least its lease). Keep it at least the layer's retention: a
+    /// key whose effect was committed answers "outcome unknown" that long.
+    pub fn fence_memory(mut self, keep: Duration) -> Self {
+        self.fence_memory = keep;
+        self
+    }
+
+    /// How often the background task removes expired rows (default every
+    /// minute); `None` runs no task (call
+    /// [`PostgresStore::remove_expired`] yourself, for example from a
+    /// scheduled job).
+    pub fn cleanup_every(mut self, every: Option<Duration>) -> Self {
+        self.cleanup_every = every.map(|d| d.max(Duration::from_millis(10)));
+        self
+    }
+
+    /// How many rows one cleanup statement removes at most (default 1 000,
+    /// at least 1): each round runs statements of this size until fewer are
+    /// left, so a backlog never becomes one long-locking delete.
+    pub fn cleanup_batch(mut self, rows: u32) -> Self {
+        self.cleanup_batch = rows.max(1);
+        self
+    }
+
+    /// Builds the store. It connects lazily (a process can start while the
+    /// database is down: guarded requests get 503 until it is back) and
+    /// does not create the table: call [`PostgresStore::migrate`], or run
+    /// the SQL in its docs yourself. Needs a tokio runtime (for the cleanup
+    /// task).
+    pub fn build(self) -> Result<PostgresStore, StoreError> {
+        if !sql::is_valid_table_name(&self.table) {
+            return Err(configure_error(format!(
+                "the table name {:?} is not a plain lower-case SQL identifier ([a-z_][a-z0-9_]*, at most {} bytes)",
+                self.table,
+                sql::MAX_TABLE_NAME
+            )));
+        }
+        let (pool, listen) = match self.source {
+            Source::Pool(pool, listen) => (pool, listen),
+            Source::Config(config) => {
+                let manager = Manager::from_config(
+                    config.clone(),
+                    NoTls,
+                    ManagerConfig {
+                        recycling_method: RecyclingMethod::Fast,
+                    },
+                );
+                let pool = Pool::builder(manager)
+                    .max_size(self.pool_size)
+                    .wait_timeout(Some(self.op_timeout))
+                    .create_timeout(Some(self.op_timeout))
+                    .runtime(Runtime::Tokio1)
+                    .build()
+                    .map_err(configure_error)?;
+                (pool, Some(config))
+            }
+        };
+        let channel = format!("{}_done", self.table);
+        let listener = listen.map(|config| {
+            Arc::new(Listener::new(
+                config,
+                channel.clone(),
+                self.op_timeout,
+                self.fallback_check,
+            ))
+        });
+        let store = PostgresStore {
+            inner: Arc::new(Inner {
+                pool,
+                sql: Statements::for_table(&self.table),
+                table: self.table,
+                channel,
+                op_timeout: self.op_timeout,
+                fallback_check: self.fallback_check,
+                fence_memory: self.fence_memory,
+                cleanup_batch: self.cleanup_batch,
+                listener,
+                cleanup: Mutex::new(None),
+            }),
+        };
+        if let Some(every) = self.cleanup_every {
+            let task = cleanup::spawn(Arc::downgrade(&store.inner), every);
+            *store.inner.cleanup_task() = Some(task);
+        }
+        Ok(store)
+    }
+}
+
+/// Why [`PostgresStore::fence`] refused to mark the key.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum FenceError {
+    /// This execution no longer owns the key (its lease expired and another
+    /// execution took it over, or the key was purged): roll the transaction
+    /// back.
+    #[error("this execution no longer owns its idempotency key; roll the transaction back")]
+    Lost,
+    /// The statement failed (roll back too).
+    #[error("the idempotency fence statement failed")]
+    Database(#[from] tokio_postgres::Error),
+}
+
+impl PostgresStore {
+    /// Connects to the database at `url` (for example
+    /// `postgres://postgres@127.0.0.1:5432/postgres`) with the default
+    /// settings.
+    pub async fn connect(url: &str) -> Result<Self, StoreError> {
+        Self::builder(url)?.build()
+    }
+
+    /// Starts configuring a store for the database at `url` (a
+    /// `postgres://` URL or a `key=value` connection string), with a pool
+    /// of its own.
+    pub fn builder(url: &str) -> Result<PostgresStoreBuilder, StoreError> {
+        let config: tokio_postgres::Config = url.parse().map_err(configure_error)?;
+        Ok(PostgresStoreBuilder::new(Source::Config(config)))
+    }
+
+    /// Starts configuring a store on a pool you already have.
+    /// `notifications` is the database to open the store's `LISTEN`
+    /// connection to (a pooled connection cannot receive notifications);
+    /// without one, waiters rely on the fallback check alone.
+    pub fn builder_for_pool(
+        pool: Pool,
+        notifications: Option<tokio_postgres::Config>,
+    ) -> PostgresStoreBuilder {
+        PostgresStoreBuilder::new(Source::Pool(pool, notifications))
+    }
+
+    /// The table's name.
+    pub fn table(&self) -> &str {
+        &self.inner.table
+    }
+
+    /// Creates the table and its index if they are missing. Safe to run
+    /// from many instances at once (they take turns on an advisory lock).
+    pub async fn migrate(&self) -> Result<(), StoreError> {
+        let sql = &self.inner.sql.migrate;
+        self.bounded("migrate", async {
+            let mut client = self.inner.pool.get().await.map_err(pool_error)?;
+            let tx = client.transaction().await?;
+            tx.batch_execute(sql).await?;
+            tx.commit().await?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Removes expired rows now, in batches of the configured size, and
+    /// returns how many. The background task does this on its own; call it
+    /// from a scheduled job if you turned the task off.
+    pub async fn remove_expired(&self) -> Result<u64, StoreError> {
+        let batch = i64::from(self.inner.cleanup_batch);
+        let mut removed = 0u64;
+        loop {
+            let rows = self
+                .execute("cleanup", &self.inner.sql.cleanup, &[&batch])
+                .await?;
+            removed = removed.saturating_add(rows);
+            if rows < u64::from(self.inner.cleanup_batch) {
+                return Ok(removed);
+            }
+        }
+    }
+
+    /// Stops the background cleanup task (it also stops when the last
+    /// handle on the store is dropped).
+    pub fn stop_cleanup(&self) {
+        if let Some(task) = self.inner.cleanup_task().take() {
+            task.abort();
+        }
+    }
+
+    /// Marks the key of `execution` "effect committed" inside `tx`, if the
+    /// execution still owns it; see [the type's docs](Self#exactly-once-effects-inside-the-database).
+    ///
+    /// Call it in the transaction that writes the handler's business rows,
+    /// after them and before committing: it locks the key's row until the
+    /// transaction ends (a takeover waits for it), and costs one round
+    /// trip. On [`FenceError::Lost`], roll back.
+    pub async fn fence(
+        &self,
+        tx: &tokio_postgres::Transaction<'_>,
+        execution: &ExecutionContext,
+    ) -> Result<(), FenceError> {
+        let key = execution.store_key();
+        let token = execution.owner_token();
+        let rows = tx
+            .query_typed(
+                &self.inner.sql.fence,
+                &[
+                    (&key.as_bytes().as_slice(), Type::BYTEA),
+                    (&fence_param(token), Type::INT8),
+                    (&nonce_param(token), Type::INT8),
+                ],
+            )
+            .await?;
+        if rows.is_empty() {
+            Err(FenceError::Lost)
+        } else {
+            Ok(())
+        }
+    }
+
+    /// Runs `op` within the operation timeout.
+    async fn bounded<T>(
+        &self,
+        op: &'static str,
+        work: impl Future<Output = Result<T, Failure>>,
+    ) -> Result<T, StoreError> {
+        match tokio::time::timeout(self.inner.op_timeout, work).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(failure)) => Err(failure.into_store_error(op)),
+            Err(_) => Err(StoreError::new(StoreErrorKind::Timeout, op)),
+        }
+    }
+
+    async fn query(
+        &self,
+        op: &'static str,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, StoreError> {
+        self.bounded(op, async {
+            let client = self.inner.pool.get().await.map_err(pool_error)?;
+            let statement = client.prepare_cached(sql).await?;
+            Ok(client.query(&statement, params).await?)
+        })
+        .await
+    }
+
+    async fn execute(
+        &self,
+        op: &'static str,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<u64, StoreError> {
+        self.bounded(op, async {
+            let client = self.inner.pool.get().await.map_err(pool_error)?;
+            let statement = client.prepare_cached(sql).await?;
+            Ok(client.execute(&statement, params).await?)
+        })
+        .await
+    }
+
+    /// Whether the claim with `fence` on `key` is still live.
+    async fn claim_is_live(&self, key: StoreKey, fence: u64) -> Result<bool, StoreError> {
+        let fence = i64::try_from(fence).unwrap_or(i64::MAX);
+        let rows = self
+            .query(
+                "wait",
+                &self.inner.sql.probe,
+                &[&key.as_bytes().as_slice(), &fence],
+            )
+            .await?;
+        Ok(match rows.first() {
+            Some(row) => row.try_get::<_, bool>(0).map_err(|e| corrupt("wait", e))?,
+            None => false,
+        })
+    }
+
+    async fn fenced(
+        &self,
+        op: &'static str,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<LeaseStatus, StoreError> {
+        let rows = self.query(op, sql, params).await?;
+        let held = match rows.first() {
+            Some(row) => row.try_get::<_, bool>(0).map_err(|e| corrupt(op, e))?,
+            None => return Err(corrupt(op, "no row")),
+        };
+        Ok(if held {
+            LeaseStatus::Held
+        } else {
+            LeaseStatus::Lost
+        })
+    }
+}
+
+/// A fence as a parameter (fences are below `i64::MAX`: they start from
+/// the clock in microseconds).
+fn fence_param(token: OwnerToken) -> i64 {
+    i64::try_from(token.fence()).unwrap_or(i64::MAX)
+}
+
+/// A nonce as a parameter: its bits, in a `bigint`.
+fn nonce_param(token: OwnerToken) -> i64 {
+    i64::from_ne_bytes(token.nonce().to_ne_bytes())
+}
+
+/// Milliseconds as a parameter: never 0, never past a century.
+fn ms(d: Duration) -> f64 {
+    let ms = d.min(crate::time::FAR_FUTURE).as_millis().max(1);
+    // Exact: a century in milliseconds is far below 2^53.
+    u64::try_from(ms).unwrap_or(u64::MAX) as f64
+}
+
+impl Store for PostgresStore {
+    async fn claim(
+        &self,
+        key: StoreKey,
+        fingerprint: Fingerprint,
+        lease: Duration,
+    ) -> Result<Claim, StoreError> {
+        let nonce = rand_nonce();
+        let keep = lease.max(self.inner.fence_memory);
+        let params: [&(dyn ToSql + Sync); 5] = [
+            &key.as_bytes().as_slice(),
+            &fingerprint.as_bytes().as_slice(),
+            &nonce,
+            &ms(lease),
+            &ms(keep),
+        ];
+        // A row committed by another transaction after this statement's
+        // snapshot was taken is seen by the insert's conflict check but
+        // not by the statement's read: no row comes back. The next attempt
+        // sees it.
+        for _ in 0..3 {
+            let rows = self.query("claim", &self.inner.sql.claim, &params).await?;
+            if let Some(row) = rows.first() {
+                return read_claim(row, nonce).map_err(|e| corrupt("claim", e));
+            }
+        }
+        Err(StoreError::new(StoreErrorKind::Unavailable, "claim")
+            .with_source("the key changed under three claims in a row"))
+    }
+
+    async fn complete(
+        &self,
+        key: StoreKey,
+        token: OwnerToken,
+        record: CompletedRecord,
+        retention: Duration,
+    ) -> Result<LeaseStatus, StoreError> {
+        self.fenced(
+            "complete",
+            &self.inner.sql.complete,
+            &[
+                &key.as_bytes().as_slice(),
+                &fence_param(token),
+                &nonce_param(token),
+                &record.payload.as_ref(),
+                &record.fingerprint.as_bytes().as_slice(),
+                &ms(retention),
+                &self.inner.channel,
+            ],
+        )
+        .await
+    }
+
+    async fn release(&self, key: StoreKey, token: OwnerToken) -> Result<LeaseStatus, StoreError> {
+        self.fenced(
+            "release",
+            &self.inner.sql.release,
+            &[
+                &key.as_bytes().as_slice(),
+                &fence_param(token),
+                &nonce_param(token),
+                &self.inner.channel,
+            ],
+        )
+        .await
+    }
+
+    async fn extend(
+        &self,
+        key: StoreKey,
+        token: OwnerToken,
+        lease: Duration,
+    ) -> Result<LeaseStatus, StoreError> {
+        let rows = self
+            .execute(
+                "extend",
+                &self.inner.sql.extend,
+                &[
+                    &key.as_bytes().as_slice(),
+                    &fence_param(token),
+                    &nonce_param(token),
+                    &ms(lease),
+                ],
+            )
+            .await?;
+        Ok(if rows == 1 {
+            LeaseStatus::Held
+        } else {
+            LeaseStatus::Lost
+        })
+    }
+
+    async fn wait(&self, key: StoreKey, fence: u64, timeout: Duration) -> Result<(), StoreError> {
+        let until = deadline(tokio::time::Instant::now(), timeout);
+        // Registered before the first check, so a notification between the
+        // check and the wait is not missed.
+        let registration = match &self.inner.listener {
+            Some(listener) => Some(Listener::register(listener, &key.to_hex()).await),
+            None => None,
+        };
+        loop {
+            let notified = registration.as_ref().map(|r| r.notified());
+            if !self.claim_is_live(key, fence).await? {
+                return Ok(());
+            }
+            let now = tokio::time::Instant::now();
+            if now >= until {
+                return Ok(());
+            }
+            let next = deadline(now, self.inner.fallback_check).min(until);
+            match notified {
+                Some(notified) => {
+                    let _ = tokio::time::timeout_at(next, notified).await;
+                }
+                None => tokio::time::sleep_until(next).await,
+            }
+        }
+    }
+
+    async fn purge(&self, key: StoreKey) -> Result<bool, StoreError> {
+        let rows = self
+            .query(
+                "purge",
+                &self.inner.sql.purge,
+                &[&key.as_bytes().as_slice()],
+            )
+            .await?;
+        match rows.first() {
+            Some(row) => row.try_get::<_, bool>(0).map_err(|e| corrupt("purge", e)),
+            None => Ok(false),
+        }
+    }
+}
+
+/// Reads the row a claim statement returned.
+fn read_claim(row: &Row, nonce: i64) -> Result<Claim, tokio_postgres::Error> {
+    let acquired: bool = row.try_get(0)?;
+    let fence: i64 = row.try_get(1)?;
+    let fence = u64::try_from(fence).unwrap_or(0);
+    if acquired {
+        let nonce = u64::from_ne_bytes(nonce.to_ne_bytes());
+        return Ok(Claim::Acquired(OwnerToken::new(fence, nonce)));
+    }
+    let state: i16 = row.try_get(2)?;
+    let fingerprint = fingerprint_of(row.try_get(3)?);
+    let effect_committed: bool = row.try_get(5)?;
+    let lapsed: bool = row.try_get(6)?;
+    Ok(match state {
+        sql::COMPLETED => {
+            let payload: &[u8] = row.try_get(4)?;
+            Claim::Completed(CompletedRecord {
+                fingerprint,
+                payload: bytes::Bytes::copy_from_slice(payload),
+            })
+        }
+        sql::CLAIMED if effect_committed && lapsed => Claim::OutcomeUnknown { fingerprint },
+        _ => Claim::InFlight { fingerprint, fence },
+    })
+}
+
+fn fingerprint_of(bytes: &[u8]) -> Fingerprint {
+    let mut array = [0u8; 32];
+    if bytes.len() == array.len() {
+        array.copy_from_slice(bytes);
+    }
+    Fingerprint::from_bytes(array)
+}
+
+fn rand_nonce() -> i64 {
+    use std::hash::BuildHasher;
+    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let bits = std::collections::hash_map::RandomState::new().hash_one(n) ^ n;
+    i64::from_ne_bytes(bits.to_ne_bytes())
+}
+
+/// A failed operation, before it is named.
+enum Failure {
+    Pool(PoolError),
+    Database(tokio_postgres::Error),
+}
+
+impl From<tokio_postgres::Error> for Failure {
+    fn from(e: tokio_postgres::Error) -> Self {
+        Failure::Database(e)
+    }
+}
+
+fn pool_error(e: PoolError) -> Failure {
+    Failure::Pool(e)
+}
+
+impl Failure {
+    fn into_store_error(self, op: &'static str) -> StoreError {
+        match self {
+            Failure::Pool(PoolError::Backend(e)) | Failure::Database(e) => {
+                let kind = match e.code() {
+                    Some(code) if *code == SqlState::QUERY_CANCELED => StoreErrorKind::Timeout,
+                    Some(code) if *code == SqlState::UNDEFINED_TABLE => StoreErrorKind::Unavailable,
+                    _ => StoreErrorKind::Unavailable,
+                };
+                StoreError::new(kind, op).with_source(e)
+            }
+            Failure::Pool(PoolError::Timeout(_)) => StoreError::new(StoreErrorKind::Timeout, op)
+                .with_source("no pooled connection in time"),
+            Failure::Pool(e) => StoreError::new(StoreErrorKind::Unavailable, op).with_source(e),
+        }
+    }
+}
+
+fn configure_error(e: impl Into<crate::BoxError>) -> StoreError {
+    StoreError::new(StoreErrorKind::Unavailable, "configure").with_source(e)
+}
+
+fn corrupt(op: &'static str, e: impl Into<crate::BoxError>) -> StoreError {
+    StoreError::new(StoreErrorKind::Corrupt, op).with_source(e)
+}

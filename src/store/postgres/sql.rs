@@ -1,0 +1,180 @@
+//! The SQL of [`PostgresStore`](super::PostgresStore), for one table.
+//!
+//! A row per key: `state` 0 is a claim (in flight), 1 a completed record,
+//! 2 a released claim (kept for its fence until `expires_at`). Every lease
+//! and expiry is computed by the server (`clock_timestamp()`), never from
+//! the client's clock; durations travel as milliseconds. Fences start from
+//! the server's clock in microseconds and grow by at least one per grant,
+//! so they never go backwards, even after a row was removed.
+
+/// A claim: the row is in flight.
+pub(super) const CLAIMED: i16 = 0;
+/// A completed record.
+pub(super) const COMPLETED: i16 = 1;
+
+/// The longest table name accepted (PostgreSQL truncates identifiers at 63
+/// bytes; the index names add a suffix).
+pub(super) const MAX_TABLE_NAME: usize = 48;
+
+/// Whether `name` is a plain lower-case SQL identifier (`[a-z_][a-z0-9_]*`,
+/// at most [`MAX_TABLE_NAME`] bytes), safe to put in SQL text unquoted.
+pub(super) fn is_valid_table_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    matches!(chars.next(), Some('a'..='z' | '_'))
+        && chars.all(|c| matches!(c, 'a'..='z' | '0'..='9' | '_'))
+        && name.len() <= MAX_TABLE_NAME
+}
+
+/// The statements, with the table name in them.
+#[derive(Debug)]
+pub(super) struct Statements {
+    pub(super) migrate: String,
+    pub(super) claim: String,
+    pub(super) complete: String,
+    pub(super) release: String,
+    pub(super) extend: String,
+    pub(super) probe: String,
+    pub(super) purge: String,
+    pub(super) fence: String,
+    pub(super) cleanup: String,
+}
+
+impl Statements {
+    /// The statements on `table`, which must be a valid table name.
+    pub(super) fn for_table(table: &str) -> Self {
+        Self {
+            migrate: migrate(table),
+            claim: format!(
+                "WITH clock AS (SELECT clock_timestamp() AS t),
+                 taken AS (
+                   INSERT INTO {table} AS r
+                     (key, fingerprint, fence, nonce, state, lease_until, expires_at, effect_committed, payload)
+                   SELECT $1, $2, (extract(epoch FROM clock.t) * 1000000)::bigint, $3, 0,
+                          clock.t + $4::float8 * interval '1 millisecond',
+                          clock.t + $5::float8 * interval '1 millisecond', false, NULL
+                   FROM clock
+                   ON CONFLICT (key) DO UPDATE SET
+                     fingerprint = excluded.fingerprint,
+                     fence = GREATEST(r.fence + 1, excluded.fence),
+                     nonce = excluded.nonce,
+                     state = 0,
+                     lease_until = excluded.lease_until,
+                     expires_at = excluded.expires_at,
+                     effect_committed = false,
+                     payload = NULL
+                   WHERE r.state = 2
+                      OR (r.state = 0 AND r.lease_until <= clock_timestamp() AND NOT r.effect_committed)
+                      OR (r.state = 1 AND r.expires_at <= clock_timestamp())
+                   RETURNING r.fence
+                 )
+                 SELECT true, fence, NULL::smallint, NULL::bytea, NULL::bytea, false, false FROM taken
+                 UNION ALL
+                 SELECT false, fence, state, fingerprint, payload, effect_committed,
+                        lease_until <= clock_timestamp()
+                 FROM {table} WHERE key = $1 AND NOT EXISTS (SELECT 1 FROM taken)"
+            ),
+            complete: format!(
+                "WITH done AS (
+                   UPDATE {table}
+                   SET state = 1, payload = $4, fingerprint = $5,
+                       lease_until = clock_timestamp(),
+                       expires_at = clock_timestamp() + $6::float8 * interval '1 millisecond'
+                   WHERE key = $1 AND fence = $2 AND nonce = $3 AND state = 0
+                     AND (lease_until > clock_timestamp() OR effect_committed)
+                   RETURNING key
+                 )
+                 SELECT EXISTS (SELECT 1 FROM done)
+                     OR EXISTS (SELECT 1 FROM {table}
+                                WHERE key = $1 AND fence = $2 AND nonce = $3 AND state = 1),
+                        (SELECT pg_notify($7, encode(key, 'hex')) FROM done)::text"
+            ),
+            release: format!(
+                "WITH freed AS (
+                   UPDATE {table}
+                   SET state = CASE WHEN effect_committed THEN 0 ELSE 2 END,
+                       lease_until = clock_timestamp()
+                   WHERE key = $1 AND fence = $2 AND nonce = $3 AND state = 0
+                   RETURNING key
+                 )
+                 SELECT EXISTS (SELECT 1 FROM freed),
+                        (SELECT pg_notify($4, encode(key, 'hex')) FROM freed)::text"
+            ),
+            extend: format!(
+                "UPDATE {table}
+                 SET lease_until = clock_timestamp() + $4::float8 * interval '1 millisecond'
+                 WHERE key = $1 AND fence = $2 AND nonce = $3 AND state = 0
+                   AND (lease_until > clock_timestamp() OR effect_committed)"
+            ),
+            probe: format!(
+                "SELECT fence = $2 AND state = 0 AND lease_until > clock_timestamp()
+                 FROM {table} WHERE key = $1"
+            ),
+            purge: format!(
+                "DELETE FROM {table} WHERE key = $1
+                 RETURNING (state = 0 AND lease_until > clock_timestamp())
+                        OR (state = 1 AND expires_at > clock_timestamp())"
+            ),
+            fence: format!(
+                "UPDATE {table} SET effect_committed = true
+                 WHERE key = $1 AND fence = $2 AND nonce = $3 AND state = 0
+                 RETURNING lease_until > clock_timestamp()"
+            ),
+            cleanup: format!(
+                "DELETE FROM {table} WHERE key IN (
+                   SELECT key FROM {table}
+                   WHERE expires_at < clock_timestamp()
+                     AND NOT (state = 0 AND effect_committed)
+                   LIMIT $1 FOR UPDATE SKIP LOCKED
+                 )"
+            ),
+        }
+    }
+}
+
+/// The migration: the table and its index, created if missing. Safe to
+/// run from many processes at once: a transaction-scoped advisory lock
+/// makes them take turns (concurrent `CREATE TABLE IF NOT EXISTS` can
+/// otherwise fail on the catalog's unique index).
+fn migrate(table: &str) -> String {
+    format!(
+        "SELECT pg_advisory_xact_lock(hashtext('tower_idempotency_migrate:{table}'));
+         CREATE TABLE IF NOT EXISTS {table} (
+             key              bytea       PRIMARY KEY,
+             fingerprint      bytea       NOT NULL,
+             fence            bigint      NOT NULL,
+             nonce            bigint      NOT NULL,
+             state            smallint    NOT NULL,
+             lease_until      timestamptz NOT NULL,
+             expires_at       timestamptz NOT NULL,
+             effect_committed boolean     NOT NULL DEFAULT false,
+             payload          bytea
+         );
+         CREATE INDEX IF NOT EXISTS {table}_expires_at ON {table} (expires_at);"
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_names_are_plain_identifiers() {
+        for good in ["idempotency_keys", "_t", "t1", &"a".repeat(MAX_TABLE_NAME)] {
+            assert!(is_valid_table_name(good), "{good}");
+        }
+        for bad in [
+            "",
+            "1t",
+            "Keys",
+            "a-b",
+            "a b",
+            "t;drop table x",
+            "t\"",
+            "schema.t",
+            "é",
+            &"a".repeat(MAX_TABLE_NAME + 1),
+        ] {
+            assert!(!is_valid_table_name(bad), "{bad}");
+        }
+    }
+}

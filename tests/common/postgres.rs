@@ -1,0 +1,288 @@
+//! PostgreSQL for tests: a database of its own on the shared server
+//! ([`TestDatabase`], dropped with it), or a private server in a temporary
+//! directory ([`PrivatePostgres`]) that fault tests can kill, freeze and
+//! restart.
+//!
+//! The shared server is `TOWER_IDEMPOTENCY_POSTGRES_URL` (default
+//! `postgres://postgres@127.0.0.1:5432/postgres`). Where it cannot be
+//! reached, or `initdb`/`postgres` are missing, the tests say `SKIPPED` and
+//! pass; with `TOWER_IDEMPOTENCY_REQUIRE_POSTGRES=1` they fail instead.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::{free_port, say_skipped, unique};
+
+const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+
+fn admin_url() -> String {
+    std::env::var("TOWER_IDEMPOTENCY_POSTGRES_URL").unwrap_or_else(|_| DEFAULT_URL.to_owned())
+}
+
+/// PostgreSQL is missing: a failure under
+/// `TOWER_IDEMPOTENCY_REQUIRE_POSTGRES=1`, else a skip that says so.
+fn missing(test: &str, why: &str) -> Option<std::convert::Infallible> {
+    if std::env::var("TOWER_IDEMPOTENCY_REQUIRE_POSTGRES").is_ok_and(|v| v == "1") {
+        panic!("{test}: {why} and TOWER_IDEMPOTENCY_REQUIRE_POSTGRES=1");
+    }
+    say_skipped(&format!(
+        "SKIPPED {test}: {why} (run PostgreSQL on 127.0.0.1:5432 or set TOWER_IDEMPOTENCY_POSTGRES_URL)"
+    ));
+    None
+}
+
+/// Runs `sql` on `url` in a runtime of its own (usable from `Drop`).
+fn run_sql_blocking(url: &str, sql: &str) -> Result<(), String> {
+    let (url, sql) = (url.to_owned(), sql.to_owned());
+    std::thread::spawn(move || {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .map_err(|e| e.to_string())?;
+        runtime.block_on(async {
+            let (client, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+                .await
+                .map_err(|e| e.to_string())?;
+            tokio::spawn(connection);
+            client.batch_execute(&sql).await.map_err(|e| e.to_string())
+        })
+    })
+    .join()
+    .unwrap_or_else(|_| Err("panicked".to_owned()))
+}
+
+/// A database of its own on the shared server, dropped with it.
+pub struct TestDatabase {
+    pub url: String,
+    name: String,
+    admin: String,
+}
+
+impl TestDatabase {
+    /// Creates one, or returns `None` (after saying so) when the server
+    /// cannot be reached.
+    pub fn create_or_skip(test: &str) -> Option<Self> {
+        let admin = admin_url();
+        let name = format!("tower_idempotency_{}_{}", std::process::id(), unique());
+        if let Err(e) = run_sql_blocking(&admin, &format!("CREATE DATABASE {name}")) {
+            match missing(
+                test,
+                &format!("PostgreSQL at {admin} is not reachable ({e})"),
+            ) {
+                None => return None,
+            }
+        }
+        let url = match admin.rsplit_once('/') {
+            Some((server, _)) => format!("{server}/{name}"),
+            None => format!("{admin}/{name}"),
+        };
+        Some(Self { url, name, admin })
+    }
+}
+
+impl Drop for TestDatabase {
+    fn drop(&mut self) {
+        let _ = run_sql_blocking(
+            &self.admin,
+            &format!("DROP DATABASE IF EXISTS {} WITH (FORCE)", self.name),
+        );
+    }
+}
+
+/// A private PostgreSQL server: a cluster made by `initdb` in a temporary
+/// directory, on a free port, killed on drop.
+pub struct PrivatePostgres {
+    child: Option<Child>,
+    pub port: u16,
+    dir: PathBuf,
+}
+
+/// Whether the tests run as root, where PostgreSQL must run as `postgres`.
+fn as_root() -> bool {
+    Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|out| out.stdout.starts_with(b"0\n"))
+}
+
+/// `program args…`, as the `postgres` user when we are root.
+fn command(program: &str) -> Command {
+    if as_root() {
+        let mut cmd = Command::new("runuser");
+        cmd.args(["-u", "postgres", "--", program]);
+        cmd
+    } else {
+        Command::new(program)
+    }
+}
+
+impl PrivatePostgres {
+    /// Starts one, or returns `None` (after saying so) when `initdb` or
+    /// `postgres` is missing.
+    pub fn start_or_skip(test: &str) -> Option<Self> {
+        let dir = std::env::temp_dir().join(format!(
+            "tower-idempotency-pg-{}-{}",
+            std::process::id(),
+            unique()
+        ));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        if as_root() {
+            let owned = Command::new("chown")
+                .args(["postgres:", dir.to_str().expect("utf-8 temp dir")])
+                .status();
+            if !owned.is_ok_and(|s| s.success()) {
+                match missing(test, "there is no `postgres` user to run a private server") {
+                    None => return None,
+                }
+            }
+        }
+        let init = command("initdb")
+            .args(["-D", dir.join("data").to_str().expect("utf-8")])
+            .args(["-U", "postgres", "-A", "trust", "--no-sync"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+        if !init.is_ok_and(|s| s.success()) {
+            match missing(test, "initdb failed or is not on the PATH") {
+                None => return None,
+            }
+        }
+        let mut server = Self {
+            child: None,
+            port: free_port(),
+            dir,
+        };
+        server.launch();
+        Some(server)
+    }
+
+    pub fn url(&self) -> String {
+        format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    fn launch(&mut self) {
+        let data = self.dir.join("data");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("server.log"))
+            .expect("log file");
+        let child = command("postgres")
+            .args(["-D", data.to_str().expect("utf-8")])
+            .args(["-p", &self.port.to_string()])
+            .args(["-k", self.dir.to_str().expect("utf-8")])
+            .args(["-c", "listen_addresses=127.0.0.1"])
+            .args(["-c", "max_connections=50"])
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn postgres");
+        self.child = Some(child);
+        self.wait_ready();
+    }
+
+    fn wait_ready(&self) {
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(30) {
+            if run_sql_blocking(&self.url(), "SELECT 1").is_ok() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let log = std::fs::read_to_string(self.dir.join("server.log")).unwrap_or_default();
+        panic!(
+            "postgres did not start on port {}; its log:\n{log}",
+            self.port
+        );
+    }
+
+    /// The postmaster and its children (backends and auxiliary processes,
+    /// each in a session of its own, so a process group does not reach
+    /// them).
+    fn processes(&self) -> Vec<String> {
+        let Ok(pid_file) = std::fs::read_to_string(self.dir.join("data/postmaster.pid")) else {
+            return Vec::new();
+        };
+        let Some(postmaster) = pid_file.lines().next().map(str::trim).map(str::to_owned) else {
+            return Vec::new();
+        };
+        let children = Command::new("pgrep")
+            .args(["-P", &postmaster])
+            .output()
+            .map(|out| String::from_utf8_lossy(&out.stdout).into_owned())
+            .unwrap_or_default();
+        std::iter::once(postmaster)
+            .chain(children.split_whitespace().map(str::to_owned))
+            .collect()
+    }
+
+    /// Sends `signal` to the server's processes.
+    fn signal_all(&self, signal: &str) {
+        let pids = self.processes();
+        if !pids.is_empty() {
+            let _ = Command::new("kill")
+                .arg(signal)
+                .args(&pids)
+                .stderr(Stdio::null())
+                .status();
+        }
+    }
+
+    /// Continues the process we started: `runuser` (when we are root) stops
+    /// itself when its child stops, and must go on to reap it.
+    fn continue_child(&self) {
+        if let Some(child) = &self.child {
+            let _ = Command::new("kill")
+                .args(["-CONT", &child.id().to_string()])
+                .status();
+        }
+    }
+
+    /// `kill -9` of the server and every backend: a crash. What was
+    /// committed survives in the data directory.
+    pub fn kill(&mut self) {
+        self.signal_all("-KILL");
+        self.continue_child();
+        if let Some(mut child) = self.child.take() {
+            let _ = child.wait();
+        }
+        // A crashed postmaster leaves its pid file; the next start checks
+        // that the pid is gone and recovers.
+    }
+
+    /// Starts it again on the same port and data (crash recovery first).
+    pub fn restart(&mut self) {
+        self.kill();
+        self.launch();
+    }
+
+    /// `SIGSTOP` to every process of the server: it stops answering.
+    pub fn freeze(&self) {
+        self.signal_all("-STOP");
+    }
+
+    /// `SIGCONT`: it answers again.
+    pub fn thaw(&self) {
+        self.signal_all("-CONT");
+        self.continue_child();
+    }
+
+    /// Closes every client connection of the server (as a failover or a
+    /// network cut would).
+    pub fn drop_connections(&self) {
+        let _ = run_sql_blocking(
+            &self.url(),
+            "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
+             WHERE pid <> pg_backend_pid() AND backend_type = 'client backend'",
+        );
+    }
+}
+
+impl Drop for PrivatePostgres {
+    fn drop(&mut self) {
+        self.thaw();
+        self.kill();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

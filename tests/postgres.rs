@@ -1,0 +1,658 @@
+//! `PostgresStore` against a real PostgreSQL: the store contract, the
+//! handler's fence inside its own transaction (three races), waking
+//! waiters, cleanup, and faults of a private server (killed, frozen,
+//! restarted, connections dropped, a statement that cannot finish).
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use common::postgres::{PrivatePostgres, TestDatabase};
+use http::StatusCode;
+use tokio::sync::Notify;
+use tower::{Layer, ServiceExt};
+use tower_idempotency::engine::{Engine, EngineError, Outcome};
+use tower_idempotency::fingerprint::Fingerprint;
+use tower_idempotency::key::StoreKey;
+use tower_idempotency::store::fault::{Fault, FaultStore, Operation};
+use tower_idempotency::store::postgres::DEFAULT_TABLE;
+use tower_idempotency::store::{
+    Claim, CompletedRecord, FenceError, LeaseStatus, PostgresStore, Store, StoreErrorKind,
+    conformance,
+};
+use tower_idempotency::{IdempotencyInfo, IdempotencyLayer, RequestBody};
+
+/// A store on a database of its own, its table migrated.
+struct PgFixture {
+    store: PostgresStore,
+    db: TestDatabase,
+}
+
+impl conformance::Fixture for PgFixture {
+    type Store = PostgresStore;
+    fn store(&self) -> &PostgresStore {
+        &self.store
+    }
+}
+
+async fn pg_fixture(test: &str) -> Option<PgFixture> {
+    let db = TestDatabase::create_or_skip(test)?;
+    let store = PostgresStore::builder(&db.url)
+        .expect("a URL")
+        .fallback_check(Duration::from_millis(100))
+        .build()
+        .expect("build");
+    store.migrate().await.expect("migrate");
+    Some(PgFixture { store, db })
+}
+
+mod conformance_on_postgres {
+    use super::*;
+    tower_idempotency::store_conformance_tests!(optional: pg_fixture("conformance").await);
+}
+
+/// A plain connection to `url` (for business rows and inspection).
+async fn connect(url: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(connection);
+    client
+}
+
+const FP: Fingerprint = Fingerprint::from_bytes([7; 32]);
+const LEASE: Duration = Duration::from_millis(300);
+
+/// The business table of the fence tests: one row per charge.
+async fn charges_table(url: &str) -> tokio_postgres::Client {
+    let client = connect(url).await;
+    client
+        .batch_execute("CREATE TABLE charges (execution text NOT NULL)")
+        .await
+        .expect("create charges");
+    client
+}
+
+async fn charges(client: &tokio_postgres::Client) -> Vec<String> {
+    client
+        .query("SELECT execution FROM charges ORDER BY execution", &[])
+        .await
+        .expect("select")
+        .iter()
+        .map(|row| row.get(0))
+        .collect()
+}
+
+/// Writes a charge named `name` and fences it, in one transaction;
+/// commits only if the fence held.
+async fn charge(
+    store: &PostgresStore,
+    url: &str,
+    name: &str,
+    execution: &tower_idempotency::engine::ExecutionContext,
+) -> Result<(), FenceError> {
+    let mut client = connect(url).await;
+    let tx = client.transaction().await?;
+    tx.execute("INSERT INTO charges (execution) VALUES ($1)", &[&name])
+        .await?;
+    store.fence(&tx, execution).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
+/// A second handle on the same table, as another process would have.
+fn second_handle(fixture: &PgFixture) -> PostgresStore {
+    PostgresStore::builder(&fixture.db.url)
+        .expect("a URL")
+        .fallback_check(Duration::from_millis(100))
+        .build()
+        .expect("build")
+}
+
+/// Pauses an execution on `store` until `resume`: its lease renewals fail
+/// from now on, so its lease lapses as a paused process's would.
+fn pause_renewals(store: &FaultStore<PostgresStore>) {
+    store.inject(Operation::Extend, Fault::FailBefore, usize::MAX);
+}
+
+/// Race 1: an owner paused between its claim and its commit, and a
+/// takeover meanwhile. Exactly one set of business rows: the stale owner's
+/// fence fails and its transaction rolls back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stale_owner_paused_before_its_commit_cannot_commit_after_a_takeover() {
+    let Some(fixture) = pg_fixture("fence race 1").await else {
+        return;
+    };
+    let url = fixture.db.url.clone();
+    let business = charges_table(&url).await;
+    let slow_store = FaultStore::new(fixture.store.clone());
+    let slow = Engine::new(slow_store.clone()).lease(LEASE);
+    let fast = Engine::new(second_handle(&fixture)).lease(LEASE);
+    let key = StoreKey::from_parts(b"", b"pay-1");
+    let (claimed, resume) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+
+    let stale = tokio::spawn({
+        let (store, url) = (fixture.store.clone(), url.clone());
+        let (claimed, resume) = (claimed.clone(), resume.clone());
+        async move {
+            slow.run_stored(key, FP, move |ctx| async move {
+                claimed.notify_one();
+                resume.notified().await;
+                charge(&store, &url, "stale", &ctx).await?;
+                Ok::<_, FenceError>(Bytes::from_static(b"stale"))
+            })
+            .await
+        }
+    });
+    claimed.notified().await;
+    pause_renewals(&slow_store);
+    tokio::time::sleep(LEASE * 2).await;
+
+    let store = fixture.store.clone();
+    let taken = fast
+        .run_stored(key, FP, |ctx| {
+            let url = url.clone();
+            async move {
+                charge(&store, &url, "takeover", &ctx).await?;
+                Ok::<_, FenceError>(Bytes::from_static(b"takeover"))
+            }
+        })
+        .await
+        .expect("the takeover runs");
+    assert_eq!(taken, Outcome::Executed(Bytes::from_static(b"takeover")));
+
+    resume.notify_one();
+    let stale = stale.await.expect("no panic");
+    assert!(
+        matches!(stale, Err(EngineError::Operation(FenceError::Lost))),
+        "the stale owner's fence fails: {stale:?}"
+    );
+    assert_eq!(charges(&business).await, ["takeover"], "one set of rows");
+    let replay = fast
+        .run_stored(key, FP, |_| async { Ok::<_, FenceError>(Bytes::new()) })
+        .await
+        .expect("replay");
+    assert_eq!(
+        replay.value(),
+        &Bytes::from_static(b"takeover"),
+        "the newest owner's result is kept"
+    );
+}
+
+/// Race 2: an owner paused between its commit and its completion, and a
+/// duplicate meanwhile. The duplicate never executes (the effect is
+/// committed: "outcome unknown"), and once the owner's completion lands it
+/// is replayed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_committed_effect_is_never_executed_again_and_its_late_response_is_replayed() {
+    let Some(fixture) = pg_fixture("fence race 2").await else {
+        return;
+    };
+    let url = fixture.db.url.clone();
+    let business = charges_table(&url).await;
+    let slow_store = FaultStore::new(fixture.store.clone());
+    let slow = Engine::new(slow_store.clone()).lease(LEASE);
+    let other = Engine::new(second_handle(&fixture)).lease(LEASE);
+    let key = StoreKey::from_parts(b"", b"pay-2");
+    let (committed, resume) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+
+    let first = tokio::spawn({
+        let (store, url) = (fixture.store.clone(), url.clone());
+        let (committed, resume) = (committed.clone(), resume.clone());
+        async move {
+            slow.run_stored(key, FP, move |ctx| async move {
+                charge(&store, &url, "first", &ctx).await?;
+                committed.notify_one();
+                resume.notified().await;
+                Ok::<_, FenceError>(Bytes::from_static(b"first"))
+            })
+            .await
+        }
+    });
+    committed.notified().await;
+    pause_renewals(&slow_store);
+    tokio::time::sleep(LEASE * 2).await;
+
+    let executed = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let attempt = || {
+        let executed = executed.clone();
+        other.run_stored(key, FP, move |_| async move {
+            executed.store(true, std::sync::atomic::Ordering::SeqCst);
+            Ok::<_, FenceError>(Bytes::from_static(b"second"))
+        })
+    };
+    let refused = attempt().await;
+    assert!(
+        matches!(refused, Err(EngineError::OutcomeUnknown)),
+        "{refused:?}"
+    );
+
+    resume.notify_one();
+    let first = first.await.expect("no panic").expect("the first completes");
+    assert_eq!(first, Outcome::Executed(Bytes::from_static(b"first")));
+    let replayed = attempt().await.expect("replayed");
+    assert_eq!(replayed.value(), &Bytes::from_static(b"first"));
+    assert!(!executed.load(std::sync::atomic::Ordering::SeqCst));
+    assert_eq!(charges(&business).await, ["first"]);
+}
+
+/// Race 3: a crash after the commit. Through the layer: every retry gets
+/// 409 `OutcomeUnknown` and the handler never runs again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_crash_after_the_commit_answers_outcome_unknown_and_never_runs_again() {
+    let Some(fixture) = pg_fixture("fence race 3").await else {
+        return;
+    };
+    let url = fixture.db.url.clone();
+    let business = charges_table(&url).await;
+    let doomed_store = FaultStore::new(fixture.store.clone());
+    let committed = Arc::new(Notify::new());
+    let runs = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let handler = {
+        let (store, url, committed, runs) = (
+            fixture.store.clone(),
+            url.clone(),
+            committed.clone(),
+            runs.clone(),
+        );
+        tower::service_fn(move |req: http::Request<RequestBody<axum::body::Body>>| {
+            let (store, url, committed, runs) =
+                (store.clone(), url.clone(), committed.clone(), runs.clone());
+            async move {
+                if runs.fetch_add(1, std::sync::atomic::Ordering::SeqCst) > 0 {
+                    // A second execution: the test fails on the count.
+                    return Ok(http::Response::new(axum::body::Body::empty()));
+                }
+                let info = req
+                    .extensions()
+                    .get::<IdempotencyInfo>()
+                    .cloned()
+                    .expect("guarded");
+                charge(&store, &url, "first", info.execution())
+                    .await
+                    .expect("the fence holds");
+                committed.notify_one();
+                // The process dies here: nothing more of it ever runs.
+                std::future::pending::<()>().await;
+                Ok::<_, std::convert::Infallible>(http::Response::new(axum::body::Body::empty()))
+            }
+        })
+    };
+    let request = || {
+        http::Request::post("/pay")
+            .header("idempotency-key", "crash-1")
+            .body(axum::body::Body::from("amount=100"))
+            .unwrap()
+    };
+    let doomed = IdempotencyLayer::new(doomed_store.clone())
+        .lease(LEASE)
+        .layer(handler.clone());
+    let crashed = tokio::spawn(doomed.oneshot(request()));
+    committed.notified().await;
+    // The crash: its store handle answers nothing any more.
+    for op in [Operation::Extend, Operation::Complete, Operation::Release] {
+        doomed_store.inject(op, Fault::FailBefore, usize::MAX);
+    }
+    tokio::time::sleep(LEASE * 2).await;
+
+    let survivor = IdempotencyLayer::new(second_handle(&fixture))
+        .lease(LEASE)
+        .layer(handler);
+    for _ in 0..3 {
+        let answer = common::collect(survivor.clone().oneshot(request()).await.unwrap()).await;
+        assert_eq!(answer.status, StatusCode::CONFLICT);
+        assert!(
+            String::from_utf8_lossy(&answer.body).contains("OutcomeUnknown"),
+            "{:?}",
+            answer.body
+        );
+    }
+    assert_eq!(runs.load(std::sync::atomic::Ordering::SeqCst), 1);
+    assert_eq!(charges(&business).await, ["first"]);
+    crashed.abort();
+}
+
+/// A release (the handler failed after committing) leaves a committed key
+/// "outcome unknown", not free.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn releasing_a_committed_key_leaves_it_outcome_unknown() {
+    let Some(fixture) = pg_fixture("release after commit").await else {
+        return;
+    };
+    let url = fixture.db.url.clone();
+    let _business = charges_table(&url).await;
+    let store = fixture.store.clone();
+    let engine = Engine::new(store.clone()).lease(LEASE);
+    let key = StoreKey::from_parts(b"", b"pay-3");
+    let failed = engine
+        .run_stored(key, FP, |ctx| async move {
+            charge(&store, &url, "first", &ctx).await.expect("fence");
+            Err::<Bytes, _>("the handler failed after committing")
+        })
+        .await;
+    assert!(matches!(failed, Err(EngineError::Operation(_))));
+    let again = engine
+        .run_stored(key, FP, |_| async { Ok::<_, FenceError>(Bytes::new()) })
+        .await;
+    assert!(
+        matches!(again, Err(EngineError::OutcomeUnknown)),
+        "{again:?}"
+    );
+}
+
+/// The fence refuses a token that never owned the key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_fence_refuses_an_execution_that_does_not_own_the_key() {
+    let Some(fixture) = pg_fixture("fence refuses").await else {
+        return;
+    };
+    let engine = Engine::new(fixture.store.clone()).lease(LEASE);
+    let key = StoreKey::from_parts(b"", b"pay-4");
+    let purged = fixture.store.clone();
+    let result = engine
+        .run_stored(key, FP, |ctx| async move {
+            // Purged meanwhile (an operator's tool): the execution no
+            // longer owns the key.
+            purged.purge(ctx.store_key()).await.expect("purge");
+            let mut client = connect(&fixture.db.url).await;
+            let tx = client.transaction().await?;
+            purged.fence(&tx, &ctx).await?;
+            Ok::<_, FenceError>(Bytes::new())
+        })
+        .await;
+    assert!(
+        matches!(result, Err(EngineError::Operation(FenceError::Lost))),
+        "{result:?}"
+    );
+}
+
+/// Every instance may migrate at start-up, at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn many_instances_can_migrate_at_once() {
+    let Some(db) = TestDatabase::create_or_skip("concurrent migrate") else {
+        return;
+    };
+    let mut tasks = Vec::new();
+    for _ in 0..8 {
+        let url = db.url.clone();
+        tasks.push(tokio::spawn(async move {
+            let store = PostgresStore::builder(&url).unwrap().build().unwrap();
+            store.migrate().await
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap().expect("migrate");
+    }
+    let client = connect(&db.url).await;
+    let row = client
+        .query_one(
+            "SELECT count(*) FROM pg_indexes WHERE tablename = $1",
+            &[&DEFAULT_TABLE],
+        )
+        .await
+        .unwrap();
+    assert_eq!(row.get::<_, i64>(0), 2, "the primary key and expires_at");
+}
+
+#[tokio::test]
+async fn table_names_that_are_not_plain_identifiers_are_refused() {
+    for bad in ["Keys", "a;drop table x", "schema.t", ""] {
+        let e = PostgresStore::builder("postgres://postgres@127.0.0.1/postgres")
+            .unwrap()
+            .table(bad)
+            .build()
+            .unwrap_err();
+        assert!(e.to_string().contains("identifier"), "{bad}: {e}");
+    }
+    let e = PostgresStore::builder("not a url ://").unwrap_err();
+    assert_eq!(e.kind(), StoreErrorKind::Unavailable);
+}
+
+/// A waiter is woken by `NOTIFY` long before its fallback check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn waiters_are_woken_by_notify_across_handles() {
+    let Some(db) = TestDatabase::create_or_skip("notify") else {
+        return;
+    };
+    let build = || {
+        PostgresStore::builder(&db.url)
+            .unwrap()
+            .fallback_check(Duration::from_secs(30))
+            .build()
+            .unwrap()
+    };
+    let (owner, waiter) = (build(), build());
+    owner.migrate().await.unwrap();
+    let key = StoreKey::from_parts(b"", b"wake");
+    let Ok(Claim::Acquired(token)) = owner.claim(key, FP, Duration::from_secs(30)).await else {
+        panic!("acquired");
+    };
+    let waiting = tokio::spawn(async move {
+        let started = std::time::Instant::now();
+        waiter
+            .wait(key, token.fence(), Duration::from_secs(20))
+            .await
+            .unwrap();
+        started.elapsed()
+    });
+    // Let the waiter listen first.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let record = CompletedRecord {
+        fingerprint: FP,
+        payload: Bytes::from_static(b"done"),
+    };
+    assert_eq!(
+        owner
+            .complete(key, token, record, Duration::from_secs(60))
+            .await
+            .unwrap(),
+        LeaseStatus::Held
+    );
+    let waited = waiting.await.unwrap();
+    assert!(
+        waited < Duration::from_secs(5),
+        "woken by the notification, not the 30 s fallback: {waited:?}"
+    );
+}
+
+/// Expired rows go, in batches; live ones stay.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expired_rows_are_removed_in_batches_and_live_ones_stay() {
+    let Some(db) = TestDatabase::create_or_skip("cleanup") else {
+        return;
+    };
+    let store = PostgresStore::builder(&db.url)
+        .unwrap()
+        .cleanup_every(None)
+        .cleanup_batch(7)
+        .fence_memory(Duration::from_millis(1))
+        .build()
+        .unwrap();
+    store.migrate().await.unwrap();
+    for i in 0..40u32 {
+        let key = StoreKey::from_parts(b"", &i.to_be_bytes());
+        let Ok(Claim::Acquired(token)) = store.claim(key, FP, Duration::from_secs(60)).await else {
+            panic!("acquired");
+        };
+        let retention = if i < 30 {
+            Duration::from_millis(1)
+        } else {
+            Duration::from_secs(600)
+        };
+        let record = CompletedRecord {
+            fingerprint: FP,
+            payload: Bytes::from_static(b"x"),
+        };
+        store.complete(key, token, record, retention).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    assert_eq!(store.remove_expired().await.unwrap(), 30);
+    let client = connect(&db.url).await;
+    let left: i64 = client
+        .query_one(&format!("SELECT count(*) FROM {DEFAULT_TABLE}"), &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(left, 10);
+}
+
+/// A store on a private server, with a short timeout.
+async fn private_store(server: &PrivatePostgres) -> PostgresStore {
+    let store = PostgresStore::builder(&server.url())
+        .unwrap()
+        .operation_timeout(Duration::from_millis(500))
+        .build()
+        .unwrap();
+    store.migrate().await.expect("migrate");
+    store
+}
+
+/// Claims new keys until one is acquired; how long that took, or `None`.
+async fn first_claim_within(store: &PostgresStore, limit: Duration) -> Option<Duration> {
+    let started = std::time::Instant::now();
+    let mut n = 0u32;
+    while started.elapsed() < limit {
+        n += 1;
+        let key = StoreKey::from_parts(b"probe", &n.to_be_bytes());
+        if let Ok(Claim::Acquired(_)) = store.claim(key, FP, Duration::from_secs(30)).await {
+            return Some(started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    None
+}
+
+/// Killed (`kill -9` of every process): operations fail fast and closed;
+/// restarted, it serves again, and the records it confirmed are all there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_server_fails_closed_and_after_a_restart_keeps_every_record() {
+    let Some(mut server) = PrivatePostgres::start_or_skip("postgres killed") else {
+        return;
+    };
+    let store = private_store(&server).await;
+    let key = StoreKey::from_parts(b"", b"durable");
+    let Ok(Claim::Acquired(token)) = store.claim(key, FP, Duration::from_secs(30)).await else {
+        panic!("acquired");
+    };
+    let record = CompletedRecord {
+        fingerprint: FP,
+        payload: Bytes::from_static(b"charged"),
+    };
+    store
+        .complete(key, token, record.clone(), Duration::from_secs(600))
+        .await
+        .unwrap();
+    server.kill();
+    let started = std::time::Instant::now();
+    let e = store.claim(key, FP, LEASE).await.unwrap_err();
+    assert!(started.elapsed() < Duration::from_secs(2), "bounded");
+    assert!(
+        matches!(
+            e.kind(),
+            StoreErrorKind::Unavailable | StoreErrorKind::Timeout
+        ),
+        "{e}"
+    );
+    server.restart();
+    assert!(
+        first_claim_within(&store, Duration::from_secs(10))
+            .await
+            .is_some()
+    );
+    assert_eq!(
+        store.claim(key, FP, LEASE).await.unwrap(),
+        Claim::Completed(record),
+        "a confirmed record survives a crash"
+    );
+}
+
+/// Frozen (`SIGSTOP`): operations time out instead of hanging; thawed, it
+/// serves again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_server_times_out_and_recovers_when_thawed() {
+    let Some(server) = PrivatePostgres::start_or_skip("postgres frozen") else {
+        return;
+    };
+    let store = private_store(&server).await;
+    assert!(
+        first_claim_within(&store, Duration::from_secs(5))
+            .await
+            .is_some()
+    );
+    server.freeze();
+    let started = std::time::Instant::now();
+    let e = store
+        .claim(StoreKey::from_parts(b"", b"frozen"), FP, LEASE)
+        .await
+        .unwrap_err();
+    let took = started.elapsed();
+    server.thaw();
+    assert_eq!(e.kind(), StoreErrorKind::Timeout, "{e}");
+    assert!(took < Duration::from_secs(2), "bounded: {took:?}");
+    assert!(
+        first_claim_within(&store, Duration::from_secs(10))
+            .await
+            .is_some()
+    );
+}
+
+/// Connections closed by the server (a failover, a network cut): the next
+/// operations open new ones.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dropped_connections_are_replaced() {
+    let Some(server) = PrivatePostgres::start_or_skip("postgres connections dropped") else {
+        return;
+    };
+    let store = private_store(&server).await;
+    for _ in 0..3 {
+        assert!(
+            first_claim_within(&store, Duration::from_secs(5))
+                .await
+                .is_some()
+        );
+        server.drop_connections();
+    }
+    assert!(
+        first_claim_within(&store, Duration::from_secs(5))
+            .await
+            .is_some()
+    );
+}
+
+/// A statement that cannot finish (its row locked by another transaction
+/// that does not end) fails as a timeout within the operation timeout, and
+/// the layer answers 503, never an execution.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_that_cannot_finish_times_out_and_the_layer_fails_closed() {
+    let Some(fixture) = pg_fixture("statement timeout").await else {
+        return;
+    };
+    let store = PostgresStore::builder(&fixture.db.url)
+        .unwrap()
+        .operation_timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    let key = StoreKey::from_parts(b"", b"locked");
+    let Ok(Claim::Acquired(_)) = store.claim(key, FP, Duration::from_millis(50)).await else {
+        panic!("acquired");
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // Another session holds the row's lock: a takeover must wait for it.
+    let mut locker = connect(&fixture.db.url).await;
+    let tx = locker.transaction().await.unwrap();
+    tx.execute(
+        &format!("SELECT 1 FROM {DEFAULT_TABLE} WHERE key = $1 FOR UPDATE"),
+        &[&key.as_bytes().as_slice()],
+    )
+    .await
+    .unwrap();
+    let started = std::time::Instant::now();
+    let e = store.claim(key, FP, LEASE).await.unwrap_err();
+    assert_eq!(e.kind(), StoreErrorKind::Timeout, "{e}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    drop(tx);
+    let acquired = store.claim(key, FP, LEASE).await;
+    assert!(matches!(acquired, Ok(Claim::Acquired(_))), "{acquired:?}");
+}
