@@ -27,16 +27,26 @@
 //!
 //! Flags: `--addr` (default `127.0.0.1:3000`), `--delay-ms` (simulated
 //! processing time, default 2000), `--no-idempotency` (same routes without
-//! the layer, to measure its cost), `--store memory|redis|redis-cluster`
-//! and `--redis-url` (default `redis://127.0.0.1:6379`, or the cluster's
-//! seed nodes, comma-separated; needs `--features redis` or
-//! `--features redis-cluster`). Two instances on two ports sharing one Redis form a
-//! small fleet:
+//! the layer, to measure its cost), `--store memory|redis|redis-cluster|postgres`,
+//! `--redis-url` (default `redis://127.0.0.1:6379`, or the cluster's seed
+//! nodes, comma-separated; needs `--features redis` or `--features
+//! redis-cluster`) and `--postgres-url` (default
+//! `postgres://postgres@127.0.0.1:5432/postgres`; needs `--features
+//! postgres`). Two instances on two ports sharing one Redis form a small
+//! fleet:
 //!
 //! ```sh
 //! cargo run --features redis --example payments -- --store redis --addr 127.0.0.1:3000 &
 //! cargo run --features redis --example payments -- --store redis --addr 127.0.0.1:3001 &
 //! ```
+//!
+//! With `--store postgres`, the idempotency records and the ledger live in
+//! one database (tables `idempotency_keys` and `payments`, created at
+//! start), and each charge writes its ledger row in a transaction fenced by
+//! `PostgresStore::fence`: a charge whose claim was taken over (a pause
+//! longer than the lease) rolls back instead of committing a second row.
+//! `GET /payments` reads the table, so every instance shows the same
+//! ledger.
 //!
 //! Stops cleanly on Ctrl-C or SIGTERM.
 
@@ -49,13 +59,13 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use axum::{Json, Router};
+use axum::{Extension, Json, Router};
 use bytes::Bytes;
 use clap::Parser;
 use serde::{Deserialize, Serialize};
 use tower::ServiceBuilder;
-use tower_idempotency::IdempotencyLayer;
 use tower_idempotency::store::{MemoryStore, Store};
+use tower_idempotency::{IdempotencyInfo, IdempotencyLayer};
 use tracing_subscriber::EnvFilter;
 
 /// The payments demo server.
@@ -78,6 +88,9 @@ struct Args {
     /// the cluster's seed nodes, comma-separated.
     #[arg(long, default_value = "redis://127.0.0.1:6379")]
     redis_url: String,
+    /// The database to use with `--store postgres`.
+    #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
+    postgres_url: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -88,6 +101,9 @@ enum StoreKind {
     Redis,
     /// Shared by every instance pointed at the same Redis Cluster.
     RedisCluster,
+    /// Shared by every instance pointed at the same PostgreSQL database,
+    /// with the ledger in the same database.
+    Postgres,
 }
 
 #[derive(Debug, Deserialize)]
@@ -107,9 +123,107 @@ struct Payment {
 #[derive(Clone)]
 struct AppState {
     delay: Duration,
-    ledger: Arc<Mutex<Vec<Payment>>>,
+    ledger: Ledger,
     next_id: Arc<AtomicU64>,
     id_prefix: Arc<str>,
+}
+
+/// Where charges are recorded.
+#[derive(Clone)]
+enum Ledger {
+    /// In this process.
+    Memory(Arc<Mutex<Vec<Payment>>>),
+    /// In the `payments` table, each row fenced by the idempotency store.
+    #[cfg(feature = "postgres")]
+    Postgres {
+        pool: deadpool_postgres::Pool,
+        store: tower_idempotency::store::PostgresStore,
+    },
+}
+
+impl Ledger {
+    /// Records `payment`; with PostgreSQL, only if this execution still owns
+    /// its idempotency key (`info`), in the same transaction.
+    #[cfg_attr(not(feature = "postgres"), allow(unused_variables))]
+    async fn record(
+        &self,
+        payment: &Payment,
+        info: Option<&IdempotencyInfo>,
+    ) -> Result<(), Response> {
+        match self {
+            Ledger::Memory(payments) => {
+                payments
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .push(payment.clone());
+                Ok(())
+            }
+            #[cfg(feature = "postgres")]
+            Ledger::Postgres { pool, store } => {
+                let unavailable = |e: &dyn std::fmt::Display| {
+                    tracing::warn!(error = %e, "ledger unavailable");
+                    (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        Json(serde_json::json!({ "error": "ledger unavailable" })),
+                    )
+                        .into_response()
+                };
+                let mut client = pool.get().await.map_err(|e| unavailable(&e))?;
+                let tx = client.transaction().await.map_err(|e| unavailable(&e))?;
+                let amount = i64::try_from(payment.amount).unwrap_or(i64::MAX);
+                tx.execute(
+                    "INSERT INTO payments (id, amount, currency, message) VALUES ($1, $2, $3, $4)",
+                    &[&payment.id, &amount, &payment.currency, &payment.message],
+                )
+                .await
+                .map_err(|e| unavailable(&e))?;
+                if let Some(info) = info {
+                    match store.fence(&tx, info.execution()).await {
+                        Ok(()) => {}
+                        Err(tower_idempotency::store::FenceError::Lost) => {
+                            // Dropping `tx` rolls the row back.
+                            return Err((
+                                StatusCode::CONFLICT,
+                                Json(serde_json::json!({ "error": "this charge's claim was taken over; nothing was recorded" })),
+                            )
+                                .into_response());
+                        }
+                        Err(e) => return Err(unavailable(&e)),
+                    }
+                }
+                tx.commit().await.map_err(|e| unavailable(&e))
+            }
+        }
+    }
+
+    async fn list(&self) -> Result<Vec<Payment>, Response> {
+        match self {
+            Ledger::Memory(payments) => {
+                Ok(payments.lock().unwrap_or_else(|e| e.into_inner()).clone())
+            }
+            #[cfg(feature = "postgres")]
+            Ledger::Postgres { pool, .. } => {
+                let failed = |e: &dyn std::fmt::Display| {
+                    tracing::warn!(error = %e, "ledger unavailable");
+                    StatusCode::SERVICE_UNAVAILABLE.into_response()
+                };
+                let client = pool.get().await.map_err(|e| failed(&e))?;
+                let rows = client
+                    .query("SELECT id, amount, currency, message FROM payments ORDER BY created_at, id", &[])
+                    .await
+                    .map_err(|e| failed(&e))?;
+                Ok(rows
+                    .iter()
+                    .map(|row| Payment {
+                        id: row.get(0),
+                        amount: u64::try_from(row.get::<_, i64>(1)).unwrap_or(0),
+                        currency: row.get(2),
+                        message: row.get(3),
+                    })
+                    .collect())
+            }
+        }
+    }
 }
 
 fn bad_request(error: &str) -> Response {
@@ -120,7 +234,11 @@ fn bad_request(error: &str) -> Response {
         .into_response()
 }
 
-async fn process_payment(State(state): State<AppState>, body: Bytes) -> Response {
+async fn process_payment(
+    State(state): State<AppState>,
+    info: Option<Extension<IdempotencyInfo>>,
+    body: Bytes,
+) -> Response {
     let Ok(charge) = serde_json::from_slice::<ChargeRequest>(&body) else {
         return bad_request(
             "Invalid body: expected {\"amount\": <positive integer>, \"currency\": \"<3 letters>\"}",
@@ -144,23 +262,22 @@ async fn process_payment(State(state): State<AppState>, body: Bytes) -> Response
         message: format!("Charged {} {}", charge.amount, charge.currency),
         currency: charge.currency,
     };
-    state
+    if let Err(refused) = state
         .ledger
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .push(payment.clone());
+        .record(&payment, info.as_ref().map(|i| &i.0))
+        .await
+    {
+        return refused;
+    }
     tracing::info!(id = %payment.id, amount = payment.amount, currency = %payment.currency, "charged");
     (StatusCode::CREATED, Json(payment)).into_response()
 }
 
-async fn list_payments(State(state): State<AppState>) -> Json<Vec<Payment>> {
-    Json(
-        state
-            .ledger
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .clone(),
-    )
+async fn list_payments(State(state): State<AppState>) -> Response {
+    match state.ledger.list().await {
+        Ok(payments) => Json(payments).into_response(),
+        Err(refused) => refused,
+    }
 }
 
 async fn healthz() -> &'static str {
@@ -168,14 +285,18 @@ async fn healthz() -> &'static str {
 }
 
 /// Builds the router; `guard` wraps the charge route with the layer.
-fn app(args: &Args, guard: impl FnOnce(Router<AppState>) -> Router<AppState>) -> Router {
+fn app(
+    args: &Args,
+    ledger: Ledger,
+    guard: impl FnOnce(Router<AppState>) -> Router<AppState>,
+) -> Router {
     let started = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_millis())
         .unwrap_or_default();
     let state = AppState {
         delay: Duration::from_millis(args.delay_ms),
-        ledger: Arc::default(),
+        ledger,
         next_id: Arc::new(AtomicU64::new(1)),
         id_prefix: format!("{started:x}").into(),
     };
@@ -189,6 +310,60 @@ fn app(args: &Args, guard: impl FnOnce(Router<AppState>) -> Router<AppState>) ->
         .route("/payments", get(list_payments))
         .route("/healthz", get(healthz))
         .with_state(state)
+}
+
+fn memory_ledger() -> Ledger {
+    Ledger::Memory(Arc::default())
+}
+
+/// One pool for the idempotency store and the ledger; both tables made if
+/// missing.
+#[cfg(feature = "postgres")]
+async fn postgres_ledger(
+    url: &str,
+) -> Result<(Ledger, tower_idempotency::store::PostgresStore), Box<dyn std::error::Error>> {
+    let config: tokio_postgres::Config = url.parse()?;
+    let manager = deadpool_postgres::Manager::from_config(
+        config.clone(),
+        tokio_postgres::NoTls,
+        deadpool_postgres::ManagerConfig {
+            recycling_method: deadpool_postgres::RecyclingMethod::Fast,
+        },
+    );
+    let pool = deadpool_postgres::Pool::builder(manager)
+        .max_size(32)
+        .wait_timeout(Some(Duration::from_secs(1)))
+        .create_timeout(Some(Duration::from_secs(1)))
+        .runtime(deadpool_postgres::Runtime::Tokio1)
+        .build()?;
+    let store =
+        tower_idempotency::store::PostgresStore::builder_for_pool(pool.clone(), Some(config))
+            .build()?;
+    store.migrate().await?;
+    // Instances may start together: they take turns on an advisory lock
+    // (concurrent `CREATE TABLE IF NOT EXISTS` can fail on the catalog).
+    let mut client = pool.get().await?;
+    let tx = client.transaction().await?;
+    tx.batch_execute(
+        "SELECT pg_advisory_xact_lock(hashtext('payments demo ledger'));
+         CREATE TABLE IF NOT EXISTS payments (
+             id         text        PRIMARY KEY,
+             amount     bigint      NOT NULL,
+             currency   text        NOT NULL,
+             message    text        NOT NULL,
+             created_at timestamptz NOT NULL DEFAULT now()
+         )",
+    )
+    .await?;
+    tx.commit().await?;
+    drop(client);
+    Ok((
+        Ledger::Postgres {
+            pool,
+            store: store.clone(),
+        },
+        store,
+    ))
 }
 
 /// `route_layer`: only matched routes are guarded, so a 404 stays a 404.
@@ -230,13 +405,13 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .init();
     let args = Args::parse();
     let router = match args.store {
-        StoreKind::Memory => app(&args, guard_with(MemoryStore::new())),
+        StoreKind::Memory => app(&args, memory_ledger(), guard_with(MemoryStore::new())),
         #[cfg(feature = "redis")]
         StoreKind::Redis => {
             let store = tower_idempotency::store::RedisStore::connect(&args.redis_url)
                 .await
                 .map_err(|e| format!("cannot use Redis at {}: {e}", args.redis_url))?;
-            app(&args, guard_with(store))
+            app(&args, memory_ledger(), guard_with(store))
         }
         #[cfg(not(feature = "redis"))]
         StoreKind::Redis => {
@@ -250,7 +425,20 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .build_cluster(&nodes)
                 .await
                 .map_err(|e| format!("cannot use Redis Cluster at {}: {e}", args.redis_url))?;
-            app(&args, guard_with(store))
+            app(&args, memory_ledger(), guard_with(store))
+        }
+        #[cfg(feature = "postgres")]
+        StoreKind::Postgres => {
+            let (ledger, store) = postgres_ledger(&args.postgres_url)
+                .await
+                .map_err(|e| format!("cannot use PostgreSQL at {}: {e}", args.postgres_url))?;
+            app(&args, ledger, guard_with(store))
+        }
+        #[cfg(not(feature = "postgres"))]
+        StoreKind::Postgres => {
+            return Err(
+                "this build has no PostgreSQL support: run with `--features postgres`".into(),
+            );
         }
         #[cfg(not(feature = "redis-cluster"))]
         StoreKind::RedisCluster => {
