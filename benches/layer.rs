@@ -16,6 +16,11 @@
 //! - `store`: what `MemoryStore` spends storing a new key (claim, then
 //!   complete) below its byte bound and at it, beside the same inserts into
 //!   a bare moka cache configured as the store configures it.
+//! - `postgres`: first request and replay on `PostgresStore`, beside a
+//!   plain `SELECT 1` on the same pool, and the in-transaction `fence`
+//!   (with its claim and completion) beside a transaction with a `SELECT 1`;
+//!   on a database of its own on the PostgreSQL at
+//!   `TOWER_IDEMPOTENCY_POSTGRES_URL` (default `127.0.0.1:5432`).
 //! - `redis`: first request and replay on `RedisStore`, beside a plain Redis
 //!   `GET` round trip, against a `redis-server` the bench starts on a free
 //!   port (skipped when there is none).
@@ -395,7 +400,7 @@ fn redis(c: &mut Criterion) {
 
 /// Times `iters` sequential calls of `op` inside one task spawned on the
 /// runtime, so that every call runs on a worker thread.
-#[cfg(feature = "redis")]
+#[cfg(any(feature = "redis", feature = "postgres"))]
 fn on_worker<F, Fut>(rt: &tokio::runtime::Runtime, b: &mut criterion::Bencher<'_>, op: F)
 where
     F: Fn() -> Fut + Send + Sync + Clone + 'static,
@@ -416,6 +421,123 @@ where
             .unwrap()
         })
     });
+}
+
+/// First request and replay on `PostgresStore`, beside a plain `SELECT 1`
+/// on the same pool, and the in-transaction `fence` beside a `SELECT 1` in
+/// the same kind of transaction; on a database of its own on the shared
+/// server.
+#[cfg(feature = "postgres")]
+fn postgres(c: &mut Criterion) {
+    use tower_idempotency::store::PostgresStore;
+    let Some(db) = common::postgres::TestDatabase::create_or_skip("postgres benches") else {
+        return;
+    };
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .unwrap();
+    let config: tokio_postgres::Config = db.url.parse().unwrap();
+    let pool = deadpool_postgres::Pool::builder(deadpool_postgres::Manager::from_config(
+        config.clone(),
+        tokio_postgres::NoTls,
+        deadpool_postgres::ManagerConfig {
+            recycling_method: deadpool_postgres::RecyclingMethod::Fast,
+        },
+    ))
+    .max_size(4)
+    .runtime(deadpool_postgres::Runtime::Tokio1)
+    .build()
+    .unwrap();
+    let store = PostgresStore::builder_for_pool(pool.clone(), Some(config))
+        .build()
+        .unwrap();
+    let ours = rt.block_on(async {
+        store.migrate().await.unwrap();
+        let ours = guarded(store.clone());
+        assert_eq!(
+            call(&ours, post_req(Some("replayed"))).await,
+            StatusCode::CREATED
+        );
+        ours
+    });
+    let mut g = c.benchmark_group("postgres");
+    g.measurement_time(Duration::from_secs(5));
+    g.bench_function("plain_select_1_round_trip", |b| {
+        let pool = pool.clone();
+        on_worker(&rt, b, move || {
+            let pool = pool.clone();
+            async move {
+                let client = pool.get().await.unwrap();
+                let statement = client.prepare_cached("SELECT 1").await.unwrap();
+                client
+                    .query_one(&statement, &[])
+                    .await
+                    .unwrap()
+                    .get::<_, i32>(0)
+            }
+        })
+    });
+    g.bench_function("ours/first", |b| {
+        let ours = ours.clone();
+        on_worker(&rt, b, move || {
+            let ours = ours.clone();
+            async move { call(&ours, post_req(Some(&fresh_key()))).await }
+        })
+    });
+    g.bench_function("ours/replay", |b| {
+        let ours = ours.clone();
+        on_worker(&rt, b, move || {
+            let ours = ours.clone();
+            async move { call(&ours, post_req(Some("replayed"))).await }
+        })
+    });
+    // A transaction that writes nothing but checks one thing: `fence`, or
+    // a `SELECT 1` for the floor.
+    g.bench_function("transaction/select_1", |b| {
+        let pool = pool.clone();
+        on_worker(&rt, b, move || {
+            let pool = pool.clone();
+            async move {
+                let mut client = pool.get().await.unwrap();
+                let tx = client.transaction().await.unwrap();
+                tx.query_typed("SELECT 1", &[]).await.unwrap();
+                tx.commit().await.unwrap();
+            }
+        })
+    });
+    let engine = tower_idempotency::engine::Engine::new(store.clone());
+    g.bench_function("transaction/fence", |b| {
+        let (pool, store, engine) = (pool.clone(), store.clone(), engine.clone());
+        on_worker(&rt, b, move || {
+            let (pool, store, engine) = (pool.clone(), store.clone(), engine.clone());
+            async move {
+                let key = tower_idempotency::key::StoreKey::from_parts(b"", fresh_key().as_bytes());
+                let fingerprint = tower_idempotency::fingerprint::Fingerprint::of_bytes(b"x");
+                // The claim and completion are timed too; the bench
+                // `ours/first` gives their cost, to subtract.
+                engine
+                    .run_stored(key, fingerprint, move |ctx| async move {
+                        let mut client = pool.get().await.unwrap();
+                        let tx = client.transaction().await.unwrap();
+                        store.fence(&tx, &ctx).await.unwrap();
+                        tx.commit().await.unwrap();
+                        Ok::<_, std::convert::Infallible>(bytes::Bytes::new())
+                    })
+                    .await
+                    .unwrap()
+            }
+        })
+    });
+    g.finish();
+    drop(rt);
+    drop(db);
+}
+
+#[cfg(not(feature = "postgres"))]
+fn postgres(_c: &mut Criterion) {
+    eprintln!("SKIPPED postgres benches: built without the `postgres` feature");
 }
 
 #[cfg(not(feature = "redis"))]
@@ -569,6 +691,7 @@ criterion_group!(
     coalesced,
     fingerprint,
     redis,
+    postgres,
     store
 );
 criterion_main!(benches);

@@ -396,6 +396,16 @@ async fn many_instances_can_migrate_at_once() {
     assert_eq!(row.get::<_, i64>(0), 2, "the primary key and expires_at");
 }
 
+/// Building needs no runtime (a store can be made in a plain `main` or a
+/// static): the cleanup task starts with the first operation.
+#[test]
+fn a_store_is_built_outside_a_runtime_without_a_panic() {
+    let store = PostgresStore::builder("postgres://postgres@127.0.0.1/postgres")
+        .unwrap()
+        .build();
+    assert!(store.is_ok());
+}
+
 #[tokio::test]
 async fn table_names_that_are_not_plain_identifiers_are_refused() {
     for bad in ["Keys", "a;drop table x", "schema.t", ""] {
@@ -655,4 +665,61 @@ async fn a_statement_that_cannot_finish_times_out_and_the_layer_fails_closed() {
     drop(tx);
     let acquired = store.claim(key, FP, LEASE).await;
     assert!(matches!(acquired, Ok(Claim::Acquired(_))), "{acquired:?}");
+}
+
+/// The background task removes expired rows by itself, and stops when
+/// told to.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_cleanup_task_removes_expired_rows_by_itself_until_stopped() {
+    let Some(db) = TestDatabase::create_or_skip("cleanup task") else {
+        return;
+    };
+    let store = PostgresStore::builder(&db.url)
+        .unwrap()
+        .cleanup_every(Some(Duration::from_millis(50)))
+        .fence_memory(Duration::from_millis(1))
+        .build()
+        .unwrap();
+    store.migrate().await.unwrap();
+    let client = connect(&db.url).await;
+    let count = || async {
+        client
+            .query_one(&format!("SELECT count(*) FROM {DEFAULT_TABLE}"), &[])
+            .await
+            .unwrap()
+            .get::<_, i64>(0)
+    };
+    let expire_soon = |n: u32| {
+        let store = store.clone();
+        async move {
+            let key = StoreKey::from_parts(b"", &n.to_be_bytes());
+            let Ok(Claim::Acquired(token)) = store.claim(key, FP, Duration::from_secs(60)).await
+            else {
+                panic!("acquired");
+            };
+            let record = CompletedRecord {
+                fingerprint: FP,
+                payload: Bytes::from_static(b"x"),
+            };
+            store
+                .complete(key, token, record, Duration::from_millis(1))
+                .await
+                .unwrap();
+        }
+    };
+    for n in 0..5 {
+        expire_soon(n).await;
+    }
+    let started = std::time::Instant::now();
+    while count().await > 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the task did not remove the expired rows"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    store.stop_cleanup();
+    expire_soon(99).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(count().await, 1, "stopped: the expired row stays");
 }

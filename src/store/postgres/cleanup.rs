@@ -11,11 +11,15 @@ use super::{Inner, PostgresStore};
 /// Every `every`, removes expired rows ([`PostgresStore::remove_expired`]);
 /// ends when the store is dropped. A failed round is logged and retried at
 /// the next tick.
-pub(super) fn spawn(inner: Weak<Inner>, every: Duration) -> JoinHandle<()> {
-    tokio::spawn(async move {
+pub(super) fn spawn(
+    runtime: &tokio::runtime::Handle,
+    inner: Weak<Inner>,
+    every: Duration,
+) -> JoinHandle<()> {
+    runtime.spawn(async move {
         let mut ticks = tokio::time::interval(every);
         ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        // The first tick is immediate: skip it, the table was just opened.
+        // The first tick is immediate: skip it, the store was just used.
         ticks.tick().await;
         loop {
             ticks.tick().await;

@@ -6,6 +6,7 @@ mod listen;
 mod sql;
 
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -154,6 +155,10 @@ struct Inner {
     fence_memory: Duration,
     cleanup_batch: u32,
     listener: Option<Arc<Listener>>,
+    /// How often the cleanup task runs; `None`: no task.
+    cleanup_every: Option<Duration>,
+    /// Set once the cleanup task was started (or stopped for good).
+    cleanup_started: AtomicBool,
     cleanup: Mutex<Option<JoinHandle<()>>>,
 }
 
@@ -270,8 +275,8 @@ impl PostgresStoreBuilder {
     /// Builds the store. It connects lazily (a process can start while the
     /// database is down: guarded requests get 503 until it is back) and
     /// does not create the table: call [`PostgresStore::migrate`], or run
-    /// the SQL in its docs yourself. Needs a tokio runtime (for the cleanup
-    /// task).
+    /// the SQL in its docs yourself. The cleanup task starts with the first
+    /// operation, on that operation's tokio runtime.
     pub fn build(self) -> Result<PostgresStore, StoreError> {
         if !sql::is_valid_table_name(&self.table) {
             return Err(configure_error(format!(
@@ -320,13 +325,11 @@ impl PostgresStoreBuilder {
                 fence_memory: self.fence_memory,
                 cleanup_batch: self.cleanup_batch,
                 listener,
+                cleanup_every: self.cleanup_every,
+                cleanup_started: AtomicBool::new(self.cleanup_every.is_none()),
                 cleanup: Mutex::new(None),
             }),
         };
-        if let Some(every) = self.cleanup_every {
-            let task = cleanup::spawn(Arc::downgrade(&store.inner), every);
-            *store.inner.cleanup_task() = Some(task);
-        }
         Ok(store)
     }
 }
@@ -408,12 +411,31 @@ impl PostgresStore {
         }
     }
 
-    /// Stops the background cleanup task (it also stops when the last
-    /// handle on the store is dropped).
+    /// Stops the background cleanup task for good (it also stops when the
+    /// last handle on the store is dropped).
     pub fn stop_cleanup(&self) {
+        self.inner.cleanup_started.store(true, Ordering::Release);
         if let Some(task) = self.inner.cleanup_task().take() {
             task.abort();
         }
+    }
+
+    /// Starts the cleanup task, once, on the current runtime.
+    fn ensure_cleanup(&self) {
+        if self.inner.cleanup_started.load(Ordering::Acquire) {
+            return;
+        }
+        let (Some(every), Ok(runtime)) = (
+            self.inner.cleanup_every,
+            tokio::runtime::Handle::try_current(),
+        ) else {
+            return;
+        };
+        let mut task = self.inner.cleanup_task();
+        if self.inner.cleanup_started.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        *task = Some(cleanup::spawn(&runtime, Arc::downgrade(&self.inner), every));
     }
 
     /// Marks the key of `execution` "effect committed" inside `tx`, if the
@@ -453,6 +475,7 @@ impl PostgresStore {
         op: &'static str,
         work: impl Future<Output = Result<T, Failure>>,
     ) -> Result<T, StoreError> {
+        self.ensure_cleanup();
         match tokio::time::timeout(self.inner.op_timeout, work).await {
             Ok(Ok(value)) => Ok(value),
             Ok(Err(failure)) => Err(failure.into_store_error(op)),
