@@ -14,11 +14,19 @@
 #   replay        memory store, one fixed key (every request after the first replays)
 #   redis-first   Redis store, a unique key per request
 #   redis-replay  Redis store, one fixed key
+#   pg-first      PostgreSQL store, a unique key per request; the demo's
+#                 ledger is then the `payments` table, each row written in a
+#                 transaction fenced by the store (three committed writes
+#                 per charge: claim, ledger row with its fence, completion)
+#   pg-replay     PostgreSQL store, one fixed key
 # Each bare run sends exactly the requests of the scenarios it is the
 # baseline for, so wrk (which shares the two cores) does the same work in
 # both. It prints req/s, p50 and p99 per scenario and round, then the
 # medians and their ratios to their bare run. Needs wrk (installed with apt-get when missing) and,
-# for the Redis scenarios, redis-server (a private one on a free port).
+# for the Redis scenarios, redis-server (a private one on a free port); for
+# the PostgreSQL scenarios, psql and the server at TOWER_IDEMPOTENCY_POSTGRES_URL
+# (default postgres://postgres@127.0.0.1:5432/postgres), in a database of
+# their own that is dropped at the end.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -28,9 +36,15 @@ CONNECTIONS=${CONNECTIONS:-32}
 PORT=${PORT:-3900}
 work=$(mktemp -d)
 pids=()
+pg_admin=${TOWER_IDEMPOTENCY_POSTGRES_URL:-postgres://postgres@127.0.0.1:5432/postgres}
+pg_db=tower_idempotency_http_load_$$
+have_pg=0
 cleanup() {
     for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
     wait 2>/dev/null || true
+    if [ "$have_pg" = 1 ]; then
+        psql -q "$pg_admin" -c "DROP DATABASE IF EXISTS $pg_db WITH (FORCE)" >/dev/null 2>&1 || true
+    fi
     rm -rf "$work"
 }
 trap cleanup EXIT
@@ -38,7 +52,7 @@ trap cleanup EXIT
 if ! command -v wrk >/dev/null; then
     apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq wrk >/dev/null
 fi
-cargo build --release --quiet --features redis --example payments
+cargo build --release --quiet --features redis,postgres --example payments
 bin=target/release/examples/payments
 
 redis_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
@@ -49,6 +63,11 @@ if command -v redis-server >/dev/null; then
     pids+=($!)
     have_redis=1
     sleep 0.3
+fi
+
+if command -v psql >/dev/null && psql -q "$pg_admin" -c "CREATE DATABASE $pg_db" >/dev/null 2>&1; then
+    have_pg=1
+    pg_url="${pg_admin%/*}/$pg_db"
 fi
 
 cat >"$work/unique.lua" <<'LUA'
@@ -119,6 +138,10 @@ for round in $(seq "$ROUNDS"); do
         run redis-first unique.lua --store redis --redis-url "redis://127.0.0.1:$redis_port"
         run redis-replay fixed.lua --store redis --redis-url "redis://127.0.0.1:$redis_port"
     fi
+    if [ "$have_pg" = 1 ]; then
+        run pg-first unique.lua --store postgres --postgres-url "$pg_url"
+        run pg-replay fixed.lua --store postgres --postgres-url "$pg_url"
+    fi
 done
 
 echo "--- medians (ratio to the bare run with the same requests)"
@@ -128,8 +151,8 @@ runs = {}
 for line in open(sys.argv[1]):
     name, rps = line.split()
     runs.setdefault(name, []).append(float(rps))
-baseline = {"first": "bare-unique", "redis-first": "bare-unique",
-            "replay": "bare-fixed", "redis-replay": "bare-fixed"}
+baseline = {"first": "bare-unique", "redis-first": "bare-unique", "pg-first": "bare-unique",
+            "replay": "bare-fixed", "redis-replay": "bare-fixed", "pg-replay": "bare-fixed"}
 for name, values in runs.items():
     m = statistics.median(values)
     line = f"{name:13s} median {m:10.0f} req/s  range {min(values):.0f}-{max(values):.0f}"

@@ -479,6 +479,38 @@ fn postgres(c: &mut Criterion) {
             }
         })
     });
+    // The floor of a first request: two committed writes, an insert of a
+    // new row and an update of it, each its own statement.
+    rt.block_on(async {
+        let client = pool.get().await.unwrap();
+        client
+            .batch_execute("CREATE TABLE floor (k text PRIMARY KEY, v bytea)")
+            .await
+            .unwrap();
+    });
+    g.bench_function("plain_insert_then_update", |b| {
+        let pool = pool.clone();
+        on_worker(&rt, b, move || {
+            let pool = pool.clone();
+            async move {
+                let client = pool.get().await.unwrap();
+                let key = fresh_key();
+                let insert = client
+                    .prepare_cached("INSERT INTO floor (k) VALUES ($1)")
+                    .await
+                    .unwrap();
+                client.execute(&insert, &[&key]).await.unwrap();
+                let update = client
+                    .prepare_cached("UPDATE floor SET v = $2 WHERE k = $1")
+                    .await
+                    .unwrap();
+                client
+                    .execute(&update, &[&key, &b"response".as_slice()])
+                    .await
+                    .unwrap()
+            }
+        })
+    });
     g.bench_function("ours/first", |b| {
         let ours = ours.clone();
         on_worker(&rt, b, move || {

@@ -44,8 +44,21 @@ impl Statements {
     pub(super) fn for_table(table: &str) -> Self {
         Self {
             migrate: migrate(table),
+            // A live row (a completed record, a claim in flight) is only
+            // read: the insert runs only when no live row was seen, so a
+            // replay takes no lock, writes nothing and waits for no commit
+            // to reach the disk. An expired or released row is taken over
+            // by the conflict clause, which re-checks it under its lock.
             claim: format!(
                 "WITH clock AS (SELECT clock_timestamp() AS t),
+                 live AS (
+                   SELECT fence, state, fingerprint, payload, effect_committed,
+                          lease_until <= clock.t AS lapsed
+                   FROM {table}, clock
+                   WHERE key = $1
+                     AND ((state = 0 AND (lease_until > clock.t OR effect_committed))
+                       OR (state = 1 AND expires_at > clock.t))
+                 ),
                  taken AS (
                    INSERT INTO {table} AS r
                      (key, fingerprint, fence, nonce, state, lease_until, expires_at, effect_committed, payload)
@@ -53,6 +66,7 @@ impl Statements {
                           clock.t + $4::float8 * interval '1 millisecond',
                           clock.t + $5::float8 * interval '1 millisecond', false, NULL
                    FROM clock
+                   WHERE NOT EXISTS (SELECT 1 FROM live)
                    ON CONFLICT (key) DO UPDATE SET
                      fingerprint = excluded.fingerprint,
                      fence = GREATEST(r.fence + 1, excluded.fence),
@@ -69,9 +83,7 @@ impl Statements {
                  )
                  SELECT true, fence, NULL::smallint, NULL::bytea, NULL::bytea, false, false FROM taken
                  UNION ALL
-                 SELECT false, fence, state, fingerprint, payload, effect_committed,
-                        lease_until <= clock_timestamp()
-                 FROM {table} WHERE key = $1 AND NOT EXISTS (SELECT 1 FROM taken)"
+                 SELECT false, fence, state, fingerprint, payload, effect_committed, lapsed FROM live"
             ),
             complete: format!(
                 "WITH done AS (
