@@ -723,3 +723,49 @@ async fn the_cleanup_task_removes_expired_rows_by_itself_until_stopped() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(count().await, 1, "stopped: the expired row stays");
 }
+
+/// A replay only reads: it takes no row lock (a lock is a write, with a
+/// WAL record and a flush at commit), so the row's `xmax` stays unset.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_replay_writes_nothing() {
+    let Some(fixture) = pg_fixture("replay writes nothing").await else {
+        return;
+    };
+    let store = &fixture.store;
+    let key = StoreKey::from_parts(b"", b"replayed");
+    let Ok(Claim::Acquired(token)) = store.claim(key, FP, Duration::from_secs(30)).await else {
+        panic!("acquired");
+    };
+    let record = CompletedRecord {
+        fingerprint: FP,
+        payload: Bytes::from_static(b"done"),
+    };
+    store
+        .complete(key, token, record.clone(), Duration::from_secs(600))
+        .await
+        .unwrap();
+    let client = connect(&fixture.db.url).await;
+    let row_versions = || async {
+        let row = client
+            .query_one(
+                &format!("SELECT xmin::text, xmax::text FROM {DEFAULT_TABLE} WHERE key = $1"),
+                &[&key.as_bytes().as_slice()],
+            )
+            .await
+            .unwrap();
+        (row.get::<_, String>(0), row.get::<_, String>(1))
+    };
+    let before = row_versions().await;
+    for _ in 0..3 {
+        assert_eq!(
+            store.claim(key, FP, LEASE).await.unwrap(),
+            Claim::Completed(record.clone())
+        );
+    }
+    assert_eq!(
+        row_versions().await,
+        before,
+        "the replays locked or wrote the row"
+    );
+    assert_eq!(before.1, "0");
+}
