@@ -865,3 +865,31 @@ async fn at_most_once_holds_under_random_faults_on_redis_cluster() {
         plan.seed
     );
 }
+
+/// The campaign on PostgreSQL, each instance with a store (and a pool) of
+/// its own on one database of its own, with the store faults and the
+/// crashes.
+#[cfg(feature = "postgres")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_most_once_holds_under_random_faults_on_postgres() {
+    use tower_idempotency::store::PostgresStore;
+    let Some(db) = common::postgres::TestDatabase::create_or_skip("campaign on postgres") else {
+        return;
+    };
+    let url = db.url.clone();
+    let first = PostgresStore::connect(&url).await.expect("a store");
+    first.migrate().await.expect("migrate");
+    let connect: Connect<PostgresStore> = Arc::new(move |_| {
+        let url = url.clone();
+        Box::pin(async move {
+            PostgresStore::builder(&url)
+                .expect("a URL")
+                .fallback_check(Duration::from_millis(200))
+                .build()
+                .expect("a store")
+        })
+    });
+    let plan = Plan::from_env();
+    campaign("postgres", connect, &plan).await;
+    drop(db);
+}

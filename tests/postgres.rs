@@ -769,3 +769,49 @@ async fn a_replay_writes_nothing() {
     );
     assert_eq!(before.1, "0");
 }
+
+/// A claim whose reply is lost (the server froze while it was under way and
+/// the caller gave up) is applied when the server wakes, with nobody to own
+/// it. It is released once the server answers, long before its lease ends.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_whose_reply_was_lost_is_released_once_the_server_answers() {
+    let Some(server) = PrivatePostgres::start_or_skip("postgres lost claim") else {
+        return;
+    };
+    let store = PostgresStore::builder(&server.url())
+        .unwrap()
+        .operation_timeout(Duration::from_millis(300))
+        .build()
+        .unwrap();
+    store.migrate().await.unwrap();
+    assert!(
+        first_claim_within(&store, Duration::from_secs(5))
+            .await
+            .is_some()
+    );
+    let key = StoreKey::from_parts(b"", b"orphan");
+    server.freeze();
+    let e = store
+        .claim(key, FP, Duration::from_secs(60))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), StoreErrorKind::Timeout, "{e}");
+    assert_eq!(store.lost_claims_pending(), 1);
+    server.thaw();
+    let other = private_store(&server).await;
+    let started = std::time::Instant::now();
+    loop {
+        match other.claim(key, FP, Duration::from_secs(60)).await {
+            Ok(Claim::Acquired(_)) => break,
+            Ok(Claim::InFlight { .. }) | Err(_) => {
+                assert!(
+                    started.elapsed() < Duration::from_secs(10),
+                    "the lost claim still holds the key (its lease is 60 s)"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            Ok(other) => panic!("{other:?}"),
+        }
+    }
+    assert_eq!(store.lost_claims_pending(), 0);
+}

@@ -54,6 +54,8 @@ pub mod postgres;
 pub use self::postgres::{FenceError, PostgresStore, PostgresStoreBuilder};
 
 #[cfg(any(feature = "redis", feature = "postgres"))]
+mod abandon;
+#[cfg(any(feature = "redis", feature = "postgres"))]
 mod wakers;
 
 #[cfg(feature = "test-util")]

@@ -18,6 +18,7 @@ use tokio_postgres::{NoTls, Row};
 
 use self::listen::Listener;
 use self::sql::Statements;
+use super::abandon::{Abandoner, Attempt, Lost};
 use super::{Claim, CompletedRecord, LeaseStatus, OwnerToken, Store, StoreError, StoreErrorKind};
 use crate::engine::ExecutionContext;
 use crate::fingerprint::Fingerprint;
@@ -155,6 +156,9 @@ struct Inner {
     fence_memory: Duration,
     cleanup_batch: u32,
     listener: Option<Arc<Listener>>,
+    abandoner: Abandoner,
+    /// Permits for releases of lost claims on their own connections.
+    releasing: Arc<tokio::sync::Semaphore>,
     /// How often the cleanup task runs; `None`: no task.
     cleanup_every: Option<Duration>,
     /// Set once the cleanup task was started (or stopped for good).
@@ -325,6 +329,8 @@ impl PostgresStoreBuilder {
                 fence_memory: self.fence_memory,
                 cleanup_batch: self.cleanup_batch,
                 listener,
+                abandoner: Abandoner::new(),
+                releasing: Arc::new(tokio::sync::Semaphore::new(ABANDON_BOUND)),
                 cleanup_every: self.cleanup_every,
                 cleanup_started: AtomicBool::new(self.cleanup_every.is_none()),
                 cleanup: Mutex::new(None),
@@ -475,12 +481,118 @@ impl PostgresStore {
         op: &'static str,
         work: impl Future<Output = Result<T, Failure>>,
     ) -> Result<T, StoreError> {
+        self.attempt(op, work).await.map_err(|failed| failed.error)
+    }
+
+    /// Runs `op` within the operation timeout, telling apart the failures
+    /// after which it cannot have taken effect.
+    async fn attempt<T>(
+        &self,
+        op: &'static str,
+        work: impl Future<Output = Result<T, Failure>>,
+    ) -> Result<T, Failed> {
+        let until = deadline(tokio::time::Instant::now(), self.inner.op_timeout);
+        self.attempt_until(op, until, work).await
+    }
+
+    /// Runs `op` until `until`, telling apart the failures after which it
+    /// cannot have taken effect.
+    async fn attempt_until<T>(
+        &self,
+        op: &'static str,
+        until: tokio::time::Instant,
+        work: impl Future<Output = Result<T, Failure>>,
+    ) -> Result<T, Failed> {
         self.ensure_cleanup();
-        match tokio::time::timeout(self.inner.op_timeout, work).await {
+        match tokio::time::timeout_at(until, work).await {
             Ok(Ok(value)) => Ok(value),
-            Ok(Err(failure)) => Err(failure.into_store_error(op)),
-            Err(_) => Err(StoreError::new(StoreErrorKind::Timeout, op)),
+            Ok(Err(failure)) => Err(Failed {
+                unapplied: failure.unapplied(),
+                error: failure.into_store_error(op),
+            }),
+            Err(_) => Err(Failed {
+                error: StoreError::new(StoreErrorKind::Timeout, op),
+                unapplied: false,
+            }),
         }
+    }
+
+    /// Claims whose reply was lost (a timeout, a dropped connection, a
+    /// caller that went away during the claim), waiting to be released in
+    /// the background. At most 1 024 wait per store; beyond that, such a
+    /// claim expires with its lease.
+    pub fn lost_claims_pending(&self) -> usize {
+        let releasing = ABANDON_BOUND.saturating_sub(self.inner.releasing.available_permits());
+        self.inner.abandoner.pending().saturating_add(releasing)
+    }
+
+    /// Releases a claim whose reply was lost, by its nonce, on the
+    /// connection the claim was sent on (so after it), in a task of its own;
+    /// at most [`ABANDON_BOUND`] at a time, beyond which such a claim expires
+    /// with its lease. If that connection is broken, the release goes
+    /// through the queue on another one, retried until the database answers.
+    fn abandon_on(&self, client: Arc<deadpool_postgres::Object>, lost: Lost) {
+        let Ok(permit) = self.inner.releasing.clone().try_acquire_owned() else {
+            tracing::debug!(
+                "too many lost idempotency claims being released; this one expires with its lease"
+            );
+            return;
+        };
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        let store = self.clone();
+        runtime.spawn(async move {
+            let _permit = permit;
+            let nonce = i64::from_ne_bytes(lost.nonce.to_ne_bytes());
+            let Ok(key) = hex_key(&lost.name) else {
+                return;
+            };
+            let sql = &store.inner.sql.abandon;
+            let params: [&(dyn ToSql + Sync); 3] = [&key.as_slice(), &nonce, &store.inner.channel];
+            let sent = tokio::time::timeout_at(lost.until, async {
+                let statement = client.prepare_cached(sql).await?;
+                client.query(&statement, &params).await
+            })
+            .await;
+            drop(client);
+            match sent {
+                Ok(Ok(_)) => {
+                    tracing::debug!("released a claim whose reply was lost (if it was applied)")
+                }
+                // The server refused it: nothing more to do.
+                Ok(Err(e)) if e.code().is_some() => {}
+                Ok(Err(_)) => store.abandon(lost),
+                // Its lease is over: the claim has expired anyway.
+                Err(_) => {}
+            }
+        });
+    }
+
+    /// Queues the release of a claim whose reply was lost, by the nonce it
+    /// was sent with, once the database answers, within its lease.
+    fn abandon(&self, lost: Lost) {
+        let inner = Arc::downgrade(&self.inner);
+        self.inner.abandoner.push(lost, move |lost: Lost| {
+            let store = PostgresStore {
+                inner: inner.upgrade()?,
+            };
+            Some(async move {
+                let nonce = i64::from_ne_bytes(lost.nonce.to_ne_bytes());
+                let Ok(key) = hex_key(&lost.name) else {
+                    return (lost, Attempt::Done);
+                };
+                let params: [&(dyn ToSql + Sync); 3] =
+                    [&key.as_slice(), &nonce, &store.inner.channel];
+                match store
+                    .query("abandon", &store.inner.sql.abandon, &params)
+                    .await
+                {
+                    Ok(_) => (lost, Attempt::Done),
+                    Err(_) => (lost, Attempt::Again),
+                }
+            })
+        });
     }
 
     async fn query(
@@ -489,7 +601,18 @@ impl PostgresStore {
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<Row>, StoreError> {
-        self.bounded(op, async {
+        self.query_attempt(op, sql, params)
+            .await
+            .map_err(|failed| failed.error)
+    }
+
+    async fn query_attempt(
+        &self,
+        op: &'static str,
+        sql: &str,
+        params: &[&(dyn ToSql + Sync)],
+    ) -> Result<Vec<Row>, Failed> {
+        self.attempt(op, async {
             let client = self.inner.pool.get().await.map_err(pool_error)?;
             let statement = client.prepare_cached(sql).await?;
             Ok(client.query(&statement, params).await?)
@@ -580,16 +703,57 @@ impl Store for PostgresStore {
             &ms(lease),
             &ms(keep),
         ];
+        // One connection for the claim and, if its reply is lost, for the
+        // release that follows it: statements on one connection run in
+        // order, so the release cannot overtake the claim.
+        let until = deadline(tokio::time::Instant::now(), self.inner.op_timeout);
+        let client = self
+            .attempt_until("claim", until, async {
+                self.inner.pool.get().await.map_err(pool_error)
+            })
+            .await
+            .map_err(|failed| failed.error)?;
+        let client = Arc::new(client);
+        // Until its reply is in, the claim may have been applied with nobody
+        // to own it: if the reply is lost, or this future is dropped (the
+        // client went away), the guard releases it by its nonce.
+        let mut unsettled = Unsettled {
+            store: self,
+            lost: Some((
+                Lost {
+                    name: key.to_hex(),
+                    nonce: u64::from_ne_bytes(nonce.to_ne_bytes()),
+                    until: deadline(tokio::time::Instant::now(), lease),
+                },
+                client.clone(),
+            )),
+        };
         // A row committed by another transaction after this statement's
-        // snapshot was taken is seen by the insert's conflict check but
-        // not by the statement's read: no row comes back. The next attempt
-        // sees it.
+        // snapshot was taken is seen by the insert's conflict check but not
+        // by the statement's read: no row comes back. The next attempt sees
+        // it.
         for _ in 0..3 {
-            let rows = self.query("claim", &self.inner.sql.claim, &params).await?;
+            let sent = self
+                .attempt_until("claim", until, async {
+                    let statement = client.prepare_cached(&self.inner.sql.claim).await?;
+                    Ok(client.query(&statement, &params).await?)
+                })
+                .await;
+            let rows = match sent {
+                Ok(rows) => rows,
+                Err(failed) => {
+                    if failed.unapplied {
+                        unsettled.lost = None;
+                    }
+                    return Err(failed.error);
+                }
+            };
             if let Some(row) = rows.first() {
+                unsettled.lost = None;
                 return read_claim(row, nonce).map_err(|e| corrupt("claim", e));
             }
         }
+        unsettled.lost = None;
         Err(StoreError::new(StoreErrorKind::Unavailable, "claim")
             .with_source("the key changed under three claims in a row"))
     }
@@ -740,6 +904,46 @@ fn rand_nonce() -> i64 {
     i64::from_ne_bytes(bits.to_ne_bytes())
 }
 
+/// A claim sent whose reply is not in yet, and its connection; dropped
+/// armed, it releases the claim.
+struct Unsettled<'a> {
+    store: &'a PostgresStore,
+    lost: Option<(Lost, Arc<deadpool_postgres::Object>)>,
+}
+
+impl Drop for Unsettled<'_> {
+    fn drop(&mut self) {
+        if let Some((lost, client)) = self.lost.take() {
+            self.store.abandon_on(client, lost);
+        }
+    }
+}
+
+/// How many lost claims one store releases at a time on their own
+/// connections.
+const ABANDON_BOUND: usize = 1024;
+
+/// The bytes of a key from its hex form.
+fn hex_key(hex: &str) -> Result<Vec<u8>, ()> {
+    if !hex.len().is_multiple_of(2) {
+        return Err(());
+    }
+    (0..hex.len())
+        .step_by(2)
+        .map(|i| {
+            hex.get(i..i + 2)
+                .and_then(|pair| u8::from_str_radix(pair, 16).ok())
+                .ok_or(())
+        })
+        .collect()
+}
+
+/// A store call that failed, and whether it provably did not take effect.
+struct Failed {
+    error: StoreError,
+    unapplied: bool,
+}
+
 /// A failed operation, before it is named.
 enum Failure {
     Pool(PoolError),
@@ -757,6 +961,17 @@ fn pool_error(e: PoolError) -> Failure {
 }
 
 impl Failure {
+    /// Whether the statement provably did not take effect: no connection
+    /// was had from the pool (nothing was sent), or the server answered
+    /// with an error (the statement's own transaction rolled back). A
+    /// broken connection leaves it unknown.
+    fn unapplied(&self) -> bool {
+        match self {
+            Failure::Database(e) => e.code().is_some(),
+            Failure::Pool(_) => true,
+        }
+    }
+
     fn into_store_error(self, op: &'static str) -> StoreError {
         match self {
             Failure::Pool(PoolError::Backend(e)) | Failure::Database(e) => {

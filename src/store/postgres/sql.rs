@@ -32,6 +32,7 @@ pub(super) struct Statements {
     pub(super) claim: String,
     pub(super) complete: String,
     pub(super) release: String,
+    pub(super) abandon: String,
     pub(super) extend: String,
     pub(super) probe: String,
     pub(super) purge: String,
@@ -110,6 +111,17 @@ impl Statements {
                  )
                  SELECT EXISTS (SELECT 1 FROM freed),
                         (SELECT pg_notify($4, encode(key, 'hex')) FROM freed)::text"
+            ),
+            // A claim whose reply was lost, released by the nonce it was
+            // sent with (nobody holds its token).
+            abandon: format!(
+                "WITH freed AS (
+                   UPDATE {table} SET state = 2, lease_until = clock_timestamp()
+                   WHERE key = $1 AND nonce = $2 AND state = 0 AND NOT effect_committed
+                   RETURNING key
+                 )
+                 SELECT EXISTS (SELECT 1 FROM freed),
+                        (SELECT pg_notify($3, encode(key, 'hex')) FROM freed)"
             ),
             extend: format!(
                 "UPDATE {table}

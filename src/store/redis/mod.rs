@@ -1,6 +1,5 @@
 //! [`RedisStore`]: one guarantee across every process that shares a Redis.
 
-mod abandon;
 mod connection;
 mod notify;
 mod scripts;
@@ -14,9 +13,9 @@ use std::time::Duration;
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisError, Script, Value};
 
-use self::abandon::{Abandoner, Attempt, Lost};
 use self::connection::{Connection, Reopen};
 use self::notify::Notifier;
+use super::abandon::{Abandoner, Attempt, Lost};
 use super::{Claim, CompletedRecord, LeaseStatus, OwnerToken, Store, StoreError, StoreErrorKind};
 use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;

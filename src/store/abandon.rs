@@ -5,10 +5,10 @@
 //! that went away while it was under way) may still have been applied:
 //! nobody would own it, and duplicates would wait for it until its lease
 //! ran out. The claim's nonce is known, so the claim can be released by it
-//! once Redis answers. These releases go through one bounded queue per
+//! once the store's server answers. These releases go through one bounded queue per
 //! store and one worker task that sends them one at a time, so that an
 //! outage at thousands of requests a second costs a fixed amount of memory
-//! and no task per request, and Redis is not flooded when it comes back.
+//! and no task per request, and the server is not flooded when it comes back.
 //! When the queue is full, a claim is left to expire with its lease.
 
 use std::collections::VecDeque;
@@ -19,7 +19,7 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 /// How many lost claims may wait to be released, per store.
-pub(super) const QUEUE_BOUND: usize = 1024;
+pub(crate) const QUEUE_BOUND: usize = 1024;
 use tokio::time::Instant;
 
 /// The first pause after a release that failed; it doubles up to
@@ -30,28 +30,28 @@ const RETRY_CAP: Duration = Duration::from_secs(1);
 /// A claim to release: its key name and nonce, and when its lease ends
 /// (after which releasing it is pointless).
 #[derive(Debug)]
-pub(super) struct Lost {
-    pub(super) name: String,
-    pub(super) nonce: u64,
-    pub(super) until: Instant,
+pub(crate) struct Lost {
+    pub(crate) name: String,
+    pub(crate) nonce: u64,
+    pub(crate) until: Instant,
 }
 
 /// What one release attempt found.
-pub(super) enum Attempt {
-    /// Redis answered (the claim is released, or was not there).
+pub(crate) enum Attempt {
+    /// The server answered (the claim is released, or was not there).
     Done,
-    /// Redis did not answer: try again later.
+    /// The server did not answer: try again later.
     Again,
 }
 
 /// Sends releases of lost claims, one at a time, through a bounded queue.
-pub(super) struct Abandoner {
+pub(crate) struct Abandoner {
     queue: OnceLock<mpsc::UnboundedSender<Lost>>,
     pending: Arc<AtomicUsize>,
 }
 
 impl Abandoner {
-    pub(super) fn new() -> Self {
+    pub(crate) fn new() -> Self {
         Self {
             queue: OnceLock::new(),
             pending: Arc::default(),
@@ -59,7 +59,7 @@ impl Abandoner {
     }
 
     /// Lost claims waiting to be released (queued or being retried).
-    pub(super) fn pending(&self) -> usize {
+    pub(crate) fn pending(&self) -> usize {
         self.pending.load(Ordering::Acquire)
     }
 
@@ -67,7 +67,7 @@ impl Abandoner {
     /// makes one attempt for the store, if it still exists. Returns `false`
     /// when the queue is full or no runtime can run the worker: the claim
     /// then expires with its lease.
-    pub(super) fn push<R, Fut>(&self, lost: Lost, release: R) -> bool
+    pub(crate) fn push<R, Fut>(&self, lost: Lost, release: R) -> bool
     where
         R: Fn(Lost) -> Option<Fut> + Send + 'static,
         Fut: std::future::Future<Output = (Lost, Attempt)> + Send + 'static,
@@ -96,7 +96,7 @@ impl Abandoner {
     }
 }
 
-/// The worker: one release at a time, oldest first; while Redis does not
+/// The worker: one release at a time, oldest first; while the server does not
 /// answer it backs off, keeping the order, and drops claims whose lease
 /// has ended. It stops when the store (and so the queue's sender) is gone.
 async fn work<R, Fut>(mut rx: mpsc::UnboundedReceiver<Lost>, pending: Weak<AtomicUsize>, release: R)
