@@ -633,7 +633,9 @@ async fn dropped_connections_are_replaced() {
 
 /// A statement that cannot finish (its row locked by another transaction
 /// that does not end) fails as a timeout within the operation timeout, and
-/// the layer answers 503, never an execution.
+/// the layer answers 503 with `Retry-After`, never an execution. With a
+/// pool of one connection, the next operation waits behind the blocked one
+/// and fails the same way.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_statement_that_cannot_finish_times_out_and_the_layer_fails_closed() {
     let Some(fixture) = pg_fixture("statement timeout").await else {
@@ -642,9 +644,13 @@ async fn a_statement_that_cannot_finish_times_out_and_the_layer_fails_closed() {
     let store = PostgresStore::builder(&fixture.db.url)
         .unwrap()
         .operation_timeout(Duration::from_millis(300))
+        .pool_size(1)
         .build()
         .unwrap();
-    let key = StoreKey::from_parts(b"", b"locked");
+    let key = StoreKey::new(
+        &tower_idempotency::Scope::global(),
+        &tower_idempotency::IdempotencyKey::parse(b"locked").unwrap(),
+    );
     let Ok(Claim::Acquired(_)) = store.claim(key, FP, Duration::from_millis(50)).await else {
         panic!("acquired");
     };
@@ -658,13 +664,37 @@ async fn a_statement_that_cannot_finish_times_out_and_the_layer_fails_closed() {
     )
     .await
     .unwrap();
-    let started = std::time::Instant::now();
-    let e = store.claim(key, FP, LEASE).await.unwrap_err();
+    let ledger = common::Ledger::new();
+    let svc = IdempotencyLayer::new(store.clone()).layer(ledger.service());
+    for _ in 0..2 {
+        let started = std::time::Instant::now();
+        let refused = common::send(
+            &svc,
+            http::Request::post("/pay")
+                .header("idempotency-key", "locked")
+                .body(axum::body::Body::from("x"))
+                .unwrap(),
+        )
+        .await;
+        assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
+        assert!(refused.headers.contains_key("retry-after"));
+        assert!(started.elapsed() < Duration::from_secs(2), "bounded");
+    }
+    let e = store
+        .claim(StoreKey::from_parts(b"", b"behind"), FP, LEASE)
+        .await
+        .unwrap_err();
     assert_eq!(e.kind(), StoreErrorKind::Timeout, "{e}");
-    assert!(started.elapsed() < Duration::from_secs(2));
+    assert_eq!(ledger.count(), 0, "nothing ran");
     drop(tx);
     let acquired = store.claim(key, FP, LEASE).await;
-    assert!(matches!(acquired, Ok(Claim::Acquired(_))), "{acquired:?}");
+    assert!(
+        matches!(
+            acquired,
+            Ok(Claim::Acquired(_)) | Ok(Claim::InFlight { .. })
+        ),
+        "{acquired:?}"
+    );
 }
 
 /// The background task removes expired rows by itself, and stops when
