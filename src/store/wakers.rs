@@ -4,9 +4,11 @@
 //! A store registers a waiter's interest in a key name, and its dispatcher
 //! task wakes every local waiter of a name when the server says the name's
 //! claim is gone. Names nobody waits on are forgotten as their last waiter
-//! leaves, so the map is bounded by the number of waiting requests.
+//! leaves, so the map is bounded by the number of waiting requests. The
+//! dispatcher task itself is kept by a [`Subscription`].
 
 use std::collections::HashMap;
+use std::future::Future;
 use std::sync::{Arc, Mutex, PoisonError, Weak};
 
 use tokio::sync::Notify;
@@ -104,5 +106,83 @@ mod tests {
         }
         drop((a, b, other));
         assert!(wakers.lock().is_empty());
+    }
+}
+
+/// The task that routes a store's wake-ups to its [`Wakers`]: opened on the
+/// first wait, opened again by a later wait once it ended (its connection
+/// broke), but not more often than once per `retry_every`, and within
+/// `open_timeout`. Aborted when dropped.
+#[derive(Debug)]
+pub(crate) struct Subscription {
+    open_timeout: std::time::Duration,
+    retry_every: std::time::Duration,
+    state: tokio::sync::Mutex<SubscriptionState>,
+}
+
+#[derive(Debug, Default)]
+struct SubscriptionState {
+    task: Option<tokio::task::JoinHandle<()>>,
+    last_attempt: Option<tokio::time::Instant>,
+}
+
+impl Subscription {
+    pub(crate) fn new(open_timeout: std::time::Duration, retry_every: std::time::Duration) -> Self {
+        Self {
+            open_timeout,
+            retry_every,
+            state: tokio::sync::Mutex::default(),
+        }
+    }
+
+    /// Makes sure the task runs, starting it with `open` if it does not and
+    /// the last attempt is old enough. Best effort: when it cannot be
+    /// opened, waiters fall back to re-checking their keys.
+    pub(crate) async fn ensure<F, E>(&self, open: F)
+    where
+        F: Future<Output = Result<tokio::task::JoinHandle<()>, E>>,
+        E: std::fmt::Display,
+    {
+        let mut state = self.state.lock().await;
+        if state.task.as_ref().is_some_and(|t| !t.is_finished()) {
+            return;
+        }
+        let now = tokio::time::Instant::now();
+        if state
+            .last_attempt
+            .is_some_and(|at| now < crate::time::deadline(at, self.retry_every))
+        {
+            return;
+        }
+        state.last_attempt = Some(now);
+        match tokio::time::timeout(self.open_timeout, open).await {
+            Ok(Ok(task)) => state.task = Some(task),
+            Ok(Err(e)) => {
+                tracing::debug!(error = %e, "idempotency notifications unavailable; waiters re-check instead")
+            }
+            Err(_) => {
+                tracing::debug!("idempotency notifications timed out; waiters re-check instead")
+            }
+        }
+    }
+
+    /// Ends the task (its connection may be half-open), so that the next
+    /// wait opens a new one at once. Best effort: skipped while one is being
+    /// opened.
+    pub(crate) fn reset(&self) {
+        if let Ok(mut state) = self.state.try_lock() {
+            if let Some(task) = state.task.take() {
+                task.abort();
+            }
+            state.last_attempt = None;
+        }
+    }
+}
+
+impl Drop for Subscription {
+    fn drop(&mut self) {
+        if let Some(task) = self.state.get_mut().task.take() {
+            task.abort();
+        }
     }
 }

@@ -13,24 +13,15 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use tokio::task::JoinHandle;
-use tokio::time::Instant;
 use tokio_postgres::{AsyncMessage, NoTls};
 
-use crate::store::wakers::{Registration, Wakers};
+use crate::store::wakers::{Registration, Subscription, Wakers};
 
 pub(super) struct Listener {
     config: tokio_postgres::Config,
     channel: String,
-    connect_timeout: Duration,
-    retry_every: Duration,
     waiters: Arc<Wakers>,
-    dispatcher: tokio::sync::Mutex<Dispatcher>,
-}
-
-#[derive(Default)]
-struct Dispatcher {
-    task: Option<JoinHandle<()>>,
-    last_attempt: Option<Instant>,
+    subscription: Subscription,
 }
 
 impl Listener {
@@ -43,42 +34,16 @@ impl Listener {
         Self {
             config,
             channel,
-            connect_timeout,
-            retry_every,
             waiters: Arc::default(),
-            dispatcher: tokio::sync::Mutex::default(),
+            subscription: Subscription::new(connect_timeout, retry_every),
         }
     }
 
     /// Registers interest in the key `name`, making sure the listening
     /// connection is up (best effort: without it, waiters re-check).
     pub(super) async fn register(this: &Arc<Self>, name: &str) -> Registration {
-        this.ensure_listening().await;
+        this.subscription.ensure(this.listen()).await;
         this.waiters.register(name)
-    }
-
-    async fn ensure_listening(&self) {
-        let mut dispatcher = self.dispatcher.lock().await;
-        if dispatcher.task.as_ref().is_some_and(|t| !t.is_finished()) {
-            return;
-        }
-        let now = Instant::now();
-        if dispatcher
-            .last_attempt
-            .is_some_and(|at| now < crate::time::deadline(at, self.retry_every))
-        {
-            return;
-        }
-        dispatcher.last_attempt = Some(now);
-        match tokio::time::timeout(self.connect_timeout, self.listen()).await {
-            Ok(Ok(task)) => dispatcher.task = Some(task),
-            Ok(Err(e)) => {
-                tracing::debug!(error = %e, "idempotency notifications unavailable; waiters re-check instead")
-            }
-            Err(_) => {
-                tracing::debug!("idempotency notifications timed out; waiters re-check instead")
-            }
-        }
     }
 
     /// Opens the connection, starts routing its notifications, and listens.
@@ -100,14 +65,6 @@ impl Listener {
             let _client = client;
             let _ = task.await;
         }))
-    }
-}
-
-impl Drop for Listener {
-    fn drop(&mut self) {
-        if let Some(task) = self.dispatcher.get_mut().task.take() {
-            task.abort();
-        }
     }
 }
 

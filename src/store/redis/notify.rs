@@ -12,23 +12,14 @@ use std::time::Duration;
 
 use futures_util::StreamExt;
 use tokio::task::JoinHandle;
-use tokio::time::Instant;
 
-use crate::store::wakers::{Registration, Wakers};
+use crate::store::wakers::{Registration, Subscription, Wakers};
 
 pub(super) struct Notifier {
     client: redis::Client,
     channel: String,
-    connect_timeout: Duration,
-    retry_every: Duration,
     waiters: Arc<Wakers>,
-    dispatcher: tokio::sync::Mutex<Dispatcher>,
-}
-
-#[derive(Default)]
-struct Dispatcher {
-    task: Option<JoinHandle<()>>,
-    last_attempt: Option<Instant>,
+    subscription: Subscription,
 }
 
 impl Notifier {
@@ -41,70 +32,30 @@ impl Notifier {
         Self {
             client,
             channel,
-            connect_timeout,
-            retry_every,
             waiters: Arc::default(),
-            dispatcher: tokio::sync::Mutex::default(),
+            subscription: Subscription::new(connect_timeout, retry_every),
         }
     }
 
     /// Registers interest in the key `name`, making sure a subscription is
     /// running (best effort: without one, waiters fall back to re-checking).
     pub(super) async fn register(this: &Arc<Self>, name: &str) -> Registration {
-        this.ensure_subscribed().await;
+        this.subscription.ensure(this.subscribe()).await;
         this.waiters.register(name)
     }
 
     /// Drops the subscription (its connection may be half-open), so that the
-    /// next wait opens a new one at once. Best effort: skipped while a
-    /// subscription is being opened.
+    /// next wait opens a new one at once.
     pub(super) fn resubscribe(&self) {
-        if let Ok(mut dispatcher) = self.dispatcher.try_lock() {
-            if let Some(task) = dispatcher.task.take() {
-                task.abort();
-            }
-            dispatcher.last_attempt = None;
-        }
+        self.subscription.reset();
     }
 
-    async fn ensure_subscribed(&self) {
-        let mut dispatcher = self.dispatcher.lock().await;
-        if dispatcher.task.as_ref().is_some_and(|t| !t.is_finished()) {
-            return;
-        }
-        let now = Instant::now();
-        if dispatcher
-            .last_attempt
-            .is_some_and(|at| now < crate::time::deadline(at, self.retry_every))
-        {
-            return;
-        }
-        dispatcher.last_attempt = Some(now);
-        let subscribe = async {
-            let mut pubsub = self.client.get_async_pubsub().await?;
-            pubsub.subscribe(&self.channel).await?;
-            Ok::<_, redis::RedisError>(pubsub)
-        };
-        match tokio::time::timeout(self.connect_timeout, subscribe).await {
-            Ok(Ok(pubsub)) => {
-                let waiters = Arc::downgrade(&self.waiters);
-                dispatcher.task = Some(tokio::spawn(dispatch(waiters, pubsub.into_on_message())));
-            }
-            Ok(Err(e)) => {
-                tracing::debug!(error = %e, "idempotency notifications unavailable; waiters re-check instead")
-            }
-            Err(_) => {
-                tracing::debug!("idempotency notifications timed out; waiters re-check instead")
-            }
-        }
-    }
-}
-
-impl Drop for Notifier {
-    fn drop(&mut self) {
-        if let Some(task) = self.dispatcher.get_mut().task.take() {
-            task.abort();
-        }
+    /// Subscribes and starts routing the messages.
+    async fn subscribe(&self) -> Result<JoinHandle<()>, redis::RedisError> {
+        let mut pubsub = self.client.get_async_pubsub().await?;
+        pubsub.subscribe(&self.channel).await?;
+        let waiters = Arc::downgrade(&self.waiters);
+        Ok(tokio::spawn(dispatch(waiters, pubsub.into_on_message())))
     }
 }
 
