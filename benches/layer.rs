@@ -379,23 +379,34 @@ fn redis(c: &mut Criterion) {
             async move { call(&bare, post_req(None)).await }
         })
     });
+    first_and_replay(&mut g, &rt, &ours);
+    g.finish();
+    let _: () = rt.block_on(async { redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap() });
+    drop(server);
+}
+
+/// `ours/first` (a new key each time) and `ours/replay` (one key, stored
+/// beforehand) through `ours`, on a runtime worker.
+#[cfg(any(feature = "redis", feature = "postgres"))]
+fn first_and_replay(
+    g: &mut criterion::BenchmarkGroup<'_, criterion::measurement::WallTime>,
+    rt: &tokio::runtime::Runtime,
+    ours: &Router,
+) {
     g.bench_function("ours/first", |b| {
         let ours = ours.clone();
-        on_worker(&rt, b, move || {
+        on_worker(rt, b, move || {
             let ours = ours.clone();
             async move { call(&ours, post_req(Some(&fresh_key()))).await }
         })
     });
     g.bench_function("ours/replay", |b| {
         let ours = ours.clone();
-        on_worker(&rt, b, move || {
+        on_worker(rt, b, move || {
             let ours = ours.clone();
             async move { call(&ours, post_req(Some("replayed"))).await }
         })
     });
-    g.finish();
-    let _: () = rt.block_on(async { redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap() });
-    drop(server);
 }
 
 /// Times `iters` sequential calls of `op` inside one task spawned on the
@@ -511,20 +522,7 @@ fn postgres(c: &mut Criterion) {
             }
         })
     });
-    g.bench_function("ours/first", |b| {
-        let ours = ours.clone();
-        on_worker(&rt, b, move || {
-            let ours = ours.clone();
-            async move { call(&ours, post_req(Some(&fresh_key()))).await }
-        })
-    });
-    g.bench_function("ours/replay", |b| {
-        let ours = ours.clone();
-        on_worker(&rt, b, move || {
-            let ours = ours.clone();
-            async move { call(&ours, post_req(Some("replayed"))).await }
-        })
-    });
+    first_and_replay(&mut g, &rt, &ours);
     // A transaction that writes nothing but checks one thing: `fence`, or
     // a `SELECT 1` for the floor.
     g.bench_function("transaction/select_1", |b| {
