@@ -86,6 +86,9 @@
 #![warn(missing_debug_implementations, rust_2018_idioms)]
 
 mod body;
+#[cfg(feature = "client")]
+#[cfg_attr(docsrs, doc(cfg(feature = "client")))]
+pub mod client;
 mod config;
 pub mod engine;
 pub mod fingerprint;

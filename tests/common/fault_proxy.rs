@@ -40,6 +40,7 @@ pub struct FaultProxy {
     addr: SocketAddr,
     weather: Arc<watch::Sender<Weather>>,
     accepted: Arc<AtomicUsize>,
+    swallow: Arc<AtomicUsize>,
     accept: JoinHandle<()>,
 }
 
@@ -50,8 +51,9 @@ impl FaultProxy {
         let addr = listener.local_addr()?;
         let weather = Arc::new(watch::Sender::new(Weather::default()));
         let accepted = Arc::new(AtomicUsize::new(0));
+        let swallow = Arc::new(AtomicUsize::new(0));
         let accept = tokio::spawn({
-            let (weather, accepted) = (weather.clone(), accepted.clone());
+            let (weather, accepted, swallow) = (weather.clone(), accepted.clone(), swallow.clone());
             async move {
                 let mut connections = tokio::task::JoinSet::new();
                 loop {
@@ -59,7 +61,7 @@ impl FaultProxy {
                         conn = listener.accept() => {
                             let Ok((client, _)) = conn else { continue };
                             accepted.fetch_add(1, Ordering::SeqCst);
-                            connections.spawn(serve(client, target, weather.subscribe()));
+                            connections.spawn(serve(client, target, weather.subscribe(), swallow.clone()));
                         }
                         Some(_) = connections.join_next(), if !connections.is_empty() => {}
                     }
@@ -70,6 +72,7 @@ impl FaultProxy {
             addr,
             weather,
             accepted,
+            swallow,
             accept,
         })
     }
@@ -113,6 +116,13 @@ impl FaultProxy {
         self.weather.send_modify(|w| w.half_opens += 1);
     }
 
+    /// The next `answers` times the server answers, the answer is thrown
+    /// away and the client's connection closed: the server did the work,
+    /// the client never hears of it.
+    pub fn swallow_answers(&self, answers: usize) {
+        self.swallow.store(answers, Ordering::SeqCst);
+    }
+
     /// Ends every fault: no latency, no black hole.
     pub fn heal(&self) {
         self.weather.send_modify(|w| {
@@ -130,7 +140,12 @@ impl Drop for FaultProxy {
 
 /// Serves one client connection until either side closes it or a fault
 /// ends it.
-async fn serve(client: TcpStream, target: SocketAddr, mut weather: watch::Receiver<Weather>) {
+async fn serve(
+    client: TcpStream,
+    target: SocketAddr,
+    mut weather: watch::Receiver<Weather>,
+    swallow: Arc<AtomicUsize>,
+) {
     let start = *weather.borrow_and_update();
     // A black hole: the client's connection is accepted, the server's waits.
     if weather.wait_for(|w| !w.black_hole).await.is_err() {
@@ -148,8 +163,8 @@ async fn serve(client: TcpStream, target: SocketAddr, mut weather: watch::Receiv
     let (mut server_read, mut server_write) = server.into_split();
     let (mut up, mut down, mut faults) = (weather.clone(), weather.clone(), weather);
     let half_open = tokio::select! {
-        _ = pump(&mut client_read, &mut server_write, &mut up) => false,
-        _ = pump(&mut server_read, &mut client_write, &mut down) => false,
+        _ = pump(&mut client_read, &mut server_write, &mut up, None) => false,
+        _ = pump(&mut server_read, &mut client_write, &mut down, Some(&swallow)) => false,
         half_open = faults.wait_for(|w| w.cuts != start.cuts || w.half_opens != start.half_opens) => {
             matches!(half_open, Ok(w) if w.cuts == start.cuts)
         }
@@ -173,6 +188,7 @@ async fn pump(
     from: &mut OwnedReadHalf,
     to: &mut OwnedWriteHalf,
     weather: &mut watch::Receiver<Weather>,
+    swallow: Option<&AtomicUsize>,
 ) {
     let mut buf = vec![0u8; 16 * 1024];
     loop {
@@ -183,6 +199,13 @@ async fn pump(
             }
             Ok(n) => n,
         };
+        // An answer to swallow: drop it and the connection.
+        if swallow.is_some_and(|s| {
+            s.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok()
+        }) {
+            return;
+        }
         let latency = weather.borrow().latency;
         if !latency.is_zero() {
             tokio::time::sleep(latency).await;

@@ -8,7 +8,7 @@
 //! `#[path = "../tests/common/mod.rs"] mod common;` in `benches/`.
 #![allow(dead_code)]
 
-#[cfg(feature = "redis")]
+#[cfg(any(feature = "redis", feature = "client"))]
 pub mod fault_proxy;
 #[path = "../../examples/grpc_payments/service.rs"]
 pub mod grpc_service;

@@ -1,0 +1,243 @@
+//! The whole protocol end to end, over real sockets: the client's
+//! `IdempotentRetryLayer` → a TCP proxy that loses answers → the server's
+//! `IdempotencyLayer` over a handler that counts its executions.
+
+mod common;
+
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use bytes::Bytes;
+use common::fault_proxy::FaultProxy;
+use http::{Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::Client;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::rt::TokioExecutor;
+use tower::{Layer, ServiceExt};
+use tower_idempotency::IdempotencyLayer;
+use tower_idempotency::client::{
+    Attempts, IdempotentRetry, IdempotentRetryLayer, RetryBody, RetryPolicy,
+};
+use tower_idempotency::store::MemoryStore;
+
+type HttpClient = Client<HttpConnector, RetryBody<Full<Bytes>>>;
+
+fn http_client() -> HttpClient {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("off")),
+        )
+        .with_test_writer()
+        .try_init();
+    Client::builder(TokioExecutor::new()).build_http()
+}
+
+fn retrying(policy: RetryPolicy) -> IdempotentRetry<HttpClient> {
+    IdempotentRetryLayer::new(policy).layer(http_client())
+}
+
+/// Exact waits (no jitter): 100 ms, then 200 ms, …
+fn exact_policy() -> RetryPolicy {
+    RetryPolicy::default()
+        .backoff(Duration::from_millis(100), 2.0, Duration::from_secs(1))
+        .full_jitter(false)
+}
+
+/// A server: the layer over a handler that counts its executions and
+/// answers 201 `charge-<n>`, or what `answer` says for execution n.
+async fn server(
+    answer: impl Fn(usize) -> Option<Response<Body>> + Clone + Send + Sync + 'static,
+) -> (SocketAddr, Arc<AtomicUsize>) {
+    let executions = Arc::new(AtomicUsize::new(0));
+    let handler = {
+        let executions = executions.clone();
+        tower::service_fn(move |_req: Request<tower_idempotency::RequestBody<Body>>| {
+            let n = executions.fetch_add(1, Ordering::SeqCst) + 1;
+            let answer = answer.clone();
+            async move {
+                Ok::<_, Infallible>(answer(n).unwrap_or_else(|| {
+                    let mut res = Response::new(Body::from(format!("charge-{n}")));
+                    *res.status_mut() = StatusCode::CREATED;
+                    res
+                }))
+            }
+        })
+    };
+    let svc = IdempotencyLayer::new(MemoryStore::new()).layer(handler);
+    (common::serve(svc).await, executions)
+}
+
+fn charge(addr: SocketAddr, key: Option<&str>, body: &'static str) -> Request<Full<Bytes>> {
+    let mut req = Request::post(format!("http://{addr}/charge"));
+    if let Some(key) = key {
+        req = req.header("idempotency-key", key);
+    }
+    req.body(Full::new(Bytes::from_static(body.as_bytes())))
+        .unwrap()
+}
+
+fn attempts<B>(res: &Response<B>) -> u32 {
+    res.extensions().get::<Attempts>().map_or(0, |a| a.0)
+}
+
+/// The test that makes the crate worth adopting: the server charges, the
+/// answer is lost on the way back, the client retries with the same key
+/// and gets the original answer, replayed; the handler ran once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_answer_is_retried_with_the_same_key_and_replayed_not_executed_again() {
+    let (addr, executions) = server(|_| None).await;
+    let proxy = FaultProxy::start(addr).await.unwrap();
+    proxy.swallow_answers(2);
+    let client = retrying(exact_policy());
+    let started = Instant::now();
+    let res = client
+        .oneshot(charge(proxy.addr(), None, "amount=100"))
+        .await
+        .expect("an answer in the end");
+    let took = started.elapsed();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    assert_eq!(
+        res.headers()
+            .get("idempotent-replayed")
+            .map(|v| v.as_bytes()),
+        Some(&b"true"[..]),
+        "the original answer, replayed"
+    );
+    assert_eq!(attempts(&res), 3);
+    let body = res.into_body().collect().await.unwrap().to_bytes();
+    assert_eq!(body, "charge-1", "the first execution's answer");
+    assert_eq!(executions.load(Ordering::SeqCst), 1, "one execution");
+    assert_eq!(proxy.accepted(), 3, "one connection per attempt");
+    // Waits of 100 ms then 200 ms, no jitter.
+    assert!(
+        took >= Duration::from_millis(300),
+        "waited the backoff: {took:?}"
+    );
+}
+
+/// The client keeps a key the caller set, on every attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_the_caller_set_is_kept() {
+    let (addr, executions) = server(|_| None).await;
+    let proxy = FaultProxy::start(addr).await.unwrap();
+    proxy.swallow_answers(1);
+    let res = retrying(exact_policy())
+        .oneshot(charge(proxy.addr(), Some("order-42"), "amount=100"))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    assert_eq!(attempts(&res), 2);
+    // The same key again, from another client: a replay, not a charge.
+    let again = retrying(exact_policy())
+        .oneshot(charge(addr, Some("order-42"), "amount=100"))
+        .await
+        .unwrap();
+    assert_eq!(attempts(&again), 1);
+    assert_eq!(
+        again.into_body().collect().await.unwrap().to_bytes(),
+        "charge-1"
+    );
+    assert_eq!(executions.load(Ordering::SeqCst), 1);
+}
+
+/// 503 with `Retry-After: 1`: the client waits the second the server asked
+/// for (not its 100 ms backoff), then gets the answer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_after_is_obeyed() {
+    let (addr, executions) = server(|n| {
+        (n == 1).then(|| {
+            let mut res = Response::new(Body::from("busy"));
+            *res.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+            res.headers_mut()
+                .insert("retry-after", http::HeaderValue::from_static("1"));
+            res
+        })
+    })
+    .await;
+    let started = Instant::now();
+    let res = retrying(exact_policy())
+        .oneshot(charge(addr, None, "amount=100"))
+        .await
+        .unwrap();
+    assert_eq!(res.status(), StatusCode::CREATED);
+    assert_eq!(attempts(&res), 2);
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "{:?}",
+        started.elapsed()
+    );
+    // A 503 is not stored: the second attempt executed.
+    assert_eq!(executions.load(Ordering::SeqCst), 2);
+}
+
+/// A key reused with another body is refused (409 mismatch) and never
+/// retried.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_mismatch_is_final() {
+    let (addr, executions) = server(|_| None).await;
+    let client = retrying(exact_policy());
+    let first = client
+        .clone()
+        .oneshot(charge(addr, Some("k-1"), "amount=100"))
+        .await
+        .unwrap();
+    assert_eq!(first.status(), StatusCode::CREATED);
+    let started = Instant::now();
+    let refused = client
+        .oneshot(charge(addr, Some("k-1"), "amount=500"))
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), StatusCode::CONFLICT);
+    assert_eq!(attempts(&refused), 1, "never retried");
+    assert!(started.elapsed() < Duration::from_millis(100));
+    let body = refused.into_body().collect().await.unwrap().to_bytes();
+    assert!(
+        String::from_utf8_lossy(&body).contains("KeyMismatch"),
+        "the body as sent"
+    );
+    assert_eq!(executions.load(Ordering::SeqCst), 1);
+}
+
+/// A dead server: attempts until the deadline, then the last error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dead_server_is_retried_until_the_deadline() {
+    // A proxy to a port nobody listens on (port 1, privileged: no test
+    // server can take it): every attempt is accepted, then closed, and
+    // counted.
+    let dead = SocketAddr::from(([127, 0, 0, 1], 1));
+    let proxy = FaultProxy::start(dead).await.unwrap();
+    let policy = exact_policy()
+        .max_attempts(100)
+        .deadline(Duration::from_millis(1500));
+    let started = Instant::now();
+    let result = retrying(policy)
+        .oneshot(charge(proxy.addr(), None, "amount=100"))
+        .await;
+    let took = started.elapsed();
+    assert!(result.is_err(), "no answer: {result:?}");
+    assert!(
+        took < Duration::from_millis(1500),
+        "stopped at the deadline: {took:?}"
+    );
+    // Waits of 100, 200, 400, 800 ms: the fifth would pass the deadline.
+    assert_eq!(proxy.accepted(), 4, "attempts within 1.5 s");
+}
+
+/// A method outside the list is sent once, whatever happens.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_method_not_allowed_is_sent_once() {
+    let (addr, _) = server(|_| None).await;
+    let proxy = FaultProxy::start(addr).await.unwrap();
+    proxy.swallow_answers(1);
+    let result = retrying(exact_policy().methods([http::Method::PUT]))
+        .oneshot(charge(proxy.addr(), None, "amount=100"))
+        .await;
+    assert!(result.is_err());
+    assert_eq!(proxy.accepted(), 1);
+}
