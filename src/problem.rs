@@ -45,12 +45,16 @@ pub enum ProblemKind {
     /// The request body could not be read (the stream failed).
     BodyUnreadable,
     /// The key was already used with a different request (method, path,
-    /// query, selected headers or body).
+    /// query, selected headers or body). The client layer
+    /// (`client::IdempotentRetryLayer`, feature `client`) never retries it.
     KeyMismatch,
-    /// A request with this key is still being processed.
+    /// A request with this key is still being processed. The client layer
+    /// retries it with the same key after `Retry-After` (it then waits for
+    /// the first execution or replays it).
     InFlight,
     /// The request with this key executed, but its response was too large
-    /// or streaming, so it cannot be replayed.
+    /// or streaming, so it cannot be replayed. The client layer never
+    /// retries it.
     NotReplayable,
     /// The request with this key executed, but its response broke off
     /// after its head (the handler's body stream failed, or the sidecar's
@@ -58,9 +62,10 @@ pub enum ProblemKind {
     /// is unknown. It never runs again for this key: check its effect (for
     /// example look the payment up) before sending it again with a new key.
     /// gRPC: `FAILED_PRECONDITION`, as for other refusals that retrying the
-    /// same call cannot fix.
+    /// same call cannot fix. The client layer never retries it.
     OutcomeUnknown,
     /// The idempotency store is unreachable or failing; nothing executed.
+    /// The client layer retries it (503) after `Retry-After`.
     StoreUnavailable,
     /// The layer could not determine the request's scope (for example the
     /// authentication layer did not run first).
@@ -68,13 +73,14 @@ pub enum ProblemKind {
     /// The stored record for this key cannot be read.
     RecordUnreadable,
     /// (Sidecar) The upstream could not be connected to; nothing was sent
-    /// there, and the key was released.
+    /// there, and the key was released. The client layer retries it (502).
     #[cfg(feature = "sidecar")]
     #[cfg_attr(docsrs, doc(cfg(feature = "sidecar")))]
     UpstreamUnavailable,
     /// (Sidecar) The upstream did not answer within the client's wait. The
     /// call goes on; its response is stored when it comes, and a retry of
-    /// the same request waits for it or replays it.
+    /// the same request waits for it or replays it. The client layer
+    /// retries it (504) after `Retry-After`.
     #[cfg(feature = "sidecar")]
     #[cfg_attr(docsrs, doc(cfg(feature = "sidecar")))]
     UpstreamTimeout,
