@@ -379,3 +379,84 @@ mod by_hand {
         assert_eq!(executions.load(Ordering::SeqCst), 1);
     }
 }
+
+/// The client retry layer on a tonic channel: the demo's client through
+/// `IdempotentRetryLayer`, against the layer on the server.
+#[cfg(feature = "client")]
+mod retrying_client {
+    use super::*;
+    use common::fault_proxy::FaultProxy;
+    use tower_idempotency::client::RetryPolicy;
+
+    async fn server() -> (Arc<Ledger>, std::net::SocketAddr) {
+        let ledger = Arc::new(Ledger::default());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let server = tonic::transport::Server::builder()
+            .layer(IdempotencyLayer::new(TestStore::new()))
+            .add_service(PaymentsServer::new(ledger.clone()))
+            .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener));
+        tokio::spawn(server);
+        (ledger, addr)
+    }
+
+    fn exact() -> RetryPolicy {
+        RetryPolicy::default()
+            .backoff(Duration::from_millis(100), 2.0, Duration::from_secs(1))
+            .full_jitter(false)
+    }
+
+    /// The answer is lost after the server charged: the retry, with the
+    /// key the layer chose, replays it.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lost_answer_is_retried_with_the_same_key_and_replayed() {
+        let (ledger, addr) = server().await;
+        let proxy = FaultProxy::start(addr).await.unwrap();
+        let mut client = PaymentsClient::connect_retrying(proxy.addr(), exact())
+            .await
+            .unwrap();
+        // A first call finishes the HTTP/2 handshake (the server's SETTINGS
+        // acknowledgement may still be on its way after `connect`): then
+        // the next bytes the server sends are the charge's answer.
+        client.list_charges(None).await.unwrap();
+        proxy.swallow_answers(1);
+        let reply = client.charge(None, 100, "GHS").await.expect("in the end");
+        assert!(replayed(&reply), "the original answer, replayed");
+        assert_eq!(executions(&ledger), 1);
+    }
+
+    /// UNAVAILABLE with `grpc-retry-pushback-ms: 200`: retried after 200 ms.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn unavailable_is_retried_after_the_pushback() {
+        let (ledger, addr) = server().await;
+        ledger.unavailable_next.store(1, Ordering::SeqCst);
+        let mut client = PaymentsClient::connect_retrying(addr, exact())
+            .await
+            .unwrap();
+        let started = std::time::Instant::now();
+        let reply = client.charge(None, 100, "GHS").await.expect("retried");
+        assert!(started.elapsed() >= Duration::from_millis(200));
+        assert!(!replayed(&reply));
+        // The refusal was not stored: the retry charged.
+        assert_eq!(executions(&ledger), 2);
+        assert_eq!(ledger.charges.lock().unwrap().len(), 1);
+    }
+
+    /// A mismatch (FAILED_PRECONDITION) is final.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_mismatch_is_not_retried() {
+        let (ledger, addr) = server().await;
+        let mut client = PaymentsClient::connect_retrying(addr, exact())
+            .await
+            .unwrap();
+        client.charge(Some("k"), 100, "GHS").await.unwrap();
+        let started = std::time::Instant::now();
+        let refused = client.charge(Some("k"), 500, "GHS").await.unwrap_err();
+        assert_eq!(refused.code(), Code::FailedPrecondition);
+        assert!(
+            started.elapsed() < Duration::from_millis(100),
+            "no wait, no retry"
+        );
+        assert_eq!(executions(&ledger), 1);
+    }
+}

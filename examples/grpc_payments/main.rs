@@ -14,8 +14,10 @@
 //! metadata, and the charge ran once), and reuses the key for another
 //! amount (refused with `FAILED_PRECONDITION`). `--serve` keeps serving
 //! afterwards; `--store redis --redis-url …` uses Redis (needs
-//! `--features redis`). The service is hand-written (no `protoc`): see
-//! `service.rs`.
+//! `--features redis`). With `--features client`, its client goes through
+//! `client::IdempotentRetryLayer` (retries on UNAVAILABLE, ABORTED and
+//! RESOURCE_EXHAUSTED with the same `idempotency-key`). The service is
+//! hand-written (no `protoc`): see `service.rs`.
 
 mod service;
 
@@ -62,6 +64,13 @@ async fn run<St: Store>(args: Args, store: St) -> Result<(), Box<dyn std::error:
     let server = tokio::spawn(server);
     println!("payments.v1.Payments listening on {}", args.addr);
 
+    #[cfg(feature = "client")]
+    let mut client = PaymentsClient::connect_retrying(
+        args.addr,
+        tower_idempotency::client::RetryPolicy::default(),
+    )
+    .await?;
+    #[cfg(not(feature = "client"))]
     let mut client = PaymentsClient::connect(args.addr).await?;
     let first = client.charge(Some("order-42"), 100, "GHS").await?;
     println!(

@@ -60,6 +60,9 @@ pub struct Ledger {
     pub executions: AtomicU64,
     /// Simulated processing time of a charge.
     pub delay: Mutex<Duration>,
+    /// How many of the next charges answer `UNAVAILABLE` (with
+    /// `grpc-retry-pushback-ms: 200`) instead of charging.
+    pub unavailable_next: AtomicU64,
 }
 
 /// The `Payments` server.
@@ -88,6 +91,22 @@ impl UnaryService<ChargeRequest> for Charge {
         let ledger = self.0.clone();
         Box::pin(async move {
             let n = ledger.executions.fetch_add(1, Ordering::SeqCst) + 1;
+            let busy = ledger
+                .unavailable_next
+                .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                .is_ok();
+            if busy {
+                let mut metadata = tonic::metadata::MetadataMap::new();
+                metadata.insert(
+                    "grpc-retry-pushback-ms",
+                    tonic::metadata::MetadataValue::from_static("200"),
+                );
+                return Err(Status::with_metadata(
+                    tonic::Code::Unavailable,
+                    "card network busy",
+                    metadata,
+                ));
+            }
             let charge = request.into_inner();
             // Test hooks: amounts that make the card network fail.
             match charge.amount {
@@ -166,26 +185,75 @@ where
     }
 }
 
-/// A small client for the two methods.
+/// A small client for the two methods, over a channel or any gRPC service
+/// (for example the channel behind `IdempotentRetryLayer`).
 #[derive(Clone)]
-pub struct PaymentsClient {
-    grpc: tonic::client::Grpc<tonic::transport::Channel>,
+pub struct PaymentsClient<T = tonic::transport::Channel> {
+    grpc: tonic::client::Grpc<T>,
 }
 
 impl PaymentsClient {
     pub async fn connect(addr: std::net::SocketAddr) -> Result<Self, tonic::transport::Error> {
-        let channel = tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-            .expect("valid uri")
-            .connect()
-            .await?;
-        Ok(Self {
-            grpc: tonic::client::Grpc::new(channel),
-        })
+        Ok(Self::with_service(channel_to(addr).await?))
+    }
+}
+
+/// A channel to `addr`.
+pub async fn channel_to(
+    addr: std::net::SocketAddr,
+) -> Result<tonic::transport::Channel, tonic::transport::Error> {
+    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
+        .expect("valid uri")
+        .connect()
+        .await
+}
+
+/// A channel behind the client retry layer: one `idempotency-key` per call
+/// (kept when the call has one), retried on UNAVAILABLE, ABORTED (in
+/// flight) and RESOURCE_EXHAUSTED, `grpc-retry-pushback-ms` honoured.
+#[cfg(feature = "client")]
+pub type RetryingChannel = tower_idempotency::client::IdempotentRetry<
+    tower::util::MapRequest<
+        tonic::transport::Channel,
+        fn(
+            http::Request<tower_idempotency::client::RetryBody<tonic::body::Body>>,
+        ) -> http::Request<tonic::body::Body>,
+    >,
+>;
+
+#[cfg(feature = "client")]
+impl PaymentsClient<RetryingChannel> {
+    /// A client whose calls go through the retry layer.
+    pub async fn connect_retrying(
+        addr: std::net::SocketAddr,
+        policy: tower_idempotency::client::RetryPolicy,
+    ) -> Result<Self, tonic::transport::Error> {
+        use tower::Layer;
+        let to_tonic: fn(
+            http::Request<tower_idempotency::client::RetryBody<tonic::body::Body>>,
+        ) -> http::Request<tonic::body::Body> = |req| req.map(tonic::body::Body::new);
+        let channel = tower::util::MapRequestLayer::new(to_tonic).layer(channel_to(addr).await?);
+        let retrying = tower_idempotency::client::IdempotentRetryLayer::new(policy).layer(channel);
+        Ok(Self::with_service(retrying))
+    }
+}
+
+impl<T> PaymentsClient<T>
+where
+    T: tonic::client::GrpcService<tonic::body::Body>,
+    T::Error: Into<tonic::codegen::StdError>,
+    T::ResponseBody: HttpBody<Data = Bytes> + Send + 'static,
+    <T::ResponseBody as HttpBody>::Error: Into<tonic::codegen::StdError>,
+{
+    pub fn with_service(service: T) -> Self {
+        Self {
+            grpc: tonic::client::Grpc::new(service),
+        }
     }
 
     /// Wraps `message` with `key` as its `idempotency-key` metadata (if
     /// given) and waits until the channel is ready.
-    async fn prepare<T>(&mut self, message: T, key: Option<&str>) -> Result<Request<T>, Status> {
+    async fn prepare<M>(&mut self, message: M, key: Option<&str>) -> Result<Request<M>, Status> {
         let mut request = Request::new(message);
         if let Some(key) = key {
             let value = key
@@ -196,7 +264,7 @@ impl PaymentsClient {
         self.grpc
             .ready()
             .await
-            .map_err(|e| Status::unavailable(e.to_string()))?;
+            .map_err(|e| Status::unavailable(e.into().to_string()))?;
         Ok(request)
     }
 

@@ -46,6 +46,16 @@
 //! # }
 //! ```
 
+//!
+//! # gRPC
+//!
+//! The layer works on a tonic `Channel` too (it takes tonic's body, so a
+//! `map_request` converts [`RetryBody`] to it): the key goes in the
+//! `idempotency-key` metadata, and a Trailers-Only answer with
+//! UNAVAILABLE, ABORTED (the server layer's "in flight") or
+//! RESOURCE_EXHAUSTED is retried, after `grpc-retry-pushback-ms` when the
+//! server sends one. See [`RetryPolicy`] for the whole table.
+
 mod body;
 mod policy;
 mod service;

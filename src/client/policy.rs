@@ -40,6 +40,8 @@ pub const DEFAULT_BODY_LIMIT: usize = 1024 * 1024;
 /// | 429, 502, 503, 504 | yes, after `Retry-After` when given |
 /// | 409 `KeyMismatch`, `OutcomeUnknown`, `NotReplayable`, any other 4xx | never |
 /// | any other status (2xx, 3xx, 500, 501, …) | never: it is the answer |
+/// | gRPC (HTTP 200, `application/grpc`): `grpc-status` UNAVAILABLE, ABORTED (in flight), RESOURCE_EXHAUSTED in a Trailers-Only answer | yes, after `grpc-retry-pushback-ms` when given (a malformed or negative one: never) |
+/// | any other gRPC status | never |
 ///
 /// and only for the allowed methods (by default POST and PATCH, which the
 /// server layer guards, and the idempotent GET, HEAD, OPTIONS, PUT,
@@ -228,6 +230,9 @@ pub(crate) enum Verdict {
 /// What a response's status and headers say; `now` reads `Retry-After`
 /// dates.
 pub(crate) fn judge(status: StatusCode, headers: &HeaderMap, now: SystemTime) -> Verdict {
+    if status == StatusCode::OK && is_grpc(headers) {
+        return judge_grpc(headers);
+    }
     match status {
         StatusCode::TOO_MANY_REQUESTS
         | StatusCode::BAD_GATEWAY
@@ -236,6 +241,43 @@ pub(crate) fn judge(status: StatusCode, headers: &HeaderMap, now: SystemTime) ->
         StatusCode::CONFLICT if is_problem(headers) => Verdict::ReadProblem,
         _ => Verdict::Final,
     }
+}
+
+/// gRPC statuses worth retrying with the same key: UNAVAILABLE, ABORTED
+/// (the server layer's "in flight"), RESOURCE_EXHAUSTED.
+const GRPC_RETRYABLE: [&str; 3] = ["14", "10", "8"];
+
+/// A gRPC answer, by the `grpc-status` of a Trailers-Only response (the form
+/// every refusal and error without messages takes); a status that comes in
+/// trailers after messages is final. `grpc-retry-pushback-ms` sets the
+/// wait, and a malformed or negative one means "do not retry" (gRPC's
+/// retry design).
+fn judge_grpc(headers: &HeaderMap) -> Verdict {
+    let retryable = headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|code| GRPC_RETRYABLE.contains(&code.trim()));
+    if !retryable {
+        return Verdict::Final;
+    }
+    match headers.get("grpc-retry-pushback-ms") {
+        None => Verdict::Retry(None),
+        Some(value) => match value
+            .to_str()
+            .ok()
+            .and_then(|v| v.trim().parse::<u64>().ok())
+        {
+            Some(ms) => Verdict::Retry(Some(Duration::from_millis(ms))),
+            None => Verdict::Final,
+        },
+    }
+}
+
+fn is_grpc(headers: &HeaderMap) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/grpc"))
 }
 
 /// What a 409 problem document says: retry only the in-flight refusal.
@@ -401,6 +443,39 @@ mod tests {
                 "{kind:?}"
             );
         }
+    }
+
+    #[test]
+    fn grpc_statuses_are_judged_by_grpc_status_and_pushback() {
+        let now = SystemTime::now();
+        let grpc = |status: &str, pushback: Option<&str>| {
+            let mut pairs = vec![
+                ("content-type", "application/grpc"),
+                ("grpc-status", status),
+            ];
+            if let Some(p) = pushback {
+                pairs.push(("grpc-retry-pushback-ms", p));
+            }
+            judge(StatusCode::OK, &headers(&pairs), now)
+        };
+        assert_eq!(grpc("14", None), Verdict::Retry(None), "UNAVAILABLE");
+        assert_eq!(
+            grpc("10", None),
+            Verdict::Retry(None),
+            "ABORTED (in flight)"
+        );
+        assert_eq!(grpc("8", None), Verdict::Retry(None), "RESOURCE_EXHAUSTED");
+        assert_eq!(
+            grpc("14", Some("250")),
+            Verdict::Retry(Some(Duration::from_millis(250)))
+        );
+        assert_eq!(grpc("14", Some("-1")), Verdict::Final, "pushback says no");
+        for code in ["0", "2", "3", "9", "13", "16"] {
+            assert_eq!(grpc(code, None), Verdict::Final, "{code}");
+        }
+        // A response whose status comes in trailers (after messages).
+        let streaming = headers(&[("content-type", "application/grpc")]);
+        assert_eq!(judge(StatusCode::OK, &streaming, now), Verdict::Final);
     }
 
     #[test]
