@@ -56,6 +56,7 @@
 //! RESOURCE_EXHAUSTED is retried, after `grpc-retry-pushback-ms` when the
 //! server sends one. See [`RetryPolicy`] for the whole table.
 
+mod attempts;
 mod body;
 mod policy;
 mod service;

@@ -11,11 +11,11 @@ use bytes::Bytes;
 use http::{HeaderValue, Request, Response};
 use http_body::Body;
 use http_body_util::BodyExt;
-use tokio::time::Instant;
 use tower_layer::Layer;
 use tower_service::Service;
 
 use super::Attempts;
+use super::attempts::drive;
 use super::body::{Read, RetryBody, RetryResponseBody, keep};
 use super::policy::{RetryPolicy, Verdict, judge, judge_problem};
 use crate::BoxError;
@@ -96,20 +96,18 @@ where
 /// One logical request: its attempts, until an answer is final or a limit
 /// is reached.
 async fn send<S, B, ResB>(
-    mut inner: S,
+    inner: S,
     policy: Arc<RetryPolicy>,
     req: Request<B>,
 ) -> Result<Response<RetryResponseBody<ResB>>, BoxError>
 where
-    S: Service<Request<RetryBody<B>>, Response = Response<ResB>>,
+    S: Service<Request<RetryBody<B>>, Response = Response<ResB>> + Clone,
     S::Error: Into<BoxError>,
     B: Body<Data = Bytes> + Unpin,
     B::Error: Into<BoxError>,
     ResB: Body<Data = Bytes>,
     ResB::Error: Into<BoxError>,
 {
-    let started = Instant::now();
-    let deadline = crate::time::deadline(started, policy.deadline);
     let (mut parts, body) = req.into_parts();
     if !parts.headers.contains_key(KEY_HEADER) {
         let key = uuid::Uuid::new_v4().hyphenated().to_string();
@@ -132,65 +130,51 @@ where
     } else {
         (None, Some(RetryBody::once(None, body)))
     };
-    policy.deposit();
+    let resendable = kept.is_some();
     let mut once = once;
-    let mut attempt: u32 = 0;
-    loop {
-        attempt = attempt.saturating_add(1);
-        let body = match (&kept, once.take()) {
-            (Some((data, trailers)), _) => RetryBody::kept(data.clone(), trailers.clone()),
-            (None, Some(once)) => once,
-            // Sent once already: not reached, a body that was not kept
-            // stops the loop after its attempt.
-            (None, None) => return Err("the request body was already sent".into()),
-        };
-        let request = rebuild(&parts, body);
-        let outcome =
-            tokio::time::timeout_at(deadline, attempt_once(&mut inner, request, attempt)).await;
-        let (outcome, verdict) = match outcome {
-            Ok(done) => done,
-            Err(_) => (
-                Err(BoxError::from(
-                    "the retry deadline passed during an attempt",
-                )),
-                Verdict::Final,
-            ),
-        };
-        let retry_after = match verdict {
-            Verdict::Retry(after) => after,
-            _ => {
-                report(attempt, &key, &outcome, None, "final");
-                return with_attempts(outcome, attempt);
+    // The first attempt goes to the service that was polled ready; each
+    // later one to a clone, polled ready first.
+    let spare = inner.clone();
+    let mut ready = Some(inner);
+    let (outcome, attempts) = drive(
+        &policy,
+        &key,
+        resendable,
+        || BoxError::from("the retry deadline passed during an attempt"),
+        move |_attempt| {
+            let body = match (&kept, once.take()) {
+                (Some((data, trailers)), _) => {
+                    Some(RetryBody::kept(data.clone(), trailers.clone()))
+                }
+                (None, once) => once,
+            };
+            let request = body.map(|body| rebuild(&parts, body));
+            let (service, is_ready) = match ready.take() {
+                Some(service) => (service, true),
+                None => (spare.clone(), false),
+            };
+            async move {
+                match request {
+                    Some(request) => attempt_once(service, is_ready, request).await,
+                    // Not reached: a body sent once is never resent.
+                    None => (
+                        Err("the request body was already sent".into()),
+                        Verdict::Final,
+                    ),
+                }
             }
-        };
-        let stop = if kept.is_none() {
-            Some("the body was not kept: sent once")
-        } else if attempt >= policy.max_attempts {
-            Some("attempt limit reached")
-        } else {
-            None
-        };
-        let wait = policy.wait(attempt, retry_after, fastrand::f64());
-        let stop = stop.or_else(|| {
-            (Instant::now() + wait >= deadline).then_some("the deadline would pass during the wait")
-        });
-        let stop = stop.or_else(|| (!policy.withdraw()).then_some("the retry budget is spent"));
-        if let Some(why) = stop {
-            report(attempt, &key, &outcome, None, why);
-            return with_attempts(outcome, attempt);
-        }
-        report(attempt, &key, &outcome, Some(wait), "retrying");
-        drop(outcome);
-        tokio::time::sleep(wait).await;
-    }
+        },
+    )
+    .await;
+    with_attempts(outcome, attempts)
 }
 
 /// Sends one attempt (waiting for the service to be ready, after the
 /// first) and judges its answer; a 409 problem document is read to judge.
 async fn attempt_once<S, B, ResB>(
-    inner: &mut S,
+    mut inner: S,
+    is_ready: bool,
     request: Request<RetryBody<B>>,
-    attempt: u32,
 ) -> (Result<Response<RetryResponseBody<ResB>>, BoxError>, Verdict)
 where
     S: Service<Request<RetryBody<B>>, Response = Response<ResB>>,
@@ -198,9 +182,7 @@ where
     ResB: Body<Data = Bytes>,
     ResB::Error: Into<BoxError>,
 {
-    if attempt > 1
-        && let Err(e) = std::future::poll_fn(|cx| inner.poll_ready(cx)).await
-    {
+    if !is_ready && let Err(e) = std::future::poll_fn(|cx| inner.poll_ready(cx)).await {
         return (Err(e.into()), Verdict::Retry(None));
     }
     let response = match inner.call(request).await {
@@ -250,32 +232,4 @@ fn with_attempts<B>(
         response.extensions_mut().insert(Attempts(attempts));
         response
     })
-}
-
-/// One event per attempt, and (with `metrics`) one count.
-fn report<B>(
-    attempt: u32,
-    key: &str,
-    outcome: &Result<Response<B>, BoxError>,
-    wait: Option<std::time::Duration>,
-    next: &'static str,
-) {
-    let wait_ms = wait.map(|w| u64::try_from(w.as_millis()).unwrap_or(u64::MAX));
-    match outcome {
-        Ok(response) => tracing::debug!(
-            target: "tower_idempotency::client",
-            attempt, key, status = response.status().as_u16(), wait_ms, next,
-            "idempotent request attempt"
-        ),
-        Err(error) => tracing::debug!(
-            target: "tower_idempotency::client",
-            attempt, key, error = %error, wait_ms, next,
-            "idempotent request attempt"
-        ),
-    }
-    #[cfg(feature = "metrics")]
-    {
-        let outcome = if wait.is_some() { "retried" } else { "final" };
-        metrics::counter!("idempotency_client_attempts_total", "outcome" => outcome).increment(1);
-    }
 }
