@@ -241,3 +241,65 @@ async fn a_method_not_allowed_is_sent_once() {
     assert!(result.is_err());
     assert_eq!(proxy.accepted(), 1);
 }
+
+/// The same policy as a `reqwest_middleware` middleware.
+#[cfg(feature = "reqwest")]
+mod with_reqwest {
+    use super::*;
+    use tower_idempotency::client::IdempotentRetryMiddleware;
+
+    fn client(policy: RetryPolicy) -> reqwest_middleware::ClientWithMiddleware {
+        reqwest_middleware::ClientBuilder::new(reqwest::Client::new())
+            .with(IdempotentRetryMiddleware::new(policy))
+            .build()
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_lost_answer_is_retried_with_the_same_key_and_replayed() {
+        let (addr, executions) = server(|_| None).await;
+        let proxy = FaultProxy::start(addr).await.unwrap();
+        proxy.swallow_answers(1);
+        let res = client(exact_policy())
+            .post(format!("http://{}/charge", proxy.addr()))
+            .body("amount=100")
+            .send()
+            .await
+            .expect("an answer in the end");
+        assert_eq!(res.status(), StatusCode::CREATED);
+        assert_eq!(
+            res.headers()
+                .get("idempotent-replayed")
+                .map(|v| v.as_bytes()),
+            Some(&b"true"[..])
+        );
+        assert_eq!(res.extensions().get::<Attempts>().map(|a| a.0), Some(2));
+        assert_eq!(res.text().await.unwrap(), "charge-1");
+        assert_eq!(executions.load(Ordering::SeqCst), 1);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_mismatch_is_final_and_its_body_is_kept() {
+        let (addr, executions) = server(|_| None).await;
+        let client = client(exact_policy());
+        let url = format!("http://{addr}/charge");
+        let first = client
+            .post(&url)
+            .header("idempotency-key", "k-2")
+            .body("amount=100")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(first.status(), StatusCode::CREATED);
+        let refused = client
+            .post(&url)
+            .header("idempotency-key", "k-2")
+            .body("amount=500")
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(refused.status(), StatusCode::CONFLICT);
+        assert_eq!(refused.extensions().get::<Attempts>().map(|a| a.0), Some(1));
+        assert!(refused.text().await.unwrap().contains("KeyMismatch"));
+        assert_eq!(executions.load(Ordering::SeqCst), 1);
+    }
+}

@@ -59,8 +59,13 @@
 mod attempts;
 mod body;
 mod policy;
+#[cfg(feature = "reqwest")]
+mod reqwest;
 mod service;
 
+#[cfg(feature = "reqwest")]
+#[cfg_attr(docsrs, doc(cfg(feature = "reqwest")))]
+pub use self::reqwest::IdempotentRetryMiddleware;
 pub use body::{RetryBody, RetryResponseBody};
 pub use policy::{
     DEFAULT_BASE, DEFAULT_BODY_LIMIT, DEFAULT_CAP, DEFAULT_DEADLINE, DEFAULT_FACTOR,
