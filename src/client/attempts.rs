@@ -104,3 +104,120 @@ fn report<R: Answered, E: Display>(
         metrics::counter!("idempotency_client_attempts_total", "outcome" => outcome).increment(1);
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+
+    struct Answer(u16);
+
+    impl Answered for Answer {
+        fn status(&self) -> u16 {
+            self.0
+        }
+    }
+
+    fn exact() -> RetryPolicy {
+        RetryPolicy::default()
+            .backoff(Duration::from_millis(100), 2.0, Duration::from_secs(1))
+            .full_jitter(false)
+            .max_attempts(5)
+            .deadline(Duration::from_secs(60))
+    }
+
+    /// Runs the driver over `verdicts` (one per attempt, the last repeated)
+    /// and returns the attempts made and the virtual time it took, with
+    /// each attempt's start time.
+    async fn run(
+        policy: RetryPolicy,
+        verdicts: Vec<Verdict>,
+        resendable: bool,
+    ) -> (u32, Vec<Duration>) {
+        let started = Instant::now();
+        let mut starts = Vec::new();
+        let (outcome, attempts) = drive(
+            &policy,
+            "k",
+            resendable,
+            || "deadline".to_owned(),
+            |n| {
+                starts.push(started.elapsed());
+                let index = usize::try_from(n - 1)
+                    .unwrap_or(usize::MAX)
+                    .min(verdicts.len() - 1);
+                let verdict = verdicts[index];
+                async move { (Ok::<_, String>(Answer(503)), verdict) }
+            },
+        )
+        .await;
+        assert!(outcome.is_ok());
+        (attempts, starts)
+    }
+
+    fn ms(list: &[u64]) -> Vec<Duration> {
+        list.iter().map(|&m| Duration::from_millis(m)).collect()
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn waits_follow_the_backoff_up_to_the_attempt_limit() {
+        let (attempts, starts) = run(exact(), vec![Verdict::Retry(None)], true).await;
+        assert_eq!(attempts, 5);
+        assert_eq!(starts, ms(&[0, 100, 300, 700, 1500]));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn retry_after_replaces_the_backoff_and_a_final_answer_stops() {
+        let verdicts = vec![
+            Verdict::Retry(Some(Duration::from_secs(2))),
+            Verdict::Retry(None),
+            Verdict::Final,
+        ];
+        let (attempts, starts) = run(exact(), verdicts, true).await;
+        assert_eq!(attempts, 3);
+        assert_eq!(starts, ms(&[0, 2000, 2200]));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn no_wait_runs_past_the_deadline() {
+        let policy = exact()
+            .max_attempts(100)
+            .deadline(Duration::from_millis(1000));
+        let (attempts, starts) = run(policy, vec![Verdict::Retry(None)], true).await;
+        // 0, 100, 300, 700; the next wait (800 ms) would end at 1500.
+        assert_eq!(attempts, 4);
+        assert_eq!(starts, ms(&[0, 100, 300, 700]));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_request_that_cannot_be_resent_is_sent_once() {
+        let (attempts, _) = run(exact(), vec![Verdict::Retry(None)], false).await;
+        assert_eq!(attempts, 1);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn an_attempt_past_the_deadline_ends_with_the_deadline_error() {
+        let policy = exact().deadline(Duration::from_secs(1));
+        let (outcome, attempts) = drive(
+            &policy,
+            "k",
+            true,
+            || "deadline passed".to_owned(),
+            |_| async {
+                tokio::time::sleep(Duration::from_secs(10)).await;
+                (Ok::<_, String>(Answer(200)), Verdict::Final)
+            },
+        )
+        .await;
+        assert_eq!(attempts, 1);
+        assert_eq!(outcome.err().as_deref(), Some("deadline passed"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_spent_budget_stops_the_retries() {
+        let policy = exact().budget(Duration::from_secs(1), 0, 0.0);
+        let (attempts, _) = run(policy, vec![Verdict::Retry(None)], true).await;
+        assert_eq!(attempts, 1);
+    }
+}
