@@ -16,7 +16,8 @@ pin_project! {
     /// The request body the retry layer sends: the caller's body kept in
     /// memory (sent again on each attempt), or, when it was too large to
     /// keep, what was read of it followed by the rest, streamed once. The
-    /// inner client service takes requests with this body.
+    /// inner client service takes requests with this body. (The layer's
+    /// responses carry it too, as [`RetryResponseBody`].)
     #[derive(Debug)]
     pub struct RetryBody<B> {
         #[pin]
@@ -159,81 +160,20 @@ where
     Read::Kept(kept.freeze(), trailers)
 }
 
-pin_project! {
-    /// The response body the retry layer returns: the final attempt's own
-    /// body, or (for a 409 problem document it had to read to judge) the
-    /// bytes it read.
-    #[derive(Debug)]
-    pub struct RetryResponseBody<B> {
-        #[pin]
-        state: Answer<B>,
-    }
-}
+/// The response body the retry layer returns: the final attempt's own body,
+/// untouched, or (for a 409 problem document it had to read to judge) the
+/// bytes it read. The same type as [`RetryBody`]: kept bytes, or a stream.
+pub type RetryResponseBody<B> = RetryBody<B>;
 
-pin_project! {
-    #[project = AnswerProj]
-    #[derive(Debug)]
-    enum Answer<B> {
-        // The response's own body, untouched.
-        Passthrough {
-            #[pin]
-            inner: B,
-        },
-        // A body the layer read.
-        Read {
-            data: Option<Bytes>,
-        },
-    }
-}
-
-impl<B> RetryResponseBody<B> {
+impl<B> RetryBody<B> {
+    /// A response's own body, passed through.
     pub(crate) fn passthrough(inner: B) -> Self {
-        Self {
-            state: Answer::Passthrough { inner },
-        }
+        Self::once(None, inner)
     }
 
+    /// A body that was read whole.
     pub(crate) fn read(data: Bytes) -> Self {
-        Self {
-            state: Answer::Read { data: Some(data) },
-        }
-    }
-}
-
-impl<B> Body for RetryResponseBody<B>
-where
-    B: Body<Data = Bytes>,
-    B::Error: Into<BoxError>,
-{
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        match self.project().state.project() {
-            AnswerProj::Passthrough { inner } => inner
-                .poll_frame(cx)
-                .map(|f| f.map(|f| f.map_err(Into::into))),
-            AnswerProj::Read { data } => Poll::Ready(data.take().map(|d| Ok(Frame::data(d)))),
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        match &self.state {
-            Answer::Passthrough { inner } => inner.is_end_stream(),
-            Answer::Read { data } => data.is_none(),
-        }
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        match &self.state {
-            Answer::Passthrough { inner } => inner.size_hint(),
-            Answer::Read { data } => {
-                SizeHint::with_exact(data.as_ref().map_or(0, |d| d.len() as u64))
-            }
-        }
+        Self::kept(data, None)
     }
 }
 
