@@ -169,6 +169,7 @@ impl Subscription {
     /// Ends the task (its connection may be half-open), so that the next
     /// wait opens a new one at once. Best effort: skipped while one is being
     /// opened.
+    #[cfg(feature = "redis")]
     pub(crate) fn reset(&self) {
         if let Ok(mut state) = self.state.try_lock() {
             if let Some(task) = state.task.take() {
