@@ -381,8 +381,88 @@ fn redis(c: &mut Criterion) {
     });
     first_and_replay(&mut g, &rt, &ours);
     g.finish();
+    rt.block_on(server_time_per_operation(&ours, conn.clone()));
     let _: () = rt.block_on(async { redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap() });
     drop(server);
+}
+
+/// What each operation costs the Redis server itself (`INFO commandstats`,
+/// reset before each scenario), beside the plain commands a hand-written
+/// guard would send: `SET NX PX` before the work and `SET PX` of the
+/// response after it, `GET` for a replay. Printed, not timed by criterion.
+#[cfg(feature = "redis")]
+async fn server_time_per_operation(ours: &Router, mut conn: redis::aio::ConnectionManager) {
+    const N: usize = 2000;
+    async fn reset(conn: &mut redis::aio::ConnectionManager) {
+        let _: () = redis::cmd("CONFIG")
+            .arg("RESETSTAT")
+            .query_async(conn)
+            .await
+            .unwrap();
+    }
+    async fn per_call(conn: &mut redis::aio::ConnectionManager, command: &str) -> (u64, f64) {
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(conn)
+            .await
+            .unwrap();
+        let prefix = format!("cmdstat_{command}:");
+        let Some(line) = info.lines().find(|l| l.starts_with(&prefix)) else {
+            return (0, 0.0);
+        };
+        let field = |name: &str| {
+            line.split([':', ','])
+                .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
+                .and_then(|v| v.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        (field("calls") as u64, field("usec_per_call"))
+    }
+    reset(&mut conn).await;
+    for _ in 0..N {
+        call(ours, post_req(Some(&fresh_key()))).await;
+    }
+    let first = per_call(&mut conn, "evalsha").await;
+    reset(&mut conn).await;
+    for _ in 0..N {
+        call(ours, post_req(Some("replayed"))).await;
+    }
+    let replay = per_call(&mut conn, "evalsha").await;
+    reset(&mut conn).await;
+    for _ in 0..N {
+        let key = format!("floor:{}", fresh_key());
+        let _: Option<String> = redis::cmd("SET")
+            .arg(&key)
+            .arg("claimed")
+            .arg("NX")
+            .arg("PX")
+            .arg(30_000)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let _: () = redis::cmd("SET")
+            .arg(&key)
+            .arg(&[b'x'; 200][..])
+            .arg("PX")
+            .arg(86_400_000)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let _: Option<Vec<u8>> = redis::cmd("GET")
+            .arg(&key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    let floor_set = per_call(&mut conn, "set").await;
+    let floor_get = per_call(&mut conn, "get").await;
+    eprintln!(
+        "redis server time per call (INFO commandstats, {N} requests each): \
+         first request {:.2} us per script ({} calls: claim + completion), \
+         replay {:.2} us per script ({} calls); \
+         hand-written floor: SET {:.2} us ({} calls: SET NX PX + SET PX), GET {:.2} us ({} calls)",
+        first.1, first.0, replay.1, replay.0, floor_set.1, floor_set.0, floor_get.1, floor_get.0
+    );
 }
 
 /// `ours/first` (a new key each time) and `ours/replay` (one key, stored
