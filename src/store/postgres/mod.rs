@@ -6,7 +6,7 @@ mod listen;
 mod sql;
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -157,6 +157,7 @@ struct Inner {
     cleanup_batch: u32,
     listener: Option<Arc<Listener>>,
     abandoner: Abandoner,
+    nonces: AtomicU64,
     /// Permits for releases of lost claims on their own connections.
     releasing: Arc<tokio::sync::Semaphore>,
     /// How often the cleanup task runs; `None`: no task.
@@ -330,6 +331,7 @@ impl PostgresStoreBuilder {
                 cleanup_batch: self.cleanup_batch,
                 listener,
                 abandoner: Abandoner::new(),
+                nonces: super::nonce_counter(),
                 releasing: Arc::new(tokio::sync::Semaphore::new(ABANDON_BOUND)),
                 cleanup_every: self.cleanup_every,
                 cleanup_started: AtomicBool::new(self.cleanup_every.is_none()),
@@ -545,11 +547,9 @@ impl PostgresStore {
         runtime.spawn(async move {
             let _permit = permit;
             let nonce = i64::from_ne_bytes(lost.nonce.to_ne_bytes());
-            let Ok(key) = hex_key(&lost.name) else {
-                return;
-            };
             let sql = &store.inner.sql.abandon;
-            let params: [&(dyn ToSql + Sync); 3] = [&key.as_slice(), &nonce, &store.inner.channel];
+            let params: [&(dyn ToSql + Sync); 3] =
+                [&lost.name.as_str(), &nonce, &store.inner.channel];
             let sent = tokio::time::timeout_at(lost.until, async {
                 let statement = client.prepare_cached(sql).await?;
                 client.query(&statement, &params).await
@@ -579,11 +579,8 @@ impl PostgresStore {
             };
             Some(async move {
                 let nonce = i64::from_ne_bytes(lost.nonce.to_ne_bytes());
-                let Ok(key) = hex_key(&lost.name) else {
-                    return (lost, Attempt::Done);
-                };
                 let params: [&(dyn ToSql + Sync); 3] =
-                    [&key.as_slice(), &nonce, &store.inner.channel];
+                    [&lost.name.as_str(), &nonce, &store.inner.channel];
                 match store
                     .query("abandon", &store.inner.sql.abandon, &params)
                     .await
@@ -601,18 +598,7 @@ impl PostgresStore {
         sql: &str,
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<Row>, StoreError> {
-        self.query_attempt(op, sql, params)
-            .await
-            .map_err(|failed| failed.error)
-    }
-
-    async fn query_attempt(
-        &self,
-        op: &'static str,
-        sql: &str,
-        params: &[&(dyn ToSql + Sync)],
-    ) -> Result<Vec<Row>, Failed> {
-        self.attempt(op, async {
+        self.bounded(op, async {
             let client = self.inner.pool.get().await.map_err(pool_error)?;
             let statement = client.prepare_cached(sql).await?;
             Ok(client.query(&statement, params).await?)
@@ -694,7 +680,7 @@ impl Store for PostgresStore {
         fingerprint: Fingerprint,
         lease: Duration,
     ) -> Result<Claim, StoreError> {
-        let nonce = rand_nonce();
+        let nonce = i64::from_ne_bytes(super::fresh_nonce(&self.inner.nonces).to_ne_bytes());
         let keep = lease.max(self.inner.fence_memory);
         let params: [&(dyn ToSql + Sync); 5] = [
             &key.as_bytes().as_slice(),
@@ -896,14 +882,6 @@ fn fingerprint_of(bytes: &[u8]) -> Fingerprint {
     Fingerprint::from_bytes(array)
 }
 
-fn rand_nonce() -> i64 {
-    use std::hash::BuildHasher;
-    static COUNTER: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
-    let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    let bits = std::collections::hash_map::RandomState::new().hash_one(n) ^ n;
-    i64::from_ne_bytes(bits.to_ne_bytes())
-}
-
 /// A claim sent whose reply is not in yet, and its connection; dropped
 /// armed, it releases the claim.
 struct Unsettled<'a> {
@@ -922,21 +900,6 @@ impl Drop for Unsettled<'_> {
 /// How many lost claims one store releases at a time on their own
 /// connections.
 const ABANDON_BOUND: usize = 1024;
-
-/// The bytes of a key from its hex form.
-fn hex_key(hex: &str) -> Result<Vec<u8>, ()> {
-    if !hex.len().is_multiple_of(2) {
-        return Err(());
-    }
-    (0..hex.len())
-        .step_by(2)
-        .map(|i| {
-            hex.get(i..i + 2)
-                .and_then(|pair| u8::from_str_radix(pair, 16).ok())
-                .ok_or(())
-        })
-        .collect()
-}
 
 /// A store call that failed, and whether it provably did not take effect.
 struct Failed {

@@ -113,15 +113,16 @@ impl Statements {
                         (SELECT pg_notify($4, encode(key, 'hex')) FROM freed)::text"
             ),
             // A claim whose reply was lost, released by the nonce it was
-            // sent with (nobody holds its token).
+            // sent with (nobody holds its token); the key comes as hex, the
+            // name the abandon queue keeps and the notification carries.
             abandon: format!(
                 "WITH freed AS (
                    UPDATE {table} SET state = 2, lease_until = clock_timestamp()
-                   WHERE key = $1 AND nonce = $2 AND state = 0 AND NOT effect_committed
+                   WHERE key = decode($1, 'hex') AND nonce = $2 AND state = 0 AND NOT effect_committed
                    RETURNING key
                  )
                  SELECT EXISTS (SELECT 1 FROM freed),
-                        (SELECT pg_notify($3, encode(key, 'hex')) FROM freed)"
+                        (SELECT pg_notify($3, $1) FROM freed)"
             ),
             extend: format!(
                 "UPDATE {table}

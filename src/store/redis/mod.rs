@@ -4,10 +4,8 @@ mod connection;
 mod notify;
 mod scripts;
 
-use std::collections::hash_map::RandomState;
-use std::hash::BuildHasher;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
@@ -345,7 +343,7 @@ where
                 fence_memory,
                 scripts: Scripts::new(),
                 notifier,
-                nonces: AtomicU64::new(RandomState::new().hash_one(0u8)),
+                nonces: super::nonce_counter(),
                 abandoner: Abandoner::new(),
             }),
         }
@@ -360,8 +358,7 @@ where
     }
 
     fn nonce(&self) -> u64 {
-        let n = self.inner.nonces.fetch_add(1, Ordering::Relaxed);
-        RandomState::new().hash_one(n) ^ n
+        super::fresh_nonce(&self.inner.nonces)
     }
 
     async fn invoke(
