@@ -73,6 +73,23 @@ pub use policy::{
 };
 pub use service::{IdempotentRetry, IdempotentRetryLayer};
 
+/// Gives the request a key (a random UUID v4 in `Idempotency-Key`) unless
+/// it has one, and returns it, for every attempt to send.
+fn ensure_key(headers: &mut http::HeaderMap) -> String {
+    const KEY_HEADER: &str = "idempotency-key";
+    if !headers.contains_key(KEY_HEADER) {
+        let key = uuid::Uuid::new_v4().hyphenated().to_string();
+        if let Ok(value) = http::HeaderValue::from_str(&key) {
+            headers.insert(KEY_HEADER, value);
+        }
+    }
+    headers
+        .get(KEY_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or("")
+        .to_owned()
+}
+
 /// How many attempts a request took (in the final response's extensions).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Attempts(pub u32);

@@ -5,15 +5,12 @@
 use std::sync::Arc;
 use std::time::SystemTime;
 
-use http::{Extensions, HeaderValue};
+use http::Extensions;
 use reqwest_middleware::{Middleware, Next};
 
-use super::Attempts;
 use super::attempts::{Answered, drive};
 use super::policy::{RetryPolicy, Verdict, judge, judge_problem};
-
-/// The header the key goes in.
-const KEY_HEADER: &str = "idempotency-key";
+use super::{Attempts, ensure_key};
 
 /// Sends each request with one idempotency key and retries it as the
 /// [`RetryPolicy`] says, in a `reqwest_middleware` chain (feature
@@ -79,18 +76,7 @@ impl Middleware for IdempotentRetryMiddleware {
         extensions: &mut Extensions,
         next: Next<'_>,
     ) -> reqwest_middleware::Result<reqwest::Response> {
-        if !req.headers().contains_key(KEY_HEADER) {
-            let key = uuid::Uuid::new_v4().hyphenated().to_string();
-            if let Ok(value) = HeaderValue::from_str(&key) {
-                req.headers_mut().insert(KEY_HEADER, value);
-            }
-        }
-        let key = req
-            .headers()
-            .get(KEY_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .unwrap_or("")
-            .to_owned();
+        let key = ensure_key(req.headers_mut());
         let policy = &self.policy;
         let small_enough = req.body().is_none_or(|body| {
             body.as_bytes()

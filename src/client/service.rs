@@ -8,20 +8,18 @@ use std::task::{Context, Poll};
 use std::time::SystemTime;
 
 use bytes::Bytes;
-use http::{HeaderValue, Request, Response};
+use http::{Request, Response};
 use http_body::Body;
 use http_body_util::BodyExt;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use super::Attempts;
 use super::attempts::drive;
 use super::body::{Read, RetryBody, RetryResponseBody, keep};
 use super::policy::{RetryPolicy, Verdict, judge, judge_problem};
+use super::{Attempts, ensure_key};
 use crate::BoxError;
 
-/// The header the key goes in.
-const KEY_HEADER: &str = "idempotency-key";
 /// The largest 409 problem document read to judge it.
 const PROBLEM_LIMIT: u64 = 64 * 1024;
 
@@ -109,18 +107,7 @@ where
     ResB::Error: Into<BoxError>,
 {
     let (mut parts, body) = req.into_parts();
-    if !parts.headers.contains_key(KEY_HEADER) {
-        let key = uuid::Uuid::new_v4().hyphenated().to_string();
-        if let Ok(value) = HeaderValue::from_str(&key) {
-            parts.headers.insert(KEY_HEADER, value);
-        }
-    }
-    let key = parts
-        .headers
-        .get(KEY_HEADER)
-        .and_then(|v| v.to_str().ok())
-        .unwrap_or("")
-        .to_owned();
+    let key = ensure_key(&mut parts.headers);
     // Kept to be sent again, or sent once.
     let (kept, once) = if policy.allows(&parts.method) {
         match keep(body, policy.body_limit).await {
