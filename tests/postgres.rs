@@ -519,21 +519,6 @@ async fn private_store(server: &PrivatePostgres) -> PostgresStore {
     store
 }
 
-/// Claims new keys until one is acquired; how long that took, or `None`.
-async fn first_claim_within(store: &PostgresStore, limit: Duration) -> Option<Duration> {
-    let started = std::time::Instant::now();
-    let mut n = 0u32;
-    while started.elapsed() < limit {
-        n += 1;
-        let key = StoreKey::from_parts(b"probe", &n.to_be_bytes());
-        if let Ok(Claim::Acquired(_)) = store.claim(key, FP, Duration::from_secs(30)).await {
-            return Some(started.elapsed());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    None
-}
-
 /// Killed (`kill -9` of every process): operations fail fast and closed;
 /// restarted, it serves again, and the records it confirmed are all there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -567,7 +552,7 @@ async fn a_killed_server_fails_closed_and_after_a_restart_keeps_every_record() {
     );
     server.restart();
     assert!(
-        first_claim_within(&store, Duration::from_secs(10))
+        common::first_claim_within(&store, Duration::from_secs(10))
             .await
             .is_some()
     );
@@ -587,7 +572,7 @@ async fn a_frozen_server_times_out_and_recovers_when_thawed() {
     };
     let store = private_store(&server).await;
     assert!(
-        first_claim_within(&store, Duration::from_secs(5))
+        common::first_claim_within(&store, Duration::from_secs(5))
             .await
             .is_some()
     );
@@ -602,7 +587,7 @@ async fn a_frozen_server_times_out_and_recovers_when_thawed() {
     assert_eq!(e.kind(), StoreErrorKind::Timeout, "{e}");
     assert!(took < Duration::from_secs(2), "bounded: {took:?}");
     assert!(
-        first_claim_within(&store, Duration::from_secs(10))
+        common::first_claim_within(&store, Duration::from_secs(10))
             .await
             .is_some()
     );
@@ -618,14 +603,14 @@ async fn dropped_connections_are_replaced() {
     let store = private_store(&server).await;
     for _ in 0..3 {
         assert!(
-            first_claim_within(&store, Duration::from_secs(5))
+            common::first_claim_within(&store, Duration::from_secs(5))
                 .await
                 .is_some()
         );
         server.drop_connections();
     }
     assert!(
-        first_claim_within(&store, Duration::from_secs(5))
+        common::first_claim_within(&store, Duration::from_secs(5))
             .await
             .is_some()
     );
@@ -815,7 +800,7 @@ async fn a_claim_whose_reply_was_lost_is_released_once_the_server_answers() {
         .unwrap();
     store.migrate().await.unwrap();
     assert!(
-        first_claim_within(&store, Duration::from_secs(5))
+        common::first_claim_within(&store, Duration::from_secs(5))
             .await
             .is_some()
     );

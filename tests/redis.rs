@@ -677,25 +677,6 @@ async fn store_through_proxy(
     (store, proxy)
 }
 
-/// How long until a claim of a new key succeeds, or `None` after `limit`.
-async fn first_claim_within(store: &RedisStore, limit: Duration) -> Option<Duration> {
-    let started = std::time::Instant::now();
-    let mut n = 0u32;
-    while started.elapsed() < limit {
-        n += 1;
-        let key = StoreKey::from_parts(b"", format!("probe-{n}").as_bytes());
-        if store
-            .claim(key, Fingerprint::of_bytes(b"x"), Duration::from_secs(30))
-            .await
-            .is_ok()
-        {
-            return Some(started.elapsed());
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    None
-}
-
 /// A half-open connection (the server's side is gone, the client's never
 /// hears of it) never answers and never fails: every command on it times
 /// out. The store must notice and open a new connection, not time out
@@ -715,7 +696,7 @@ async fn a_half_open_connection_is_replaced_after_its_commands_time_out() {
         .await
         .unwrap_err();
     assert_eq!(e.kind(), StoreErrorKind::Timeout, "{e}");
-    let recovered = first_claim_within(&store, Duration::from_secs(5)).await;
+    let recovered = common::first_claim_within(&store, Duration::from_secs(5)).await;
     assert!(
         recovered.is_some(),
         "every command still times out 5 s after the connection went half-open"
@@ -736,7 +717,7 @@ async fn dropped_connections_are_reopened() {
     let (store, proxy) = store_through_proxy(&server, Duration::from_millis(300)).await;
     for _ in 0..3 {
         proxy.drop_connections();
-        let took = first_claim_within(&store, Duration::from_secs(5)).await;
+        let took = common::first_claim_within(&store, Duration::from_secs(5)).await;
         assert!(
             took.is_some(),
             "no claim succeeded after the connections dropped"
@@ -818,7 +799,7 @@ async fn latency_slows_commands_and_past_the_timeout_fails_them_until_it_goes() 
     assert_eq!(e.kind(), StoreErrorKind::Timeout, "{e}");
     proxy.heal();
     assert!(
-        first_claim_within(&store, Duration::from_secs(5))
+        common::first_claim_within(&store, Duration::from_secs(5))
             .await
             .is_some()
     );

@@ -530,3 +530,25 @@ pub fn unique() -> u64 {
     static N: AtomicU64 = AtomicU64::new(0);
     N.fetch_add(1, Ordering::Relaxed)
 }
+
+/// How long until `store` acquires a new key (each try a key never used
+/// before), or `None` after `limit`: how long a store takes to serve again
+/// after a fault.
+pub async fn first_claim_within<St: Store>(store: &St, limit: Duration) -> Option<Duration> {
+    let started = std::time::Instant::now();
+    while started.elapsed() < limit {
+        let key = StoreKey::from_parts(b"probe", &unique().to_be_bytes());
+        if let Ok(Claim::Acquired(_)) = store
+            .claim(
+                key,
+                Fingerprint::of_bytes(b"probe"),
+                Duration::from_secs(30),
+            )
+            .await
+        {
+            return Some(started.elapsed());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    None
+}
