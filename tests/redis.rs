@@ -12,7 +12,9 @@ use tower::Layer;
 use tower_idempotency::engine::{Engine, Outcome};
 use tower_idempotency::fingerprint::Fingerprint;
 use tower_idempotency::key::StoreKey;
-use tower_idempotency::store::{Claim, RedisStore, Store, StoreErrorKind, conformance};
+use tower_idempotency::store::{
+    Claim, CompletedRecord, LeaseStatus, OwnerToken, RedisStore, Store, StoreErrorKind, conformance,
+};
 use tower_idempotency::{IdempotencyKey, IdempotencyLayer, Scope};
 
 async fn store_for(server: &RedisServer) -> RedisStore {
@@ -81,18 +83,23 @@ async fn a_first_request_costs_one_claim_and_one_completion_and_a_replay_one_cla
         2,
         "one claim + one completion"
     );
-    // Inside the scripts: the clock is read once by each, and nobody waited,
-    // so nothing is published.
+    // Inside each script: one read, the clock, one write; nobody waited, so
+    // nothing is published.
+    assert_eq!(server.calls("get").await, 2);
     assert_eq!(server.calls("time").await, 2);
+    assert_eq!(server.calls("set").await, 2, "each write is one SET … PX");
+    assert_eq!(server.calls("pexpire").await, 0);
+    assert_eq!(server.calls("hset").await, 0);
     assert_eq!(server.calls("publish").await, 0, "no waiter, no PUBLISH");
     server.reset_stats().await;
     let replay = send(&svc, ledger_request("k", false)).await;
     assert!(replay.replayed());
     assert_eq!(server.calls("evalsha").await, 1, "one claim-or-read");
-    // A replay is one HMGET inside its script: no clock, no second read.
-    assert_eq!(server.calls("hmget").await, 1);
+    // A replay is one GET inside its script: no clock, no write.
+    assert_eq!(server.calls("get").await, 1);
     assert_eq!(server.calls("time").await, 0);
-    assert_eq!(server.calls("hget").await, 0);
+    assert_eq!(server.calls("set").await, 0);
+    assert_eq!(server.calls("hmget").await, 0);
     assert_eq!(ledger.count(), 2);
 }
 
@@ -803,4 +810,197 @@ async fn latency_slows_commands_and_past_the_timeout_fails_them_until_it_goes() 
             .await
             .is_some()
     );
+}
+
+/// The Redis server's clock in ms.
+async fn server_ms(conn: &mut redis::aio::MultiplexedConnection) -> u64 {
+    let (secs, micros): (u64, u64) = redis::cmd("TIME").query_async(conn).await.unwrap();
+    secs * 1000 + micros / 1000
+}
+
+/// Writes a record the way earlier versions of the crate did (format 1: a
+/// hash per key).
+async fn write_format_1(
+    conn: &mut redis::aio::MultiplexedConnection,
+    name: &str,
+    state: &str,
+    fence: u64,
+    deadline_ms: u64,
+    payload: &[u8],
+) {
+    let _: i64 = redis::cmd("HSET")
+        .arg(name)
+        .arg("v")
+        .arg("1")
+        .arg("st")
+        .arg(state)
+        .arg("fence")
+        .arg(fence)
+        .arg("nonce")
+        .arg("5")
+        .arg("fp")
+        .arg(&Fingerprint::of_bytes(b"x").as_bytes()[..])
+        .arg("dl")
+        .arg(deadline_ms)
+        .arg("w")
+        .arg("0")
+        .arg("pl")
+        .arg(payload)
+        .query_async(conn)
+        .await
+        .unwrap();
+}
+
+/// Records written by an earlier version (format 1) are still read: a
+/// completed one is replayed, a claim in flight is waited for (its waiter
+/// flag set in the hash, so that its owner publishes), an expired one is
+/// taken over with a higher fence. Nothing this version does completes,
+/// releases or extends a format-1 claim.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn records_of_the_earlier_format_are_still_read() {
+    let Some(server) = redis_or_skip("format_1") else {
+        return;
+    };
+    let store = store_for(&server).await;
+    let mut conn = server.conn().await;
+    let fp = Fingerprint::of_bytes(b"x");
+    let lease = Duration::from_secs(30);
+    let now = server_ms(&mut conn).await;
+
+    let done = StoreKey::from_parts(b"", b"v1-done");
+    write_format_1(&mut conn, &store.key_name(done), "d", 17, now, b"stored").await;
+    match store.claim(done, fp, lease).await {
+        Ok(Claim::Completed(record)) => {
+            assert_eq!(record.fingerprint, fp);
+            assert_eq!(&record.payload[..], b"stored");
+        }
+        other => panic!("expected the stored record, got {other:?}"),
+    }
+
+    let live = StoreKey::from_parts(b"", b"v1-live");
+    let name = store.key_name(live);
+    write_format_1(&mut conn, &name, "i", 23, now + 30_000, b"").await;
+    assert!(matches!(
+        store.claim(live, fp, lease).await,
+        Ok(Claim::InFlight { fence: 23, fingerprint }) if fingerprint == fp
+    ));
+    store
+        .wait(live, 23, Duration::from_millis(20))
+        .await
+        .unwrap();
+    let waited: String = redis::cmd("HGET")
+        .arg(&name)
+        .arg("w")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        waited, "1",
+        "the format-1 owner must publish its completion"
+    );
+    let stranger = OwnerToken::new(23, 5);
+    let record = CompletedRecord {
+        fingerprint: fp,
+        payload: Bytes::from_static(b"mine"),
+    };
+    let retention = Duration::from_secs(60);
+    let lost = [
+        store
+            .complete(live, stranger, record.clone(), retention)
+            .await,
+        store.extend(live, stranger, lease).await,
+        store.release(live, stranger).await,
+    ];
+    assert!(
+        lost.iter().all(|s| matches!(s, Ok(LeaseStatus::Lost))),
+        "{lost:?}"
+    );
+
+    let expired = StoreKey::from_parts(b"", b"v1-expired");
+    let name = store.key_name(expired);
+    write_format_1(&mut conn, &name, "i", 29, now - 1, b"").await;
+    let Ok(Claim::Acquired(token)) = store.claim(expired, fp, lease).await else {
+        panic!("an expired format-1 claim must be taken over");
+    };
+    assert!(token.fence() > 29);
+    let kind: String = redis::cmd("TYPE")
+        .arg(&name)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(kind, "string", "the takeover writes the current format");
+    assert!(matches!(
+        store.complete(expired, token, record, retention).await,
+        Ok(LeaseStatus::Held)
+    ));
+    assert!(matches!(
+        store.claim(expired, fp, lease).await,
+        Ok(Claim::Completed(r)) if &r.payload[..] == b"mine"
+    ));
+}
+
+/// A value the store did not write (not a record, a record cut short, an
+/// unknown state, a key of another type) is reported as corrupt and left
+/// as it was: no script writes before it has validated what it read. An
+/// operator's purge drops it, and the key works again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn damaged_records_are_refused_untouched_and_purge_drops_them() {
+    let Some(server) = redis_or_skip("damaged_records") else {
+        return;
+    };
+    let store = store_for(&server).await;
+    let mut conn = server.conn().await;
+    let fp = Fingerprint::of_bytes(b"x");
+    let lease = Duration::from_secs(30);
+    let mut cut = b"2d0".to_vec();
+    cut.extend_from_slice(&[b'0'; 40]);
+    let mut unknown_state = b"2x0".to_vec();
+    unknown_state.extend_from_slice(&[b'0'; 70]);
+    let mut unreadable_lease = b"2i0".to_vec();
+    unreadable_lease.extend_from_slice(&[b'0'; 56]);
+    unreadable_lease.extend_from_slice(b"soon");
+    let strings: [(&str, &[u8]); 4] = [
+        ("not a record", b"hello"),
+        ("cut short", &cut),
+        ("unknown state", &unknown_state),
+        ("unreadable lease", &unreadable_lease),
+    ];
+    for (what, value) in strings {
+        let key = StoreKey::from_parts(b"", what.as_bytes());
+        let name = store.key_name(key);
+        let _: () = redis::cmd("SET")
+            .arg(&name)
+            .arg(value)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let err = store.claim(key, fp, lease).await.expect_err(what);
+        assert_eq!(err.kind(), StoreErrorKind::Corrupt, "{what}: {err}");
+        let kept: Vec<u8> = redis::cmd("GET")
+            .arg(&name)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(kept, value, "{what}: the claim wrote over it");
+        assert!(store.purge(key).await.unwrap(), "{what}: purge drops it");
+        assert!(
+            matches!(store.claim(key, fp, lease).await, Ok(Claim::Acquired(_))),
+            "{what}"
+        );
+    }
+    let key = StoreKey::from_parts(b"", b"a list");
+    let name = store.key_name(key);
+    let _: i64 = redis::cmd("RPUSH")
+        .arg(&name)
+        .arg("a")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let err = store.claim(key, fp, lease).await.expect_err("a list");
+    assert_eq!(err.kind(), StoreErrorKind::Corrupt, "{err}");
+    assert!(store.purge(key).await.unwrap());
+    assert!(matches!(
+        store.claim(key, fp, lease).await,
+        Ok(Claim::Acquired(_))
+    ));
 }

@@ -2,6 +2,7 @@
 
 mod connection;
 mod notify;
+mod record;
 mod scripts;
 
 use std::sync::Arc;
@@ -422,7 +423,7 @@ where
     }
 
     /// An invocation of `script` on `key` by the owner of `token`: the
-    /// first two arguments of every fenced script are its fence and nonce.
+    /// first argument of every fenced script is the owner token.
     fn by_owner<'s>(
         &self,
         script: &'s Script,
@@ -430,7 +431,7 @@ where
         token: OwnerToken,
     ) -> redis::ScriptInvocation<'s> {
         let mut invocation = script.key(self.key_name(key));
-        invocation.arg(token.fence()).arg(token.nonce().to_string());
+        invocation.arg(record::token_arg(token));
         invocation
     }
 
@@ -467,7 +468,7 @@ where
             Some(async move {
                 let mut invocation = store.inner.scripts.abandon.key(&lost.name);
                 invocation
-                    .arg(lost.nonce.to_string())
+                    .arg(&record::nonce_arg(lost.nonce)[..])
                     .arg(&store.inner.channel);
                 match store.invoke("abandon", invocation).await {
                     Ok(Value::Int(1)) => {
@@ -547,16 +548,6 @@ fn corrupt(op: &'static str, reply: &Value) -> StoreError {
         .with_source(format!("unexpected reply from Redis: {reply:?}"))
 }
 
-fn fingerprint(op: &'static str, v: &Value) -> Result<Fingerprint, StoreError> {
-    match v {
-        Value::BulkString(b) => {
-            let bytes: [u8; 32] = b.as_slice().try_into().map_err(|_| corrupt(op, v))?;
-            Ok(Fingerprint::from_bytes(bytes))
-        }
-        other => Err(corrupt(op, other)),
-    }
-}
-
 impl<C> Store for RedisStore<C>
 where
     C: ConnectionLike + Clone + Send + Sync + 'static,
@@ -575,7 +566,7 @@ where
             .arg(&fp.as_bytes()[..])
             .arg(ms(lease))
             .arg(keep)
-            .arg(nonce.to_string());
+            .arg(&record::nonce_arg(nonce)[..]);
         // Until its reply is in, the claim may have been applied with nobody
         // to own it: if the reply is lost, or this future is dropped (the
         // client went away), the guard queues its release.
@@ -597,25 +588,16 @@ where
             }
         };
         unsettled.lost = None;
-        let Value::Array(items) = &reply else {
-            return Err(corrupt("claim", &reply));
-        };
-        match items.as_slice() {
-            [Value::Int(1), Value::Int(fence)] => {
-                let fence = u64::try_from(*fence).map_err(|_| corrupt("claim", &reply))?;
-                Ok(Claim::Acquired(OwnerToken::new(fence, nonce)))
-            }
-            [Value::Int(2), fp, Value::Int(fence)] => Ok(Claim::InFlight {
-                fingerprint: fingerprint("claim", fp)?,
-                fence: u64::try_from(*fence).map_err(|_| corrupt("claim", &reply))?,
+        match reply {
+            Value::Int(fence) => match u64::try_from(fence) {
+                Ok(fence) => Ok(Claim::Acquired(OwnerToken::new(fence, nonce))),
+                Err(_) => Err(corrupt("claim", &reply)),
+            },
+            Value::BulkString(stored) => record::parse(stored).ok_or_else(|| {
+                StoreError::new(StoreErrorKind::Corrupt, "claim")
+                    .with_source("a record Redis returned is not one this store reads")
             }),
-            [Value::Int(3), fp, Value::BulkString(payload)] => {
-                Ok(Claim::Completed(CompletedRecord {
-                    fingerprint: fingerprint("claim", fp)?,
-                    payload: payload.clone().into(),
-                }))
-            }
-            _ => Err(corrupt("claim", &reply)),
+            other => Err(corrupt("claim", &other)),
         }
     }
 
@@ -662,7 +644,7 @@ where
         };
         let notified = registration.as_ref().map(|r| r.notified());
         let mut invocation = self.inner.scripts.lease_left.key(&name);
-        invocation.arg(fence);
+        invocation.arg(record::fence_arg(fence));
         let left = match self.invoke("wait", invocation).await? {
             Value::Int(left) => left,
             other => return Err(corrupt("wait", &other)),

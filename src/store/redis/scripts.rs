@@ -1,17 +1,28 @@
 //! The Lua scripts behind [`RedisStore`](super::RedisStore).
 //!
 //! Each touches exactly one key (`KEYS[1]`), so every operation is one
-//! round trip, atomic, and valid on Redis Cluster. A record is a hash:
+//! round trip, atomic, and valid on Redis Cluster. A record is one string
+//! (record format 2, read by the `record` module): a 59-byte header of
+//! fixed offsets, then the tail.
 //!
-//! | field | meaning |
+//! | bytes (1-based, as Lua counts) | meaning |
 //! |---|---|
-//! | `v` | record format version (`1`) |
-//! | `st` | `i` in flight, `d` done, `f` free (released; kept for its fence) |
-//! | `fence`, `nonce` | the owner token of the latest grant (fences are at least the server's clock in µs at the grant) |
-//! | `fp` | the fingerprint (32 bytes) |
-//! | `dl` | the lease deadline, in ms of the Redis server's clock (`TIME`); meaningful in state `i` only |
-//! | `w` | `1` once a waiter asked about the claim (`lease_left`), else `0` |
-//! | `pl` | the stored payload (when done) |
+//! | 1 | record format version, `2` |
+//! | 2 | `i` in flight, `d` done, `f` free (released; kept for its fence) |
+//! | 3 | `1` once a waiter asked about the claim (`lease_left`), else `0` |
+//! | 4–19 | the fence of the latest grant, 16 decimal digits (at least the server's clock in µs at the grant) |
+//! | 20–27 | the nonce of the latest grant, 8 bytes |
+//! | 28–59 | the fingerprint, 32 bytes |
+//! | 60– | states `i` and `f`: the lease deadline in ms of the Redis server's clock (`TIME`), in decimal; state `d`: the stored payload |
+//!
+//! The layout is what makes the scripts cheap for the Redis server: a
+//! replay is one `GET` whose value the script returns as it is (the client
+//! reads the fingerprint and payload from it); a claim of a new key is
+//! `GET`, `TIME` and one `SET … PX`; a completion `GET`, `TIME` and one
+//! `SET … PX` of the header and the payload. Owner checks compare one
+//! 24-byte substring (fence and nonce) with what the owner sends; the
+//! waiter flag and a release change one byte in place (`SETRANGE`, which
+//! keeps the key's expiry).
 //!
 //! Leases are judged by the server's clock only, so application servers
 //! need no clock sync. The key lives for the retention window (plus one
@@ -20,127 +31,183 @@
 //! and fails with `IDEM_CORRUPT` on a record it does not understand: Lua
 //! scripts are atomic but not transactional, so nothing is half-written.
 //! Completion and release publish the key on the store's channel, to wake
-//! waiters in every process, when the claim has a waiter (`w`): a waiter
-//! marks the claim in the same script that reads its lease, after it
-//! registered for the notification, so no wake-up is lost, and a claim
-//! nobody waits for costs no `PUBLISH` (which every subscribed process
-//! would receive and dispatch).
+//! waiters in every process, when the claim has a waiter: a waiter marks
+//! the claim in the same script that reads its lease, after it registered
+//! for the notification, so no wake-up is lost, and a claim nobody waits
+//! for costs no `PUBLISH` (which every subscribed process would receive and
+//! dispatch).
 //!
-//! Each `redis.call` from Lua costs microseconds of server time, so the
-//! scripts make as few as they can: a replay is one `HMGET`; a claim of a
-//! new key `HMGET`, `TIME`, `HSET`, `PEXPIRE`; a completion the same.
+//! Records of format 1 (a hash per key, written by earlier versions of the
+//! crate) are still read: a claim replays such a completed record, waits
+//! for such a claim in flight and takes over an expired or released one
+//! (writing format 2 over it). A claim of format 1 is never owned by this
+//! version, so completing, releasing, extending or abandoning it is refused
+//! as a lost claim. (An earlier version meeting a format-2 record fails
+//! with `WRONGTYPE`: it never runs a request twice, it refuses it.)
 
-/// Shared prologue: the record, validated, and whether its claim is live.
-/// `$extra` names more fields to read in the same `HMGET` (from `h[8]` on).
-/// The server's clock is read (`TIME`) only when a claim's deadline is at
-/// stake, so a replay is one `HMGET` and nothing else.
+/// Shared prologue: the record (`r`, a string, or `false` when there is
+/// none) and its state (`st`), validated. The tokens given are the Lua run
+/// when the key holds something else than a string (a format-1 hash): it
+/// must return or set `r`.
 macro_rules! prologue {
-    ($extra:literal) => {
+    ($($legacy:tt)+) => {
         concat!(
             r#"
-local h = redis.call('HMGET', KEYS[1], 'v', 'st', 'fence', 'nonce', 'fp', 'dl', 'w'"#,
-            $extra,
-            r#")
-local v, st, fence, nonce, fp, dl, w = h[1], h[2], tonumber(h[3]), h[4], h[5], tonumber(h[6]), h[7]
-if v and v ~= '1' then return redis.error_reply('IDEM_CORRUPT unknown record version ' .. v) end
-if v and (not st or not fence or not nonce or not fp or (st == 'i' and not dl)) then
-  return redis.error_reply('IDEM_CORRUPT incomplete record')
+local r = redis.pcall('GET', KEYS[1])
+if type(r) == 'table' then
+"#,
+            $($legacy)+,
+            r#"
 end
-if st and st ~= 'i' and st ~= 'd' and st ~= 'f' then return redis.error_reply('IDEM_CORRUPT unknown state') end
-local now_us
-local function clock()
-  local t = redis.call('TIME')
-  now_us = tonumber(t[1]) * 1000000 + tonumber(t[2])
-  return math.floor(now_us / 1000)
-end
-local now
-local live = false
-if st == 'i' then
-  now = clock()
-  live = dl > now
+local st
+if r then
+  if #r < 59 or string.byte(r, 1) ~= 50 then return redis.error_reply('IDEM_CORRUPT unknown record format') end
+  st = string.sub(r, 2, 2)
+  if st ~= 'i' and st ~= 'd' and st ~= 'f' then return redis.error_reply('IDEM_CORRUPT unknown state') end
 end
 "#
         )
     };
 }
 
-/// `claim(fp, lease_ms, keep_ms, nonce)` →
-/// `{1, fence}` acquired, `{2, fp, fence}` in flight, `{3, fp, payload}` done.
+/// The format-1 record (a hash) converted to format 2, for the scripts that
+/// read one: its nonce is not kept (no owner of a format-1 claim uses
+/// format 2), its waiter flag is `0` (its waiters are marked in the hash).
+macro_rules! legacy_record {
+    () => {
+        r#"
+  local h = redis.call('HMGET', KEYS[1], 'v', 'st', 'fence', 'fp', 'dl', 'pl')
+  local old_fence = tonumber(h[3])
+  if h[1] ~= '1' or not old_fence or not h[4] or #h[4] ~= 32 then
+    return redis.error_reply('IDEM_CORRUPT unknown record format')
+  end
+  local tail = h[5]
+  if h[2] == 'd' then tail = h[6] end
+  if not tail then return redis.error_reply('IDEM_CORRUPT incomplete record') end
+  r = '2' .. h[2] .. '0' .. string.format('%016d', old_fence) .. '\0\0\0\0\0\0\0\0' .. h[4] .. tail
+"#
+    };
+}
+
+/// The lease deadline (`dl`) of the record and the server's clock in ms
+/// (`now`), for a record in state `i` or `f`.
+macro_rules! lease {
+    () => {
+        r#"
+local dl = tonumber(string.sub(r, 60))
+if not dl then return redis.error_reply('IDEM_CORRUPT unreadable lease') end
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+"#
+    };
+}
+
+/// `claim(fp, lease_ms, keep_ms, nonce)` → the fence (an integer) when
+/// acquired, else the record itself (state `i`: in flight, `d`: done).
 ///
 /// A grant's fence is the larger of the previous fence plus one and the
 /// server's clock in microseconds, so it never goes backwards while the
 /// server's clock does not: not after the record expired or was purged, and
 /// not after Redis lost it by restarting empty. (Microseconds since 1970
-/// stay below 2^53, where Lua's numbers are exact; `%d` writes the fence
-/// without Lua's default exponent notation.)
+/// stay below 2^53, where Lua's numbers are exact, and take 16 digits until
+/// the year 2286.)
 pub(super) const CLAIM: &str = concat!(
-    prologue!(", 'pl'"),
     r#"
-if st == 'd' then
-  if not h[8] then return redis.error_reply('IDEM_CORRUPT done without a payload') end
-  return {3, fp, h[8]}
+if #ARGV[1] ~= 32 or #ARGV[4] ~= 8 then return redis.error_reply('IDEM_ARGS fingerprint or nonce of the wrong length') end
+"#,
+    prologue!(legacy_record!()),
+    r#"
+if st == 'd' then return r end
+local t = redis.call('TIME')
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local fence = t[1] * 1000000 + t[2]
+if st then
+  local dl, prev = tonumber(string.sub(r, 60)), tonumber(string.sub(r, 4, 19))
+  if not dl or not prev then return redis.error_reply('IDEM_CORRUPT unreadable record') end
+  if st == 'i' and dl > now then return r end
+  fence = math.max(prev + 1, fence)
 end
-if live then return {2, fp, fence} end
-now = now or clock()
-local next_fence = math.max((fence or 0) + 1, now_us)
-redis.call('HSET', KEYS[1], 'v', '1', 'st', 'i', 'fence', string.format('%d', next_fence), 'nonce', ARGV[4],
-  'fp', ARGV[1], 'dl', now + tonumber(ARGV[2]), 'w', '0')
-redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[3]))
-return {1, next_fence}
+local f = string.format('%016d', fence)
+if #f ~= 16 then return redis.error_reply('IDEM_CLOCK fence out of range: ' .. f) end
+redis.call('SET', KEYS[1], '2i0' .. f .. ARGV[4] .. ARGV[1] .. (now + ARGV[2]), 'PX', ARGV[3])
+return fence
 "#
 );
 
-/// `complete(fence, nonce, payload, retention_ms, channel)` → 1 held, 0 lost.
+/// `complete(token, payload, retention_ms, channel)` → 1 held, 0 lost. The
+/// token is the owner's fence (16 digits) and nonce (8 bytes).
 pub(super) const COMPLETE: &str = concat!(
-    prologue!(""),
+    prologue!("  return 0"),
     r#"
-local mine = fence == tonumber(ARGV[1]) and nonce == ARGV[2]
-if st == 'd' and mine then return 1 end
-if not (live and mine) then return 0 end
-redis.call('HSET', KEYS[1], 'st', 'd', 'pl', ARGV[3])
-redis.call('PEXPIRE', KEYS[1], tonumber(ARGV[4]))
-if w == '1' then redis.call('PUBLISH', ARGV[5], KEYS[1]) end
+if not r or string.sub(r, 4, 27) ~= ARGV[1] then return 0 end
+if st == 'd' then return 1 end
+if st ~= 'i' then return 0 end
+"#,
+    lease!(),
+    r#"
+if dl <= now then return 0 end
+redis.call('SET', KEYS[1], '2d0' .. string.sub(r, 4, 59) .. ARGV[2], 'PX', ARGV[3])
+if string.byte(r, 3) == 49 then redis.call('PUBLISH', ARGV[4], KEYS[1]) end
 return 1
 "#
 );
 
-/// `release(fence, nonce, channel)` → 1 held, 0 lost. A released record
-/// stays (state `f`) so the next grant's fence is higher.
+/// `release(token, channel)` → 1 held, 0 lost. A released record stays
+/// (state `f`) so the next grant's fence is higher.
 pub(super) const RELEASE: &str = concat!(
-    prologue!(""),
+    prologue!("  return 0"),
     r#"
-if not (st == 'i' and fence == tonumber(ARGV[1]) and nonce == ARGV[2]) then return 0 end
-redis.call('HSET', KEYS[1], 'st', 'f')
-if w == '1' then redis.call('PUBLISH', ARGV[3], KEYS[1]) end
-if live then return 1 end
+if st ~= 'i' or string.sub(r, 4, 27) ~= ARGV[1] then return 0 end
+"#,
+    lease!(),
+    r#"
+redis.call('SETRANGE', KEYS[1], 1, 'f')
+if string.byte(r, 3) == 49 then redis.call('PUBLISH', ARGV[2], KEYS[1]) end
+if dl > now then return 1 end
 return 0
 "#
 );
 
-/// `extend(fence, nonce, lease_ms)` → 1 held, 0 lost. Never resurrects an
+/// `extend(token, lease_ms)` → 1 held, 0 lost. Never resurrects an
 /// expired lease, and never shortens the key's life.
 pub(super) const EXTEND: &str = concat!(
-    prologue!(""),
+    prologue!("  return 0"),
     r#"
-if not (live and fence == tonumber(ARGV[1]) and nonce == ARGV[2]) then return 0 end
-local lease = tonumber(ARGV[3])
-redis.call('HSET', KEYS[1], 'dl', now + lease)
-if redis.call('PTTL', KEYS[1]) < lease then redis.call('PEXPIRE', KEYS[1], lease) end
+if st ~= 'i' or string.sub(r, 4, 27) ~= ARGV[1] then return 0 end
+"#,
+    lease!(),
+    r#"
+if dl <= now then return 0 end
+local lease = tonumber(ARGV[2])
+local ttl = redis.call('PTTL', KEYS[1])
+redis.call('SET', KEYS[1], string.sub(r, 1, 59) .. (now + lease), 'PX', math.max(ttl, lease))
 return 1
 "#
 );
 
-/// `lease_left(fence)` → ms left on the claim with this fence, or -1 when
-/// that claim is gone. Marks the claim as waited for (`w`), so that its
-/// completion or release is published.
+/// `lease_left(fence)` → ms left on the claim with this fence (16 digits),
+/// or -1 when that claim is gone. Marks the claim as waited for, so that
+/// its completion or release is published.
 pub(super) const LEASE_LEFT: &str = concat!(
-    prologue!(""),
+    prologue!(
+        r#"
+  local h = redis.call('HMGET', KEYS[1], 'st', 'fence', 'dl', 'w')
+  local dl = tonumber(h[3])
+  if h[1] ~= 'i' or not dl or tonumber(h[2]) ~= tonumber(ARGV[1]) then return -1 end
+  local t = redis.call('TIME')
+  local now = t[1] * 1000 + math.floor(t[2] / 1000)
+  if dl <= now then return -1 end
+  if h[4] ~= '1' then redis.call('HSET', KEYS[1], 'w', '1') end
+  return dl - now"#
+    ),
     r#"
-if live and fence == tonumber(ARGV[1]) then
-  if w ~= '1' then redis.call('HSET', KEYS[1], 'w', '1') end
-  return dl - now
-end
-return -1
+if st ~= 'i' or string.sub(r, 4, 19) ~= ARGV[1] then return -1 end
+"#,
+    lease!(),
+    r#"
+if dl <= now then return -1 end
+if string.byte(r, 3) ~= 49 then redis.call('SETRANGE', KEYS[1], 2, '1') end
+return dl - now
 "#
 );
 
@@ -149,30 +216,36 @@ return -1
 /// the operator's remedy for a corrupt one.
 pub(super) const PURGE: &str = r#"
 local t = redis.call('TIME')
-local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
-local ok, h = pcall(redis.call, 'HMGET', KEYS[1], 'st', 'dl')
-local held
-if ok then
-  held = h[1] == 'd' or (h[1] == 'i' and tonumber(h[2]) ~= nil and tonumber(h[2]) > now)
-    or (h[1] ~= false and h[1] ~= 'i' and h[1] ~= 'd' and h[1] ~= 'f')
-else
-  held = true
+local now = t[1] * 1000 + math.floor(t[2] / 1000)
+local held = false
+local r = redis.pcall('GET', KEYS[1])
+if type(r) == 'string' then
+  local st = string.sub(r, 2, 2)
+  if #r < 59 or string.byte(r, 1) ~= 50 or st == 'd' or (st ~= 'i' and st ~= 'f') then
+    held = true
+  elseif st == 'i' then
+    held = (tonumber(string.sub(r, 60)) or now + 1) > now
+  end
+elseif type(r) == 'table' then
+  local ok, h = pcall(redis.call, 'HMGET', KEYS[1], 'st', 'dl')
+  held = not ok or h[1] == 'd' or (h[1] == 'i' and (tonumber(h[2]) or now + 1) > now)
+    or (h[1] ~= false and h[1] ~= 'i' and h[1] ~= 'f')
 end
 if redis.call('DEL', KEYS[1]) == 1 then redis.call('PUBLISH', ARGV[1], KEYS[1]) end
 if held then return 1 end
 return 0
 "#;
 
-/// `abandon(nonce, channel)` → 1 when the claim made with this nonce was
-/// still in flight and is now released, else 0. Used after a claim whose
-/// reply was lost: the claim may have been applied with a fence we never
-/// learned, but we know the nonce we sent.
+/// `abandon(nonce, channel)` → 1 when the claim made with this nonce (8
+/// bytes) was still in flight and is now released, else 0. Used after a
+/// claim whose reply was lost: the claim may have been applied with a fence
+/// we never learned, but we know the nonce we sent.
 pub(super) const ABANDON: &str = concat!(
-    prologue!(""),
+    prologue!("  return 0"),
     r#"
-if not (st == 'i' and nonce == ARGV[1]) then return 0 end
-redis.call('HSET', KEYS[1], 'st', 'f')
-if w == '1' then redis.call('PUBLISH', ARGV[2], KEYS[1]) end
+if st ~= 'i' or string.sub(r, 20, 27) ~= ARGV[1] then return 0 end
+redis.call('SETRANGE', KEYS[1], 1, 'f')
+if string.byte(r, 3) == 49 then redis.call('PUBLISH', ARGV[2], KEYS[1]) end
 return 1
 "#
 );

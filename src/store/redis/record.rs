@@ -1,0 +1,120 @@
+//! The layout of a record in Redis (format 2), as the client reads it: a
+//! 59-byte header of fixed offsets, then the lease deadline or the payload.
+//! The scripts that write it are in the `scripts` module.
+
+use bytes::Bytes;
+
+use crate::fingerprint::Fingerprint;
+use crate::store::{Claim, CompletedRecord, OwnerToken};
+
+/// Length of the header before the tail.
+pub(super) const HEADER: usize = 59;
+const VERSION: u8 = b'2';
+const FENCE: std::ops::Range<usize> = 3..19;
+const FINGERPRINT: std::ops::Range<usize> = 27..59;
+
+/// The fence as the scripts store and compare it: 16 decimal digits. A
+/// fence that does not fit matches no record.
+pub(super) fn fence_arg(fence: u64) -> String {
+    format!("{fence:016}")
+}
+
+/// The owner token as the scripts compare it: the fence's 16 digits, then
+/// the nonce's 8 bytes.
+pub(super) fn token_arg(token: OwnerToken) -> Vec<u8> {
+    let mut arg = fence_arg(token.fence()).into_bytes();
+    arg.extend_from_slice(&nonce_arg(token.nonce()));
+    arg
+}
+
+/// The nonce as the scripts store it: 8 bytes, big-endian.
+pub(super) fn nonce_arg(nonce: u64) -> [u8; 8] {
+    nonce.to_be_bytes()
+}
+
+/// A record a claim returned instead of a grant: in flight or done. `None`
+/// for anything else (a record in another state, or damaged).
+pub(super) fn parse(record: Vec<u8>) -> Option<Claim> {
+    if record.len() < HEADER || record[0] != VERSION {
+        return None;
+    }
+    let fingerprint = Fingerprint::from_bytes(record[FINGERPRINT].try_into().ok()?);
+    match record[1] {
+        b'i' => {
+            let digits = &record[FENCE];
+            if !digits.iter().all(u8::is_ascii_digit) {
+                return None;
+            }
+            let fence = std::str::from_utf8(digits).ok()?.parse().ok()?;
+            Some(Claim::InFlight { fingerprint, fence })
+        }
+        b'd' => Some(Claim::Completed(CompletedRecord {
+            fingerprint,
+            payload: Bytes::from(record).slice(HEADER..),
+        })),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn header(state: u8, fence: &str) -> Vec<u8> {
+        let mut r = vec![VERSION, state, b'0'];
+        r.extend_from_slice(fence.as_bytes());
+        r.extend_from_slice(&nonce_arg(7));
+        r.extend_from_slice(&[9; 32]);
+        r
+    }
+
+    #[test]
+    fn reads_records_in_flight_and_done() {
+        let mut r = header(b'i', "0000000000000042");
+        r.extend_from_slice(b"1700000000000");
+        match parse(r) {
+            Some(Claim::InFlight { fingerprint, fence }) => {
+                assert_eq!(fence, 42);
+                assert_eq!(fingerprint, Fingerprint::from_bytes([9; 32]));
+            }
+            other => panic!("{other:?}"),
+        }
+        let mut r = header(b'd', "0000000000000042");
+        r.extend_from_slice(b"payload");
+        match parse(r) {
+            Some(Claim::Completed(record)) => assert_eq!(&record.payload[..], b"payload"),
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn refuses_damaged_records_without_panicking() {
+        let good = {
+            let mut r = header(b'd', "0000000000000042");
+            r.extend_from_slice(b"payload");
+            r
+        };
+        for cut in 0..HEADER {
+            assert!(parse(good[..cut].to_vec()).is_none(), "cut at {cut}");
+        }
+        let mut r = good.clone();
+        r[0] = b'1';
+        assert!(parse(r).is_none());
+        let mut r = good.clone();
+        r[1] = b'f';
+        assert!(parse(r).is_none());
+        let mut r = header(b'i', "00000000000000x2");
+        r.extend_from_slice(b"1");
+        assert!(parse(r).is_none());
+        let mut r = header(b'i', "+000000000000042");
+        r.extend_from_slice(b"1");
+        assert!(parse(r).is_none());
+    }
+
+    #[test]
+    fn token_is_the_fence_digits_then_the_nonce_bytes() {
+        let token = token_arg(OwnerToken::new(42, 0x0102_0304_0506_0708));
+        assert_eq!(&token[..16], b"0000000000000042");
+        assert_eq!(&token[16..], &[1, 2, 3, 4, 5, 6, 7, 8]);
+    }
+}
