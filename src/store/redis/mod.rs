@@ -610,7 +610,7 @@ where
     ) -> Result<LeaseStatus, StoreError> {
         let mut invocation = self.by_owner(&self.inner.scripts.complete, key, token);
         invocation
-            .arg(&record.payload[..])
+            .arg(record::done(token, &record))
             .arg(ms(retention))
             .arg(&self.inner.channel);
         self.fenced("complete", invocation).await

@@ -32,6 +32,17 @@ pub(super) fn nonce_arg(nonce: u64) -> [u8; 8] {
     nonce.to_be_bytes()
 }
 
+/// The done record the completion script stores as it is: the header of
+/// `token`'s grant with `record`'s fingerprint, then the payload.
+pub(super) fn done(token: OwnerToken, record: &crate::store::CompletedRecord) -> Vec<u8> {
+    let mut done = Vec::with_capacity(HEADER.saturating_add(record.payload.len()));
+    done.extend_from_slice(&[VERSION, b'd', b'0']);
+    done.extend_from_slice(&token_arg(token));
+    done.extend_from_slice(record.fingerprint.as_bytes());
+    done.extend_from_slice(&record.payload);
+    done
+}
+
 /// A record a claim returned instead of a grant: in flight or done. `None`
 /// for anything else (a record in another state, or damaged).
 pub(super) fn parse(record: Vec<u8>) -> Option<Claim> {
@@ -109,6 +120,26 @@ mod tests {
         let mut r = header(b'i', "+000000000000042");
         r.extend_from_slice(b"1");
         assert!(parse(r).is_none());
+    }
+
+    #[test]
+    fn a_done_record_reads_back_as_it_was_built() {
+        let record = CompletedRecord {
+            fingerprint: Fingerprint::from_bytes([3; 32]),
+            payload: Bytes::from_static(b"answer"),
+        };
+        let built = done(OwnerToken::new(42, 7), &record);
+        let mut want = header(b'd', "0000000000000042");
+        want[27..].copy_from_slice(&[3; 32]);
+        want.extend_from_slice(b"answer");
+        assert_eq!(built, want);
+        match parse(built) {
+            Some(Claim::Completed(got)) => {
+                assert_eq!(got.fingerprint, record.fingerprint);
+                assert_eq!(got.payload, record.payload);
+            }
+            other => panic!("{other:?}"),
+        }
     }
 
     #[test]

@@ -19,7 +19,7 @@
 //! replay is one `GET` whose value the script returns as it is (the client
 //! reads the fingerprint and payload from it); a claim of a new key is
 //! `GET`, `TIME` and one `SET … PX`; a completion `GET`, `TIME` and one
-//! `SET … PX` of the header and the payload. Owner checks compare one
+//! `SET … PX` of the done record the client built (header and payload). Owner checks compare one
 //! 24-byte substring (fence and nonce) with what the owner sends; the
 //! waiter flag and a release change one byte in place (`SETRANGE`, which
 //! keeps the key's expiry).
@@ -127,15 +127,18 @@ if st then
   if st == 'i' and dl > now then return r end
   fence = math.max(prev + 1, fence)
 end
-local f = string.format('%016d', fence)
+local f
+if st then f = string.format('%016d', fence) else f = t[1] .. string.sub('00000' .. t[2], -6) end
 if #f ~= 16 then return redis.error_reply('IDEM_CLOCK fence out of range: ' .. f) end
 redis.call('SET', KEYS[1], '2i0' .. f .. ARGV[4] .. ARGV[1] .. (now + ARGV[2]), 'PX', ARGV[3])
 return fence
 "#
 );
 
-/// `complete(token, payload, retention_ms, channel)` → 1 held, 0 lost. The
-/// token is the owner's fence (16 digits) and nonce (8 bytes).
+/// `complete(token, record, retention_ms, channel)` → 1 held, 0 lost. The
+/// token is the owner's fence (16 digits) and nonce (8 bytes); the record
+/// is the whole done record, header and payload, as the client built it, so
+/// the script copies no payload.
 pub(super) const COMPLETE: &str = concat!(
     prologue!("  return 0"),
     r#"
@@ -146,7 +149,7 @@ if st ~= 'i' then return 0 end
     lease!(),
     r#"
 if dl <= now then return 0 end
-redis.call('SET', KEYS[1], '2d0' .. string.sub(r, 4, 59) .. ARGV[2], 'PX', ARGV[3])
+redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
 if string.byte(r, 3) == 49 then redis.call('PUBLISH', ARGV[4], KEYS[1]) end
 return 1
 "#
