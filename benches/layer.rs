@@ -382,7 +382,12 @@ fn redis(c: &mut Criterion) {
     });
     first_and_replay(&mut g, &rt, &ours);
     g.finish();
-    rt.block_on(server_time_per_operation(&ours, &store, conn.clone()));
+    rt.block_on(server_time_per_operation(
+        &ours,
+        &store,
+        conn.clone(),
+        server.pid(),
+    ));
     let _: () = rt.block_on(async { redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap() });
     drop(server);
 }
@@ -390,13 +395,14 @@ fn redis(c: &mut Criterion) {
 /// What each operation costs the Redis server itself (`INFO commandstats`,
 /// reset before each scenario), beside the plain commands a hand-written
 /// guard would send: `SET NX PX` before the work and `SET PX` of the
-/// response after it, `GET` for a replay. Three rounds, printed, not timed
+/// response after it, `GET` for a replay. Five rounds, printed, not timed
 /// by criterion.
 #[cfg(feature = "redis")]
 async fn server_time_per_operation(
     ours: &Router,
     store: &tower_idempotency::store::RedisStore,
     mut conn: redis::aio::ConnectionManager,
+    server_pid: Option<u32>,
 ) {
     use tower_idempotency::store::{Claim, CompletedRecord, Store};
     const N: usize = 2000;
@@ -425,11 +431,26 @@ async fn server_time_per_operation(
         };
         (field("calls") as u64, field("usec_per_call"))
     }
+    // Redis on one core and this process on the other, so the server is
+    // not descheduled in the middle of a script by the bench's own threads
+    // (`usec_per_call` is wall-clock time inside the command).
+    let pinned = match server_pid {
+        Some(pid) => pin(pid, "0", false) && pin(std::process::id(), "1", true),
+        None => false,
+    };
+    eprintln!(
+        "redis server time per call: {}",
+        if pinned {
+            "redis-server pinned to CPU 0, the bench to CPU 1"
+        } else {
+            "not pinned (taskset failed), so descheduling adds to the figures"
+        }
+    );
     let fp = tower_idempotency::fingerprint::Fingerprint::of_bytes(b"bench");
     let lease = Duration::from_secs(30);
     let retention = Duration::from_secs(86_400);
     let payload = bytes::Bytes::from_static(&[b'x'; 200]);
-    for round in 1..=3 {
+    for round in 1..=5 {
         reset(&mut conn).await;
         for _ in 0..N {
             call(ours, post_req(Some(&fresh_key()))).await;
@@ -516,6 +537,26 @@ async fn server_time_per_operation(
             floor_get.1
         );
     }
+    if pinned {
+        let cpus = format!(
+            "0-{}",
+            std::thread::available_parallelism().map_or(1, |n| n.get()) - 1
+        );
+        pin(std::process::id(), &cpus, true);
+    }
+}
+
+/// `taskset` of a process (and with `all`, each of its threads) to `cpus`.
+#[cfg(feature = "redis")]
+fn pin(pid: u32, cpus: &str, all: bool) -> bool {
+    let mut cmd = std::process::Command::new("taskset");
+    if all {
+        cmd.arg("-a");
+    }
+    cmd.args(["-p", "-c", cpus, &pid.to_string()])
+        .stdout(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success())
 }
 
 /// `ours/first` (a new key each time) and `ours/replay` (one key, stored

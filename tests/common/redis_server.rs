@@ -128,6 +128,12 @@ impl RedisServer {
         }
     }
 
+    /// The server process's id, while it runs.
+    #[allow(dead_code)] // Used by the benches only.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(|c| c.id())
+    }
+
     /// `kill -STOP`: the server stops answering but keeps its sockets.
     pub fn freeze(&self) {
         self.signal("-STOP");
