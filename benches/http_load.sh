@@ -5,6 +5,8 @@
 #
 #   bash benches/http_load.sh            # 3 rounds of 10 s per scenario
 #   ROUNDS=5 DURATION=20 bash benches/http_load.sh
+#   PG=0 bash benches/http_load.sh       # without the PostgreSQL scenarios
+#   SCALE=1 bash benches/http_load.sh    # 1 000 against 1 000 000 stored records
 #
 # Scenarios (all POST /process-payment, --delay-ms 0, 32 connections, 2 threads;
 # the server runs with RUST_LOG=off):
@@ -14,11 +16,24 @@
 #   replay        memory store, one fixed key (every request after the first replays)
 #   redis-first   Redis store, a unique key per request
 #   redis-replay  Redis store, one fixed key
+#   redis-floor-first, redis-floor-replay
+#                 the same requests through a hand-written Redis guard instead
+#                 of the layer (`--hand-written-guard`: SET NX PX GET before
+#                 the work, SET PX of the response after it), the floor the
+#                 redis-* scenarios are compared with
 #   pg-first      PostgreSQL store, a unique key per request; the demo's
 #                 ledger is then the `payments` table, each row written in a
 #                 transaction fenced by the store (three committed writes
 #                 per charge: claim, ledger row with its fence, completion)
 #   pg-replay     PostgreSQL store, one fixed key
+# With SCALE=1 the script instead compares a store holding 1 000 records
+# with one holding 1 000 000 (`--prefill`, records of a charge's size; the
+# memory store bounded at 2 GiB so none is evicted): per round and size, one
+# server (memory, then Redis emptied first) serves first requests, then
+# replays:
+#   mem-first-1k, mem-replay-1k, mem-first-1M, mem-replay-1M,
+#   redis-first-1k, redis-replay-1k, redis-first-1M, redis-replay-1M
+# (first requests add records of their own: about as many as it serves.)
 # Each bare run sends exactly the requests of the scenarios it is the
 # baseline for, so wrk (which shares the two cores) does the same work in
 # both. It prints req/s, p50 and p99 per scenario and round, then the
@@ -65,7 +80,7 @@ if command -v redis-server >/dev/null; then
     sleep 0.3
 fi
 
-if command -v psql >/dev/null && psql -q "$pg_admin" -c "CREATE DATABASE $pg_db" >/dev/null 2>&1; then
+if [ "${PG:-1}" = 1 ] && command -v psql >/dev/null && psql -q "$pg_admin" -c "CREATE DATABASE $pg_db" >/dev/null 2>&1; then
     have_pg=1
     pg_url="${pg_admin%/*}/$pg_db"
 fi
@@ -98,7 +113,7 @@ start_server() { # args: extra flags
     # instead of the layer.
     RUST_LOG=off "$bin" --addr "127.0.0.1:$PORT" --delay-ms 0 "$@" >"$work/server.log" 2>&1 &
     server=$!
-    for _ in $(seq 100); do
+    for _ in $(seq 1200); do # up to a minute: --prefill takes its time
         curl -s "http://127.0.0.1:$PORT/healthz" >/dev/null 2>&1 && return 0
         sleep 0.05
     done
@@ -111,31 +126,60 @@ run() { # name script server-flags...
     local name=$1 script=$2
     shift 2
     start_server "$@"
+    measure "$name" "$script"
+    stop_server
+}
+
+measure() { # name script: wrk against the running server
+    local name=$1 script=$2
     wrk -t2 -c"$CONNECTIONS" -d"${DURATION}s" --latency -s "$work/$script" \
         -H 'Content-Type: application/json' --timeout 5s \
         "http://127.0.0.1:$PORT/process-payment" -- >"$work/out" 2>&1 \
         || true
-    stop_server
     local rps p50 p99 non2xx
     rps=$(awk '/Requests\/sec/ {print $2}' "$work/out")
     p50=$(awk '$1=="50%" {print $2}' "$work/out")
     p99=$(awk '$1=="99%" {print $2}' "$work/out")
     non2xx=$(awk '/Non-2xx/ {print $5}' "$work/out")
-    printf '%-13s %10s req/s  p50 %8s  p99 %8s  non-2xx %s\n' "$name" "$rps" "$p50" "$p99" "${non2xx:-0}"
+    printf '%-18s %10s req/s  p50 %8s  p99 %8s  non-2xx %s\n' "$name" "$rps" "$p50" "$p99" "${non2xx:-0}"
     echo "$name $rps" >>"$work/results"
 }
 
 echo "machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs)"
 echo "wrk: $(wrk -v 2>&1 | head -1)"
 echo "rounds=$ROUNDS duration=${DURATION}s connections=$CONNECTIONS"
+scale_rounds() {
+    for round in $(seq "$ROUNDS"); do
+        echo "--- round $round"
+        for size in 1k 1M; do
+            local n=1000
+            [ "$size" = 1M ] && n=1000000
+            start_server --prefill "$n" --memory-max-mib 2048
+            measure "mem-first-$size" unique.lua
+            measure "mem-replay-$size" fixed.lua
+            stop_server
+            if [ "$have_redis" = 1 ]; then
+                redis-cli -p "$redis_port" FLUSHALL >/dev/null
+                start_server --store redis --redis-url "redis://127.0.0.1:$redis_port" --prefill "$n"
+                measure "redis-first-$size" unique.lua
+                measure "redis-replay-$size" fixed.lua
+                stop_server
+            fi
+        done
+    done
+}
+
 for round in $(seq "$ROUNDS"); do
+    [ "${SCALE:-0}" = 1 ] && { scale_rounds; break; }
     echo "--- round $round"
     run bare-unique unique.lua --no-idempotency
     run first unique.lua
     run bare-fixed fixed.lua --no-idempotency
     run replay fixed.lua
     if [ "$have_redis" = 1 ]; then
+        run redis-floor-first unique.lua --store redis --hand-written-guard --redis-url "redis://127.0.0.1:$redis_port"
         run redis-first unique.lua --store redis --redis-url "redis://127.0.0.1:$redis_port"
+        run redis-floor-replay fixed.lua --store redis --hand-written-guard --redis-url "redis://127.0.0.1:$redis_port"
         run redis-replay fixed.lua --store redis --redis-url "redis://127.0.0.1:$redis_port"
     fi
     if [ "$have_pg" = 1 ]; then
@@ -153,10 +197,16 @@ for line in open(sys.argv[1]):
     runs.setdefault(name, []).append(float(rps))
 baseline = {"first": "bare-unique", "redis-first": "bare-unique", "pg-first": "bare-unique",
             "replay": "bare-fixed", "redis-replay": "bare-fixed", "pg-replay": "bare-fixed"}
+floor = {"redis-first": "redis-floor-first", "redis-replay": "redis-floor-replay"}
+for name in list(runs):
+    if name.endswith("-1M") and name[:-3] + "-1k" in runs:
+        floor[name] = name[:-3] + "-1k"
 for name, values in runs.items():
     m = statistics.median(values)
-    line = f"{name:13s} median {m:10.0f} req/s  range {min(values):.0f}-{max(values):.0f}"
+    line = f"{name:18s} median {m:10.0f} req/s  range {min(values):.0f}-{max(values):.0f}"
     if name in baseline:
         line += f"  ratio {m / statistics.median(runs[baseline[name]]):.2f} to {baseline[name]}"
+    if name in floor and floor[name] in runs:
+        line += f", {m / statistics.median(runs[floor[name]]):.2f} to {floor[name]}"
     print(line)
 PY

@@ -28,7 +28,9 @@
 //! Flags: `--addr` (default `127.0.0.1:3000`), `--delay-ms` (simulated
 //! processing time, default 2000), `--no-idempotency` (same routes without
 //! the layer, to measure its cost), `--store memory|redis|redis-cluster|postgres`,
-//! `--redis-url` (default `redis://127.0.0.1:6379`, or the cluster's seed
+//! `--prefill N` (store N records before serving), `--memory-max-mib`
+//! (the in-memory store's bound, default 64), `--hand-written-guard` (with `--store redis`: a hand-written Redis guard
+//! instead of the layer, the benchmarks' floor), `--redis-url` (default `redis://127.0.0.1:6379`, or the cluster's seed
 //! nodes, comma-separated; needs `--features redis` or `--features
 //! redis-cluster`) and `--postgres-url` (default
 //! `postgres://postgres@127.0.0.1:5432/postgres`; needs `--features
@@ -91,6 +93,19 @@ struct Args {
     /// The database to use with `--store postgres`.
     #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
     postgres_url: String,
+    /// With `--store redis`: guard the charge route with the hand-written
+    /// Redis guard instead of the layer (the benchmarks' floor: one
+    /// `SET NX PX GET` before the work, one `SET PX` of the response after).
+    #[arg(long)]
+    hand_written_guard: bool,
+    /// Store this many completed records (of the size of a charge's) before
+    /// serving, for the benchmarks that compare a nearly empty store with a
+    /// full one.
+    #[arg(long, default_value_t = 0)]
+    prefill: u64,
+    /// The in-memory store's bound on its records, in MiB.
+    #[arg(long, default_value_t = 64)]
+    memory_max_mib: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -366,9 +381,141 @@ async fn postgres_ledger(
     ))
 }
 
+/// The Redis floor for the benchmarks: what a user would write by hand
+/// without the crate, on one connection manager. `SET key claimed NX PX
+/// <lease> GET` claims the key, or returns what it holds: a stored
+/// response (3 digits of status, then the body) is replayed, a claim in
+/// flight refused; after the handler, `SET key <response> PX <retention>`.
+/// No fingerprint, no lease renewal, no fencing, no waiting, no release
+/// on failure: the floor's cost, not a guard to copy.
+#[cfg(feature = "redis")]
+mod hand_written {
+    use axum::body::Body;
+    use axum::extract::{Request, State};
+    use axum::http::{StatusCode, header};
+    use axum::middleware::Next;
+    use axum::response::{IntoResponse, Response};
+    use redis::aio::ConnectionManager;
+
+    pub async fn guard(
+        State(mut conn): State<ConnectionManager>,
+        request: Request,
+        next: Next,
+    ) -> Response {
+        let Some(key) = request
+            .headers()
+            .get("idempotency-key")
+            .map(|k| format!("floor:{}", String::from_utf8_lossy(k.as_bytes())))
+        else {
+            return next.run(request).await;
+        };
+        let held: Result<Option<Vec<u8>>, _> = redis::cmd("SET")
+            .arg(&key)
+            .arg("claimed")
+            .arg("NX")
+            .arg("PX")
+            .arg(30_000)
+            .arg("GET")
+            .query_async(&mut conn)
+            .await;
+        match held {
+            Err(_) => return StatusCode::SERVICE_UNAVAILABLE.into_response(),
+            Ok(Some(stored)) => {
+                let status = std::str::from_utf8(stored.get(..3).unwrap_or_default())
+                    .ok()
+                    .and_then(|s| s.parse::<u16>().ok())
+                    .and_then(|s| StatusCode::from_u16(s).ok());
+                return match status {
+                    Some(status) => (
+                        status,
+                        [(header::CONTENT_TYPE, "application/json")],
+                        stored.get(3..).unwrap_or_default().to_vec(),
+                    )
+                        .into_response(),
+                    None => StatusCode::CONFLICT.into_response(),
+                };
+            }
+            Ok(None) => {}
+        }
+        let response = next.run(request).await;
+        let (parts, body) = response.into_parts();
+        let Ok(bytes) = axum::body::to_bytes(body, 1 << 20).await else {
+            return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+        };
+        let mut stored = parts.status.as_str().as_bytes().to_vec();
+        stored.extend_from_slice(&bytes);
+        let set: Result<(), _> = redis::cmd("SET")
+            .arg(&key)
+            .arg(stored)
+            .arg("PX")
+            .arg(86_400_000)
+            .query_async(&mut conn)
+            .await;
+        if set.is_err() {
+            return StatusCode::SERVICE_UNAVAILABLE.into_response();
+        }
+        Response::from_parts(parts, Body::from(bytes))
+    }
+}
+
 /// `route_layer`: only matched routes are guarded, so a 404 stays a 404.
 fn guard_with<St: Store>(store: St) -> impl FnOnce(Router<AppState>) -> Router<AppState> {
     move |router| router.route_layer(ServiceBuilder::new().layer(IdempotencyLayer::new(store)))
+}
+
+/// Stores `n` completed records of a charge's size (`--prefill`), from 64
+/// tasks at once, under keys no client sends.
+async fn prefill<St: Store + Clone>(store: &St, n: u64) -> Result<(), Box<dyn std::error::Error>> {
+    use tower_idempotency::fingerprint::Fingerprint;
+    use tower_idempotency::key::StoreKey;
+    use tower_idempotency::store::{Claim, CompletedRecord};
+    const TASKS: u64 = 64;
+    let started = std::time::Instant::now();
+    let mut tasks = tokio::task::JoinSet::new();
+    for task in 0..TASKS {
+        let store = store.clone();
+        tasks.spawn(async move {
+            let fp = Fingerprint::of_bytes(b"prefill");
+            let payload = Bytes::from(vec![b'p'; 207]);
+            let mut i = task;
+            while i < n {
+                let key = StoreKey::from_parts(b"prefill", &i.to_be_bytes());
+                if let Claim::Acquired(token) =
+                    store.claim(key, fp, Duration::from_secs(30)).await?
+                {
+                    let record = CompletedRecord {
+                        fingerprint: fp,
+                        payload: payload.clone(),
+                    };
+                    store
+                        .complete(key, token, record, Duration::from_secs(86_400))
+                        .await?;
+                }
+                i += TASKS;
+            }
+            Ok::<_, tower_idempotency::store::StoreError>(())
+        });
+    }
+    while let Some(done) = tasks.join_next().await {
+        done??;
+    }
+    tracing::info!(
+        records = n,
+        seconds = started.elapsed().as_secs_f64(),
+        "prefilled the store"
+    );
+    Ok(())
+}
+
+/// `--prefill`, then the guard.
+async fn prefilled<St: Store + Clone>(
+    store: St,
+    n: u64,
+) -> Result<impl FnOnce(Router<AppState>) -> Router<AppState>, Box<dyn std::error::Error>> {
+    if n > 0 {
+        prefill(&store, n).await?;
+    }
+    Ok(guard_with(store))
 }
 
 async fn shutdown_signal() {
@@ -405,13 +552,48 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .init();
     let args = Args::parse();
     let router = match args.store {
-        StoreKind::Memory => app(&args, memory_ledger(), guard_with(MemoryStore::new())),
+        StoreKind::Memory => {
+            let store = MemoryStore::builder()
+                .max_bytes(args.memory_max_mib.saturating_mul(1 << 20))
+                .build();
+            app(
+                &args,
+                memory_ledger(),
+                prefilled(store, args.prefill).await?,
+            )
+        }
+        #[cfg(feature = "redis")]
+        StoreKind::Redis if args.hand_written_guard => {
+            // The same connection settings as the store's (`TCP_NODELAY`).
+            use redis::IntoConnectionInfo;
+            let info = args
+                .redis_url
+                .as_str()
+                .into_connection_info()
+                .map_err(|e| format!("cannot use Redis at {}: {e}", args.redis_url))?;
+            let nodelay = info.tcp_settings().clone().set_nodelay(true);
+            let conn = redis::Client::open(info.set_tcp_settings(nodelay))
+                .map_err(|e| format!("cannot use Redis at {}: {e}", args.redis_url))?
+                .get_connection_manager()
+                .await
+                .map_err(|e| format!("cannot use Redis at {}: {e}", args.redis_url))?;
+            app(&args, memory_ledger(), move |router| {
+                router.route_layer(axum::middleware::from_fn_with_state(
+                    conn,
+                    hand_written::guard,
+                ))
+            })
+        }
         #[cfg(feature = "redis")]
         StoreKind::Redis => {
             let store = tower_idempotency::store::RedisStore::connect(&args.redis_url)
                 .await
                 .map_err(|e| format!("cannot use Redis at {}: {e}", args.redis_url))?;
-            app(&args, memory_ledger(), guard_with(store))
+            app(
+                &args,
+                memory_ledger(),
+                prefilled(store, args.prefill).await?,
+            )
         }
         #[cfg(not(feature = "redis"))]
         StoreKind::Redis => {
