@@ -13,6 +13,8 @@
 //!   it), which isolates the layer's own cost from `Router::layer`'s.
 //! - `coalesced`: N = 1, 16, 256 concurrent duplicates of one new key.
 //! - `fingerprint`: hashing 64 B, 1 KiB, 64 KiB and 1 MiB bodies.
+//! - `memory/store_alone/first`: the part of `memory/ours/first` spent in the
+//!   store, measured alone on the same store.
 //! - `store`: what `MemoryStore` spends storing a new key (claim, then
 //!   complete) below its byte bound and at it, beside the same inserts into
 //!   a bare moka cache configured as the store configures it.
@@ -21,6 +23,8 @@
 //!   (with its claim and completion) beside a transaction with a `SELECT 1`;
 //!   on a database of its own on the PostgreSQL at
 //!   `TOWER_IDEMPOTENCY_POSTGRES_URL` (default `127.0.0.1:5432`).
+//! - `redis_server_time`: the Redis server's own time per claim, completion
+//!   and replay script, beside the commands of a hand-written guard.
 //! - `redis`: first request and replay on `RedisStore`, beside a plain Redis
 //!   `GET` round trip, against a `redis-server` the bench starts on a free
 //!   port (skipped when there is none).
@@ -48,12 +52,21 @@ async fn handler(body: Bytes) -> (StatusCode, Bytes) {
     (StatusCode::CREATED, body)
 }
 
+/// `with_state(())` turns the handlers into services once, as `axum::serve`
+/// does: a `Router` called without it converts (and layers) each handler
+/// again on every request, which a served app never pays.
 fn routes() -> Router {
+    unprepared_routes().with_state(())
+}
+
+fn unprepared_routes() -> Router {
     Router::new().route("/pay", post(handler).get(|| async { "ok" }))
 }
 
 fn guarded<St: Store>(store: St) -> Router {
-    routes().layer(ServiceBuilder::new().layer(IdempotencyLayer::new(store)))
+    unprepared_routes()
+        .layer(ServiceBuilder::new().layer(IdempotencyLayer::new(store)))
+        .with_state(())
 }
 
 fn post_req(key: Option<&str>) -> Request<Body> {
@@ -109,15 +122,18 @@ mod peer {
         // `true` would refuse it with 400, on every method.
         let options =
             IdempotentOptions::default().use_idempotency_key_header(Some("Idempotency-Key"), false);
-        routes().route("/login", get(login)).layer(
-            ServiceBuilder::new()
-                .layer(tower_cookies::CookieManagerLayer::new())
-                .layer(
-                    SessionLayer::new(store)
-                        .with_cookie_options(CookieOptions::build().name("session")),
-                )
-                .layer(IdempotentLayer::<MokaStore>::new(options)),
-        )
+        unprepared_routes()
+            .route("/login", get(login))
+            .layer(
+                ServiceBuilder::new()
+                    .layer(tower_cookies::CookieManagerLayer::new())
+                    .layer(
+                        SessionLayer::new(store)
+                            .with_cookie_options(CookieOptions::build().name("session")),
+                    )
+                    .layer(IdempotentLayer::<MokaStore>::new(options)),
+            )
+            .with_state(())
     }
 
     /// Logs in and returns the session cookie to send.
@@ -143,7 +159,8 @@ fn with_cookie(mut req: Request<Body>, cookie: &HeaderValue) -> Request<Body> {
 fn memory(c: &mut Criterion) {
     let rt = runtime();
     let bare = routes();
-    let ours = guarded(MemoryStore::new());
+    let store = MemoryStore::new();
+    let ours = guarded(store.clone());
     let theirs = peer::router();
     let cookie = rt.block_on(peer::session_cookie(&theirs));
     // The replayed key, completed once up front.
@@ -168,6 +185,17 @@ fn memory(c: &mut Criterion) {
         );
     });
 
+    // The record the layer stored for the replayed key, as it is (read
+    // now: the first requests below fill the store, which then evicts it).
+    let fp = tower_idempotency::fingerprint::Fingerprint::from_bytes([7; 32]);
+    let replayed = tower_idempotency::key::StoreKey::new(
+        &tower_idempotency::Scope::global(),
+        &tower_idempotency::IdempotencyKey::parse(b"replayed").unwrap(),
+    );
+    let payload = match rt.block_on(store.claim(replayed, fp, Duration::from_secs(30))) {
+        Ok(tower_idempotency::store::Claim::Completed(record)) => record.payload,
+        other => panic!("the replayed key holds the layer's record, got {other:?}"),
+    };
     let mut g = c.benchmark_group("memory");
     g.measurement_time(Duration::from_secs(5));
     g.bench_function("bare/post", |b| {
@@ -188,6 +216,37 @@ fn memory(c: &mut Criterion) {
     g.bench_function("ours/first", |b| {
         b.to_async(&rt)
             .iter(|| async { call(&ours, post_req(Some(&fresh_key()))).await })
+    });
+    // What `ours/first` spends in the store: the same store, as full as
+    // the first requests left it, storing a new key (claim, then complete)
+    // with a record of the size the layer stores for this response; keys
+    // made outside the timed part. `ours/first` minus this is the layer's
+    // own share of a first request.
+    g.bench_function("store_alone/first", |b| {
+        use criterion::BatchSize;
+        use tower_idempotency::key::StoreKey;
+        use tower_idempotency::store::{Claim, CompletedRecord};
+        let fresh = || StoreKey::from_parts(b"", fresh_key().as_bytes());
+        b.to_async(&rt).iter_batched(
+            fresh,
+            |key| {
+                let (store, payload) = (store.clone(), payload.clone());
+                async move {
+                    let Claim::Acquired(token) =
+                        store.claim(key, fp, Duration::from_secs(30)).await.unwrap()
+                    else {
+                        panic!("a fresh key is acquired")
+                    };
+                    let record = CompletedRecord {
+                        fingerprint: fp,
+                        payload,
+                    };
+                    let retention = Duration::from_secs(86_400);
+                    black_box(store.complete(key, token, record, retention).await.unwrap())
+                }
+            },
+            BatchSize::SmallInput,
+        )
     });
     g.bench_function("ours/replay", |b| {
         b.to_async(&rt)
@@ -382,30 +441,32 @@ fn redis(c: &mut Criterion) {
     });
     first_and_replay(&mut g, &rt, &ours);
     g.finish();
-    rt.block_on(server_time_per_operation(
-        &ours,
-        &store,
-        conn.clone(),
-        server.pid(),
-    ));
+    redis_server_time(c, &rt, &store, &conn, server.pid());
     let _: () = rt.block_on(async { redis::cmd("FLUSHALL").query_async(&mut conn).await.unwrap() });
     drop(server);
 }
 
-/// What each operation costs the Redis server itself (`INFO commandstats`,
-/// reset before each scenario), beside the plain commands a hand-written
-/// guard would send: `SET NX PX` before the work and `SET PX` of the
-/// response after it, `GET` for a replay. Five rounds, printed, not timed
-/// by criterion.
+/// What each operation costs the Redis server itself: criterion's "time"
+/// here is the server's time inside the command (`usec` of `INFO
+/// commandstats`, reset before each sample), not the round trip. The
+/// store's claim of a new key, its completion (a 200-byte record) and its
+/// claim of a completed key (a replay), beside the plain commands a
+/// hand-written guard would send: `SET NX PX` before the work, `SET PX` of
+/// the response after it, `GET` for a replay. Redis runs pinned to one
+/// core and this process to the other, so the server is not descheduled in
+/// the middle of a command by the bench's own threads.
 #[cfg(feature = "redis")]
-async fn server_time_per_operation(
-    ours: &Router,
+fn redis_server_time(
+    c: &mut Criterion,
+    rt: &tokio::runtime::Runtime,
     store: &tower_idempotency::store::RedisStore,
-    mut conn: redis::aio::ConnectionManager,
+    conn: &redis::aio::ConnectionManager,
     server_pid: Option<u32>,
 ) {
-    use tower_idempotency::store::{Claim, CompletedRecord, Store};
-    const N: usize = 2000;
+    use tower_idempotency::fingerprint::Fingerprint;
+    use tower_idempotency::key::StoreKey;
+    use tower_idempotency::store::{Claim, CompletedRecord, OwnerToken};
+
     async fn reset(conn: &mut redis::aio::ConnectionManager) {
         let _: () = redis::cmd("CONFIG")
             .arg("RESETSTAT")
@@ -413,130 +474,182 @@ async fn server_time_per_operation(
             .await
             .unwrap();
     }
-    async fn per_call(conn: &mut redis::aio::ConnectionManager, command: &str) -> (u64, f64) {
+    /// Microseconds the server spent in `command` since the last reset.
+    async fn spent(conn: &mut redis::aio::ConnectionManager, command: &str) -> Duration {
         let info: String = redis::cmd("INFO")
             .arg("commandstats")
             .query_async(conn)
             .await
             .unwrap();
         let prefix = format!("cmdstat_{command}:");
-        let Some(line) = info.lines().find(|l| l.starts_with(&prefix)) else {
-            return (0, 0.0);
-        };
-        let field = |name: &str| {
-            line.split([':', ','])
-                .find_map(|kv| kv.strip_prefix(&format!("{name}=")))
-                .and_then(|v| v.parse::<f64>().ok())
-                .unwrap_or(0.0)
-        };
-        (field("calls") as u64, field("usec_per_call"))
+        let usec = info
+            .lines()
+            .find_map(|l| l.strip_prefix(&prefix))
+            .and_then(|fields| {
+                fields
+                    .split(',')
+                    .find_map(|kv| kv.strip_prefix("usec="))
+                    .and_then(|v| v.parse::<u64>().ok())
+            })
+            .unwrap_or(0);
+        Duration::from_micros(usec)
     }
-    // Redis on one core and this process on the other, so the server is
-    // not descheduled in the middle of a script by the bench's own threads
-    // (`usec_per_call` is wall-clock time inside the command).
+    async fn set_nx_px(conn: &mut redis::aio::ConnectionManager, key: &str) {
+        let _: Option<String> = redis::cmd("SET")
+            .arg(key)
+            .arg("claimed")
+            .arg("NX")
+            .arg("PX")
+            .arg(30_000)
+            .query_async(conn)
+            .await
+            .unwrap();
+    }
+    let fp = Fingerprint::of_bytes(b"bench");
+    let lease = Duration::from_secs(30);
+    let retention = Duration::from_secs(86_400);
+    let payload = Bytes::from_static(&[b'x'; 200]);
+    let fresh = || StoreKey::from_parts(b"", fresh_key().as_bytes());
+    let floor_keys =
+        |n: u64| -> Vec<String> { (0..n).map(|_| format!("floor:{}", fresh_key())).collect() };
+    let claim_all = |keys: Vec<StoreKey>| {
+        let store = store.clone();
+        async move {
+            let mut tokens: Vec<(StoreKey, OwnerToken)> = Vec::with_capacity(keys.len());
+            for key in keys {
+                match store.claim(key, fp, lease).await.unwrap() {
+                    Claim::Acquired(token) => tokens.push((key, token)),
+                    other => panic!("a new key must be acquired, got {other:?}"),
+                }
+            }
+            tokens
+        }
+    };
+    let done = fresh();
+    rt.block_on(async {
+        let (key, token) = claim_all(vec![done]).await[0];
+        let record = CompletedRecord {
+            fingerprint: fp,
+            payload: payload.clone(),
+        };
+        store.complete(key, token, record, retention).await.unwrap();
+        let _: () = redis::cmd("SET")
+            .arg("floor:done")
+            .arg(&payload[..])
+            .query_async(&mut conn.clone())
+            .await
+            .unwrap();
+    });
+
     let pinned = match server_pid {
         Some(pid) => pin(pid, "0", false) && pin(std::process::id(), "1", true),
         None => false,
     };
-    eprintln!(
-        "redis server time per call: {}",
-        if pinned {
-            "redis-server pinned to CPU 0, the bench to CPU 1"
-        } else {
-            "not pinned (taskset failed), so descheduling adds to the figures"
-        }
-    );
-    let fp = tower_idempotency::fingerprint::Fingerprint::of_bytes(b"bench");
-    let lease = Duration::from_secs(30);
-    let retention = Duration::from_secs(86_400);
-    let payload = bytes::Bytes::from_static(&[b'x'; 200]);
-    for round in 1..=5 {
-        reset(&mut conn).await;
-        for _ in 0..N {
-            call(ours, post_req(Some(&fresh_key()))).await;
-        }
-        let first = per_call(&mut conn, "evalsha").await;
-        reset(&mut conn).await;
-        for _ in 0..N {
-            call(ours, post_req(Some("replayed"))).await;
-        }
-        let replay = per_call(&mut conn, "evalsha").await;
-        // The store's scripts alone: N claims of new keys, then their N
-        // completions (a 200-byte payload, as the floor's).
-        let keys: Vec<_> = (0..N)
-            .map(|_| tower_idempotency::key::StoreKey::from_parts(b"", fresh_key().as_bytes()))
-            .collect();
-        reset(&mut conn).await;
-        let mut tokens = Vec::with_capacity(N);
-        for key in &keys {
-            match store.claim(*key, fp, lease).await.unwrap() {
-                Claim::Acquired(token) => tokens.push(token),
-                other => panic!("a new key must be acquired, got {other:?}"),
-            }
-        }
-        let claim = per_call(&mut conn, "evalsha").await;
-        reset(&mut conn).await;
-        for (key, token) in keys.iter().zip(tokens) {
-            let record = CompletedRecord {
-                fingerprint: fp,
-                payload: payload.clone(),
-            };
-            store
-                .complete(*key, token, record, retention)
-                .await
-                .unwrap();
-        }
-        let complete = per_call(&mut conn, "evalsha").await;
-        let floor_keys: Vec<_> = (0..N).map(|_| format!("floor:{}", fresh_key())).collect();
-        reset(&mut conn).await;
-        for key in &floor_keys {
-            let _: Option<String> = redis::cmd("SET")
-                .arg(key)
-                .arg("claimed")
-                .arg("NX")
-                .arg("PX")
-                .arg(30_000)
-                .query_async(&mut conn)
-                .await
-                .unwrap();
-        }
-        let floor_claim = per_call(&mut conn, "set").await;
-        reset(&mut conn).await;
-        for key in &floor_keys {
-            let _: () = redis::cmd("SET")
-                .arg(key)
-                .arg(&payload[..])
-                .arg("PX")
-                .arg(86_400_000)
-                .query_async(&mut conn)
-                .await
-                .unwrap();
-        }
-        let floor_complete = per_call(&mut conn, "set").await;
-        reset(&mut conn).await;
-        for key in &floor_keys {
-            let _: Option<Vec<u8>> = redis::cmd("GET")
-                .arg(key)
-                .query_async(&mut conn)
-                .await
-                .unwrap();
-        }
-        let floor_get = per_call(&mut conn, "get").await;
+    if !pinned {
         eprintln!(
-            "redis server time per call, round {round} (INFO commandstats, {N} calls each): \
-             first request {:.2} us per script ({} calls: claim + completion); \
-             claim {:.2}, completion {:.2}, replay {:.2} us; \
-             hand-written floor: SET NX PX {:.2}, SET PX {:.2}, GET {:.2} us",
-            first.1,
-            first.0,
-            claim.1,
-            complete.1,
-            replay.1,
-            floor_claim.1,
-            floor_complete.1,
-            floor_get.1
+            "redis_server_time: not pinned (taskset failed); descheduling adds to the figures"
         );
     }
+    let mut g = c.benchmark_group("redis_server_time");
+    // The "time" is server time, a few µs per call against round trips of
+    // tens: keep the planned totals small.
+    g.warm_up_time(Duration::from_millis(100))
+        .measurement_time(Duration::from_millis(600))
+        .sample_size(20);
+    g.bench_function("ours/claim", |b| {
+        b.iter_custom(|iters| {
+            let mut conn = conn.clone();
+            let keys: Vec<_> = (0..iters).map(|_| fresh()).collect();
+            rt.block_on(async {
+                reset(&mut conn).await;
+                black_box(claim_all(keys).await);
+                spent(&mut conn, "evalsha").await
+            })
+        })
+    });
+    g.bench_function("ours/complete", |b| {
+        b.iter_custom(|iters| {
+            let mut conn = conn.clone();
+            let keys: Vec<_> = (0..iters).map(|_| fresh()).collect();
+            rt.block_on(async {
+                let tokens = claim_all(keys).await;
+                reset(&mut conn).await;
+                for (key, token) in tokens {
+                    let record = CompletedRecord {
+                        fingerprint: fp,
+                        payload: payload.clone(),
+                    };
+                    black_box(store.complete(key, token, record, retention).await.unwrap());
+                }
+                spent(&mut conn, "evalsha").await
+            })
+        })
+    });
+    g.bench_function("ours/replay", |b| {
+        b.iter_custom(|iters| {
+            let mut conn = conn.clone();
+            rt.block_on(async {
+                reset(&mut conn).await;
+                for _ in 0..iters {
+                    black_box(store.claim(done, fp, lease).await.unwrap());
+                }
+                spent(&mut conn, "evalsha").await
+            })
+        })
+    });
+    g.bench_function("floor/set_nx_px", |b| {
+        b.iter_custom(|iters| {
+            let mut conn = conn.clone();
+            let keys = floor_keys(iters);
+            rt.block_on(async {
+                reset(&mut conn).await;
+                for key in &keys {
+                    set_nx_px(&mut conn, key).await;
+                }
+                spent(&mut conn, "set").await
+            })
+        })
+    });
+    g.bench_function("floor/set_px", |b| {
+        b.iter_custom(|iters| {
+            let mut conn = conn.clone();
+            let keys = floor_keys(iters);
+            rt.block_on(async {
+                for key in &keys {
+                    set_nx_px(&mut conn, key).await;
+                }
+                reset(&mut conn).await;
+                for key in &keys {
+                    let _: () = redis::cmd("SET")
+                        .arg(key)
+                        .arg(&payload[..])
+                        .arg("PX")
+                        .arg(86_400_000)
+                        .query_async(&mut conn)
+                        .await
+                        .unwrap();
+                }
+                spent(&mut conn, "set").await
+            })
+        })
+    });
+    g.bench_function("floor/get", |b| {
+        b.iter_custom(|iters| {
+            let mut conn = conn.clone();
+            rt.block_on(async {
+                reset(&mut conn).await;
+                for _ in 0..iters {
+                    let _: Option<Vec<u8>> = redis::cmd("GET")
+                        .arg("floor:done")
+                        .query_async(&mut conn)
+                        .await
+                        .unwrap();
+                }
+                spent(&mut conn, "get").await
+            })
+        })
+    });
+    g.finish();
     if pinned {
         let cpus = format!(
             "0-{}",
