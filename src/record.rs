@@ -254,8 +254,9 @@ impl Reader<'_> {
             let name =
                 HeaderName::from_bytes(self.take(name_len)?).map_err(|_| RecordError::Corrupt)?;
             let value_len = self.u32()? as usize;
-            let value =
-                HeaderValue::from_bytes(self.take(value_len)?).map_err(|_| RecordError::Corrupt)?;
+            // A slice of the record (no copy), checked as `from_bytes` would.
+            let value = HeaderValue::from_maybe_shared(self.take_bytes(value_len)?)
+                .map_err(|_| RecordError::Corrupt)?;
             map.try_append(name, value)
                 .map_err(|_| RecordError::Corrupt)?;
         }
