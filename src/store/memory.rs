@@ -73,7 +73,7 @@ struct Inner {
     shard_seed: u64,
     /// Live entries across all shards, against `max_in_flight`.
     claims: AtomicUsize,
-    completed: moka::sync::Cache<StoreKey, Arc<Completed>, Hashing>,
+    completed: moka::sync::Cache<StoreKey, Completed, Hashing>,
     max_in_flight: usize,
     nonce_seed: u64,
 }
@@ -104,6 +104,9 @@ struct InFlight {
     gone: Option<watch::Sender<()>>,
 }
 
+/// Kept by value: moka already holds each value behind its own shared
+/// pointer, and a clone of this is a copy and one reference count.
+#[derive(Clone)]
 struct Completed {
     record: CompletedRecord,
     owner: OwnerToken,
@@ -113,11 +116,11 @@ struct Completed {
 
 struct RetentionExpiry;
 
-impl moka::Expiry<StoreKey, Arc<Completed>> for RetentionExpiry {
+impl moka::Expiry<StoreKey, Completed> for RetentionExpiry {
     fn expire_after_create(
         &self,
         _key: &StoreKey,
-        value: &Arc<Completed>,
+        value: &Completed,
         _created_at: std::time::Instant,
     ) -> Option<Duration> {
         Some(value.retention)
@@ -126,7 +129,7 @@ impl moka::Expiry<StoreKey, Arc<Completed>> for RetentionExpiry {
     fn expire_after_update(
         &self,
         _key: &StoreKey,
-        value: &Arc<Completed>,
+        value: &Completed,
         _updated_at: std::time::Instant,
         _duration_until_expiry: Option<Duration>,
     ) -> Option<Duration> {
@@ -164,7 +167,7 @@ impl MemoryStoreBuilder {
     pub fn build(self) -> MemoryStore {
         let completed = moka::sync::Cache::builder()
             .max_capacity(self.max_bytes)
-            .weigher(|_k: &StoreKey, v: &Arc<Completed>| {
+            .weigher(|_k: &StoreKey, v: &Completed| {
                 u32::try_from(v.record.payload.len() as u64 + RECORD_OVERHEAD).unwrap_or(u32::MAX)
             })
             .eviction_policy(EvictionPolicy::lru())
@@ -271,7 +274,7 @@ impl MemoryStore {
         }
     }
 
-    fn live_completed(&self, key: &StoreKey, now: Instant) -> Option<Arc<Completed>> {
+    fn live_completed(&self, key: &StoreKey, now: Instant) -> Option<Completed> {
         self.inner.completed.get(key).filter(|c| c.expires_at > now)
     }
 
@@ -379,7 +382,7 @@ impl Store for MemoryStore {
                 };
                 // Inserted while the claim's shard is locked, so a concurrent
                 // claim sees either the claim or the record, never neither.
-                self.inner.completed.insert(key, Arc::new(done));
+                self.inner.completed.insert(key, done);
                 claims.map.remove(&key);
                 drop(claims);
                 self.free_places(1);
