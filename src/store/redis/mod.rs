@@ -41,6 +41,11 @@ pub const DEFAULT_FENCE_MEMORY: Duration = Duration::from_secs(24 * 60 * 60);
 ///   server's clock in microseconds, so it stays above earlier fences after
 ///   the record expired, was purged, or was lost with a Redis that
 ///   restarted empty. Leases are judged by the Redis server's clock alone.
+/// - **Little work for the Redis server**: a record is one string (a
+///   59-byte header, then the stored response), so a replay's script is one
+///   `GET` returned as it is, and a claim's and a completion's a `GET`, the
+///   server's clock (`TIME`) and one `SET … PX`. Records of the earlier
+///   format (a hash per key) are still read.
 /// - **Cluster-safe names**: each key is `<prefix>:<hex SHA-256 of scope and
 ///   key>`; client input never reaches a key name, so it can never pick a
 ///   Cluster slot.
