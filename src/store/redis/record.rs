@@ -22,9 +22,14 @@ pub(super) fn fence_arg(fence: u64) -> String {
 /// The owner token as the scripts compare it: the fence's 16 digits, then
 /// the nonce's 8 bytes.
 pub(super) fn token_arg(token: OwnerToken) -> Vec<u8> {
-    let mut arg = fence_arg(token.fence()).into_bytes();
-    arg.extend_from_slice(&nonce_arg(token.nonce()));
+    let mut arg = Vec::with_capacity(24);
+    push_token(&mut arg, token);
     arg
+}
+
+fn push_token(buf: &mut Vec<u8>, token: OwnerToken) {
+    buf.extend_from_slice(fence_arg(token.fence()).as_bytes());
+    buf.extend_from_slice(&nonce_arg(token.nonce()));
 }
 
 /// The nonce as the scripts store it: 8 bytes, big-endian.
@@ -34,10 +39,10 @@ pub(super) fn nonce_arg(nonce: u64) -> [u8; 8] {
 
 /// The done record the completion script stores as it is: the header of
 /// `token`'s grant with `record`'s fingerprint, then the payload.
-pub(super) fn done(token: OwnerToken, record: &crate::store::CompletedRecord) -> Vec<u8> {
+pub(super) fn done(token: OwnerToken, record: &CompletedRecord) -> Vec<u8> {
     let mut done = Vec::with_capacity(HEADER.saturating_add(record.payload.len()));
     done.extend_from_slice(&[VERSION, b'd', b'0']);
-    done.extend_from_slice(&token_arg(token));
+    push_token(&mut done, token);
     done.extend_from_slice(record.fingerprint.as_bytes());
     done.extend_from_slice(&record.payload);
     done
