@@ -491,7 +491,7 @@ async fn prefill<St: Store + Clone>(store: &St, n: u64) -> Result<(), Box<dyn st
                         .complete(key, token, record, Duration::from_secs(86_400))
                         .await?;
                 }
-                i += TASKS;
+                i = i.saturating_add(TASKS);
             }
             Ok::<_, tower_idempotency::store::StoreError>(())
         });
