@@ -169,24 +169,31 @@ scale_rounds() {
     done
 }
 
-for round in $(seq "$ROUNDS"); do
-    [ "${SCALE:-0}" = 1 ] && { scale_rounds; break; }
-    echo "--- round $round"
-    run bare-unique unique.lua --no-idempotency
-    run first unique.lua
-    run bare-fixed fixed.lua --no-idempotency
-    run replay fixed.lua
-    if [ "$have_redis" = 1 ]; then
-        run redis-floor-first unique.lua --store redis --hand-written-guard --redis-url "redis://127.0.0.1:$redis_port"
-        run redis-first unique.lua --store redis --redis-url "redis://127.0.0.1:$redis_port"
-        run redis-floor-replay fixed.lua --store redis --hand-written-guard --redis-url "redis://127.0.0.1:$redis_port"
-        run redis-replay fixed.lua --store redis --redis-url "redis://127.0.0.1:$redis_port"
-    fi
-    if [ "$have_pg" = 1 ]; then
-        run pg-first unique.lua --store postgres --postgres-url "$pg_url"
-        run pg-replay fixed.lua --store postgres --postgres-url "$pg_url"
-    fi
-done
+plain_rounds() {
+    for round in $(seq "$ROUNDS"); do
+        echo "--- round $round"
+        run bare-unique unique.lua --no-idempotency
+        run first unique.lua
+        run bare-fixed fixed.lua --no-idempotency
+        run replay fixed.lua
+        if [ "$have_redis" = 1 ]; then
+            run redis-floor-first unique.lua --store redis --hand-written-guard --redis-url "redis://127.0.0.1:$redis_port"
+            run redis-first unique.lua --store redis --redis-url "redis://127.0.0.1:$redis_port"
+            run redis-floor-replay fixed.lua --store redis --hand-written-guard --redis-url "redis://127.0.0.1:$redis_port"
+            run redis-replay fixed.lua --store redis --redis-url "redis://127.0.0.1:$redis_port"
+        fi
+        if [ "$have_pg" = 1 ]; then
+            run pg-first unique.lua --store postgres --postgres-url "$pg_url"
+            run pg-replay fixed.lua --store postgres --postgres-url "$pg_url"
+        fi
+    done
+}
+
+if [ "${SCALE:-0}" = 1 ]; then
+    scale_rounds
+else
+    plain_rounds
+fi
 
 echo "--- medians (ratio to the bare run with the same requests)"
 python3 - "$work/results" <<'PY'
