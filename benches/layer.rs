@@ -88,6 +88,27 @@ async fn call(router: &Router, req: Request<Body>) -> StatusCode {
     status
 }
 
+/// A new key into `store` as a first request leaves it: claimed (a 30 s
+/// lease), then completed with `payload` (kept a day).
+async fn store_new_key<St: Store>(
+    store: &St,
+    key: tower_idempotency::key::StoreKey,
+    fp: tower_idempotency::fingerprint::Fingerprint,
+    payload: Bytes,
+) -> tower_idempotency::store::LeaseStatus {
+    use tower_idempotency::store::{Claim, CompletedRecord};
+    let Claim::Acquired(token) = store.claim(key, fp, Duration::from_secs(30)).await.unwrap()
+    else {
+        panic!("a fresh key is acquired")
+    };
+    let record = CompletedRecord {
+        fingerprint: fp,
+        payload,
+    };
+    let retention = Duration::from_secs(86_400);
+    black_box(store.complete(key, token, record, retention).await.unwrap())
+}
+
 static NEXT_KEY: AtomicU64 = AtomicU64::new(0);
 
 fn fresh_key() -> String {
@@ -225,25 +246,12 @@ fn memory(c: &mut Criterion) {
     g.bench_function("store_alone/first", |b| {
         use criterion::BatchSize;
         use tower_idempotency::key::StoreKey;
-        use tower_idempotency::store::{Claim, CompletedRecord};
         let fresh = || StoreKey::from_parts(b"", fresh_key().as_bytes());
         b.to_async(&rt).iter_batched(
             fresh,
             |key| {
                 let (store, payload) = (store.clone(), payload.clone());
-                async move {
-                    let Claim::Acquired(token) =
-                        store.claim(key, fp, Duration::from_secs(30)).await.unwrap()
-                    else {
-                        panic!("a fresh key is acquired")
-                    };
-                    let record = CompletedRecord {
-                        fingerprint: fp,
-                        payload,
-                    };
-                    let retention = Duration::from_secs(86_400);
-                    black_box(store.complete(key, token, record, retention).await.unwrap())
-                }
+                async move { store_new_key(&store, key, fp, payload).await }
             },
             BatchSize::SmallInput,
         )
@@ -876,7 +884,6 @@ fn store(c: &mut Criterion) {
     use criterion::BatchSize;
     use tower_idempotency::fingerprint::Fingerprint;
     use tower_idempotency::key::StoreKey;
-    use tower_idempotency::store::{Claim, CompletedRecord};
 
     struct Value {
         payload: Bytes,
@@ -923,7 +930,8 @@ fn store(c: &mut Criterion) {
     const BELOW_BOUND: u64 = 1 << 40;
     let payload = Bytes::from(vec![b'r'; 200]);
     let fp = Fingerprint::from_bytes([7; 32]);
-    let (lease, retention) = (Duration::from_secs(30), Duration::from_secs(86_400));
+    // The retention `store_new_key` gives the store's records.
+    let retention = Duration::from_secs(86_400);
     let next = AtomicU64::new(0);
     let fresh = || {
         StoreKey::from_parts(
@@ -958,16 +966,7 @@ fn store(c: &mut Criterion) {
     let store_insert = |store: &MemoryStore, key: StoreKey| {
         let store = store.clone();
         let payload = payload.clone();
-        async move {
-            let Claim::Acquired(token) = store.claim(key, fp, lease).await.unwrap() else {
-                panic!("a fresh key is acquired")
-            };
-            let record = CompletedRecord {
-                fingerprint: fp,
-                payload,
-            };
-            black_box(store.complete(key, token, record, retention).await.unwrap())
-        }
+        async move { store_new_key(&store, key, fp, payload).await }
     };
     let below = MemoryStore::builder().max_bytes(BELOW_BOUND).build();
     let at = MemoryStore::builder().max_bytes(AT_BOUND).build();
