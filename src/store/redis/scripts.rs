@@ -89,16 +89,24 @@ macro_rules! legacy_record {
     };
 }
 
+/// The server's clock: `t` as `TIME` answers it, `now` in ms.
+macro_rules! clock {
+    () => {
+        "local t = redis.call('TIME')\nlocal now = t[1] * 1000 + math.floor(t[2] / 1000)\n"
+    };
+}
+
 /// The lease deadline (`dl`) of the record and the server's clock in ms
 /// (`now`), for a record in state `i` or `f`.
 macro_rules! lease {
     () => {
-        r#"
+        concat!(
+            r#"
 local dl = tonumber(string.sub(r, 60))
 if not dl then return redis.error_reply('IDEM_CORRUPT unreadable lease') end
-local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
-"#
+"#,
+            clock!()
+        )
     };
 }
 
@@ -118,9 +126,9 @@ if #ARGV[1] ~= 32 or #ARGV[4] ~= 8 then return redis.error_reply('IDEM_ARGS fing
     prologue!(legacy_record!()),
     r#"
 if st == 'd' then return r end
-local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
-local fence = t[1] * 1000000 + t[2]
+"#,
+    clock!(),
+    r#"local fence = t[1] * 1000000 + t[2]
 if st then
   local dl, prev = tonumber(string.sub(r, 60)), tonumber(string.sub(r, 4, 19))
   if not dl or not prev then return redis.error_reply('IDEM_CORRUPT unreadable record') end
@@ -197,9 +205,9 @@ pub(super) const LEASE_LEFT: &str = concat!(
   local h = redis.call('HMGET', KEYS[1], 'st', 'fence', 'dl', 'w')
   local dl = tonumber(h[3])
   if h[1] ~= 'i' or not dl or tonumber(h[2]) ~= tonumber(ARGV[1]) then return -1 end
-  local t = redis.call('TIME')
-  local now = t[1] * 1000 + math.floor(t[2] / 1000)
-  if dl <= now then return -1 end
+"#,
+        clock!(),
+        r#"  if dl <= now then return -1 end
   if h[4] ~= '1' then redis.call('HSET', KEYS[1], 'w', '1') end
   return dl - now"#
     ),
@@ -217,10 +225,10 @@ return dl - now
 /// `purge(channel)` → 1 when a live claim, a record, or an unreadable
 /// value was dropped, else 0. It does not validate the record: purging is
 /// the operator's remedy for a corrupt one.
-pub(super) const PURGE: &str = r#"
-local t = redis.call('TIME')
-local now = t[1] * 1000 + math.floor(t[2] / 1000)
-local held = false
+pub(super) const PURGE: &str = concat!(
+    "\n",
+    clock!(),
+    r#"local held = false
 local r = redis.pcall('GET', KEYS[1])
 if type(r) == 'string' then
   local st = string.sub(r, 2, 2)
@@ -237,7 +245,8 @@ end
 if redis.call('DEL', KEYS[1]) == 1 then redis.call('PUBLISH', ARGV[1], KEYS[1]) end
 if held then return 1 end
 return 0
-"#;
+"#
+);
 
 /// `abandon(nonce, channel)` → 1 when the claim made with this nonce (8
 /// bytes) was still in flight and is now released, else 0. Used after a
