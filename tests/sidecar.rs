@@ -60,7 +60,7 @@ async fn charge(
             .join("|")
     };
     let echo = format!(
-        "exec={n} body={} xff={} proto={} fwd={} conn={} proxy={}/{}/{} far={}",
+        "exec={n} body={} xff={} proto={} fwd={} conn={} proxy={}/{}/{} far={} xfh={}",
         String::from_utf8_lossy(&body),
         all("x-forwarded-for"),
         seen("x-forwarded-proto"),
@@ -70,6 +70,7 @@ async fn charge(
         seen("proxy-authenticate"),
         seen("proxy-connection"),
         seen("x-far"),
+        all("x-forwarded-host"),
     );
     (
         StatusCode::CREATED,
@@ -83,7 +84,7 @@ async fn charge(
 
 async fn start_upstream_on(listener: TcpListener, up: Upstream) {
     let app = axum::Router::new()
-        .route("/charge", post(charge))
+        .route("/charge", post(charge).put(charge))
         .route("/hello", get(|| async { "hello" }))
         .with_state(up);
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
@@ -587,5 +588,338 @@ async fn connections_past_the_limit_wait_for_a_free_place() {
         .expect("served once a place was free")
         .unwrap();
     assert_eq!(answer.status, StatusCode::CREATED);
+    car.shutdown().await;
+}
+
+/// Issue 22, item 1: the client's wait for the upstream bounds only the
+/// request that went upstream. A retry sent while the first call runs waits
+/// for it as any duplicate does (the layer's wait), and gets its answer,
+/// never a 504 of its own.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_duplicate_waits_for_the_answer_not_for_the_upstream_timeout() {
+    let (up_addr, up) = start_upstream().await;
+    let car = Sidecar::start(
+        IdempotencyLayer::new(MemoryStore::new()).wait_for_in_flight(Duration::from_secs(10)),
+        config(up_addr).upstream_timeout(Duration::from_millis(300)),
+    )
+    .await;
+    let first = post_to(car.addr, "k", "{}", 1500).await;
+    assert_eq!(first.status, StatusCode::GATEWAY_TIMEOUT);
+    let detail = first.text();
+    assert!(detail.contains("goes on"), "{detail}");
+    // Sent at once: the execution still has about 1.2 s to go.
+    let retry = post_to(car.addr, "k", "{}", 0).await;
+    assert_eq!(
+        retry.status,
+        StatusCode::CREATED,
+        "the retry waited for the running execution: {}",
+        retry.text()
+    );
+    assert!(retry.replayed());
+    assert_eq!(up.executions.load(Ordering::SeqCst), 1);
+    car.shutdown().await;
+}
+
+/// When the layer's wait runs out first, the waiting duplicate gets 409 in
+/// flight with `Retry-After`, not 504.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiting_duplicate_whose_wait_runs_out_gets_409_in_flight() {
+    let (up_addr, up) = start_upstream().await;
+    let car = Sidecar::start(
+        IdempotencyLayer::new(MemoryStore::new()).wait_for_in_flight(Duration::from_millis(500)),
+        config(up_addr).upstream_timeout(Duration::from_millis(200)),
+    )
+    .await;
+    let first = post_to(car.addr, "k", "{}", 2000).await;
+    assert_eq!(first.status, StatusCode::GATEWAY_TIMEOUT);
+    let retry = post_to(car.addr, "k", "{}", 0).await;
+    assert_eq!(retry.status, StatusCode::CONFLICT, "{}", retry.text());
+    assert!(retry.problem_type().ends_with("#variant.InFlight"));
+    assert!(retry.headers.contains_key("retry-after"));
+    assert_eq!(up.executions.load(Ordering::SeqCst), 1);
+    car.shutdown().await;
+}
+
+/// Issue 22, item 5: an unguarded request past the client's wait is cut
+/// off, and its 504 says so instead of promising a stored response.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_unguarded_request_past_the_wait_is_told_it_was_cut_off() {
+    let (up_addr, _up) = start_upstream().await;
+    let car = Sidecar::start(
+        IdempotencyLayer::new(MemoryStore::new()),
+        config(up_addr).upstream_timeout(Duration::from_millis(200)),
+    )
+    .await;
+    let req = Request::put(format!("http://{}/charge", car.addr))
+        .header("x-delay-ms", "1000")
+        .body(Body::from("{}"))
+        .unwrap();
+    let answer = common::collect(client().request(req).await.unwrap()).await;
+    assert_eq!(answer.status, StatusCode::GATEWAY_TIMEOUT);
+    let detail = answer.text();
+    assert!(detail.contains("cut off"), "{detail}");
+    assert!(!detail.contains("goes on"), "{detail}");
+    car.shutdown().await;
+}
+
+/// An upstream that answers with a head and part of its body, then nothing,
+/// with the socket left open. Counts the requests it read.
+async fn start_stalling_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let received = Arc::new(AtomicUsize::new(0));
+    tokio::spawn({
+        let received = received.clone();
+        async move {
+            while let Ok((mut conn, _)) = listener.accept().await {
+                let received = received.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    let mut seen = Vec::new();
+                    while let Ok(n) = conn.read(&mut buf).await {
+                        if n == 0 {
+                            return;
+                        }
+                        seen.extend_from_slice(&buf[..n]);
+                        if seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                            break;
+                        }
+                    }
+                    received.fetch_add(1, Ordering::SeqCst);
+                    let _ = conn
+                        .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc")
+                        .await;
+                    // Keep the socket open, silent, until the peer leaves.
+                    let _ = conn.read(&mut buf).await;
+                });
+            }
+        }
+    });
+    (addr, received)
+}
+
+/// Waits (bounded) until `count` reaches `n`.
+async fn until_count(count: &AtomicUsize, n: usize) {
+    for _ in 0..500 {
+        if count.load(Ordering::SeqCst) >= n {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("count {} never reached {n}", count.load(Ordering::SeqCst));
+}
+
+/// Issue 22, item 2: the hard timeout bounds the whole upstream exchange,
+/// its response body included. A body that stalls is cut off at the hard
+/// timeout and the key completes as outcome unknown: a retry waiting on it
+/// is refused then, not sent upstream again nor left in flight.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stalled_response_body_completes_as_outcome_unknown_at_the_hard_timeout() {
+    let (up_addr, received) = start_stalling_upstream().await;
+    let car = Sidecar::start(
+        IdempotencyLayer::new(MemoryStore::new()).wait_for_in_flight(Duration::from_secs(10)),
+        config(up_addr)
+            .upstream_timeout(Duration::from_millis(300))
+            .upstream_hard_timeout(Duration::from_secs(1)),
+    )
+    .await;
+    let first = post_to(car.addr, "stall", "{}", 0).await;
+    assert_eq!(first.status, StatusCode::GATEWAY_TIMEOUT, "{}", first.text());
+    // Sent at once, it waits on the stalled execution until the hard
+    // timeout ends it.
+    let retry = tokio::time::timeout(Duration::from_secs(5), post_to(car.addr, "stall", "{}", 0))
+        .await
+        .expect("the retry is answered");
+    assert_eq!(retry.status, StatusCode::CONFLICT, "{}", retry.text());
+    assert!(
+        retry.problem_type().ends_with("#variant.OutcomeUnknown"),
+        "{}",
+        retry.text()
+    );
+    assert_eq!(received.load(Ordering::SeqCst), 1, "sent upstream once");
+    car.shutdown().await;
+}
+
+/// A stalled upstream body does not hold the sidecar's drain: shutdown ends
+/// once the hard timeout cut the body off.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shutdown_drains_while_an_upstream_body_stalls() {
+    let (up_addr, received) = start_stalling_upstream().await;
+    let car = Sidecar::start(
+        IdempotencyLayer::new(MemoryStore::new()),
+        config(up_addr).upstream_hard_timeout(Duration::from_secs(1)),
+    )
+    .await;
+    let addr = car.addr;
+    let client_call = tokio::spawn(async move {
+        let req = Request::post(format!("http://{addr}/charge"))
+            .header("idempotency-key", "stall")
+            .body(Body::from("{}"))
+            .unwrap();
+        match client().request(req).await {
+            Ok(res) => res.into_body().collect().await.is_ok(),
+            Err(_) => false,
+        }
+    });
+    until_count(&received, 1).await;
+    // `shutdown` fails the test if the drain takes over 10 s.
+    car.shutdown().await;
+    assert!(!client_call.await.unwrap(), "the stalled body did not end well");
+}
+
+async fn health(addr: SocketAddr) -> StatusCode {
+    client()
+        .get(
+            format!("http://{addr}{}", sidecar::DEFAULT_HEALTH_PATH)
+                .parse()
+                .unwrap(),
+        )
+        .await
+        .map(|res| res.status())
+        .unwrap_or(StatusCode::BAD_GATEWAY)
+}
+
+/// Issue 22, item 3: a connection that sends nothing, or half an HTTP/2
+/// preface, is closed when its first request has not come within the
+/// header read timeout, and gives its place back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn connections_without_a_first_request_give_their_places_back() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (up_addr, _up) = start_upstream().await;
+    let car = Sidecar::start(
+        IdempotencyLayer::new(MemoryStore::new()),
+        config(up_addr)
+            .max_connections(2)
+            .header_read_timeout(Duration::from_millis(500)),
+    )
+    .await;
+    let mut silent = tokio::net::TcpStream::connect(car.addr).await.unwrap();
+    let mut preface = tokio::net::TcpStream::connect(car.addr).await.unwrap();
+    preface.write_all(b"PRI").await.unwrap();
+    // Both are closed by the sidecar.
+    for conn in [&mut silent, &mut preface] {
+        let mut rest = Vec::new();
+        let closed = tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut rest)).await;
+        assert!(closed.is_ok(), "a connection without a request stayed open");
+    }
+    let answered = tokio::time::timeout(Duration::from_secs(5), health(car.addr)).await;
+    assert_eq!(answered.ok(), Some(StatusCode::OK), "the places came back");
+    car.shutdown().await;
+}
+
+/// Idle connections, HTTP/1 keep-alive and HTTP/2 alike, are closed after
+/// the idle timeout.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_connections_are_closed_over_http1_and_http2() {
+    use hyper_util::rt::TokioIo;
+    let (up_addr, _up) = start_upstream().await;
+    let car = Sidecar::start(
+        IdempotencyLayer::new(MemoryStore::new()),
+        config(up_addr)
+            .max_connections(2)
+            .idle_timeout(Duration::from_millis(400)),
+    )
+    .await;
+    let health_request = || {
+        Request::get(format!("http://{}{}", car.addr, sidecar::DEFAULT_HEALTH_PATH))
+            .body(http_body_util::Empty::<Bytes>::new())
+            .unwrap()
+    };
+    // HTTP/1.1, kept alive after one request.
+    let stream = tokio::net::TcpStream::connect(car.addr).await.unwrap();
+    let (mut send, conn) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
+        .await
+        .unwrap();
+    let h1 = tokio::spawn(conn);
+    let res = send.send_request(health_request()).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    res.into_body().collect().await.unwrap();
+    // HTTP/2 (prior knowledge), one request.
+    let stream = tokio::net::TcpStream::connect(car.addr).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    let h2 = tokio::spawn(conn);
+    let res = send.send_request(health_request()).await.unwrap();
+    assert_eq!(res.status(), StatusCode::OK);
+    res.into_body().collect().await.unwrap();
+    for (name, conn) in [("HTTP/1.1", h1), ("HTTP/2", h2)] {
+        let ended = tokio::time::timeout(Duration::from_secs(5), conn).await;
+        assert!(ended.is_ok(), "an idle {name} connection stayed open");
+    }
+    // Both places are free again.
+    let answered = tokio::time::timeout(Duration::from_secs(5), health(car.addr)).await;
+    assert_eq!(answered.ok(), Some(StatusCode::OK));
+    car.shutdown().await;
+}
+
+/// Sends `raw` (a whole HTTP/1 request) and returns what came back.
+async fn raw_exchange(addr: SocketAddr, raw: &[u8]) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut conn = tokio::net::TcpStream::connect(addr).await.unwrap();
+    conn.write_all(raw).await.unwrap();
+    let mut answer = Vec::new();
+    tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut answer))
+        .await
+        .expect("answered and closed")
+        .unwrap();
+    String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// Issue 22, item 4: a client's own `X-Forwarded-Host` never reaches the
+/// upstream: it is the authority the client asked for, or absent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn x_forwarded_host_is_the_requests_authority_never_the_clients_own() {
+    use hyper_util::rt::TokioIo;
+    let (up_addr, _up) = start_upstream().await;
+    let car = Sidecar::start(IdempotencyLayer::new(MemoryStore::new()), config(up_addr)).await;
+    // HTTP/1.0 without Host: none is sent.
+    let answer = raw_exchange(
+        car.addr,
+        b"POST /charge HTTP/1.0\r\nidempotency-key: h10\r\nx-forwarded-host: evil.example\r\ncontent-length: 2\r\n\r\n{}",
+    )
+    .await;
+    assert!(answer.contains("exec="), "{answer}");
+    assert!(!answer.contains("evil"), "{answer}");
+    assert!(answer.contains("xfh="), "{answer}");
+    assert!(answer.ends_with("xfh="), "no X-Forwarded-Host: {answer}");
+    // HTTP/1.1 with `Connection: host`: the Host the client sent.
+    let answer = raw_exchange(
+        car.addr,
+        b"POST /charge HTTP/1.1\r\nhost: good.example\r\nconnection: host, close\r\nidempotency-key: h11\r\nx-forwarded-host: evil.example\r\ncontent-length: 2\r\n\r\n{}",
+    )
+    .await;
+    assert!(!answer.contains("evil"), "{answer}");
+    assert!(answer.contains("xfh=good.example"), "{answer}");
+    // HTTP/2: the request's :authority.
+    let stream = tokio::net::TcpStream::connect(car.addr).await.unwrap();
+    let (mut send, conn) =
+        hyper::client::conn::http2::handshake(TokioExecutor::new(), TokioIo::new(stream))
+            .await
+            .unwrap();
+    tokio::spawn(conn);
+    let req = Request::post("http://h2.example/charge")
+        .header("idempotency-key", "h2")
+        .header("x-forwarded-host", "evil.example")
+        .body(http_body_util::Full::new(Bytes::from_static(b"{}")))
+        .unwrap();
+    let answer = common::collect(send.send_request(req).await.unwrap()).await;
+    let text = answer.text();
+    assert!(!text.contains("evil"), "{text}");
+    assert!(text.ends_with("xfh=h2.example"), "{text}");
+    car.shutdown().await;
+
+    // Behind a trusted proxy, its X-Forwarded-Host stays.
+    let car = Sidecar::start(
+        IdempotencyLayer::new(MemoryStore::new()),
+        config(up_addr).trust_forwarded_headers(true),
+    )
+    .await;
+    let kept = post_with(car.addr, "trusted", &[("x-forwarded-host", "shop.example")])
+        .await
+        .text();
+    assert!(kept.ends_with("xfh=shop.example"), "{kept}");
     car.shutdown().await;
 }

@@ -33,13 +33,16 @@ struct Args {
     /// Speak HTTP/2 without TLS (h2c) to the upstream instead of HTTP/1.1.
     #[arg(long, env = "IDEMPOTENCY_UPSTREAM_H2C")]
     upstream_h2c: bool,
-    /// How long a client waits for the upstream before it gets 504; the call
-    /// goes on and its response is kept for the client's retry. Durations:
+    /// How long a client waits for the upstream, from when its request goes
+    /// upstream, before it gets 504; the call goes on and its response is
+    /// kept for the client's retry (which waits for it up to --wait, like any
+    /// duplicate). Durations:
     /// 250ms, 30s, 5m, 1h30m, 2d (or a bare number of seconds).
     #[arg(long, env = "IDEMPOTENCY_UPSTREAM_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     upstream_timeout: Duration,
-    /// How long the upstream call itself may take; past it, its outcome is
-    /// unknown and retries with the key are refused (409).
+    /// How long the whole upstream exchange, response body included, may
+    /// take; past it, its outcome is unknown and retries with the key are
+    /// refused (409).
     #[arg(long, env = "IDEMPOTENCY_UPSTREAM_HARD_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
     upstream_hard_timeout: Duration,
     /// Where records live: memory (this process only), redis (shared by
@@ -98,15 +101,24 @@ struct Args {
     /// the IETF draft).
     #[arg(long, env = "IDEMPOTENCY_MISMATCH_STATUS", default_value = "409", value_parser = parse_status)]
     mismatch_status: StatusCode,
-    /// Keep client-supplied X-Forwarded-For and Forwarded headers and append
-    /// this hop (by default they are replaced: clients can spoof them). Only
-    /// behind a proxy you trust to set them.
+    /// Keep client-supplied X-Forwarded-For, Forwarded and X-Forwarded-Host
+    /// headers and append this hop (by default they are replaced: clients
+    /// can spoof them). Only behind a proxy you trust to set them.
     #[arg(long, env = "IDEMPOTENCY_TRUST_FORWARDED_HEADERS")]
     trust_forwarded_headers: bool,
-    /// How long a client may take to send a request's head (HTTP/1) before
+    /// How long a client may take to send a request's head (HTTP/1), and a
+    /// new connection (HTTP/1 or HTTP/2) to send its first request, before
     /// it is disconnected.
     #[arg(long, env = "IDEMPOTENCY_HEADER_READ_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     header_read_timeout: Duration,
+    /// How long a client connection may stay open with no request in flight
+    /// (HTTP/1 keep-alive and HTTP/2) before it is closed.
+    #[arg(long, env = "IDEMPOTENCY_IDLE_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    idle_timeout: Duration,
+    /// How often HTTP/2 client connections are pinged; one that does not
+    /// answer within the same interval is disconnected.
+    #[arg(long, env = "IDEMPOTENCY_KEEP_ALIVE_INTERVAL", default_value = "20s", value_parser = parse_duration)]
+    keep_alive_interval: Duration,
     /// Most open client connections; more wait until one closes.
     #[arg(long, env = "IDEMPOTENCY_MAX_CONNECTIONS", default_value_t = sidecar::DEFAULT_MAX_CONNECTIONS)]
     max_connections: usize,
@@ -212,6 +224,8 @@ async fn run<St: Store>(args: Args, store: St) -> Result<(), Box<dyn std::error:
         .health_path(args.health_path.clone())
         .trust_forwarded_headers(args.trust_forwarded_headers)
         .header_read_timeout(args.header_read_timeout)
+        .idle_timeout(args.idle_timeout)
+        .keep_alive_interval(args.keep_alive_interval)
         .max_connections(args.max_connections);
     let layer = configure(&args, store);
     let listener = tokio::net::TcpListener::bind(args.listen)

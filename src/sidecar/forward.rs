@@ -6,17 +6,25 @@ use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, header};
+use http_body::{Body, Frame, SizeHint};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
+use pin_project_lite::pin_project;
+use tokio::time::{Instant, Sleep};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
+use tokio::sync::oneshot;
 use tower_service::Service;
 
+use crate::BoxError;
+use crate::IdempotencyInfo;
 use crate::body::RequestBody;
 use crate::policy::StorePolicy;
 use crate::problem::{Problem, ProblemKind};
@@ -27,7 +35,95 @@ use super::SidecarConfig;
 #[derive(Debug, Clone, Copy)]
 pub(super) struct ClientAddr(pub(super) SocketAddr);
 
-type ProxyBody = Either<Incoming, Full<Bytes>>;
+/// Put in each request's extensions by the connection: the proxy says
+/// through it when (and whether) the request goes upstream, which is when
+/// the client's wait for the upstream starts. A duplicate that waits for
+/// another request's execution never goes upstream, so its wait is the
+/// layer's own.
+#[derive(Debug, Clone)]
+pub(super) struct UpstreamCall(Arc<std::sync::Mutex<Option<oneshot::Sender<Started>>>>);
+
+/// What the proxy tells the connection when a request goes upstream.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Started {
+    /// The call runs under a claim: if the client stops waiting, the call
+    /// goes on and its response is stored (otherwise it is cut off).
+    pub(super) guarded: bool,
+}
+
+impl UpstreamCall {
+    /// A signal to put in a request, and the end that hears it.
+    pub(super) fn new() -> (Self, oneshot::Receiver<Started>) {
+        let (tx, rx) = oneshot::channel();
+        (Self(Arc::new(std::sync::Mutex::new(Some(tx)))), rx)
+    }
+
+    fn started(&self, guarded: bool) {
+        let sender = match self.0.lock() {
+            Ok(mut slot) => slot.take(),
+            Err(poisoned) => poisoned.into_inner().take(),
+        };
+        if let Some(sender) = sender {
+            // The connection may have stopped listening: nothing to tell.
+            let _ = sender.send(Started { guarded });
+        }
+    }
+}
+
+pub(super) type ProxyBody = Either<UpstreamBody, Full<Bytes>>;
+
+pin_project! {
+    /// The upstream's response body, cut off with an error at the end of
+    /// the upstream exchange's hard timeout: a body that stalls must not
+    /// keep its key in flight (and its lease renewed) for as long as the
+    /// upstream keeps the socket open. The layer completes a body that
+    /// breaks off as "outcome unknown".
+    pub(super) struct UpstreamBody {
+        #[pin]
+        inner: Incoming,
+        #[pin]
+        deadline: Sleep,
+        hard_timeout: Duration,
+    }
+}
+
+/// The upstream's body did not end within the hard timeout.
+#[derive(Debug, thiserror::Error)]
+#[error("the upstream's response did not end within {0:?}, so it may or may not have acted")]
+pub(super) struct BodyTimedOut(Duration);
+
+impl Body for UpstreamBody {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
+        let this = self.project();
+        // The deadline first: a body that always has more ready is bounded
+        // too.
+        let timed_out = || Poll::Ready(Some(Err(BodyTimedOut(*this.hard_timeout).into())));
+        if this.deadline.is_elapsed() {
+            return timed_out();
+        }
+        if let Poll::Ready(frame) = this.inner.poll_frame(cx) {
+            return Poll::Ready(frame.map(|f| f.map_err(BoxError::from)));
+        }
+        match this.deadline.poll(cx) {
+            Poll::Ready(()) => timed_out(),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
 
 /// Forwards requests to the upstream.
 #[derive(Clone)]
@@ -76,6 +172,11 @@ impl Service<Request<RequestBody<Incoming>>> for Proxy {
     fn call(&mut self, req: Request<RequestBody<Incoming>>) -> Self::Future {
         let client = self.client.clone();
         let config = self.config.clone();
+        // The exchange, body included, ends by the hard timeout.
+        let deadline = crate::time::deadline(Instant::now(), config.hard_timeout);
+        if let Some(call) = req.extensions().get::<UpstreamCall>() {
+            call.started(req.extensions().get::<IdempotencyInfo>().is_some());
+        }
         Box::pin(async move {
             let req = match to_upstream(req, &config) {
                 Ok(req) => req,
@@ -83,10 +184,15 @@ impl Service<Request<RequestBody<Incoming>>> for Proxy {
                     return Ok(problem_response(ProblemKind::UpstreamUnavailable, detail));
                 }
             };
-            match tokio::time::timeout(config.hard_timeout, client.request(req)).await {
+            match tokio::time::timeout_at(deadline, client.request(req)).await {
                 Ok(Ok(res)) => {
                     let (mut parts, body) = res.into_parts();
                     strip_hop_by_hop(&mut parts.headers);
+                    let body = UpstreamBody {
+                        inner: body,
+                        deadline: tokio::time::sleep_until(deadline),
+                        hard_timeout: config.hard_timeout,
+                    };
                     Ok(Response::from_parts(parts, Either::Left(body)))
                 }
                 // Nothing was sent: a 5xx, so the key is released.
@@ -131,6 +237,16 @@ fn to_upstream(
     config: &SidecarConfig,
 ) -> Result<Request<RequestBody<Incoming>>, String> {
     let (mut parts, body) = req.into_parts();
+    // The authority the client asked for, read before the hop-by-hop
+    // headers go (`Connection: host` would take `Host` with them): the
+    // `Host` header (HTTP/1), else the request target's authority (HTTP/2's
+    // `:authority`, or an HTTP/1 absolute-form target).
+    let authority = parts.headers.get(header::HOST).cloned().or_else(|| {
+        parts
+            .uri
+            .authority()
+            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+    });
     let path_and_query = parts
         .uri
         .path_and_query()
@@ -157,31 +273,34 @@ fn to_upstream(
             .headers
             .insert(header::TE, HeaderValue::from_static("trailers"));
     }
-    let original_host = parts.headers.remove(header::HOST);
     if let Ok(host) = HeaderValue::from_str(config.authority.as_str()) {
         parts.headers.insert(header::HOST, host);
     }
     let client = parts.extensions.get::<ClientAddr>().map(|c| c.0);
     if !config.trust_forwarded {
+        // A client can put anything in these; only a trusted proxy's count.
         parts.headers.remove(X_FORWARDED_FOR);
         parts.headers.remove(header::FORWARDED);
+        parts.headers.remove(X_FORWARDED_HOST);
     }
-    add_forwarding_headers(&mut parts.headers, client, original_host.as_ref());
+    add_forwarding_headers(&mut parts.headers, client, authority.as_ref());
     // HTTP/1 and HTTP/2 differ; let the client pick what the upstream speaks.
     parts.version = http::Version::default();
     Ok(Request::from_parts(parts, body))
 }
 
 const X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
 
 /// Adds this hop to `X-Forwarded-For` and `Forwarded` (after any the client
-/// sent and the sidecar trusts), and sets `X-Forwarded-Host` and `-Proto`.
+/// sent and the sidecar trusts), sets `X-Forwarded-Proto`, and sets
+/// `X-Forwarded-Host` to the authority the client asked for (unless a
+/// trusted proxy set it already; with no authority, none is sent).
 fn add_forwarding_headers(
     headers: &mut HeaderMap,
     client: Option<SocketAddr>,
     host: Option<&HeaderValue>,
 ) {
-    const X_FORWARDED_HOST: HeaderName = HeaderName::from_static("x-forwarded-host");
     const X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
     let mut forwarded = String::from("proto=http");
     if let Some(addr) = client {
@@ -196,7 +315,11 @@ fn add_forwarding_headers(
         forwarded = format!("for={node};{forwarded}");
     }
     if let Some(host) = host {
-        headers.insert(X_FORWARDED_HOST, host.clone());
+        // A client's own was removed unless trusted; a trusted proxy's
+        // names the host its client asked for, and stays.
+        headers
+            .entry(X_FORWARDED_HOST)
+            .or_insert_with(|| host.clone());
         // Only a plain host[:port] goes into `Forwarded` unquoted.
         let plain = |h: &&str| {
             h.bytes()

@@ -10,24 +10,31 @@
 //! Forwarding keeps the method, path, query, headers (minus hop-by-hop
 //! ones, `Proxy-Authorization` and `Proxy-Connection` among them; plus
 //! `Forwarded`, `X-Forwarded-For`, `-Host` and `-Proto`, where a client's
-//! own `Forwarded` and `X-Forwarded-For` are replaced unless
-//! [`SidecarConfig::trust_forwarded_headers`]), body and trailers, over
-//! pooled keep-alive connections (HTTP/1.1, or h2c with
-//! [`SidecarConfig::upstream_h2c`]). Client connections are bounded in
-//! number ([`SidecarConfig::max_connections`]) and in how long a request's
-//! head may take to arrive ([`SidecarConfig::header_read_timeout`]).
+//! own `Forwarded`, `X-Forwarded-For` and `X-Forwarded-Host` are replaced
+//! unless [`SidecarConfig::trust_forwarded_headers`]; `X-Forwarded-Host`
+//! is the authority the client asked for, from `Host` or HTTP/2's
+//! `:authority`), body and trailers, over pooled keep-alive connections
+//! (HTTP/1.1, or h2c with [`SidecarConfig::upstream_h2c`]). Client
+//! connections are bounded in number
+//! ([`SidecarConfig::max_connections`]), in how long a new one may go
+//! without its first request and a request's head may take to arrive
+//! ([`SidecarConfig::header_read_timeout`]), in how long one may stay idle
+//! ([`SidecarConfig::idle_timeout`]), and HTTP/2 ones are pinged
+//! ([`SidecarConfig::keep_alive_interval`]).
 //!
 //! A slow or broken upstream never makes a request run twice:
 //!
 //! | the upstream | the client gets | the key |
 //! |---|---|---|
 //! | cannot be connected to (nothing was sent) | 502 `UpstreamUnavailable` | released: a retry is sent once the upstream is back |
-//! | has not answered within [`upstream_timeout`](SidecarConfig::upstream_timeout) | 504 `UpstreamTimeout` with `Retry-After` | still held: the call goes on, its response is stored when it comes, and a retry waits for it or replays it |
-//! | has not answered within [`upstream_hard_timeout`](SidecarConfig::upstream_hard_timeout) | (the 504 above) | completed as "outcome unknown": retries get 409 `OutcomeUnknown` |
+//! | has not answered within [`upstream_timeout`](SidecarConfig::upstream_timeout) of the request going upstream | 504 `UpstreamTimeout` with `Retry-After` | still held: the call goes on, its response is stored when it comes, and a retry waits for it (up to the layer's wait, then 409 `InFlight`) or replays it |
+//! | has not answered, or not ended its response body, within [`upstream_hard_timeout`](SidecarConfig::upstream_hard_timeout) | (the 504 above), or the part of the body that came, then an error | completed as "outcome unknown": retries get 409 `OutcomeUnknown` |
 //! | drops the connection after the request was sent, or its response body breaks off | 502 `OutcomeUnknown`, or the part of the body that came | completed as "outcome unknown" |
 //!
 //! ([`IdempotencyLayer::release_unknown_outcomes`] releases unknown outcomes
-//! instead, for upstreams where running twice is harmless.)
+//! instead, for upstreams where running twice is harmless.) A request
+//! without a guarded key that passes the client's wait gets the same 504,
+//! but its upstream call is cut off, as its detail says.
 //!
 //! On shutdown it stops accepting, lets open connections finish, and then
 //! waits for executions whose clients went away, so every started execution
@@ -35,19 +42,23 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::uri::{Authority, Scheme};
 use http::{HeaderName, Request, Response, Uri};
+use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use hyper_util::server::graceful::GracefulShutdown;
+use pin_project_lite::pin_project;
 use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::sync::{Semaphore, watch};
+use tokio::time::Instant;
 use tower_layer::Layer;
 use tower_service::Service;
 
@@ -59,7 +70,7 @@ use crate::store::Store;
 
 mod forward;
 
-use forward::{ClientAddr, Proxy, source_chain};
+use forward::{ClientAddr, Proxy, UpstreamCall, source_chain};
 
 /// Default path of the sidecar's own health check.
 pub const DEFAULT_HEALTH_PATH: &str = "/_idempotency/health";
@@ -68,9 +79,16 @@ pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default bound on the upstream call itself, after which its outcome is
 /// taken as unknown.
 pub const DEFAULT_UPSTREAM_HARD_TIMEOUT: Duration = Duration::from_secs(5 * 60);
-/// Default bound on reading a request's head (HTTP/1): a client that takes
+/// Default bound on reading a request's head, and on a new connection's
+/// wait for its first request (HTTP/1 and HTTP/2): a client that takes
 /// longer is disconnected, so slow clients cannot hold connections open.
 pub const DEFAULT_HEADER_READ_TIMEOUT: Duration = Duration::from_secs(10);
+/// Default bound on a connection with no request in flight, after its last
+/// one (HTTP/1 keep-alive and HTTP/2 alike): past it, it is closed.
+pub const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+/// Default interval of HTTP/2 keep-alive pings; a client that does not
+/// answer one within the same interval is disconnected.
+pub const DEFAULT_KEEP_ALIVE_INTERVAL: Duration = Duration::from_secs(20);
 /// Default bound on open client connections; further clients wait in the
 /// listen backlog until one closes.
 pub const DEFAULT_MAX_CONNECTIONS: usize = 4096;
@@ -100,6 +118,8 @@ pub struct SidecarConfig {
     health_path: String,
     trust_forwarded: bool,
     header_read_timeout: Duration,
+    idle_timeout: Duration,
+    keep_alive_interval: Duration,
     max_connections: usize,
 }
 
@@ -123,33 +143,57 @@ impl SidecarConfig {
             health_path: DEFAULT_HEALTH_PATH.to_owned(),
             trust_forwarded: false,
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
+            idle_timeout: DEFAULT_IDLE_TIMEOUT,
+            keep_alive_interval: DEFAULT_KEEP_ALIVE_INTERVAL,
             max_connections: DEFAULT_MAX_CONNECTIONS,
         })
     }
 
     /// Keeps the client's `X-Forwarded-For` and `Forwarded` headers and
-    /// appends this hop to them (default off: they are replaced, because a
-    /// client can put anything there and an upstream that reads the first
-    /// value would trust a spoofed address). Turn it on only behind a proxy
-    /// you trust to set them. `X-Forwarded-Host` and `-Proto` are always
-    /// set by the sidecar.
+    /// appends this hop to them, and keeps its `X-Forwarded-Host` (default
+    /// off: they are replaced, because a client can put anything there and
+    /// an upstream that reads the first value would trust a spoofed address
+    /// or host). Turn it on only behind a proxy you trust to set them.
+    /// Otherwise `X-Forwarded-Host` is the authority the client asked for
+    /// (`Host`, or HTTP/2's `:authority`), and absent without one;
+    /// `X-Forwarded-Proto` is always set by the sidecar.
     pub fn trust_forwarded_headers(mut self, trust: bool) -> Self {
         self.trust_forwarded = trust;
         self
     }
 
     /// Bounds how long a client may take to send a request's head over
-    /// HTTP/1 (default 10 s, at least 1 ms); past it the connection is
-    /// closed.
+    /// HTTP/1, and how long a new connection (HTTP/1 or HTTP/2) may go
+    /// without its first request (default 10 s, at least 1 ms); past it the
+    /// connection is closed. A connection asked to close (idle, or on
+    /// shutdown) that has nothing in flight is also cut off this long after.
     pub fn header_read_timeout(mut self, timeout: Duration) -> Self {
         self.header_read_timeout = timeout.max(Duration::from_millis(1));
         self
     }
 
-    /// Bounds the open client connections (default 4 096, at least 1).
-    /// Past it the sidecar accepts no more until one closes.
+    /// Bounds how long a client connection may stay open with no request in
+    /// flight after its last one (default 60 s, at least 1 ms), HTTP/1
+    /// keep-alive and HTTP/2 alike; past it the connection is closed
+    /// gracefully.
+    pub fn idle_timeout(mut self, timeout: Duration) -> Self {
+        self.idle_timeout = timeout.max(Duration::from_millis(1));
+        self
+    }
+
+    /// How often an HTTP/2 client connection is pinged (default 20 s, at
+    /// least 1 ms); a client that does not answer within the same interval
+    /// is disconnected, so a vanished peer frees its place.
+    pub fn keep_alive_interval(mut self, interval: Duration) -> Self {
+        self.keep_alive_interval = interval.max(Duration::from_millis(1));
+        self
+    }
+
+    /// Bounds the open client connections (default 4 096, from 1 to
+    /// `u32::MAX`). Past it the sidecar accepts no more until one closes.
     pub fn max_connections(mut self, connections: usize) -> Self {
-        self.max_connections = connections.max(1);
+        let most = Semaphore::MAX_PERMITS.min(u32::MAX as usize);
+        self.max_connections = connections.clamp(1, most);
         self
     }
 
@@ -159,20 +203,25 @@ impl SidecarConfig {
         self
     }
 
-    /// Bounds the client's wait (default 30 s): past it the client gets 504
+    /// Bounds the client's wait for the upstream (default 30 s), counted
+    /// from when its request goes upstream: past it the client gets 504
     /// with `Retry-After`, while the upstream call goes on (for a guarded
     /// request) and its response is stored when it arrives, for the
-    /// client's retry to wait for or replay. Unguarded requests are simply
-    /// cut off.
+    /// client's retry to wait for or replay. Unguarded requests are cut
+    /// off. A duplicate that waits for another request's execution never
+    /// goes upstream: it waits as the layer says
+    /// ([`IdempotencyLayer::wait_for_in_flight`]).
     pub fn upstream_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
     }
 
-    /// Bounds the upstream call itself (default 5 minutes): an upstream that
-    /// has not answered by then may or may not have acted, and the key
+    /// Bounds the whole upstream exchange, the response body included
+    /// (default 5 minutes): an upstream that has not answered by then, or
+    /// whose body has not ended, may or may not have acted, and the key
     /// completes as "outcome unknown" (retries get 409, nothing is sent
-    /// again). Keep it above [`upstream_timeout`](Self::upstream_timeout).
+    /// again); a body cut off this way ends the client's response with an
+    /// error. Keep it above [`upstream_timeout`](Self::upstream_timeout).
     pub fn upstream_hard_timeout(mut self, timeout: Duration) -> Self {
         self.hard_timeout = timeout;
         self
@@ -200,12 +249,21 @@ pub fn scope_from_header(
     }
 }
 
-/// The 504 a client gets when its wait ends before the upstream answered.
-fn client_timeout<B>(waited: Duration) -> Response<ResponseBody<B>> {
-    Problem::new(ProblemKind::UpstreamTimeout)
-        .detail(format!(
+/// The 504 a client gets when its wait for the upstream ends before the
+/// upstream answered. What happens to the call depends on whether it runs
+/// under a claim.
+fn client_timeout<B>(waited: Duration, guarded: bool) -> Response<ResponseBody<B>> {
+    let detail = if guarded {
+        format!(
             "the upstream did not answer within {waited:?}; the request goes on, and its response is kept for a retry with the same key"
-        ))
+        )
+    } else {
+        format!(
+            "the upstream did not answer within {waited:?}; the request carried no idempotency key the sidecar guards, so its call was cut off, and the upstream may or may not have acted on it"
+        )
+    };
+    Problem::new(ProblemKind::UpstreamTimeout)
+        .detail(detail)
         .retry_after(Duration::from_secs(1))
         .into_response(|bytes| ResponseBody::full(bytes, None))
 }
@@ -221,14 +279,25 @@ pub async fn serve<St: Store>(
 ) -> Result<(), SidecarError> {
     let health_path = config.health_path.clone();
     let client_wait = config.timeout;
-    let places = Arc::new(Semaphore::new(config.max_connections));
+    let limits = ConnectionLimits {
+        first_request: config.header_read_timeout,
+        idle: config.idle_timeout,
+        grace: config.header_read_timeout,
+    };
+    let places_total = config.max_connections;
+    let places = Arc::new(Semaphore::new(places_total));
     let mut builder = auto::Builder::new(TokioExecutor::new());
     builder
         .http1()
         .timer(TokioTimer::new())
         .header_read_timeout(config.header_read_timeout);
+    builder
+        .http2()
+        .timer(TokioTimer::new())
+        .keep_alive_interval(config.keep_alive_interval)
+        .keep_alive_timeout(config.keep_alive_interval);
     let service = layer.layer(Proxy::new(config));
-    let graceful = GracefulShutdown::new();
+    let (stopping_tx, stopping) = watch::channel(false);
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
         // A place first, then a connection: past the limit, clients wait in
@@ -254,33 +323,59 @@ pub async fn serve<St: Store>(
         };
         let service = service.clone();
         let health_path = health_path.clone();
+        let (load_tx, load) = watch::channel(Load::default());
+        let load_tx = Arc::new(load_tx);
         let per_request = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+            // Counted from here until its response body is dropped.
+            let handling = Handling::begin(load_tx.clone());
             let mut service = service.clone();
             let is_health = req.method() == http::Method::GET && req.uri().path() == health_path;
             req.extensions_mut().insert(ClientAddr(peer));
+            let (call, started) = UpstreamCall::new();
+            req.extensions_mut().insert(call);
             async move {
                 if is_health {
-                    return Ok::<_, Infallible>(Response::new(ResponseBody::full(
-                        Bytes::from_static(b"ok"),
-                        None,
-                    )));
+                    let ok = ResponseBody::full(Bytes::from_static(b"ok"), None);
+                    return Ok::<_, Infallible>(Response::new(Tracked::new(ok, handling)));
                 }
                 std::future::poll_fn(|cx| service.poll_ready(cx)).await?;
-                // Past the client's wait, the call is dropped here: a
-                // guarded execution then goes on in a task of its own and
-                // stores its response when it comes.
-                match tokio::time::timeout(client_wait, service.call(req)).await {
-                    Ok(answered) => answered,
-                    Err(_) => Ok(client_timeout(client_wait)),
-                }
+                // The client's wait starts when its request goes upstream: a
+                // duplicate waiting on another execution waits as the layer
+                // says (`--wait`), never upstream_timeout. Past the client's
+                // wait the call is dropped here: a guarded execution then
+                // goes on in a task of its own and stores its response when
+                // it comes.
+                let waited = async {
+                    match started.await {
+                        Ok(started) => {
+                            tokio::time::sleep(client_wait).await;
+                            started
+                        }
+                        // Answered without going upstream.
+                        Err(_) => std::future::pending().await,
+                    }
+                };
+                let answer = tokio::select! {
+                    answered = service.call(req) => answered?,
+                    started = waited => client_timeout(client_wait, started.guarded),
+                };
+                Ok(answer.map(|body| Tracked::new(body, handling)))
             }
         });
         let connection = builder
             .serve_connection(TokioIo::new(stream), per_request)
             .into_owned();
-        let connection = graceful.watch(connection);
+        let stopping = stopping.clone();
         tokio::spawn(async move {
-            if let Err(e) = connection.await {
+            let ended = supervise(
+                connection,
+                |connection| connection.graceful_shutdown(),
+                load,
+                stopping,
+                limits,
+            )
+            .await;
+            if let Some(e) = ended {
                 tracing::debug!(error = %source_chain(&*e), "sidecar connection ended with an error");
             }
             drop(place);
@@ -288,7 +383,155 @@ pub async fn serve<St: Store>(
     }
     drop(listener);
     tracing::info!("sidecar draining: finishing open connections and executions");
-    graceful.shutdown().await;
+    // Every connection closes gracefully (and is dropped if it will not).
+    let _ = stopping_tx.send(true);
+    // Each open connection holds a place: all of them back means all closed.
+    let all = u32::try_from(places_total).unwrap_or(u32::MAX);
+    drop(places.acquire_many(all).await);
     layer.executions().wait_idle().await;
     Ok(())
+}
+
+/// How long a connection may stay without a request.
+#[derive(Debug, Clone, Copy)]
+struct ConnectionLimits {
+    /// From accept to its first request: protocol detection, the HTTP/2
+    /// preface and the first head alike.
+    first_request: Duration,
+    /// With nothing in flight, after its last request.
+    idle: Duration,
+    /// From a graceful close (idle, or the server stopping) to its end, with
+    /// nothing in flight: a peer that ignores the close is cut off.
+    grace: Duration,
+}
+
+/// What a connection's requests tell its supervisor.
+#[derive(Debug, Clone, Copy, Default)]
+struct Load {
+    /// Requests being handled, their response bodies included.
+    in_flight: usize,
+    /// Whether any request has arrived.
+    arrived: bool,
+}
+
+/// One request being handled, counted in its connection's [`Load`] until
+/// dropped.
+struct Handling(Arc<watch::Sender<Load>>);
+
+impl Handling {
+    fn begin(load: Arc<watch::Sender<Load>>) -> Self {
+        load.send_modify(|load| {
+            load.in_flight = load.in_flight.saturating_add(1);
+            load.arrived = true;
+        });
+        Self(load)
+    }
+}
+
+impl Drop for Handling {
+    fn drop(&mut self) {
+        self.0
+            .send_modify(|load| load.in_flight = load.in_flight.saturating_sub(1));
+    }
+}
+
+pin_project! {
+    /// A response body that keeps its request counted until it is dropped
+    /// (sent, or abandoned), so that a connection streaming a response is
+    /// never taken for idle.
+    struct Tracked<B> {
+        #[pin]
+        inner: B,
+        handling: Handling,
+    }
+}
+
+impl<B> Tracked<B> {
+    fn new(inner: B, handling: Handling) -> Self {
+        Self { inner, handling }
+    }
+}
+
+impl<B: Body> Body for Tracked<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
+        self.project().inner.poll_frame(cx)
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+/// Drives one client connection to its end, and closes it when it has gone
+/// too long without a request: from accept to the first request (so a peer
+/// that sends nothing, or half an HTTP/2 preface, frees its place), and
+/// idle after its last one, HTTP/1 and HTTP/2 alike. A connection asked to
+/// close gracefully (idle, or the server stopping) that has nothing in
+/// flight and is still open after the grace period is dropped. Returns the
+/// connection's error, if it ended with one.
+async fn supervise<C, E>(
+    connection: C,
+    close_gracefully: impl Fn(Pin<&mut C>),
+    mut load: watch::Receiver<Load>,
+    mut stopping: watch::Receiver<bool>,
+    limits: ConnectionLimits,
+) -> Option<E>
+where
+    C: Future<Output = Result<(), E>>,
+{
+    let mut connection = std::pin::pin!(connection);
+    let accepted = Instant::now();
+    let mut idle_since = accepted;
+    let mut closing_since: Option<Instant> = None;
+    let mut load_open = true;
+    let mut stop_open = true;
+    loop {
+        let now = *load.borrow_and_update();
+        let wake = if now.in_flight > 0 {
+            None
+        } else if let Some(since) = closing_since {
+            Some(crate::time::deadline(since, limits.grace))
+        } else if !now.arrived {
+            Some(crate::time::deadline(accepted, limits.first_request))
+        } else {
+            Some(crate::time::deadline(idle_since, limits.idle))
+        };
+        let far = crate::time::deadline(Instant::now(), crate::time::FAR_FUTURE);
+        tokio::select! {
+            ended = connection.as_mut() => return ended.err(),
+            changed = load.changed(), if load_open => match changed {
+                Ok(()) => {
+                    if load.borrow().in_flight == 0 {
+                        idle_since = Instant::now();
+                    }
+                }
+                Err(_) => load_open = false,
+            },
+            () = tokio::time::sleep_until(wake.unwrap_or(far)), if wake.is_some() => {
+                if closing_since.is_some() || !now.arrived {
+                    // No request of its own to lose: cut it off.
+                    return None;
+                }
+                close_gracefully(connection.as_mut());
+                closing_since = Some(Instant::now());
+            }
+            stopped = stopping.changed(), if stop_open && closing_since.is_none() => {
+                if stopped.is_err() {
+                    stop_open = false;
+                }
+                close_gracefully(connection.as_mut());
+                closing_since = Some(Instant::now());
+            }
+        }
+    }
 }
