@@ -56,11 +56,14 @@ where
             }
         };
         let wait = policy.wait(n, retry_after, fastrand::f64());
+        // Saturating: a `Retry-After` or a backoff may be as long as
+        // `Duration::MAX`, and `Instant + Duration` panics past its range.
+        let wait_ends = crate::time::deadline(Instant::now(), wait);
         let stop = if !resendable {
             Some("the body was not kept: sent once")
         } else if n >= policy.max_attempts {
             Some("attempt limit reached")
-        } else if Instant::now() + wait >= deadline {
+        } else if wait_ends >= deadline {
             Some("the deadline would pass during the wait")
         } else if !policy.withdraw() {
             Some("the retry budget is spent")
@@ -212,6 +215,35 @@ mod tests {
         .await;
         assert_eq!(attempts, 1);
         assert_eq!(outcome.err().as_deref(), Some("deadline passed"));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_longest_retry_after_stops_at_the_deadline_instead_of_panicking() {
+        // `Retry-After: 18446744073709551615`, obeyed in full, within a
+        // deadline as long as can be.
+        let policy = exact()
+            .retry_after_cap(Duration::MAX)
+            .deadline(Duration::MAX);
+        let verdicts = vec![Verdict::Retry(Some(Duration::from_secs(u64::MAX)))];
+        let (attempts, starts) = run(policy, verdicts, true).await;
+        assert_eq!(attempts, 1, "the wait would pass the deadline");
+        assert_eq!(starts, ms(&[0]));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn the_longest_backoff_stops_at_the_deadline_instead_of_panicking() {
+        let policy = exact()
+            .backoff(Duration::from_secs(1), 1e300, Duration::MAX)
+            .max_attempts(10)
+            .deadline(Duration::MAX);
+        // 1 s, then base × 1e300 (capped at `Duration::MAX`): past any
+        // deadline.
+        let (attempts, starts) = run(policy.clone(), vec![Verdict::Retry(None)], true).await;
+        assert_eq!(attempts, 2);
+        assert_eq!(starts, ms(&[0, 1000]));
+        // With full jitter, the wait is a random part of `Duration::MAX`.
+        let (attempts, _) = run(policy.full_jitter(true), vec![Verdict::Retry(None)], true).await;
+        assert!((1..=10).contains(&attempts), "{attempts}");
     }
 
     #[tokio::test(start_paused = true)]

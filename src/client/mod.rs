@@ -12,12 +12,13 @@
 //!   key and the same bytes;
 //! - keeps the body to send it again, up to [`RetryPolicy::body_limit`]
 //!   (1 MiB by default): **a larger or endless streaming body is sent once
-//!   and never retried**;
+//!   and never retried**; a body that fails while it is read is not sent
+//!   at all (the call fails with [`RequestBodyFailed`]);
 //! - retries what [`RetryPolicy`] says (transport failures, 409 in flight,
-//!   429, 502, 503, 504; never a mismatch, an "outcome unknown" or another
-//!   4xx), after an exponential backoff with full jitter or the server's
-//!   `Retry-After` (up to a cap), within an attempt limit, a deadline and a
-//!   retry budget shared by every clone;
+//!   429, 502, 503, 504; never a mismatch, an "outcome unknown" whatever
+//!   its status, or another 4xx), after an exponential backoff with full
+//!   jitter or the server's `Retry-After` (up to a cap), within an attempt
+//!   limit, a deadline and a retry budget shared by every clone;
 //! - returns the final answer as it came, with the [`Attempts`] it took in
 //!   the response's extensions. Every attempt is a `tracing` event (target
 //!   `tower_idempotency::client`); with the `metrics` feature, the counter
@@ -71,7 +72,7 @@ pub use policy::{
     DEFAULT_BASE, DEFAULT_BODY_LIMIT, DEFAULT_CAP, DEFAULT_DEADLINE, DEFAULT_FACTOR,
     DEFAULT_MAX_ATTEMPTS, DEFAULT_RETRY_AFTER_CAP, RetryPolicy,
 };
-pub use service::{IdempotentRetry, IdempotentRetryLayer};
+pub use service::{IdempotentRetry, IdempotentRetryLayer, RequestBodyFailed};
 
 /// Gives the request a key (a random UUID v4 in `Idempotency-Key`) unless
 /// it has one, and returns it, for every attempt to send.

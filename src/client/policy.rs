@@ -27,6 +27,10 @@ pub const DEFAULT_RETRY_AFTER_CAP: Duration = Duration::from_secs(60);
 /// The default largest request body kept to be sent again: 1 MiB.
 pub const DEFAULT_BODY_LIMIT: usize = 1024 * 1024;
 
+/// The largest problem document read to judge a refusal: 64 KiB. A longer
+/// one is final (its type cannot be known) and returned as it came.
+pub(crate) const PROBLEM_LIMIT: usize = 64 * 1024;
+
 /// When and how a keyed request is retried. Built with its setters from
 /// [`RetryPolicy::default`]; shared (with its budget) by every clone of the
 /// service it configures.
@@ -36,16 +40,22 @@ pub const DEFAULT_BODY_LIMIT: usize = 1024 * 1024;
 /// | outcome | retried? |
 /// |---|---|
 /// | the inner service failed (connection refused or reset, a timeout layer gave up, the connection closed before the answer) | yes |
-/// | 409 with the `InFlight` problem type (the first attempt is still running) | yes |
-/// | 429, 502, 503, 504 | yes, after `Retry-After` when given |
-/// | 409 `KeyMismatch`, `OutcomeUnknown`, `NotReplayable`, any other 4xx | never |
+/// | 409 with the `InFlight` problem type (the first attempt is still running) | yes, after `Retry-After` when given |
+/// | 429, 502, 503, 504 (with any problem type but `OutcomeUnknown`, or none) | yes, after `Retry-After` when given |
+/// | the `OutcomeUnknown` problem type, whatever the status (the sidecar answers it with 502 or 504) | never: the request executed |
+/// | 409 `KeyMismatch`, `NotReplayable`, any other 4xx | never |
+/// | a problem document (409, 429, 502, 503, 504) longer than 64 KiB | never: its type cannot be read |
 /// | any other status (2xx, 3xx, 500, 501, …) | never: it is the answer |
 /// | gRPC (HTTP 200, `application/grpc`): `grpc-status` UNAVAILABLE, ABORTED (in flight), RESOURCE_EXHAUSTED in a Trailers-Only answer | yes, after `grpc-retry-pushback-ms` when given (a malformed or negative one: never) |
 /// | any other gRPC status | never |
 ///
-/// and only for the allowed methods (by default POST and PATCH, which the
-/// server layer guards, and the idempotent GET, HEAD, OPTIONS, PUT,
-/// DELETE), only when the body could be kept (at most
+/// The `type` of a problem document (`application/problem+json`) answered
+/// with 409, 429, 502, 503 or 504 is read (up to 64 KiB): it overrules the
+/// status. The response is returned with its whole body all the same.
+///
+/// Retries happen only for the allowed methods (by default POST and
+/// PATCH, which the server layer guards, and the idempotent GET, HEAD,
+/// OPTIONS, PUT, DELETE), only when the body could be kept (at most
 /// [`body_limit`](Self::body_limit) bytes), within
 /// [`max_attempts`](Self::max_attempts), the [`deadline`](Self::deadline)
 /// and the shared retry budget.
@@ -141,7 +151,9 @@ impl RetryPolicy {
 
     /// The largest request body kept to be sent again (default 1 MiB). A
     /// larger body, or one that does not end within it, is sent once and
-    /// never retried.
+    /// never retried. A body that fails before its end (within the limit)
+    /// is not sent at all: the call fails with
+    /// [`RequestBodyFailed`](super::RequestBodyFailed).
     pub fn body_limit(mut self, bytes: usize) -> Self {
         self.body_limit = bytes;
         self
@@ -190,7 +202,10 @@ impl RetryPolicy {
         }
         .min(self.cap);
         if self.jitter {
-            ceiling.mul_f64(unit.clamp(0.0, 1.0))
+            // Not `Duration::mul_f64`, which panics when the product does
+            // not fit: `Duration::MAX` in seconds rounds up as an `f64`.
+            Duration::try_from_secs_f64(ceiling.as_secs_f64() * unit.clamp(0.0, 1.0))
+                .map_or(ceiling, |jittered| jittered.min(ceiling))
         } else {
             ceiling
         }
@@ -223,7 +238,7 @@ pub(crate) enum Verdict {
     Final,
     /// Send the request again, after this long if the server said.
     Retry(Option<Duration>),
-    /// A 409 whose body must be read to know (its problem type).
+    /// A refusal whose body must be read to know (its problem type).
     ReadProblem,
 }
 
@@ -233,12 +248,33 @@ pub(crate) fn judge(status: StatusCode, headers: &HeaderMap, now: SystemTime) ->
     if status == StatusCode::OK && is_grpc(headers) {
         return judge_grpc(headers);
     }
+    // A refusal's problem type overrules its status: the sidecar answers
+    // an outcome unknown with 502 or 504, and it must never be retried.
+    if is_refusal(status) && is_problem(headers) {
+        return Verdict::ReadProblem;
+    }
+    by_status(status, headers, now)
+}
+
+/// The statuses whose problem document is read: 409, 429, 502, 503, 504.
+fn is_refusal(status: StatusCode) -> bool {
+    matches!(
+        status,
+        StatusCode::CONFLICT
+            | StatusCode::TOO_MANY_REQUESTS
+            | StatusCode::BAD_GATEWAY
+            | StatusCode::SERVICE_UNAVAILABLE
+            | StatusCode::GATEWAY_TIMEOUT
+    )
+}
+
+/// What the status alone says: 429, 502, 503 and 504 are retried.
+fn by_status(status: StatusCode, headers: &HeaderMap, now: SystemTime) -> Verdict {
     match status {
         StatusCode::TOO_MANY_REQUESTS
         | StatusCode::BAD_GATEWAY
         | StatusCode::SERVICE_UNAVAILABLE
         | StatusCode::GATEWAY_TIMEOUT => Verdict::Retry(retry_after(headers, now)),
-        StatusCode::CONFLICT if is_problem(headers) => Verdict::ReadProblem,
         _ => Verdict::Final,
     }
 }
@@ -280,12 +316,23 @@ fn is_grpc(headers: &HeaderMap) -> bool {
         .is_some_and(|v| v.starts_with("application/grpc"))
 }
 
-/// What a 409 problem document says: retry only the in-flight refusal.
-pub(crate) fn judge_problem(body: &[u8], headers: &HeaderMap, now: SystemTime) -> Verdict {
-    if problem_type_is(body, ProblemKind::InFlight) {
+/// What a refusal's problem document (`body`, whole) says: an outcome
+/// unknown is final and an in-flight refusal retried, whatever the status;
+/// any other type leaves the verdict to the status.
+pub(crate) fn judge_problem(
+    status: StatusCode,
+    body: &[u8],
+    headers: &HeaderMap,
+    now: SystemTime,
+) -> Verdict {
+    // First: whatever else the document might seem to say, a request that
+    // executed with an unknown outcome is never sent again.
+    if problem_type_is(body, ProblemKind::OutcomeUnknown) {
+        Verdict::Final
+    } else if problem_type_is(body, ProblemKind::InFlight) {
         Verdict::Retry(retry_after(headers, now))
     } else {
-        Verdict::Final
+        by_status(status, headers, now)
     }
 }
 
@@ -360,6 +407,25 @@ mod tests {
     }
 
     #[test]
+    fn a_backoff_capped_at_duration_max_does_not_panic() {
+        // `Duration::MAX` in seconds rounds up to 2^64 as an `f64`: a
+        // jitter of 1 once made `Duration::mul_f64` panic on it.
+        let policy = RetryPolicy::default().backoff(Duration::from_secs(1), 1e300, Duration::MAX);
+        for unit in [0.0, 0.5, 0.999_999, 1.0, f64::NAN, f64::INFINITY] {
+            for retry in [1, 2, 3, 64, u32::MAX] {
+                assert!(policy.backoff_for(retry, unit) <= Duration::MAX);
+            }
+        }
+        assert_eq!(policy.backoff_for(1, 1.0), Duration::from_secs(1));
+        assert_eq!(policy.backoff_for(2, 1.0), Duration::MAX);
+        let exact = policy.clone().full_jitter(false);
+        assert_eq!(exact.backoff_for(2, 0.5), Duration::MAX);
+        let base = RetryPolicy::default().backoff(Duration::MAX, 1.0, Duration::MAX);
+        assert_eq!(base.backoff_for(1, 1.0), Duration::MAX);
+        assert_eq!(base.full_jitter(false).backoff_for(1, 1.0), Duration::MAX);
+    }
+
+    #[test]
     fn retry_after_is_obeyed_up_to_its_cap() {
         let policy = RetryPolicy::default().retry_after_cap(Duration::from_secs(5));
         assert_eq!(
@@ -412,10 +478,18 @@ mod tests {
             "a 409 that is not a problem document"
         );
         let problem = headers(&[("content-type", "application/problem+json")]);
-        assert_eq!(
-            judge(StatusCode::CONFLICT, &problem, now),
-            Verdict::ReadProblem
-        );
+        for status in [409, 429, 502, 503, 504] {
+            let status = StatusCode::from_u16(status).unwrap();
+            assert_eq!(
+                judge(status, &problem, now),
+                Verdict::ReadProblem,
+                "{status}"
+            );
+        }
+        for status in [400, 422, 500] {
+            let status = StatusCode::from_u16(status).unwrap();
+            assert_eq!(judge(status, &problem, now), Verdict::Final, "{status}");
+        }
     }
 
     #[test]
@@ -429,7 +503,12 @@ mod tests {
             )
         };
         assert_eq!(
-            judge_problem(doc(ProblemKind::InFlight).as_bytes(), &with_wait, now),
+            judge_problem(
+                StatusCode::CONFLICT,
+                doc(ProblemKind::InFlight).as_bytes(),
+                &with_wait,
+                now
+            ),
             Verdict::Retry(Some(Duration::from_secs(1)))
         );
         for kind in [
@@ -438,11 +517,136 @@ mod tests {
             ProblemKind::NotReplayable,
         ] {
             assert_eq!(
-                judge_problem(doc(kind).as_bytes(), &with_wait, now),
+                judge_problem(StatusCode::CONFLICT, doc(kind).as_bytes(), &with_wait, now),
                 Verdict::Final,
                 "{kind:?}"
             );
         }
+    }
+
+    /// A problem document as the server side writes it.
+    fn problem_doc(kind: ProblemKind, status: StatusCode) -> String {
+        format!(
+            r#"{{"type":"{}","title":"{}","status":{}}}"#,
+            kind.type_uri(),
+            kind.title(),
+            status.as_u16()
+        )
+    }
+
+    /// The verdict on a problem document answered with `status`, as the
+    /// client reaches it: `judge` says to read it, `judge_problem` decides.
+    fn judge_refusal(status: StatusCode, body: &str, extra: &[(&str, &str)]) -> Verdict {
+        let now = SystemTime::now();
+        let mut pairs = vec![("content-type", "application/problem+json")];
+        pairs.extend_from_slice(extra);
+        let headers = headers(&pairs);
+        assert_eq!(
+            judge(status, &headers, now),
+            Verdict::ReadProblem,
+            "{status}"
+        );
+        judge_problem(status, body.as_bytes(), &headers, now)
+    }
+
+    #[test]
+    fn an_outcome_unknown_is_final_whatever_its_status() {
+        for status in [
+            StatusCode::BAD_GATEWAY,
+            StatusCode::GATEWAY_TIMEOUT,
+            StatusCode::SERVICE_UNAVAILABLE,
+            StatusCode::CONFLICT,
+        ] {
+            let doc = problem_doc(ProblemKind::OutcomeUnknown, status);
+            assert_eq!(
+                judge_refusal(status, &doc, &[("retry-after", "1")]),
+                Verdict::Final,
+                "{status}"
+            );
+        }
+    }
+
+    #[test]
+    fn a_502_with_an_outcome_unknown_problem_is_final() {
+        let doc = problem_doc(ProblemKind::OutcomeUnknown, StatusCode::BAD_GATEWAY);
+        assert_eq!(
+            judge_refusal(StatusCode::BAD_GATEWAY, &doc, &[]),
+            Verdict::Final
+        );
+    }
+
+    #[test]
+    fn a_504_with_an_outcome_unknown_problem_is_final() {
+        let doc = problem_doc(ProblemKind::OutcomeUnknown, StatusCode::GATEWAY_TIMEOUT);
+        assert_eq!(
+            judge_refusal(StatusCode::GATEWAY_TIMEOUT, &doc, &[]),
+            Verdict::Final
+        );
+    }
+
+    #[test]
+    fn a_503_with_a_store_unavailable_problem_is_retried_after_retry_after() {
+        let doc = problem_doc(
+            ProblemKind::StoreUnavailable,
+            StatusCode::SERVICE_UNAVAILABLE,
+        );
+        assert_eq!(
+            judge_refusal(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &doc,
+                &[("retry-after", "2")]
+            ),
+            Verdict::Retry(Some(Duration::from_secs(2)))
+        );
+    }
+
+    #[test]
+    fn other_problem_types_leave_the_verdict_to_the_status() {
+        let doc = problem_doc(ProblemKind::KeyMismatch, StatusCode::CONFLICT);
+        for status in [429, 502, 503, 504] {
+            let status = StatusCode::from_u16(status).unwrap();
+            assert_eq!(
+                judge_refusal(status, &doc, &[]),
+                Verdict::Retry(None),
+                "{status}"
+            );
+        }
+        assert_eq!(
+            judge_refusal(StatusCode::CONFLICT, &doc, &[]),
+            Verdict::Final
+        );
+        // Not a problem document of this crate at all.
+        assert_eq!(
+            judge_refusal(StatusCode::BAD_GATEWAY, "{}", &[]),
+            Verdict::Retry(None)
+        );
+    }
+
+    #[test]
+    fn a_502_without_a_problem_document_is_retried() {
+        let now = SystemTime::now();
+        let html = headers(&[("content-type", "text/html")]);
+        assert_eq!(
+            judge(StatusCode::BAD_GATEWAY, &html, now),
+            Verdict::Retry(None)
+        );
+        assert_eq!(
+            judge(StatusCode::BAD_GATEWAY, &HeaderMap::new(), now),
+            Verdict::Retry(None)
+        );
+    }
+
+    #[test]
+    fn a_409_in_flight_is_retried_after_retry_after() {
+        let doc = problem_doc(ProblemKind::InFlight, StatusCode::CONFLICT);
+        assert_eq!(
+            judge_refusal(StatusCode::CONFLICT, &doc, &[("retry-after", "1")]),
+            Verdict::Retry(Some(Duration::from_secs(1)))
+        );
+        assert_eq!(
+            judge_refusal(StatusCode::CONFLICT, &doc, &[]),
+            Verdict::Retry(None)
+        );
     }
 
     #[test]

@@ -6,10 +6,12 @@ use std::sync::Arc;
 use std::time::SystemTime;
 
 use http::Extensions;
+use reqwest::ResponseBuilderExt;
 use reqwest_middleware::{Middleware, Next};
 
 use super::attempts::{Answered, drive};
-use super::policy::{RetryPolicy, Verdict, judge, judge_problem};
+use super::body::{Read, RetryBody, keep};
+use super::policy::{PROBLEM_LIMIT, RetryPolicy, Verdict, judge, judge_problem};
 use super::{Attempts, ensure_key};
 
 /// Sends each request with one idempotency key and retries it as the
@@ -124,28 +126,41 @@ impl Middleware for IdempotentRetryMiddleware {
     }
 }
 
-/// Judges an answer; a 409 problem document is read (and given back as
-/// the response's body).
+/// Judges an answer; a refusal's problem document is read (up to
+/// [`PROBLEM_LIMIT`]) and given back as the response's body, followed by
+/// the rest of it when it is longer.
 async fn judged(
     response: reqwest::Response,
 ) -> (reqwest_middleware::Result<reqwest::Response>, Verdict) {
     let now = SystemTime::now();
-    match judge(response.status(), response.headers(), now) {
-        Verdict::ReadProblem => {
-            let status = response.status();
-            let version = response.version();
-            let headers = response.headers().clone();
-            let body = match response.bytes().await {
-                Ok(body) => body,
-                Err(e) => return (Err(e.into()), Verdict::Retry(None)),
-            };
-            let verdict = judge_problem(&body, &headers, now);
-            let mut rebuilt = http::Response::new(body);
-            *rebuilt.status_mut() = status;
-            *rebuilt.version_mut() = version;
-            *rebuilt.headers_mut() = headers;
-            (Ok(reqwest::Response::from(rebuilt)), verdict)
-        }
-        verdict => (Ok(response), verdict),
+    let verdict = judge(response.status(), response.headers(), now);
+    if verdict != Verdict::ReadProblem {
+        return (Ok(response), verdict);
     }
+    // The URL does not survive the round trip through `http::Response`.
+    let url = response.url().clone();
+    let (parts, body) = http::Response::<reqwest::Body>::from(response).into_parts();
+    let (body, verdict) = match keep(body, PROBLEM_LIMIT).await {
+        Read::Kept(read, trailers) => {
+            let verdict = judge_problem(parts.status, &read, &parts.headers, now);
+            (RetryBody::kept(read, trailers), verdict)
+        }
+        // Too long to judge: final, and returned whole.
+        Read::Once { head, rest } => (RetryBody::once(head, rest), Verdict::Final),
+        // The answer broke off: as for a transport failure.
+        Read::Failed(e) => return (Err(e.into()), Verdict::Retry(None)),
+    };
+    let mut rebuilt = http::Response::from_parts(parts, reqwest::Body::wrap(body));
+    rebuilt.extensions_mut().extend(url_extension(url));
+    (Ok(reqwest::Response::from(rebuilt)), verdict)
+}
+
+/// The extension `reqwest::Response::from` reads the response's URL from;
+/// its type is private to reqwest, and only `ResponseBuilderExt` sets it.
+fn url_extension(url: reqwest::Url) -> Extensions {
+    http::Response::builder()
+        .url(url)
+        .body(())
+        .map(|carrier| carrier.into_parts().0.extensions)
+        .unwrap_or_default()
 }

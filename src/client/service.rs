@@ -10,18 +10,23 @@ use std::time::SystemTime;
 use bytes::Bytes;
 use http::{Request, Response};
 use http_body::Body;
-use http_body_util::BodyExt;
 use tower_layer::Layer;
 use tower_service::Service;
 
 use super::attempts::drive;
 use super::body::{Read, RetryBody, RetryResponseBody, keep};
-use super::policy::{RetryPolicy, Verdict, judge, judge_problem};
+use super::policy::{PROBLEM_LIMIT, RetryPolicy, Verdict, judge, judge_problem};
 use super::{Attempts, ensure_key};
 use crate::BoxError;
 
-/// The largest 409 problem document read to judge it.
-const PROBLEM_LIMIT: u64 = 64 * 1024;
+/// The request body failed while the layer read it to keep it, so nothing
+/// was sent: what was read of it is not the request. The error of an
+/// [`IdempotentRetry`] call (a [`BoxError`]) downcasts to it.
+#[derive(Debug, thiserror::Error)]
+#[error("the request body failed before it was sent: {source}")]
+pub struct RequestBodyFailed {
+    source: BoxError,
+}
 
 /// Wraps an HTTP client service with [`IdempotentRetry`]. See the
 /// [module docs](super).
@@ -112,7 +117,8 @@ where
     let (kept, once) = if policy.allows(&parts.method) {
         match keep(body, policy.body_limit).await {
             Read::Kept(data, trailers) => (Some((data, trailers)), None),
-            Read::Once(once) => (None, Some(once)),
+            Read::Once { head, rest } => (None, Some(RetryBody::once(head, rest))),
+            Read::Failed(e) => return Err(RequestBodyFailed { source: e.into() }.into()),
         }
     } else {
         (None, Some(RetryBody::once(None, body)))
@@ -157,7 +163,8 @@ where
 }
 
 /// Sends one attempt (waiting for the service to be ready, after the
-/// first) and judges its answer; a 409 problem document is read to judge.
+/// first) and judges its answer; a refusal's problem document is read (up
+/// to [`PROBLEM_LIMIT`]) to judge.
 async fn attempt_once<S, B, ResB>(
     mut inner: S,
     is_ready: bool,
@@ -180,17 +187,24 @@ where
     };
     let now = SystemTime::now();
     match judge(response.status(), response.headers(), now) {
-        Verdict::ReadProblem if response.body().size_hint().lower() <= PROBLEM_LIMIT => {
+        Verdict::ReadProblem => {
             let (parts, body) = response.into_parts();
-            let read = match body.collect().await {
-                Ok(collected) => collected.to_bytes(),
-                Err(e) => return (Err(e.into()), Verdict::Retry(None)),
+            // Boxed: the body is polled here, then handed to the caller,
+            // and need not be `Unpin`.
+            let (body, verdict) = match keep(Box::pin(body), PROBLEM_LIMIT).await {
+                Read::Kept(read, trailers) => {
+                    let verdict = judge_problem(parts.status, &read, &parts.headers, now);
+                    (RetryResponseBody::kept(read, trailers), verdict)
+                }
+                // Too long to judge: final, and returned whole.
+                Read::Once { head, rest } => {
+                    (RetryResponseBody::resumed(head, rest), Verdict::Final)
+                }
+                // The answer broke off: as for a transport failure.
+                Read::Failed(e) => return (Err(e.into()), Verdict::Retry(None)),
             };
-            let verdict = judge_problem(&read, &parts.headers, now);
-            let response = Response::from_parts(parts, RetryResponseBody::read(read));
-            (Ok(response), verdict)
+            (Ok(Response::from_parts(parts, body)), verdict)
         }
-        Verdict::ReadProblem => (Ok(passthrough(response)), Verdict::Final),
         verdict => (Ok(passthrough(response)), verdict),
     }
 }
