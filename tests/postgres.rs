@@ -830,3 +830,211 @@ async fn a_claim_whose_reply_was_lost_is_released_once_the_server_answers() {
     }
     assert_eq!(store.lost_claims_pending(), 0);
 }
+
+/// Issue 10: a claim renewed for longer than a lease plus the fence memory
+/// (one lease here, as the docs allow) is still its owner's: the cleanup
+/// never removes it and a duplicate never takes it. Before, `extend` moved
+/// `lease_until` alone: the row's `expires_at` passed under the running
+/// owner, the cleanup deleted the row, and a duplicate inserted a fresh
+/// claim and ran the handler a second time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_renewed_past_its_fence_memory_is_never_cleaned_up_or_taken_over() {
+    let Some(db) = TestDatabase::create_or_skip("renewed claim and cleanup") else {
+        return;
+    };
+    let lease = Duration::from_millis(300);
+    let store = PostgresStore::builder(&db.url)
+        .unwrap()
+        .cleanup_every(None)
+        .fence_memory(lease)
+        .build()
+        .unwrap();
+    store.migrate().await.unwrap();
+    let key = StoreKey::from_parts(b"", b"long handler");
+    let Ok(Claim::Acquired(token)) = store.claim(key, FP, lease).await else {
+        panic!("acquired");
+    };
+    let started = std::time::Instant::now();
+    while started.elapsed() < lease * 5 {
+        tokio::time::sleep(lease / 3).await;
+        assert_eq!(
+            store.extend(key, token, lease).await.unwrap(),
+            LeaseStatus::Held
+        );
+        assert_eq!(
+            store.remove_expired().await.unwrap(),
+            0,
+            "the cleanup removed a claim whose lease is live"
+        );
+        assert!(
+            matches!(
+                store.claim(key, FP, lease).await,
+                Ok(Claim::InFlight { .. })
+            ),
+            "a duplicate took a claim whose lease is live"
+        );
+    }
+    // A row whose `expires_at` passed while its lease is live (as rows that
+    // earlier versions renewed are) is not removed either.
+    let client = connect(&db.url).await;
+    client
+        .execute(
+            &format!(
+                "UPDATE {DEFAULT_TABLE} SET expires_at = clock_timestamp() - interval '1 second' WHERE key = $1"
+            ),
+            &[&key.as_bytes().as_slice()],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        store.remove_expired().await.unwrap(),
+        0,
+        "the cleanup went by `expires_at` alone"
+    );
+    let record = CompletedRecord {
+        fingerprint: FP,
+        payload: Bytes::from_static(b"once"),
+    };
+    assert_eq!(
+        store
+            .complete(key, token, record, Duration::from_secs(60))
+            .await
+            .unwrap(),
+        LeaseStatus::Held,
+        "the owner still owns its key"
+    );
+}
+
+/// Issue 11: a key released after its effect was committed answers
+/// "outcome unknown" for the fence memory, then expires like a completed
+/// record: the cleanup removes its row and the key runs again. Before, the
+/// cleanup skipped every committed claim and the claim statement took it
+/// for live forever: the row was never removed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_outcome_unknown_key_expires_after_the_fence_memory() {
+    let Some(db) = TestDatabase::create_or_skip("outcome unknown expires") else {
+        return;
+    };
+    let keep = Duration::from_millis(300);
+    let store = PostgresStore::builder(&db.url)
+        .unwrap()
+        .cleanup_every(None)
+        .fence_memory(keep)
+        .build()
+        .unwrap();
+    store.migrate().await.unwrap();
+    let url = db.url.clone();
+    let business = charges_table(&url).await;
+    let engine = Engine::new(store.clone()).lease(LEASE);
+    let key = StoreKey::from_parts(b"", b"unknown");
+    let failed = engine
+        .run_stored(key, FP, |ctx| {
+            let (store, url) = (store.clone(), url.clone());
+            async move {
+                charge(&store, &url, "first", &ctx).await.expect("fence");
+                Err::<Bytes, _>("the handler failed after committing")
+            }
+        })
+        .await;
+    assert!(matches!(failed, Err(EngineError::Operation(_))));
+    let again = engine
+        .run_stored(key, FP, |_| async { Ok::<_, FenceError>(Bytes::new()) })
+        .await;
+    assert!(
+        matches!(again, Err(EngineError::OutcomeUnknown)),
+        "{again:?}"
+    );
+    // Past the lease and the fence memory, from the claim and the release.
+    tokio::time::sleep(LEASE + keep * 2).await;
+    assert_eq!(
+        store.remove_expired().await.unwrap(),
+        1,
+        "the outcome-unknown row outlived its fence memory"
+    );
+    let after = engine
+        .run_stored(key, FP, |_| async {
+            Ok::<_, FenceError>(Bytes::from_static(b"after the window"))
+        })
+        .await
+        .expect("a new request after the window");
+    assert_eq!(
+        after,
+        Outcome::Executed(Bytes::from_static(b"after the window"))
+    );
+    assert_eq!(charges(&business).await, ["first"]);
+}
+
+/// Issue 12: a table named by a reserved word (`order`, `user`, `select`)
+/// passes validation, so it must work: migrate, claim, renew, wait (its
+/// `LISTEN` channel), complete, replay, clean up, purge. Before, the name
+/// went into the SQL unquoted and `migrate` failed with a syntax error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_named_by_a_reserved_word_works() {
+    let Some(db) = TestDatabase::create_or_skip("reserved table name") else {
+        return;
+    };
+    for table in ["order", "user", "select"] {
+        let store = PostgresStore::builder(&db.url)
+            .unwrap()
+            .table(table)
+            .fallback_check(Duration::from_secs(30))
+            .cleanup_every(None)
+            .build()
+            .expect("a reserved word is a valid table name");
+        store.migrate().await.expect("migrate");
+        store.migrate().await.expect("migrate again");
+        let key = StoreKey::from_parts(b"", table.as_bytes());
+        let lease = Duration::from_secs(30);
+        let Ok(Claim::Acquired(token)) = store.claim(key, FP, lease).await else {
+            panic!("{table}: acquired");
+        };
+        assert!(
+            matches!(
+                store.claim(key, FP, lease).await,
+                Ok(Claim::InFlight { .. })
+            ),
+            "{table}"
+        );
+        assert_eq!(
+            store.extend(key, token, lease).await.unwrap(),
+            LeaseStatus::Held,
+            "{table}"
+        );
+        let waiter = tokio::spawn({
+            let store = store.clone();
+            async move {
+                let started = std::time::Instant::now();
+                store
+                    .wait(key, token.fence(), Duration::from_secs(20))
+                    .await
+                    .map(|()| started.elapsed())
+            }
+        });
+        // Let the waiter listen first.
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let record = CompletedRecord {
+            fingerprint: FP,
+            payload: Bytes::from(table),
+        };
+        assert_eq!(
+            store
+                .complete(key, token, record.clone(), Duration::from_secs(600))
+                .await
+                .unwrap(),
+            LeaseStatus::Held,
+            "{table}"
+        );
+        let waited = waiter.await.unwrap().expect("wait");
+        assert!(
+            waited < Duration::from_secs(5),
+            "{table}: woken by its channel's notification, not the fallback: {waited:?}"
+        );
+        assert_eq!(
+            store.claim(key, FP, lease).await.unwrap(),
+            Claim::Completed(record),
+            "{table}"
+        );
+        assert_eq!(store.remove_expired().await.unwrap(), 0, "{table}");
+        assert!(store.purge(key).await.unwrap(), "{table}");
+    }
+}

@@ -1004,3 +1004,207 @@ async fn damaged_records_are_refused_untouched_and_purge_drops_them() {
         Ok(Claim::Acquired(_))
     ));
 }
+
+/// `fence_memory` means the same as on PostgreSQL: the record of a claim
+/// outlives its lease by the fence memory, renewals included. Each renewal
+/// moves the record's life past the new lease; before, a claim renewed for
+/// longer than a lease plus the fence memory kept only its lease (the key's
+/// time to live fell to the lease), so its record went with its lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_renewed_claim_outlives_its_lease_by_the_fence_memory() {
+    let Some(server) = redis_or_skip("fence_memory_after_renewals") else {
+        return;
+    };
+    let keep = Duration::from_secs(1);
+    let lease = Duration::from_millis(300);
+    let store = RedisStore::builder(&server.url())
+        .unwrap()
+        .fence_memory(keep)
+        .build()
+        .await
+        .unwrap();
+    let key = StoreKey::from_parts(b"", b"renewed");
+    let fp = Fingerprint::of_bytes(b"x");
+    let Ok(Claim::Acquired(token)) = store.claim(key, fp, lease).await else {
+        panic!("the key is free");
+    };
+    // Renewed past the record's first life (a lease plus the fence memory).
+    let started = std::time::Instant::now();
+    while started.elapsed() < lease + keep + lease {
+        tokio::time::sleep(lease / 3).await;
+        assert_eq!(
+            store.extend(key, token, lease).await.unwrap(),
+            LeaseStatus::Held
+        );
+    }
+    let ttl: i64 = redis::cmd("PTTL")
+        .arg(store.key_name(key))
+        .query_async(&mut server.conn().await)
+        .await
+        .unwrap();
+    assert!(
+        ttl > 1_000,
+        "the record outlives the renewed lease by less than the fence memory: {ttl} ms left"
+    );
+}
+
+/// A connection that sends every command twice and answers with the second
+/// reply: what a Redis Cluster connection does (`retries`) when the reply
+/// to a command it sent is lost to an I/O error after the command was
+/// applied.
+#[derive(Clone)]
+struct SendsTwice(redis::aio::MultiplexedConnection);
+
+impl redis::aio::ConnectionLike for SendsTwice {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        Box::pin(async move {
+            let _lost = redis::aio::ConnectionLike::req_packed_command(&mut self.0, cmd).await;
+            redis::aio::ConnectionLike::req_packed_command(&mut self.0, cmd).await
+        })
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        redis::aio::ConnectionLike::req_packed_commands(&mut self.0, pipeline, offset, count)
+    }
+
+    fn get_db(&self) -> i64 {
+        redis::aio::ConnectionLike::get_db(&self.0)
+    }
+}
+
+/// A claim applied, then sent again (its first reply lost): the second copy
+/// finds the claim its caller made, by its nonce, and answers that grant.
+/// Before, it answered "in flight" with the caller's own claim, and the
+/// caller waited for itself, the key blocked for a whole lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_sent_twice_is_acquired_by_its_caller() {
+    let Some(server) = redis_or_skip("claim_sent_twice") else {
+        return;
+    };
+    let store = RedisStore::with_connection(SendsTwice(server.conn().await), None);
+    let plain = store_for(&server).await;
+    let key = StoreKey::from_parts(b"", b"twice");
+    let fp = Fingerprint::of_bytes(b"x");
+    let token = match store.claim(key, fp, Duration::from_secs(30)).await {
+        Ok(Claim::Acquired(token)) => token,
+        other => panic!("the caller found its own claim and did not own it: {other:?}"),
+    };
+    let record = CompletedRecord {
+        fingerprint: fp,
+        payload: Bytes::from_static(b"once"),
+    };
+    assert_eq!(
+        store
+            .complete(key, token, record.clone(), Duration::from_secs(60))
+            .await
+            .unwrap(),
+        LeaseStatus::Held,
+        "the token answered is the one the record names"
+    );
+    assert_eq!(
+        plain.claim(key, fp, Duration::from_secs(30)).await.unwrap(),
+        Claim::Completed(record)
+    );
+}
+
+/// A connection whose first command is held back until `go` is notified,
+/// then sent on its own: a claim still queued on a connection that stopped
+/// answering, delivered after its caller gave up. That caller gets no
+/// answer (it times out); every later command goes straight through, as on
+/// the connection that replaced the stuck one.
+#[derive(Clone)]
+struct HoldsFirstCommand {
+    conn: redis::aio::MultiplexedConnection,
+    held: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    go: std::sync::Arc<tokio::sync::Notify>,
+    delivered: std::sync::Arc<tokio::sync::Notify>,
+}
+
+impl redis::aio::ConnectionLike for HoldsFirstCommand {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        if self.held.swap(true, std::sync::atomic::Ordering::SeqCst) {
+            return redis::aio::ConnectionLike::req_packed_command(&mut self.conn, cmd);
+        }
+        let (mut conn, cmd) = (self.conn.clone(), cmd.clone());
+        let (go, delivered) = (self.go.clone(), self.delivered.clone());
+        tokio::spawn(async move {
+            go.notified().await;
+            let _ = redis::aio::ConnectionLike::req_packed_command(&mut conn, &cmd).await;
+            delivered.notify_one();
+        });
+        Box::pin(std::future::pending::<redis::RedisResult<redis::Value>>())
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        pipeline: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        redis::aio::ConnectionLike::req_packed_commands(&mut self.conn, pipeline, offset, count)
+    }
+
+    fn get_db(&self) -> i64 {
+        redis::aio::ConnectionLike::get_db(&self.conn)
+    }
+}
+
+/// The release of a lost claim overtakes the claim (sent on another
+/// connection) and finds nothing; then the claim arrives. It must not take
+/// the key with nobody to own it: the release left its nonce behind, and
+/// the late claim refuses. Before, the late claim held the key for its
+/// whole 30 s lease (every duplicate waited, then got 409).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_that_arrives_after_its_own_release_does_not_take_the_key() {
+    let Some(server) = redis_or_skip("late_claim") else {
+        return;
+    };
+    let plain = store_for(&server).await;
+    // Loads the scripts into the server's cache, so the held claim is one
+    // `EVALSHA` that runs when it arrives (not a `NOSCRIPT` answered to
+    // nobody).
+    warm_up(&plain).await;
+    let stuck = HoldsFirstCommand {
+        conn: server.conn().await,
+        held: std::sync::Arc::default(),
+        go: std::sync::Arc::default(),
+        delivered: std::sync::Arc::default(),
+    };
+    let (go, delivered) = (stuck.go.clone(), stuck.delivered.clone());
+    let store = RedisStore::with_connection(stuck, None);
+    let key = StoreKey::from_parts(b"", b"late");
+    let fp = Fingerprint::of_bytes(b"x");
+    let e = store
+        .claim(key, fp, Duration::from_secs(30))
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), StoreErrorKind::Timeout, "{e}");
+    // The release of the lost claim goes first, and finds nothing.
+    let started = std::time::Instant::now();
+    while store.lost_claims_pending() > 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "the release was not sent"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Then the claim arrives.
+    go.notify_one();
+    delivered.notified().await;
+    let claim = plain.claim(key, fp, Duration::from_secs(30)).await.unwrap();
+    assert!(
+        matches!(claim, Claim::Acquired(_)),
+        "the late claim took the key with nobody to own it: {claim:?}"
+    );
+}

@@ -51,9 +51,11 @@ impl Listener {
         let (client, mut connection) = self.config.connect(NoTls).await?;
         let messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
         let task = tokio::spawn(dispatch(Arc::downgrade(&self.waiters), messages));
-        // The channel is the table name and a suffix: a plain identifier.
+        // The channel is the table name and a suffix: a plain identifier,
+        // quoted like the table (the same channel `pg_notify` names, as it
+        // is lower case), so that no name is ever read as a keyword.
         if let Err(e) = client
-            .batch_execute(&format!("LISTEN {}", self.channel))
+            .batch_execute(&format!("LISTEN {}", super::sql::quoted(&self.channel)))
             .await
         {
             task.abort();

@@ -58,7 +58,11 @@ pub const DEFAULT_CLEANUP_BATCH: u32 = 1000;
 ///   with a re-check every [`fallback_check`](PostgresStoreBuilder::fallback_check)
 ///   in case a notification is lost.
 /// - **Expired rows** are removed by a background task in bounded batches,
-///   off the request path ([`cleanup_every`](PostgresStoreBuilder::cleanup_every)).
+///   off the request path ([`cleanup_every`](PostgresStoreBuilder::cleanup_every)):
+///   completed records after the retention window, claims that never
+///   completed (those whose outcome is unknown included) the
+///   [fence memory](PostgresStoreBuilder::fence_memory) after their lease
+///   ended; never a claim whose lease is live.
 /// - **Fail closed**: a pool that has no connection to give in time, a
 ///   database that does not answer within the
 ///   [operation timeout](PostgresStoreBuilder::operation_timeout), or a
@@ -80,7 +84,11 @@ pub const DEFAULT_CLEANUP_BATCH: u32 = 1000;
 ///   response (its process died), the key answers "outcome unknown"
 ///   (409) instead of running again; if it stores it late, duplicates get
 ///   it as usual. Releasing such a key (a handler error, a 5xx) also leaves
-///   it "outcome unknown": its effect is committed.
+///   it "outcome unknown": its effect is committed. A key whose outcome
+///   stays unknown answers so for the
+///   [fence memory](PostgresStoreBuilder::fence_memory) after its lease
+///   ended (keep it at least the layer's retention), then expires like a
+///   completed record.
 ///
 /// ```no_run
 /// # async fn example(
@@ -118,6 +126,9 @@ pub const DEFAULT_CLEANUP_BATCH: u32 = 1000;
 /// );
 /// CREATE INDEX IF NOT EXISTS idempotency_keys_expires_at ON idempotency_keys (expires_at);
 /// ```
+///
+/// (For another table name, quote it and the index's name, as the store
+/// does: `CREATE TABLE IF NOT EXISTS "order" (…)`, `"order_expires_at"`.)
 ///
 /// ```no_run
 /// # async fn example() -> Result<(), tower_idempotency::store::StoreError> {
@@ -225,6 +236,8 @@ impl PostgresStoreBuilder {
     /// The table (default `idempotency_keys`): a plain lower-case
     /// identifier (`[a-z_][a-z0-9_]*`, at most 48 bytes), in the
     /// connection's `search_path`. [`build`](Self::build) refuses others.
+    /// The store always quotes it, so a reserved word (`order`, `user`)
+    /// works like any other name.
     pub fn table(mut self, table: impl Into<String>) -> Self {
         self.table = table.into();
         self
@@ -252,9 +265,17 @@ impl PostgresStoreBuilder {
         self
     }
 
-    /// How long the row of a claim that never completed is kept (default
-    /// 24 h, at least its lease). Keep it at least the layer's retention: a
-    /// key whose effect was committed answers "outcome unknown" that long.
+    /// How long the row of a claim that never completed is kept after its
+    /// lease ended (default 24 h): the claim keeps it a lease plus this
+    /// long, and each renewal moves that past the new lease, so a claim
+    /// renewed for longer than this is never removed under its owner. The
+    /// same setting means the same on `RedisStore`.
+    ///
+    /// Keep it at least the layer's retention: a key whose effect was
+    /// committed ([`PostgresStore::fence`]) and whose outcome is unknown
+    /// answers "outcome unknown" this long after its lease ended (or it was
+    /// released), then expires like a completed record: its row is removed
+    /// and the key can run again.
     pub fn fence_memory(mut self, keep: Duration) -> Self {
         self.fence_memory = keep;
         self
@@ -681,7 +702,9 @@ impl Store for PostgresStore {
         lease: Duration,
     ) -> Result<Claim, StoreError> {
         let nonce = i64::from_ne_bytes(super::fresh_nonce(&self.inner.nonces).to_ne_bytes());
-        let keep = lease.max(self.inner.fence_memory);
+        // The row outlives the lease by the fence memory (the extend
+        // statement keeps it so), the same meaning as on Redis.
+        let keep = lease.saturating_add(self.inner.fence_memory);
         let params: [&(dyn ToSql + Sync); 5] = [
             &key.as_bytes().as_slice(),
             &fingerprint.as_bytes().as_slice(),
@@ -768,6 +791,8 @@ impl Store for PostgresStore {
     }
 
     async fn release(&self, key: StoreKey, token: OwnerToken) -> Result<LeaseStatus, StoreError> {
+        // A released claim whose effect was committed answers "outcome
+        // unknown" for the fence memory from now, then expires.
         self.fenced(
             "release",
             &self.inner.sql.release,
@@ -776,6 +801,7 @@ impl Store for PostgresStore {
                 &fence_param(token),
                 &nonce_param(token),
                 &self.inner.channel,
+                &ms(self.inner.fence_memory),
             ],
         )
         .await
@@ -796,6 +822,9 @@ impl Store for PostgresStore {
                     &fence_param(token),
                     &nonce_param(token),
                     &ms(lease),
+                    // The row's life moves with the lease, so the cleanup
+                    // never removes a claim its owner is renewing.
+                    &ms(lease.saturating_add(self.inner.fence_memory)),
                 ],
             )
             .await?;

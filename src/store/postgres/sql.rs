@@ -6,6 +6,23 @@
 //! the client's clock; durations travel as milliseconds. Fences start from
 //! the server's clock in microseconds and grow by at least one per grant,
 //! so they never go backwards, even after a row was removed.
+//!
+//! The row of a claim lives until `expires_at`, which is kept at least the
+//! store's fence memory past `lease_until`: the claim sets it a lease plus
+//! the fence memory ahead, and every renewal moves it as far past the new
+//! lease (never back), so a claim renewed for longer than the fence memory
+//! is never taken for an expired row. The cleanup also skips every row
+//! whose lease is live, whatever its `expires_at` says (rows written by
+//! earlier versions, whose renewals did not move it). A claim whose effect
+//! was committed and whose outcome is unknown (`state` 0, `effect_committed`)
+//! answers "outcome unknown" until its `expires_at`, then expires like a
+//! completed record: the claim statement takes it over and the cleanup
+//! removes it.
+//!
+//! The table name is always written quoted (`"order"`), so a name that is a
+//! reserved word works: [`is_valid_table_name`] admits only characters that
+//! need no escaping inside the quotes, and the quoted lower-case name is the
+//! same table as the unquoted one that earlier versions wrote.
 
 /// A claim: the row is in flight.
 pub(super) const CLAIMED: i16 = 0;
@@ -25,6 +42,12 @@ pub(super) fn is_valid_table_name(name: &str) -> bool {
         && name.len() <= MAX_TABLE_NAME
 }
 
+/// `name` as a quoted SQL identifier (`"name"`). Only for names that passed
+/// [`is_valid_table_name`], which contain no `"` to escape.
+pub(super) fn quoted(name: &str) -> String {
+    format!("\"{name}\"")
+}
+
 /// The statements, with the table name in them.
 #[derive(Debug)]
 pub(super) struct Statements {
@@ -41,15 +64,22 @@ pub(super) struct Statements {
 }
 
 impl Statements {
-    /// The statements on `table`, which must be a valid table name.
-    pub(super) fn for_table(table: &str) -> Self {
+    /// The statements on the table `name`, which must be a valid table
+    /// name. It is quoted wherever it appears, so a reserved word (`order`,
+    /// `user`) is a table name like any other.
+    pub(super) fn for_table(name: &str) -> Self {
+        let table = quoted(name);
         Self {
-            migrate: migrate(table),
+            migrate: migrate(name),
             // A live row (a completed record, a claim in flight) is only
             // read: the insert runs only when no live row was seen, so a
             // replay takes no lock, writes nothing and waits for no commit
             // to reach the disk. An expired or released row is taken over
-            // by the conflict clause, which re-checks it under its lock.
+            // by the conflict clause, which re-checks it under its lock. A
+            // claim whose effect was committed stays live (outcome unknown)
+            // until its `expires_at`, like a completed record.
+            //
+            // $4 is the lease, $5 the lease plus the fence memory (ms).
             claim: format!(
                 "WITH clock AS (SELECT clock_timestamp() AS t),
                  live AS (
@@ -57,7 +87,8 @@ impl Statements {
                           lease_until <= clock.t AS lapsed
                    FROM {table}, clock
                    WHERE key = $1
-                     AND ((state = 0 AND (lease_until > clock.t OR effect_committed))
+                     AND ((state = 0 AND (lease_until > clock.t
+                                          OR (effect_committed AND expires_at > clock.t)))
                        OR (state = 1 AND expires_at > clock.t))
                  ),
                  taken AS (
@@ -78,7 +109,8 @@ impl Statements {
                      effect_committed = false,
                      payload = NULL
                    WHERE r.state = 2
-                      OR (r.state = 0 AND r.lease_until <= clock_timestamp() AND NOT r.effect_committed)
+                      OR (r.state = 0 AND r.lease_until <= clock_timestamp()
+                          AND (NOT r.effect_committed OR r.expires_at <= clock_timestamp()))
                       OR (r.state = 1 AND r.expires_at <= clock_timestamp())
                    RETURNING r.fence
                  )
@@ -101,11 +133,18 @@ impl Statements {
                                 WHERE key = $1 AND fence = $2 AND nonce = $3 AND state = 1),
                         (SELECT pg_notify($7, encode(key, 'hex')) FROM done)::text"
             ),
+            // A claim whose effect was committed stays a claim (state 0):
+            // its outcome is unknown from now on, and is answered so for the
+            // fence memory ($5, ms) from now, then expires. `expires_at`
+            // never moves back.
             release: format!(
                 "WITH freed AS (
                    UPDATE {table}
                    SET state = CASE WHEN effect_committed THEN 0 ELSE 2 END,
-                       lease_until = clock_timestamp()
+                       lease_until = clock_timestamp(),
+                       expires_at = CASE WHEN effect_committed
+                         THEN GREATEST(expires_at, clock_timestamp() + $5::float8 * interval '1 millisecond')
+                         ELSE expires_at END
                    WHERE key = $1 AND fence = $2 AND nonce = $3 AND state = 0
                    RETURNING key
                  )
@@ -124,9 +163,14 @@ impl Statements {
                  SELECT EXISTS (SELECT 1 FROM freed),
                         (SELECT pg_notify($3, $1) FROM freed)"
             ),
+            // The row's life moves with the lease ($5: the lease plus the
+            // fence memory, ms), never back: a claim renewed for longer than
+            // its first `expires_at` is never cleaned up under its owner.
             extend: format!(
                 "UPDATE {table}
-                 SET lease_until = clock_timestamp() + $4::float8 * interval '1 millisecond'
+                 SET lease_until = clock_timestamp() + $4::float8 * interval '1 millisecond',
+                     expires_at = GREATEST(expires_at,
+                                           clock_timestamp() + $5::float8 * interval '1 millisecond')
                  WHERE key = $1 AND fence = $2 AND nonce = $3 AND state = 0
                    AND (lease_until > clock_timestamp() OR effect_committed)"
             ),
@@ -137,6 +181,7 @@ impl Statements {
             purge: format!(
                 "DELETE FROM {table} WHERE key = $1
                  RETURNING (state = 0 AND lease_until > clock_timestamp())
+                        OR (state = 0 AND effect_committed AND expires_at > clock_timestamp())
                         OR (state = 1 AND expires_at > clock_timestamp())"
             ),
             fence: format!(
@@ -144,11 +189,18 @@ impl Statements {
                  WHERE key = $1 AND fence = $2 AND nonce = $3 AND state = 0
                  RETURNING lease_until > clock_timestamp()"
             ),
+            // Never a row whose lease is live, whatever its `expires_at`
+            // says: its owner is running, and a duplicate would insert a
+            // fresh claim and run again. Rows whose outcome is unknown go
+            // once their `expires_at` passed, like completed records. The
+            // conditions are checked again under the row lock (`FOR UPDATE`
+            // re-reads a row updated meanwhile), so a renewal that commits
+            // first keeps its row.
             cleanup: format!(
                 "DELETE FROM {table} WHERE key IN (
                    SELECT key FROM {table}
                    WHERE expires_at < clock_timestamp()
-                     AND NOT (state = 0 AND effect_committed)
+                     AND NOT (state = 0 AND lease_until > clock_timestamp())
                    LIMIT $1 FOR UPDATE SKIP LOCKED
                  )"
             ),
@@ -160,9 +212,14 @@ impl Statements {
 /// run from many processes at once: a transaction-scoped advisory lock
 /// makes them take turns (concurrent `CREATE TABLE IF NOT EXISTS` can
 /// otherwise fail on the catalog's unique index).
-fn migrate(table: &str) -> String {
+///
+/// `name` is a valid table name: it goes unquoted into the advisory lock's
+/// string literal (it holds no `'`), quoted everywhere else.
+fn migrate(name: &str) -> String {
+    let table = quoted(name);
+    let index = quoted(&format!("{name}_expires_at"));
     format!(
-        "SELECT pg_advisory_xact_lock(hashtext('tower_idempotency_migrate:{table}'));
+        "SELECT pg_advisory_xact_lock(hashtext('tower_idempotency_migrate:{name}'));
          CREATE TABLE IF NOT EXISTS {table} (
              key              bytea       PRIMARY KEY,
              fingerprint      bytea       NOT NULL,
@@ -174,7 +231,7 @@ fn migrate(table: &str) -> String {
              effect_committed boolean     NOT NULL DEFAULT false,
              payload          bytea
          );
-         CREATE INDEX IF NOT EXISTS {table}_expires_at ON {table} (expires_at);"
+         CREATE INDEX IF NOT EXISTS {index} ON {table} (expires_at);"
     )
 }
 
@@ -200,6 +257,37 @@ mod tests {
             &"a".repeat(MAX_TABLE_NAME + 1),
         ] {
             assert!(!is_valid_table_name(bad), "{bad}");
+        }
+    }
+
+    /// A reserved word is a valid name, so every statement must quote it:
+    /// unquoted, `CREATE TABLE order (…)` and `FROM order` are syntax
+    /// errors at run time.
+    #[test]
+    fn the_table_name_is_quoted_in_every_statement() {
+        assert!(is_valid_table_name("order"));
+        let s = Statements::for_table("order");
+        let all = [
+            &s.migrate,
+            &s.claim,
+            &s.complete,
+            &s.release,
+            &s.abandon,
+            &s.extend,
+            &s.probe,
+            &s.purge,
+            &s.fence,
+            &s.cleanup,
+        ];
+        for sql in all {
+            assert!(sql.contains("\"order\""), "{sql}");
+            // Beside the quoted names, the word is only in the advisory
+            // lock's string literal.
+            let rest = sql
+                .replace("\"order\"", "")
+                .replace("\"order_expires_at\"", "")
+                .replace("'tower_idempotency_migrate:order'", "");
+            assert!(!rest.contains("order"), "unquoted in: {sql}");
         }
     }
 }

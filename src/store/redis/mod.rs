@@ -65,7 +65,16 @@ pub const DEFAULT_FENCE_MEMORY: Duration = Duration::from_secs(24 * 60 * 60);
 ///   ([`lost_claims_pending`](Self::lost_claims_pending)); past that, or
 ///   once its lease has ended, such a claim simply expires. A claim whose
 ///   connection was refused, or that Redis answered with an error, never
-///   took effect and queues nothing.
+///   took effect and queues nothing. The release may reach Redis before
+///   the claim does (the claim still queued on a connection that stopped
+///   answering, the release sent on its replacement): it leaves the
+///   claim's nonce behind, and a claim that arrives after its own release
+///   refuses to take the key.
+/// - **Claims sent twice are one claim**: a Redis Cluster connection
+///   re-sends a command after an I/O error even if the first copy was
+///   applied; a claim that finds the live claim it made itself (by its
+///   nonce) answers that grant, so the caller owns the key instead of
+///   waiting for itself for a whole lease.
 ///
 /// Run it on a Redis with `maxmemory-policy noeviction` (the store warns at
 /// start-up otherwise): an evicted claim lets a duplicate execute. See the
@@ -189,8 +198,11 @@ impl RedisStoreBuilder {
         self
     }
 
-    /// How long a key's record (and so its fence) is kept after a claim that
-    /// never completed (default 24 h). Keep it at least the layer's retention.
+    /// How long the record of a claim that never completed (and so its
+    /// fence) is kept after its lease ended (default 24 h): the claim keeps
+    /// it a lease plus this long, and each renewal moves that past the new
+    /// lease. The same setting means the same on `PostgresStore`. Keep it
+    /// at least the layer's retention.
     pub fn fence_memory(mut self, keep: Duration) -> Self {
         self.settings.fence_memory = keep;
         self
@@ -245,6 +257,12 @@ impl RedisStoreBuilder {
         let client = redis::cluster::ClusterClient::builder(nodes.iter().map(|n| n.as_ref()))
             .connection_timeout(self.settings.op_timeout)
             .response_timeout(self.settings.op_timeout)
+            // Retries follow MOVED/ASK redirects during a resharding, and
+            // re-send after an I/O error even when the first copy was
+            // applied: a second run of a script writes nothing the first
+            // did not (a claim that finds its own nonce answers its own
+            // grant, see `scripts`), though its answer may say less (a
+            // second purge finds nothing to drop).
             .retries(2)
             .build()
             .map_err(|e| error("configure", e))?;
@@ -471,10 +489,18 @@ where
                 inner: inner.upgrade()?,
             };
             Some(async move {
+                // The claim may still arrive after this release (queued on
+                // an old connection): the release leaves its nonce behind
+                // for as long as a claim's record would have lived.
+                let left = lost
+                    .until
+                    .saturating_duration_since(tokio::time::Instant::now());
+                let keep = ms(left.saturating_add(store.inner.fence_memory));
                 let mut invocation = store.inner.scripts.abandon.key(&lost.name);
                 invocation
                     .arg(&record::nonce_arg(lost.nonce)[..])
-                    .arg(&store.inner.channel);
+                    .arg(&store.inner.channel)
+                    .arg(keep);
                 match store.invoke("abandon", invocation).await {
                     Ok(Value::Int(1)) => {
                         tracing::debug!("released a claim whose reply was lost");
@@ -634,7 +660,11 @@ where
         lease: Duration,
     ) -> Result<LeaseStatus, StoreError> {
         let mut invocation = self.by_owner(&self.inner.scripts.extend, key, token);
-        invocation.arg(ms(lease));
+        // The record outlives the renewed lease by the fence memory, as the
+        // claim made it.
+        invocation
+            .arg(ms(lease))
+            .arg(ms(lease.saturating_add(self.inner.fence_memory)));
         self.fenced("extend", invocation).await
     }
 

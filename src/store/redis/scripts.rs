@@ -8,7 +8,7 @@
 //! | bytes (1-based, as Lua counts) | meaning |
 //! |---|---|
 //! | 1 | record format version, `2` |
-//! | 2 | `i` in flight, `d` done, `f` free (released; kept for its fence) |
+//! | 2 | `i` in flight, `d` done, `f` free (released, or a tombstone of a lost claim; kept for its fence) |
 //! | 3 | `1` once a waiter asked about the claim (`lease_left`), else `0` |
 //! | 4–19 | the fence of the latest grant, 16 decimal digits (at least the server's clock in µs at the grant) |
 //! | 20–27 | the nonce of the latest grant, 8 bytes |
@@ -25,9 +25,25 @@
 //! keeps the key's expiry).
 //!
 //! Leases are judged by the server's clock only, so application servers
-//! need no clock sync. The key lives for the retention window (plus one
-//! lease), not just the lease, so the fence keeps growing across takeovers
-//! within it. Every script validates what it reads before its first write,
+//! need no clock sync. A claim's key lives for the fence memory past its
+//! lease (the claim sets a lease plus the fence memory, and each renewal
+//! moves that past the new lease, never back), not just the lease, so the
+//! fence keeps growing across takeovers within it; a completed record
+//! lives for the retention window.
+//!
+//! A claim may reach the server more than once, or late: a Redis Cluster
+//! connection re-sends a command after an I/O error even when the first
+//! copy was applied, and a claim whose reply was lost can still be queued
+//! on an old connection when its release (by nonce, see `ABANDON`) goes out
+//! on a new one. So the nonce in the header decides: a claim that finds a
+//! live claim with its own nonce answers the grant it already made (it is
+//! its own re-sent copy), and a claim that finds a free record (`f`) with
+//! its own nonce refuses (`IDEM_RELEASED`): that claim was given up and
+//! released before it arrived. `ABANDON` leaves such a tombstone whatever it
+//! finds: it releases the claim made with the nonce, or marks a free record
+//! with it, or writes a free record with it where there is none.
+//!
+//! Every script validates what it reads before its first write,
 //! and fails with `IDEM_CORRUPT` on a record it does not understand: Lua
 //! scripts are atomic but not transactional, so nothing is half-written.
 //! Completion and release publish the key on the store's channel, to wake
@@ -112,6 +128,14 @@ if not dl then return redis.error_reply('IDEM_CORRUPT unreadable lease') end
 
 /// `claim(fp, lease_ms, keep_ms, nonce)` → the fence (an integer) when
 /// acquired, else the record itself (state `i`: in flight, `d`: done).
+/// `keep_ms` is the lease plus the fence memory.
+///
+/// A live claim made with this very nonce is this claim, sent again (a
+/// cluster connection's retry after the first copy was applied): it answers
+/// that grant's fence, so the caller owns it instead of waiting for itself.
+/// A free record with this nonce is a tombstone: the claim was given up and
+/// released before this copy arrived, so it refuses with `IDEM_RELEASED`
+/// and writes nothing (nobody waits for its answer).
 ///
 /// A grant's fence is the larger of the previous fence plus one and the
 /// server's clock in microseconds, so it never goes backwards while the
@@ -132,7 +156,12 @@ if st == 'd' then return r end
 if st then
   local dl, prev = tonumber(string.sub(r, 60)), tonumber(string.sub(r, 4, 19))
   if not dl or not prev then return redis.error_reply('IDEM_CORRUPT unreadable record') end
-  if st == 'i' and dl > now then return r end
+  local mine = string.sub(r, 20, 27) == ARGV[4]
+  if st == 'i' and dl > now then
+    if mine then return prev end
+    return r
+  end
+  if st == 'f' and mine then return redis.error_reply('IDEM_RELEASED this claim was released before it arrived') end
   fence = math.max(prev + 1, fence)
 end
 local f
@@ -179,8 +208,10 @@ return 0
 "#
 );
 
-/// `extend(token, lease_ms)` → 1 held, 0 lost. Never resurrects an
-/// expired lease, and never shortens the key's life.
+/// `extend(token, lease_ms, keep_ms)` → 1 held, 0 lost. Never resurrects
+/// an expired lease, and never shortens the key's life: it lives at least
+/// `keep_ms` (the lease plus the fence memory) from now, so the record
+/// outlives the new lease by the fence memory, as the claim made it.
 pub(super) const EXTEND: &str = concat!(
     prologue!("  return 0"),
     r#"
@@ -189,9 +220,10 @@ if st ~= 'i' or string.sub(r, 4, 27) ~= ARGV[1] then return 0 end
     lease!(),
     r#"
 if dl <= now then return 0 end
-local lease = tonumber(ARGV[2])
+local lease, keep = tonumber(ARGV[2]), tonumber(ARGV[3])
+if not lease or not keep then return redis.error_reply('IDEM_ARGS unreadable lease') end
 local ttl = redis.call('PTTL', KEYS[1])
-redis.call('SET', KEYS[1], string.sub(r, 1, 59) .. (now + lease), 'PX', math.max(ttl, lease))
+redis.call('SET', KEYS[1], string.sub(r, 1, 59) .. (now + lease), 'PX', math.max(ttl, lease, keep))
 return 1
 "#
 );
@@ -248,16 +280,42 @@ return 0
 "#
 );
 
-/// `abandon(nonce, channel)` → 1 when the claim made with this nonce (8
-/// bytes) was still in flight and is now released, else 0. Used after a
-/// claim whose reply was lost: the claim may have been applied with a fence
-/// we never learned, but we know the nonce we sent.
+/// `abandon(nonce, channel, keep_ms)` → 1 when the claim made with this
+/// nonce (8 bytes) was still in flight and is now released, else 0. Used
+/// after a claim whose reply was lost: the claim may have been applied with
+/// a fence we never learned, but we know the nonce we sent.
+///
+/// The claim may also not have arrived yet (still queued on an old
+/// connection while this runs on a new one), so the release leaves the
+/// nonce behind as a tombstone that `CLAIM` refuses: the released claim
+/// keeps it (state `f`), a free record takes it in place of its own, and
+/// where the key holds nothing a free record is written with it, for
+/// `keep_ms` (the lease left plus the fence memory; the key's life is
+/// never shortened). A record of another owner (in flight or done) is left
+/// as it is: a late copy of the claim finds it and writes nothing.
 pub(super) const ABANDON: &str = concat!(
+    r#"
+if #ARGV[1] ~= 8 or not tonumber(ARGV[3]) then return redis.error_reply('IDEM_ARGS nonce or keep of the wrong form') end
+"#,
     prologue!("  return 0"),
     r#"
-if st ~= 'i' or string.sub(r, 20, 27) ~= ARGV[1] then return 0 end
-redis.call('SETRANGE', KEYS[1], 1, 'f')
-if string.byte(r, 3) == 49 then redis.call('PUBLISH', ARGV[2], KEYS[1]) end
-return 1
+if st == 'i' and string.sub(r, 20, 27) == ARGV[1] then
+  redis.call('SETRANGE', KEYS[1], 1, 'f')
+  if string.byte(r, 3) == 49 then redis.call('PUBLISH', ARGV[2], KEYS[1]) end
+  return 1
+end
+if st == 'i' or st == 'd' then return 0 end
+local keep = tonumber(ARGV[3])
+if st == 'f' then
+  if string.sub(r, 20, 27) ~= ARGV[1] then redis.call('SETRANGE', KEYS[1], 19, ARGV[1]) end
+  if redis.call('PTTL', KEYS[1]) < keep then redis.call('PEXPIRE', KEYS[1], keep) end
+  return 0
+end
+"#,
+    clock!(),
+    r#"local f = t[1] .. string.sub('00000' .. t[2], -6)
+if #f ~= 16 then return redis.error_reply('IDEM_CLOCK fence out of range: ' .. f) end
+redis.call('SET', KEYS[1], '2f0' .. f .. ARGV[1] .. string.rep('\0', 32) .. now, 'PX', keep)
+return 0
 "#
 );
