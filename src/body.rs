@@ -94,8 +94,62 @@ impl EndJudge {
 
 impl Drop for EndJudge {
     fn drop(&mut self) {
-        self.end(End::Dropped);
+        // Dropped while a panic unwinds (the body panicked as the caller
+        // polled it): the stream broke off. Both are an unknown outcome;
+        // the distinction is for the verdict to see.
+        if std::thread::panicking() {
+            self.end(End::Broke);
+        } else {
+            self.end(End::Dropped);
+        }
     }
+}
+
+/// A response body panicked while the layer read it, after its head: the
+/// handler acted and its outcome is unknown, as when a body breaks off.
+///
+/// The panic is caught where the body is polled ([`next_frame`]) rather
+/// than left to unwind: unwinding through the execution would drop its
+/// lease guard, which releases the key, and a retry would run the handler
+/// again.
+#[derive(Debug, thiserror::Error)]
+#[error("the response body panicked after its head: {message}")]
+pub(crate) struct BodyPanicked {
+    message: String,
+}
+
+impl BodyPanicked {
+    fn new(payload: &(dyn std::any::Any + Send + 'static)) -> Self {
+        let message = if let Some(message) = payload.downcast_ref::<&'static str>() {
+            (*message).to_owned()
+        } else if let Some(message) = payload.downcast_ref::<String>() {
+            message.clone()
+        } else {
+            "(a panic payload that is not a string)".to_owned()
+        };
+        Self { message }
+    }
+}
+
+/// The next frame of `body`, as [`http_body_util::BodyExt::frame`] gives
+/// it, or the panic that polling it raised ([`BodyPanicked`]). After a
+/// panic the body must not be polled again.
+pub(crate) async fn next_frame<B: Body>(
+    mut body: Pin<&mut B>,
+) -> Result<Option<Result<Frame<B::Data>, B::Error>>, BodyPanicked> {
+    std::future::poll_fn(|cx| {
+        // The body is never polled again after a panic (the caller drops
+        // it), so nothing observes the state the panic left it in.
+        let polled = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            body.as_mut().poll_frame(cx)
+        }));
+        match polled {
+            Ok(Poll::Ready(frame)) => Poll::Ready(Ok(frame)),
+            Ok(Poll::Pending) => Poll::Pending,
+            Err(payload) => Poll::Ready(Err(BodyPanicked::new(&*payload))),
+        }
+    })
+    .await
 }
 
 fn non_empty(data: Bytes) -> Option<Bytes> {
@@ -405,6 +459,31 @@ mod tests {
             ResponseBody::full(Bytes::new(), Some(t.clone()));
         assert!(!trailers_only.is_end_stream());
         assert_eq!(trailers_only.collect().await.unwrap().trailers(), Some(&t));
+    }
+
+    #[tokio::test]
+    async fn a_panic_while_a_body_is_polled_is_caught_as_an_error() {
+        struct Panics;
+        impl Body for Panics {
+            type Data = Bytes;
+            type Error = std::io::Error;
+            fn poll_frame(
+                self: Pin<&mut Self>,
+                _cx: &mut Context<'_>,
+            ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+                panic!("boom");
+            }
+        }
+        let mut panics = std::pin::pin!(Panics);
+        let caught = next_frame(panics.as_mut()).await;
+        assert!(
+            matches!(&caught, Err(e) if e.to_string().contains("boom")),
+            "{caught:?}"
+        );
+        let mut full = std::pin::pin!(Full::new(Bytes::from_static(b"x")));
+        let first = next_frame(full.as_mut()).await;
+        assert!(matches!(first, Ok(Some(Ok(ref frame))) if frame.is_data()));
+        assert!(matches!(next_frame(full.as_mut()).await, Ok(None)));
     }
 
     #[tokio::test]

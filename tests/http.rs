@@ -805,6 +805,77 @@ async fn a_response_body_that_breaks_off_completes_the_key_as_outcome_unknown() 
     );
 }
 
+/// A response body that yields "partial", then panics when polled again.
+struct PanicsAfterFirstChunk {
+    sent: bool,
+}
+
+impl http_body::Body for PanicsAfterFirstChunk {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        _cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, Self::Error>>> {
+        if self.sent {
+            panic!("the response body panicked on purpose");
+        }
+        self.sent = true;
+        std::task::Poll::Ready(Some(Ok(http_body::Frame::data(Bytes::from_static(
+            b"partial",
+        )))))
+    }
+}
+
+/// Issue 14: a response body that panics after its head is an unknown
+/// outcome, like one that breaks off: the key completes as "outcome
+/// unknown" and the handler never runs again. The caller gets what there
+/// was and the panic as the body's error. Before, the panic unwound through
+/// the execution's lease guard, which released the key: the caller's task
+/// died and a retry ran the handler a second time.
+#[tokio::test]
+async fn a_response_body_that_panics_after_its_head_completes_the_key_as_outcome_unknown() {
+    let executions = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let inner = {
+        let executions = executions.clone();
+        tower::service_fn(move |_req: Request<tower_idempotency::RequestBody<Body>>| {
+            executions.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async move {
+                let body = Body::new(PanicsAfterFirstChunk { sent: false });
+                Ok::<_, std::convert::Infallible>(http::Response::new(body))
+            }
+        })
+    };
+    let svc = layer(TestStore::new()).layer(inner);
+    let first = tokio::spawn({
+        let svc = svc.clone();
+        async move {
+            let res = svc.oneshot(req(Some("k"), "{}")).await.unwrap();
+            res.into_body().collect().await.is_err()
+        }
+    })
+    .await;
+    assert!(
+        matches!(first, Ok(true)),
+        "the caller gets the body's error, not the panic: {first:?}"
+    );
+    for _ in 0..2 {
+        let retry = send(&svc, req(Some("k"), "{}")).await;
+        assert_eq!(retry.status, StatusCode::CONFLICT);
+        assert!(
+            retry.problem_type().ends_with("#variant.OutcomeUnknown"),
+            "{}",
+            retry.problem_type()
+        );
+    }
+    assert_eq!(
+        executions.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "the handler acted once; its outcome is unknown, so it never runs again"
+    );
+}
+
 #[tokio::test]
 async fn release_unknown_outcomes_lets_a_broken_response_run_again() {
     let executions = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));

@@ -6,10 +6,9 @@ use std::sync::Arc;
 use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Response};
 use http_body::Body;
-use http_body_util::BodyExt;
 
 use crate::BoxError;
-use crate::body::{End, EndJudge, Gathered, ResponseBody, merge_trailers};
+use crate::body::{End, EndJudge, Gathered, ResponseBody, merge_trailers, next_frame};
 use crate::config::Config;
 use crate::engine::Completion;
 use crate::grpc::{self, GrpcStatusCode};
@@ -87,7 +86,23 @@ where
     let limit = config.stored_response_limit;
     let mut buf = Gathered::default();
     let mut trailers: Option<HeaderMap> = None;
-    while let Some(frame) = body.frame().await {
+    loop {
+        let frame = match next_frame(body.as_mut()).await {
+            Ok(Some(frame)) => frame,
+            Ok(None) => break,
+            Err(panicked) => {
+                // The body panicked after its head: the handler acted, and
+                // what it did is unknown, as when a body breaks off. The
+                // panic stops here: unwinding through the execution would
+                // release the key and a retry would run the handler again.
+                // The caller gets what there was and the panic as the
+                // body's error.
+                tracing::error!(error = %panicked, "an idempotent response body panicked");
+                let completion = unknown_outcome(parts.status, config);
+                let failed = ResponseBody::failed(buf.into_bytes(), panicked.into());
+                return Ok((Response::from_parts(parts, failed), completion));
+            }
+        };
         let frame = match frame {
             Ok(frame) => frame,
             Err(e) => {
