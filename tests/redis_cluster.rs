@@ -12,7 +12,7 @@ use redis::cluster::ClusterClient;
 use redis::cluster_async::ClusterConnection;
 use tower::Layer;
 use tower_idempotency::key::StoreKey;
-use tower_idempotency::store::{RedisStore, conformance};
+use tower_idempotency::store::{Claim, RedisStore, Store, conformance};
 use tower_idempotency::{IdempotencyKey, IdempotencyLayer, Scope};
 
 /// A store on `cluster` through a cluster connection of its own; waiters
@@ -122,4 +122,80 @@ async fn with_one_primary_dead_its_keys_get_503_and_the_others_keep_working() {
     let again = send(&svc, request(&live_key)).await;
     assert!(again.replayed());
     assert_eq!(ledger.count(), 1);
+}
+
+/// A cluster whose primaries announce a fault proxy in front of each
+/// (`cluster-announce-port`), so that every connection a cluster client
+/// opens, to the seeds and to the nodes they redirect to, goes through a
+/// proxy. Returns the cluster and the proxies, in the primaries' order.
+async fn cluster_behind_proxies(
+    test: &str,
+) -> Option<(RedisCluster, Vec<common::fault_proxy::FaultProxy>)> {
+    let cluster = RedisCluster::start_unformed_or_skip(test)?;
+    let mut proxies = Vec::new();
+    for primary in &cluster.primaries {
+        let proxy = common::fault_proxy::FaultProxy::start(primary.addr())
+            .await
+            .expect("start a proxy");
+        let mut conn = primary.conn().await;
+        // The bus stays direct: only clients go through the proxy.
+        for (name, port) in [
+            ("cluster-announce-port", proxy.addr().port()),
+            ("cluster-announce-bus-port", primary.port + 10_000),
+        ] {
+            let _: () = redis::cmd("CONFIG")
+                .arg("SET")
+                .arg(name)
+                .arg(port)
+                .query_async(&mut conn)
+                .await
+                .expect("CONFIG SET");
+        }
+        proxies.push(proxy);
+    }
+    cluster.form();
+    Some((cluster, proxies))
+}
+
+/// Issue 22, item 13: a cluster connection re-sends a command after an I/O
+/// error, even when the first copy was applied. Here the answer to a claim
+/// is lost on the way back (the proxy in front of its primary swallows it
+/// and drops the connection), so the claim reaches Redis twice: the second
+/// copy must find the caller's own claim by its nonce and answer it
+/// `Acquired`. Before, it answered "in flight" with the caller's own claim:
+/// the request waited on itself and the key was blocked for a lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_resent_after_its_answer_was_lost_is_acquired_by_its_caller() {
+    let Some((cluster, proxies)) = cluster_behind_proxies("cluster re-sent claim").await else {
+        return;
+    };
+    let seeds: Vec<String> = proxies.iter().map(|p| p.redis_url()).collect();
+    let store = RedisStore::builder(&seeds[0])
+        .expect("a URL")
+        .build_cluster(&seeds)
+        .await
+        .expect("cluster connection through the proxies");
+    let fp = tower_idempotency::fingerprint::Fingerprint::of_bytes(b"x");
+    // Every node has a connection, and the scripts are loaded.
+    for n in 0..32 {
+        let key = StoreKey::from_parts(b"", format!("warm-{n}").as_bytes());
+        store
+            .claim(key, fp, Duration::from_secs(30))
+            .await
+            .expect("a claim through the proxies");
+    }
+    let key = StoreKey::from_parts(b"", b"resent");
+    let primary = cluster.primary_of(&store.key_name(key));
+    let before = cluster.primaries[primary].calls("evalsha").await;
+    proxies[primary].swallow_answers(1);
+    let claim = store.claim(key, fp, Duration::from_secs(30)).await;
+    assert_eq!(
+        cluster.primaries[primary].calls("evalsha").await,
+        before + 2,
+        "the claim reached its primary twice"
+    );
+    assert!(
+        matches!(claim, Ok(Claim::Acquired(_))),
+        "the caller did not own its own claim: {claim:?}"
+    );
 }

@@ -18,6 +18,15 @@ impl RedisCluster {
     /// `redis-server` or `redis-cli` is missing; with
     /// `TOWER_IDEMPOTENCY_REQUIRE_REDIS=1` a missing one is a failure.
     pub fn start_or_skip(test: &str) -> Option<Self> {
+        let cluster = Self::start_unformed_or_skip(test)?;
+        cluster.form();
+        Some(cluster)
+    }
+
+    /// Starts the three primaries without forming the cluster, so that they
+    /// can be configured first (for example, to announce the address of a
+    /// proxy in front of each); [`form`](Self::form) then forms it.
+    pub fn start_unformed_or_skip(test: &str) -> Option<Self> {
         let cli = Command::new("redis-cli")
             .arg("--version")
             .stdout(Stdio::null())
@@ -42,10 +51,13 @@ impl RedisCluster {
                 ],
             )?);
         }
-        let cluster = Self { primaries };
-        cluster.create();
-        cluster.wait_until_ok();
-        Some(cluster)
+        Some(Self { primaries })
+    }
+
+    /// Forms the cluster of the primaries and waits until it serves.
+    pub fn form(&self) {
+        self.create();
+        self.wait_until_ok();
     }
 
     fn addresses(&self) -> Vec<String> {
