@@ -842,7 +842,7 @@ async fn a_claim_renewed_past_its_fence_memory_is_never_cleaned_up_or_taken_over
     let Some(db) = TestDatabase::create_or_skip("renewed claim and cleanup") else {
         return;
     };
-    let lease = Duration::from_millis(300);
+    let lease = Duration::from_millis(600);
     let store = PostgresStore::builder(&db.url)
         .unwrap()
         .cleanup_every(None)
@@ -855,8 +855,8 @@ async fn a_claim_renewed_past_its_fence_memory_is_never_cleaned_up_or_taken_over
         panic!("acquired");
     };
     let started = std::time::Instant::now();
-    while started.elapsed() < lease * 5 {
-        tokio::time::sleep(lease / 3).await;
+    while started.elapsed() < lease * 4 {
+        tokio::time::sleep(lease / 4).await;
         assert_eq!(
             store.extend(key, token, lease).await.unwrap(),
             LeaseStatus::Held

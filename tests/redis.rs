@@ -1016,7 +1016,7 @@ async fn a_renewed_claim_outlives_its_lease_by_the_fence_memory() {
         return;
     };
     let keep = Duration::from_secs(1);
-    let lease = Duration::from_millis(300);
+    let lease = Duration::from_millis(600);
     let store = RedisStore::builder(&server.url())
         .unwrap()
         .fence_memory(keep)
@@ -1031,7 +1031,7 @@ async fn a_renewed_claim_outlives_its_lease_by_the_fence_memory() {
     // Renewed past the record's first life (a lease plus the fence memory).
     let started = std::time::Instant::now();
     while started.elapsed() < lease + keep + lease {
-        tokio::time::sleep(lease / 3).await;
+        tokio::time::sleep(lease / 4).await;
         assert_eq!(
             store.extend(key, token, lease).await.unwrap(),
             LeaseStatus::Held
