@@ -39,6 +39,7 @@
 //! | same key and request, in flight | waits for the first and returns its response (marked replayed); after the wait limit (default 10 s), 409 + `Retry-After` |
 //! | same key, different request | 409 problem+json (configurable, e.g. 422) |
 //! | inner service returns `Err` or panics | key released, error (or panic) propagated; a retry executes again |
+//! | response body breaks off, or panics, after its head | the caller gets what there was and an error; the key completes as "outcome unknown" and retries get 409 |
 //! | response 5xx, 408 or 429 | not stored, key released: a retry executes again |
 //! | response larger than the stored-response limit, or `text/event-stream` | delivered once; the key completes as not replayable and retries get 409 |
 //! | store unreachable or failing | 503 problem+json + `Retry-After`, not executed |
