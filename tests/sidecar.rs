@@ -923,3 +923,45 @@ async fn x_forwarded_host_is_the_requests_authority_never_the_clients_own() {
     assert!(kept.ends_with("xfh=shop.example"), "{kept}");
     car.shutdown().await;
 }
+
+/// A client that sends a guarded request's head and never its body holds
+/// neither its connection's place nor the drain: the body must arrive
+/// within the client's wait (`upstream_timeout`), past which the request is
+/// refused (400, the body unreadable) and nothing goes upstream.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_request_whose_body_never_comes_gives_its_place_back() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (up_addr, up) = start_upstream().await;
+    let car = Sidecar::start(
+        IdempotencyLayer::new(MemoryStore::new()),
+        config(up_addr)
+            .max_connections(1)
+            .upstream_timeout(Duration::from_millis(500)),
+    )
+    .await;
+    let mut conn = tokio::net::TcpStream::connect(car.addr).await.unwrap();
+    conn.write_all(
+        b"POST /charge HTTP/1.1\r\nhost: x\r\nidempotency-key: no-body\r\ncontent-length: 10\r\n\r\n",
+    )
+    .await
+    .unwrap();
+    let mut answer = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(5), async {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = conn.read(&mut buf).await {
+            if n == 0 {
+                break;
+            }
+            answer.extend_from_slice(&buf[..n]);
+        }
+    })
+    .await;
+    assert!(read.is_ok(), "the request without its body was never ended");
+    let answer = String::from_utf8_lossy(&answer);
+    assert!(answer.starts_with("HTTP/1.1 400"), "{answer}");
+    assert!(answer.contains("request body did not end"), "{answer}");
+    let answered = tokio::time::timeout(Duration::from_secs(5), health(car.addr)).await;
+    assert_eq!(answered.ok(), Some(StatusCode::OK), "the place came back");
+    assert_eq!(up.executions.load(Ordering::SeqCst), 0);
+    car.shutdown().await;
+}

@@ -8,28 +8,25 @@ use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 
 use bytes::Bytes;
 use http::{HeaderMap, HeaderName, HeaderValue, Request, Response, StatusCode, Uri, header};
-use http_body::{Body, Frame, SizeHint};
 use http_body_util::{Either, Full};
 use hyper::body::Incoming;
-use pin_project_lite::pin_project;
-use tokio::time::{Instant, Sleep};
+use tokio::time::Instant;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
 use tokio::sync::oneshot;
 use tower_service::Service;
 
-use crate::BoxError;
 use crate::IdempotencyInfo;
 use crate::body::RequestBody;
 use crate::policy::StorePolicy;
 use crate::problem::{Problem, ProblemKind};
 
 use super::SidecarConfig;
+use super::deadline::DeadlineBody;
 
 /// The peer address of a connection, put in each request's extensions.
 #[derive(Debug, Clone, Copy)]
@@ -70,65 +67,15 @@ impl UpstreamCall {
     }
 }
 
-pub(super) type ProxyBody = Either<UpstreamBody, Full<Bytes>>;
+pub(super) type ProxyBody = Either<DeadlineBody<Incoming>, Full<Bytes>>;
 
-pin_project! {
-    /// The upstream's response body, cut off with an error at the end of
-    /// the upstream exchange's hard timeout: a body that stalls must not
-    /// keep its key in flight (and its lease renewed) for as long as the
-    /// upstream keeps the socket open. The layer completes a body that
-    /// breaks off as "outcome unknown".
-    pub(super) struct UpstreamBody {
-        #[pin]
-        inner: Incoming,
-        #[pin]
-        deadline: Sleep,
-        hard_timeout: Duration,
-    }
-}
-
-/// The upstream's body did not end within the hard timeout.
-#[derive(Debug, thiserror::Error)]
-#[error("the upstream's response did not end within {0:?}, so it may or may not have acted")]
-pub(super) struct BodyTimedOut(Duration);
-
-impl Body for UpstreamBody {
-    type Data = Bytes;
-    type Error = BoxError;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<Bytes>, BoxError>>> {
-        let this = self.project();
-        // The deadline first: a body that always has more ready is bounded
-        // too.
-        let timed_out = || Poll::Ready(Some(Err(BodyTimedOut(*this.hard_timeout).into())));
-        if this.deadline.is_elapsed() {
-            return timed_out();
-        }
-        if let Poll::Ready(frame) = this.inner.poll_frame(cx) {
-            return Poll::Ready(frame.map(|f| f.map_err(BoxError::from)));
-        }
-        match this.deadline.poll(cx) {
-            Poll::Ready(()) => timed_out(),
-            Poll::Pending => Poll::Pending,
-        }
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
+/// A request body as the proxy receives it: bounded by the client's wait.
+pub(super) type ClientBody = DeadlineBody<Incoming>;
 
 /// Forwards requests to the upstream.
 #[derive(Clone)]
 pub(super) struct Proxy {
-    client: Client<HttpConnector, RequestBody<Incoming>>,
+    client: Client<HttpConnector, RequestBody<ClientBody>>,
     config: SidecarConfig,
 }
 
@@ -160,7 +107,7 @@ fn outcome_unknown(status: StatusCode, detail: String) -> Response<ProxyBody> {
     res
 }
 
-impl Service<Request<RequestBody<Incoming>>> for Proxy {
+impl Service<Request<RequestBody<ClientBody>>> for Proxy {
     type Response = Response<ProxyBody>;
     type Error = Infallible;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Infallible>> + Send>>;
@@ -169,7 +116,7 @@ impl Service<Request<RequestBody<Incoming>>> for Proxy {
         Poll::Ready(Ok(()))
     }
 
-    fn call(&mut self, req: Request<RequestBody<Incoming>>) -> Self::Future {
+    fn call(&mut self, req: Request<RequestBody<ClientBody>>) -> Self::Future {
         let client = self.client.clone();
         let config = self.config.clone();
         // The exchange, body included, ends by the hard timeout.
@@ -188,11 +135,16 @@ impl Service<Request<RequestBody<Incoming>>> for Proxy {
                 Ok(Ok(res)) => {
                     let (mut parts, body) = res.into_parts();
                     strip_hop_by_hop(&mut parts.headers);
-                    let body = UpstreamBody {
-                        inner: body,
-                        deadline: tokio::time::sleep_until(deadline),
-                        hard_timeout: config.hard_timeout,
-                    };
+                    // A body that stalls must not keep its key in flight (its
+                    // lease renewed) for as long as the upstream keeps the
+                    // socket open: the layer completes a body that breaks
+                    // off as "outcome unknown".
+                    let body = DeadlineBody::new(
+                        body,
+                        deadline,
+                        "the upstream's response, which may or may not have acted,",
+                        config.hard_timeout,
+                    );
                     Ok(Response::from_parts(parts, Either::Left(body)))
                 }
                 // Nothing was sent: a 5xx, so the key is released.
@@ -233,20 +185,19 @@ pub(super) fn source_chain(e: &dyn std::error::Error) -> String {
 /// Rewrites a request for the upstream: its URI, hop-by-hop headers, and the
 /// forwarding headers.
 fn to_upstream(
-    req: Request<RequestBody<Incoming>>,
+    req: Request<RequestBody<ClientBody>>,
     config: &SidecarConfig,
-) -> Result<Request<RequestBody<Incoming>>, String> {
+) -> Result<Request<RequestBody<ClientBody>>, String> {
     let (mut parts, body) = req.into_parts();
     // The authority the client asked for, read before the hop-by-hop
     // headers go (`Connection: host` would take `Host` with them): the
-    // `Host` header (HTTP/1), else the request target's authority (HTTP/2's
-    // `:authority`, or an HTTP/1 absolute-form target).
-    let authority = parts.headers.get(header::HOST).cloned().or_else(|| {
-        parts
-            .uri
-            .authority()
-            .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
-    });
+    // request target's (HTTP/2's `:authority`, or an HTTP/1 absolute-form
+    // target, which override `Host`), else the `Host` header.
+    let authority = parts
+        .uri
+        .authority()
+        .and_then(|a| HeaderValue::from_str(a.as_str()).ok())
+        .or_else(|| parts.headers.get(header::HOST).cloned());
     let path_and_query = parts
         .uri
         .path_and_query()

@@ -68,8 +68,10 @@ use crate::key::Scope;
 use crate::problem::{Problem, ProblemKind};
 use crate::store::Store;
 
+mod deadline;
 mod forward;
 
+use deadline::DeadlineBody;
 use forward::{ClientAddr, Proxy, UpstreamCall, source_chain};
 
 /// Default path of the sidecar's own health check.
@@ -168,7 +170,7 @@ impl SidecarConfig {
     /// connection is closed. A connection asked to close (idle, or on
     /// shutdown) that has nothing in flight is also cut off this long after.
     pub fn header_read_timeout(mut self, timeout: Duration) -> Self {
-        self.header_read_timeout = timeout.max(Duration::from_millis(1));
+        self.header_read_timeout = bounded(timeout);
         self
     }
 
@@ -177,7 +179,7 @@ impl SidecarConfig {
     /// keep-alive and HTTP/2 alike; past it the connection is closed
     /// gracefully.
     pub fn idle_timeout(mut self, timeout: Duration) -> Self {
-        self.idle_timeout = timeout.max(Duration::from_millis(1));
+        self.idle_timeout = bounded(timeout);
         self
     }
 
@@ -185,7 +187,7 @@ impl SidecarConfig {
     /// least 1 ms); a client that does not answer within the same interval
     /// is disconnected, so a vanished peer frees its place.
     pub fn keep_alive_interval(mut self, interval: Duration) -> Self {
-        self.keep_alive_interval = interval.max(Duration::from_millis(1));
+        self.keep_alive_interval = bounded(interval);
         self
     }
 
@@ -233,6 +235,12 @@ impl SidecarConfig {
         self.health_path = path.into();
         self
     }
+}
+
+/// A connection timer's setting, from 1 ms to about a century: hyper adds
+/// these to `Instant`s, which panics past their range.
+fn bounded(timeout: Duration) -> Duration {
+    timeout.clamp(Duration::from_millis(1), crate::time::FAR_FUTURE)
 }
 
 /// A scope function for [`IdempotencyLayer::scope`] that takes the scope from
@@ -325,9 +333,16 @@ pub async fn serve<St: Store>(
         let health_path = health_path.clone();
         let (load_tx, load) = watch::channel(Load::default());
         let load_tx = Arc::new(load_tx);
-        let per_request = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+        let per_request = hyper::service::service_fn(move |req: Request<Incoming>| {
             // Counted from here until its response body is dropped.
             let handling = Handling::begin(load_tx.clone());
+            // The body must arrive within the client's wait, which the
+            // request's own wait for the upstream starts only after: a
+            // client that never sends its body must not hold its place.
+            let body_deadline = crate::time::deadline(Instant::now(), client_wait);
+            let mut req = req.map(|body| {
+                DeadlineBody::new(body, body_deadline, "the request body", client_wait)
+            });
             let mut service = service.clone();
             let is_health = req.method() == http::Method::GET && req.uri().path() == health_path;
             req.extensions_mut().insert(ClientAddr(peer));
@@ -500,7 +515,9 @@ where
         let wake = if now.in_flight > 0 {
             None
         } else if let Some(since) = closing_since {
-            Some(crate::time::deadline(since, limits.grace))
+            // From the later of the close and the last request's end: a
+            // response that just ended gets the whole grace to be flushed.
+            Some(crate::time::deadline(since.max(idle_since), limits.grace))
         } else if !now.arrived {
             Some(crate::time::deadline(accepted, limits.first_request))
         } else {
@@ -518,6 +535,12 @@ where
                 Err(_) => load_open = false,
             },
             () = tokio::time::sleep_until(wake.unwrap_or(far)), if wake.is_some() => {
+                // A request may have begun since `now` was read: look again
+                // before acting on a load that is no longer so.
+                let current = *load.borrow();
+                if current.in_flight > 0 || current.arrived != now.arrived {
+                    continue;
+                }
                 if closing_since.is_some() || !now.arrived {
                     // No request of its own to lose: cut it off.
                     return None;
