@@ -1215,7 +1215,8 @@ async fn script_runs(server: &RedisServer) -> u64 {
 }
 
 /// The same late claims over a real network, through the fault proxy:
-/// three claims are held in a connection that stopped answering (2 s of
+/// three claims (two of them for one key) are held in a connection that
+/// stopped answering (2 s of
 /// latency, past the 200 ms operation timeout); their timeouts make the
 /// store replace the connection, so the releases of the lost claims go out
 /// on the new one, ahead of the claims. When the claims arrive at last,
@@ -1229,19 +1230,33 @@ async fn claims_overtaken_by_their_releases_on_a_new_connection_do_not_take_the_
     let (store, proxy) = store_through_proxy(&server, Duration::from_millis(200)).await;
     let plain = store_for(&server).await;
     warm_up(&plain).await;
-    let keys: Vec<StoreKey> = (0..3)
+    // Two lost claims of one key (a client retrying through the outage),
+    // and one of another.
+    let keys: Vec<StoreKey> = [0, 0, 1]
+        .iter()
         .map(|i| StoreKey::from_parts(b"", format!("overtaken-{i}").as_bytes()))
         .collect();
     let fp = Fingerprint::of_bytes(b"x");
     let before = script_runs(&server).await;
     proxy.set_latency(Duration::from_secs(2));
-    let claims: Vec<_> = keys
+    // A first lost claim of a key of its own: the release of the first
+    // lost claim may go out on the stuck connection before the store has
+    // replaced it (and so arrive after its claim, which it releases); the
+    // others' go out on the new connection.
+    let first = {
+        let store = store.clone();
+        let key = StoreKey::from_parts(b"", b"overtaken-first");
+        tokio::spawn(async move { store.claim(key, fp, Duration::from_secs(30)).await })
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let mut claims: Vec<_> = keys
         .iter()
         .map(|&key| {
             let store = store.clone();
             tokio::spawn(async move { store.claim(key, fp, Duration::from_secs(30)).await })
         })
         .collect();
+    claims.push(first);
     for claim in claims {
         let e = claim.await.unwrap().unwrap_err();
         assert_eq!(e.kind(), StoreErrorKind::Timeout, "{e}");
@@ -1257,15 +1272,15 @@ async fn claims_overtaken_by_their_releases_on_a_new_connection_do_not_take_the_
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    // Six scripts at least: three releases, then the three late claims.
-    while script_runs(&server).await < before + 6 {
+    // Eight scripts at least: four releases, then the four late claims.
+    while script_runs(&server).await < before + 8 {
         assert!(
             started.elapsed() < Duration::from_secs(10),
             "the late claims never reached the server"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
-    for key in keys {
+    for key in [keys[0], keys[2]] {
         let claim = plain.claim(key, fp, Duration::from_secs(30)).await.unwrap();
         assert!(
             matches!(claim, Claim::Acquired(_)),

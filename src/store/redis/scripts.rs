@@ -39,9 +39,16 @@
 //! live claim with its own nonce answers the grant it already made (it is
 //! its own re-sent copy), and a claim that finds a free record (`f`) with
 //! its own nonce refuses (`IDEM_RELEASED`): that claim was given up and
-//! released before it arrived. `ABANDON` leaves such a tombstone whatever it
-//! finds: it releases the claim made with the nonce, or marks a free record
-//! with it, or writes a free record with it where there is none.
+//! released before it arrived. `ABANDON` leaves such a tombstone on a key
+//! that is not another owner's: it releases the claim made with the nonce,
+//! or adds the nonce to a free record, or writes a free record with it
+//! where there is none. A free record keeps the last sixteen released
+//! nonces: its header's, and fifteen more after its lease deadline (`;` and
+//! 8 bytes each), so several lost claims of one key (a client retrying
+//! through an outage) are each refused when they arrive late. A tombstone
+//! lasts until the key is claimed again or expires; a late claim that
+//! arrives after another owner's claim replaced it may hold the key for a
+//! lease (with nobody to own it: nothing runs twice, the key waits).
 //!
 //! Every script validates what it reads before its first write,
 //! and fails with `IDEM_CORRUPT` on a record it does not understand: Lua
@@ -126,6 +133,25 @@ if not dl then return redis.error_reply('IDEM_CORRUPT unreadable lease') end
     };
 }
 
+/// The nonces of earlier lost claims that a free record (`f`) keeps after
+/// its lease deadline (`digits`, the deadline as it is written), as
+/// `released`: `;` and 8 bytes each, at most fifteen. Fails as a corrupt
+/// record on anything else there.
+macro_rules! released {
+    () => {
+        r#"
+  local released = ''
+  local from = 60 + #digits
+  if #r >= from then
+    if string.sub(r, from, from) ~= ';' or (#r - from) % 8 ~= 0 then
+      return redis.error_reply('IDEM_CORRUPT unreadable released nonces')
+    end
+    released = string.sub(r, from + 1)
+  end
+"#
+    };
+}
+
 /// `claim(fp, lease_ms, keep_ms, nonce)` → the fence (an integer) when
 /// acquired, else the record itself (state `i`: in flight, `d`: done).
 /// `keep_ms` is the lease plus the fence memory.
@@ -154,12 +180,21 @@ if st == 'd' then return r end
     clock!(),
     r#"local fence = t[1] * 1000000 + t[2]
 if st then
-  local dl, prev = tonumber(string.sub(r, 60)), tonumber(string.sub(r, 4, 19))
+  local digits = string.match(r, '^%d+', 60)
+  local dl, prev = tonumber(digits), tonumber(string.sub(r, 4, 19))
   if not dl or not prev then return redis.error_reply('IDEM_CORRUPT unreadable record') end
   local mine = string.sub(r, 20, 27) == ARGV[4]
   if st == 'i' and dl > now then
     if mine then return prev end
     return r
+  end
+  if st == 'f' and not mine then
+"#,
+    released!(),
+    r#"
+    for i = 1, #released, 8 do
+      if string.sub(released, i, i + 7) == ARGV[4] then mine = true end
+    end
   end
   if st == 'f' and mine then return redis.error_reply('IDEM_RELEASED this claim was released before it arrived') end
   fence = math.max(prev + 1, fence)
@@ -288,11 +323,12 @@ return 0
 /// The claim may also not have arrived yet (still queued on an old
 /// connection while this runs on a new one), so the release leaves the
 /// nonce behind as a tombstone that `CLAIM` refuses: the released claim
-/// keeps it (state `f`), a free record takes it in place of its own, and
+/// keeps it (state `f`), a free record adds it to the nonces it keeps, and
 /// where the key holds nothing a free record is written with it, for
 /// `keep_ms` (the lease left plus the fence memory; the key's life is
 /// never shortened). A record of another owner (in flight or done) is left
-/// as it is: a late copy of the claim finds it and writes nothing.
+/// as it is: a late copy of the claim finds it and writes nothing, unless
+/// that owner's record is gone by the time it arrives.
 pub(super) const ABANDON: &str = concat!(
     r#"
 if #ARGV[1] ~= 8 or not tonumber(ARGV[3]) then return redis.error_reply('IDEM_ARGS nonce or keep of the wrong form') end
@@ -307,7 +343,22 @@ end
 if st == 'i' or st == 'd' then return 0 end
 local keep = tonumber(ARGV[3])
 if st == 'f' then
-  if string.sub(r, 20, 27) ~= ARGV[1] then redis.call('SETRANGE', KEYS[1], 19, ARGV[1]) end
+  local digits = string.match(r, '^%d+', 60)
+  if not digits then return redis.error_reply('IDEM_CORRUPT unreadable record') end
+"#,
+    released!(),
+    r#"
+  local known = string.sub(r, 20, 27) == ARGV[1]
+  for i = 1, #released, 8 do
+    if string.sub(released, i, i + 7) == ARGV[1] then known = true end
+  end
+  if not known then
+    -- The header's nonce joins the list, ours takes its place; the newest
+    -- fifteen are kept.
+    released = released .. string.sub(r, 20, 27)
+    if #released > 120 then released = string.sub(released, -120) end
+    redis.call('SET', KEYS[1], string.sub(r, 1, 19) .. ARGV[1] .. string.sub(r, 28, 59) .. digits .. ';' .. released, 'KEEPTTL')
+  end
   if redis.call('PTTL', KEYS[1]) < keep then redis.call('PEXPIRE', KEYS[1], keep) end
   return 0
 end
