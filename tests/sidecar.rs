@@ -725,7 +725,12 @@ async fn a_stalled_response_body_completes_as_outcome_unknown_at_the_hard_timeou
     )
     .await;
     let first = post_to(car.addr, "stall", "{}", 0).await;
-    assert_eq!(first.status, StatusCode::GATEWAY_TIMEOUT, "{}", first.text());
+    assert_eq!(
+        first.status,
+        StatusCode::GATEWAY_TIMEOUT,
+        "{}",
+        first.text()
+    );
     // Sent at once, it waits on the stalled execution until the hard
     // timeout ends it.
     let retry = tokio::time::timeout(Duration::from_secs(5), post_to(car.addr, "stall", "{}", 0))
@@ -765,7 +770,10 @@ async fn shutdown_drains_while_an_upstream_body_stalls() {
     until_count(&received, 1).await;
     // `shutdown` fails the test if the drain takes over 10 s.
     car.shutdown().await;
-    assert!(!client_call.await.unwrap(), "the stalled body did not end well");
+    assert!(
+        !client_call.await.unwrap(),
+        "the stalled body did not end well"
+    );
 }
 
 async fn health(addr: SocketAddr) -> StatusCode {
@@ -800,7 +808,8 @@ async fn connections_without_a_first_request_give_their_places_back() {
     // Both are closed by the sidecar.
     for conn in [&mut silent, &mut preface] {
         let mut rest = Vec::new();
-        let closed = tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut rest)).await;
+        let closed =
+            tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut rest)).await;
         assert!(closed.is_ok(), "a connection without a request stayed open");
     }
     let answered = tokio::time::timeout(Duration::from_secs(5), health(car.addr)).await;
@@ -822,9 +831,13 @@ async fn idle_connections_are_closed_over_http1_and_http2() {
     )
     .await;
     let health_request = || {
-        Request::get(format!("http://{}{}", car.addr, sidecar::DEFAULT_HEALTH_PATH))
-            .body(http_body_util::Empty::<Bytes>::new())
-            .unwrap()
+        Request::get(format!(
+            "http://{}{}",
+            car.addr,
+            sidecar::DEFAULT_HEALTH_PATH
+        ))
+        .body(http_body_util::Empty::<Bytes>::new())
+        .unwrap()
     };
     // HTTP/1.1, kept alive after one request.
     let stream = tokio::net::TcpStream::connect(car.addr).await.unwrap();

@@ -36,7 +36,7 @@ struct Args {
     /// How long a client waits for the upstream, from when its request goes
     /// upstream, before it gets 504; the call goes on and its response is
     /// kept for the client's retry (which waits for it up to --wait, like any
-    /// duplicate). Durations:
+    /// duplicate). A request's body must arrive within it too. Durations:
     /// 250ms, 30s, 5m, 1h30m, 2d (or a bare number of seconds).
     #[arg(long, env = "IDEMPOTENCY_UPSTREAM_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
     upstream_timeout: Duration,

@@ -107,7 +107,10 @@ mod tests {
         let started = Instant::now();
         let body = DeadlineBody::new(stalls, started + limit, "the test body", limit);
         let error = body.collect().await.err().map(|e| e.to_string());
-        assert_eq!(error.as_deref(), Some("the test body did not end within 3s"));
+        assert_eq!(
+            error.as_deref(),
+            Some("the test body did not end within 3s")
+        );
         assert_eq!(started.elapsed(), limit);
     }
 

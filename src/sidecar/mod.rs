@@ -12,13 +12,14 @@
 //! `Forwarded`, `X-Forwarded-For`, `-Host` and `-Proto`, where a client's
 //! own `Forwarded`, `X-Forwarded-For` and `X-Forwarded-Host` are replaced
 //! unless [`SidecarConfig::trust_forwarded_headers`]; `X-Forwarded-Host`
-//! is the authority the client asked for, from `Host` or HTTP/2's
-//! `:authority`), body and trailers, over pooled keep-alive connections
+//! is the authority the client asked for, from HTTP/2's `:authority` or
+//! an absolute-form target, else `Host`), body and trailers, over pooled keep-alive connections
 //! (HTTP/1.1, or h2c with [`SidecarConfig::upstream_h2c`]). Client
 //! connections are bounded in number
 //! ([`SidecarConfig::max_connections`]), in how long a new one may go
 //! without its first request and a request's head may take to arrive
-//! ([`SidecarConfig::header_read_timeout`]), in how long one may stay idle
+//! ([`SidecarConfig::header_read_timeout`]), in how long a request's body
+//! may take ([`SidecarConfig::upstream_timeout`]), in how long one may stay idle
 //! ([`SidecarConfig::idle_timeout`]), and HTTP/2 ones are pinged
 //! ([`SidecarConfig::keep_alive_interval`]).
 //!
@@ -157,7 +158,8 @@ impl SidecarConfig {
     /// an upstream that reads the first value would trust a spoofed address
     /// or host). Turn it on only behind a proxy you trust to set them.
     /// Otherwise `X-Forwarded-Host` is the authority the client asked for
-    /// (`Host`, or HTTP/2's `:authority`), and absent without one;
+    /// (HTTP/2's `:authority` or an absolute-form target, else `Host`), and
+    /// absent without one;
     /// `X-Forwarded-Proto` is always set by the sidecar.
     pub fn trust_forwarded_headers(mut self, trust: bool) -> Self {
         self.trust_forwarded = trust;
@@ -168,7 +170,8 @@ impl SidecarConfig {
     /// HTTP/1, and how long a new connection (HTTP/1 or HTTP/2) may go
     /// without its first request (default 10 s, at least 1 ms); past it the
     /// connection is closed. A connection asked to close (idle, or on
-    /// shutdown) that has nothing in flight is also cut off this long after.
+    /// shutdown) is cut off once it has had nothing in flight for this long
+    /// (its last response had that long to be flushed).
     pub fn header_read_timeout(mut self, timeout: Duration) -> Self {
         self.header_read_timeout = bounded(timeout);
         self
@@ -212,7 +215,9 @@ impl SidecarConfig {
     /// client's retry to wait for or replay. Unguarded requests are cut
     /// off. A duplicate that waits for another request's execution never
     /// goes upstream: it waits as the layer says
-    /// ([`IdempotencyLayer::wait_for_in_flight`]).
+    /// ([`IdempotencyLayer::wait_for_in_flight`]). A request's body must
+    /// also arrive within this long of the request's head, or the request
+    /// is refused (400) and nothing goes upstream.
     pub fn upstream_timeout(mut self, timeout: Duration) -> Self {
         self.timeout = timeout;
         self
@@ -427,6 +432,9 @@ struct Load {
     in_flight: usize,
     /// Whether any request has arrived.
     arrived: bool,
+    /// How many requests have ended: a change means the connection was
+    /// busy since it was last looked at.
+    ended: u64,
 }
 
 /// One request being handled, counted in its connection's [`Load`] until
@@ -445,8 +453,10 @@ impl Handling {
 
 impl Drop for Handling {
     fn drop(&mut self) {
-        self.0
-            .send_modify(|load| load.in_flight = load.in_flight.saturating_sub(1));
+        self.0.send_modify(|load| {
+            load.in_flight = load.in_flight.saturating_sub(1);
+            load.ended = load.ended.wrapping_add(1);
+        });
     }
 }
 
@@ -510,8 +520,14 @@ where
     let mut closing_since: Option<Instant> = None;
     let mut load_open = true;
     let mut stop_open = true;
+    let mut ended = 0;
     loop {
         let now = *load.borrow_and_update();
+        if now.ended != ended {
+            // Requests ended since the last look: idle from now on.
+            ended = now.ended;
+            idle_since = Instant::now();
+        }
         let wake = if now.in_flight > 0 {
             None
         } else if let Some(since) = closing_since {
@@ -525,20 +541,17 @@ where
         };
         let far = crate::time::deadline(Instant::now(), crate::time::FAR_FUTURE);
         tokio::select! {
-            ended = connection.as_mut() => return ended.err(),
-            changed = load.changed(), if load_open => match changed {
-                Ok(()) => {
-                    if load.borrow().in_flight == 0 {
-                        idle_since = Instant::now();
-                    }
+            result = connection.as_mut() => return result.err(),
+            changed = load.changed(), if load_open => {
+                // Looked at from the top of the loop.
+                if changed.is_err() {
+                    load_open = false;
                 }
-                Err(_) => load_open = false,
-            },
+            }
             () = tokio::time::sleep_until(wake.unwrap_or(far)), if wake.is_some() => {
-                // A request may have begun since `now` was read: look again
-                // before acting on a load that is no longer so.
-                let current = *load.borrow();
-                if current.in_flight > 0 || current.arrived != now.arrived {
+                // A request may have begun (or ended) since `now` was
+                // read: take the change in first, then look again.
+                if load.has_changed().unwrap_or(false) {
                     continue;
                 }
                 if closing_since.is_some() || !now.arrived {
