@@ -866,9 +866,9 @@ async fn at_most_once_holds_under_random_faults_on_redis_cluster() {
     );
 }
 
-/// The campaign on PostgreSQL, each instance with a store (and a pool) of
-/// its own on one database of its own, with the store faults and the
-/// crashes.
+/// The campaign on PostgreSQL, each instance with a store of its own (on
+/// one shared pool) on one database of its own, with the store faults and
+/// the crashes.
 #[cfg(feature = "postgres")]
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn at_most_once_holds_under_random_faults_on_postgres() {
@@ -879,11 +879,30 @@ async fn at_most_once_holds_under_random_faults_on_postgres() {
     let url = db.url.clone();
     let first = PostgresStore::connect(&url).await.expect("a store");
     first.migrate().await.expect("migrate");
+    // One pool for every instance: a crashed instance's handlers freeze
+    // for good and keep its store, so pools of their own would keep their
+    // connections open until the server ran out of them (a process that
+    // really crashes closes its connections). Each instance still has its
+    // own `LISTEN` connection.
+    let config: tokio_postgres::Config = url.parse().expect("a URL");
+    let manager = deadpool_postgres::Manager::from_config(
+        config.clone(),
+        tokio_postgres::NoTls,
+        deadpool_postgres::ManagerConfig {
+            recycling_method: deadpool_postgres::RecyclingMethod::Fast,
+        },
+    );
+    let pool = deadpool_postgres::Pool::builder(manager)
+        .max_size(16)
+        .wait_timeout(Some(Duration::from_secs(1)))
+        .create_timeout(Some(Duration::from_secs(1)))
+        .runtime(deadpool_postgres::Runtime::Tokio1)
+        .build()
+        .expect("a pool");
     let connect: Connect<PostgresStore> = Arc::new(move |_| {
-        let url = url.clone();
+        let (pool, config) = (pool.clone(), config.clone());
         Box::pin(async move {
-            PostgresStore::builder(&url)
-                .expect("a URL")
+            PostgresStore::builder_for_pool(pool, Some(config))
                 .fallback_check(Duration::from_millis(200))
                 .build()
                 .expect("a store")

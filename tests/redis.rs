@@ -1191,14 +1191,7 @@ async fn a_claim_that_arrives_after_its_own_release_does_not_take_the_key() {
         .unwrap_err();
     assert_eq!(e.kind(), StoreErrorKind::Timeout, "{e}");
     // The release of the lost claim goes first, and finds nothing.
-    let started = std::time::Instant::now();
-    while store.lost_claims_pending() > 0 {
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "the release was not sent"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_lost_claims_released(&store, Duration::from_secs(5)).await;
     // Then the claim arrives.
     go.notify_one();
     delivered.notified().await;
@@ -1207,6 +1200,22 @@ async fn a_claim_that_arrives_after_its_own_release_does_not_take_the_key() {
         matches!(claim, Claim::Acquired(_)),
         "the late claim took the key with nobody to own it: {claim:?}"
     );
+}
+
+/// Waits until every lost claim of `store` is released, failing past
+/// `limit`.
+async fn until_lost_claims_released<C>(store: &RedisStore<C>, limit: Duration)
+where
+    C: redis::aio::ConnectionLike + Clone + Send + Sync + 'static,
+{
+    let started = std::time::Instant::now();
+    while store.lost_claims_pending() > 0 {
+        assert!(
+            started.elapsed() < limit,
+            "lost claims were still unreleased after {limit:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// The number of script runs the server has counted (`EVALSHA` and `EVAL`).
@@ -1265,13 +1274,7 @@ async fn claims_overtaken_by_their_releases_on_a_new_connection_do_not_take_the_
     // at once.
     proxy.set_latency(Duration::ZERO);
     let started = std::time::Instant::now();
-    while store.lost_claims_pending() > 0 {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "the releases were never answered"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_lost_claims_released(&store, Duration::from_secs(10)).await;
     // Eight scripts at least: four releases, then the four late claims.
     while script_runs(&server).await < before + 8 {
         assert!(
