@@ -619,8 +619,9 @@ async fn dropped_connections_are_replaced() {
 /// A statement that cannot finish (its row locked by another transaction
 /// that does not end) fails as a timeout within the operation timeout, and
 /// the layer answers 503 with `Retry-After`, never an execution. With a
-/// pool of one connection, the next operation waits behind the blocked one
-/// and fails the same way.
+/// pool of one connection, an operation on another key is served: the
+/// blocked statement stopped on the server too (before, it waited behind
+/// the blocked one and failed the same way).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_statement_that_cannot_finish_times_out_and_the_layer_fails_closed() {
     let Some(fixture) = pg_fixture("statement timeout").await else {
@@ -642,6 +643,11 @@ async fn a_statement_that_cannot_finish_times_out_and_the_layer_fails_closed() {
     tokio::time::sleep(Duration::from_millis(100)).await;
     // Another session holds the row's lock: a takeover must wait for it.
     let mut locker = connect(&fixture.db.url).await;
+    let locker_pid: i32 = locker
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
     let tx = locker.transaction().await.unwrap();
     tx.execute(
         &format!("SELECT 1 FROM {DEFAULT_TABLE} WHERE key = $1 FOR UPDATE"),
@@ -665,11 +671,14 @@ async fn a_statement_that_cannot_finish_times_out_and_the_layer_fails_closed() {
         assert!(refused.headers.contains_key("retry-after"));
         assert!(started.elapsed() < Duration::from_secs(2), "bounded");
     }
-    let e = store
+    // The blocked statements are cancelled by the server (their
+    // `statement_timeout`), so the pool's one connection is free again for
+    // a key that is not locked.
+    until_no_statement_runs(&fixture.db.url, locker_pid, Duration::from_secs(3)).await;
+    let other = store
         .claim(StoreKey::from_parts(b"", b"behind"), FP, LEASE)
-        .await
-        .unwrap_err();
-    assert_eq!(e.kind(), StoreErrorKind::Timeout, "{e}");
+        .await;
+    assert!(matches!(other, Ok(Claim::Acquired(_))), "{other:?}");
     assert_eq!(ledger.count(), 0, "nothing ran");
     drop(tx);
     let acquired = store.claim(key, FP, LEASE).await;
@@ -1036,5 +1045,86 @@ async fn a_table_named_by_a_reserved_word_works() {
         );
         assert_eq!(store.remove_expired().await.unwrap(), 0, "{table}");
         assert!(store.purge(key).await.unwrap(), "{table}");
+    }
+}
+
+/// Issue 23: a statement whose operation timed out stops on the server
+/// too. Another session holds a lock on the whole table; a claim times out
+/// (the layer would answer 503), and its statement, waiting for the lock,
+/// is cancelled by the server shortly after (the store's connections carry
+/// a `statement_timeout` a little above the operation timeout), while the
+/// lock is still held: no connection of the store stays busy. Before, the
+/// statement waited on the server for as long as the lock was held. Once
+/// the lock is released, the store serves at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_statement_whose_operation_timed_out_stops_on_the_server() {
+    let Some(fixture) = pg_fixture("statement stops with its caller").await else {
+        return;
+    };
+    let timeout = Duration::from_millis(300);
+    let store = PostgresStore::builder(&fixture.db.url)
+        .unwrap()
+        .operation_timeout(timeout)
+        .pool_size(1)
+        .cleanup_every(None)
+        .build()
+        .unwrap();
+    // The pool's one connection, opened and its statement prepared.
+    store
+        .claim(StoreKey::from_parts(b"", b"warm"), FP, LEASE)
+        .await
+        .unwrap();
+    let mut locker = connect(&fixture.db.url).await;
+    let locker_pid: i32 = locker
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let tx = locker.transaction().await.unwrap();
+    tx.batch_execute(&format!(
+        "LOCK TABLE {DEFAULT_TABLE} IN ACCESS EXCLUSIVE MODE"
+    ))
+    .await
+    .unwrap();
+    let e = store
+        .claim(StoreKey::from_parts(b"", b"blocked"), FP, LEASE)
+        .await
+        .unwrap_err();
+    assert_eq!(e.kind(), StoreErrorKind::Timeout, "{e}");
+    until_no_statement_runs(&fixture.db.url, locker_pid, Duration::from_secs(3)).await;
+    tx.rollback().await.unwrap();
+    let started = std::time::Instant::now();
+    let claimed = store
+        .claim(StoreKey::from_parts(b"", b"after"), FP, LEASE)
+        .await;
+    assert!(matches!(claimed, Ok(Claim::Acquired(_))), "{claimed:?}");
+    assert!(started.elapsed() < timeout, "served at once");
+}
+
+/// Waits until no statement of another session runs on the database at
+/// `url` (but for session `except`), failing after `limit`: a statement
+/// that outlived its operation's timeout is still running there.
+async fn until_no_statement_runs(url: &str, except: i32, limit: Duration) {
+    let observer = connect(url).await;
+    let started = std::time::Instant::now();
+    loop {
+        let running: i64 = observer
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND state = 'active'
+                   AND pid <> pg_backend_pid() AND pid <> $1",
+                &[&except],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        if running == 0 {
+            return;
+        }
+        assert!(
+            started.elapsed() < limit,
+            "a timed-out statement still runs on the server, its connection busy"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }

@@ -67,6 +67,18 @@ pub const DEFAULT_CLEANUP_BATCH: u32 = 1000;
 ///   database that does not answer within the
 ///   [operation timeout](PostgresStoreBuilder::operation_timeout), or a
 ///   database error fails the operation, and the layer answers 503.
+/// - **Statements stop when their caller gives up**: on the connections of
+///   its own pool (and its `LISTEN` connection) the store sets PostgreSQL's
+///   `statement_timeout` and `idle_in_transaction_session_timeout` a little
+///   above the operation timeout (the timeout, a quarter more, and 50 ms),
+///   as startup options, so a statement whose operation timed out (a lock
+///   held by another session, an overloaded server) is cancelled by the
+///   server too and its connection goes back to the pool free instead of
+///   busy. Settings in the URL's own `options` come after, and so win. On
+///   a pool you provide ([`builder_for_pool`](Self::builder_for_pool)) the
+///   store changes nothing: set them on that pool's configuration
+///   yourself, for example `?options=-c%20statement_timeout%3D1300` in its
+///   URL (milliseconds).
 ///
 /// # Exactly-once effects inside the database
 ///
@@ -313,7 +325,8 @@ impl PostgresStoreBuilder {
         }
         let (pool, listen) = match self.source {
             Source::Pool(pool, listen) => (pool, listen),
-            Source::Config(config) => {
+            Source::Config(mut config) => {
+                stop_with_the_caller(&mut config, self.op_timeout);
                 let manager = Manager::from_config(
                     config.clone(),
                     NoTls,
@@ -981,10 +994,70 @@ impl Failure {
     }
 }
 
+/// Bounds, on the server, each statement of a connection made from
+/// `config` a little above the operation timeout, and each transaction left
+/// idle the same: a statement whose operation timed out on this side stops
+/// on the server too, instead of holding its connection (and its locks)
+/// for as long as it waits. As startup options, ahead of any the URL gave
+/// (which come later and so win).
+fn stop_with_the_caller(config: &mut tokio_postgres::Config, op_timeout: Duration) {
+    let ms = server_timeout_ms(op_timeout);
+    let ours = format!("-c statement_timeout={ms} -c idle_in_transaction_session_timeout={ms}");
+    let options = match config.get_options() {
+        Some(theirs) if !theirs.trim().is_empty() => format!("{ours} {theirs}"),
+        _ => ours,
+    };
+    config.options(&options);
+}
+
+/// The operation timeout, a quarter more and 50 ms, in milliseconds, within
+/// what PostgreSQL takes (1 to `i32::MAX`; 0 would mean no timeout).
+fn server_timeout_ms(op_timeout: Duration) -> u64 {
+    let bound = op_timeout
+        .saturating_add(op_timeout / 4)
+        .saturating_add(Duration::from_millis(50));
+    u64::try_from(bound.as_millis())
+        .unwrap_or(u64::MAX)
+        .clamp(1, i32::MAX as u64)
+}
+
 fn configure_error(e: impl Into<crate::BoxError>) -> StoreError {
     StoreError::new(StoreErrorKind::Unavailable, "configure").with_source(e)
 }
 
 fn corrupt(op: &'static str, e: impl Into<crate::BoxError>) -> StoreError {
     StoreError::new(StoreErrorKind::Corrupt, op).with_source(e)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn server_timeouts_are_a_little_above_the_operation_timeout_and_bounded() {
+        assert_eq!(server_timeout_ms(Duration::from_secs(1)), 1_300);
+        assert_eq!(server_timeout_ms(Duration::from_millis(1)), 51);
+        assert_eq!(server_timeout_ms(Duration::MAX), i32::MAX as u64);
+    }
+
+    #[test]
+    fn the_urls_own_options_come_after_the_stores() {
+        let mut config: tokio_postgres::Config = "postgres://u@h/db".parse().unwrap();
+        stop_with_the_caller(&mut config, Duration::from_secs(1));
+        assert_eq!(
+            config.get_options(),
+            Some("-c statement_timeout=1300 -c idle_in_transaction_session_timeout=1300")
+        );
+        let mut config: tokio_postgres::Config =
+            "postgres://u@h/db?options=-c%20statement_timeout%3D5000"
+                .parse()
+                .unwrap();
+        stop_with_the_caller(&mut config, Duration::from_secs(1));
+        assert_eq!(
+            config.get_options(),
+            Some(
+                "-c statement_timeout=1300 -c idle_in_transaction_session_timeout=1300 -c statement_timeout=5000"
+            )
+        );
+    }
 }
