@@ -42,6 +42,34 @@ impl RedisServer {
         Some(Self::launched(extra, port))
     }
 
+    /// A server that speaks TLS only, on its port, with `certs`' leaf as
+    /// its certificate; clients need no certificate of their own.
+    #[cfg(feature = "tls")]
+    pub fn start_tls_or_skip(test: &str, certs: &super::tls::TestCerts) -> Option<Self> {
+        installed(test)?;
+        let port = free_port();
+        let path = |p: &std::path::Path| p.to_str().expect("a UTF-8 path").to_owned();
+        let tls_port = port.to_string();
+        let (cert, key, ca) = (path(&certs.cert), path(&certs.key), path(&certs.ca));
+        Some(Self::launched(
+            &[
+                "--port",
+                "0",
+                "--tls-port",
+                &tls_port,
+                "--tls-cert-file",
+                &cert,
+                "--tls-key-file",
+                &key,
+                "--tls-ca-cert-file",
+                &ca,
+                "--tls-auth-clients",
+                "no",
+            ],
+            port,
+        ))
+    }
+
     fn launched(extra: &[&str], port: u16) -> Self {
         let dir = std::env::temp_dir().join(format!(
             "tower-idempotency-{}-{}",
