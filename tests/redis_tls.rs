@@ -114,6 +114,6 @@ async fn tls_settings_on_a_plain_url_are_refused() {
         .tls_ca_pem(b"not used".to_vec())
         .build()
         .await;
-    let e = built.err().expect("refused");
+    let e = built.expect_err("refused");
     assert!(e.to_string().contains("configure"), "{e}");
 }
