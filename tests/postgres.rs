@@ -1112,6 +1112,7 @@ async fn until_no_statement_runs(url: &str, except: i32, limit: Duration) {
             .query_one(
                 "SELECT count(*) FROM pg_stat_activity
                  WHERE datname = current_database() AND state = 'active'
+                   AND backend_type = 'client backend'
                    AND pid <> pg_backend_pid() AND pid <> $1",
                 &[&except],
             )

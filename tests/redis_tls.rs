@@ -21,26 +21,37 @@ async fn the_store_contract_holds_over_tls() {
     let Some(certs) = TestCerts::make_or_skip("redis over TLS") else {
         return;
     };
-    let Some(server) = RedisServer::start_tls_or_skip("redis over TLS", &certs) else {
+    let Some(server) = RedisServer::start_tls_or_skip("redis over TLS", &certs, false) else {
         return;
     };
+    // No fallback check within the suite's wake-up bound: waiters are woken
+    // by notifications, over TLS too.
     let store = RedisStore::builder(&rediss_url(&server))
         .unwrap()
         .tls_ca_file(&certs.ca)
+        .fallback_check(Duration::from_secs(60))
         .build()
         .await
         .unwrap();
     conformance::run_all(&store).await;
 }
 
-/// A claim through `store` on a new key, which must fail: the connection
-/// is refused before anything is sent.
-async fn claim_fails(store: &RedisStore, why: &str) {
+/// A claim through `store` on a new key, which must fail, with `expected`
+/// in its error's chain: the connection is refused before anything is sent.
+async fn claim_fails(store: &RedisStore, why: &str, expected: &str) {
     let key = StoreKey::from_parts(b"", format!("refused-{why}").as_bytes());
     let claim = store
         .claim(key, Fingerprint::of_bytes(b"x"), Duration::from_secs(30))
         .await;
-    assert!(claim.is_err(), "{why}: {claim:?}");
+    let e = claim.expect_err(why);
+    let mut chain = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        chain.push_str(": ");
+        chain.push_str(&s.to_string());
+        source = s.source();
+    }
+    assert!(chain.contains(expected), "{why}: {chain}");
 }
 
 /// A certificate that does not verify is never a fallback to plaintext:
@@ -55,7 +66,7 @@ async fn a_certificate_that_does_not_verify_fails_every_operation() {
     let Some(other) = TestCerts::make_or_skip("redis TLS refusals") else {
         return;
     };
-    let Some(server) = RedisServer::start_tls_or_skip("redis TLS refusals", &certs) else {
+    let Some(server) = RedisServer::start_tls_or_skip("redis TLS refusals", &certs, false) else {
         return;
     };
     let timeout = Duration::from_millis(500);
@@ -66,14 +77,19 @@ async fn a_certificate_that_does_not_verify_fails_every_operation() {
         .build()
         .await
         .unwrap();
-    claim_fails(&wrong_ca, "wrong CA").await;
+    claim_fails(&wrong_ca, "wrong CA", "invalid peer certificate").await;
     let default_roots = RedisStore::builder(&rediss_url(&server))
         .unwrap()
         .operation_timeout(timeout)
         .build()
         .await
         .unwrap();
-    claim_fails(&default_roots, "Mozilla's roots").await;
+    claim_fails(
+        &default_roots,
+        "Mozilla's roots",
+        "invalid peer certificate",
+    )
+    .await;
     let wrong_name = RedisStore::builder(&format!("rediss://127.0.0.2:{}", server.port))
         .unwrap()
         .operation_timeout(timeout)
@@ -81,14 +97,14 @@ async fn a_certificate_that_does_not_verify_fails_every_operation() {
         .build()
         .await
         .unwrap();
-    claim_fails(&wrong_name, "wrong name").await;
+    claim_fails(&wrong_name, "wrong name", "not valid for name").await;
     let plain = RedisStore::builder(&format!("redis://localhost:{}", server.port))
         .unwrap()
         .operation_timeout(timeout)
         .build()
         .await
         .unwrap();
-    claim_fails(&plain, "plaintext").await;
+    claim_fails(&plain, "plaintext", "").await;
     // The right CA still works on the same server.
     let right = RedisStore::builder(&rediss_url(&server))
         .unwrap()
@@ -96,13 +112,82 @@ async fn a_certificate_that_does_not_verify_fails_every_operation() {
         .build()
         .await
         .unwrap();
-    let key = StoreKey::from_parts(b"", b"after");
+    for why in ["wrong CA", "Mozilla's roots", "wrong name", "plaintext"] {
+        let key = StoreKey::from_parts(b"", format!("refused-{why}").as_bytes());
+        assert!(
+            matches!(
+                right
+                    .claim(key, Fingerprint::of_bytes(b"x"), Duration::from_secs(30))
+                    .await,
+                Ok(Claim::Acquired(_))
+            ),
+            "{why}: nothing was claimed through the refused connection"
+        );
+    }
+}
+
+/// A Redis that asks for client certificates refuses a store without one,
+/// and serves one that presents a certificate its CA signed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_certificate_is_presented_when_asked_for() {
+    let Some(certs) = TestCerts::make_or_skip("redis TLS client certificates") else {
+        return;
+    };
+    let Some(server) =
+        RedisServer::start_tls_or_skip("redis TLS client certificates", &certs, true)
+    else {
+        return;
+    };
+    let without = RedisStore::builder(&rediss_url(&server))
+        .unwrap()
+        .operation_timeout(Duration::from_millis(500))
+        .tls_ca_file(&certs.ca)
+        .build()
+        .await
+        .unwrap();
+    claim_fails(&without, "no client certificate", "").await;
+    let key_pem = std::fs::read(&certs.key).unwrap();
+    let cert_pem = std::fs::read(&certs.cert).unwrap();
+    let with = RedisStore::builder(&rediss_url(&server))
+        .unwrap()
+        .tls_ca_file(&certs.ca)
+        .tls_client_identity(cert_pem, key_pem)
+        .build()
+        .await
+        .unwrap();
+    let key = StoreKey::from_parts(b"", b"identified");
     assert!(matches!(
-        right
-            .claim(key, Fingerprint::of_bytes(b"x"), Duration::from_secs(30))
+        with.claim(key, Fingerprint::of_bytes(b"x"), Duration::from_secs(30))
             .await,
         Ok(Claim::Acquired(_))
     ));
+    // Its key never shows in the builder's `Debug`.
+    let shown = format!(
+        "{:?}",
+        RedisStore::builder(&rediss_url(&server))
+            .unwrap()
+            .tls_client_identity(b"CERT".to_vec(), b"SECRET-KEY".to_vec())
+    );
+    assert!(
+        !shown.contains("SECRET") && !shown.contains("83, 69, 67"),
+        "{shown}"
+    );
+}
+
+/// A CA bundle that holds no certificate is refused when the store is
+/// built, not left to fail every connection later.
+#[tokio::test]
+async fn a_ca_bundle_without_a_certificate_is_refused() {
+    for pem in [b"".to_vec(), b"not a certificate".to_vec()] {
+        let built = RedisStore::builder("rediss://localhost:1")
+            .unwrap()
+            .tls_ca_pem(pem)
+            .build()
+            .await;
+        let e = built.expect_err("refused");
+        let shown = format!("{e}: {:?}", std::error::Error::source(&e));
+        assert!(shown.contains("CA bundle"), "{shown}");
+    }
 }
 
 /// TLS settings on a plain `redis://` URL are a configuration error, not a
@@ -115,5 +200,6 @@ async fn tls_settings_on_a_plain_url_are_refused() {
         .build()
         .await;
     let e = built.expect_err("refused");
-    assert!(e.to_string().contains("configure"), "{e}");
+    let shown = format!("{e}: {:?}", std::error::Error::source(&e));
+    assert!(shown.contains("not rediss://"), "{shown}");
 }

@@ -43,9 +43,15 @@ impl RedisServer {
     }
 
     /// A server that speaks TLS only, on its port, with `certs`' leaf as
-    /// its certificate; clients need no certificate of their own.
+    /// its certificate, listening on 127.0.0.1 and 127.0.0.2 (a name its
+    /// certificate does not carry); with `client_certificates`, clients
+    /// must present one signed by the same CA.
     #[cfg(feature = "tls")]
-    pub fn start_tls_or_skip(test: &str, certs: &super::tls::TestCerts) -> Option<Self> {
+    pub fn start_tls_or_skip(
+        test: &str,
+        certs: &super::tls::TestCerts,
+        client_certificates: bool,
+    ) -> Option<Self> {
         installed(test)?;
         let port = free_port();
         let path = |p: &std::path::Path| p.to_str().expect("a UTF-8 path").to_owned();
@@ -64,7 +70,10 @@ impl RedisServer {
                 "--tls-ca-cert-file",
                 &ca,
                 "--tls-auth-clients",
-                "no",
+                if client_certificates { "yes" } else { "no" },
+                "--bind",
+                "127.0.0.1",
+                "127.0.0.2",
             ],
             port,
         ))

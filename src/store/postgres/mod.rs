@@ -74,11 +74,17 @@ pub const DEFAULT_CLEANUP_BATCH: u32 = 1000;
 ///   as startup options, so a statement whose operation timed out (a lock
 ///   held by another session, an overloaded server) is cancelled by the
 ///   server too and its connection goes back to the pool free instead of
-///   busy. Settings in the URL's own `options` come after, and so win. On
-///   a pool you provide ([`builder_for_pool`](Self::builder_for_pool)) the
-///   store changes nothing: set them on that pool's configuration
-///   yourself, for example `?options=-c%20statement_timeout%3D1300` in its
-///   URL (milliseconds).
+///   busy. Settings in the URL's own `options` come after, and so win (and
+///   these override a role's own `ALTER ROLE … SET`);
+///   [`server_timeouts(false)`](PostgresStoreBuilder::server_timeouts)
+///   turns them off (behind a pooler that refuses startup options). On a
+///   pool you provide ([`builder_for_pool`](Self::builder_for_pool)) the
+///   store changes nothing: give the store a pool of its own and set them
+///   on its configuration (the operation timeout, a quarter more and
+///   50 ms; for the default 1 s,
+///   `?options=-c%20statement_timeout%3D1300%20-c%20idle_in_transaction_session_timeout%3D1300`
+///   in its URL), since on a pool your application shares they would cut
+///   its own statements too.
 ///
 /// # Exactly-once effects inside the database
 ///
@@ -216,6 +222,7 @@ pub struct PostgresStoreBuilder {
     table: String,
     op_timeout: Duration,
     pool_size: usize,
+    server_timeouts: bool,
     fallback_check: Duration,
     fence_memory: Duration,
     cleanup_every: Option<Duration>,
@@ -238,6 +245,7 @@ impl PostgresStoreBuilder {
             table: DEFAULT_TABLE.to_owned(),
             op_timeout: DEFAULT_OPERATION_TIMEOUT,
             pool_size: DEFAULT_POOL_SIZE,
+            server_timeouts: true,
             fallback_check: DEFAULT_FALLBACK_CHECK,
             fence_memory: crate::engine::DEFAULT_RETENTION,
             cleanup_every: Some(DEFAULT_CLEANUP_EVERY),
@@ -260,6 +268,18 @@ impl PostgresStoreBuilder {
     /// longer fails as [`StoreErrorKind::Timeout`].
     pub fn operation_timeout(mut self, timeout: Duration) -> Self {
         self.op_timeout = timeout.max(Duration::from_millis(1));
+        self
+    }
+
+    /// Whether the store's own connections carry the server-side
+    /// `statement_timeout` and `idle_in_transaction_session_timeout`
+    /// (default on; see [`PostgresStore`]). Turn it off behind a connection
+    /// pooler that refuses startup `options` (PgBouncer before 1.20 unless
+    /// `options` is in its `ignore_startup_parameters`; later ones unless
+    /// `statement_timeout` is in `track_extra_parameters`), and set the
+    /// timeouts on the server's role instead (`ALTER ROLE … SET`).
+    pub fn server_timeouts(mut self, on: bool) -> Self {
+        self.server_timeouts = on;
         self
     }
 
@@ -326,7 +346,9 @@ impl PostgresStoreBuilder {
         let (pool, listen) = match self.source {
             Source::Pool(pool, listen) => (pool, listen),
             Source::Config(mut config) => {
-                stop_with_the_caller(&mut config, self.op_timeout);
+                if self.server_timeouts {
+                    stop_with_the_caller(&mut config, self.op_timeout);
+                }
                 let manager = Manager::from_config(
                     config.clone(),
                     NoTls,
@@ -593,6 +615,17 @@ impl PostgresStore {
             match sent {
                 Ok(Ok(_)) => {
                     tracing::debug!("released a claim whose reply was lost (if it was applied)")
+                }
+                // Cancelled by the server's `statement_timeout` (stuck
+                // behind a lock) or its session ended: try again, on
+                // another connection.
+                Ok(Err(e))
+                    if e.code().is_some_and(|code| {
+                        *code == SqlState::QUERY_CANCELED
+                            || *code == SqlState::IDLE_IN_TRANSACTION_SESSION_TIMEOUT
+                    }) =>
+                {
+                    store.abandon(lost)
                 }
                 // The server refused it: nothing more to do.
                 Ok(Err(e)) if e.code().is_some() => {}

@@ -175,10 +175,6 @@ impl Default for Settings {
 #[derive(Debug, Clone)]
 pub struct RedisStoreBuilder {
     client: redis::Client,
-    /// Where the client was opened, when from a URL: TLS settings build a
-    /// client of their own from it.
-    #[cfg(feature = "tls")]
-    info: Option<redis::ConnectionInfo>,
     #[cfg(feature = "tls")]
     tls: tls::TlsSettings,
     settings: Settings,
@@ -224,16 +220,17 @@ impl RedisStoreBuilder {
     /// the TLS settings.
     fn client(&self) -> Result<redis::Client, StoreError> {
         #[cfg(feature = "tls")]
+        tls::ensure_crypto_provider();
+        #[cfg(feature = "tls")]
         if self.tls.is_set() {
-            let info = self
-                .info
-                .clone()
-                .filter(|info| matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. }))
-                .ok_or_else(|| {
+            let info = self.client.get_connection_info().clone();
+            if !matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. }) {
+                return Err(
                     StoreError::new(StoreErrorKind::Unavailable, "configure").with_source(
                         "a TLS CA or client certificate was given, but the store's URL is not rediss://",
-                    )
-                })?;
+                    ),
+                );
+            }
             let certificates = self.tls.certificates()?;
             return redis::Client::build_with_tls(info, certificates)
                 .map_err(|e| error("configure", e));
@@ -385,25 +382,17 @@ impl RedisStore {
             .into_connection_info()
             .map_err(|e| error("configure", e))?;
         let nodelay = info.tcp_settings().clone().set_nodelay(true);
-        let info = info.set_tcp_settings(nodelay);
-        let client = redis::Client::open(info.clone()).map_err(|e| error("configure", e))?;
-        #[cfg_attr(not(feature = "tls"), allow(unused_mut))]
-        let mut builder = Self::builder_for(client);
-        #[cfg(feature = "tls")]
-        {
-            builder.info = Some(info);
-        }
-        Ok(builder)
+        let client = redis::Client::open(info.set_tcp_settings(nodelay))
+            .map_err(|e| error("configure", e))?;
+        Ok(Self::builder_for(client))
     }
 
-    /// Starts configuring a store over an existing client. (Its TLS, if
-    /// any, is the client's own: the builder's TLS settings need a store
-    /// started from a URL.)
+    /// Starts configuring a store over an existing client. (With the
+    /// builder's TLS settings, a client of its own is made from this one's
+    /// address.)
     pub fn builder_for(client: redis::Client) -> RedisStoreBuilder {
         RedisStoreBuilder {
             client,
-            #[cfg(feature = "tls")]
-            info: None,
             #[cfg(feature = "tls")]
             tls: tls::TlsSettings::default(),
             settings: Settings::default(),

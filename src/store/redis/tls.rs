@@ -15,12 +15,59 @@ enum Roots {
     Pem(Vec<u8>),
 }
 
-/// What a builder was told about TLS.
-#[derive(Debug, Clone, Default)]
+/// What a builder was told about TLS. Its `Debug` never shows the client's
+/// key.
+#[derive(Clone, Default)]
 pub(super) struct TlsSettings {
     roots: Option<Roots>,
     /// The client's certificate chain and private key, PEM.
     identity: Option<(Vec<u8>, Vec<u8>)>,
+}
+
+impl std::fmt::Debug for TlsSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("TlsSettings")
+            .field("roots", &self.roots)
+            .field("identity", &self.identity.as_ref().map(|_| "<redacted>"))
+            .finish()
+    }
+}
+
+/// Makes `ring` the process's rustls crypto provider unless one is set:
+/// redis-rs asks rustls for the process default when it connects, which
+/// panics when more than one provider is compiled in (another crate of the
+/// application may enable `aws-lc-rs`) and none was chosen.
+pub(super) fn ensure_crypto_provider() {
+    if rustls::crypto::CryptoProvider::get_default().is_none() {
+        // rustls 0.23.48 marks ring's provider deprecated for its lack of
+        // post-quantum key exchange; ring is kept for building with a C
+        // compiler alone on every target (the README says so).
+        #[allow(deprecated)]
+        let ring = rustls::crypto::ring::default_provider();
+        // Another thread may have installed one meanwhile: either is fine.
+        let _ = ring.install_default();
+    }
+}
+
+/// Refuses a PEM bundle that holds no certificate (or a malformed one): it
+/// would trust nothing, and every connection would fail later with a vague
+/// error.
+fn certificates_in(pem: &[u8], source: &str) -> Result<(), StoreError> {
+    use rustls::pki_types::CertificateDer;
+    use rustls::pki_types::pem::PemObject;
+    let refuse = |why: String| {
+        StoreError::new(StoreErrorKind::Unavailable, "configure")
+            .with_source(format!("the TLS CA bundle {source} {why}"))
+    };
+    let mut found = 0usize;
+    for certificate in CertificateDer::pem_slice_iter(pem) {
+        certificate.map_err(|e| refuse(format!("is not PEM: {e}")))?;
+        found = found.saturating_add(1);
+    }
+    if found == 0 {
+        return Err(refuse("holds no certificate".to_owned()));
+    }
+    Ok(())
 }
 
 impl TlsSettings {
@@ -46,13 +93,20 @@ impl TlsSettings {
     pub(super) fn certificates(&self) -> Result<redis::TlsCertificates, StoreError> {
         let root_cert = match &self.roots {
             None => None,
-            Some(Roots::Pem(pem)) => Some(pem.clone()),
-            Some(Roots::File(path)) => Some(std::fs::read(path).map_err(|e| {
-                StoreError::new(StoreErrorKind::Unavailable, "configure").with_source(format!(
-                    "cannot read the TLS CA bundle {}: {e}",
-                    path.display()
-                ))
-            })?),
+            Some(Roots::Pem(pem)) => {
+                certificates_in(pem, "given")?;
+                Some(pem.clone())
+            }
+            Some(Roots::File(path)) => {
+                let pem = std::fs::read(path).map_err(|e| {
+                    StoreError::new(StoreErrorKind::Unavailable, "configure").with_source(format!(
+                        "cannot read the TLS CA bundle {}: {e}",
+                        path.display()
+                    ))
+                })?;
+                certificates_in(&pem, &path.display().to_string())?;
+                Some(pem)
+            }
         };
         let client_tls = self
             .identity
