@@ -271,7 +271,11 @@ impl RedisStoreBuilder {
 
     /// Builds the store. It connects lazily, so a process can start while
     /// Redis is down (guarded requests get 503 until it is back). It then
-    /// checks, best effort, that Redis will not evict claims.
+    /// checks, best effort, that Redis will not evict claims. Over TLS
+    /// (feature `tls`), it first tries one connection (within the operation
+    /// timeout): a server whose certificate does not verify fails the
+    /// build, so a misconfigured process refuses to start instead of
+    /// answering 503 to everything.
     pub async fn build(self) -> Result<RedisStore, StoreError> {
         self.check_prefix()?;
         let config = ConnectionManagerConfig::new()
@@ -280,6 +284,8 @@ impl RedisStoreBuilder {
             .set_number_of_retries(2)
             .set_max_delay(Duration::from_secs(1));
         let client = self.client()?;
+        #[cfg(feature = "tls")]
+        tls::refuse_a_certificate_that_does_not_verify(&client, self.settings.op_timeout).await?;
         let conn = ConnectionManager::new_lazy_with_config(client.clone(), config.clone())
             .map_err(|e| error("connect", e))?;
         let reopen: Reopen<ConnectionManager> = Arc::new({

@@ -3,6 +3,7 @@
 //! client's own certificate.
 
 use std::path::PathBuf;
+use std::time::Duration;
 
 use crate::store::{StoreError, StoreErrorKind};
 
@@ -119,5 +120,55 @@ impl TlsSettings {
             client_tls,
             root_cert,
         })
+    }
+}
+
+/// Whether `e`, or an error it came from, says that the server's
+/// certificate did not verify (rather than that the server is down).
+fn is_a_certificate_error(e: &(dyn std::error::Error + 'static)) -> bool {
+    let mut current = Some(e);
+    while let Some(e) = current {
+        if e.downcast_ref::<rustls::Error>().is_some() {
+            return true;
+        }
+        if let Some(io) = e.downcast_ref::<std::io::Error>()
+            && io
+                .get_ref()
+                .is_some_and(|inner| inner.downcast_ref::<rustls::Error>().is_some())
+        {
+            return true;
+        }
+        // redis-rs keeps the rustls error as text in some paths.
+        if e.to_string().contains("invalid peer certificate") {
+            return true;
+        }
+        current = e.source();
+    }
+    false
+}
+
+/// Over TLS, one connection tried now (bounded by `timeout`): a server
+/// whose certificate does not verify is a configuration error. A server
+/// that is down or slow is not: the store connects lazily and serves once
+/// it is back.
+pub(super) async fn refuse_a_certificate_that_does_not_verify(
+    client: &redis::Client,
+    timeout: Duration,
+) -> Result<(), StoreError> {
+    if !matches!(
+        client.get_connection_info().addr(),
+        redis::ConnectionAddr::TcpTls { .. }
+    ) {
+        return Ok(());
+    }
+    match tokio::time::timeout(timeout, client.get_multiplexed_async_connection()).await {
+        Ok(Err(e)) if is_a_certificate_error(&e) => {
+            Err(
+                StoreError::new(StoreErrorKind::Unavailable, "configure").with_source(format!(
+                    "the Redis server's TLS certificate did not verify: {e}"
+                )),
+            )
+        }
+        _ => Ok(()),
     }
 }
