@@ -58,6 +58,10 @@ struct Args {
         default_value = "redis://127.0.0.1:6379"
     )]
     redis_url: String,
+    /// A PEM bundle of the CA that signed the Redis server's certificate,
+    /// trusted (in place of Mozilla's roots) on rediss:// URLs.
+    #[arg(long, env = "IDEMPOTENCY_TLS_CA_FILE")]
+    tls_ca_file: Option<std::path::PathBuf>,
     /// Prefix of the Redis key names.
     #[arg(long, env = "IDEMPOTENCY_REDIS_PREFIX", default_value = "idem")]
     redis_prefix: String,
@@ -265,11 +269,23 @@ async fn main() -> std::process::ExitCode {
     }
 }
 
+/// The Redis store's builder for `url`, trusting `--tls-ca-file` if given.
+fn redis_builder(
+    args: &Args,
+    url: &str,
+) -> Result<tower_idempotency::store::RedisStoreBuilder, Box<dyn std::error::Error>> {
+    let builder = RedisStore::builder(url)?;
+    Ok(match &args.tls_ca_file {
+        Some(path) => builder.tls_ca_file(path),
+        None => builder,
+    })
+}
+
 async fn start(args: Args) -> Result<(), Box<dyn std::error::Error>> {
     match args.store {
         StoreKind::Memory => run(args, MemoryStore::new()).await,
         StoreKind::Redis => {
-            let store = RedisStore::builder(&args.redis_url)?
+            let store = redis_builder(&args, &args.redis_url)?
                 .prefix(args.redis_prefix.clone())
                 .build()
                 .await?;
@@ -281,7 +297,7 @@ async fn start(args: Args) -> Result<(), Box<dyn std::error::Error>> {
                 .split(',')
                 .map(|n| n.trim().to_owned())
                 .collect();
-            let store = RedisStore::builder(&nodes[0])?
+            let store = redis_builder(&args, &nodes[0])?
                 .prefix(args.redis_prefix.clone())
                 .build_cluster(&nodes)
                 .await?;
