@@ -430,11 +430,16 @@ struct ConnectionLimits {
 struct Load {
     /// Requests being handled, their response bodies included.
     in_flight: usize,
-    /// Whether any request has arrived.
-    arrived: bool,
     /// How many requests have ended: a change means the connection was
     /// busy since it was last looked at.
     ended: u64,
+}
+
+impl Load {
+    /// Whether any request has arrived (one is in flight, or one ended).
+    fn arrived(&self) -> bool {
+        self.in_flight > 0 || self.ended > 0
+    }
 }
 
 /// One request being handled, counted in its connection's [`Load`] until
@@ -445,7 +450,6 @@ impl Handling {
     fn begin(load: Arc<watch::Sender<Load>>) -> Self {
         load.send_modify(|load| {
             load.in_flight = load.in_flight.saturating_add(1);
-            load.arrived = true;
         });
         Self(load)
     }
@@ -455,7 +459,7 @@ impl Drop for Handling {
     fn drop(&mut self) {
         self.0.send_modify(|load| {
             load.in_flight = load.in_flight.saturating_sub(1);
-            load.ended = load.ended.wrapping_add(1);
+            load.ended = load.ended.saturating_add(1);
         });
     }
 }
@@ -534,7 +538,7 @@ where
             // From the later of the close and the last request's end: a
             // response that just ended gets the whole grace to be flushed.
             Some(crate::time::deadline(since.max(idle_since), limits.grace))
-        } else if !now.arrived {
+        } else if !now.arrived() {
             Some(crate::time::deadline(accepted, limits.first_request))
         } else {
             Some(crate::time::deadline(idle_since, limits.idle))
@@ -554,7 +558,7 @@ where
                 if load.has_changed().unwrap_or(false) {
                     continue;
                 }
-                if closing_since.is_some() || !now.arrived {
+                if closing_since.is_some() || !now.arrived() {
                     // No request of its own to lose: cut it off.
                     return None;
                 }
