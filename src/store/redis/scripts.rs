@@ -136,10 +136,12 @@ if not dl then return redis.error_reply('IDEM_CORRUPT unreadable lease') end
 /// The nonces of earlier lost claims that a free record (`f`) keeps after
 /// its lease deadline (`digits`, the deadline as it is written), as
 /// `released`: `;` and 8 bytes each, at most fifteen. Fails as a corrupt
-/// record on anything else there.
+/// record on anything else there. `listed` says whether the nonce `$nonce`
+/// names (a Lua expression) is the header's or one of those.
 macro_rules! released {
-    () => {
-        r#"
+    ($nonce:literal) => {
+        concat!(
+            r#"
   local released = ''
   local from = 60 + #digits
   if #r >= from then
@@ -148,7 +150,16 @@ macro_rules! released {
     end
     released = string.sub(r, from + 1)
   end
+  local listed = string.sub(r, 20, 27) == "#,
+            $nonce,
+            r#"
+  for i = 1, #released, 8 do
+    if string.sub(released, i, i + 7) == "#,
+            $nonce,
+            r#" then listed = true end
+  end
 "#
+        )
     };
 }
 
@@ -188,15 +199,12 @@ if st then
     if mine then return prev end
     return r
   end
-  if st == 'f' and not mine then
+  if st == 'f' then
 "#,
-    released!(),
+    released!("ARGV[4]"),
     r#"
-    for i = 1, #released, 8 do
-      if string.sub(released, i, i + 7) == ARGV[4] then mine = true end
-    end
+    if listed then return redis.error_reply('IDEM_RELEASED this claim was released before it arrived') end
   end
-  if st == 'f' and mine then return redis.error_reply('IDEM_RELEASED this claim was released before it arrived') end
   fence = math.max(prev + 1, fence)
 end
 local f
@@ -346,13 +354,9 @@ if st == 'f' then
   local digits = string.match(r, '^%d+', 60)
   if not digits then return redis.error_reply('IDEM_CORRUPT unreadable record') end
 "#,
-    released!(),
+    released!("ARGV[1]"),
     r#"
-  local known = string.sub(r, 20, 27) == ARGV[1]
-  for i = 1, #released, 8 do
-    if string.sub(released, i, i + 7) == ARGV[1] then known = true end
-  end
-  if not known then
+  if not listed then
     -- The header's nonce joins the list, ours takes its place; the newest
     -- fifteen are kept.
     released = released .. string.sub(r, 20, 27)
