@@ -326,10 +326,24 @@ async fn releasing_a_committed_key_leaves_it_outcome_unknown() {
     let store = fixture.store.clone();
     let engine = Engine::new(store.clone()).lease(LEASE);
     let key = StoreKey::from_parts(b"", b"pay-3");
+    fail_after_committing(&engine, &store, &url, key).await;
+}
+
+/// Runs `key` with a handler that commits its charge ("first"), fenced,
+/// and then fails, and checks that the key is then "outcome unknown".
+async fn fail_after_committing(
+    engine: &Engine<PostgresStore>,
+    store: &PostgresStore,
+    url: &str,
+    key: StoreKey,
+) {
     let failed = engine
-        .run_stored(key, FP, |ctx| async move {
-            charge(&store, &url, "first", &ctx).await.expect("fence");
-            Err::<Bytes, _>("the handler failed after committing")
+        .run_stored(key, FP, |ctx| {
+            let (store, url) = (store.clone(), url.to_owned());
+            async move {
+                charge(&store, &url, "first", &ctx).await.expect("fence");
+                Err::<Bytes, _>("the handler failed after committing")
+            }
         })
         .await;
     assert!(matches!(failed, Err(EngineError::Operation(_))));
@@ -642,12 +656,7 @@ async fn a_statement_that_cannot_finish_times_out_and_the_layer_fails_closed() {
     };
     tokio::time::sleep(Duration::from_millis(100)).await;
     // Another session holds the row's lock: a takeover must wait for it.
-    let mut locker = connect(&fixture.db.url).await;
-    let locker_pid: i32 = locker
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let (mut locker, locker_pid) = session_with_pid(&fixture.db.url).await;
     let tx = locker.transaction().await.unwrap();
     tx.execute(
         &format!("SELECT 1 FROM {DEFAULT_TABLE} WHERE key = $1 FOR UPDATE"),
@@ -936,23 +945,7 @@ async fn an_outcome_unknown_key_expires_after_the_fence_memory() {
     let business = charges_table(&url).await;
     let engine = Engine::new(store.clone()).lease(LEASE);
     let key = StoreKey::from_parts(b"", b"unknown");
-    let failed = engine
-        .run_stored(key, FP, |ctx| {
-            let (store, url) = (store.clone(), url.clone());
-            async move {
-                charge(&store, &url, "first", &ctx).await.expect("fence");
-                Err::<Bytes, _>("the handler failed after committing")
-            }
-        })
-        .await;
-    assert!(matches!(failed, Err(EngineError::Operation(_))));
-    let again = engine
-        .run_stored(key, FP, |_| async { Ok::<_, FenceError>(Bytes::new()) })
-        .await;
-    assert!(
-        matches!(again, Err(EngineError::OutcomeUnknown)),
-        "{again:?}"
-    );
+    fail_after_committing(&engine, &store, &url, key).await;
     // Past the lease and the fence memory, from the claim and the release.
     tokio::time::sleep(LEASE + keep * 2).await;
     assert_eq!(
@@ -1074,12 +1067,7 @@ async fn a_statement_whose_operation_timed_out_stops_on_the_server() {
         .claim(StoreKey::from_parts(b"", b"warm"), FP, LEASE)
         .await
         .unwrap();
-    let mut locker = connect(&fixture.db.url).await;
-    let locker_pid: i32 = locker
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0);
+    let (mut locker, locker_pid) = session_with_pid(&fixture.db.url).await;
     let tx = locker.transaction().await.unwrap();
     tx.batch_execute(&format!(
         "LOCK TABLE {DEFAULT_TABLE} IN ACCESS EXCLUSIVE MODE"
@@ -1128,4 +1116,16 @@ async fn until_no_statement_runs(url: &str, except: i32, limit: Duration) {
         );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+}
+
+/// A session of its own on the database at `url`, and its server process
+/// id (to leave it out of `until_no_statement_runs`).
+async fn session_with_pid(url: &str) -> (tokio_postgres::Client, i32) {
+    let client = connect(url).await;
+    let pid: i32 = client
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    (client, pid)
 }
