@@ -571,6 +571,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| EnvFilter::new("info,tower_idempotency=debug")),
         )
+        // Colour codes only on a terminal: a log file or collector gets
+        // plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .init();
     let args = Args::parse();
     let router = match args.store {

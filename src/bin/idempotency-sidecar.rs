@@ -259,6 +259,9 @@ async fn main() -> std::process::ExitCode {
         .with_env_filter(
             EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
         )
+        // Colour codes only on a terminal: a log file or collector gets
+        // plain text.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .init();
     match start(Args::parse()).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
