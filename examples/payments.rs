@@ -33,8 +33,9 @@
 //! instead of the layer, the benchmarks' floor), `--redis-url` (default `redis://127.0.0.1:6379`, or the cluster's seed
 //! nodes, comma-separated; needs `--features redis` or `--features
 //! redis-cluster`) and `--postgres-url` (default
-//! `postgres://postgres@127.0.0.1:5432/postgres`; needs `--features
-//! postgres`). Two instances on two ports sharing one Redis form a small
+//! `postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable`; needs
+//! `--features postgres`), `--tls-ca-file` (a CA bundle for `rediss://` and
+//! for PostgreSQL's `sslmode=verify-full`; needs `--features tls`). Two instances on two ports sharing one Redis form a small
 //! fleet:
 //!
 //! ```sh
@@ -91,11 +92,14 @@ struct Args {
     #[arg(long, default_value = "redis://127.0.0.1:6379")]
     redis_url: String,
     /// The database to use with `--store postgres`.
-    #[arg(long, default_value = "postgres://postgres@127.0.0.1:5432/postgres")]
+    #[arg(
+        long,
+        default_value = "postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable"
+    )]
     postgres_url: String,
-    /// A PEM bundle of the CA that signed the Redis server's certificate,
-    /// trusted (in place of Mozilla's roots) on `rediss://` URLs; needs a
-    /// build with `--features tls`. (Not yet for `--store postgres`.)
+    /// A PEM bundle of the CA that signed the server's certificate, trusted
+    /// (in place of Mozilla's roots) on `rediss://` URLs and PostgreSQL URLs
+    /// whose `sslmode` asks for TLS; needs a build with `--features tls`.
     #[arg(long)]
     tls_ca_file: Option<std::path::PathBuf>,
     /// With `--store redis`: guard the charge route with the hand-written
@@ -340,25 +344,32 @@ fn memory_ledger() -> Ledger {
 /// missing.
 #[cfg(feature = "postgres")]
 async fn postgres_ledger(
-    url: &str,
+    args: &Args,
 ) -> Result<(Ledger, tower_idempotency::store::PostgresStore), Box<dyn std::error::Error>> {
-    let config: tokio_postgres::Config = url.parse()?;
-    let manager = deadpool_postgres::Manager::from_config(
-        config.clone(),
-        tokio_postgres::NoTls,
-        deadpool_postgres::ManagerConfig {
-            recycling_method: deadpool_postgres::RecyclingMethod::Fast,
-        },
-    );
+    // `sslmode` as libpq reads it (`verify-full` included), and the same
+    // TLS for the pool and the store's `LISTEN` connection.
+    let options = tower_idempotency::store::postgres::ConnectOptions::from_url(&args.postgres_url)?;
+    let options = match &args.tls_ca_file {
+        None => options,
+        #[cfg(feature = "tls")]
+        Some(path) => options.tls_ca_file(path),
+        #[cfg(not(feature = "tls"))]
+        Some(_) => return Err("--tls-ca-file needs a build with `--features tls`".into()),
+    };
+    let manager = options.manager(deadpool_postgres::ManagerConfig {
+        recycling_method: deadpool_postgres::RecyclingMethod::Fast,
+    })?;
     let pool = deadpool_postgres::Pool::builder(manager)
         .max_size(32)
         .wait_timeout(Some(Duration::from_secs(1)))
         .create_timeout(Some(Duration::from_secs(1)))
         .runtime(deadpool_postgres::Runtime::Tokio1)
         .build()?;
-    let store =
-        tower_idempotency::store::PostgresStore::builder_for_pool(pool.clone(), Some(config))
-            .build()?;
+    let store = tower_idempotency::store::PostgresStore::builder_for_pool(pool.clone(), None)
+        .notifications(options)
+        .build()?;
+    // The first statement: a server whose certificate does not verify
+    // stops the demo here, before it serves a charge.
     store.migrate().await?;
     // Instances may start together: they take turns on an advisory lock
     // (concurrent `CREATE TABLE IF NOT EXISTS` can fail on the catalog).
@@ -636,10 +647,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
         #[cfg(feature = "postgres")]
         StoreKind::Postgres => {
-            if args.tls_ca_file.is_some() {
-                return Err("--tls-ca-file does not apply to --store postgres yet".into());
-            }
-            let (ledger, store) = postgres_ledger(&args.postgres_url)
+            let (ledger, store) = postgres_ledger(&args)
                 .await
                 .map_err(|e| format!("cannot use PostgreSQL at {}: {e}", args.postgres_url))?;
             app(&args, ledger, guard_with(store))

@@ -74,6 +74,9 @@ pub(crate) fn fresh_nonce(counter: &std::sync::atomic::AtomicU64) -> u64 {
 #[cfg(any(feature = "redis", feature = "postgres"))]
 mod wakers;
 
+#[cfg(all(feature = "tls", any(feature = "redis", feature = "postgres")))]
+mod tls;
+
 #[cfg(feature = "test-util")]
 #[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
 pub mod conformance;
@@ -281,4 +284,21 @@ impl fmt::Display for LeaseStatus {
             LeaseStatus::Lost => "lost",
         })
     }
+}
+
+/// `e` and the errors it came from, as one line: a connection error often
+/// says only "error performing TLS handshake", its source says why.
+#[cfg(any(feature = "redis", feature = "postgres"))]
+pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut current = e.source();
+    while let Some(cause) = current {
+        let more = cause.to_string();
+        if !text.contains(&more) {
+            text.push_str(": ");
+            text.push_str(&more);
+        }
+        current = cause.source();
+    }
+    text
 }

@@ -4,7 +4,9 @@
 //! restart.
 //!
 //! The shared server is `TOWER_IDEMPOTENCY_POSTGRES_URL` (default
-//! `postgres://postgres@127.0.0.1:5432/postgres`). Where it cannot be
+//! `postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable`: Debian's
+//! server offers TLS with a certificate nobody can verify, and the tests
+//! built with the `tls` feature would refuse it). Where it cannot be
 //! reached, or `initdb`/`postgres` are missing, the tests say `SKIPPED` and
 //! pass; with `TOWER_IDEMPOTENCY_REQUIRE_POSTGRES=1` they fail instead.
 
@@ -14,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use super::{free_port, say_skipped, unique};
 
-const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres";
+const DEFAULT_URL: &str = "postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable";
 
 fn admin_url() -> String {
     std::env::var("TOWER_IDEMPOTENCY_POSTGRES_URL").unwrap_or_else(|_| DEFAULT_URL.to_owned())
@@ -73,9 +75,13 @@ impl TestDatabase {
                 None => return None,
             }
         }
-        let url = match admin.rsplit_once('/') {
-            Some((server, _)) => format!("{server}/{name}"),
-            None => format!("{admin}/{name}"),
+        let (base, query) = match admin.split_once('?') {
+            Some((base, query)) => (base, format!("?{query}")),
+            None => (admin.as_str(), String::new()),
+        };
+        let url = match base.rsplit_once('/') {
+            Some((server, _)) => format!("{server}/{name}{query}"),
+            None => format!("{base}/{name}{query}"),
         };
         Some(Self { url, name, admin })
     }
@@ -96,6 +102,8 @@ pub struct PrivatePostgres {
     child: Option<Child>,
     pub port: u16,
     dir: PathBuf,
+    /// Whether it takes TCP clients over TLS only.
+    tls_only: bool,
 }
 
 /// Whether the tests run as root, where PostgreSQL must run as `postgres`.
@@ -121,6 +129,19 @@ impl PrivatePostgres {
     /// Starts one, or returns `None` (after saying so) when `initdb` or
     /// `postgres` is missing.
     pub fn start_or_skip(test: &str) -> Option<Self> {
+        Self::start(test, None)
+    }
+
+    /// Starts one whose TCP clients must use TLS (`ssl = on` with the
+    /// leaf certificate of `certs`, and only `hostssl` lines in
+    /// `pg_hba.conf`: plaintext is rejected), or returns `None` as
+    /// [`start_or_skip`](Self::start_or_skip) does.
+    #[cfg(feature = "tls")]
+    pub fn start_tls_or_skip(test: &str, certs: &super::tls::TestCerts) -> Option<Self> {
+        Self::start(test, Some([&certs.cert, &certs.key, &certs.ca]))
+    }
+
+    fn start(test: &str, tls: Option<[&PathBuf; 3]>) -> Option<Self> {
         let dir = std::env::temp_dir().join(format!(
             "tower-idempotency-pg-{}-{}",
             std::process::id(),
@@ -148,17 +169,74 @@ impl PrivatePostgres {
                 None => return None,
             }
         }
+        if let Some([cert, key, ca]) = tls {
+            let data = dir.join("data");
+            for (from, to) in [(cert, "server.crt"), (key, "server.key"), (ca, "ca.crt")] {
+                let to = data.join(to);
+                std::fs::copy(from, &to).expect("copy the server's certificate");
+                use std::os::unix::fs::PermissionsExt;
+                std::fs::set_permissions(&to, std::fs::Permissions::from_mode(0o600))
+                    .expect("chmod");
+                if as_root() {
+                    let owned = Command::new("chown")
+                        .args(["postgres:", to.to_str().expect("utf-8")])
+                        .status();
+                    assert!(owned.is_ok_and(|s| s.success()), "chown {}", to.display());
+                }
+            }
+            let mut conf = std::fs::OpenOptions::new()
+                .append(true)
+                .open(data.join("postgresql.conf"))
+                .expect("postgresql.conf");
+            use std::io::Write;
+            writeln!(
+                conf,
+                "ssl = on\nssl_cert_file = 'server.crt'\nssl_key_file = 'server.key'\nssl_ca_file = 'ca.crt'"
+            )
+            .expect("write postgresql.conf");
+            // The role `certified` must also present a client certificate
+            // signed by the same CA.
+            std::fs::write(
+                data.join("pg_hba.conf"),
+                "local all all trust\n\
+                 hostssl all certified 127.0.0.0/8 trust clientcert=verify-ca\n\
+                 hostssl all all 127.0.0.0/8 trust\n\
+                 hostnossl all all 0.0.0.0/0 reject\n",
+            )
+            .expect("write pg_hba.conf");
+        }
         let mut server = Self {
             child: None,
             port: free_port(),
             dir,
+            tls_only: tls.is_some(),
         };
         server.launch();
+        if server.tls_only {
+            run_sql_blocking(&server.admin_url(), "CREATE ROLE certified LOGIN SUPERUSER")
+                .expect("create the role that needs a client certificate");
+        }
         Some(server)
     }
 
+    /// Its URL over TCP (plaintext: on a TLS-only server, add an `sslmode`
+    /// and trust the test CA).
     pub fn url(&self) -> String {
         format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
+    }
+
+    /// Where the fixture itself connects: the TCP URL, or for a TLS-only
+    /// server its Unix socket (which takes plaintext).
+    fn admin_url(&self) -> String {
+        if self.tls_only {
+            format!(
+                "host={} port={} user=postgres dbname=postgres",
+                self.dir.display(),
+                self.port
+            )
+        } else {
+            self.url()
+        }
     }
 
     fn launch(&mut self) {
@@ -185,7 +263,7 @@ impl PrivatePostgres {
     fn wait_ready(&self) {
         let started = Instant::now();
         while started.elapsed() < Duration::from_secs(30) {
-            if run_sql_blocking(&self.url(), "SELECT 1").is_ok() {
+            if run_sql_blocking(&self.admin_url(), "SELECT 1").is_ok() {
                 return;
             }
             std::thread::sleep(Duration::from_millis(50));
@@ -272,7 +350,7 @@ impl PrivatePostgres {
     /// network cut would).
     pub fn drop_connections(&self) {
         let _ = run_sql_blocking(
-            &self.url(),
+            &self.admin_url(),
             "SELECT pg_terminate_backend(pid) FROM pg_stat_activity
              WHERE pid <> pg_backend_pid() AND backend_type = 'client backend'",
         );

@@ -8,17 +8,69 @@
 //! so waiters never rely on it alone: they also re-check at their fallback
 //! interval. When the connection breaks, the next wait opens a new one.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
-use futures_util::StreamExt;
+use futures_util::{Stream, StreamExt};
 use tokio::task::JoinHandle;
-use tokio_postgres::{AsyncMessage, NoTls};
+use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
+use tokio_postgres::{AsyncMessage, Client, NoTls, Socket};
 
 use crate::store::wakers::{Registration, Subscription, Wakers};
 
+/// The TLS of a connection the store opens itself.
+#[derive(Clone)]
+pub(super) enum Connector {
+    Plain,
+    #[cfg(feature = "tls")]
+    Rustls(tokio_postgres_rustls::MakeRustlsConnect),
+}
+
+impl Connector {
+    pub(super) fn opener(self) -> Opener {
+        match self {
+            Connector::Plain => opener(NoTls),
+            #[cfg(feature = "tls")]
+            Connector::Rustls(tls) => opener(tls),
+        }
+    }
+}
+
+/// What a connection sends on its own: notifications, notices, its end.
+type Messages = Pin<Box<dyn Stream<Item = Result<AsyncMessage, tokio_postgres::Error>> + Send>>;
+
+type Opening =
+    Pin<Box<dyn Future<Output = Result<(Client, Messages), tokio_postgres::Error>> + Send>>;
+
+/// Opens the `LISTEN` connection with some TLS connector: the store's own,
+/// or the one a user's pool uses.
+pub(super) type Opener = Arc<dyn Fn(tokio_postgres::Config) -> Opening + Send + Sync>;
+
+/// An [`Opener`] connecting through `tls`.
+pub(super) fn opener<T>(tls: T) -> Opener
+where
+    T: MakeTlsConnect<Socket> + Clone + Send + Sync + 'static,
+    T::Stream: Send + 'static,
+    T::TlsConnect: Send,
+    <T::TlsConnect as TlsConnect<Socket>>::Future: Send,
+{
+    Arc::new(move |config: tokio_postgres::Config| {
+        let tls = tls.clone();
+        Box::pin(async move {
+            let (client, mut connection) = config.connect(tls).await?;
+            let messages: Messages = Box::pin(futures_util::stream::poll_fn(move |cx| {
+                connection.poll_message(cx)
+            }));
+            Ok((client, messages))
+        })
+    })
+}
+
 pub(super) struct Listener {
     config: tokio_postgres::Config,
+    open: Opener,
     channel: String,
     waiters: Arc<Wakers>,
     subscription: Subscription,
@@ -27,12 +79,14 @@ pub(super) struct Listener {
 impl Listener {
     pub(super) fn new(
         config: tokio_postgres::Config,
+        open: Opener,
         channel: String,
         connect_timeout: Duration,
         retry_every: Duration,
     ) -> Self {
         Self {
             config,
+            open,
             channel,
             waiters: Arc::default(),
             subscription: Subscription::new(connect_timeout, retry_every),
@@ -48,8 +102,7 @@ impl Listener {
 
     /// Opens the connection, starts routing its notifications, and listens.
     async fn listen(&self) -> Result<JoinHandle<()>, tokio_postgres::Error> {
-        let (client, mut connection) = self.config.connect(NoTls).await?;
-        let messages = futures_util::stream::poll_fn(move |cx| connection.poll_message(cx));
+        let (client, messages) = (self.open)(self.config.clone()).await?;
         let task = tokio::spawn(dispatch(Arc::downgrade(&self.waiters), messages));
         // The channel is the table name and a suffix: a plain identifier,
         // quoted like the table (the same channel `pg_notify` names, as it

@@ -2,21 +2,27 @@
 //! and a fence for the handler's own transaction.
 
 mod cleanup;
+mod connect;
 mod listen;
 mod sql;
+#[cfg(feature = "tls")]
+mod tls;
+
+pub use self::connect::{ConnectOptions, SslMode};
 
 use std::future::Future;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use deadpool_postgres::{Manager, ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
+use deadpool_postgres::{ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
 use tokio::task::JoinHandle;
 use tokio_postgres::error::SqlState;
+use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
 use tokio_postgres::types::{ToSql, Type};
-use tokio_postgres::{NoTls, Row};
+use tokio_postgres::{Row, Socket};
 
-use self::listen::Listener;
+use self::listen::{Listener, Opener};
 use self::sql::Statements;
 use super::abandon::{Abandoner, Attempt, Lost};
 use super::{Claim, CompletedRecord, LeaseStatus, OwnerToken, Store, StoreError, StoreErrorKind};
@@ -212,13 +218,24 @@ impl Inner {
 
 /// Where the store's connections come from.
 enum Source {
-    Config(tokio_postgres::Config),
-    Pool(Pool, Option<tokio_postgres::Config>),
+    Options(Box<ConnectOptions>),
+    Pool(Pool),
+}
+
+/// Where the `LISTEN` connection goes, when not where the store's own pool
+/// connects.
+enum Notifications {
+    Config(Box<tokio_postgres::Config>),
+    Options(Box<ConnectOptions>),
 }
 
 /// Configures a [`PostgresStore`].
 pub struct PostgresStoreBuilder {
     source: Source,
+    notifications: Option<Notifications>,
+    notifications_tls: Option<Opener>,
+    #[cfg(feature = "tls")]
+    tls: crate::store::tls::TlsSettings,
     table: String,
     op_timeout: Duration,
     pool_size: usize,
@@ -239,9 +256,13 @@ impl std::fmt::Debug for PostgresStoreBuilder {
 }
 
 impl PostgresStoreBuilder {
-    fn new(source: Source) -> Self {
+    fn new(source: Source, notifications: Option<Notifications>) -> Self {
         Self {
             source,
+            notifications,
+            notifications_tls: None,
+            #[cfg(feature = "tls")]
+            tls: crate::store::tls::TlsSettings::default(),
             table: DEFAULT_TABLE.to_owned(),
             op_timeout: DEFAULT_OPERATION_TIMEOUT,
             pool_size: DEFAULT_POOL_SIZE,
@@ -330,6 +351,67 @@ impl PostgresStoreBuilder {
         self
     }
 
+    /// Trusts the certificates in the PEM bundle at `path` instead of
+    /// Mozilla's roots, for the store's own connections and its `LISTEN`
+    /// connection (feature `tls`; see [`ConnectOptions::tls_ca_file`]).
+    /// [`build`](Self::build) fails when the file cannot be read or holds no
+    /// certificate.
+    #[cfg(feature = "tls")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
+    pub fn tls_ca_file(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+        self.tls.roots_file(path.into());
+        self
+    }
+
+    /// Like [`tls_ca_file`](Self::tls_ca_file), with the PEM bundle in
+    /// memory.
+    #[cfg(feature = "tls")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
+    pub fn tls_ca_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
+        self.tls.roots_pem(pem.into());
+        self
+    }
+
+    /// Presents a client certificate (PEM chain, PEM private key) to a
+    /// server that asks for one (feature `tls`).
+    #[cfg(feature = "tls")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
+    pub fn tls_client_identity(
+        mut self,
+        certificate_pem: impl Into<Vec<u8>>,
+        key_pem: impl Into<Vec<u8>>,
+    ) -> Self {
+        self.tls.identity(certificate_pem.into(), key_pem.into());
+        self
+    }
+
+    /// Where the `LISTEN` connection goes, with its TLS (by default where
+    /// the store's own pool connects, or the `notifications` settings given
+    /// to [`PostgresStore::builder_for_pool`]). TLS settings given to this
+    /// builder take precedence over the ones in `options`.
+    pub fn notifications(mut self, options: ConnectOptions) -> Self {
+        self.notifications = Some(Notifications::Options(Box::new(options)));
+        self
+    }
+
+    /// The TLS connector of the `LISTEN` connection: give it the one your
+    /// own pool's manager uses (a `tokio_postgres_rustls::MakeRustlsConnect`,
+    /// a `postgres_native_tls::MakeTlsConnector`, …) when you build the
+    /// store with [`PostgresStore::builder_for_pool`] and notifications over
+    /// TLS. Without it, that connection uses this crate's own: rustls with
+    /// Mozilla's roots or [`tls_ca_file`](Self::tls_ca_file) (feature
+    /// `tls`), or plaintext.
+    pub fn notifications_tls<T>(mut self, tls: T) -> Self
+    where
+        T: MakeTlsConnect<Socket> + Clone + Send + Sync + 'static,
+        T::Stream: Send + 'static,
+        T::TlsConnect: Send,
+        <T::TlsConnect as TlsConnect<Socket>>::Future: Send,
+    {
+        self.notifications_tls = Some(listen::opener(tls));
+        self
+    }
+
     /// Builds the store. It connects lazily (a process can start while the
     /// database is down: guarded requests get 503 until it is back) and
     /// does not create the table: call [`PostgresStore::migrate`], or run
@@ -343,19 +425,27 @@ impl PostgresStoreBuilder {
                 sql::MAX_TABLE_NAME
             )));
         }
-        let (pool, listen) = match self.source {
-            Source::Pool(pool, listen) => (pool, listen),
-            Source::Config(mut config) => {
+        #[cfg(feature = "tls")]
+        let tls = self.tls;
+        // The builder's TLS settings, where it was given any, win over
+        // those of the options.
+        let with_builder_tls = |#[allow(unused_mut)] mut options: ConnectOptions| {
+            #[cfg(feature = "tls")]
+            if tls.is_set() {
+                options.set_tls(tls.clone());
+            }
+            options
+        };
+        let (pool, own) = match self.source {
+            Source::Pool(pool) => (pool, None),
+            Source::Options(options) => {
+                let mut options = with_builder_tls(*options);
                 if self.server_timeouts {
-                    stop_with_the_caller(&mut config, self.op_timeout);
+                    stop_with_the_caller(options.config_mut(), self.op_timeout);
                 }
-                let manager = Manager::from_config(
-                    config.clone(),
-                    NoTls,
-                    ManagerConfig {
-                        recycling_method: RecyclingMethod::Fast,
-                    },
-                );
+                let manager = options.manager(ManagerConfig {
+                    recycling_method: RecyclingMethod::Fast,
+                })?;
                 let pool = Pool::builder(manager)
                     .max_size(self.pool_size)
                     .wait_timeout(Some(self.op_timeout))
@@ -363,18 +453,33 @@ impl PostgresStoreBuilder {
                     .runtime(Runtime::Tokio1)
                     .build()
                     .map_err(configure_error)?;
-                (pool, Some(config))
+                (pool, Some(options))
             }
         };
+        let listen = match self.notifications {
+            None => own,
+            Some(Notifications::Config(config)) => {
+                Some(with_builder_tls(ConnectOptions::from_config(*config)?))
+            }
+            Some(Notifications::Options(options)) => Some(with_builder_tls(*options)),
+        };
         let channel = format!("{}_done", self.table);
-        let listener = listen.map(|config| {
-            Arc::new(Listener::new(
-                config,
-                channel.clone(),
-                self.op_timeout,
-                self.fallback_check,
-            ))
-        });
+        let listener = match listen {
+            None => None,
+            Some(options) => {
+                let open = match self.notifications_tls {
+                    Some(open) => open,
+                    None => options.connector()?.opener(),
+                };
+                Some(Arc::new(Listener::new(
+                    options.config().clone(),
+                    open,
+                    channel.clone(),
+                    self.op_timeout,
+                    self.fallback_check,
+                )))
+            }
+        };
         let store = PostgresStore {
             inner: Arc::new(Inner {
                 pool,
@@ -415,28 +520,71 @@ pub enum FenceError {
 impl PostgresStore {
     /// Connects to the database at `url` (for example
     /// `postgres://postgres@127.0.0.1:5432/postgres`) with the default
-    /// settings.
+    /// settings. Over TLS, it tries one connection first (within the
+    /// operation timeout): a server whose certificate does not verify is an
+    /// error here, a server that is down is not (the store connects lazily).
     pub async fn connect(url: &str) -> Result<Self, StoreError> {
-        Self::builder(url)?.build()
+        let store = Self::builder(url)?.build()?;
+        store.refuse_a_certificate_that_does_not_verify().await?;
+        Ok(store)
+    }
+
+    /// Over TLS, one pooled connection tried now (within the operation
+    /// timeout): a server whose certificate does not verify is a
+    /// configuration error. A server that is down or slow is not.
+    async fn refuse_a_certificate_that_does_not_verify(&self) -> Result<(), StoreError> {
+        #[cfg(feature = "tls")]
+        if let Ok(Err(PoolError::Backend(e))) =
+            tokio::time::timeout(self.inner.op_timeout, self.inner.pool.get()).await
+            && crate::store::tls::is_a_certificate_error(&e)
+        {
+            return Err(crate::store::tls::refuse(format!(
+                "the PostgreSQL server's TLS certificate did not verify: {}",
+                crate::store::error_chain(&e)
+            )));
+        }
+        Ok(())
     }
 
     /// Starts configuring a store for the database at `url` (a
     /// `postgres://` URL or a `key=value` connection string), with a pool
-    /// of its own.
+    /// of its own. `sslmode` is read as libpq reads it: see [`SslMode`].
     pub fn builder(url: &str) -> Result<PostgresStoreBuilder, StoreError> {
-        let config: tokio_postgres::Config = url.parse().map_err(configure_error)?;
-        Ok(PostgresStoreBuilder::new(Source::Config(config)))
+        Ok(Self::builder_with(ConnectOptions::from_url(url)?))
+    }
+
+    /// Starts configuring a store with a pool of its own, connecting as
+    /// `options` say.
+    pub fn builder_with(options: ConnectOptions) -> PostgresStoreBuilder {
+        PostgresStoreBuilder::new(Source::Options(Box::new(options)), None)
     }
 
     /// Starts configuring a store on a pool you already have.
     /// `notifications` is the database to open the store's `LISTEN`
     /// connection to (a pooled connection cannot receive notifications);
     /// without one, waiters rely on the fallback check alone.
+    ///
+    /// - **TLS**: a pool whose connections use TLS needs the same for the
+    ///   `LISTEN` connection: give its connector to
+    ///   [`notifications_tls`](PostgresStoreBuilder::notifications_tls), or
+    ///   give [`notifications`](PostgresStoreBuilder::notifications) a
+    ///   [`ConnectOptions`] (and build the pool's manager from the same
+    ///   options with [`ConnectOptions::manager`]).
+    /// - **Timeouts**: the store does not change the settings of a pool it
+    ///   borrows. Set `statement_timeout` and
+    ///   `idle_in_transaction_session_timeout` on its connections yourself
+    ///   (startup `options`, or `ALTER ROLE … SET`), a little above the
+    ///   store's operation timeout and above your handlers' longest
+    ///   statement, so that a statement whose caller gave up stops on the
+    ///   server too.
     pub fn builder_for_pool(
         pool: Pool,
         notifications: Option<tokio_postgres::Config>,
     ) -> PostgresStoreBuilder {
-        PostgresStoreBuilder::new(Source::Pool(pool, notifications))
+        PostgresStoreBuilder::new(
+            Source::Pool(pool),
+            notifications.map(|config| Notifications::Config(Box::new(config))),
+        )
     }
 
     /// The table's name.
@@ -1012,6 +1160,15 @@ impl Failure {
 
     fn into_store_error(self, op: &'static str) -> StoreError {
         match self {
+            #[cfg(feature = "tls")]
+            Failure::Pool(PoolError::Backend(e)) | Failure::Database(e)
+                if crate::store::tls::is_a_certificate_error(&e) =>
+            {
+                StoreError::new(StoreErrorKind::Unavailable, op).with_source(format!(
+                    "the PostgreSQL server's TLS certificate did not verify: {}",
+                    crate::store::error_chain(&e)
+                ))
+            }
             Failure::Pool(PoolError::Backend(e)) | Failure::Database(e) => {
                 let kind = match e.code() {
                     Some(code) if *code == SqlState::QUERY_CANCELED => StoreErrorKind::Timeout,

@@ -176,7 +176,7 @@ impl Default for Settings {
 pub struct RedisStoreBuilder {
     client: redis::Client,
     #[cfg(feature = "tls")]
-    tls: tls::TlsSettings,
+    tls: crate::store::tls::TlsSettings,
     settings: Settings,
 }
 
@@ -220,7 +220,7 @@ impl RedisStoreBuilder {
     /// the TLS settings.
     fn client(&self) -> Result<redis::Client, StoreError> {
         #[cfg(feature = "tls")]
-        tls::ensure_crypto_provider();
+        crate::store::tls::ensure_crypto_provider();
         #[cfg(feature = "tls")]
         if self.tls.is_set() {
             let info = self.client.get_connection_info().clone();
@@ -231,7 +231,7 @@ impl RedisStoreBuilder {
                     ),
                 );
             }
-            let certificates = self.tls.certificates()?;
+            let certificates = tls::certificates(&self.tls)?;
             return redis::Client::build_with_tls(info, certificates)
                 .map_err(|e| error("configure", e));
         }
@@ -328,7 +328,7 @@ impl RedisStoreBuilder {
         let builder = redis::cluster::ClusterClient::builder(nodes.iter().map(|n| n.as_ref()));
         #[cfg(feature = "tls")]
         let builder = if self.tls.is_set() {
-            builder.certs(self.tls.certificates()?)
+            builder.certs(tls::certificates(&self.tls)?)
         } else {
             builder
         };
@@ -400,7 +400,7 @@ impl RedisStore {
         RedisStoreBuilder {
             client,
             #[cfg(feature = "tls")]
-            tls: tls::TlsSettings::default(),
+            tls: crate::store::tls::TlsSettings::default(),
             settings: Settings::default(),
         }
     }
