@@ -52,6 +52,46 @@ fn request(key: &str) -> http::Request<axum::body::Body> {
         .unwrap()
 }
 
+/// Over TLS (clients and the cluster bus), with the private CA: every node
+/// is dialled at the address `CLUSTER SLOTS` gives (127.0.0.1, which the
+/// certificate names), the pub/sub connection too; without the CA the
+/// store is not built.
+#[cfg(feature = "tls")]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_store_contract_holds_on_a_cluster_over_tls() {
+    let Some(certs) = common::tls::TestCerts::make_or_skip("cluster over TLS") else {
+        return;
+    };
+    let Some(cluster) = RedisCluster::start_tls_or_skip("cluster over TLS", &certs) else {
+        return;
+    };
+    let urls = cluster.urls();
+    assert!(urls[0].starts_with("rediss://"), "{urls:?}");
+    let refused = RedisStore::builder(&urls[0])
+        .expect("a URL")
+        .operation_timeout(Duration::from_millis(500))
+        .build_cluster(&urls)
+        .await;
+    let e = refused
+        .err()
+        .expect("Mozilla's roots do not hold the test CA");
+    let mut chain = e.to_string();
+    let mut source = std::error::Error::source(&e);
+    while let Some(s) = source {
+        chain.push_str(&format!(": {s}"));
+        source = s.source();
+    }
+    assert!(chain.contains("certificate"), "{chain}");
+    let store = RedisStore::builder(&urls[0])
+        .expect("a URL")
+        .tls_ca_file(&certs.ca)
+        .fallback_check(Duration::from_secs(60))
+        .build_cluster(&urls)
+        .await
+        .expect("a cluster connection over TLS");
+    conformance::run_all(&store).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_store_contract_holds_on_a_cluster() {
     let Some(cluster) = RedisCluster::start_or_skip("cluster conformance") else {

@@ -183,7 +183,7 @@ pub enum StoreErrorKind {
 /// A store operation failed. The layer answers 503 (fail closed) and does
 /// not execute.
 #[derive(Debug, thiserror::Error)]
-#[error("idempotency store {op} failed ({kind:?}){}", .source.as_ref().map(|s| format!(": {s}")).unwrap_or_default())]
+#[error("idempotency store {op} failed ({kind:?}){}", .source.as_ref().map(|s| format!(": {}", error_chain(&**s))).unwrap_or_default())]
 pub struct StoreError {
     kind: StoreErrorKind,
     op: &'static str,
@@ -286,9 +286,9 @@ impl fmt::Display for LeaseStatus {
     }
 }
 
-/// `e` and the errors it came from, as one line: a connection error often
-/// says only "error performing TLS handshake", its source says why.
-#[cfg(any(feature = "redis", feature = "postgres"))]
+/// `e` and the errors it came from, as one line: a driver's error often
+/// says only "db error" or "error performing TLS handshake", its source
+/// says why.
 pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut text = e.to_string();
     let mut current = e.source();

@@ -11,7 +11,21 @@ use super::redis_server::RedisServer;
 
 pub struct RedisCluster {
     pub primaries: Vec<RedisServer>,
+    /// The CA of a cluster that speaks TLS only (clients and bus).
+    tls_ca: Option<std::path::PathBuf>,
 }
+
+/// The settings every primary gets.
+const CLUSTER_ARGS: [&str; 8] = [
+    "--cluster-enabled",
+    "yes",
+    "--cluster-config-file",
+    "nodes.conf",
+    "--cluster-node-timeout",
+    "2000",
+    "--cluster-require-full-coverage",
+    "no",
+];
 
 impl RedisCluster {
     /// Starts a cluster, or returns `None` (after saying so) when
@@ -27,31 +41,47 @@ impl RedisCluster {
     /// can be configured first (for example, to announce the address of a
     /// proxy in front of each); [`form`](Self::form) then forms it.
     pub fn start_unformed_or_skip(test: &str) -> Option<Self> {
-        let cli = Command::new("redis-cli")
-            .arg("--version")
-            .stdout(Stdio::null())
-            .status()
-            .is_ok();
-        if !cli {
-            super::redis_server::missing(test, "redis-cli")?;
-        }
+        cli_installed(test)?;
         let mut primaries = Vec::new();
         for _ in 0..3 {
-            primaries.push(RedisServer::start_with_cluster_port(
+            primaries.push(RedisServer::start_with_cluster_port(test, &CLUSTER_ARGS)?);
+        }
+        Some(Self {
+            primaries,
+            tls_ca: None,
+        })
+    }
+
+    /// Starts and forms a cluster that speaks TLS only, to clients and on
+    /// its bus, with the leaf of `certs` on every node; `None` as
+    /// [`start_or_skip`](Self::start_or_skip), or when `redis-server` has
+    /// no TLS.
+    #[cfg(feature = "tls")]
+    pub fn start_tls_or_skip(test: &str, certs: &super::tls::TestCerts) -> Option<Self> {
+        cli_installed(test)?;
+        let mut primaries = Vec::new();
+        for _ in 0..3 {
+            primaries.push(RedisServer::start_tls_with_cluster_port(
                 test,
-                &[
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-config-file",
-                    "nodes.conf",
-                    "--cluster-node-timeout",
-                    "2000",
-                    "--cluster-require-full-coverage",
-                    "no",
-                ],
+                certs,
+                &CLUSTER_ARGS,
             )?);
         }
-        Some(Self { primaries })
+        let cluster = Self {
+            primaries,
+            tls_ca: Some(certs.ca.clone()),
+        };
+        cluster.form();
+        Some(cluster)
+    }
+
+    /// `redis-cli`, over TLS to a TLS cluster.
+    fn cli(&self) -> Command {
+        let mut cli = Command::new("redis-cli");
+        if let Some(ca) = &self.tls_ca {
+            cli.arg("--tls").arg("--cacert").arg(ca);
+        }
+        cli
     }
 
     /// Forms the cluster of the primaries and waits until it serves.
@@ -67,14 +97,23 @@ impl RedisCluster {
             .collect()
     }
 
-    /// `redis://` URLs of the primaries.
+    /// `redis://` URLs of the primaries (`rediss://` for a TLS cluster).
     pub fn urls(&self) -> Vec<String> {
-        self.primaries.iter().map(|p| p.url()).collect()
+        let scheme = if self.tls_ca.is_some() {
+            "rediss"
+        } else {
+            "redis"
+        };
+        self.primaries
+            .iter()
+            .map(|p| format!("{scheme}://127.0.0.1:{}", p.port))
+            .collect()
     }
 
     fn create(&self) {
         for _attempt in 0..5 {
-            let status = Command::new("redis-cli")
+            let status = self
+                .cli()
                 .arg("--cluster")
                 .arg("create")
                 .args(self.addresses())
@@ -95,7 +134,7 @@ impl RedisCluster {
         let started = Instant::now();
         while started.elapsed() < Duration::from_secs(30) {
             let ok = self.primaries.iter().all(|p| {
-                Command::new("redis-cli")
+                self.cli()
                     .args(["-p", &p.port.to_string(), "cluster", "info"])
                     .output()
                     .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("cluster_state:ok"))
@@ -116,7 +155,8 @@ impl RedisCluster {
             .iter()
             .find(|p| p.is_running())
             .expect("a live primary");
-        let out = Command::new("redis-cli")
+        let out = self
+            .cli()
             .args(["-p", &live.port.to_string(), "cluster", "keyslot", key_name])
             .output()
             .expect("redis-cli");
@@ -129,5 +169,19 @@ impl RedisCluster {
             5461..=10922 => 1,
             _ => 2,
         }
+    }
+}
+
+/// `Some` when `redis-cli` is on the PATH.
+fn cli_installed(test: &str) -> Option<()> {
+    let cli = Command::new("redis-cli")
+        .arg("--version")
+        .stdout(Stdio::null())
+        .status()
+        .is_ok();
+    if cli {
+        Some(())
+    } else {
+        super::redis_server::missing(test, "redis-cli")
     }
 }

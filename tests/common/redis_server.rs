@@ -33,13 +33,7 @@ impl RedisServer {
     /// port (10 000 higher) is free too.
     pub fn start_with_cluster_port(test: &str, extra: &[&str]) -> Option<Self> {
         installed(test)?;
-        let port = loop {
-            let port = free_port();
-            if port < 55_000 && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
-                break port;
-            }
-        };
-        Some(Self::launched(extra, port))
+        Some(Self::launched(extra, cluster_port()))
     }
 
     /// A server that speaks TLS only, on its port, with `certs`' leaf as
@@ -54,32 +48,75 @@ impl RedisServer {
     ) -> Option<Self> {
         installed(test)?;
         let port = free_port();
-        let path = |p: &std::path::Path| p.to_str().expect("a UTF-8 path").to_owned();
-        let tls_port = port.to_string();
-        let (cert, key, ca) = (path(&certs.cert), path(&certs.key), path(&certs.ca));
-        Some(Self::launched(
-            &[
-                "--port",
-                "0",
-                "--tls-port",
-                &tls_port,
-                "--tls-cert-file",
-                &cert,
-                "--tls-key-file",
-                &key,
-                "--tls-ca-cert-file",
-                &ca,
+        let mut args = tls_args(certs, port);
+        args.extend(
+            [
                 "--tls-auth-clients",
                 if client_certificates { "yes" } else { "no" },
                 "--bind",
                 "127.0.0.1",
                 "127.0.0.2",
-            ],
-            port,
-        ))
+            ]
+            .map(str::to_owned),
+        );
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Self::launched_tls_or_skip(test, &args, port)
+    }
+
+    /// Like [`start_with_cluster_port`](Self::start_with_cluster_port),
+    /// speaking TLS only, to clients and on the cluster bus.
+    #[cfg(feature = "tls")]
+    pub fn start_tls_with_cluster_port(
+        test: &str,
+        certs: &super::tls::TestCerts,
+        extra: &[&str],
+    ) -> Option<Self> {
+        installed(test)?;
+        let port = cluster_port();
+        let mut args = tls_args(certs, port);
+        args.extend(
+            [
+                "--tls-auth-clients",
+                "no",
+                "--tls-cluster",
+                "yes",
+                "--tls-replication",
+                "yes",
+            ]
+            .map(str::to_owned),
+        );
+        args.extend(extra.iter().map(|s| s.to_string()));
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        Self::launched_tls_or_skip(test, &args, port)
+    }
+
+    /// Launches a TLS server; one that exits at once was built without TLS
+    /// (or refused these settings): a skip that says so, or a failure under
+    /// `TOWER_IDEMPOTENCY_REQUIRE_TLS=1`.
+    #[cfg(feature = "tls")]
+    fn launched_tls_or_skip(test: &str, args: &[&str], port: u16) -> Option<Self> {
+        match Self::try_launched(args, port) {
+            Ok(server) => Some(server),
+            Err(log) => {
+                let why = format!("redis-server would not speak TLS ({})", log.trim());
+                if std::env::var("TOWER_IDEMPOTENCY_REQUIRE_TLS").is_ok_and(|v| v == "1") {
+                    panic!("{test}: {why} and TOWER_IDEMPOTENCY_REQUIRE_TLS=1");
+                }
+                say_skipped(&format!("SKIPPED {test}: {why}"));
+                None
+            }
+        }
     }
 
     fn launched(extra: &[&str], port: u16) -> Self {
+        match Self::try_launched(extra, port) {
+            Ok(server) => server,
+            Err(log) => panic!("redis-server did not start on port {port}: {log}"),
+        }
+    }
+
+    /// Starts one, or returns what it logged when it exited at once.
+    fn try_launched(extra: &[&str], port: u16) -> Result<Self, String> {
         let dir = std::env::temp_dir().join(format!(
             "tower-idempotency-{}-{}",
             std::process::id(),
@@ -92,8 +129,8 @@ impl RedisServer {
             dir,
             extra: extra.iter().map(|s| s.to_string()).collect(),
         };
-        server.launch();
-        server
+        server.try_launch()?;
+        Ok(server)
     }
 
     /// Whether the server process is running (not killed).
@@ -102,6 +139,16 @@ impl RedisServer {
     }
 
     fn launch(&mut self) {
+        if let Err(log) = self.try_launch() {
+            panic!("redis-server did not start on port {}: {log}", self.port);
+        }
+    }
+
+    /// Starts the process and waits until its port takes connections; when
+    /// it exits first, returns the end of its log.
+    fn try_launch(&mut self) -> Result<(), String> {
+        let log_path = self.dir.join("server.log");
+        let log = std::fs::File::create(&log_path).expect("log file");
         let child = Command::new("redis-server")
             .args([
                 "--port",
@@ -117,7 +164,7 @@ impl RedisServer {
             .arg(&self.dir)
             .args(["--enable-debug-command", "yes"])
             .args(&self.extra)
-            .stdout(Stdio::null())
+            .stdout(log)
             .stderr(Stdio::null())
             .spawn()
             .expect("spawn redis-server");
@@ -125,11 +172,21 @@ impl RedisServer {
         let started = Instant::now();
         while started.elapsed() < Duration::from_secs(10) {
             if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
-                return;
+                return Ok(());
+            }
+            let exited = self
+                .child
+                .as_mut()
+                .is_some_and(|child| child.try_wait().is_ok_and(|status| status.is_some()));
+            if exited {
+                self.child = None;
+                let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+                let tail: Vec<&str> = log.lines().rev().take(5).collect();
+                return Err(tail.into_iter().rev().collect::<Vec<_>>().join(" / "));
             }
             std::thread::sleep(Duration::from_millis(10));
         }
-        panic!("redis-server did not start on port {}", self.port);
+        Err("nothing listened within 10 s".to_owned())
     }
 
     /// The server's address.
@@ -219,6 +276,35 @@ impl Drop for RedisServer {
         self.kill();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// A free port whose cluster bus port (10 000 higher) is free too.
+fn cluster_port() -> u16 {
+    loop {
+        let port = free_port();
+        if port < 55_000 && TcpListener::bind(("127.0.0.1", port + 10_000)).is_ok() {
+            return port;
+        }
+    }
+}
+
+/// A TLS-only server's arguments: TLS on `port`, no plaintext port, the
+/// leaf of `certs` as its certificate, their CA for clients.
+#[cfg(feature = "tls")]
+fn tls_args(certs: &super::tls::TestCerts, port: u16) -> Vec<String> {
+    let path = |p: &std::path::Path| p.to_str().expect("a UTF-8 path").to_owned();
+    vec![
+        "--port".to_owned(),
+        "0".to_owned(),
+        "--tls-port".to_owned(),
+        port.to_string(),
+        "--tls-cert-file".to_owned(),
+        path(&certs.cert),
+        "--tls-key-file".to_owned(),
+        path(&certs.key),
+        "--tls-ca-cert-file".to_owned(),
+        path(&certs.ca),
+    ]
 }
 
 /// `Some` when `redis-server` is on the PATH; see [`missing`].
