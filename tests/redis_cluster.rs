@@ -72,9 +72,7 @@ async fn the_store_contract_holds_on_a_cluster_over_tls() {
         .operation_timeout(Duration::from_millis(500))
         .build_cluster(&urls)
         .await;
-    let e = refused
-        .err()
-        .expect("Mozilla's roots do not hold the test CA");
+    let e = refused.expect_err("Mozilla's roots do not hold the test CA");
     let mut chain = e.to_string();
     let mut source = std::error::Error::source(&e);
     while let Some(s) = source {
