@@ -244,3 +244,24 @@ async fn a_tls_store_still_builds_while_redis_is_down() {
         .await;
     assert!(built.is_ok(), "{:?}", built.err());
 }
+
+/// `#insecure` (every check of the certificate off) is refused when the
+/// store is built, for a single server and for cluster nodes alike.
+#[tokio::test]
+async fn an_insecure_url_is_refused() {
+    let e = RedisStore::builder("rediss://localhost:1/#insecure")
+        .unwrap()
+        .build()
+        .await
+        .expect_err("#insecure");
+    assert!(chain(&e).contains("#insecure"), "{}", chain(&e));
+    #[cfg(feature = "redis-cluster")]
+    {
+        let e = RedisStore::builder("rediss://localhost:1")
+            .unwrap()
+            .build_cluster(&["rediss://localhost:1", "rediss://localhost:2/#insecure"])
+            .await
+            .expect_err("#insecure");
+        assert!(chain(&e).contains("#insecure"), "{}", chain(&e));
+    }
+}

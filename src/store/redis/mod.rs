@@ -222,6 +222,8 @@ impl RedisStoreBuilder {
         #[cfg(feature = "tls")]
         crate::store::tls::ensure_crypto_provider();
         #[cfg(feature = "tls")]
+        tls::refuse_insecure(self.client.get_connection_info())?;
+        #[cfg(feature = "tls")]
         if self.tls.is_set() {
             let info = self.client.get_connection_info().clone();
             if !matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. }) {
@@ -325,6 +327,15 @@ impl RedisStoreBuilder {
     ) -> Result<RedisStore<redis::cluster_async::ClusterConnection>, StoreError> {
         self.check_prefix()?;
         let notifications = self.client()?;
+        #[cfg(feature = "tls")]
+        for node in nodes {
+            use redis::IntoConnectionInfo;
+            // A node that does not parse fails below, with the cluster
+            // client's own error.
+            if let Ok(info) = node.as_ref().into_connection_info() {
+                tls::refuse_insecure(&info)?;
+            }
+        }
         let builder = redis::cluster::ClusterClient::builder(nodes.iter().map(|n| n.as_ref()));
         #[cfg(feature = "tls")]
         let builder = if self.tls.is_set() {

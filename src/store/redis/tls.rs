@@ -23,6 +23,20 @@ pub(super) fn certificates(settings: &TlsSettings) -> Result<redis::TlsCertifica
     })
 }
 
+/// Refuses a `rediss://…#insecure` address: it turns off every check of
+/// the server's certificate, which this store never does (a private CA
+/// goes in [`tls_ca_file`](super::RedisStoreBuilder::tls_ca_file)).
+pub(super) fn refuse_insecure(info: &redis::ConnectionInfo) -> Result<(), StoreError> {
+    if let redis::ConnectionAddr::TcpTls { insecure: true, .. } = info.addr() {
+        return Err(refuse(format!(
+            "{} asks (with #insecure) not to verify the server's TLS certificate; \
+             the store always verifies it: give the server's CA with tls_ca_file instead",
+            info.addr()
+        )));
+    }
+    Ok(())
+}
+
 /// Over TLS, one connection tried now (bounded by `timeout`): a server
 /// whose certificate does not verify is a configuration error. A server
 /// that is down or slow is not: the store connects lazily and serves once
