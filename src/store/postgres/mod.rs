@@ -69,6 +69,11 @@ pub const DEFAULT_CLEANUP_BATCH: u32 = 1000;
 ///   completed (those whose outcome is unknown included) the
 ///   [fence memory](PostgresStoreBuilder::fence_memory) after their lease
 ///   ended; never a claim whose lease is live.
+/// - **TLS** (feature `tls`): the URL's `sslmode` is read as libpq reads
+///   it ([`SslMode`]), for the pool and the `LISTEN` connection; every TLS
+///   connection verifies the server's certificate (Mozilla's roots, or
+///   [`tls_ca_file`](PostgresStoreBuilder::tls_ca_file)), and one that
+///   does not verify is an error, never a fallback to plaintext.
 /// - **Fail closed**: a pool that has no connection to give in time, a
 ///   database that does not answer within the
 ///   [operation timeout](PostgresStoreBuilder::operation_timeout), or a
