@@ -209,12 +209,31 @@ async fn a_certificate_that_does_not_verify_fails_every_operation() {
     claim_fails(&plain, "plaintext", "no encryption").await;
 }
 
-/// `prefer` with the right CA goes over TLS; its `ssl_mode` reads back.
+/// On a server that takes plaintext too, `prefer` still never falls back
+/// to it: a certificate that does not verify fails, though `disable` on
+/// the same server works; with the right CA it goes over TLS.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn prefer_uses_tls_when_the_server_offers_it() {
-    let Some((certs, server)) = tls_server("postgres TLS prefer").await else {
+async fn prefer_never_falls_back_to_plaintext() {
+    let Some(certs) = TestCerts::make_or_skip("postgres TLS prefer") else {
         return;
     };
+    let Some(server) =
+        PrivatePostgres::start_tls_and_plaintext_or_skip("postgres TLS prefer", &certs)
+    else {
+        return;
+    };
+    let plain = PostgresStore::builder(&url(&server, "disable"))
+        .unwrap()
+        .build()
+        .unwrap();
+    plain.migrate().await.expect("this server takes plaintext");
+    for url in [
+        url(&server, "prefer"),
+        format!("postgres://postgres@localhost:{}/postgres", server.port),
+    ] {
+        connect_refused(&url, "prefer, Mozilla's roots", "invalid peer certificate").await;
+    }
+
     let options = ConnectOptions::from_url(&format!(
         "postgres://postgres@localhost:{}/postgres",
         server.port
@@ -239,7 +258,7 @@ async fn prefer_uses_tls_when_the_server_offers_it() {
         )
         .await
         .unwrap();
-    assert!(row.get::<_, bool>(0));
+    assert!(row.get::<_, bool>(0), "prefer went over plaintext");
 }
 
 /// A server that asks for a client certificate gets the one given to the
@@ -262,7 +281,11 @@ async fn a_client_certificate_is_presented_when_given() {
         .build()
         .unwrap();
     let e = without.migrate().await.expect_err("no client certificate");
-    assert!(chain(&e).contains("certificate"), "{}", chain(&e));
+    assert!(
+        chain(&e).contains("requires a valid client certificate"),
+        "{}",
+        chain(&e)
+    );
     let with = PostgresStore::builder(&via_cert_address)
         .unwrap()
         .tls_ca_file(&certs.ca)

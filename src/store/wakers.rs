@@ -141,7 +141,7 @@ impl Subscription {
     pub(crate) async fn ensure<F, E>(&self, open: F)
     where
         F: Future<Output = Result<tokio::task::JoinHandle<()>, E>>,
-        E: std::fmt::Display,
+        E: std::error::Error + 'static,
     {
         let mut state = self.state.lock().await;
         if state.task.as_ref().is_some_and(|t| !t.is_finished()) {
@@ -158,7 +158,18 @@ impl Subscription {
         match tokio::time::timeout(self.open_timeout, open).await {
             Ok(Ok(task)) => state.task = Some(task),
             Ok(Err(e)) => {
-                tracing::debug!(error = %e, "idempotency notifications unavailable; waiters re-check instead")
+                let error = crate::store::error_chain(&e);
+                // A certificate that does not verify will not fix itself:
+                // say so where an operator looks.
+                #[cfg(feature = "tls")]
+                if crate::store::tls::is_a_certificate_error(&e) {
+                    tracing::warn!(
+                        %error,
+                        "idempotency notifications: the server's TLS certificate did not verify; waiters re-check instead"
+                    );
+                    return;
+                }
+                tracing::debug!(%error, "idempotency notifications unavailable; waiters re-check instead")
             }
             Err(_) => {
                 tracing::debug!("idempotency notifications timed out; waiters re-check instead")

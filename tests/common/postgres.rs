@@ -102,8 +102,9 @@ pub struct PrivatePostgres {
     child: Option<Child>,
     pub port: u16,
     dir: PathBuf,
-    /// Whether it takes TCP clients over TLS only.
-    tls_only: bool,
+    /// Whether it speaks TLS (the fixture then connects over its Unix
+    /// socket).
+    tls: bool,
 }
 
 /// Whether the tests run as root, where PostgreSQL must run as `postgres`.
@@ -138,10 +139,21 @@ impl PrivatePostgres {
     /// [`start_or_skip`](Self::start_or_skip) does.
     #[cfg(feature = "tls")]
     pub fn start_tls_or_skip(test: &str, certs: &super::tls::TestCerts) -> Option<Self> {
-        Self::start(test, Some([&certs.cert, &certs.key, &certs.ca]))
+        Self::start(test, Some(([&certs.cert, &certs.key, &certs.ca], false)))
     }
 
-    fn start(test: &str, tls: Option<[&PathBuf; 3]>) -> Option<Self> {
+    /// Like [`start_tls_or_skip`](Self::start_tls_or_skip), but taking
+    /// plaintext TCP clients too (as a server with `ssl = on` and `host`
+    /// lines does): a client that would fall back to plaintext could.
+    #[cfg(feature = "tls")]
+    pub fn start_tls_and_plaintext_or_skip(
+        test: &str,
+        certs: &super::tls::TestCerts,
+    ) -> Option<Self> {
+        Self::start(test, Some(([&certs.cert, &certs.key, &certs.ca], true)))
+    }
+
+    fn start(test: &str, tls: Option<([&PathBuf; 3], bool)>) -> Option<Self> {
         let dir = std::env::temp_dir().join(format!(
             "tower-idempotency-pg-{}-{}",
             std::process::id(),
@@ -169,7 +181,7 @@ impl PrivatePostgres {
                 None => return None,
             }
         }
-        if let Some([cert, key, ca]) = tls {
+        if let Some(([cert, key, ca], plaintext_too)) = tls {
             let data = dir.join("data");
             for (from, to) in [(cert, "server.crt"), (key, "server.key"), (ca, "ca.crt")] {
                 let to = data.join(to);
@@ -196,12 +208,19 @@ impl PrivatePostgres {
             .expect("write postgresql.conf");
             // The role `certified` must also present a client certificate
             // signed by the same CA.
+            let plaintext = if plaintext_too {
+                "hostnossl all all 127.0.0.0/8 trust\n"
+            } else {
+                "hostnossl all all 0.0.0.0/0 reject\n"
+            };
             std::fs::write(
                 data.join("pg_hba.conf"),
-                "local all all trust\n\
-                 hostssl all certified 127.0.0.0/8 trust clientcert=verify-ca\n\
-                 hostssl all all 127.0.0.0/8 trust\n\
-                 hostnossl all all 0.0.0.0/0 reject\n",
+                format!(
+                    "local all all trust\n\
+                     hostssl all certified 127.0.0.0/8 trust clientcert=verify-ca\n\
+                     hostssl all all 127.0.0.0/8 trust\n\
+                     {plaintext}"
+                ),
             )
             .expect("write pg_hba.conf");
         }
@@ -209,10 +228,10 @@ impl PrivatePostgres {
             child: None,
             port: free_port(),
             dir,
-            tls_only: tls.is_some(),
+            tls: tls.is_some(),
         };
         server.launch();
-        if server.tls_only {
+        if server.tls {
             run_sql_blocking(&server.admin_url(), "CREATE ROLE certified LOGIN SUPERUSER")
                 .expect("create the role that needs a client certificate");
         }
@@ -225,10 +244,10 @@ impl PrivatePostgres {
         format!("postgres://postgres@127.0.0.1:{}/postgres", self.port)
     }
 
-    /// Where the fixture itself connects: the TCP URL, or for a TLS-only
+    /// Where the fixture itself connects: the TCP URL, or for a TLS
     /// server its Unix socket (which takes plaintext).
     fn admin_url(&self) -> String {
-        if self.tls_only {
+        if self.tls {
             format!(
                 "host={} port={} user=postgres dbname=postgres",
                 self.dir.display(),

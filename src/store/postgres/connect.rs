@@ -186,8 +186,9 @@ impl ConnectOptions {
     }
 
     /// The connection settings, to change (an application name, a connect
-    /// timeout). Their `sslmode` is not read again: the mode stays
-    /// [`ssl_mode`](Self::ssl_mode).
+    /// timeout). Their `sslmode` is not read again: connections use
+    /// [`ssl_mode`](Self::ssl_mode) whatever this config says, so TLS
+    /// cannot be turned off here by mistake.
     pub fn config_mut(&mut self) -> &mut tokio_postgres::Config {
         &mut self.config
     }
@@ -242,13 +243,20 @@ impl ConnectOptions {
     /// they ask for. Fails when the CA bundle cannot be read or holds no
     /// certificate, or the client identity is malformed.
     pub fn manager(&self, manager_config: ManagerConfig) -> Result<Manager, StoreError> {
+        let config = self.tokio_config();
         Ok(match self.connector()? {
-            Connector::Plain => Manager::from_config(self.config.clone(), NoTls, manager_config),
+            Connector::Plain => Manager::from_config(config, NoTls, manager_config),
             #[cfg(feature = "tls")]
-            Connector::Rustls(tls) => {
-                Manager::from_config(self.config.clone(), tls, manager_config)
-            }
+            Connector::Rustls(tls) => Manager::from_config(config, tls, manager_config),
         })
+    }
+
+    /// The settings tokio-postgres connects with: the config, its `sslmode`
+    /// the one these options read.
+    pub(super) fn tokio_config(&self) -> tokio_postgres::Config {
+        let mut config = self.config.clone();
+        config.ssl_mode(self.ssl_mode.for_tokio_postgres());
+        config
     }
 
     /// The connector these settings need.
@@ -298,9 +306,15 @@ fn take_ssl_mode(url: &str) -> (std::borrow::Cow<'_, str>, Option<SslMode>) {
 
 type Span = std::ops::Range<usize>;
 
-/// The byte ranges of every `sslmode` value in a URL's query.
+/// The byte ranges of every `sslmode` value in a URL's query: after the
+/// first `?` that follows the credentials (which end at the first `@`, as
+/// tokio-postgres reads them; a password may hold a `?`).
 fn url_ssl_modes(url: &str) -> Vec<Span> {
-    let Some(query_start) = url.find('?').map(|i| i.saturating_add(1)) else {
+    let after_credentials = url.find('@').map_or(0, |at| at.saturating_add(1));
+    let Some(query_start) = url[after_credentials..]
+        .find('?')
+        .map(|i| after_credentials.saturating_add(i).saturating_add(1))
+    else {
         return Vec::new();
     };
     let mut spans = Vec::new();
@@ -399,6 +413,11 @@ mod tests {
                 "host=h password='a b sslmode=verify-ca' sslmode=prefer",
             ),
             ("postgres://u@h/db", None, "postgres://u@h/db"),
+            (
+                "postgres://u:p?sslmode=verify-ca@h/db?sslmode=verify-full",
+                Some(SslMode::VerifyFull),
+                "postgres://u:p?sslmode=verify-ca@h/db?sslmode=require",
+            ),
             ("", None, ""),
             ("sslmode=", None, "sslmode="),
             ("host='unterminated", None, "host='unterminated"),
@@ -437,11 +456,19 @@ mod tests {
 
     #[cfg(feature = "tls")]
     #[test]
-    fn verify_full_asks_tokio_postgres_for_tls() {
-        let options = ConnectOptions::from_url("postgres://u@h/db?sslmode=verify-full").unwrap();
+    fn verify_full_asks_tokio_postgres_for_tls_whatever_config_mut_did() {
+        let mut options =
+            ConnectOptions::from_url("postgres://u@h/db?sslmode=verify-full").unwrap();
         assert_eq!(options.ssl_mode(), SslMode::VerifyFull);
         assert_eq!(
             options.config().get_ssl_mode(),
+            tokio_postgres::config::SslMode::Require
+        );
+        options
+            .config_mut()
+            .ssl_mode(tokio_postgres::config::SslMode::Disable);
+        assert_eq!(
+            options.tokio_config().get_ssl_mode(),
             tokio_postgres::config::SslMode::Require
         );
     }

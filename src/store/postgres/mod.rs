@@ -392,8 +392,9 @@ impl PostgresStoreBuilder {
 
     /// Where the `LISTEN` connection goes, with its TLS (by default where
     /// the store's own pool connects, or the `notifications` settings given
-    /// to [`PostgresStore::builder_for_pool`]). TLS settings given to this
-    /// builder take precedence over the ones in `options`.
+    /// to [`PostgresStore::builder_for_pool`]). When this builder was given
+    /// TLS settings of its own (a CA, a client certificate), they replace
+    /// all those of `options`.
     pub fn notifications(mut self, options: ConnectOptions) -> Self {
         self.notifications = Some(Notifications::Options(Box::new(options)));
         self
@@ -461,30 +462,40 @@ impl PostgresStoreBuilder {
                 (pool, Some(options))
             }
         };
-        let listen = match self.notifications {
-            None => own,
-            Some(Notifications::Config(config)) => {
-                Some(with_builder_tls(ConnectOptions::from_config(*config)?))
+        // Where the `LISTEN` connection goes and how: through the user's
+        // own connector as they configured it, or through this crate's for
+        // the options (their `sslmode` and TLS settings checked here).
+        let listen = match self.notifications_tls {
+            Some(open) => match self.notifications {
+                None => own.map(|options| options.tokio_config()),
+                Some(Notifications::Config(config)) => Some(*config),
+                Some(Notifications::Options(options)) => Some(options.tokio_config()),
             }
-            Some(Notifications::Options(options)) => Some(with_builder_tls(*options)),
+            .map(|config| (config, open)),
+            None => {
+                let options = match self.notifications {
+                    None => own,
+                    Some(Notifications::Config(config)) => {
+                        Some(with_builder_tls(ConnectOptions::from_config(*config)?))
+                    }
+                    Some(Notifications::Options(options)) => Some(with_builder_tls(*options)),
+                };
+                match options {
+                    None => None,
+                    Some(options) => Some((options.tokio_config(), options.connector()?.opener())),
+                }
+            }
         };
         let channel = format!("{}_done", self.table);
-        let listener = match listen {
-            None => None,
-            Some(options) => {
-                let open = match self.notifications_tls {
-                    Some(open) => open,
-                    None => options.connector()?.opener(),
-                };
-                Some(Arc::new(Listener::new(
-                    options.config().clone(),
-                    open,
-                    channel.clone(),
-                    self.op_timeout,
-                    self.fallback_check,
-                )))
-            }
-        };
+        let listener = listen.map(|(config, open)| {
+            Arc::new(Listener::new(
+                config,
+                open,
+                channel.clone(),
+                self.op_timeout,
+                self.fallback_check,
+            ))
+        });
         let store = PostgresStore {
             inner: Arc::new(Inner {
                 pool,
