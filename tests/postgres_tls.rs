@@ -200,6 +200,18 @@ async fn a_certificate_that_does_not_verify_fails_every_operation() {
         .await
         .unwrap();
     assert!(matches!(claim, Claim::Acquired { .. }), "{claim:?}");
+    // …but it does check the chain.
+    let wrong_ca = PostgresStore::builder(&other_name("verify-ca"))
+        .unwrap()
+        .tls_ca_pem(other.ca_pem())
+        .build()
+        .unwrap();
+    let e = wrong_ca.migrate().await.expect_err("verify-ca, wrong CA");
+    assert!(
+        chain(&e).contains("certificate did not verify"),
+        "{}",
+        chain(&e)
+    );
 
     let plain = PostgresStore::builder(&url(&server, "disable"))
         .unwrap()
