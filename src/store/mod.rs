@@ -54,25 +54,7 @@ pub mod postgres;
 pub use self::postgres::{FenceError, PostgresStore, PostgresStoreBuilder};
 
 #[cfg(any(feature = "redis", feature = "postgres"))]
-mod abandon;
-
-/// A nonce counter for a shared store's handle, starting at a random point.
-#[cfg(any(feature = "redis", feature = "postgres"))]
-pub(crate) fn nonce_counter() -> std::sync::atomic::AtomicU64 {
-    use std::hash::BuildHasher;
-    std::sync::atomic::AtomicU64::new(std::collections::hash_map::RandomState::new().hash_one(0u8))
-}
-
-/// The next nonce of `counter`: distinct for every call on one counter, and
-/// unpredictable across processes (a fresh random hash of the count).
-#[cfg(any(feature = "redis", feature = "postgres"))]
-pub(crate) fn fresh_nonce(counter: &std::sync::atomic::AtomicU64) -> u64 {
-    use std::hash::BuildHasher;
-    let n = counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-    std::collections::hash_map::RandomState::new().hash_one(n) ^ n
-}
-#[cfg(any(feature = "redis", feature = "postgres"))]
-mod wakers;
+mod remote;
 
 #[cfg(all(feature = "tls", any(feature = "redis", feature = "postgres")))]
 mod tls;

@@ -18,7 +18,7 @@ use tokio::task::JoinHandle;
 use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
 use tokio_postgres::{AsyncMessage, Client, NoTls, Socket};
 
-use crate::store::wakers::{Registration, Subscription, Wakers};
+use crate::store::remote::wakers::{Registration, Subscription, Wakers};
 
 /// The TLS of a connection the store opens itself.
 #[derive(Clone)]

@@ -3,6 +3,7 @@
 
 mod cleanup;
 mod connect;
+mod error;
 mod listen;
 mod sql;
 #[cfg(feature = "tls")]
@@ -11,7 +12,7 @@ mod tls;
 pub use self::connect::{ConnectOptions, SslMode};
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
@@ -22,9 +23,12 @@ use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Row, Socket};
 
+use self::error::{PgError, configure_error, corrupt};
 use self::listen::{Listener, Opener};
 use self::sql::Statements;
-use super::abandon::{Abandoner, Attempt, Lost};
+use super::remote::abandon::{Abandoner, Attempt, Orphan};
+use super::remote::call::Failure;
+use super::remote::{self, Nonces, millis};
 use super::{Claim, CompletedRecord, LeaseStatus, OwnerToken, Store, StoreError, StoreErrorKind};
 use crate::engine::ExecutionContext;
 use crate::fingerprint::Fingerprint;
@@ -197,7 +201,7 @@ struct Inner {
     cleanup_batch: u32,
     listener: Option<Arc<Listener>>,
     abandoner: Abandoner,
-    nonces: AtomicU64,
+    nonces: Nonces,
     /// Permits for releases of lost claims on their own connections.
     releasing: Arc<tokio::sync::Semaphore>,
     /// How often the cleanup task runs; `None`: no task.
@@ -508,7 +512,7 @@ impl PostgresStoreBuilder {
                 cleanup_batch: self.cleanup_batch,
                 listener,
                 abandoner: Abandoner::new(),
-                nonces: super::nonce_counter(),
+                nonces: Nonces::new(),
                 releasing: Arc::new(tokio::sync::Semaphore::new(ABANDON_BOUND)),
                 cleanup_every: self.cleanup_every,
                 cleanup_started: AtomicBool::new(self.cleanup_every.is_none()),
@@ -613,7 +617,7 @@ impl PostgresStore {
     pub async fn migrate(&self) -> Result<(), StoreError> {
         let sql = &self.inner.sql.migrate;
         self.bounded("migrate", async {
-            let mut client = self.inner.pool.get().await.map_err(pool_error)?;
+            let mut client = self.inner.pool.get().await.map_err(PgError::Pool)?;
             let tx = client.transaction().await?;
             tx.batch_execute(sql).await?;
             tx.commit().await?;
@@ -701,42 +705,22 @@ impl PostgresStore {
     async fn bounded<T>(
         &self,
         op: &'static str,
-        work: impl Future<Output = Result<T, Failure>>,
+        work: impl Future<Output = Result<T, PgError>>,
     ) -> Result<T, StoreError> {
-        self.attempt(op, work).await.map_err(|failed| failed.error)
-    }
-
-    /// Runs `op` within the operation timeout, telling apart the failures
-    /// after which it cannot have taken effect.
-    async fn attempt<T>(
-        &self,
-        op: &'static str,
-        work: impl Future<Output = Result<T, Failure>>,
-    ) -> Result<T, Failed> {
         let until = deadline(tokio::time::Instant::now(), self.inner.op_timeout);
-        self.attempt_until(op, until, work).await
+        Ok(self.call(op, until, work).await?)
     }
 
     /// Runs `op` until `until`, telling apart the failures after which it
     /// cannot have taken effect.
-    async fn attempt_until<T>(
+    async fn call<T>(
         &self,
         op: &'static str,
         until: tokio::time::Instant,
-        work: impl Future<Output = Result<T, Failure>>,
-    ) -> Result<T, Failed> {
+        work: impl Future<Output = Result<T, PgError>>,
+    ) -> Result<T, Failure> {
         self.ensure_cleanup();
-        match tokio::time::timeout_at(until, work).await {
-            Ok(Ok(value)) => Ok(value),
-            Ok(Err(failure)) => Err(Failed {
-                unapplied: failure.unapplied(),
-                error: failure.into_store_error(op),
-            }),
-            Err(_) => Err(Failed {
-                error: StoreError::new(StoreErrorKind::Timeout, op),
-                unapplied: false,
-            }),
-        }
+        remote::call::bounded(op, until, &(), work).await
     }
 
     /// Claims whose reply was lost (a timeout, a dropped connection, a
@@ -753,7 +737,7 @@ impl PostgresStore {
     /// at most [`ABANDON_BOUND`] at a time, beyond which such a claim expires
     /// with its lease. If that connection is broken, the release goes
     /// through the queue on another one, retried until the database answers.
-    fn abandon_on(&self, client: Arc<deadpool_postgres::Object>, lost: Lost) {
+    fn abandon_on(&self, client: Arc<deadpool_postgres::Object>, lost: Orphan) {
         let Ok(permit) = self.inner.releasing.clone().try_acquire_owned() else {
             tracing::debug!(
                 "too many lost idempotency claims being released; this one expires with its lease"
@@ -802,9 +786,9 @@ impl PostgresStore {
 
     /// Queues the release of a claim whose reply was lost, by the nonce it
     /// was sent with, once the database answers, within its lease.
-    fn abandon(&self, lost: Lost) {
+    fn abandon(&self, lost: Orphan) {
         let inner = Arc::downgrade(&self.inner);
-        self.inner.abandoner.push(lost, move |lost: Lost| {
+        self.inner.abandoner.push(lost, move |lost: Orphan| {
             let store = PostgresStore {
                 inner: inner.upgrade()?,
             };
@@ -830,7 +814,7 @@ impl PostgresStore {
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<Row>, StoreError> {
         self.bounded(op, async {
-            let client = self.inner.pool.get().await.map_err(pool_error)?;
+            let client = self.inner.pool.get().await.map_err(PgError::Pool)?;
             let statement = client.prepare_cached(sql).await?;
             Ok(client.query(&statement, params).await?)
         })
@@ -844,7 +828,7 @@ impl PostgresStore {
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<u64, StoreError> {
         self.bounded(op, async {
-            let client = self.inner.pool.get().await.map_err(pool_error)?;
+            let client = self.inner.pool.get().await.map_err(PgError::Pool)?;
             let statement = client.prepare_cached(sql).await?;
             Ok(client.execute(&statement, params).await?)
         })
@@ -897,11 +881,10 @@ fn nonce_param(token: OwnerToken) -> i64 {
     i64::from_ne_bytes(token.nonce().to_ne_bytes())
 }
 
-/// Milliseconds as a parameter: never 0, never past a century.
+/// Milliseconds as a parameter (`$n::float8 * interval '1 millisecond'`):
+/// [`millis`], exact as a `float8` (below 2^53).
 fn ms(d: Duration) -> f64 {
-    let ms = d.min(crate::time::FAR_FUTURE).as_millis().max(1);
-    // Exact: a century in milliseconds is far below 2^53.
-    u64::try_from(ms).unwrap_or(u64::MAX) as f64
+    millis(d) as f64
 }
 
 impl Store for PostgresStore {
@@ -911,7 +894,7 @@ impl Store for PostgresStore {
         fingerprint: Fingerprint,
         lease: Duration,
     ) -> Result<Claim, StoreError> {
-        let nonce = i64::from_ne_bytes(super::fresh_nonce(&self.inner.nonces).to_ne_bytes());
+        let nonce = i64::from_ne_bytes(self.inner.nonces.next().to_ne_bytes());
         // The row outlives the lease by the fence memory (the extend
         // statement keeps it so), the same meaning as on Redis.
         let keep = lease.saturating_add(self.inner.fence_memory);
@@ -927,11 +910,10 @@ impl Store for PostgresStore {
         // order, so the release cannot overtake the claim.
         let until = deadline(tokio::time::Instant::now(), self.inner.op_timeout);
         let client = self
-            .attempt_until("claim", until, async {
-                self.inner.pool.get().await.map_err(pool_error)
+            .call("claim", until, async {
+                self.inner.pool.get().await.map_err(PgError::Pool)
             })
-            .await
-            .map_err(|failed| failed.error)?;
+            .await?;
         let client = Arc::new(client);
         // Until its reply is in, the claim may have been applied with nobody
         // to own it: if the reply is lost, or this future is dropped (the
@@ -939,11 +921,7 @@ impl Store for PostgresStore {
         let mut unsettled = Unsettled {
             store: self,
             lost: Some((
-                Lost {
-                    name: key.to_hex(),
-                    nonce: u64::from_ne_bytes(nonce.to_ne_bytes()),
-                    until: deadline(tokio::time::Instant::now(), lease),
-                },
+                Orphan::new(key.to_hex(), u64::from_ne_bytes(nonce.to_ne_bytes()), lease),
                 client.clone(),
             )),
         };
@@ -953,7 +931,7 @@ impl Store for PostgresStore {
         // it.
         for _ in 0..3 {
             let sent = self
-                .attempt_until("claim", until, async {
+                .call("claim", until, async {
                     let statement = client.prepare_cached(&self.inner.sql.claim).await?;
                     Ok(client.query(&statement, &params).await?)
                 })
@@ -1125,7 +1103,7 @@ fn fingerprint_of(bytes: &[u8]) -> Fingerprint {
 /// armed, it releases the claim.
 struct Unsettled<'a> {
     store: &'a PostgresStore,
-    lost: Option<(Lost, Arc<deadpool_postgres::Object>)>,
+    lost: Option<(Orphan, Arc<deadpool_postgres::Object>)>,
 }
 
 impl Drop for Unsettled<'_> {
@@ -1139,66 +1117,6 @@ impl Drop for Unsettled<'_> {
 /// How many lost claims one store releases at a time on their own
 /// connections.
 const ABANDON_BOUND: usize = 1024;
-
-/// A store call that failed, and whether it provably did not take effect.
-struct Failed {
-    error: StoreError,
-    unapplied: bool,
-}
-
-/// A failed operation, before it is named.
-enum Failure {
-    Pool(PoolError),
-    Database(tokio_postgres::Error),
-}
-
-impl From<tokio_postgres::Error> for Failure {
-    fn from(e: tokio_postgres::Error) -> Self {
-        Failure::Database(e)
-    }
-}
-
-fn pool_error(e: PoolError) -> Failure {
-    Failure::Pool(e)
-}
-
-impl Failure {
-    /// Whether the statement provably did not take effect: no connection
-    /// was had from the pool (nothing was sent), or the server answered
-    /// with an error (the statement's own transaction rolled back). A
-    /// broken connection leaves it unknown.
-    fn unapplied(&self) -> bool {
-        match self {
-            Failure::Database(e) => e.code().is_some(),
-            Failure::Pool(_) => true,
-        }
-    }
-
-    fn into_store_error(self, op: &'static str) -> StoreError {
-        match self {
-            #[cfg(feature = "tls")]
-            Failure::Pool(PoolError::Backend(e)) | Failure::Database(e)
-                if crate::store::tls::is_a_certificate_error(&e) =>
-            {
-                StoreError::new(StoreErrorKind::Unavailable, op).with_source(format!(
-                    "the PostgreSQL server's TLS certificate did not verify: {}",
-                    crate::store::error_chain(&e)
-                ))
-            }
-            Failure::Pool(PoolError::Backend(e)) | Failure::Database(e) => {
-                let kind = match e.code() {
-                    Some(code) if *code == SqlState::QUERY_CANCELED => StoreErrorKind::Timeout,
-                    Some(code) if *code == SqlState::UNDEFINED_TABLE => StoreErrorKind::Unavailable,
-                    _ => StoreErrorKind::Unavailable,
-                };
-                StoreError::new(kind, op).with_source(e)
-            }
-            Failure::Pool(PoolError::Timeout(_)) => StoreError::new(StoreErrorKind::Timeout, op)
-                .with_source("no pooled connection in time"),
-            Failure::Pool(e) => StoreError::new(StoreErrorKind::Unavailable, op).with_source(e),
-        }
-    }
-}
 
 /// Bounds, on the server, each statement of a connection made from
 /// `config` a little above the operation timeout, and each transaction left
@@ -1225,14 +1143,6 @@ fn server_timeout_ms(op_timeout: Duration) -> u64 {
     u64::try_from(bound.as_millis())
         .unwrap_or(u64::MAX)
         .clamp(1, i32::MAX as u64)
-}
-
-fn configure_error(e: impl Into<crate::BoxError>) -> StoreError {
-    StoreError::new(StoreErrorKind::Unavailable, "configure").with_source(e)
-}
-
-fn corrupt(op: &'static str, e: impl Into<crate::BoxError>) -> StoreError {
-    StoreError::new(StoreErrorKind::Corrupt, op).with_source(e)
 }
 
 #[cfg(test)]

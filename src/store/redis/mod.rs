@@ -1,6 +1,7 @@
 //! [`RedisStore`]: one guarantee across every process that shares a Redis.
 
 mod connection;
+mod error;
 mod notify;
 mod record;
 mod scripts;
@@ -8,15 +9,17 @@ mod scripts;
 mod tls;
 
 use std::sync::Arc;
-use std::sync::atomic::AtomicU64;
 use std::time::Duration;
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
 use redis::{RedisError, Script, Value};
 
 use self::connection::{Connection, Reopen};
+use self::error::corrupt;
 use self::notify::Notifier;
-use super::abandon::{Abandoner, Attempt, Lost};
+use super::remote::abandon::{Abandoner, Attempt, Orphan};
+use super::remote::call::{Cause, Failure, Health, bounded};
+use super::remote::{Nonces, millis};
 use super::{Claim, CompletedRecord, LeaseStatus, OwnerToken, Store, StoreError, StoreErrorKind};
 use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
@@ -123,7 +126,7 @@ struct Inner<C> {
     fence_memory: Duration,
     scripts: Scripts,
     notifier: Option<Arc<Notifier>>,
-    nonces: AtomicU64,
+    nonces: Nonces,
     abandoner: Abandoner,
 }
 
@@ -235,7 +238,7 @@ impl RedisStoreBuilder {
             }
             let certificates = tls::certificates(&self.tls)?;
             return redis::Client::build_with_tls(info, certificates)
-                .map_err(|e| error("configure", e));
+                .map_err(|e| e.into_store_error("configure"));
         }
         Ok(self.client.clone())
     }
@@ -289,7 +292,7 @@ impl RedisStoreBuilder {
         #[cfg(feature = "tls")]
         tls::refuse_a_certificate_that_does_not_verify(&client, self.settings.op_timeout).await?;
         let conn = ConnectionManager::new_lazy_with_config(client.clone(), config.clone())
-            .map_err(|e| error("connect", e))?;
+            .map_err(|e| e.into_store_error("connect"))?;
         let reopen: Reopen<ConnectionManager> = Arc::new({
             let client = client.clone();
             move || {
@@ -354,12 +357,12 @@ impl RedisStoreBuilder {
             // second purge finds nothing to drop).
             .retries(2)
             .build()
-            .map_err(|e| error("configure", e))?;
+            .map_err(|e| e.into_store_error("configure"))?;
         let connect_timeout = self.settings.op_timeout;
         let conn = tokio::time::timeout(connect_timeout, client.get_async_connection())
             .await
             .map_err(|_| StoreError::new(StoreErrorKind::Timeout, "connect"))?
-            .map_err(|e| error("connect", e))?;
+            .map_err(|e| e.into_store_error("connect"))?;
         let reopen: Reopen<redis::cluster_async::ClusterConnection> = Arc::new(move || {
             let client = client.clone();
             Box::pin(async move {
@@ -397,10 +400,10 @@ impl RedisStore {
         use redis::IntoConnectionInfo;
         let info = url
             .into_connection_info()
-            .map_err(|e| error("configure", e))?;
+            .map_err(|e| e.into_store_error("configure"))?;
         let nodelay = info.tcp_settings().clone().set_nodelay(true);
         let client = redis::Client::open(info.set_tcp_settings(nodelay))
-            .map_err(|e| error("configure", e))?;
+            .map_err(|e| e.into_store_error("configure"))?;
         Ok(Self::builder_for(client))
     }
 
@@ -464,7 +467,7 @@ where
                 fence_memory,
                 scripts: Scripts::new(),
                 notifier,
-                nonces: super::nonce_counter(),
+                nonces: Nonces::new(),
                 abandoner: Abandoner::new(),
             }),
         }
@@ -478,68 +481,22 @@ where
         format!("{}:{}", self.inner.prefix, key.to_hex())
     }
 
-    fn nonce(&self) -> u64 {
-        super::fresh_nonce(&self.inner.nonces)
-    }
-
-    async fn invoke(
-        &self,
-        op: &'static str,
-        invocation: redis::ScriptInvocation<'_>,
-    ) -> Result<Value, StoreError> {
-        self.call(op, invocation).await.map_err(|f| f.error)
-    }
-
-    /// Runs a script, telling apart the failures after which it cannot
-    /// have taken effect.
+    /// Runs a script within the operation timeout, telling apart the
+    /// failures after which it cannot have taken effect.
     async fn call(
         &self,
         op: &'static str,
         invocation: redis::ScriptInvocation<'_>,
     ) -> Result<Value, Failure> {
         let mut conn = self.inner.conn.get();
-        match tokio::time::timeout(
-            self.inner.op_timeout,
+        let until = deadline(tokio::time::Instant::now(), self.inner.op_timeout);
+        bounded(
+            op,
+            until,
+            &*self.inner,
             invocation.invoke_async::<Value>(&mut conn),
         )
         .await
-        {
-            Ok(Ok(value)) => {
-                self.inner.conn.answered();
-                Ok(value)
-            }
-            Ok(Err(e)) => {
-                if e.code().is_some() {
-                    self.inner.conn.answered();
-                } else if e.is_timeout() {
-                    self.timed_out();
-                }
-                Err(Failure {
-                    // Refused connections never carried the command, and Redis
-                    // answers an error only for a script it did not run or
-                    // that failed before its first write (they validate first).
-                    unapplied: e.is_connection_refusal() || e.code().is_some(),
-                    error: error(op, e),
-                })
-            }
-            Err(_) => {
-                self.timed_out();
-                Err(Failure {
-                    error: StoreError::new(StoreErrorKind::Timeout, op),
-                    unapplied: false,
-                })
-            }
-        }
-    }
-
-    /// A command timed out: after a few in a row the connection may be
-    /// half-open, and a new one is opened (and a new subscription with it).
-    fn timed_out(&self) {
-        if self.inner.conn.timed_out()
-            && let Some(notifier) = &self.inner.notifier
-        {
-            notifier.resubscribe();
-        }
     }
 
     /// An invocation of `script` on `key` by the owner of `token`: the
@@ -560,7 +517,7 @@ where
         op: &'static str,
         invocation: redis::ScriptInvocation<'_>,
     ) -> Result<LeaseStatus, StoreError> {
-        match self.invoke(op, invocation).await? {
+        match self.call(op, invocation).await? {
             Value::Int(1) => Ok(LeaseStatus::Held),
             Value::Int(0) => Ok(LeaseStatus::Lost),
             other => Err(corrupt(op, &other)),
@@ -579,9 +536,9 @@ where
     /// own it, and duplicates would wait for it until its lease ran out.
     /// Queues its release by the nonce we sent, once Redis answers, within
     /// its lease (see the `abandon` module).
-    fn abandon(&self, lost: Lost) {
+    fn abandon(&self, lost: Orphan) {
         let inner = Arc::downgrade(&self.inner);
-        self.inner.abandoner.push(lost, move |lost: Lost| {
+        self.inner.abandoner.push(lost, move |lost: Orphan| {
             let store = RedisStore {
                 inner: inner.upgrade()?,
             };
@@ -589,16 +546,13 @@ where
                 // The claim may still arrive after this release (queued on
                 // an old connection): the release leaves its nonce behind
                 // for as long as a claim's record would have lived.
-                let left = lost
-                    .until
-                    .saturating_duration_since(tokio::time::Instant::now());
-                let keep = ms(left.saturating_add(store.inner.fence_memory));
+                let keep = millis(lost.keep(store.inner.fence_memory));
                 let mut invocation = store.inner.scripts.abandon.key(&lost.name);
                 invocation
                     .arg(&record::nonce_arg(lost.nonce)[..])
                     .arg(&store.inner.channel)
                     .arg(keep);
-                match store.invoke("abandon", invocation).await {
+                match store.call("abandon", invocation).await {
                     Ok(Value::Int(1)) => {
                         tracing::debug!("released a claim whose reply was lost");
                         (lost, Attempt::Done)
@@ -631,17 +585,27 @@ where
     }
 }
 
-/// A store call that failed, and whether it provably did not take effect.
-struct Failure {
-    error: StoreError,
-    unapplied: bool,
+impl<C: Clone + Send + 'static> Health for Inner<C> {
+    fn answered(&self) {
+        self.conn.answered();
+    }
+
+    /// After a few timeouts in a row the connection may be half-open, and
+    /// a new one is opened (and a new subscription with it).
+    fn timed_out(&self) {
+        if self.conn.timed_out()
+            && let Some(notifier) = &self.notifier
+        {
+            notifier.resubscribe();
+        }
+    }
 }
 
 /// A claim sent whose reply is not in yet; dropped armed, it queues the
 /// claim's release.
 struct Unsettled<'a, C: ConnectionLike + Clone + Send + Sync + 'static> {
     store: &'a RedisStore<C>,
-    lost: Option<Lost>,
+    lost: Option<Orphan>,
 }
 
 impl<C: ConnectionLike + Clone + Send + Sync + 'static> Drop for Unsettled<'_, C> {
@@ -650,30 +614,6 @@ impl<C: ConnectionLike + Clone + Send + Sync + 'static> Drop for Unsettled<'_, C
             self.store.abandon(lost);
         }
     }
-}
-
-fn ms(d: Duration) -> u64 {
-    // Never 0: `PEXPIRE key 0` deletes the key. Never past a century: Redis
-    // refuses expiries that overflow its clock, and Lua's numbers stay exact
-    // below 2^53.
-    u64::try_from(d.min(crate::time::FAR_FUTURE).as_millis())
-        .unwrap_or(u64::MAX)
-        .max(1)
-}
-
-fn error(op: &'static str, e: RedisError) -> StoreError {
-    let kind = match e.code() {
-        Some("IDEM_CORRUPT" | "WRONGTYPE") => StoreErrorKind::Corrupt,
-        Some("OOM") => StoreErrorKind::CapacityExceeded,
-        _ if e.is_timeout() => StoreErrorKind::Timeout,
-        _ => StoreErrorKind::Unavailable,
-    };
-    StoreError::new(kind, op).with_source(e)
-}
-
-fn corrupt(op: &'static str, reply: &Value) -> StoreError {
-    StoreError::new(StoreErrorKind::Corrupt, op)
-        .with_source(format!("unexpected reply from Redis: {reply:?}"))
 }
 
 impl<C> Store for RedisStore<C>
@@ -687,12 +627,12 @@ where
         lease: Duration,
     ) -> Result<Claim, StoreError> {
         let name = self.key_name(key);
-        let nonce = self.nonce();
-        let keep = ms(lease.saturating_add(self.inner.fence_memory));
+        let nonce = self.inner.nonces.next();
+        let keep = millis(lease.saturating_add(self.inner.fence_memory));
         let mut invocation = self.inner.scripts.claim.key(&name);
         invocation
             .arg(&fp.as_bytes()[..])
-            .arg(ms(lease))
+            .arg(millis(lease))
             .arg(keep)
             .arg(&record::nonce_arg(nonce)[..]);
         // Until its reply is in, the claim may have been applied with nobody
@@ -700,11 +640,7 @@ where
         // client went away), the guard queues its release.
         let mut unsettled = Unsettled {
             store: self,
-            lost: Some(Lost {
-                name,
-                nonce,
-                until: deadline(tokio::time::Instant::now(), lease),
-            }),
+            lost: Some(Orphan::new(name, nonce, lease)),
         };
         let reply = match self.call("claim", invocation).await {
             Ok(reply) => reply,
@@ -739,7 +675,7 @@ where
         let mut invocation = self.by_owner(&self.inner.scripts.complete, key, token);
         invocation
             .arg(record::done(token, &record))
-            .arg(ms(retention))
+            .arg(millis(retention))
             .arg(&self.inner.channel);
         self.fenced("complete", invocation).await
     }
@@ -760,8 +696,8 @@ where
         // The record outlives the renewed lease by the fence memory, as the
         // claim made it.
         invocation
-            .arg(ms(lease))
-            .arg(ms(lease.saturating_add(self.inner.fence_memory)));
+            .arg(millis(lease))
+            .arg(millis(lease.saturating_add(self.inner.fence_memory)));
         self.fenced("extend", invocation).await
     }
 
@@ -777,7 +713,7 @@ where
         let notified = registration.as_ref().map(|r| r.notified());
         let mut invocation = self.inner.scripts.lease_left.key(&name);
         invocation.arg(record::fence_arg(fence));
-        let left = match self.invoke("wait", invocation).await? {
+        let left = match self.call("wait", invocation).await? {
             Value::Int(left) => left,
             other => return Err(corrupt("wait", &other)),
         };
@@ -801,7 +737,7 @@ where
         let name = self.key_name(key);
         let mut invocation = self.inner.scripts.purge.key(&name);
         invocation.arg(&self.inner.channel);
-        match self.invoke("purge", invocation).await? {
+        match self.call("purge", invocation).await? {
             Value::Int(n) => Ok(n == 1),
             other => Err(corrupt("purge", &other)),
         }

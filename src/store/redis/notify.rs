@@ -13,7 +13,7 @@ use std::time::Duration;
 use futures_util::StreamExt;
 use tokio::task::JoinHandle;
 
-use crate::store::wakers::{Registration, Subscription, Wakers};
+use crate::store::remote::wakers::{Registration, Subscription, Wakers};
 
 pub(super) struct Notifier {
     client: redis::Client,

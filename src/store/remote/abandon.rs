@@ -27,13 +27,34 @@ use tokio::time::Instant;
 const RETRY_FIRST: Duration = Duration::from_millis(50);
 const RETRY_CAP: Duration = Duration::from_secs(1);
 
-/// A claim to release: its key name and nonce, and when its lease ends
-/// (after which releasing it is pointless).
+/// A claim whose reply never came back (an "orphan": it may have been
+/// applied with nobody to own it): its key name and nonce, and when its
+/// lease ends (after which releasing it is pointless).
 #[derive(Debug)]
-pub(crate) struct Lost {
+pub(crate) struct Orphan {
     pub(crate) name: String,
     pub(crate) nonce: u64,
     pub(crate) until: Instant,
+}
+
+impl Orphan {
+    /// The claim on `name` sent now with `nonce`, for `lease`.
+    pub(crate) fn new(name: String, nonce: u64, lease: Duration) -> Self {
+        Self {
+            name,
+            nonce,
+            until: crate::time::deadline(Instant::now(), lease),
+        }
+    }
+
+    /// How long a release that found no claim leaves the nonce behind for
+    /// a late copy of the claim to meet: the lease left, and the fence
+    /// memory after it (as long as the claim's record would have lived).
+    pub(crate) fn keep(&self, fence_memory: Duration) -> Duration {
+        self.until
+            .saturating_duration_since(Instant::now())
+            .saturating_add(fence_memory)
+    }
 }
 
 /// What one release attempt found.
@@ -46,7 +67,7 @@ pub(crate) enum Attempt {
 
 /// Sends releases of lost claims, one at a time, through a bounded queue.
 pub(crate) struct Abandoner {
-    queue: OnceLock<mpsc::UnboundedSender<Lost>>,
+    queue: OnceLock<mpsc::UnboundedSender<Orphan>>,
     pending: Arc<AtomicUsize>,
 }
 
@@ -58,7 +79,7 @@ impl Abandoner {
         }
     }
 
-    /// Lost claims waiting to be released (queued or being retried).
+    /// Orphan claims waiting to be released (queued or being retried).
     pub(crate) fn pending(&self) -> usize {
         self.pending.load(Ordering::Acquire)
     }
@@ -67,10 +88,10 @@ impl Abandoner {
     /// makes one attempt for the store, if it still exists. Returns `false`
     /// when the queue is full or no runtime can run the worker: the claim
     /// then expires with its lease.
-    pub(crate) fn push<R, Fut>(&self, lost: Lost, release: R) -> bool
+    pub(crate) fn push<R, Fut>(&self, lost: Orphan, release: R) -> bool
     where
-        R: Fn(Lost) -> Option<Fut> + Send + 'static,
-        Fut: std::future::Future<Output = (Lost, Attempt)> + Send + 'static,
+        R: Fn(Orphan) -> Option<Fut> + Send + 'static,
+        Fut: std::future::Future<Output = (Orphan, Attempt)> + Send + 'static,
     {
         let queue = match self.queue.get() {
             Some(queue) => queue,
@@ -99,12 +120,15 @@ impl Abandoner {
 /// The worker: one release at a time, oldest first; while the server does not
 /// answer it backs off, keeping the order, and drops claims whose lease
 /// has ended. It stops when the store (and so the queue's sender) is gone.
-async fn work<R, Fut>(mut rx: mpsc::UnboundedReceiver<Lost>, pending: Weak<AtomicUsize>, release: R)
-where
-    R: Fn(Lost) -> Option<Fut>,
-    Fut: std::future::Future<Output = (Lost, Attempt)>,
+async fn work<R, Fut>(
+    mut rx: mpsc::UnboundedReceiver<Orphan>,
+    pending: Weak<AtomicUsize>,
+    release: R,
+) where
+    R: Fn(Orphan) -> Option<Fut>,
+    Fut: std::future::Future<Output = (Orphan, Attempt)>,
 {
-    let mut retrying: VecDeque<Lost> = VecDeque::new();
+    let mut retrying: VecDeque<Orphan> = VecDeque::new();
     let mut backoff = RETRY_FIRST;
     loop {
         let next = match retrying.pop_front() {
@@ -131,8 +155,8 @@ where
                 settled(1);
                 backoff = RETRY_FIRST;
             }
-            (lost, Attempt::Again) => {
-                retrying.push_front(lost);
+            (orphan, Attempt::Again) => {
+                retrying.push_front(orphan);
                 tokio::time::sleep(backoff).await;
                 backoff = backoff.saturating_mul(2).min(RETRY_CAP);
                 // Take in what queued up meanwhile, behind the older ones,
