@@ -849,6 +849,77 @@ async fn a_claim_whose_reply_was_lost_is_released_once_the_server_answers() {
     assert_eq!(store.lost_claims_pending(), 0);
 }
 
+/// Lost claims behind a slow network: three claims (two of them for one
+/// key, a client retrying through an outage) are held back 2 s by the
+/// network, past the 300 ms operation timeout, and their releases go
+/// through the one queue, some on other pooled connections, some after the
+/// network healed. When the claims arrive at last, none may hold its key
+/// with nobody to own it: a release that reached the database first left
+/// its nonce behind for the late claim to refuse, one that came after
+/// released it. (Which of the two happens depends on the pool; the unit
+/// tests of the statements pin each case down.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn claims_lost_behind_a_slow_network_do_not_hold_their_keys() {
+    let Some(server) = PrivatePostgres::start_or_skip("postgres late claims") else {
+        return;
+    };
+    let proxy = common::fault_proxy::FaultProxy::start(([127, 0, 0, 1], server.port).into())
+        .await
+        .unwrap();
+    let store = PostgresStore::builder(&format!("postgres://postgres@{}/postgres", proxy.addr()))
+        .unwrap()
+        .operation_timeout(Duration::from_millis(300))
+        .cleanup_every(None)
+        .build()
+        .unwrap();
+    store.migrate().await.unwrap();
+    // Five pooled connections, each with its statements prepared: the
+    // claims take the first three (the pool hands out the longest idle),
+    // and the releases a fourth, which nothing holds back.
+    let warm: Vec<StoreKey> = (0..5)
+        .map(|i| StoreKey::from_parts(b"", format!("warm-{i}").as_bytes()))
+        .collect();
+    let claims = warm.iter().map(|key| store.claim(*key, FP, LEASE));
+    for claim in futures_util::future::join_all(claims).await {
+        assert!(matches!(claim, Ok(Claim::Acquired(_))), "{claim:?}");
+    }
+    let keys: Vec<StoreKey> = [0, 0, 1]
+        .iter()
+        .map(|i| StoreKey::from_parts(b"", format!("overtaken-{i}").as_bytes()))
+        .collect();
+    let held_back = Duration::from_secs(2);
+    proxy.set_latency(held_back);
+    let sent = std::time::Instant::now();
+    for key in &keys {
+        let e = store
+            .claim(*key, FP, Duration::from_secs(60))
+            .await
+            .unwrap_err();
+        assert_eq!(e.kind(), StoreErrorKind::Timeout, "{e}");
+    }
+    proxy.heal();
+    let started = std::time::Instant::now();
+    while store.lost_claims_pending() > 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the releases of the lost claims were not sent"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // The claims arrive `held_back` after they were sent (the proxy delays
+    // each chunk by the latency it read it under); a second more for them
+    // to run.
+    tokio::time::sleep(held_back.saturating_sub(sent.elapsed()) + Duration::from_secs(1)).await;
+    let other = private_store(&server).await;
+    for key in [keys[0], keys[2]] {
+        let claim = other.claim(key, FP, LEASE).await.unwrap();
+        assert!(
+            matches!(claim, Claim::Acquired(_)),
+            "a late claim took the key with nobody to own it: {claim:?}"
+        );
+    }
+}
+
 /// Issue 10: a claim renewed for longer than a lease plus the fence memory
 /// (one lease here, as the docs allow) is still its owner's: the cleanup
 /// never removes it and a duplicate never takes it. Before, `extend` moved

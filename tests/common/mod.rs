@@ -8,7 +8,7 @@
 //! `#[path = "../tests/common/mod.rs"] mod common;` in `benches/`.
 #![allow(dead_code)]
 
-#[cfg(any(feature = "redis", feature = "client"))]
+#[cfg(any(feature = "redis", feature = "client", feature = "postgres"))]
 pub mod fault_proxy;
 #[path = "../../examples/grpc_payments/service.rs"]
 pub mod grpc_service;

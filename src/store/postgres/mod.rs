@@ -16,9 +16,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, PoisonError};
 use std::time::Duration;
 
-use deadpool_postgres::{ManagerConfig, Pool, PoolError, RecyclingMethod, Runtime};
+use deadpool_postgres::{ManagerConfig, Pool, RecyclingMethod, Runtime};
 use tokio::task::JoinHandle;
-use tokio_postgres::error::SqlState;
 use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
 use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Row, Socket};
@@ -202,8 +201,6 @@ struct Inner {
     listener: Option<Arc<Listener>>,
     abandoner: Abandoner,
     nonces: Nonces,
-    /// Permits for releases of lost claims on their own connections.
-    releasing: Arc<tokio::sync::Semaphore>,
     /// How often the cleanup task runs; `None`: no task.
     cleanup_every: Option<Duration>,
     /// Set once the cleanup task was started (or stopped for good).
@@ -513,7 +510,6 @@ impl PostgresStoreBuilder {
                 listener,
                 abandoner: Abandoner::new(),
                 nonces: Nonces::new(),
-                releasing: Arc::new(tokio::sync::Semaphore::new(ABANDON_BOUND)),
                 cleanup_every: self.cleanup_every,
                 cleanup_started: AtomicBool::new(self.cleanup_every.is_none()),
                 cleanup: Mutex::new(None),
@@ -554,7 +550,7 @@ impl PostgresStore {
     /// configuration error. A server that is down or slow is not.
     async fn refuse_a_certificate_that_does_not_verify(&self) -> Result<(), StoreError> {
         #[cfg(feature = "tls")]
-        if let Ok(Err(PoolError::Backend(e))) =
+        if let Ok(Err(deadpool_postgres::PoolError::Backend(e))) =
             tokio::time::timeout(self.inner.op_timeout, self.inner.pool.get()).await
             && crate::store::tls::is_a_certificate_error(&e)
         {
@@ -728,64 +724,14 @@ impl PostgresStore {
     /// the background. At most 1 024 wait per store; beyond that, such a
     /// claim expires with its lease.
     pub fn lost_claims_pending(&self) -> usize {
-        let releasing = ABANDON_BOUND.saturating_sub(self.inner.releasing.available_permits());
-        self.inner.abandoner.pending().saturating_add(releasing)
-    }
-
-    /// Releases a claim whose reply was lost, by its nonce, on the
-    /// connection the claim was sent on (so after it), in a task of its own;
-    /// at most [`ABANDON_BOUND`] at a time, beyond which such a claim expires
-    /// with its lease. If that connection is broken, the release goes
-    /// through the queue on another one, retried until the database answers.
-    fn abandon_on(&self, client: Arc<deadpool_postgres::Object>, lost: Orphan) {
-        let Ok(permit) = self.inner.releasing.clone().try_acquire_owned() else {
-            tracing::debug!(
-                "too many lost idempotency claims being released; this one expires with its lease"
-            );
-            return;
-        };
-        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
-            return;
-        };
-        let store = self.clone();
-        runtime.spawn(async move {
-            let _permit = permit;
-            let nonce = i64::from_ne_bytes(lost.nonce.to_ne_bytes());
-            let sql = &store.inner.sql.abandon;
-            let params: [&(dyn ToSql + Sync); 3] =
-                [&lost.name.as_str(), &nonce, &store.inner.channel];
-            let sent = tokio::time::timeout_at(lost.until, async {
-                let statement = client.prepare_cached(sql).await?;
-                client.query(&statement, &params).await
-            })
-            .await;
-            drop(client);
-            match sent {
-                Ok(Ok(_)) => {
-                    tracing::debug!("released a claim whose reply was lost (if it was applied)")
-                }
-                // Cancelled by the server's `statement_timeout` (stuck
-                // behind a lock) or its session ended: try again, on
-                // another connection.
-                Ok(Err(e))
-                    if e.code().is_some_and(|code| {
-                        *code == SqlState::QUERY_CANCELED
-                            || *code == SqlState::IDLE_IN_TRANSACTION_SESSION_TIMEOUT
-                    }) =>
-                {
-                    store.abandon(lost)
-                }
-                // The server refused it: nothing more to do.
-                Ok(Err(e)) if e.code().is_some() => {}
-                Ok(Err(_)) => store.abandon(lost),
-                // Its lease is over: the claim has expired anyway.
-                Err(_) => {}
-            }
-        });
+        self.inner.abandoner.pending()
     }
 
     /// Queues the release of a claim whose reply was lost, by the nonce it
-    /// was sent with, once the database answers, within its lease.
+    /// was sent with, once the database answers, within its lease. The
+    /// release may reach the database before the claim (which may still be
+    /// on a connection that stopped answering): it then leaves the nonce
+    /// behind, and the late claim refuses.
     fn abandon(&self, lost: Orphan) {
         let inner = Arc::downgrade(&self.inner);
         self.inner.abandoner.push(lost, move |lost: Orphan| {
@@ -794,8 +740,9 @@ impl PostgresStore {
             };
             Some(async move {
                 let nonce = i64::from_ne_bytes(lost.nonce.to_ne_bytes());
-                let params: [&(dyn ToSql + Sync); 3] =
-                    [&lost.name.as_str(), &nonce, &store.inner.channel];
+                let keep = ms(lost.keep(store.inner.fence_memory));
+                let params: [&(dyn ToSql + Sync); 4] =
+                    [&lost.name.as_str(), &nonce, &store.inner.channel, &keep];
                 match store
                     .query("abandon", &store.inner.sql.abandon, &params)
                     .await
@@ -905,24 +852,22 @@ impl Store for PostgresStore {
             &ms(lease),
             &ms(keep),
         ];
-        // One connection for the claim and, if its reply is lost, for the
-        // release that follows it: statements on one connection run in
-        // order, so the release cannot overtake the claim.
+        // One connection for the (up to three) attempts, within one bound.
         let until = deadline(tokio::time::Instant::now(), self.inner.op_timeout);
         let client = self
             .call("claim", until, async {
                 self.inner.pool.get().await.map_err(PgError::Pool)
             })
             .await?;
-        let client = Arc::new(client);
         // Until its reply is in, the claim may have been applied with nobody
         // to own it: if the reply is lost, or this future is dropped (the
-        // client went away), the guard releases it by its nonce.
+        // client went away), the guard queues its release by its nonce.
         let mut unsettled = Unsettled {
             store: self,
-            lost: Some((
-                Orphan::new(key.to_hex(), u64::from_ne_bytes(nonce.to_ne_bytes()), lease),
-                client.clone(),
+            lost: Some(Orphan::new(
+                key.to_hex(),
+                u64::from_ne_bytes(nonce.to_ne_bytes()),
+                lease,
             )),
         };
         // A row committed by another transaction after this statement's
@@ -1099,24 +1044,20 @@ fn fingerprint_of(bytes: &[u8]) -> Fingerprint {
     Fingerprint::from_bytes(array)
 }
 
-/// A claim sent whose reply is not in yet, and its connection; dropped
-/// armed, it releases the claim.
+/// A claim sent whose reply is not in yet; dropped armed, it queues the
+/// claim's release.
 struct Unsettled<'a> {
     store: &'a PostgresStore,
-    lost: Option<(Orphan, Arc<deadpool_postgres::Object>)>,
+    lost: Option<Orphan>,
 }
 
 impl Drop for Unsettled<'_> {
     fn drop(&mut self) {
-        if let Some((lost, client)) = self.lost.take() {
-            self.store.abandon_on(client, lost);
+        if let Some(lost) = self.lost.take() {
+            self.store.abandon(lost);
         }
     }
 }
-
-/// How many lost claims one store releases at a time on their own
-/// connections.
-const ABANDON_BOUND: usize = 1024;
 
 /// Bounds, on the server, each statement of a connection made from
 /// `config` a little above the operation timeout, and each transaction left
@@ -1148,6 +1089,127 @@ fn server_timeout_ms(op_timeout: Duration) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A store on a table of its own in the test database (as the
+    /// integration tests find it: `TOWER_IDEMPOTENCY_POSTGRES_URL`, else
+    /// the local server), or `None` after saying `SKIPPED` (a failure under
+    /// `TOWER_IDEMPOTENCY_REQUIRE_POSTGRES=1`).
+    async fn store_on_a_table_of_its_own(test: &str) -> Option<PostgresStore> {
+        static TABLES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let url = std::env::var("TOWER_IDEMPOTENCY_POSTGRES_URL").unwrap_or_else(|_| {
+            "postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable".to_owned()
+        });
+        let table = format!(
+            "unit_{}_{}",
+            std::process::id(),
+            TABLES.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        );
+        let store = PostgresStore::builder(&url)
+            .unwrap()
+            .table(table)
+            .cleanup_every(None)
+            .build()
+            .unwrap();
+        if let Err(e) = store.migrate().await {
+            if std::env::var("TOWER_IDEMPOTENCY_REQUIRE_POSTGRES").is_ok_and(|v| v == "1") {
+                panic!("{test}: PostgreSQL at {url} is not reachable ({e})");
+            }
+            eprintln!("SKIPPED {test}: PostgreSQL at {url} is not reachable ({e})");
+            return None;
+        }
+        Some(store)
+    }
+
+    async fn drop_table(store: &PostgresStore) {
+        let sql = format!("DROP TABLE {}", sql::quoted(store.table()));
+        store.execute("drop", &sql, &[]).await.unwrap();
+    }
+
+    /// The claim statement with a nonce of the test's choosing: a copy of a
+    /// claim that arrives late, after its release.
+    async fn claim_with(store: &PostgresStore, key: StoreKey, nonce: u64) -> Option<Claim> {
+        let nonce = i64::from_ne_bytes(nonce.to_ne_bytes());
+        let params: [&(dyn ToSql + Sync); 5] = [
+            &key.as_bytes().as_slice(),
+            &[1u8; 32].as_slice(),
+            &nonce,
+            &ms(Duration::from_secs(60)),
+            &ms(Duration::from_secs(120)),
+        ];
+        let rows = store
+            .query("claim", &store.inner.sql.claim, &params)
+            .await
+            .unwrap();
+        rows.first().map(|row| read_claim(row, nonce).unwrap())
+    }
+
+    /// The release of a lost claim, sent now, and done.
+    async fn abandon_now(store: &PostgresStore, key: StoreKey, nonce: u64) {
+        store.abandon(Orphan::new(key.to_hex(), nonce, Duration::from_secs(60)));
+        let started = std::time::Instant::now();
+        while store.lost_claims_pending() > 0 {
+            assert!(started.elapsed() < Duration::from_secs(10), "not released");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    }
+
+    /// A release that reaches the database before its claim leaves the
+    /// nonce behind: the late claim refuses (no row, nothing taken), others
+    /// claim as usual. Two lost claims of one key, and a released key, are
+    /// each refused too; the newest sixteen nonces are kept.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_claim_that_arrives_after_its_own_release_does_not_take_the_key() {
+        let Some(store) = store_on_a_table_of_its_own("late claims (unit)").await else {
+            return;
+        };
+        // Nothing there: a tombstone.
+        let key = StoreKey::from_parts(b"", b"late");
+        abandon_now(&store, key, 1).await;
+        assert_eq!(
+            claim_with(&store, key, 1).await,
+            None,
+            "the late claim took the key"
+        );
+
+        // Two lost claims of one key, both overtaken.
+        let twice = StoreKey::from_parts(b"", b"twice");
+        abandon_now(&store, twice, 2).await;
+        abandon_now(&store, twice, 3).await;
+        assert_eq!(claim_with(&store, twice, 2).await, None);
+        assert_eq!(claim_with(&store, twice, 3).await, None);
+
+        // Sixteen are kept: the oldest of seventeen is forgotten.
+        let many = StoreKey::from_parts(b"", b"many");
+        for nonce in 100..117 {
+            abandon_now(&store, many, nonce).await;
+        }
+        for nonce in 101..117 {
+            assert_eq!(claim_with(&store, many, nonce).await, None, "{nonce}");
+        }
+        assert!(matches!(
+            claim_with(&store, many, 100).await,
+            Some(Claim::Acquired(_))
+        ));
+
+        // Another claim takes a tombstoned key as it would a free one.
+        assert!(matches!(
+            claim_with(&store, key, 4).await,
+            Some(Claim::Acquired(_))
+        ));
+        // A release that finds another owner's claim leaves it alone.
+        abandon_now(&store, key, 5).await;
+        assert!(matches!(
+            claim_with(&store, key, 6).await,
+            Some(Claim::InFlight { .. })
+        ));
+        // A release that finds its own claim releases it, as before.
+        abandon_now(&store, key, 4).await;
+        assert!(matches!(
+            claim_with(&store, key, 6).await,
+            Some(Claim::Acquired(_))
+        ));
+        drop_table(&store).await;
+    }
 
     #[test]
     fn server_timeouts_are_a_little_above_the_operation_timeout_and_bounded() {

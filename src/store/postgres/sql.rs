@@ -48,6 +48,16 @@ pub(super) fn quoted(name: &str) -> String {
     format!("\"{name}\"")
 }
 
+/// Whether `nonce` is among those a released row (`r`) keeps: its
+/// header's, or one of the 8-byte nonces in its `payload`. (A match across
+/// the boundary of two kept nonces is a one-in-2^64 chance, and could only
+/// refuse a claim, never let one run twice.)
+fn listed(nonce: &str) -> String {
+    format!(
+        "(r.nonce = {nonce} OR position(int8send({nonce}) IN coalesce(r.payload, ''::bytea)) > 0)"
+    )
+}
+
 /// The statements, with the table name in them.
 #[derive(Debug)]
 pub(super) struct Statements {
@@ -108,7 +118,7 @@ impl Statements {
                      expires_at = excluded.expires_at,
                      effect_committed = false,
                      payload = NULL
-                   WHERE r.state = 2
+                   WHERE (r.state = 2 AND NOT {refused})
                       OR (r.state = 0 AND r.lease_until <= clock_timestamp()
                           AND (NOT r.effect_committed OR r.expires_at <= clock_timestamp()))
                       OR (r.state = 1 AND r.expires_at <= clock_timestamp())
@@ -116,7 +126,8 @@ impl Statements {
                  )
                  SELECT true, fence, NULL::smallint, NULL::bytea, NULL::bytea, false, false FROM taken
                  UNION ALL
-                 SELECT false, fence, state, fingerprint, payload, effect_committed, lapsed FROM live"
+                 SELECT false, fence, state, fingerprint, payload, effect_committed, lapsed FROM live",
+                refused = listed("excluded.nonce"),
             ),
             complete: format!(
                 "WITH done AS (
@@ -154,14 +165,52 @@ impl Statements {
             // A claim whose reply was lost, released by the nonce it was
             // sent with (nobody holds its token); the key comes as hex, the
             // name the abandon queue keeps and the notification carries.
+            // The claim may not have arrived yet (still on a connection
+            // that stopped answering), so where it is not found the nonce
+            // is left behind as a tombstone the late claim refuses: on a
+            // released row (`state` 2) it joins the nonces the row keeps
+            // (the header's, and the newest fifteen before it in
+            // `payload`, 8 bytes each); where the key holds nothing live it
+            // becomes a released row of its own, for $4 (ms: the lease
+            // left and the fence memory). Another owner's claim or record
+            // is left alone. `expires_at` never moves back.
             abandon: format!(
-                "WITH freed AS (
-                   UPDATE {table} SET state = 2, lease_until = clock_timestamp()
+                "WITH clock AS (SELECT clock_timestamp() AS t),
+                 freed AS (
+                   UPDATE {table} SET state = 2, lease_until = clock.t FROM clock
                    WHERE key = decode($1, 'hex') AND nonce = $2 AND state = 0 AND NOT effect_committed
                    RETURNING key
+                 ),
+                 marked AS (
+                   INSERT INTO {table} AS r
+                     (key, fingerprint, fence, nonce, state, lease_until, expires_at, effect_committed, payload)
+                   SELECT decode($1, 'hex'), ''::bytea,
+                          (extract(epoch FROM clock.t) * 1000000)::bigint, $2, 2, clock.t,
+                          clock.t + $4::float8 * interval '1 millisecond', false, NULL
+                   FROM clock
+                   WHERE NOT EXISTS (SELECT 1 FROM freed)
+                   ON CONFLICT (key) DO UPDATE SET
+                     nonce = CASE WHEN {listed} THEN r.nonce ELSE excluded.nonce END,
+                     payload = CASE
+                       WHEN r.state <> 2 THEN NULL
+                       WHEN {listed} THEN r.payload
+                       ELSE substring(coalesce(r.payload, ''::bytea) || int8send(r.nonce)
+                                      FROM greatest(1, length(coalesce(r.payload, ''::bytea)) - 111))
+                     END,
+                     fingerprint = CASE WHEN r.state = 2 THEN r.fingerprint ELSE excluded.fingerprint END,
+                     fence = GREATEST(r.fence, excluded.fence),
+                     state = 2,
+                     lease_until = LEAST(r.lease_until, excluded.lease_until),
+                     expires_at = GREATEST(r.expires_at, excluded.expires_at),
+                     effect_committed = false
+                   WHERE r.state = 2
+                      OR (r.expires_at <= clock_timestamp()
+                          AND NOT (r.state = 0 AND r.lease_until > clock_timestamp()))
+                   RETURNING r.key
                  )
                  SELECT EXISTS (SELECT 1 FROM freed),
-                        (SELECT pg_notify($3, $1) FROM freed)"
+                        (SELECT pg_notify($3, $1) FROM freed)",
+                listed = listed("excluded.nonce"),
             ),
             // The row's life moves with the lease ($5: the lease plus the
             // fence memory, ms), never back: a claim renewed for longer than

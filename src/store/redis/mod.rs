@@ -12,7 +12,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::{ConnectionLike, ConnectionManager, ConnectionManagerConfig};
-use redis::{RedisError, Script, Value};
+use redis::{Script, Value};
 
 use self::connection::{Connection, Reopen};
 use self::error::corrupt;
@@ -368,7 +368,7 @@ impl RedisStoreBuilder {
             Box::pin(async move {
                 match tokio::time::timeout(connect_timeout, client.get_async_connection()).await {
                     Ok(conn) => conn,
-                    Err(_) => Err(RedisError::from(std::io::Error::from(
+                    Err(_) => Err(redis::RedisError::from(std::io::Error::from(
                         std::io::ErrorKind::TimedOut,
                     ))),
                 }
