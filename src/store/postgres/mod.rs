@@ -25,9 +25,9 @@ use tokio_postgres::{Row, Socket};
 use self::error::{PgError, configure_error, corrupt};
 use self::listen::{Listener, Opener};
 use self::sql::Statements;
-use super::remote::abandon::{Abandoner, Attempt, Orphan};
+use super::remote::abandon::Orphan;
 use super::remote::call::Failure;
-use super::remote::{self, Nonces, millis};
+use super::remote::{self, Kit, Remote, Unsettled, millis};
 use super::{Claim, CompletedRecord, LeaseStatus, OwnerToken, Store, StoreError, StoreErrorKind};
 use crate::engine::ExecutionContext;
 use crate::fingerprint::Fingerprint;
@@ -183,7 +183,7 @@ impl std::fmt::Debug for PostgresStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("PostgresStore")
             .field("table", &self.inner.table)
-            .field("operation_timeout", &self.inner.op_timeout)
+            .field("operation_timeout", &self.inner.kit.op_timeout)
             .field("notifications", &self.inner.listener.is_some())
             .finish_non_exhaustive()
     }
@@ -194,13 +194,9 @@ struct Inner {
     table: String,
     sql: Statements,
     channel: String,
-    op_timeout: Duration,
-    fallback_check: Duration,
-    fence_memory: Duration,
+    kit: Kit,
     cleanup_batch: u32,
     listener: Option<Arc<Listener>>,
-    abandoner: Abandoner,
-    nonces: Nonces,
     /// How often the cleanup task runs; `None`: no task.
     cleanup_every: Option<Duration>,
     /// Set once the cleanup task was started (or stopped for good).
@@ -503,13 +499,9 @@ impl PostgresStoreBuilder {
                 sql: Statements::for_table(&self.table),
                 table: self.table,
                 channel,
-                op_timeout: self.op_timeout,
-                fallback_check: self.fallback_check,
-                fence_memory: self.fence_memory,
+                kit: Kit::new(self.op_timeout, self.fallback_check, self.fence_memory),
                 cleanup_batch: self.cleanup_batch,
                 listener,
-                abandoner: Abandoner::new(),
-                nonces: Nonces::new(),
                 cleanup_every: self.cleanup_every,
                 cleanup_started: AtomicBool::new(self.cleanup_every.is_none()),
                 cleanup: Mutex::new(None),
@@ -551,7 +543,7 @@ impl PostgresStore {
     async fn refuse_a_certificate_that_does_not_verify(&self) -> Result<(), StoreError> {
         #[cfg(feature = "tls")]
         if let Ok(Err(deadpool_postgres::PoolError::Backend(e))) =
-            tokio::time::timeout(self.inner.op_timeout, self.inner.pool.get()).await
+            tokio::time::timeout(self.inner.kit.op_timeout, self.inner.pool.get()).await
             && crate::store::tls::is_a_certificate_error(&e)
         {
             return Err(crate::store::tls::refuse(format!(
@@ -703,7 +695,7 @@ impl PostgresStore {
         op: &'static str,
         work: impl Future<Output = Result<T, PgError>>,
     ) -> Result<T, StoreError> {
-        let until = deadline(tokio::time::Instant::now(), self.inner.op_timeout);
+        let until = self.inner.kit.deadline();
         Ok(self.call(op, until, work).await?)
     }
 
@@ -724,34 +716,7 @@ impl PostgresStore {
     /// the background. At most 1 024 wait per store; beyond that, such a
     /// claim expires with its lease.
     pub fn lost_claims_pending(&self) -> usize {
-        self.inner.abandoner.pending()
-    }
-
-    /// Queues the release of a claim whose reply was lost, by the nonce it
-    /// was sent with, once the database answers, within its lease. The
-    /// release may reach the database before the claim (which may still be
-    /// on a connection that stopped answering): it then leaves the nonce
-    /// behind, and the late claim refuses.
-    fn abandon(&self, lost: Orphan) {
-        let inner = Arc::downgrade(&self.inner);
-        self.inner.abandoner.push(lost, move |lost: Orphan| {
-            let store = PostgresStore {
-                inner: inner.upgrade()?,
-            };
-            Some(async move {
-                let nonce = i64::from_ne_bytes(lost.nonce.to_ne_bytes());
-                let keep = ms(lost.keep(store.inner.fence_memory));
-                let params: [&(dyn ToSql + Sync); 4] =
-                    [&lost.name.as_str(), &nonce, &store.inner.channel, &keep];
-                match store
-                    .query("abandon", &store.inner.sql.abandon, &params)
-                    .await
-                {
-                    Ok(_) => (lost, Attempt::Done),
-                    Err(_) => (lost, Attempt::Again),
-                }
-            })
-        });
+        self.inner.kit.abandoner.pending()
     }
 
     async fn query(
@@ -841,10 +806,10 @@ impl Store for PostgresStore {
         fingerprint: Fingerprint,
         lease: Duration,
     ) -> Result<Claim, StoreError> {
-        let nonce = i64::from_ne_bytes(self.inner.nonces.next().to_ne_bytes());
+        let nonce = i64::from_ne_bytes(self.inner.kit.nonces.next().to_ne_bytes());
         // The row outlives the lease by the fence memory (the extend
         // statement keeps it so), the same meaning as on Redis.
-        let keep = lease.saturating_add(self.inner.fence_memory);
+        let keep = lease.saturating_add(self.inner.kit.fence_memory);
         let params: [&(dyn ToSql + Sync); 5] = [
             &key.as_bytes().as_slice(),
             &fingerprint.as_bytes().as_slice(),
@@ -853,7 +818,7 @@ impl Store for PostgresStore {
             &ms(keep),
         ];
         // One connection for the (up to three) attempts, within one bound.
-        let until = deadline(tokio::time::Instant::now(), self.inner.op_timeout);
+        let until = self.inner.kit.deadline();
         let client = self
             .call("claim", until, async {
                 self.inner.pool.get().await.map_err(PgError::Pool)
@@ -862,14 +827,10 @@ impl Store for PostgresStore {
         // Until its reply is in, the claim may have been applied with nobody
         // to own it: if the reply is lost, or this future is dropped (the
         // client went away), the guard queues its release by its nonce.
-        let mut unsettled = Unsettled {
-            store: self,
-            lost: Some(Orphan::new(
-                key.to_hex(),
-                u64::from_ne_bytes(nonce.to_ne_bytes()),
-                lease,
-            )),
-        };
+        let mut unsettled = Unsettled::new(
+            &self.inner,
+            Orphan::new(key.to_hex(), u64::from_ne_bytes(nonce.to_ne_bytes()), lease),
+        );
         // A row committed by another transaction after this statement's
         // snapshot was taken is seen by the insert's conflict check but not
         // by the statement's read: no row comes back. The next attempt sees
@@ -881,21 +842,13 @@ impl Store for PostgresStore {
                     Ok(client.query(&statement, &params).await?)
                 })
                 .await;
-            let rows = match sent {
-                Ok(rows) => rows,
-                Err(failed) => {
-                    if failed.unapplied {
-                        unsettled.lost = None;
-                    }
-                    return Err(failed.error);
-                }
-            };
+            let rows = sent.map_err(|failure| unsettled.failed(failure))?;
             if let Some(row) = rows.first() {
-                unsettled.lost = None;
+                unsettled.settled();
                 return read_claim(row, nonce).map_err(|e| corrupt("claim", e));
             }
         }
-        unsettled.lost = None;
+        unsettled.settled();
         Err(StoreError::new(StoreErrorKind::Unavailable, "claim")
             .with_source("the key changed under three claims in a row"))
     }
@@ -934,7 +887,7 @@ impl Store for PostgresStore {
                 &fence_param(token),
                 &nonce_param(token),
                 &self.inner.channel,
-                &ms(self.inner.fence_memory),
+                &ms(self.inner.kit.fence_memory),
             ],
         )
         .await
@@ -957,7 +910,7 @@ impl Store for PostgresStore {
                     &ms(lease),
                     // The row's life moves with the lease, so the cleanup
                     // never removes a claim its owner is renewing.
-                    &ms(lease.saturating_add(self.inner.fence_memory)),
+                    &ms(lease.saturating_add(self.inner.kit.fence_memory)),
                 ],
             )
             .await?;
@@ -985,7 +938,7 @@ impl Store for PostgresStore {
             if now >= until {
                 return Ok(());
             }
-            let next = deadline(now, self.inner.fallback_check).min(until);
+            let next = deadline(now, self.inner.kit.fallback_check).min(until);
             match notified {
                 Some(notified) => {
                     let _ = tokio::time::timeout_at(next, notified).await;
@@ -1044,17 +997,34 @@ fn fingerprint_of(bytes: &[u8]) -> Fingerprint {
     Fingerprint::from_bytes(array)
 }
 
-/// A claim sent whose reply is not in yet; dropped armed, it queues the
-/// claim's release.
-struct Unsettled<'a> {
-    store: &'a PostgresStore,
-    lost: Option<Orphan>,
-}
+/// The release may reach the database before the claim (which may still
+/// be on a connection that stopped answering): it then leaves the nonce
+/// behind, and the late claim refuses (see the `abandon` statement).
+impl Remote for Inner {
+    fn kit(&self) -> &Kit {
+        &self.kit
+    }
 
-impl Drop for Unsettled<'_> {
-    fn drop(&mut self) {
-        if let Some(lost) = self.lost.take() {
-            self.store.abandon(lost);
+    fn abandon_once(
+        self: Arc<Self>,
+        orphan: &Orphan,
+    ) -> impl Future<Output = Result<(), Failure>> + Send {
+        let nonce = i64::from_ne_bytes(orphan.nonce.to_ne_bytes());
+        let keep = ms(orphan.keep(self.kit.fence_memory));
+        let name = orphan.name.clone();
+        let store = PostgresStore { inner: self };
+        async move {
+            let until = store.inner.kit.deadline();
+            store
+                .call("abandon", until, async {
+                    let params: [&(dyn ToSql + Sync); 4] =
+                        [&name.as_str(), &nonce, &store.inner.channel, &keep];
+                    let client = store.inner.pool.get().await.map_err(PgError::Pool)?;
+                    let statement = client.prepare_cached(&store.inner.sql.abandon).await?;
+                    client.query(&statement, &params).await?;
+                    Ok(())
+                })
+                .await
         }
     }
 }
@@ -1145,7 +1115,10 @@ mod tests {
 
     /// The release of a lost claim, sent now, and done.
     async fn abandon_now(store: &PostgresStore, key: StoreKey, nonce: u64) {
-        store.abandon(Orphan::new(key.to_hex(), nonce, Duration::from_secs(60)));
+        remote::abandon(
+            &store.inner,
+            Orphan::new(key.to_hex(), nonce, Duration::from_secs(60)),
+        );
         let started = std::time::Instant::now();
         while store.lost_claims_pending() > 0 {
             assert!(started.elapsed() < Duration::from_secs(10), "not released");

@@ -8,6 +8,7 @@ mod scripts;
 #[cfg(feature = "tls")]
 mod tls;
 
+use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -17,9 +18,9 @@ use redis::{Script, Value};
 use self::connection::{Connection, Reopen};
 use self::error::corrupt;
 use self::notify::Notifier;
-use super::remote::abandon::{Abandoner, Attempt, Orphan};
+use super::remote::abandon::Orphan;
 use super::remote::call::{Cause, Failure, Health, bounded};
-use super::remote::{Nonces, millis};
+use super::remote::{Kit, Remote, Unsettled, millis};
 use super::{Claim, CompletedRecord, LeaseStatus, OwnerToken, Store, StoreError, StoreErrorKind};
 use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
@@ -111,7 +112,7 @@ impl<C> std::fmt::Debug for RedisStore<C> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisStore")
             .field("prefix", &self.inner.prefix)
-            .field("operation_timeout", &self.inner.op_timeout)
+            .field("operation_timeout", &self.inner.kit.op_timeout)
             .field("notifications", &self.inner.notifier.is_some())
             .finish_non_exhaustive()
     }
@@ -121,13 +122,9 @@ struct Inner<C> {
     conn: Connection<C>,
     prefix: String,
     channel: String,
-    op_timeout: Duration,
-    fallback_check: Duration,
-    fence_memory: Duration,
+    kit: Kit,
     scripts: Scripts,
     notifier: Option<Arc<Notifier>>,
-    nonces: Nonces,
-    abandoner: Abandoner,
 }
 
 struct Scripts {
@@ -462,13 +459,9 @@ where
                 conn,
                 prefix,
                 channel,
-                op_timeout,
-                fallback_check,
-                fence_memory,
+                kit: Kit::new(op_timeout, fallback_check, fence_memory),
                 scripts: Scripts::new(),
                 notifier,
-                nonces: Nonces::new(),
-                abandoner: Abandoner::new(),
             }),
         }
     }
@@ -489,7 +482,7 @@ where
         invocation: redis::ScriptInvocation<'_>,
     ) -> Result<Value, Failure> {
         let mut conn = self.inner.conn.get();
-        let until = deadline(tokio::time::Instant::now(), self.inner.op_timeout);
+        let until = self.inner.kit.deadline();
         bounded(
             op,
             until,
@@ -529,39 +522,7 @@ where
     /// the background. At most 1 024 wait per store; beyond that, such a
     /// claim expires with its lease.
     pub fn lost_claims_pending(&self) -> usize {
-        self.inner.abandoner.pending()
-    }
-
-    /// A claim whose reply was lost may still have been applied: nobody would
-    /// own it, and duplicates would wait for it until its lease ran out.
-    /// Queues its release by the nonce we sent, once Redis answers, within
-    /// its lease (see the `abandon` module).
-    fn abandon(&self, lost: Orphan) {
-        let inner = Arc::downgrade(&self.inner);
-        self.inner.abandoner.push(lost, move |lost: Orphan| {
-            let store = RedisStore {
-                inner: inner.upgrade()?,
-            };
-            Some(async move {
-                // The claim may still arrive after this release (queued on
-                // an old connection): the release leaves its nonce behind
-                // for as long as a claim's record would have lived.
-                let keep = millis(lost.keep(store.inner.fence_memory));
-                let mut invocation = store.inner.scripts.abandon.key(&lost.name);
-                invocation
-                    .arg(&record::nonce_arg(lost.nonce)[..])
-                    .arg(&store.inner.channel)
-                    .arg(keep);
-                match store.call("abandon", invocation).await {
-                    Ok(Value::Int(1)) => {
-                        tracing::debug!("released a claim whose reply was lost");
-                        (lost, Attempt::Done)
-                    }
-                    Ok(_) => (lost, Attempt::Done),
-                    Err(_) => (lost, Attempt::Again),
-                }
-            })
-        });
+        self.inner.kit.abandoner.pending()
     }
 
     async fn warn_if_claims_can_be_evicted(&self) {
@@ -569,7 +530,7 @@ where
         let mut cmd = redis::cmd("CONFIG");
         cmd.arg("GET").arg("maxmemory-policy");
         let query = cmd.query_async::<Vec<String>>(&mut conn);
-        match tokio::time::timeout(self.inner.op_timeout, query).await {
+        match tokio::time::timeout(self.inner.kit.op_timeout, query).await {
             Ok(Ok(reply)) => match reply.get(1).map(String::as_str) {
                 Some("noeviction") | None => {}
                 Some(policy) => tracing::warn!(
@@ -601,17 +562,34 @@ impl<C: Clone + Send + 'static> Health for Inner<C> {
     }
 }
 
-/// A claim sent whose reply is not in yet; dropped armed, it queues the
-/// claim's release.
-struct Unsettled<'a, C: ConnectionLike + Clone + Send + Sync + 'static> {
-    store: &'a RedisStore<C>,
-    lost: Option<Orphan>,
-}
+impl<C> Remote for Inner<C>
+where
+    C: ConnectionLike + Clone + Send + Sync + 'static,
+{
+    fn kit(&self) -> &Kit {
+        &self.kit
+    }
 
-impl<C: ConnectionLike + Clone + Send + Sync + 'static> Drop for Unsettled<'_, C> {
-    fn drop(&mut self) {
-        if let Some(lost) = self.lost.take() {
-            self.store.abandon(lost);
+    /// The claim may still arrive after this release (queued on an old
+    /// connection): the release leaves its nonce behind for as long as the
+    /// claim's record would have lived.
+    fn abandon_once(
+        self: Arc<Self>,
+        orphan: &Orphan,
+    ) -> impl Future<Output = Result<(), Failure>> + Send {
+        let keep = millis(orphan.keep(self.kit.fence_memory));
+        let (name, nonce) = (orphan.name.clone(), record::nonce_arg(orphan.nonce));
+        let store = RedisStore { inner: self };
+        async move {
+            let mut invocation = store.inner.scripts.abandon.key(&name);
+            invocation
+                .arg(&nonce[..])
+                .arg(&store.inner.channel)
+                .arg(keep);
+            if store.call("abandon", invocation).await? == Value::Int(1) {
+                tracing::debug!("released a claim whose reply was lost");
+            }
+            Ok(())
         }
     }
 }
@@ -627,8 +605,8 @@ where
         lease: Duration,
     ) -> Result<Claim, StoreError> {
         let name = self.key_name(key);
-        let nonce = self.inner.nonces.next();
-        let keep = millis(lease.saturating_add(self.inner.fence_memory));
+        let nonce = self.inner.kit.nonces.next();
+        let keep = millis(lease.saturating_add(self.inner.kit.fence_memory));
         let mut invocation = self.inner.scripts.claim.key(&name);
         invocation
             .arg(&fp.as_bytes()[..])
@@ -638,20 +616,12 @@ where
         // Until its reply is in, the claim may have been applied with nobody
         // to own it: if the reply is lost, or this future is dropped (the
         // client went away), the guard queues its release.
-        let mut unsettled = Unsettled {
-            store: self,
-            lost: Some(Orphan::new(name, nonce, lease)),
-        };
-        let reply = match self.call("claim", invocation).await {
-            Ok(reply) => reply,
-            Err(failure) => {
-                if failure.unapplied {
-                    unsettled.lost = None;
-                }
-                return Err(failure.error);
-            }
-        };
-        unsettled.lost = None;
+        let mut unsettled = Unsettled::new(&self.inner, Orphan::new(name, nonce, lease));
+        let reply = self
+            .call("claim", invocation)
+            .await
+            .map_err(|failure| unsettled.failed(failure))?;
+        unsettled.settled();
         match reply {
             Value::Int(fence) => match u64::try_from(fence) {
                 Ok(fence) => Ok(Claim::Acquired(OwnerToken::new(fence, nonce))),
@@ -697,7 +667,7 @@ where
         // claim made it.
         invocation
             .arg(millis(lease))
-            .arg(millis(lease.saturating_add(self.inner.fence_memory)));
+            .arg(millis(lease.saturating_add(self.inner.kit.fence_memory)));
         self.fenced("extend", invocation).await
     }
 
@@ -723,7 +693,7 @@ where
         let now = tokio::time::Instant::now();
         let until = until_at_most
             .min(deadline(now, Duration::from_millis(left)))
-            .min(deadline(now, self.inner.fallback_check));
+            .min(deadline(now, self.inner.kit.fallback_check));
         match notified {
             Some(notified) => {
                 let _ = tokio::time::timeout_at(until, notified).await;

@@ -18,6 +18,8 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 
+use super::Remote;
+
 /// How many lost claims may wait to be released, per store.
 pub(crate) const QUEUE_BOUND: usize = 1024;
 use tokio::time::Instant;
@@ -57,15 +59,7 @@ impl Orphan {
     }
 }
 
-/// What one release attempt found.
-pub(crate) enum Attempt {
-    /// The server answered (the claim is released, or was not there).
-    Done,
-    /// The server did not answer: try again later.
-    Again,
-}
-
-/// Sends releases of lost claims, one at a time, through a bounded queue.
+/// Sends releases of orphan claims, one at a time, through a bounded queue.
 pub(crate) struct Abandoner {
     queue: OnceLock<mpsc::UnboundedSender<Orphan>>,
     pending: Arc<AtomicUsize>,
@@ -84,15 +78,11 @@ impl Abandoner {
         self.pending.load(Ordering::Acquire)
     }
 
-    /// Queues `lost` for release, starting the worker on first use. `release`
-    /// makes one attempt for the store, if it still exists. Returns `false`
-    /// when the queue is full or no runtime can run the worker: the claim
-    /// then expires with its lease.
-    pub(crate) fn push<R, Fut>(&self, lost: Orphan, release: R) -> bool
-    where
-        R: Fn(Orphan) -> Option<Fut> + Send + 'static,
-        Fut: std::future::Future<Output = (Orphan, Attempt)> + Send + 'static,
-    {
+    /// Queues `orphan` for release, starting the worker on first use; the
+    /// worker makes its attempts through `remote` while it exists. Returns
+    /// `false` when the queue is full or no runtime can run the worker: the
+    /// claim then expires with its lease.
+    pub(crate) fn push<R: Remote>(&self, orphan: Orphan, remote: Weak<R>) -> bool {
         let queue = match self.queue.get() {
             Some(queue) => queue,
             None => {
@@ -103,12 +93,12 @@ impl Abandoner {
                     // Bounded by `pending`, which counts the claims queued
                     // and those the worker holds for another attempt.
                     let (tx, rx) = mpsc::unbounded_channel();
-                    runtime.spawn(work(rx, Arc::downgrade(&self.pending), release));
+                    runtime.spawn(work(rx, Arc::downgrade(&self.pending), remote));
                     tx
                 })
             }
         };
-        if self.pending.fetch_add(1, Ordering::AcqRel) < QUEUE_BOUND && queue.send(lost).is_ok() {
+        if self.pending.fetch_add(1, Ordering::AcqRel) < QUEUE_BOUND && queue.send(orphan).is_ok() {
             return true;
         }
         self.pending.fetch_sub(1, Ordering::AcqRel);
@@ -120,21 +110,19 @@ impl Abandoner {
 /// The worker: one release at a time, oldest first; while the server does not
 /// answer it backs off, keeping the order, and drops claims whose lease
 /// has ended. It stops when the store (and so the queue's sender) is gone.
-async fn work<R, Fut>(
+/// It holds the store weakly, and never across a pause.
+async fn work<R: Remote>(
     mut rx: mpsc::UnboundedReceiver<Orphan>,
     pending: Weak<AtomicUsize>,
-    release: R,
-) where
-    R: Fn(Orphan) -> Option<Fut>,
-    Fut: std::future::Future<Output = (Orphan, Attempt)>,
-{
+    remote: Weak<R>,
+) {
     let mut retrying: VecDeque<Orphan> = VecDeque::new();
     let mut backoff = RETRY_FIRST;
     loop {
         let next = match retrying.pop_front() {
-            Some(lost) => lost,
+            Some(orphan) => orphan,
             None => match rx.recv().await {
-                Some(lost) => lost,
+                Some(orphan) => orphan,
                 None => return,
             },
         };
@@ -147,16 +135,19 @@ async fn work<R, Fut>(
             settled(1);
             continue;
         }
-        let Some(attempt) = release(next) else {
-            return;
+        let released = {
+            let Some(remote) = remote.upgrade() else {
+                return;
+            };
+            remote.abandon_once(&next).await
         };
-        match attempt.await {
-            (_, Attempt::Done) => {
+        match released {
+            Ok(()) => {
                 settled(1);
                 backoff = RETRY_FIRST;
             }
-            (orphan, Attempt::Again) => {
-                retrying.push_front(orphan);
+            Err(_) => {
+                retrying.push_front(next);
                 tokio::time::sleep(backoff).await;
                 backoff = backoff.saturating_mul(2).min(RETRY_CAP);
                 // Take in what queued up meanwhile, behind the older ones,
@@ -166,7 +157,7 @@ async fn work<R, Fut>(
                 }
                 let before = retrying.len();
                 let now = Instant::now();
-                retrying.retain(|lost| lost.until > now);
+                retrying.retain(|orphan| orphan.until > now);
                 settled(before - retrying.len());
             }
         }
