@@ -1,24 +1,20 @@
-//! Cross-process wake-ups for waiters, over PostgreSQL `LISTEN`/`NOTIFY`.
-//!
-//! One connection per store, outside the pool, listens on the channel
-//! `<table>_done`, opened on the first wait. Completion and release send a
-//! `NOTIFY` with the key's name in the same statement, delivered when it
-//! commits. A dispatcher task routes each notification to the local waiters
-//! of that key. A notification sent while the connection is down is lost,
-//! so waiters never rely on it alone: they also re-check at their fallback
-//! interval. When the connection breaks, the next wait opens a new one.
+//! PostgreSQL's feed of released keys: one connection per store, outside
+//! the pool, listening on `<table>_done` (see
+//! [`remote::notify`](crate::store::remote::notify) for the rest), and the
+//! TLS connector it opens with: the store's own, or the one a user's pool
+//! uses.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Weak};
-use std::time::Duration;
 
 use futures_util::{Stream, StreamExt};
 use tokio::task::JoinHandle;
 use tokio_postgres::tls::{MakeTlsConnect, TlsConnect};
 use tokio_postgres::{AsyncMessage, Client, NoTls, Socket};
 
-use crate::store::remote::wakers::{Registration, Subscription, Wakers};
+use crate::store::remote::notify::{Feed, route};
+use crate::store::remote::wakers::Wakers;
 
 /// The TLS of a connection the store opens itself.
 #[derive(Clone)]
@@ -68,42 +64,32 @@ where
     })
 }
 
-pub(super) struct Listener {
-    config: tokio_postgres::Config,
-    open: Opener,
-    channel: String,
-    waiters: Arc<Wakers>,
-    subscription: Subscription,
+/// The `LISTEN` connection on the channel `<table>_done`, where completion
+/// and release send the key's name (hex) in the same statement, delivered
+/// when it commits.
+pub(super) struct Listen {
+    pub(super) config: tokio_postgres::Config,
+    pub(super) open: Opener,
+    pub(super) channel: String,
 }
 
-impl Listener {
-    pub(super) fn new(
-        config: tokio_postgres::Config,
-        open: Opener,
-        channel: String,
-        connect_timeout: Duration,
-        retry_every: Duration,
-    ) -> Self {
-        Self {
-            config,
-            open,
-            channel,
-            waiters: Arc::default(),
-            subscription: Subscription::new(connect_timeout, retry_every),
-        }
-    }
-
-    /// Registers interest in the key `name`, making sure the listening
-    /// connection is up (best effort: without it, waiters re-check).
-    pub(super) async fn register(this: &Arc<Self>, name: &str) -> Registration {
-        this.subscription.ensure(this.listen()).await;
-        this.waiters.register(name)
-    }
+impl Feed for Listen {
+    type Error = tokio_postgres::Error;
 
     /// Opens the connection, starts routing its notifications, and listens.
-    async fn listen(&self) -> Result<JoinHandle<()>, tokio_postgres::Error> {
+    async fn open(&self, waiters: Weak<Wakers>) -> Result<JoinHandle<()>, tokio_postgres::Error> {
         let (client, messages) = (self.open)(self.config.clone()).await?;
-        let task = tokio::spawn(dispatch(Arc::downgrade(&self.waiters), messages));
+        let names = messages
+            .take_while(|message| std::future::ready(message.is_ok()))
+            .filter_map(|message| {
+                std::future::ready(match message {
+                    Ok(AsyncMessage::Notification(notification)) => {
+                        Some(notification.payload().to_owned())
+                    }
+                    _ => None,
+                })
+            });
+        let task = tokio::spawn(route(waiters, Box::pin(names)));
         // The channel is the table name and a suffix: a plain identifier,
         // quoted like the table (the same channel `pg_notify` names, as it
         // is lower case), so that no name is ever read as a keyword.
@@ -114,26 +100,11 @@ impl Listener {
             task.abort();
             return Err(e);
         }
-        // The client lives as long as the dispatcher: dropping it would
-        // close the connection.
+        // The client lives as long as the routing: dropping it would close
+        // the connection.
         Ok(tokio::spawn(async move {
             let _client = client;
             let _ = task.await;
         }))
     }
-}
-
-async fn dispatch(
-    waiters: Weak<Wakers>,
-    mut messages: impl futures_util::Stream<Item = Result<AsyncMessage, tokio_postgres::Error>> + Unpin,
-) {
-    while let Some(Ok(message)) = messages.next().await {
-        let Some(waiters) = waiters.upgrade() else {
-            return;
-        };
-        if let AsyncMessage::Notification(notification) = message {
-            waiters.wake(notification.payload());
-        }
-    }
-    tracing::debug!("idempotency notification connection ended; the next wait listens again");
 }

@@ -23,10 +23,11 @@ use tokio_postgres::types::{ToSql, Type};
 use tokio_postgres::{Row, Socket};
 
 use self::error::{PgError, configure_error, corrupt};
-use self::listen::{Listener, Opener};
+use self::listen::{Listen, Opener};
 use self::sql::Statements;
 use super::remote::abandon::Orphan;
 use super::remote::call::Failure;
+use super::remote::notify::Notifications;
 use super::remote::{self, Kit, Remote, Unsettled, millis};
 use super::{Claim, CompletedRecord, LeaseStatus, OwnerToken, Store, StoreError, StoreErrorKind};
 use crate::engine::ExecutionContext;
@@ -184,7 +185,7 @@ impl std::fmt::Debug for PostgresStore {
         f.debug_struct("PostgresStore")
             .field("table", &self.inner.table)
             .field("operation_timeout", &self.inner.kit.op_timeout)
-            .field("notifications", &self.inner.listener.is_some())
+            .field("notifications", &self.inner.notifications.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -196,7 +197,7 @@ struct Inner {
     channel: String,
     kit: Kit,
     cleanup_batch: u32,
-    listener: Option<Arc<Listener>>,
+    notifications: Option<Notifications<Listen>>,
     /// How often the cleanup task runs; `None`: no task.
     cleanup_every: Option<Duration>,
     /// Set once the cleanup task was started (or stopped for good).
@@ -226,7 +227,7 @@ enum Source {
 
 /// Where the `LISTEN` connection goes, when not where the store's own pool
 /// connects.
-enum Notifications {
+enum ListenTo {
     Config(Box<tokio_postgres::Config>),
     Options(Box<ConnectOptions>),
 }
@@ -234,7 +235,7 @@ enum Notifications {
 /// Configures a [`PostgresStore`].
 pub struct PostgresStoreBuilder {
     source: Source,
-    notifications: Option<Notifications>,
+    notifications: Option<ListenTo>,
     notifications_tls: Option<Opener>,
     #[cfg(feature = "tls")]
     tls: crate::store::tls::TlsSettings,
@@ -258,7 +259,7 @@ impl std::fmt::Debug for PostgresStoreBuilder {
 }
 
 impl PostgresStoreBuilder {
-    fn new(source: Source, notifications: Option<Notifications>) -> Self {
+    fn new(source: Source, notifications: Option<ListenTo>) -> Self {
         Self {
             source,
             notifications,
@@ -393,7 +394,7 @@ impl PostgresStoreBuilder {
     /// TLS settings of its own (a CA, a client certificate), they replace
     /// all those of `options`.
     pub fn notifications(mut self, options: ConnectOptions) -> Self {
-        self.notifications = Some(Notifications::Options(Box::new(options)));
+        self.notifications = Some(ListenTo::Options(Box::new(options)));
         self
     }
 
@@ -465,17 +466,17 @@ impl PostgresStoreBuilder {
         let listen = match self.notifications_tls {
             Some(open) => match self.notifications {
                 None => own.map(|options| options.tokio_config()),
-                Some(Notifications::Config(config)) => Some(*config),
-                Some(Notifications::Options(options)) => Some(options.tokio_config()),
+                Some(ListenTo::Config(config)) => Some(*config),
+                Some(ListenTo::Options(options)) => Some(options.tokio_config()),
             }
             .map(|config| (config, open)),
             None => {
                 let options = match self.notifications {
                     None => own,
-                    Some(Notifications::Config(config)) => {
+                    Some(ListenTo::Config(config)) => {
                         Some(with_builder_tls(ConnectOptions::from_config(*config)?))
                     }
-                    Some(Notifications::Options(options)) => Some(with_builder_tls(*options)),
+                    Some(ListenTo::Options(options)) => Some(with_builder_tls(*options)),
                 };
                 match options {
                     None => None,
@@ -484,14 +485,13 @@ impl PostgresStoreBuilder {
             }
         };
         let channel = format!("{}_done", self.table);
-        let listener = listen.map(|(config, open)| {
-            Arc::new(Listener::new(
+        let notifications = listen.map(|(config, open)| {
+            let feed = Listen {
                 config,
                 open,
-                channel.clone(),
-                self.op_timeout,
-                self.fallback_check,
-            ))
+                channel: channel.clone(),
+            };
+            Notifications::new(feed, self.op_timeout, self.fallback_check)
         });
         let store = PostgresStore {
             inner: Arc::new(Inner {
@@ -501,7 +501,7 @@ impl PostgresStoreBuilder {
                 channel,
                 kit: Kit::new(self.op_timeout, self.fallback_check, self.fence_memory),
                 cleanup_batch: self.cleanup_batch,
-                listener,
+                notifications,
                 cleanup_every: self.cleanup_every,
                 cleanup_started: AtomicBool::new(self.cleanup_every.is_none()),
                 cleanup: Mutex::new(None),
@@ -591,7 +591,7 @@ impl PostgresStore {
     ) -> PostgresStoreBuilder {
         PostgresStoreBuilder::new(
             Source::Pool(pool),
-            notifications.map(|config| Notifications::Config(Box::new(config))),
+            notifications.map(|config| ListenTo::Config(Box::new(config))),
         )
     }
 
@@ -925,8 +925,8 @@ impl Store for PostgresStore {
         let until = deadline(tokio::time::Instant::now(), timeout);
         // Registered before the first check, so a notification between the
         // check and the wait is not missed.
-        let registration = match &self.inner.listener {
-            Some(listener) => Some(Listener::register(listener, &key.to_hex()).await),
+        let registration = match &self.inner.notifications {
+            Some(notifications) => Some(notifications.register(&key.to_hex()).await),
             None => None,
         };
         loop {

@@ -17,9 +17,10 @@ use redis::{Script, Value};
 
 use self::connection::{Connection, Reopen};
 use self::error::corrupt;
-use self::notify::Notifier;
+use self::notify::PubSub;
 use super::remote::abandon::Orphan;
 use super::remote::call::{Cause, Failure, Health, bounded};
+use super::remote::notify::Notifications;
 use super::remote::{Kit, Remote, Unsettled, millis};
 use super::{Claim, CompletedRecord, LeaseStatus, OwnerToken, Store, StoreError, StoreErrorKind};
 use crate::fingerprint::Fingerprint;
@@ -113,7 +114,7 @@ impl<C> std::fmt::Debug for RedisStore<C> {
         f.debug_struct("RedisStore")
             .field("prefix", &self.inner.prefix)
             .field("operation_timeout", &self.inner.kit.op_timeout)
-            .field("notifications", &self.inner.notifier.is_some())
+            .field("notifications", &self.inner.notifications.is_some())
             .finish_non_exhaustive()
     }
 }
@@ -124,7 +125,7 @@ struct Inner<C> {
     channel: String,
     kit: Kit,
     scripts: Scripts,
-    notifier: Option<Arc<Notifier>>,
+    notifications: Option<Notifications<PubSub>>,
 }
 
 struct Scripts {
@@ -446,13 +447,12 @@ where
             fence_memory,
         } = settings;
         let channel = format!("{prefix}:done");
-        let notifier = client.map(|c| {
-            Arc::new(Notifier::new(
-                c,
-                channel.clone(),
-                op_timeout,
-                fallback_check,
-            ))
+        let notifications = client.map(|client| {
+            let feed = PubSub {
+                client,
+                channel: channel.clone(),
+            };
+            Notifications::new(feed, op_timeout, fallback_check)
         });
         Self {
             inner: Arc::new(Inner {
@@ -461,7 +461,7 @@ where
                 channel,
                 kit: Kit::new(op_timeout, fallback_check, fence_memory),
                 scripts: Scripts::new(),
-                notifier,
+                notifications,
             }),
         }
     }
@@ -555,9 +555,9 @@ impl<C: Clone + Send + 'static> Health for Inner<C> {
     /// a new one is opened (and a new subscription with it).
     fn timed_out(&self) {
         if self.conn.timed_out()
-            && let Some(notifier) = &self.notifier
+            && let Some(notifications) = &self.notifications
         {
-            notifier.resubscribe();
+            notifications.reset();
         }
     }
 }
@@ -676,8 +676,8 @@ where
         let until_at_most = deadline(tokio::time::Instant::now(), timeout);
         // Register before looking, so a completion between the look and the
         // sleep still wakes us.
-        let registration = match &self.inner.notifier {
-            Some(notifier) => Some(Notifier::register(notifier, &name).await),
+        let registration = match &self.inner.notifications {
+            Some(notifications) => Some(notifications.register(&name).await),
             None => None,
         };
         let notified = registration.as_ref().map(|r| r.notified());

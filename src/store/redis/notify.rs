@@ -1,72 +1,33 @@
-//! Cross-process wake-ups for waiters, over Redis pub/sub.
+//! Redis's feed of released keys: pub/sub on the channel `<prefix>:done`,
+//! where completion and release publish the key's name (see
+//! [`remote::notify`](crate::store::remote::notify) for the rest).
 //!
-//! One subscription per store, on the channel `<prefix>:done`, opened on the
-//! first wait. A dispatcher task routes each published key name to the local
-//! waiters of that key. Pub/sub is at-most-once (a message sent while the
-//! connection is down is lost), so waiters never rely on it alone: they
-//! also wake at their fallback check and at the end of the lease they wait
-//! on. When the subscription breaks, the next wait opens a new one.
+//! Pub/sub is at-most-once, so waiters also wake at their fallback check
+//! and at the end of the lease they wait on.
 
-use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::sync::Weak;
 
 use futures_util::StreamExt;
 use tokio::task::JoinHandle;
 
-use crate::store::remote::wakers::{Registration, Subscription, Wakers};
+use crate::store::remote::notify::{Feed, route};
+use crate::store::remote::wakers::Wakers;
 
-pub(super) struct Notifier {
-    client: redis::Client,
-    channel: String,
-    waiters: Arc<Wakers>,
-    subscription: Subscription,
+/// A subscription to the store's channel.
+pub(super) struct PubSub {
+    pub(super) client: redis::Client,
+    pub(super) channel: String,
 }
 
-impl Notifier {
-    pub(super) fn new(
-        client: redis::Client,
-        channel: String,
-        connect_timeout: Duration,
-        retry_every: Duration,
-    ) -> Self {
-        Self {
-            client,
-            channel,
-            waiters: Arc::default(),
-            subscription: Subscription::new(connect_timeout, retry_every),
-        }
-    }
+impl Feed for PubSub {
+    type Error = redis::RedisError;
 
-    /// Registers interest in the key `name`, making sure a subscription is
-    /// running (best effort: without one, waiters fall back to re-checking).
-    pub(super) async fn register(this: &Arc<Self>, name: &str) -> Registration {
-        this.subscription.ensure(this.subscribe()).await;
-        this.waiters.register(name)
-    }
-
-    /// Drops the subscription (its connection may be half-open), so that the
-    /// next wait opens a new one at once.
-    pub(super) fn resubscribe(&self) {
-        self.subscription.reset();
-    }
-
-    /// Subscribes and starts routing the messages.
-    async fn subscribe(&self) -> Result<JoinHandle<()>, redis::RedisError> {
+    async fn open(&self, waiters: Weak<Wakers>) -> Result<JoinHandle<()>, redis::RedisError> {
         let mut pubsub = self.client.get_async_pubsub().await?;
         pubsub.subscribe(&self.channel).await?;
-        let waiters = Arc::downgrade(&self.waiters);
-        Ok(tokio::spawn(dispatch(waiters, pubsub.into_on_message())))
+        let names = pubsub.into_on_message().filter_map(|message| {
+            std::future::ready(String::from_utf8(message.get_payload_bytes().to_vec()).ok())
+        });
+        Ok(tokio::spawn(route(waiters, Box::pin(names))))
     }
-}
-
-async fn dispatch(waiters: Weak<Wakers>, mut messages: redis::aio::PubSubStream) {
-    while let Some(message) = messages.next().await {
-        let Some(waiters) = waiters.upgrade() else {
-            return;
-        };
-        if let Ok(name) = std::str::from_utf8(message.get_payload_bytes()) {
-            waiters.wake(name);
-        }
-    }
-    tracing::debug!("idempotency notification subscription ended; the next wait resubscribes");
 }

@@ -8,11 +8,12 @@
 //!   applied, or unknown.
 //! - [`abandon`]: the one bounded queue that releases claims whose reply
 //!   never came back ("orphans").
-//! - [`wakers`]: waiters woken by the server's notifications, with a
-//!   fallback check when none comes.
+//! - [`notify`] and [`wakers`]: waiters woken by the server's
+//!   notifications, with a fallback check when none comes.
 
 pub(crate) mod abandon;
 pub(crate) mod call;
+pub(crate) mod notify;
 pub(crate) mod wakers;
 
 use std::collections::hash_map::RandomState;
