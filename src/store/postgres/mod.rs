@@ -28,12 +28,12 @@ use self::sql::Statements;
 use super::remote::abandon::Orphan;
 use super::remote::call::Failure;
 use super::remote::notify::Notifications;
+use super::remote::wait::{self, Probe};
 use super::remote::{self, Kit, Remote, Unsettled, millis};
 use super::{Claim, CompletedRecord, LeaseStatus, OwnerToken, Store, StoreError, StoreErrorKind};
 use crate::engine::ExecutionContext;
 use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
-use crate::time::deadline;
 
 /// The default table: `idempotency_keys`.
 pub const DEFAULT_TABLE: &str = "idempotency_keys";
@@ -922,30 +922,21 @@ impl Store for PostgresStore {
     }
 
     async fn wait(&self, key: StoreKey, fence: u64, timeout: Duration) -> Result<(), StoreError> {
-        let until = deadline(tokio::time::Instant::now(), timeout);
-        // Registered before the first check, so a notification between the
-        // check and the wait is not missed.
-        let registration = match &self.inner.notifications {
-            Some(notifications) => Some(notifications.register(&key.to_hex()).await),
-            None => None,
+        let probe = || async {
+            Ok(if self.claim_is_live(key, fence).await? {
+                Probe::Live { left: None }
+            } else {
+                Probe::Gone
+            })
         };
-        loop {
-            let notified = registration.as_ref().map(|r| r.notified());
-            if !self.claim_is_live(key, fence).await? {
-                return Ok(());
-            }
-            let now = tokio::time::Instant::now();
-            if now >= until {
-                return Ok(());
-            }
-            let next = deadline(now, self.inner.kit.fallback_check).min(until);
-            match notified {
-                Some(notified) => {
-                    let _ = tokio::time::timeout_at(next, notified).await;
-                }
-                None => tokio::time::sleep_until(next).await,
-            }
-        }
+        wait::until_gone(
+            self.inner.notifications.as_ref(),
+            &key.to_hex(),
+            timeout,
+            self.inner.kit.fallback_check,
+            probe,
+        )
+        .await
     }
 
     async fn purge(&self, key: StoreKey) -> Result<bool, StoreError> {

@@ -21,11 +21,11 @@ use self::notify::PubSub;
 use super::remote::abandon::Orphan;
 use super::remote::call::{Cause, Failure, Health, bounded};
 use super::remote::notify::Notifications;
+use super::remote::wait::{self, Probe};
 use super::remote::{Kit, Remote, Unsettled, millis};
 use super::{Claim, CompletedRecord, LeaseStatus, OwnerToken, Store, StoreError, StoreErrorKind};
 use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
-use crate::time::deadline;
 
 /// Default prefix of the Redis key names.
 pub const DEFAULT_PREFIX: &str = "idem";
@@ -673,34 +673,28 @@ where
 
     async fn wait(&self, key: StoreKey, fence: u64, timeout: Duration) -> Result<(), StoreError> {
         let name = self.key_name(key);
-        let until_at_most = deadline(tokio::time::Instant::now(), timeout);
-        // Register before looking, so a completion between the look and the
-        // sleep still wakes us.
-        let registration = match &self.inner.notifications {
-            Some(notifications) => Some(notifications.register(&name).await),
-            None => None,
-        };
-        let notified = registration.as_ref().map(|r| r.notified());
-        let mut invocation = self.inner.scripts.lease_left.key(&name);
-        invocation.arg(record::fence_arg(fence));
-        let left = match self.call("wait", invocation).await? {
-            Value::Int(left) => left,
-            other => return Err(corrupt("wait", &other)),
-        };
-        let Ok(left) = u64::try_from(left) else {
-            return Ok(()); // The claim is already gone.
-        };
-        let now = tokio::time::Instant::now();
-        let until = until_at_most
-            .min(deadline(now, Duration::from_millis(left)))
-            .min(deadline(now, self.inner.kit.fallback_check));
-        match notified {
-            Some(notified) => {
-                let _ = tokio::time::timeout_at(until, notified).await;
+        let probe = || async {
+            // Also marks the claim waited for, so its end is published.
+            let mut invocation = self.inner.scripts.lease_left.key(&name);
+            invocation.arg(record::fence_arg(fence));
+            match self.call("wait", invocation).await? {
+                Value::Int(left) => Ok(match u64::try_from(left) {
+                    Ok(left) => Probe::Live {
+                        left: Some(Duration::from_millis(left)),
+                    },
+                    Err(_) => Probe::Gone,
+                }),
+                other => Err(corrupt("wait", &other)),
             }
-            None => tokio::time::sleep_until(until).await,
-        }
-        Ok(())
+        };
+        wait::until_gone(
+            self.inner.notifications.as_ref(),
+            &name,
+            timeout,
+            self.inner.kit.fallback_check,
+            probe,
+        )
+        .await
     }
 
     async fn purge(&self, key: StoreKey) -> Result<bool, StoreError> {

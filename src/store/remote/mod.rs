@@ -9,11 +9,13 @@
 //! - [`abandon`]: the one bounded queue that releases claims whose reply
 //!   never came back ("orphans").
 //! - [`notify`] and [`wakers`]: waiters woken by the server's
-//!   notifications, with a fallback check when none comes.
+//!   notifications, with a fallback check when none comes; [`wait`]: the
+//!   one wait loop.
 
 pub(crate) mod abandon;
 pub(crate) mod call;
 pub(crate) mod notify;
+pub(crate) mod wait;
 pub(crate) mod wakers;
 
 use std::collections::hash_map::RandomState;
