@@ -1,0 +1,137 @@
+//! Unit tests of the statements against a real database.
+
+use std::time::Duration;
+
+use tokio_postgres::types::ToSql;
+
+use super::PostgresStore;
+use super::row::{ms, read_claim};
+use super::sql;
+use crate::key::StoreKey;
+use crate::store::Claim;
+use crate::store::remote;
+use crate::store::remote::abandon::Orphan;
+
+/// A store on a table of its own in the test database (as the
+/// integration tests find it: `TOWER_IDEMPOTENCY_POSTGRES_URL`, else
+/// the local server), or `None` after saying `SKIPPED` (a failure under
+/// `TOWER_IDEMPOTENCY_REQUIRE_POSTGRES=1`).
+async fn store_on_a_table_of_its_own(test: &str) -> Option<PostgresStore> {
+    static TABLES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let url = std::env::var("TOWER_IDEMPOTENCY_POSTGRES_URL").unwrap_or_else(|_| {
+        "postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable".to_owned()
+    });
+    let table = format!(
+        "unit_{}_{}",
+        std::process::id(),
+        TABLES.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    );
+    let store = PostgresStore::builder(&url)
+        .unwrap()
+        .table(table)
+        .cleanup_every(None)
+        .build()
+        .unwrap();
+    if let Err(e) = store.migrate().await {
+        if std::env::var("TOWER_IDEMPOTENCY_REQUIRE_POSTGRES").is_ok_and(|v| v == "1") {
+            panic!("{test}: PostgreSQL at {url} is not reachable ({e})");
+        }
+        eprintln!("SKIPPED {test}: PostgreSQL at {url} is not reachable ({e})");
+        return None;
+    }
+    Some(store)
+}
+
+async fn drop_table(store: &PostgresStore) {
+    let sql = format!("DROP TABLE {}", sql::quoted(store.table()));
+    store.execute("drop", &sql, &[]).await.unwrap();
+}
+
+/// The claim statement with a nonce of the test's choosing: a copy of a
+/// claim that arrives late, after its release.
+async fn claim_with(store: &PostgresStore, key: StoreKey, nonce: u64) -> Option<Claim> {
+    let nonce = i64::from_ne_bytes(nonce.to_ne_bytes());
+    let params: [&(dyn ToSql + Sync); 5] = [
+        &key.as_bytes().as_slice(),
+        &[1u8; 32].as_slice(),
+        &nonce,
+        &ms(Duration::from_secs(60)),
+        &ms(Duration::from_secs(120)),
+    ];
+    let rows = store
+        .query("claim", &store.inner.sql.claim, &params)
+        .await
+        .unwrap();
+    rows.first().map(|row| read_claim(row, nonce).unwrap())
+}
+
+/// The release of a lost claim, sent now, and done.
+async fn abandon_now(store: &PostgresStore, key: StoreKey, nonce: u64) {
+    remote::abandon(
+        &store.inner,
+        Orphan::new(key.to_hex(), nonce, Duration::from_secs(60)),
+    );
+    let started = std::time::Instant::now();
+    while store.lost_claims_pending() > 0 {
+        assert!(started.elapsed() < Duration::from_secs(10), "not released");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// A release that reaches the database before its claim leaves the
+/// nonce behind: the late claim refuses (no row, nothing taken), others
+/// claim as usual. Two lost claims of one key, and a released key, are
+/// each refused too; the newest sixteen nonces are kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_claim_that_arrives_after_its_own_release_does_not_take_the_key() {
+    let Some(store) = store_on_a_table_of_its_own("late claims (unit)").await else {
+        return;
+    };
+    // Nothing there: a tombstone.
+    let key = StoreKey::from_parts(b"", b"late");
+    abandon_now(&store, key, 1).await;
+    assert_eq!(
+        claim_with(&store, key, 1).await,
+        None,
+        "the late claim took the key"
+    );
+
+    // Two lost claims of one key, both overtaken.
+    let twice = StoreKey::from_parts(b"", b"twice");
+    abandon_now(&store, twice, 2).await;
+    abandon_now(&store, twice, 3).await;
+    assert_eq!(claim_with(&store, twice, 2).await, None);
+    assert_eq!(claim_with(&store, twice, 3).await, None);
+
+    // Sixteen are kept: the oldest of seventeen is forgotten.
+    let many = StoreKey::from_parts(b"", b"many");
+    for nonce in 100..117 {
+        abandon_now(&store, many, nonce).await;
+    }
+    for nonce in 101..117 {
+        assert_eq!(claim_with(&store, many, nonce).await, None, "{nonce}");
+    }
+    assert!(matches!(
+        claim_with(&store, many, 100).await,
+        Some(Claim::Acquired(_))
+    ));
+
+    // Another claim takes a tombstoned key as it would a free one.
+    assert!(matches!(
+        claim_with(&store, key, 4).await,
+        Some(Claim::Acquired(_))
+    ));
+    // A release that finds another owner's claim leaves it alone.
+    abandon_now(&store, key, 5).await;
+    assert!(matches!(
+        claim_with(&store, key, 6).await,
+        Some(Claim::InFlight { .. })
+    ));
+    // A release that finds its own claim releases it, as before.
+    abandon_now(&store, key, 4).await;
+    assert!(matches!(
+        claim_with(&store, key, 6).await,
+        Some(Claim::Acquired(_))
+    ));
+    drop_table(&store).await;
+}
