@@ -68,6 +68,8 @@
 //! as a lost claim. (An earlier version meeting a format-2 record fails
 //! with `WRONGTYPE`: it never runs a request twice, it refuses it.)
 
+use redis::Script;
+
 /// Shared prologue: the record (`r`, a string, or `false` when there is
 /// none) and its state (`st`), validated. The tokens given are the Lua run
 /// when the key holds something else than a string (a format-1 hash): it
@@ -374,3 +376,28 @@ redis.call('SET', KEYS[1], '2f0' .. f .. ARGV[1] .. string.rep('\0', 32) .. now,
 return 0
 "#
 );
+
+/// The scripts, each sent by its hash once Redis has it.
+pub(super) struct Scripts {
+    pub(super) claim: Script,
+    pub(super) complete: Script,
+    pub(super) release: Script,
+    pub(super) extend: Script,
+    pub(super) lease_left: Script,
+    pub(super) purge: Script,
+    pub(super) abandon: Script,
+}
+
+impl Scripts {
+    pub(super) fn new() -> Self {
+        Self {
+            claim: Script::new(CLAIM),
+            complete: Script::new(COMPLETE),
+            release: Script::new(RELEASE),
+            extend: Script::new(EXTEND),
+            lease_left: Script::new(LEASE_LEFT),
+            purge: Script::new(PURGE),
+            abandon: Script::new(ABANDON),
+        }
+    }
+}
