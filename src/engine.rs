@@ -67,7 +67,7 @@ mod settle;
 pub use execution::ExecutionContext;
 pub(crate) use execution::{Acquired, Begun};
 pub use executions::Executions;
-pub use settle::{Completion, Decider, Later};
+pub use settle::{Completion, Decider};
 
 use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;

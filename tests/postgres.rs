@@ -429,9 +429,10 @@ async fn table_names_that_are_not_plain_identifiers_are_refused() {
             .build()
             .unwrap_err();
         assert!(e.to_string().contains("identifier"), "{bad}: {e}");
+        assert_eq!(e.kind(), StoreErrorKind::Configuration);
     }
     let e = PostgresStore::builder("not a url ://").unwrap_err();
-    assert_eq!(e.kind(), StoreErrorKind::Unavailable);
+    assert_eq!(e.kind(), StoreErrorKind::Configuration);
 }
 
 /// A waiter is woken by `NOTIFY` long before its fallback check.

@@ -9,7 +9,7 @@ use common::redis_server::RedisServer;
 use common::tls::TestCerts;
 use tower_idempotency::fingerprint::Fingerprint;
 use tower_idempotency::key::StoreKey;
-use tower_idempotency::store::{Claim, RedisStore, Store, conformance};
+use tower_idempotency::store::{Claim, RedisStore, Store, StoreErrorKind, conformance};
 
 fn rediss_url(server: &RedisServer) -> String {
     format!("rediss://localhost:{}", server.port)
@@ -68,6 +68,7 @@ async fn build_refused(
     expected: &str,
 ) {
     let e = builder.build().await.expect_err(why);
+    assert_eq!(e.kind(), StoreErrorKind::Configuration, "{why}");
     let chain = chain(&e);
     assert!(
         chain.contains("certificate did not verify") && chain.contains(expected),

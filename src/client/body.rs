@@ -13,11 +13,14 @@ use pin_project_lite::pin_project;
 use crate::BoxError;
 
 pin_project! {
-    /// The request body the retry layer sends: the caller's body kept in
-    /// memory (sent again on each attempt), or, when it was too large to
-    /// keep, what was read of it followed by the rest, streamed once. The
-    /// inner client service takes requests with this body. (The layer's
-    /// responses carry it too, as [`RetryResponseBody`].)
+    /// A body the retry layer keeps or streams. On requests, the inner
+    /// client service takes it: the caller's body kept in memory (sent
+    /// again on each attempt), or, when it was too large to keep, what was
+    /// read of it followed by the rest, streamed once. On the layer's
+    /// responses: the final attempt's own body, untouched, or (for a
+    /// problem document it had to read to judge) the bytes it read,
+    /// followed by the rest of the stream when the document was longer
+    /// than it reads.
     #[derive(Debug)]
     pub struct RetryBody<B> {
         #[pin]
@@ -205,12 +208,6 @@ where
     }
     Read::Kept(kept.freeze(), trailers)
 }
-
-/// The response body the retry layer returns: the final attempt's own body,
-/// untouched, or (for a problem document it had to read to judge) the bytes
-/// it read, followed by the rest of the stream when the document was longer
-/// than it reads. The same type as [`RetryBody`]: kept bytes, or a stream.
-pub type RetryResponseBody<B> = RetryBody<B>;
 
 impl<B> RetryBody<B> {
     /// A response's own body, passed through.

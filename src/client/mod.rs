@@ -67,7 +67,7 @@ mod service;
 #[cfg(feature = "reqwest")]
 #[cfg_attr(docsrs, doc(cfg(feature = "reqwest")))]
 pub use self::reqwest::IdempotentRetryMiddleware;
-pub use body::{RetryBody, RetryResponseBody};
+pub use body::RetryBody;
 pub use policy::{
     DEFAULT_BASE, DEFAULT_BODY_LIMIT, DEFAULT_CAP, DEFAULT_DEADLINE, DEFAULT_FACTOR,
     DEFAULT_MAX_ATTEMPTS, DEFAULT_RETRY_AFTER_CAP, RetryPolicy,

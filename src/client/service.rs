@@ -14,7 +14,7 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use super::attempts::drive;
-use super::body::{Read, RetryBody, RetryResponseBody, keep};
+use super::body::{Read, RetryBody, keep};
 use super::policy::{PROBLEM_LIMIT, RetryPolicy, Verdict, judge, judge_problem};
 use super::{Attempts, ensure_key};
 use crate::BoxError;
@@ -79,7 +79,7 @@ where
     ResB: Body<Data = Bytes> + Send + 'static,
     ResB::Error: Into<BoxError>,
 {
-    type Response = Response<RetryResponseBody<ResB>>;
+    type Response = Response<RetryBody<ResB>>;
     type Error = BoxError;
     type Future = Pin<Box<dyn Future<Output = Result<Self::Response, BoxError>> + Send>>;
 
@@ -102,7 +102,7 @@ async fn send<S, B, ResB>(
     inner: S,
     policy: Arc<RetryPolicy>,
     req: Request<B>,
-) -> Result<Response<RetryResponseBody<ResB>>, BoxError>
+) -> Result<Response<RetryBody<ResB>>, BoxError>
 where
     S: Service<Request<RetryBody<B>>, Response = Response<ResB>> + Clone,
     S::Error: Into<BoxError>,
@@ -169,7 +169,7 @@ async fn attempt_once<S, B, ResB>(
     mut inner: S,
     is_ready: bool,
     request: Request<RetryBody<B>>,
-) -> (Result<Response<RetryResponseBody<ResB>>, BoxError>, Verdict)
+) -> (Result<Response<RetryBody<ResB>>, BoxError>, Verdict)
 where
     S: Service<Request<RetryBody<B>>, Response = Response<ResB>>,
     S::Error: Into<BoxError>,
@@ -194,12 +194,10 @@ where
             let (body, verdict) = match keep(Box::pin(body), PROBLEM_LIMIT).await {
                 Read::Kept(read, trailers) => {
                     let verdict = judge_problem(parts.status, &read, &parts.headers, now);
-                    (RetryResponseBody::kept(read, trailers), verdict)
+                    (RetryBody::kept(read, trailers), verdict)
                 }
                 // Too long to judge: final, and returned whole.
-                Read::Once { head, rest } => {
-                    (RetryResponseBody::resumed(head, rest), Verdict::Final)
-                }
+                Read::Once { head, rest } => (RetryBody::resumed(head, rest), Verdict::Final),
                 // The answer broke off: as for a transport failure.
                 Read::Failed(e) => return (Err(e.into()), Verdict::Retry(None)),
             };
@@ -209,8 +207,8 @@ where
     }
 }
 
-fn passthrough<B>(response: Response<B>) -> Response<RetryResponseBody<B>> {
-    response.map(RetryResponseBody::passthrough)
+fn passthrough<B>(response: Response<B>) -> Response<RetryBody<B>> {
+    response.map(RetryBody::passthrough)
 }
 
 /// The request of one attempt: the same method, URI, headers (key

@@ -62,7 +62,8 @@ impl Decider {
     }
 }
 
-/// A completion that a [`Decider`] will send.
+/// A completion that a [`Decider`] will send. It has no API of its own and
+/// cannot be named outside the crate: match `Completion::Later(_)`.
 #[derive(Debug)]
 pub struct Later(tokio::sync::oneshot::Receiver<Completion>);
 

@@ -38,13 +38,11 @@ mod memory;
 pub use memory::{MemoryStore, MemoryStoreBuilder};
 
 #[cfg(feature = "redis")]
-mod redis;
+#[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
+pub mod redis;
 #[cfg(feature = "redis")]
 #[cfg_attr(docsrs, doc(cfg(feature = "redis")))]
-pub use self::redis::{
-    DEFAULT_FALLBACK_CHECK, DEFAULT_FENCE_MEMORY, DEFAULT_OPERATION_TIMEOUT, DEFAULT_PREFIX,
-    RedisStore, RedisStoreBuilder,
-};
+pub use self::redis::{RedisStore, RedisStoreBuilder};
 
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
@@ -160,6 +158,11 @@ pub enum StoreErrorKind {
     CapacityExceeded,
     /// A stored record cannot be read.
     Corrupt,
+    /// A setting the store cannot work with (a URL that does not parse, a
+    /// table name or prefix it refuses, a CA bundle with no certificate, a
+    /// server whose TLS certificate does not verify): refused when the
+    /// store is built, before it serves.
+    Configuration,
 }
 
 /// A store operation failed. The layer answers 503 (fail closed) and does
@@ -174,6 +177,11 @@ pub struct StoreError {
 }
 
 impl StoreError {
+    /// A setting the store refuses ([`StoreErrorKind::Configuration`]).
+    pub(crate) fn configuration(source: impl Into<BoxError>) -> Self {
+        Self::new(StoreErrorKind::Configuration, "configure").with_source(source)
+    }
+
     /// A new error of `kind` during operation `op` (e.g. `"claim"`).
     pub fn new(kind: StoreErrorKind, op: &'static str) -> Self {
         Self {

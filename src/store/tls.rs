@@ -5,7 +5,7 @@
 
 use std::path::PathBuf;
 
-use crate::store::{StoreError, StoreErrorKind};
+use crate::store::StoreError;
 
 /// Where the trusted roots come from.
 #[derive(Debug, Clone)]
@@ -52,7 +52,7 @@ pub(crate) fn ensure_crypto_provider() {
 
 /// A configuration error about TLS.
 pub(crate) fn refuse(why: String) -> StoreError {
-    StoreError::new(StoreErrorKind::Unavailable, "configure").with_source(why)
+    StoreError::configuration(why)
 }
 
 /// Refuses a PEM bundle that holds no certificate (or a malformed one): it

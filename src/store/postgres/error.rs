@@ -63,7 +63,7 @@ impl Cause for PgError {
 
 /// A setting the store cannot work with.
 pub(super) fn configure_error(e: impl Into<crate::BoxError>) -> StoreError {
-    StoreError::new(StoreErrorKind::Unavailable, "configure").with_source(e)
+    StoreError::configuration(e)
 }
 
 /// A row no statement of this store returns.

@@ -13,8 +13,8 @@ use super::{
     DEFAULT_FALLBACK_CHECK, DEFAULT_FENCE_MEMORY, DEFAULT_OPERATION_TIMEOUT, DEFAULT_PREFIX,
     RedisStore,
 };
+use crate::store::StoreError;
 use crate::store::remote::call::Cause;
-use crate::store::{StoreError, StoreErrorKind};
 
 /// What a store is configured with, beside its connection.
 #[derive(Debug, Clone)]
@@ -101,15 +101,13 @@ impl RedisStoreBuilder {
         if self.tls.is_set() {
             let info = self.client.get_connection_info().clone();
             if !matches!(info.addr(), redis::ConnectionAddr::TcpTls { .. }) {
-                return Err(
-                    StoreError::new(StoreErrorKind::Unavailable, "configure").with_source(
-                        "a TLS CA or client certificate was given, but the store's URL is not rediss://",
-                    ),
-                );
+                return Err(StoreError::configuration(
+                    "a TLS CA or client certificate was given, but the store's URL is not rediss://",
+                ));
             }
             let certificates = tls::certificates(&self.tls)?;
             return redis::Client::build_with_tls(info, certificates)
-                .map_err(|e| e.into_store_error("configure"));
+                .map_err(StoreError::configuration);
         }
         Ok(self.client.clone())
     }
@@ -122,7 +120,8 @@ impl RedisStoreBuilder {
     }
 
     /// The bound on each Redis command (default 500 ms, at least 1 ms). A
-    /// command that takes longer fails as [`StoreErrorKind::Timeout`].
+    /// command that takes longer fails as
+    /// [`StoreErrorKind::Timeout`](crate::store::StoreErrorKind::Timeout).
     pub fn operation_timeout(mut self, timeout: Duration) -> Self {
         self.settings.op_timeout = timeout.max(Duration::from_millis(1));
         self
@@ -179,7 +178,7 @@ impl RedisStoreBuilder {
 
     fn check_prefix(&self) -> Result<(), StoreError> {
         if self.settings.prefix.contains(['{', '}']) {
-            return Err(StoreError::new(StoreErrorKind::Unavailable, "configure").with_source(
+            return Err(StoreError::configuration(
                 "the key prefix must not contain '{' or '}' (they would pin a Redis Cluster slot)",
             ));
         }
@@ -228,11 +227,11 @@ impl RedisStoreBuilder {
             // second purge finds nothing to drop).
             .retries(2)
             .build()
-            .map_err(|e| e.into_store_error("configure"))?;
+            .map_err(StoreError::configuration)?;
         let connect_timeout = self.settings.op_timeout;
         let conn = tokio::time::timeout(connect_timeout, client.get_async_connection())
             .await
-            .map_err(|_| StoreError::new(StoreErrorKind::Timeout, "connect"))?
+            .map_err(|_| StoreError::new(crate::store::StoreErrorKind::Timeout, "connect"))?
             .map_err(|e| e.into_store_error("connect"))?;
         let reopen: Reopen<redis::cluster_async::ClusterConnection> = Arc::new(move || {
             let client = client.clone();

@@ -1,4 +1,6 @@
-//! [`RedisStore`]: one guarantee across every process that shares a Redis.
+//! [`RedisStore`]: one guarantee across every process that shares a Redis
+//! (feature `redis`; Redis Cluster with `redis-cluster`, TLS with `tls`),
+//! its builder and its defaults.
 
 mod builder;
 mod connection;
@@ -24,17 +26,20 @@ use self::scripts::Scripts;
 use super::Store;
 use super::StoreError;
 use super::remote::Kit;
-use super::remote::call::Cause;
 use super::remote::notify::Notifications;
 use crate::key::StoreKey;
 
-/// Default prefix of the Redis key names.
+/// The default prefix of the store's Redis key names and channel: `idem`.
 pub const DEFAULT_PREFIX: &str = "idem";
-/// Default bound on each Redis command.
+/// The default bound on each Redis command: 500 ms (PostgreSQL's is
+/// [`postgres::DEFAULT_OPERATION_TIMEOUT`](crate::store::postgres::DEFAULT_OPERATION_TIMEOUT)
+/// where that feature is on).
 pub const DEFAULT_OPERATION_TIMEOUT: Duration = Duration::from_millis(500);
-/// Default interval of the fallback check while waiting on a key.
+/// How often a waiter re-checks its key by default when no notification
+/// came: every second.
 pub const DEFAULT_FALLBACK_CHECK: Duration = Duration::from_secs(1);
-/// Default time a record's fence is remembered after its claim.
+/// How long the record of a claim that never completed outlives its lease
+/// by default: 24 h.
 pub const DEFAULT_FENCE_MEMORY: Duration = Duration::from_secs(24 * 60 * 60);
 
 /// A [`Store`] on Redis, for fleets of processes behind a load balancer.
@@ -146,10 +151,10 @@ impl RedisStore {
         use redis::IntoConnectionInfo;
         let info = url
             .into_connection_info()
-            .map_err(|e| e.into_store_error("configure"))?;
+            .map_err(StoreError::configuration)?;
         let nodelay = info.tcp_settings().clone().set_nodelay(true);
         let client = redis::Client::open(info.set_tcp_settings(nodelay))
-            .map_err(|e| e.into_store_error("configure"))?;
+            .map_err(StoreError::configuration)?;
         Ok(Self::builder_for(client))
     }
 
