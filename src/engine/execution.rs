@@ -11,8 +11,9 @@ use futures_util::FutureExt;
 
 use super::Engine;
 use super::detach::Detachable;
+use super::lease::{self, Owner};
 use super::running::Running;
-use super::settle::{self, Completion, Owner, settle};
+use super::settle::{Completion, settle};
 use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
 use crate::store::{OwnerToken, Store};
@@ -161,7 +162,7 @@ impl<St: Store> Drop for Acquired<'_, St> {
         }
         let (store, key, token) = (self.engine.store.clone(), self.key, self.token);
         if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-            runtime.spawn(async move { settle::release(&store, key, token).await });
+            runtime.spawn(async move { lease::release(&store, key, token).await });
         }
     }
 }

@@ -15,7 +15,7 @@ use crate::observe::{self, Event};
 use crate::store::{LeaseStatus, OwnerToken, Store, StoreError};
 use crate::time::deadline;
 
-use super::settle::release;
+use super::lease::{Lease, release};
 
 type Renewal = Pin<Box<dyn Future<Output = Result<LeaseStatus, StoreError>> + Send>>;
 
@@ -49,7 +49,7 @@ pin_project! {
         renewing: bool,
         // When the store last confirmed the lease: the claim's reply, then
         // the sending of each renewal it accepted.
-        confirmed: Instant,
+        state: Lease,
         // When the renewal under way was sent.
         renewal_sent: Instant,
     }
@@ -88,18 +88,10 @@ impl<St: Store, F: Future> Running<St, F> {
             lease,
             lost,
             renewing: true,
-            confirmed: now,
+            state: Lease::new(now),
             renewal_sent: now,
         }
     }
-}
-
-/// The lease as the operation ended: when the store last confirmed it, and
-/// whether it is known lost.
-#[derive(Debug, Clone, Copy)]
-pub(super) struct Lease {
-    pub(super) confirmed: Instant,
-    pub(super) lost: bool,
 }
 
 impl<St: Store, F: Future> Future for Running<St, F> {
@@ -112,7 +104,7 @@ impl<St: Store, F: Future> Future for Running<St, F> {
             *this.store = None;
             *this.renewal = None;
             let lease = Lease {
-                confirmed: *this.confirmed,
+                confirmed: this.state.confirmed,
                 lost: this.lost.load(Ordering::Acquire),
             };
             return Poll::Ready((output, lease));
@@ -128,26 +120,23 @@ impl<St: Store, F: Future> Future for Running<St, F> {
                     Poll::Ready(renewed) => renewed,
                 };
                 *this.renewal = None;
-                match renewed {
-                    Ok(LeaseStatus::Held) => *this.confirmed = *this.renewal_sent,
-                    Ok(LeaseStatus::Lost) => {
-                        this.lost.store(true, Ordering::Release);
-                        observe::event(Event::LeaseLost, this.key, None);
-                        *this.renewing = false;
-                        break;
-                    }
+                let answer = match renewed {
+                    Ok(status) => Some(status),
                     Err(e) => {
                         observe::event(Event::StoreError, this.key, Some(&e));
-                        // Keep trying while the lease may still be valid: the
-                        // store may come back before it ends. Past it, the
-                        // store may have let the claim expire.
-                        if Instant::now() >= deadline(*this.confirmed, *this.lease) {
-                            this.lost.store(true, Ordering::Release);
-                            observe::event(Event::LeaseLost, this.key, None);
-                            *this.renewing = false;
-                            break;
-                        }
+                        None
                     }
+                };
+                // Failed renewals keep being tried while the lease may still
+                // be valid (the store may come back before it ends).
+                if this
+                    .state
+                    .renewed(*this.renewal_sent, answer, Instant::now(), *this.lease)
+                {
+                    this.lost.store(true, Ordering::Release);
+                    observe::event(Event::LeaseLost, this.key, None);
+                    *this.renewing = false;
+                    break;
                 }
             }
             let Some(mut tick) = this.tick.as_mut().as_pin_mut() else {

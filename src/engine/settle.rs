@@ -8,8 +8,7 @@
 //! key released ([`release`]). A [`Completion::Later`] is awaited first.
 
 use std::future::Future;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -18,12 +17,11 @@ use futures_util::future::Either;
 use tokio::time::Instant;
 
 use super::executions::ExecutionGuard;
-use super::running::Lease;
+use super::lease::{Lease, Owner, release};
 use crate::fingerprint::Fingerprint;
-use crate::key::StoreKey;
 use crate::observe::{self, Event};
-use crate::store::{CompletedRecord, LeaseStatus, OwnerToken, Store};
-use crate::time::deadline;
+use crate::store::{CompletedRecord, LeaseStatus, Store};
+use crate::time::{Backoff, deadline};
 
 /// What the operation asks the engine to do with its outcome.
 #[derive(Debug)]
@@ -66,47 +64,6 @@ impl Decider {
 /// cannot be named outside the crate: match `Completion::Later(_)`.
 #[derive(Debug)]
 pub struct Later(tokio::sync::oneshot::Receiver<Completion>);
-
-/// The owner of a claim, once its operation ended: what storing or
-/// releasing the outcome needs.
-pub(super) struct Owner<St> {
-    pub(super) store: St,
-    pub(super) key: StoreKey,
-    pub(super) token: OwnerToken,
-    pub(super) lease: Duration,
-    pub(super) lost: Arc<AtomicBool>,
-}
-
-impl<St: Store> Owner<St> {
-    fn lose_lease(&self) {
-        self.lost.store(true, Ordering::Release);
-        observe::event(Event::LeaseLost, &self.key, None);
-    }
-
-    /// When `lease` ends unless renewed: a whole lease after the store last
-    /// confirmed it.
-    fn expiry(&self, lease: &Lease) -> Instant {
-        deadline(lease.confirmed, self.lease)
-    }
-
-    /// Renews the lease once, noting in `lease` when the store confirmed
-    /// it. `None` when the store failed (reported here).
-    async fn renew(&self, lease: &mut Lease) -> Option<LeaseStatus> {
-        let sent = Instant::now();
-        match self.store.extend(self.key, self.token, self.lease).await {
-            Ok(status) => {
-                if status == LeaseStatus::Held {
-                    lease.confirmed = sent;
-                }
-                Some(status)
-            }
-            Err(e) => {
-                observe::event(Event::StoreError, &self.key, Some(&e));
-                None
-            }
-        }
-    }
-}
 
 /// Stores or releases an operation's outcome, then hands its value on.
 ///
@@ -153,13 +110,8 @@ async fn await_later<St: Store>(
                 return (decided.unwrap_or(Completion::Release), lease);
             }
             () = tokio::time::sleep_until(next_renewal), if !lease.lost => {
-                let renewed = owner.renew(&mut lease).await;
-                let now = Instant::now();
-                if renewed == Some(LeaseStatus::Lost) || (renewed.is_none() && now >= owner.expiry(&lease)) {
-                    owner.lose_lease();
-                    lease.lost = true;
-                }
-                next_renewal = deadline(now, period);
+                owner.renew(&mut lease).await;
+                next_renewal = deadline(Instant::now(), period);
             }
         }
     }
@@ -203,11 +155,9 @@ async fn record<St: Store>(
     }
 }
 
-/// The first pause between completion attempts; it doubles up to
-/// [`COMPLETION_BACKOFF_CAP`].
-const COMPLETION_BACKOFF: Duration = Duration::from_millis(10);
-/// The longest pause between completion attempts.
-const COMPLETION_BACKOFF_CAP: Duration = Duration::from_secs(1);
+/// The pauses between completion attempts: 10 ms, doubling up to 1 s.
+const COMPLETION_BACKOFF: Backoff =
+    Backoff::new(Duration::from_millis(10), 2.0, Duration::from_secs(1));
 
 /// Stores the outcome, until the store confirms it or the lease is lost.
 ///
@@ -230,7 +180,7 @@ async fn store_outcome<St: Store>(
     let mut lease = lease;
     let mut renewing = !lease.lost;
     let mut next_renewal = deadline(lease.confirmed, period);
-    let mut backoff = COMPLETION_BACKOFF;
+    let mut failures = 0u32;
     loop {
         let attempt = owner.store.complete(key, token, record.clone(), retention);
         let error = match attempt.await {
@@ -247,23 +197,16 @@ async fn store_outcome<St: Store>(
         if renewing && now >= next_renewal {
             // Lost means taken over, or completed by an attempt whose reply
             // was lost: the next attempt tells which.
-            if owner.renew(&mut lease).await == Some(LeaseStatus::Lost) {
+            if owner.extend(&mut lease).await == Some(LeaseStatus::Lost) {
                 renewing = false;
             }
             next_renewal = deadline(now, period);
         }
-        let mut wake = deadline(now, backoff).min(owner.expiry(&lease));
+        failures = failures.saturating_add(1);
+        let mut wake = deadline(now, COMPLETION_BACKOFF.before(failures)).min(owner.expiry(&lease));
         if renewing {
             wake = wake.min(next_renewal);
         }
         tokio::time::sleep_until(wake).await;
-        backoff = backoff.saturating_mul(2).min(COMPLETION_BACKOFF_CAP);
-    }
-}
-
-pub(super) async fn release<St: Store>(store: &St, key: StoreKey, token: OwnerToken) {
-    if let Err(e) = store.release(key, token).await {
-        // The claim will expire with its lease.
-        observe::event(Event::StoreError, &key, Some(&e));
     }
 }
