@@ -95,6 +95,7 @@ pub mod engine;
 pub mod fingerprint;
 mod future;
 mod grpc;
+mod headers;
 pub mod key;
 mod layer;
 mod observe;
@@ -121,3 +122,50 @@ pub use store::Store;
 
 /// A boxed, thread-safe error, as used by `tower` and `http-body`.
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
+
+/// The README and the pages of `docs/`, compiled as doctests with every
+/// feature on (as the README's test command runs them), so that their
+/// examples keep compiling.
+#[cfg(all(
+    doctest,
+    feature = "memory",
+    feature = "redis",
+    feature = "redis-cluster",
+    feature = "postgres",
+    feature = "client",
+    feature = "reqwest",
+    feature = "sidecar",
+    feature = "tls",
+    feature = "test-util",
+    feature = "metrics"
+))]
+mod documents {
+    #[doc = include_str!("../README.md")]
+    struct Readme;
+    #[doc = include_str!("../docs/client.md")]
+    struct ClientPage;
+    #[doc = include_str!("../docs/configuration.md")]
+    struct ConfigurationPage;
+    #[doc = include_str!("../docs/costs.md")]
+    struct CostsPage;
+    #[doc = include_str!("../docs/demo.md")]
+    struct DemoPage;
+    #[doc = include_str!("../docs/engine.md")]
+    struct EnginePage;
+    #[doc = include_str!("../docs/grpc.md")]
+    struct GrpcPage;
+    #[doc = include_str!("../docs/guarantees.md")]
+    struct GuaranteesPage;
+    #[doc = include_str!("../docs/observability.md")]
+    struct ObservabilityPage;
+    #[doc = include_str!("../docs/postgres.md")]
+    struct PostgresPage;
+    #[doc = include_str!("../docs/redis.md")]
+    struct RedisPage;
+    #[doc = include_str!("../docs/requests.md")]
+    struct RequestsPage;
+    #[doc = include_str!("../docs/sidecar.md")]
+    struct SidecarPage;
+    #[doc = include_str!("../docs/your-own-store.md")]
+    struct YourOwnStorePage;
+}

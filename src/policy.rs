@@ -1,6 +1,6 @@
 //! Which responses are stored, and which of their headers are replayed.
 
-use http::{HeaderMap, HeaderName, StatusCode, header, response};
+use http::{HeaderMap, StatusCode, header, response};
 
 /// A handler's own verdict on its response, set as a response extension.
 ///
@@ -67,63 +67,6 @@ pub(crate) fn is_event_stream(headers: &HeaderMap) -> bool {
         })
 }
 
-/// Hop-by-hop headers (RFC 9110 §7.6.1, and the proxy headers that Go's
-/// reverse proxy also treats so): meaningful for one connection only.
-const HOP_BY_HOP: [HeaderName; 8] = [
-    header::CONNECTION,
-    HeaderName::from_static("keep-alive"),
-    HeaderName::from_static("proxy-connection"),
-    header::TE,
-    header::TRANSFER_ENCODING,
-    header::UPGRADE,
-    header::PROXY_AUTHENTICATE,
-    header::PROXY_AUTHORIZATION,
-];
-
-/// The most names of a `Connection` header that are honoured; names past
-/// it are not looked at, so a header listing thousands costs no more than
-/// this many comparisons per header. Real ones list one to three.
-const MAX_CONNECTION_NAMES: usize = 64;
-
-/// Decides which response headers a replay may carry: all but hop-by-hop
-/// ones (including those the `Connection` header names, up to
-/// [`MAX_CONNECTION_NAMES`] of them), `Set-Cookie` unless kept, and any
-/// excluded by name.
-pub(crate) struct ReplayFilter<'a> {
-    named_by_connection: Vec<HeaderName>,
-    keep_set_cookie: bool,
-    excluded: &'a [HeaderName],
-}
-
-impl<'a> ReplayFilter<'a> {
-    pub(crate) fn new(
-        headers: &HeaderMap,
-        keep_set_cookie: bool,
-        excluded: &'a [HeaderName],
-    ) -> Self {
-        let named_by_connection = headers
-            .get_all(header::CONNECTION)
-            .iter()
-            .filter_map(|v| v.to_str().ok())
-            .flat_map(|v| v.split(','))
-            .take(MAX_CONNECTION_NAMES)
-            .filter_map(|name| HeaderName::from_bytes(name.trim().as_bytes()).ok())
-            .collect();
-        Self {
-            named_by_connection,
-            keep_set_cookie,
-            excluded,
-        }
-    }
-
-    pub(crate) fn keeps(&self, name: &HeaderName) -> bool {
-        !(HOP_BY_HOP.contains(name)
-            || self.named_by_connection.contains(name)
-            || (!self.keep_set_cookie && name == header::SET_COOKIE)
-            || self.excluded.contains(name))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -142,30 +85,6 @@ mod tests {
         for s in [408, 429, 500, 502, 503, 504] {
             assert!(!default_should_store(&parts(s)), "{s}");
         }
-    }
-
-    #[test]
-    fn filters_hop_by_hop_cookies_and_exclusions() {
-        let mut h = HeaderMap::new();
-        h.append(
-            header::CONNECTION,
-            HeaderValue::from_static("close, x-conn-scoped"),
-        );
-        h.append("x-conn-scoped", HeaderValue::from_static("1"));
-        h.append(
-            header::TRANSFER_ENCODING,
-            HeaderValue::from_static("chunked"),
-        );
-        h.append(header::SET_COOKIE, HeaderValue::from_static("a=1"));
-        h.append(header::SET_COOKIE, HeaderValue::from_static("b=2"));
-        h.append(header::LOCATION, HeaderValue::from_static("/charges/1"));
-        h.append("x-request-id", HeaderValue::from_static("r1"));
-        let excluded = [HeaderName::from_static("x-request-id")];
-        let filter = ReplayFilter::new(&h, false, &excluded);
-        let kept: Vec<_> = h.keys().filter(|n| filter.keeps(n)).collect();
-        assert_eq!(kept, [header::LOCATION]);
-        let with_cookies = ReplayFilter::new(&h, true, &[]);
-        assert!(with_cookies.keeps(&header::SET_COOKIE));
     }
 
     #[test]

@@ -9,7 +9,9 @@ use std::time::{Duration, SystemTime};
 use http::{HeaderMap, Method, StatusCode, header};
 use tower::retry::budget::{Budget, TpsBudget};
 
+use crate::grpc::{self, is_grpc};
 use crate::problem::ProblemKind;
+use crate::time::Backoff;
 
 /// The default number of attempts, the first included: 5.
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 5;
@@ -193,14 +195,7 @@ impl RetryPolicy {
     /// The backoff before retry `retry` (1 for the first retry), with full
     /// jitter drawn by `unit` (a number in `[0, 1)`).
     pub(crate) fn backoff_for(&self, retry: u32, unit: f64) -> Duration {
-        let exponent = i32::try_from(retry.saturating_sub(1)).unwrap_or(i32::MAX);
-        let ceiling = self.base.as_secs_f64() * self.factor.powi(exponent);
-        let ceiling = if ceiling.is_finite() {
-            Duration::try_from_secs_f64(ceiling).unwrap_or(self.cap)
-        } else {
-            self.cap
-        }
-        .min(self.cap);
+        let ceiling = Backoff::new(self.base, self.factor, self.cap).before(retry);
         if self.jitter {
             // Not `Duration::mul_f64`, which panics when the product does
             // not fit: `Duration::MAX` in seconds rounds up as an `f64`.
@@ -279,20 +274,20 @@ fn by_status(status: StatusCode, headers: &HeaderMap, now: SystemTime) -> Verdic
     }
 }
 
-/// gRPC statuses worth retrying with the same key: UNAVAILABLE, ABORTED
-/// (the server layer's "in flight"), RESOURCE_EXHAUSTED.
-const GRPC_RETRYABLE: [&str; 3] = ["14", "10", "8"];
-
 /// A gRPC answer, by the `grpc-status` of a Trailers-Only response (the form
 /// every refusal and error without messages takes); a status that comes in
 /// trailers after messages is final. `grpc-retry-pushback-ms` sets the
 /// wait, and a malformed or negative one means "do not retry" (gRPC's
 /// retry design).
 fn judge_grpc(headers: &HeaderMap) -> Verdict {
-    let retryable = headers
-        .get("grpc-status")
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|code| GRPC_RETRYABLE.contains(&code.trim()));
+    // Worth retrying with the same key: UNAVAILABLE, ABORTED (the server
+    // layer's "in flight"), RESOURCE_EXHAUSTED.
+    let retryable = grpc::status_in(headers).is_some_and(|status| {
+        matches!(
+            status.0,
+            grpc::code::UNAVAILABLE | grpc::code::ABORTED | grpc::code::RESOURCE_EXHAUSTED
+        )
+    });
     if !retryable {
         return Verdict::Final;
     }
@@ -307,13 +302,6 @@ fn judge_grpc(headers: &HeaderMap) -> Verdict {
             None => Verdict::Final,
         },
     }
-}
-
-fn is_grpc(headers: &HeaderMap) -> bool {
-    headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|v| v.to_str().ok())
-        .is_some_and(|v| v.starts_with("application/grpc"))
 }
 
 /// What a refusal's problem document (`body`, whole) says: an outcome

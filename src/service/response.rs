@@ -12,8 +12,9 @@ use crate::body::{End, EndJudge, Gathered, ResponseBody, merge_trailers, next_fr
 use crate::config::Config;
 use crate::engine::Completion;
 use crate::grpc::{self, GrpcStatusCode};
+use crate::headers::ReplayHeaders;
 use crate::observe;
-use crate::policy::{ReplayFilter, StorePolicy, is_event_stream};
+use crate::policy::{StorePolicy, is_event_stream};
 use crate::problem::{Problem, ProblemKind};
 use crate::record::{StoredOutcome, encode_response};
 use crate::store::Store;
@@ -158,7 +159,7 @@ where
             return Ok((response, Completion::Release));
         }
     }
-    let filter = ReplayFilter::new(
+    let replay = ReplayHeaders::of(
         &parts.headers,
         config.replay_set_cookie,
         &config.excluded_headers,
@@ -166,7 +167,7 @@ where
     let stored = encode_response(
         parts.status,
         &parts.headers,
-        |name| filter.keeps(name),
+        |name| replay.keeps(name),
         &data,
         trailers.as_ref(),
     );

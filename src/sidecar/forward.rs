@@ -134,7 +134,7 @@ impl Service<Request<RequestBody<ClientBody>>> for Proxy {
             match tokio::time::timeout_at(deadline, client.request(req)).await {
                 Ok(Ok(res)) => {
                     let (mut parts, body) = res.into_parts();
-                    strip_hop_by_hop(&mut parts.headers);
+                    crate::headers::strip_hop_by_hop(&mut parts.headers);
                     // A body that stalls must not keep its key in flight (its
                     // lease renewed) for as long as the upstream keeps the
                     // socket open: the layer completes a body that breaks
@@ -217,7 +217,7 @@ fn to_upstream(
             v.split(',')
                 .any(|t| t.trim().eq_ignore_ascii_case("trailers"))
         });
-    strip_hop_by_hop(&mut parts.headers);
+    crate::headers::strip_hop_by_hop(&mut parts.headers);
     if keep_te_trailers {
         // gRPC needs `te: trailers` end to end.
         parts
@@ -284,17 +284,5 @@ fn add_forwarding_headers(
     headers.insert(X_FORWARDED_PROTO, HeaderValue::from_static("http"));
     if let Ok(v) = HeaderValue::from_str(&forwarded) {
         headers.append(header::FORWARDED, v);
-    }
-}
-
-fn strip_hop_by_hop(headers: &mut HeaderMap) {
-    let filter = crate::policy::ReplayFilter::new(headers, true, &[]);
-    let dropped: Vec<HeaderName> = headers
-        .keys()
-        .filter(|n| !filter.keeps(n))
-        .cloned()
-        .collect();
-    for name in dropped {
-        headers.remove(name);
     }
 }
