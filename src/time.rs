@@ -19,9 +19,57 @@ pub(crate) fn deadline(from: Instant, after: Duration) -> Instant {
     from.checked_add(after).unwrap_or(from)
 }
 
+/// An exponential backoff: `first` before the first retry, `factor` times
+/// more before each next one, never more than `cap`. The crate's one rule
+/// for pauses between attempts: the completion retries, the release queue
+/// and the retrying client (which adds jitter on top) use it. Computed in
+/// floating point and saturating: no setting panics.
+///
+/// A helper of its own rather than a crate: each loop that pauses also
+/// renews a lease, watches a deadline or keeps a queue's order, so a retry
+/// combinator would not fit, and the ceiling is one line.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Backoff {
+    first: Duration,
+    factor: f64,
+    cap: Duration,
+}
+
+impl Backoff {
+    pub(crate) const fn new(first: Duration, factor: f64, cap: Duration) -> Self {
+        Self { first, factor, cap }
+    }
+
+    /// The pause before retry `retry` (1 for the first retry; 0 counts as
+    /// 1).
+    pub(crate) fn before(&self, retry: u32) -> Duration {
+        let exponent = i32::try_from(retry.saturating_sub(1)).unwrap_or(i32::MAX);
+        let pause = self.first.as_secs_f64() * self.factor.powi(exponent);
+        let pause = if pause.is_finite() {
+            Duration::try_from_secs_f64(pause).unwrap_or(self.cap)
+        } else {
+            self.cap
+        };
+        pause.min(self.cap)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn backoffs_grow_by_their_factor_up_to_their_cap_and_saturate() {
+        let backoff = Backoff::new(Duration::from_millis(50), 2.0, Duration::from_secs(1));
+        let pauses: Vec<_> = (1..=7).map(|n| backoff.before(n).as_millis()).collect();
+        assert_eq!(pauses, [50, 100, 200, 400, 800, 1000, 1000]);
+        assert_eq!(backoff.before(0), Duration::from_millis(50));
+        assert_eq!(backoff.before(u32::MAX), Duration::from_secs(1));
+        let huge = Backoff::new(Duration::MAX, f64::INFINITY, Duration::MAX);
+        assert_eq!(huge.before(1_000), Duration::MAX);
+        let shrinking = Backoff::new(Duration::from_secs(1), -3.0, Duration::ZERO);
+        assert_eq!(shrinking.before(7), Duration::ZERO);
+    }
 
     #[test]
     fn deadlines_saturate() {

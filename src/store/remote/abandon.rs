@@ -19,15 +19,14 @@ use std::time::Duration;
 use tokio::sync::mpsc;
 
 use super::Remote;
+use crate::time::Backoff;
 
 /// How many lost claims may wait to be released, per store.
 pub(crate) const QUEUE_BOUND: usize = 1024;
 use tokio::time::Instant;
 
-/// The first pause after a release that failed; it doubles up to
-/// [`RETRY_CAP`].
-const RETRY_FIRST: Duration = Duration::from_millis(50);
-const RETRY_CAP: Duration = Duration::from_secs(1);
+/// The pauses after releases that failed: 50 ms, doubling up to 1 s.
+const RETRY: Backoff = Backoff::new(Duration::from_millis(50), 2.0, Duration::from_secs(1));
 
 /// A claim whose reply never came back (an "orphan": it may have been
 /// applied with nobody to own it): its key name and nonce, and when its
@@ -117,7 +116,7 @@ async fn work<R: Remote>(
     remote: Weak<R>,
 ) {
     let mut retrying: VecDeque<Orphan> = VecDeque::new();
-    let mut backoff = RETRY_FIRST;
+    let mut failures = 0u32;
     loop {
         let next = match retrying.pop_front() {
             Some(orphan) => orphan,
@@ -144,12 +143,12 @@ async fn work<R: Remote>(
         match released {
             Ok(()) => {
                 settled(1);
-                backoff = RETRY_FIRST;
+                failures = 0;
             }
             Err(_) => {
                 retrying.push_front(next);
-                tokio::time::sleep(backoff).await;
-                backoff = backoff.saturating_mul(2).min(RETRY_CAP);
+                failures = failures.saturating_add(1);
+                tokio::time::sleep(RETRY.before(failures)).await;
                 // Take in what queued up meanwhile, behind the older ones,
                 // dropping what expired.
                 while let Ok(more) = rx.try_recv() {
