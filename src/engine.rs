@@ -61,6 +61,7 @@ use tokio::time::Instant;
 mod detach;
 mod execution;
 mod executions;
+mod lease;
 mod running;
 mod settle;
 

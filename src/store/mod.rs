@@ -178,6 +178,7 @@ pub struct StoreError {
 
 impl StoreError {
     /// A setting the store refuses ([`StoreErrorKind::Configuration`]).
+    #[cfg(any(feature = "redis", feature = "postgres"))]
     pub(crate) fn configuration(source: impl Into<BoxError>) -> Self {
         Self::new(StoreErrorKind::Configuration, "configure").with_source(source)
     }
