@@ -1,4 +1,5 @@
-//! The README's "What happens to a request" table, row by row, through the layer.
+//! The table of "What happens to a request" (docs/requests.md), row by row,
+//! through the layer.
 
 mod common;
 

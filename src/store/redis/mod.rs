@@ -90,8 +90,9 @@ pub const DEFAULT_FENCE_MEMORY: Duration = Duration::from_secs(24 * 60 * 60);
 ///   waiting for itself for a whole lease.
 ///
 /// Run it on a Redis with `maxmemory-policy noeviction` (the store warns at
-/// start-up otherwise): an evicted claim lets a duplicate execute. See the
-/// README's "Guarantees and limits" for replication and persistence.
+/// start-up otherwise): an evicted claim lets a duplicate execute. See
+/// "Guarantees and limits" (`docs/guarantees.md` in the repository) for
+/// replication and persistence.
 ///
 /// ```no_run
 /// use tower_idempotency::{IdempotencyLayer, store::RedisStore};
