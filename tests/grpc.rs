@@ -139,7 +139,13 @@ async fn refusals_arrive_as_grpc_statuses() {
         let mut client = client.clone();
         async move { client.charge(Some("k"), 100, "GHS").await }
     });
-    tokio::time::sleep(Duration::from_millis(150)).await;
+    // The first call is in its handler (500 ms long).
+    common::eventually(
+        Duration::from_secs(5),
+        "the first call executes",
+        || async { executions(&ledger) == 1 },
+    )
+    .await;
     let status = client
         .clone()
         .charge(Some("k"), 100, "GHS")

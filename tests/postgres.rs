@@ -53,6 +53,28 @@ mod conformance_on_postgres {
     tower_idempotency::store_conformance_tests!(optional: pg_fixture("conformance").await);
 }
 
+/// Waits until a waiter on `table` (in the database of `url`) has probed
+/// its key: registered for notifications, then looked (the probe is the
+/// only statement that starts `SELECT fence = $2`).
+async fn until_probed(url: &str, table: &str) {
+    let client = connect(url).await;
+    let probe = format!("SELECT fence = $2%FROM \"{table}\" WHERE key = $1");
+    common::eventually(Duration::from_secs(10), "the waiter probes", || {
+        let (client, probe) = (&client, &probe);
+        async move {
+            client
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity
+                     WHERE datname = current_database() AND query LIKE $1",
+                    &[probe],
+                )
+                .await
+                .is_ok_and(|row| row.get::<_, i64>(0) > 0)
+        }
+    })
+    .await;
+}
+
 /// A plain connection to `url` (for business rows and inspection).
 async fn connect(url: &str) -> tokio_postgres::Client {
     let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
@@ -462,8 +484,9 @@ async fn waiters_are_woken_by_notify_across_handles() {
             .unwrap();
         started.elapsed()
     });
-    // Let the waiter listen first.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // The waiter listens, then probes: once its probe ran, only a
+    // notification wakes it before its 30 s fallback check.
+    until_probed(&db.url, DEFAULT_TABLE).await;
     let record = CompletedRecord {
         fingerprint: FP,
         payload: Bytes::from_static(b"done"),
@@ -899,14 +922,12 @@ async fn claims_lost_behind_a_slow_network_do_not_hold_their_keys() {
         assert_eq!(e.kind(), StoreErrorKind::Timeout, "{e}");
     }
     proxy.heal();
-    let started = std::time::Instant::now();
-    while store.lost_claims_pending() > 0 {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "the releases of the lost claims were not sent"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    common::eventually(
+        Duration::from_secs(10),
+        "the releases of the lost claims are done",
+        || async { store.lost_claims_pending() == 0 },
+    )
+    .await;
     // The claims arrive `held_back` after they were sent (the proxy delays
     // each chunk by the latency it read it under); a second more for them
     // to run.
@@ -1084,8 +1105,7 @@ async fn a_table_named_by_a_reserved_word_works() {
                     .map(|()| started.elapsed())
             }
         });
-        // Let the waiter listen first.
-        tokio::time::sleep(Duration::from_millis(300)).await;
+        until_probed(&db.url, table).await;
         let record = CompletedRecord {
             fingerprint: FP,
             payload: Bytes::from(table),

@@ -161,11 +161,17 @@ async fn two_instances_sharing_redis_execute_64_duplicates_once_and_wake_waiters
     let first = tokio::spawn(post_over_http(addr_a, "fleet", true));
     entered.await;
     let mut others = Vec::new();
+    let runs_before = script_runs(&server).await;
     for i in 0..63 {
         let addr = if i % 2 == 0 { addr_b } else { addr_a };
         others.push(tokio::spawn(post_over_http(addr, "fleet", true)));
     }
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Each duplicate claims (and finds the key in flight), then probes the
+    // claim it waits on: two script runs each before it sleeps.
+    common::eventually(Duration::from_secs(10), "63 duplicates wait", || async {
+        script_runs(&server).await >= runs_before + 63 * 2
+    })
+    .await;
     let opened = std::time::Instant::now();
     ledger.open(64);
     let first = first.await.unwrap();
@@ -1208,14 +1214,10 @@ async fn until_lost_claims_released<C>(store: &RedisStore<C>, limit: Duration)
 where
     C: redis::aio::ConnectionLike + Clone + Send + Sync + 'static,
 {
-    let started = std::time::Instant::now();
-    while store.lost_claims_pending() > 0 {
-        assert!(
-            started.elapsed() < limit,
-            "lost claims were still unreleased after {limit:?}"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    common::eventually(limit, "the lost claims are released", || async {
+        store.lost_claims_pending() == 0
+    })
+    .await;
 }
 
 /// The number of script runs the server has counted (`EVALSHA` and `EVAL`).

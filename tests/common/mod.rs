@@ -512,6 +512,21 @@ where
 
 /// Prints past the test harness's output capture (which swallows what a
 /// passing test prints), so a skip is never silent.
+/// Polls `check` every 10 ms until it holds; fails the test, naming
+/// `what`, when it does not within `limit`. The one way a test waits for
+/// something to happen (never a sleep of a guessed length).
+pub async fn eventually<F, Fut>(limit: Duration, what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = std::time::Instant::now();
+    while !check().await {
+        assert!(started.elapsed() < limit, "{what}: not within {limit:?}");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
 pub fn say_skipped(line: &str) {
     use std::io::Write;
     match std::fs::OpenOptions::new().write(true).open("/dev/stderr") {
