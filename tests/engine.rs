@@ -7,7 +7,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use bytes::Bytes;
-use common::TestStore;
+use common::{TestStore, test_store};
 use tokio::sync::Notify;
 use tower_idempotency::engine::{Completion, Engine, EngineError, InFlightPolicy, Outcome};
 use tower_idempotency::fingerprint::Fingerprint;
@@ -23,7 +23,7 @@ fn key(name: &str) -> StoreKey {
 
 #[tokio::test(start_paused = true)]
 async fn the_lease_is_renewed_while_a_slow_operation_runs() {
-    let store = TestStore::new();
+    let store = test_store();
     let lease = Duration::from_millis(300);
     let engine = Engine::new(store.clone())
         .lease(lease)
@@ -66,7 +66,7 @@ async fn the_lease_is_renewed_while_a_slow_operation_runs() {
 
 #[tokio::test(start_paused = true)]
 async fn a_lost_lease_is_reported_and_the_outcome_not_stored() {
-    let store = TestStore::new();
+    let store = test_store();
     let engine = Engine::new(store.clone()).lease(Duration::from_millis(300));
     let proceed = Arc::new(Notify::new());
     let started = Arc::new(Notify::new());
@@ -136,7 +136,7 @@ async fn start_held(
 
 #[tokio::test]
 async fn dropping_the_caller_detaches_the_execution() {
-    let engine = Engine::new(TestStore::new());
+    let engine = Engine::new(test_store());
     let (caller, proceed) = start_held(&engine, "detach", b"finished").await;
     caller.abort();
     proceed.notify_one();
@@ -160,7 +160,7 @@ async fn dropping_the_caller_detaches_the_execution() {
 /// the 30 s lease.
 #[tokio::test(start_paused = true)]
 async fn a_waiter_executes_itself_when_the_first_execution_releases() {
-    let store = TestStore::new();
+    let store = test_store();
     let engine = Engine::new(store.clone());
     let proceed = Arc::new(Notify::new());
     let started = Arc::new(Notify::new());
@@ -189,7 +189,7 @@ async fn a_waiter_executes_itself_when_the_first_execution_releases() {
         })
     };
     // The waiter is registered once its wait was called.
-    store.faults.until_calls(Operation::Wait, 1).await;
+    store.until_calls(Operation::Wait, 1).await;
     let released = tokio::time::Instant::now();
     proceed.notify_one();
     assert_eq!(first.await.unwrap().unwrap(), Outcome::Executed("failed"));
@@ -208,7 +208,7 @@ async fn a_waiter_executes_itself_when_the_first_execution_releases() {
 
 #[tokio::test]
 async fn a_fresh_owner_token_fences_each_grant() {
-    let engine = Engine::new(TestStore::new());
+    let engine = Engine::new(test_store());
     let mut fences = Vec::new();
     for _ in 0..3 {
         let fence = engine
@@ -230,7 +230,7 @@ async fn a_fresh_owner_token_fences_each_grant() {
 
 #[tokio::test]
 async fn executions_can_be_awaited_at_shutdown() {
-    let engine = Engine::new(TestStore::new());
+    let engine = Engine::new(test_store());
     let (caller, proceed) = start_held(&engine, "shutdown", b"stored").await;
     caller.abort(); // the client went away; the execution is detached
     assert_eq!(engine.executions().running(), 1);
@@ -263,7 +263,7 @@ async fn executions_can_be_awaited_at_shutdown() {
 /// instead of executing, and the result is stored once the store is back.
 #[tokio::test(start_paused = true)]
 async fn a_short_store_outage_at_completion_does_not_lose_the_result() {
-    let store = TestStore::new();
+    let store = test_store();
     let lease = Duration::from_millis(900);
     let engine = Engine::new(store.clone())
         .lease(lease)
@@ -271,9 +271,7 @@ async fn a_short_store_outage_at_completion_does_not_lose_the_result() {
     let runs = Arc::new(AtomicUsize::new(0));
     // About 10 s of failed completions with the backoff capped at 1 s:
     // more than ten leases.
-    store
-        .faults
-        .inject(Operation::Complete, Fault::FailBefore, 18);
+    store.inject(Operation::Complete, Fault::FailBefore, 18);
     let (first, proceed) = start_held(&engine, "outage", b"charged").await;
     proceed.notify_one();
     // While the completion fails, a duplicate arrives and waits.
@@ -314,12 +312,10 @@ async fn a_short_store_outage_at_completion_does_not_lose_the_result() {
 /// and the next completion attempt confirms the record instead of giving up.
 #[tokio::test(start_paused = true)]
 async fn a_completion_whose_replies_are_lost_is_confirmed_by_its_retry() {
-    let store = TestStore::new();
+    let store = test_store();
     let lease = Duration::from_millis(300);
     let engine = Engine::new(store.clone()).lease(lease);
-    store
-        .faults
-        .inject(Operation::Complete, Fault::LoseReply, 6);
+    store.inject(Operation::Complete, Fault::LoseReply, 6);
     let (first, proceed) = start_held(&engine, "lost-reply", b"charged").await;
     proceed.notify_one();
     assert_eq!(
@@ -341,12 +337,10 @@ async fn a_completion_whose_replies_are_lost_is_confirmed_by_its_retry() {
 /// own the key now: the operation learns that its lease is lost.
 #[tokio::test(start_paused = true)]
 async fn lease_lost_turns_true_when_renewals_fail_for_longer_than_the_lease() {
-    let store = TestStore::new();
+    let store = test_store();
     let lease = Duration::from_millis(300);
     let engine = Engine::new(store.clone()).lease(lease);
-    store
-        .faults
-        .inject(Operation::Extend, Fault::FailBefore, usize::MAX);
+    store.inject(Operation::Extend, Fault::FailBefore, usize::MAX);
     let started = tokio::time::Instant::now();
     let out = engine
         .run(key("renewals-fail"), FP, move |ctx| async move {

@@ -7,8 +7,8 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 
-use common::TestStore;
 use common::grpc_service::{CHARGE, Ledger, PaymentsClient, PaymentsServer, replayed};
+use common::{TestStore, test_store};
 use tonic::Code;
 use tower_idempotency::IdempotencyLayer;
 
@@ -35,7 +35,7 @@ fn executions(ledger: &Ledger) -> u64 {
 
 #[tokio::test]
 async fn a_replayed_charge_is_the_same_message_with_status_ok_and_the_marker() {
-    let (ledger, mut client) = start(IdempotencyLayer::new(TestStore::new()), Duration::ZERO).await;
+    let (ledger, mut client) = start(IdempotencyLayer::new(test_store()), Duration::ZERO).await;
     let first = client.charge(Some("k"), 100, "GHS").await.unwrap();
     let retry = client
         .charge(Some("k"), 100, "GHS")
@@ -50,7 +50,7 @@ async fn a_replayed_charge_is_the_same_message_with_status_ok_and_the_marker() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn thirty_two_concurrent_duplicate_charges_execute_once() {
     let (ledger, client) = start(
-        IdempotencyLayer::new(TestStore::new()),
+        IdempotencyLayer::new(test_store()),
         Duration::from_millis(300),
     )
     .await;
@@ -71,7 +71,7 @@ async fn thirty_two_concurrent_duplicate_charges_execute_once() {
 
 #[tokio::test]
 async fn an_internal_error_is_not_stored_and_a_retry_runs_again() {
-    let (ledger, mut client) = start(IdempotencyLayer::new(TestStore::new()), Duration::ZERO).await;
+    let (ledger, mut client) = start(IdempotencyLayer::new(test_store()), Duration::ZERO).await;
     // Amount 13 makes the handler return Status::internal (Trailers-Only).
     assert_eq!(
         client
@@ -89,7 +89,7 @@ async fn an_internal_error_is_not_stored_and_a_retry_runs_again() {
 
 #[tokio::test]
 async fn an_invalid_argument_is_stored_and_replayed_as_the_same_status() {
-    let (ledger, mut client) = start(IdempotencyLayer::new(TestStore::new()), Duration::ZERO).await;
+    let (ledger, mut client) = start(IdempotencyLayer::new(test_store()), Duration::ZERO).await;
     let first = client.charge(Some("k"), 0, "GHS").await.unwrap_err();
     let retry = client.charge(Some("k"), 0, "GHS").await.unwrap_err();
     assert_eq!(first.code(), Code::InvalidArgument);
@@ -108,7 +108,7 @@ async fn an_invalid_argument_is_stored_and_replayed_as_the_same_status() {
 #[tokio::test]
 async fn refusals_arrive_as_grpc_statuses() {
     // Invalid key.
-    let (ledger, mut client) = start(IdempotencyLayer::new(TestStore::new()), Duration::ZERO).await;
+    let (ledger, mut client) = start(IdempotencyLayer::new(test_store()), Duration::ZERO).await;
     let long = "k".repeat(300);
     let status = client.charge(Some(&long), 100, "GHS").await.unwrap_err();
     assert_eq!(status.code(), Code::InvalidArgument);
@@ -124,7 +124,7 @@ async fn refusals_arrive_as_grpc_statuses() {
     assert_eq!(executions(&ledger), 1);
 
     // Missing key on a listed method.
-    let layer = IdempotencyLayer::new(TestStore::new()).grpc_methods([CHARGE]);
+    let layer = IdempotencyLayer::new(test_store()).grpc_methods([CHARGE]);
     let (ledger, mut client) = start(layer, Duration::ZERO).await;
     assert_eq!(
         client.charge(None, 100, "GHS").await.unwrap_err().code(),
@@ -133,7 +133,7 @@ async fn refusals_arrive_as_grpc_statuses() {
     assert_eq!(executions(&ledger), 0);
 
     // In flight, with the reject policy.
-    let layer = IdempotencyLayer::new(TestStore::new()).reject_in_flight();
+    let layer = IdempotencyLayer::new(test_store()).reject_in_flight();
     let (ledger, client) = start(layer, Duration::from_millis(500)).await;
     let first = tokio::spawn({
         let mut client = client.clone();
@@ -156,8 +156,8 @@ async fn refusals_arrive_as_grpc_statuses() {
     assert_eq!(executions(&ledger), 1);
 
     // Store unavailable.
-    let store = TestStore::new();
-    store.set_failing(true);
+    let store = test_store();
+    store.fail_all();
     let (ledger, mut client) = start(IdempotencyLayer::new(store), Duration::ZERO).await;
     assert_eq!(
         client
@@ -170,7 +170,7 @@ async fn refusals_arrive_as_grpc_statuses() {
     assert_eq!(executions(&ledger), 0);
 
     // Request too large.
-    let layer = IdempotencyLayer::new(TestStore::new()).request_body_limit(8);
+    let layer = IdempotencyLayer::new(test_store()).request_body_limit(8);
     let (ledger, mut client) = start(layer, Duration::ZERO).await;
     let status = client
         .charge(Some("k"), 100, "a very long currency")
@@ -182,24 +182,28 @@ async fn refusals_arrive_as_grpc_statuses() {
 
 #[tokio::test]
 async fn streaming_calls_pass_through() {
-    let store = TestStore::new();
+    let store = test_store();
     let layer = IdempotencyLayer::new(store.clone()).grpc_methods([CHARGE]);
     let (_ledger, mut client) = start(layer, Duration::ZERO).await;
     client.charge(Some("c1"), 100, "GHS").await.unwrap();
     client.charge(Some("c2"), 200, "GHS").await.unwrap();
-    let calls = store.calls();
+    let calls = store.total_calls();
     // A key on an unlisted (streaming) method does not guard it.
     let listed = client.list_charges(Some("s")).await.unwrap();
     let again = client.list_charges(Some("s")).await.unwrap();
     assert_eq!(listed.len(), 2);
     assert_eq!(again, listed);
-    assert_eq!(store.calls(), calls, "the stream never touched the store");
+    assert_eq!(
+        store.total_calls(),
+        calls,
+        "the stream never touched the store"
+    );
 
     // Without a list, a keyless stream passes through too.
-    let store = TestStore::new();
+    let store = test_store();
     let (_ledger, mut client) = start(IdempotencyLayer::new(store.clone()), Duration::ZERO).await;
     assert!(client.list_charges(None).await.unwrap().is_empty());
-    assert_eq!(store.calls(), 0);
+    assert_eq!(store.total_calls(), 0);
 }
 
 #[tokio::test]
@@ -209,7 +213,7 @@ async fn one_service_can_be_layered_with_named_layer() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let guarded =
-        IdempotencyLayer::new(TestStore::new()).named_layer(PaymentsServer::new(ledger.clone()));
+        IdempotencyLayer::new(test_store()).named_layer(PaymentsServer::new(ledger.clone()));
     let server = tonic::transport::Server::builder()
         .add_service(guarded)
         .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener));
@@ -234,7 +238,7 @@ mod by_hand {
     use tower::{Layer, ServiceExt};
     use tower_idempotency::{IdempotencyLayer, RequestBody};
 
-    use super::common::{TestStore, collect};
+    use super::common::{collect, test_store};
 
     /// A gRPC-Web body: one message frame, then the trailer frame.
     fn grpc_web_body(message: &[u8], status: u32) -> Bytes {
@@ -305,7 +309,7 @@ mod by_hand {
         ] {
             // OK: stored and replayed.
             let executions = Arc::new(AtomicUsize::new(0));
-            let svc = IdempotencyLayer::new(TestStore::new())
+            let svc = IdempotencyLayer::new(test_store())
                 .layer(counting(executions.clone(), web_answer(0, text)));
             let first = collect(svc.clone().oneshot(call(content_type)).await.unwrap()).await;
             let again = collect(svc.clone().oneshot(call(content_type)).await.unwrap()).await;
@@ -314,7 +318,7 @@ mod by_hand {
             assert_eq!(executions.load(Ordering::SeqCst), 1);
             // UNAVAILABLE: not stored, so a retry runs again.
             let executions = Arc::new(AtomicUsize::new(0));
-            let svc = IdempotencyLayer::new(TestStore::new())
+            let svc = IdempotencyLayer::new(test_store())
                 .layer(counting(executions.clone(), web_answer(14, text)));
             svc.clone().oneshot(call(content_type)).await.unwrap();
             let again = collect(svc.clone().oneshot(call(content_type)).await.unwrap()).await;
@@ -342,7 +346,7 @@ mod by_hand {
     async fn an_oversized_grpc_response_is_judged_by_its_trailers() {
         // UNAVAILABLE in the trailers: released, so a retry runs again.
         let executions = Arc::new(AtomicUsize::new(0));
-        let svc = IdempotencyLayer::new(TestStore::new())
+        let svc = IdempotencyLayer::new(test_store())
             .stored_response_limit(1024)
             .layer(counting(executions.clone(), large_answer("14")));
         let first = collect(svc.clone().oneshot(call("application/grpc")).await.unwrap()).await;
@@ -354,7 +358,7 @@ mod by_hand {
 
         // OK in the trailers: executed once, then "not replayable".
         let executions = Arc::new(AtomicUsize::new(0));
-        let svc = IdempotencyLayer::new(TestStore::new())
+        let svc = IdempotencyLayer::new(test_store())
             .stored_response_limit(1024)
             .layer(counting(executions.clone(), large_answer("0")));
         let first = collect(svc.clone().oneshot(call("application/grpc")).await.unwrap()).await;
@@ -367,7 +371,7 @@ mod by_hand {
     #[tokio::test]
     async fn an_oversized_grpc_response_dropped_midway_is_an_unknown_outcome() {
         let executions = Arc::new(AtomicUsize::new(0));
-        let svc = IdempotencyLayer::new(TestStore::new())
+        let svc = IdempotencyLayer::new(test_store())
             .stored_response_limit(1024)
             .layer(counting(executions.clone(), large_answer("0")));
         let res = svc.clone().oneshot(call("application/grpc")).await.unwrap();
@@ -399,7 +403,7 @@ mod retrying_client {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
         let server = tonic::transport::Server::builder()
-            .layer(IdempotencyLayer::new(TestStore::new()))
+            .layer(IdempotencyLayer::new(test_store()))
             .add_service(PaymentsServer::new(ledger.clone()))
             .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener));
         tokio::spawn(server);

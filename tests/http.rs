@@ -11,11 +11,11 @@ use common::*;
 use http::{Method, Request, StatusCode};
 use http_body_util::BodyExt;
 use tower::{Layer, ServiceExt};
-use tower_idempotency::store::fault::Operation;
+use tower_idempotency::store::fault::{Fault, Operation};
 use tower_idempotency::{IdempotencyLayer, Scope};
 
 fn setup() -> (Ledger, TestStore) {
-    (Ledger::new(), TestStore::new())
+    (Ledger::new(), test_store())
 }
 
 #[tokio::test]
@@ -41,7 +41,11 @@ async fn unguarded_methods_pass_through_without_store_access() {
         }
     }
     assert_eq!(ledger.count(), 10, "every unguarded request executes");
-    assert_eq!(store.calls(), 0, "unguarded requests never touch the store");
+    assert_eq!(
+        store.total_calls(),
+        0,
+        "unguarded requests never touch the store"
+    );
 }
 
 #[tokio::test]
@@ -72,7 +76,7 @@ async fn missing_key_is_refused_with_400_problem() {
     assert_eq!(a.headers["cache-control"], "no-store");
     assert!(a.problem_type().ends_with("#variant.MissingKey"));
     assert_eq!(ledger.count(), 0);
-    assert_eq!(store.calls(), 0);
+    assert_eq!(store.total_calls(), 0);
 }
 
 #[tokio::test]
@@ -85,7 +89,7 @@ async fn optional_key_passes_keyless_requests_through() {
         assert!(!a.replayed());
     }
     assert_eq!(ledger.count(), 2);
-    assert_eq!(store.calls(), 0);
+    assert_eq!(store.total_calls(), 0);
     // With a key it is still guarded.
     send(&svc, req(Some("k"), "{}")).await;
     assert!(send(&svc, req(Some("k"), "{}")).await.replayed());
@@ -133,7 +137,7 @@ async fn invalid_keys_are_refused_with_400_and_never_reach_the_store() {
     assert_eq!(a.status, StatusCode::BAD_REQUEST);
     assert!(a.problem_type().ends_with("#variant.InvalidKey"));
     assert_eq!(ledger.count(), 0);
-    assert_eq!(store.calls(), 0);
+    assert_eq!(store.total_calls(), 0);
 
     let max = "a".repeat(255);
     let a = send(
@@ -190,7 +194,7 @@ async fn body_over_the_limit_gets_413_and_is_not_executed() {
         .unwrap();
     assert_eq!(send(&svc, r).await.status, StatusCode::PAYLOAD_TOO_LARGE);
     assert_eq!(ledger.count(), 0);
-    assert_eq!(store.calls(), 0, "an oversized body claims nothing");
+    assert_eq!(store.total_calls(), 0, "an oversized body claims nothing");
 
     // Exactly at the limit: executed, and the handler gets the same bytes.
     let chunks = futures_chunks(vec![
@@ -298,7 +302,7 @@ async fn a_slow_upload_never_holds_the_key() {
     // Returns once the layer took the first chunk: it is reading the body.
     tx.send(Ok(Bytes::from_static(b"}"))).await.unwrap();
     assert_eq!(
-        store.calls(),
+        store.total_calls(),
         0,
         "nothing is claimed while the body is still arriving"
     );
@@ -329,7 +333,7 @@ async fn a_broken_request_body_is_refused_and_not_executed() {
     assert_eq!(a.status, StatusCode::BAD_REQUEST);
     assert!(a.problem_type().ends_with("#variant.BodyUnreadable"));
     assert_eq!(ledger.count(), 0);
-    assert_eq!(store.calls(), 0);
+    assert_eq!(store.total_calls(), 0);
 }
 
 #[tokio::test]
@@ -347,7 +351,7 @@ async fn an_in_flight_duplicate_waits_and_gets_the_same_answer() {
         let svc = svc.clone();
         async move { send(&svc, gated()).await }
     });
-    store.faults.until_calls(Operation::Wait, 1).await;
+    store.until_calls(Operation::Wait, 1).await;
     assert!(!second.is_finished(), "the duplicate waits for the first");
     ledger.open(1);
     let (first, second) = (first.await.unwrap(), second.await.unwrap());
@@ -597,14 +601,14 @@ async fn an_oversized_response_is_delivered_once_and_never_re_executed() {
 #[tokio::test]
 async fn store_failure_fails_closed_with_503() {
     let (ledger, store) = setup();
-    store.set_failing(true);
+    store.fail_all();
     let svc = layer(store.clone()).layer(ledger.service());
     let a = send(&svc, req(Some("k"), "{}")).await;
     assert_eq!(a.status, StatusCode::SERVICE_UNAVAILABLE);
     assert!(a.problem_type().ends_with("#variant.StoreUnavailable"));
     assert_eq!(a.headers["retry-after"], "1");
     assert_eq!(ledger.count(), 0, "nothing runs unguarded");
-    store.set_failing(false);
+    store.clear();
     assert_eq!(
         send(&svc, req(Some("k"), "{}")).await.status,
         StatusCode::CREATED,
@@ -615,7 +619,7 @@ async fn store_failure_fails_closed_with_503() {
 #[tokio::test]
 async fn fail_open_executes_unguarded_when_the_store_fails() {
     let (ledger, store) = setup();
-    store.set_failing(true);
+    store.fail_all();
     let svc = layer(store).fail_open().layer(ledger.service());
     assert_eq!(
         send(&svc, req(Some("k"), "{}")).await.status,
@@ -633,9 +637,7 @@ async fn an_unreadable_record_fails_closed() {
     let (ledger, store) = setup();
     let svc = layer(store.clone()).layer(ledger.service());
     send(&svc, req(Some("k"), "{}")).await;
-    store
-        .corrupt
-        .store(true, std::sync::atomic::Ordering::SeqCst);
+    store.inject(Operation::Claim, Fault::CorruptRecord, usize::MAX);
     let a = send(&svc, req(Some("k"), "{}")).await;
     assert_eq!(a.status, StatusCode::INTERNAL_SERVER_ERROR);
     assert!(a.problem_type().ends_with("#variant.RecordUnreadable"));
@@ -704,7 +706,7 @@ async fn a_panicking_handler_releases_the_key_and_the_panic_propagates() {
         "the handler's panic reaches the caller"
     );
     // The release is spawned by the dying task.
-    store.faults.until_calls(Operation::Release, 1).await;
+    store.until_calls(Operation::Release, 1).await;
     let retry = send(&svc, req(Some("k"), "{}")).await;
     assert_eq!(
         retry.status,
@@ -727,7 +729,7 @@ async fn behind_catch_panic_a_panic_is_a_500_and_the_retry_executes() {
         .unwrap();
     let res = svc.clone().oneshot(panicking).await.unwrap();
     assert_eq!(res.status(), StatusCode::INTERNAL_SERVER_ERROR);
-    store.faults.until_calls(Operation::Release, 1).await;
+    store.until_calls(Operation::Release, 1).await;
     let retry = svc.clone().oneshot(req(Some("k"), "{}")).await.unwrap();
     assert_eq!(retry.status(), StatusCode::CREATED);
     assert_eq!(ledger.count(), 2);
@@ -785,7 +787,7 @@ fn breaking_off_once(
 #[tokio::test]
 async fn a_response_body_that_breaks_off_completes_the_key_as_outcome_unknown() {
     let executions = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let svc = layer(TestStore::new()).layer(breaking_off_once(executions.clone()));
+    let svc = layer(test_store()).layer(breaking_off_once(executions.clone()));
     let res = svc.clone().oneshot(req(Some("k"), "{}")).await.unwrap();
     let err = res.into_body().collect().await;
     assert!(err.is_err(), "the caller sees the body error");
@@ -848,7 +850,7 @@ async fn a_response_body_that_panics_after_its_head_completes_the_key_as_outcome
             }
         })
     };
-    let svc = layer(TestStore::new()).layer(inner);
+    let svc = layer(test_store()).layer(inner);
     let first = tokio::spawn({
         let svc = svc.clone();
         async move {
@@ -880,7 +882,7 @@ async fn a_response_body_that_panics_after_its_head_completes_the_key_as_outcome
 #[tokio::test]
 async fn release_unknown_outcomes_lets_a_broken_response_run_again() {
     let executions = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    let svc = layer(TestStore::new())
+    let svc = layer(test_store())
         .release_unknown_outcomes()
         .layer(breaking_off_once(executions.clone()));
     let res = svc.clone().oneshot(req(Some("k"), "{}")).await.unwrap();
@@ -907,7 +909,7 @@ async fn trailers_are_stored_and_replayed() {
             Ok::<_, std::convert::Infallible>(http::Response::new(body))
         },
     );
-    let svc = layer(TestStore::new()).layer(inner);
+    let svc = layer(test_store()).layer(inner);
     let first = collect(svc.clone().oneshot(req(Some("k"), "{}")).await.unwrap()).await;
     let again = collect(svc.clone().oneshot(req(Some("k"), "{}")).await.unwrap()).await;
     assert!(again.replayed());

@@ -34,7 +34,7 @@ async fn post_to(client: &HttpClient, addr: std::net::SocketAddr, key: &str, gat
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_hundred_concurrent_duplicates_execute_once_and_get_identical_bodies() {
     let ledger = Ledger::new();
-    let store = TestStore::new();
+    let store = test_store();
     let svc = layer(store.clone()).layer(ledger.infallible());
     let addr = serve(svc).await;
     let entered = ledger.entered.notified();
@@ -48,7 +48,7 @@ async fn a_hundred_concurrent_duplicates_execute_once_and_get_identical_bodies()
         }));
     }
     // Every duplicate is waiting on the first before it ends.
-    store.faults.until_calls(Operation::Wait, 99).await;
+    store.until_calls(Operation::Wait, 99).await;
     ledger.open(100);
     let first = first.await.unwrap();
     assert_eq!(first.status, StatusCode::CREATED);
@@ -69,7 +69,7 @@ async fn a_hundred_concurrent_duplicates_execute_once_and_get_identical_bodies()
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_client_disconnect_does_not_cancel_the_execution() {
     let ledger = Ledger::new();
-    let svc = layer(TestStore::new()).layer(ledger.infallible());
+    let svc = layer(test_store()).layer(ledger.infallible());
     // Signals when the server drops a request's future before it ended,
     // as it does when it notices the client went away.
     let dropped = std::sync::Arc::new(tokio::sync::Notify::new());
@@ -140,7 +140,7 @@ impl Drop for NotifyOnDrop {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replays_are_byte_identical_over_the_wire() {
     let ledger = Ledger::new();
-    let svc = layer(TestStore::new()).layer(ledger.infallible());
+    let svc = layer(test_store()).layer(ledger.infallible());
     let addr = serve(svc).await;
     let c = client();
     let first = post_to(&c, addr, "wire", false).await;

@@ -50,6 +50,15 @@ pub enum Operation {
 }
 
 impl Operation {
+    const ALL: [Operation; 6] = [
+        Operation::Claim,
+        Operation::Complete,
+        Operation::Release,
+        Operation::Extend,
+        Operation::Wait,
+        Operation::Purge,
+    ];
+
     fn name(self) -> &'static str {
         match self {
             Operation::Claim => "claim",
@@ -74,6 +83,11 @@ pub enum Fault {
     LoseReply,
     /// It runs after this delay (and then normally).
     Delay(Duration),
+    /// Aimed at [`Operation::Claim`]: a completed record it finds comes
+    /// back unreadable (a record written by a version this one cannot
+    /// read, or damaged), so the caller's handling of such records can be
+    /// tested. Other answers, and other operations, are left alone.
+    CorruptRecord,
 }
 
 /// Wraps a store and injects [`Fault`]s into the next calls of chosen
@@ -148,6 +162,23 @@ impl<St> FaultStore<St> {
         self.state().planned.clear();
     }
 
+    /// From now on every operation fails before taking effect, as when the
+    /// store is down, until [`clear`](Self::clear).
+    pub fn fail_all(&self) {
+        for op in Operation::ALL {
+            self.inject(op, Fault::FailBefore, usize::MAX);
+        }
+    }
+
+    /// How many operations were called in all (faulty calls included).
+    pub fn total_calls(&self) -> usize {
+        self.state()
+            .calls
+            .values()
+            .copied()
+            .fold(0, usize::saturating_add)
+    }
+
     /// How many times `op` was called (faulty calls included).
     pub fn calls(&self, op: Operation) -> usize {
         self.state().calls.get(&op).copied().unwrap_or(0)
@@ -194,6 +225,15 @@ impl<St> FaultStore<St> {
     ) -> Result<T, StoreError> {
         let fault = self.enter(op);
         self.shared.called.notify_waiters();
+        Self::apply(op, fault, call).await
+    }
+
+    /// Runs `call` with `fault` applied.
+    async fn apply<T>(
+        op: Operation,
+        fault: Option<Fault>,
+        call: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
         match fault {
             None => call.await,
             Some(Fault::FailBefore) => Err(StoreError::new(StoreErrorKind::Unavailable, op.name())
@@ -207,9 +247,14 @@ impl<St> FaultStore<St> {
                 tokio::time::sleep(delay).await;
                 call.await
             }
+            // Applied by `claim`, which alone can change the record.
+            Some(Fault::CorruptRecord) => call.await,
         }
     }
 }
+
+/// The payload of a completed record no reader of this crate accepts.
+const UNREADABLE: &[u8] = b"TIDR\x01garbage";
 
 impl<St: Store> Store for FaultStore<St> {
     async fn claim(
@@ -218,8 +263,17 @@ impl<St: Store> Store for FaultStore<St> {
         fingerprint: Fingerprint,
         lease: Duration,
     ) -> Result<Claim, StoreError> {
-        self.run(Operation::Claim, self.inner.claim(key, fingerprint, lease))
-            .await
+        let fault = self.enter(Operation::Claim);
+        self.shared.called.notify_waiters();
+        let call = self.inner.claim(key, fingerprint, lease);
+        let claim = Self::apply(Operation::Claim, fault, call).await?;
+        Ok(match claim {
+            Claim::Completed(mut record) if fault == Some(Fault::CorruptRecord) => {
+                record.payload = bytes::Bytes::from_static(UNREADABLE);
+                Claim::Completed(record)
+            }
+            other => other,
+        })
     }
 
     async fn complete(
@@ -265,6 +319,35 @@ mod tests {
 
     const FP: Fingerprint = Fingerprint::from_bytes([3; 32]);
     const LEASE: Duration = Duration::from_secs(30);
+
+    #[tokio::test]
+    async fn an_outage_fails_everything_until_cleared_and_records_can_be_corrupted() {
+        let store = FaultStore::new(MemoryStore::new());
+        let key = StoreKey::from_parts(b"", b"k");
+        store.fail_all();
+        assert!(store.claim(key, FP, LEASE).await.is_err());
+        assert!(store.purge(key).await.is_err());
+        assert_eq!(store.total_calls(), 2);
+        store.clear();
+        let Ok(Claim::Acquired(token)) = store.claim(key, FP, LEASE).await else {
+            panic!("the store is back");
+        };
+        let record = CompletedRecord {
+            fingerprint: FP,
+            payload: bytes::Bytes::from_static(b"done"),
+        };
+        store.complete(key, token, record.clone(), LEASE).await.unwrap();
+        store.inject(Operation::Claim, Fault::CorruptRecord, 1);
+        let Ok(Claim::Completed(unreadable)) = store.claim(key, FP, LEASE).await else {
+            panic!("completed");
+        };
+        assert_eq!(&unreadable.payload[..], UNREADABLE);
+        assert_eq!(
+            store.claim(key, FP, LEASE).await.unwrap(),
+            Claim::Completed(record)
+        );
+        assert_eq!(store.total_calls(), 6);
+    }
 
     #[tokio::test]
     async fn faults_hit_the_next_calls_then_the_store_behaves() {

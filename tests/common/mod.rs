@@ -38,9 +38,7 @@ use tower_idempotency::engine::ExecutionContext;
 use tower_idempotency::fingerprint::Fingerprint;
 use tower_idempotency::key::StoreKey;
 use tower_idempotency::store::fault::FaultStore;
-use tower_idempotency::store::{
-    Claim, CompletedRecord, LeaseStatus, MemoryStore, OwnerToken, Store, StoreError, StoreErrorKind,
-};
+use tower_idempotency::store::{Claim, MemoryStore, Store};
 use tower_idempotency::{IdempotencyInfo, IdempotencyLayer, RequestBody, StorePolicy};
 
 /// An inner service that counts its executions and behaves as the request's
@@ -209,102 +207,14 @@ impl std::fmt::Display for TestError {
 
 impl std::error::Error for TestError {}
 
-/// A store decorator that counts operations and can be made to fail: all
-/// of them ([`set_failing`](TestStore::set_failing)), or chosen calls of one
-/// operation through its [`FaultStore`] (`store.faults.inject(..)`), which
-/// also counts each operation's calls.
-#[derive(Clone)]
-pub struct TestStore<St = MemoryStore> {
-    pub inner: St,
-    pub faults: FaultStore<St>,
-    pub calls: Arc<AtomicUsize>,
-    pub fail: Arc<AtomicBool>,
-    pub corrupt: Arc<AtomicBool>,
-}
+/// The tests' store: the in-memory store behind a [`FaultStore`], which
+/// counts every call and fails, delays or corrupts chosen ones
+/// (`inject`), or all of them (`fail_all`, until `clear`).
+pub type TestStore<St = MemoryStore> = FaultStore<St>;
 
-impl TestStore {
-    pub fn new() -> Self {
-        Self::wrap(MemoryStore::new())
-    }
-}
-
-impl<St: Store> TestStore<St> {
-    pub fn wrap(inner: St) -> Self {
-        Self {
-            faults: FaultStore::new(inner.clone()),
-            inner,
-            calls: Arc::default(),
-            fail: Arc::default(),
-            corrupt: Arc::default(),
-        }
-    }
-
-    pub fn calls(&self) -> usize {
-        self.calls.load(Ordering::SeqCst)
-    }
-
-    pub fn set_failing(&self, fail: bool) {
-        self.fail.store(fail, Ordering::SeqCst);
-    }
-
-    fn enter(&self, op: &'static str) -> Result<(), StoreError> {
-        self.calls.fetch_add(1, Ordering::SeqCst);
-        if self.fail.load(Ordering::SeqCst) {
-            let cause = std::io::Error::new(std::io::ErrorKind::ConnectionRefused, "injected");
-            return Err(StoreError::new(StoreErrorKind::Unavailable, op).with_source(cause));
-        }
-        Ok(())
-    }
-}
-
-impl<St: Store> Store for TestStore<St> {
-    async fn claim(
-        &self,
-        key: StoreKey,
-        fp: Fingerprint,
-        lease: Duration,
-    ) -> Result<Claim, StoreError> {
-        self.enter("claim")?;
-        let claim = self.faults.claim(key, fp, lease).await?;
-        match claim {
-            Claim::Completed(mut rec) if self.corrupt.load(Ordering::SeqCst) => {
-                rec.payload = Bytes::from_static(b"TIDR\x01garbage");
-                Ok(Claim::Completed(rec))
-            }
-            other => Ok(other),
-        }
-    }
-    async fn complete(
-        &self,
-        key: StoreKey,
-        token: OwnerToken,
-        record: CompletedRecord,
-        retention: Duration,
-    ) -> Result<LeaseStatus, StoreError> {
-        self.enter("complete")?;
-        self.faults.complete(key, token, record, retention).await
-    }
-    async fn release(&self, key: StoreKey, token: OwnerToken) -> Result<LeaseStatus, StoreError> {
-        self.enter("release")?;
-        self.faults.release(key, token).await
-    }
-    async fn extend(
-        &self,
-        key: StoreKey,
-        token: OwnerToken,
-        lease: Duration,
-    ) -> Result<LeaseStatus, StoreError> {
-        self.enter("extend")?;
-        self.faults.extend(key, token, lease).await
-    }
-    async fn wait(&self, key: StoreKey, fence: u64, timeout: Duration) -> Result<(), StoreError> {
-        self.enter("wait")?;
-        self.faults.wait(key, fence, timeout).await
-    }
-    async fn purge(&self, key: StoreKey) -> Result<bool, StoreError> {
-        self.enter("purge")?;
-        self.faults.purge(key).await
-    }
+/// A fresh [`TestStore`] on a memory store of its own.
+pub fn test_store() -> TestStore {
+    FaultStore::new(MemoryStore::new())
 }
 
 /// A POST to `/pay` with the given key and body.
