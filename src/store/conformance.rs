@@ -36,15 +36,15 @@ use crate::key::StoreKey;
 use crate::record::{StoredOutcome, StoredResponse};
 
 /// A lease short enough to expire within a test.
-const SHORT_LEASE: Duration = Duration::from_millis(150);
+pub(crate) const SHORT_LEASE: Duration = Duration::from_millis(150);
 /// Comfortably longer than [`SHORT_LEASE`].
-const PAST_SHORT_LEASE: Duration = Duration::from_millis(450);
+pub(crate) const PAST_SHORT_LEASE: Duration = Duration::from_millis(450);
 /// A lease no test outlives.
-const LONG_LEASE: Duration = Duration::from_secs(60);
+pub(crate) const LONG_LEASE: Duration = Duration::from_secs(60);
 /// A retention no test outlives.
-const LONG_RETENTION: Duration = Duration::from_secs(600);
+pub(crate) const LONG_RETENTION: Duration = Duration::from_secs(600);
 /// How long a wake-up may take before a check calls it lost.
-const WAKE_BOUND: Duration = Duration::from_secs(3);
+pub(crate) const WAKE_BOUND: Duration = Duration::from_secs(3);
 
 /// What the conformance tests run against: a store, or something that owns one.
 pub trait Fixture {
@@ -127,6 +127,12 @@ macro_rules! store_conformance_tests {
     };
 }
 
+mod wait;
+pub use self::wait::{
+    wait_gives_up_after_its_timeout, wait_returns_at_once_when_the_claim_is_gone,
+    wait_wakes_on_completion, wait_wakes_on_release,
+};
+
 /// Runs every check in turn against one store.
 pub async fn run_all<St: Store>(store: &St) {
     claim_is_exclusive_under_a_race(store).await;
@@ -146,7 +152,7 @@ pub async fn run_all<St: Store>(store: &St) {
     keys_are_independent(store).await;
 }
 
-fn fresh_key() -> StoreKey {
+pub(crate) fn fresh_key() -> StoreKey {
     static COUNTER: AtomicU64 = AtomicU64::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed);
     let salt = RandomState::new().hash_one(n);
@@ -156,18 +162,18 @@ fn fresh_key() -> StoreKey {
     StoreKey::from_parts(b"tower-idempotency-conformance", &id)
 }
 
-fn fp(n: u8) -> Fingerprint {
+pub(crate) fn fp(n: u8) -> Fingerprint {
     Fingerprint::from_bytes([n; 32])
 }
 
-fn record(fingerprint: Fingerprint, payload: &[u8]) -> CompletedRecord {
+pub(crate) fn record(fingerprint: Fingerprint, payload: &[u8]) -> CompletedRecord {
     CompletedRecord {
         fingerprint,
         payload: Bytes::copy_from_slice(payload),
     }
 }
 
-async fn acquire<St: Store>(
+pub(crate) async fn acquire<St: Store>(
     store: &St,
     key: StoreKey,
     f: Fingerprint,
@@ -179,14 +185,14 @@ async fn acquire<St: Store>(
     }
 }
 
-async fn claim<St: Store>(store: &St, key: StoreKey, f: Fingerprint) -> Claim {
+pub(crate) async fn claim<St: Store>(store: &St, key: StoreKey, f: Fingerprint) -> Claim {
     match store.claim(key, f, LONG_LEASE).await {
         Ok(claim) => claim,
         Err(e) => panic!("claim failed: {e}"),
     }
 }
 
-async fn check(
+pub(crate) async fn check(
     what: &str,
     fut: impl std::future::Future<Output = Result<LeaseStatus, super::StoreError>>,
 ) -> LeaseStatus {
@@ -489,112 +495,6 @@ pub async fn records_expire_after_retention<St: Store>(store: &St) {
     );
     tokio::time::sleep(Duration::from_millis(600)).await;
     acquire(store, key, fp(1), LONG_LEASE).await;
-}
-
-async fn wait_for_change<St: Store>(
-    store: &St,
-    key: StoreKey,
-    change: impl std::future::Future<Output = ()>,
-) {
-    let Claim::InFlight { fence, .. } = claim(store, key, fp(1)).await else {
-        panic!("the key must be in flight");
-    };
-    let waiter = {
-        let store = store.clone();
-        tokio::spawn(async move {
-            let start = Instant::now();
-            store
-                .wait(key, fence, Duration::from_secs(30))
-                .await
-                .expect("wait failed");
-            start.elapsed()
-        })
-    };
-    // Give the waiter time to block; it must still be waiting on the live
-    // claim (a wait that returns at once would make the check below pass
-    // whatever the store does on a change).
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    assert!(
-        !waiter.is_finished(),
-        "a wait on a live claim returned before the claim changed"
-    );
-    change.await;
-    let waited = tokio::time::timeout(WAKE_BOUND, waiter)
-        .await
-        .expect("the waiter must wake soon after the change, not at its timeout")
-        .expect("waiter task panicked");
-    assert!(waited < WAKE_BOUND);
-}
-
-/// A waiter wakes when the claim it waits on completes.
-pub async fn wait_wakes_on_completion<St: Store>(store: &St) {
-    let key = fresh_key();
-    let token = acquire(store, key, fp(1), LONG_LEASE).await;
-    wait_for_change(store, key, async {
-        let s = check(
-            "complete",
-            store.complete(key, token, record(fp(1), b"done"), LONG_RETENTION),
-        )
-        .await;
-        assert_eq!(s, LeaseStatus::Held);
-    })
-    .await;
-    assert!(matches!(
-        claim(store, key, fp(1)).await,
-        Claim::Completed(_)
-    ));
-}
-
-/// A waiter wakes when the claim it waits on is released.
-pub async fn wait_wakes_on_release<St: Store>(store: &St) {
-    let key = fresh_key();
-    let token = acquire(store, key, fp(1), LONG_LEASE).await;
-    wait_for_change(store, key, async {
-        assert_eq!(
-            check("release", store.release(key, token)).await,
-            LeaseStatus::Held
-        );
-    })
-    .await;
-}
-
-/// Waiting on a claim that is already gone returns at once.
-pub async fn wait_returns_at_once_when_the_claim_is_gone<St: Store>(store: &St) {
-    let key = fresh_key();
-    let start = Instant::now();
-    store
-        .wait(key, 12345, Duration::from_secs(30))
-        .await
-        .expect("wait failed");
-    let token = acquire(store, key, fp(1), LONG_LEASE).await;
-    store
-        .wait(key, token.fence().wrapping_add(1), Duration::from_secs(30))
-        .await
-        .expect("wait failed");
-    assert!(
-        start.elapsed() < WAKE_BOUND,
-        "waiting on a claim that is not there must not block"
-    );
-}
-
-/// A wait on a live claim ends at its timeout.
-pub async fn wait_gives_up_after_its_timeout<St: Store>(store: &St) {
-    let key = fresh_key();
-    let token = acquire(store, key, fp(1), LONG_LEASE).await;
-    let start = Instant::now();
-    store
-        .wait(key, token.fence(), Duration::from_millis(300))
-        .await
-        .expect("wait failed");
-    let waited = start.elapsed();
-    assert!(
-        waited >= Duration::from_millis(250),
-        "the wait ended early ({waited:?}) with the claim still live"
-    );
-    assert!(
-        waited < WAKE_BOUND,
-        "the wait outlived its timeout ({waited:?})"
-    );
 }
 
 /// Purge drops a claim or a record, and says whether there was one.

@@ -336,7 +336,10 @@ mod tests {
             fingerprint: FP,
             payload: bytes::Bytes::from_static(b"done"),
         };
-        store.complete(key, token, record.clone(), LEASE).await.unwrap();
+        store
+            .complete(key, token, record.clone(), LEASE)
+            .await
+            .unwrap();
         store.inject(Operation::Claim, Fault::CorruptRecord, 1);
         let Ok(Claim::Completed(unreadable)) = store.claim(key, FP, LEASE).await else {
             panic!("completed");
