@@ -77,11 +77,50 @@
 //! | feature | default | what it adds |
 //! |---|---|---|
 //! | `memory` | yes | [`store::MemoryStore`] (moka) |
-//! | `redis` | no | [`store::RedisStore`] |
+//! | `redis` | no | [`store::RedisStore`] (redis-rs, `ConnectionManager`) |
 //! | `redis-cluster` | no | `RedisStoreBuilder::build_cluster`, and Redis Cluster connections for `RedisStore::with_connection` |
-//! | `sidecar` | no | [`sidecar`] and the `idempotency-sidecar` binary (implies `memory`, `redis`, `redis-cluster`) |
+//! | `postgres` | no | [`store::PostgresStore`] (tokio-postgres, deadpool-postgres) and its in-transaction `fence` |
+//! | `tls` | no | TLS to Redis (`rediss://`) and PostgreSQL (`sslmode`), pure Rust (rustls with `ring`, Mozilla's roots) |
+//! | `sidecar` | no | [`sidecar`] and the `idempotency-sidecar` binary (implies `memory`, `redis`, `redis-cluster`, `tls`) |
+//! | `client` | no | [`client::IdempotentRetryLayer`]: one key per request, safe retries |
+//! | `reqwest` | no | `client::IdempotentRetryMiddleware` for `reqwest_middleware` (implies `client`) |
 //! | `metrics` | no | an `idempotency_events_total{outcome}` counter through the `metrics` facade |
-//! | `test-util` | no | [`store::conformance`], the store contract as tests |
+//! | `test-util` | no | [`store::conformance`] (the store contract as tests) and [`store::fault`] |
+//!
+//! # Words
+//!
+//! One word per idea, across the crate and its docs:
+//!
+//! - **key**: the client's `Idempotency-Key`; with the **scope** (the
+//!   namespace of keys, usually one authenticated principal) it names a
+//!   stored entry ([`key::StoreKey`], a hash of both).
+//! - **fingerprint**: a hash of what makes two requests the same request
+//!   (method, path, query, selected headers, body); a key reused with
+//!   another fingerprint is refused.
+//! - **execution**: one run of the inner service (or of an engine
+//!   operation) for a key.
+//! - **claim**: the right to execute a key, taken in the store before an
+//!   execution; it lasts a **lease**, renewed while the execution runs. The
+//!   **owner token** proves who holds it: a **fence** (a number that only
+//!   grows across the claims of a key) and a **nonce** (unique per claim).
+//! - **lost** (a lease): the store says another execution owns the key, or
+//!   renewals failed for a whole lease; a lost lease stores nothing.
+//! - **orphan**: a claim whose reply never came back (a timeout, a caller
+//!   that went away); it may have been applied with nobody to own it, so
+//!   the store releases it by its nonce.
+//! - **completion**: what an execution asks for its key at its end: store
+//!   its outcome as a **record**, release the key, or decide later; the
+//!   engine **settles** the key by it.
+//! - **record**: a completed execution's stored response (status, headers,
+//!   body, trailers), kept for the retention; a **replay** is an answer
+//!   served from it, marked `Idempotent-Replayed: true`.
+//! - **in flight**: a key whose claim is live; **outcome unknown**: a key
+//!   whose execution committed its effect and whose response was never
+//!   stored.
+//! - **refusal**: an answer the layer gives instead of executing (a
+//!   problem document, or a gRPC status), each of a [`problem::ProblemKind`].
+//! - **fail closed**: when the store fails, refuse (503) rather than
+//!   execute unguarded.
 #![cfg_attr(docsrs, feature(doc_cfg))]
 #![deny(missing_docs, unsafe_code, unreachable_pub)]
 #![warn(missing_debug_implementations, rust_2018_idioms)]

@@ -853,7 +853,7 @@ async fn a_claim_whose_reply_was_lost_is_released_once_the_server_answers() {
         .await
         .unwrap_err();
     assert_eq!(e.kind(), StoreErrorKind::Timeout, "{e}");
-    assert_eq!(store.lost_claims_pending(), 1);
+    assert_eq!(store.orphans_pending(), 1);
     server.thaw();
     let other = private_store(&server).await;
     let started = std::time::Instant::now();
@@ -870,7 +870,7 @@ async fn a_claim_whose_reply_was_lost_is_released_once_the_server_answers() {
             Ok(other) => panic!("{other:?}"),
         }
     }
-    assert_eq!(store.lost_claims_pending(), 0);
+    assert_eq!(store.orphans_pending(), 0);
 }
 
 /// Lost claims behind a slow network: three claims (two of them for one
@@ -925,7 +925,7 @@ async fn claims_lost_behind_a_slow_network_do_not_hold_their_keys() {
     common::eventually(
         Duration::from_secs(10),
         "the releases of the lost claims are done",
-        || async { store.lost_claims_pending() == 0 },
+        || async { store.orphans_pending() == 0 },
     )
     .await;
     // The claims arrive `held_back` after they were sent (the proxy delays

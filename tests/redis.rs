@@ -614,7 +614,7 @@ async fn releases_of_lost_claims_are_bounded_during_an_outage() {
     let results = futures_util::future::join_all(claims).await;
     assert!(results.iter().all(Result::is_err), "Redis is frozen");
     let tasks = runtime.num_alive_tasks();
-    let pending = store.lost_claims_pending();
+    let pending = store.orphans_pending();
     server.thaw();
     assert!(
         tasks <= tasks_before + 2,
@@ -626,10 +626,10 @@ async fn releases_of_lost_claims_are_bounded_during_an_outage() {
     );
     // Once Redis is back, the queue drains.
     let started = std::time::Instant::now();
-    while store.lost_claims_pending() > 0 && started.elapsed() < Duration::from_secs(20) {
+    while store.orphans_pending() > 0 && started.elapsed() < Duration::from_secs(20) {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert_eq!(store.lost_claims_pending(), 0, "the queue drained");
+    assert_eq!(store.orphans_pending(), 0, "the queue drained");
 }
 
 /// Claims refused because Redis is down never reached it: nothing is
@@ -652,7 +652,7 @@ async fn claims_that_never_reached_redis_queue_no_release() {
     // may or may not have been sent: its release is queued. One whose
     // connection was refused was not: nothing is queued for it.
     let (mut refused, mut timed_out) = (0, 0);
-    let before = store.lost_claims_pending();
+    let before = store.orphans_pending();
     for n in 0..20u32 {
         let key = StoreKey::from_parts(b"refused", &n.to_be_bytes());
         let e = store
@@ -666,7 +666,7 @@ async fn claims_that_never_reached_redis_queue_no_release() {
     }
     assert!(refused > 0, "some claims found the connection refused");
     assert_eq!(
-        store.lost_claims_pending(),
+        store.orphans_pending(),
         before + timed_out,
         "only the {timed_out} timed-out claims queue a release, not the {refused} refused"
     );
@@ -1215,7 +1215,7 @@ where
     C: redis::aio::ConnectionLike + Clone + Send + Sync + 'static,
 {
     common::eventually(limit, "the lost claims are released", || async {
-        store.lost_claims_pending() == 0
+        store.orphans_pending() == 0
     })
     .await;
 }

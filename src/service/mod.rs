@@ -28,7 +28,7 @@ mod request;
 mod response;
 
 use request::{Pending, ReadError, prepare, read_body, too_large};
-use response::{judge_response, refuse, refused, replay};
+use response::{judge_response, refusal, refusal_for, replay};
 
 /// Middleware that makes the inner service safe to retry. Built by
 /// [`IdempotencyLayer`](crate::IdempotencyLayer).
@@ -155,7 +155,7 @@ where
         let prepared = match prepare(config, &parts) {
             Ok(prepared) => prepared,
             Err((kind, detail)) => {
-                let refusal = refused(grpc, kind, detail);
+                let refusal = refusal_for(grpc, kind, detail);
                 return ResponseFuture::guarded(Box::pin(std::future::ready(Ok(refusal))));
             }
         };
@@ -227,14 +227,14 @@ where
                 fingerprint
             }
             Err(ReadError::TooLarge) => {
-                return Ok(refused(
+                return Ok(refusal_for(
                     grpc,
                     ProblemKind::PayloadTooLarge,
                     Some(too_large(limit)),
                 ));
             }
             Err(ReadError::Body(e)) => {
-                return Ok(refused(
+                return Ok(refusal_for(
                     grpc,
                     ProblemKind::BodyUnreadable,
                     Some(e.to_string()),
@@ -250,22 +250,22 @@ where
             Ok(Begun::Acquired(acquired)) => acquired,
             Ok(Begun::Replayed { payload, .. }) => return Ok(replay(grpc, &payload, config)),
             Err(EngineError::Mismatch) => {
-                return Ok(refuse(
+                return Ok(refusal(
                     grpc,
                     Problem::new(ProblemKind::KeyMismatch).status(config.mismatch_status),
                 ));
             }
             Err(EngineError::InFlight) => {
-                return Ok(refuse(
+                return Ok(refusal(
                     grpc,
                     Problem::new(ProblemKind::InFlight).retry_after(config.retry_after),
                 ));
             }
             Err(EngineError::OutcomeUnknown) => {
-                return Ok(refuse(grpc, Problem::new(ProblemKind::OutcomeUnknown)));
+                return Ok(refusal(grpc, Problem::new(ProblemKind::OutcomeUnknown)));
             }
             Err(EngineError::Store(e)) if e.kind() == StoreErrorKind::Corrupt => {
-                return Ok(refused(grpc, ProblemKind::RecordUnreadable, None));
+                return Ok(refusal_for(grpc, ProblemKind::RecordUnreadable, None));
             }
             Err(EngineError::Store(e)) if config.fail_open => {
                 observe::event(Event::FailedOpen, &store_key, Some(&e));
@@ -276,7 +276,7 @@ where
                 return unguarded.await.map(|res| res.map(ResponseBody::inner));
             }
             Err(EngineError::Store(_)) => {
-                return Ok(refuse(
+                return Ok(refusal(
                     grpc,
                     Problem::new(ProblemKind::StoreUnavailable).retry_after(config.retry_after),
                 ));

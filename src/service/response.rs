@@ -21,7 +21,8 @@ use crate::store::Store;
 
 use super::Shared;
 
-pub(super) fn refuse<B>(grpc: bool, problem: Problem) -> Response<ResponseBody<B>> {
+/// The refusal `problem`, as gRPC or HTTP answers it, counted.
+pub(super) fn refusal<B>(grpc: bool, problem: Problem) -> Response<ResponseBody<B>> {
     observe::refusal(problem.kind);
     if grpc {
         return grpc::refusal(&problem, ResponseBody::full(Bytes::new(), None));
@@ -29,7 +30,8 @@ pub(super) fn refuse<B>(grpc: bool, problem: Problem) -> Response<ResponseBody<B
     problem.into_response(|bytes| ResponseBody::full(bytes, None))
 }
 
-pub(super) fn refused<B>(
+/// The refusal of `kind`, with an optional detail.
+pub(super) fn refusal_for<B>(
     grpc: bool,
     kind: ProblemKind,
     detail: Option<String>,
@@ -38,7 +40,7 @@ pub(super) fn refused<B>(
     if let Some(detail) = detail {
         problem = problem.detail(detail);
     }
-    refuse(grpc, problem)
+    refusal(grpc, problem)
 }
 
 /// Runs in the execution, once the inner service answered: judges the
@@ -227,7 +229,7 @@ pub(super) fn replay<B>(grpc: bool, payload: &Bytes, config: &Config) -> Respons
             );
             res
         }
-        Ok(StoredOutcome::NotReplayable { status }) => refused(
+        Ok(StoredOutcome::NotReplayable { status }) => refusal_for(
             grpc,
             ProblemKind::NotReplayable,
             Some(format!(
@@ -235,7 +237,7 @@ pub(super) fn replay<B>(grpc: bool, payload: &Bytes, config: &Config) -> Respons
                 status.as_u16()
             )),
         ),
-        Ok(StoredOutcome::OutcomeUnknown { status }) => refused(
+        Ok(StoredOutcome::OutcomeUnknown { status }) => refusal_for(
             grpc,
             ProblemKind::OutcomeUnknown,
             Some(format!(
@@ -245,7 +247,7 @@ pub(super) fn replay<B>(grpc: bool, payload: &Bytes, config: &Config) -> Respons
         ),
         Err(e) => {
             tracing::error!(error = %e, "stored idempotency record cannot be decoded");
-            refused(grpc, ProblemKind::RecordUnreadable, None)
+            refusal_for(grpc, ProblemKind::RecordUnreadable, None)
         }
     }
 }

@@ -48,7 +48,7 @@ impl PostgresStore {
     /// caller that went away during the claim), waiting to be released in
     /// the background. At most 1 024 wait per store; beyond that, such a
     /// claim expires with its lease.
-    pub fn lost_claims_pending(&self) -> usize {
+    pub fn orphans_pending(&self) -> usize {
         self.inner.kit.abandoner.pending()
     }
 

@@ -72,7 +72,7 @@ async fn abandon_now(store: &PostgresStore, key: StoreKey, nonce: u64) {
         Orphan::new(key.to_hex(), nonce, Duration::from_secs(60)),
     );
     let started = std::time::Instant::now();
-    while store.lost_claims_pending() > 0 {
+    while store.orphans_pending() > 0 {
         assert!(started.elapsed() < Duration::from_secs(10), "not released");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }

@@ -75,7 +75,7 @@ pub const DEFAULT_FENCE_MEMORY: Duration = Duration::from_secs(24 * 60 * 60);
 ///   client disconnects) may have been applied with nobody to own it. Its
 ///   release, by the nonce it was sent with, is queued and sent by one
 ///   background task per store once Redis answers. At most 1 024 wait
-///   ([`lost_claims_pending`](Self::lost_claims_pending)); past that, or
+///   ([`orphans_pending`](Self::orphans_pending)); past that, or
 ///   once its lease has ended, such a claim simply expires. A claim whose
 ///   connection was refused, or that Redis answered with an error, never
 ///   took effect and queues nothing. The release may reach Redis before
@@ -227,7 +227,7 @@ where
     /// caller that went away during the claim), waiting to be released in
     /// the background. At most 1 024 wait per store; beyond that, such a
     /// claim expires with its lease.
-    pub fn lost_claims_pending(&self) -> usize {
+    pub fn orphans_pending(&self) -> usize {
         self.inner.kit.abandoner.pending()
     }
 }
