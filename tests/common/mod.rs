@@ -19,6 +19,8 @@ pub mod postgres;
 pub mod redis_cluster;
 #[cfg(feature = "redis")]
 pub mod redis_server;
+#[cfg(feature = "redis")]
+pub mod redis_store;
 #[cfg(feature = "tls")]
 pub mod tls;
 
