@@ -22,8 +22,9 @@ pub(crate) fn deadline(from: Instant, after: Duration) -> Instant {
 /// An exponential backoff: `first` before the first retry, `factor` times
 /// more before each next one, never more than `cap`. The crate's one rule
 /// for pauses between attempts: the completion retries, the release queue
-/// and the retrying client (which adds jitter on top) use it. Computed in
-/// floating point and saturating: no setting panics.
+/// and the retrying client (which adds jitter on top) use it. (Redis
+/// reconnections are redis-rs's connection manager's own, configured by the
+/// store.) Computed in floating point and saturating: no setting panics.
 ///
 /// A helper of its own rather than a crate: each loop that pauses also
 /// renews a lease, watches a deadline or keeps a queue's order, so a retry

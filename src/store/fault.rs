@@ -163,10 +163,16 @@ impl<St> FaultStore<St> {
     }
 
     /// From now on every operation fails before taking effect, as when the
-    /// store is down, until [`clear`](Self::clear).
+    /// store is down (ahead of any fault already planned), until
+    /// [`clear`](Self::clear).
     pub fn fail_all(&self) {
+        let mut state = self.state();
         for op in Operation::ALL {
-            self.inject(op, Fault::FailBefore, usize::MAX);
+            state
+                .planned
+                .entry(op)
+                .or_default()
+                .insert(0, (Fault::FailBefore, usize::MAX));
         }
     }
 

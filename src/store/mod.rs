@@ -57,6 +57,57 @@ mod remote;
 #[cfg(all(feature = "tls", any(feature = "redis", feature = "postgres")))]
 mod tls;
 
+/// The TLS setters of a remote store's builder (a type with a
+/// `tls: TlsSettings` field), for the connections `$for` names: one text
+/// and one behaviour for every builder.
+#[cfg(any(feature = "redis", feature = "postgres"))]
+macro_rules! tls_setters {
+    ($for:literal) => {
+        #[doc = concat!(
+            "Trusts the certificates of the PEM bundle at `path` instead of Mozilla's roots, for ",
+            $for,
+            " (feature `tls`): for a server whose certificate a private CA signed, as managed ",
+            "services use. The bundle replaces the default roots; put a public root in it too ",
+            "if a server may present either. A bundle that cannot be read or holds no ",
+            "certificate is refused when the store is built; a server certificate that does ",
+            "not verify fails the connection, never a fallback to plaintext."
+        )]
+        #[cfg(feature = "tls")]
+        #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
+        pub fn tls_ca_file(mut self, path: impl Into<std::path::PathBuf>) -> Self {
+            self.tls.roots_file(path.into());
+            self
+        }
+
+        /// Like [`tls_ca_file`](Self::tls_ca_file), with the PEM bundle in
+        /// memory.
+        #[cfg(feature = "tls")]
+        #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
+        pub fn tls_ca_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
+            self.tls.roots_pem(pem.into());
+            self
+        }
+
+        #[doc = concat!(
+            "Presents this client certificate (a PEM chain) and its private key (PEM) on ",
+            $for,
+            ", to a server that asks clients for one (feature `tls`)."
+        )]
+        #[cfg(feature = "tls")]
+        #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
+        pub fn tls_client_identity(
+            mut self,
+            certificate_pem: impl Into<Vec<u8>>,
+            key_pem: impl Into<Vec<u8>>,
+        ) -> Self {
+            self.tls.identity(certificate_pem.into(), key_pem.into());
+            self
+        }
+    };
+}
+#[cfg(any(feature = "redis", feature = "postgres"))]
+pub(crate) use tls_setters;
+
 #[cfg(feature = "test-util")]
 #[cfg_attr(docsrs, doc(cfg(feature = "test-util")))]
 pub mod conformance;

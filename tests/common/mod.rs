@@ -422,8 +422,6 @@ where
     handle
 }
 
-/// Prints past the test harness's output capture (which swallows what a
-/// passing test prints), so a skip is never silent.
 /// Polls `check` every 10 ms until it holds; fails the test, naming
 /// `what`, when it does not within `limit`. The one way a test waits for
 /// something to happen (never a sleep of a guessed length).
@@ -439,6 +437,8 @@ where
     }
 }
 
+/// Prints past the test harness's output capture (which swallows what a
+/// passing test prints), so a skip is never silent.
 pub fn say_skipped(line: &str) {
     use std::io::Write;
     match std::fs::OpenOptions::new().write(true).open("/dev/stderr") {

@@ -155,39 +155,9 @@ impl PostgresStoreBuilder {
         self
     }
 
-    /// Trusts the certificates in the PEM bundle at `path` instead of
-    /// Mozilla's roots, for the store's own connections and its `LISTEN`
-    /// connection (feature `tls`; see [`ConnectOptions::tls_ca_file`]).
-    /// [`build`](Self::build) fails when the file cannot be read or holds no
-    /// certificate.
-    #[cfg(feature = "tls")]
-    #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
-    pub fn tls_ca_file(mut self, path: impl Into<std::path::PathBuf>) -> Self {
-        self.tls.roots_file(path.into());
-        self
-    }
-
-    /// Like [`tls_ca_file`](Self::tls_ca_file), with the PEM bundle in
-    /// memory.
-    #[cfg(feature = "tls")]
-    #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
-    pub fn tls_ca_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
-        self.tls.roots_pem(pem.into());
-        self
-    }
-
-    /// Presents a client certificate (PEM chain, PEM private key) to a
-    /// server that asks for one (feature `tls`).
-    #[cfg(feature = "tls")]
-    #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
-    pub fn tls_client_identity(
-        mut self,
-        certificate_pem: impl Into<Vec<u8>>,
-        key_pem: impl Into<Vec<u8>>,
-    ) -> Self {
-        self.tls.identity(certificate_pem.into(), key_pem.into());
-        self
-    }
+    crate::store::tls_setters!(
+        "the store's own connections and its `LISTEN` connection (a `sslmode` that asks for TLS)"
+    );
 
     /// Where the `LISTEN` connection goes, with its TLS (by default where
     /// the store's own pool connects, or the `notifications` settings given

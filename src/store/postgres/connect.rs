@@ -198,39 +198,7 @@ impl ConnectOptions {
         self.ssl_mode
     }
 
-    /// Trusts the certificates in the PEM bundle at `path` instead of
-    /// Mozilla's roots (read when a connector is made): for a private CA,
-    /// as managed databases use. Put a public root in the bundle too if a
-    /// server may present either.
-    #[cfg(feature = "tls")]
-    #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
-    pub fn tls_ca_file(mut self, path: impl Into<std::path::PathBuf>) -> Self {
-        self.tls.roots_file(path.into());
-        self
-    }
-
-    /// Like [`tls_ca_file`](Self::tls_ca_file), with the PEM bundle in
-    /// memory.
-    #[cfg(feature = "tls")]
-    #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
-    pub fn tls_ca_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
-        self.tls.roots_pem(pem.into());
-        self
-    }
-
-    /// Presents a client certificate (PEM chain and PEM private key) to a
-    /// server that asks for one (`clientcert=verify-ca` or `verify-full`
-    /// in `pg_hba.conf`, or the `cert` method).
-    #[cfg(feature = "tls")]
-    #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
-    pub fn tls_client_identity(
-        mut self,
-        certificate_pem: impl Into<Vec<u8>>,
-        key_pem: impl Into<Vec<u8>>,
-    ) -> Self {
-        self.tls.identity(certificate_pem.into(), key_pem.into());
-        self
-    }
+    crate::store::tls_setters!("connections whose `sslmode` asks for TLS");
 
     /// Replaces the TLS settings (a store builder's own, set after the
     /// options were made).

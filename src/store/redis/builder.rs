@@ -55,40 +55,7 @@ impl RedisStoreBuilder {
         }
     }
 
-    /// Trusts the certificates of the PEM bundle at `path` (read when the
-    /// store is built) for `rediss://` connections, in place of Mozilla's
-    /// roots: for a Redis whose certificate a private CA signed (feature
-    /// `tls`). A certificate that does not verify fails every connection;
-    /// nothing is ever sent in the clear instead.
-    #[cfg(feature = "tls")]
-    #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
-    pub fn tls_ca_file(mut self, path: impl Into<std::path::PathBuf>) -> Self {
-        self.tls.roots_file(path.into());
-        self
-    }
-
-    /// Like [`tls_ca_file`](Self::tls_ca_file), with the PEM bundle in
-    /// memory.
-    #[cfg(feature = "tls")]
-    #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
-    pub fn tls_ca_pem(mut self, pem: impl Into<Vec<u8>>) -> Self {
-        self.tls.roots_pem(pem.into());
-        self
-    }
-
-    /// Presents this client certificate (a PEM chain) and its private key
-    /// (PEM) on `rediss://` connections, for a Redis that asks clients for
-    /// one (`tls-auth-clients yes`).
-    #[cfg(feature = "tls")]
-    #[cfg_attr(docsrs, doc(cfg(feature = "tls")))]
-    pub fn tls_client_identity(
-        mut self,
-        certificate_pem: impl Into<Vec<u8>>,
-        key_pem: impl Into<Vec<u8>>,
-    ) -> Self {
-        self.tls.identity(certificate_pem.into(), key_pem.into());
-        self
-    }
+    crate::store::tls_setters!("`rediss://` connections (commands, notifications, cluster nodes)");
 
     /// The client to connect with: the one given, or one of its own with
     /// the TLS settings.
