@@ -942,6 +942,47 @@ async fn claims_lost_behind_a_slow_network_do_not_hold_their_keys() {
     }
 }
 
+/// A pooled connection that went half-open (its server side vanished
+/// without a word: a failover, a NAT that forgot it) is not used forever:
+/// once its statements time out, the store serves again on new
+/// connections, as the Redis store does.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn half_open_pooled_connections_are_replaced_after_their_statements_time_out() {
+    let Some(server) = PrivatePostgres::start_or_skip("postgres half-open") else {
+        return;
+    };
+    let proxy = common::fault_proxy::FaultProxy::start(([127, 0, 0, 1], server.port).into())
+        .await
+        .unwrap();
+    let store = PostgresStore::builder(&format!("postgres://postgres@{}/postgres", proxy.addr()))
+        .unwrap()
+        .operation_timeout(Duration::from_millis(200))
+        .pool_size(4)
+        .cleanup_every(None)
+        .build()
+        .unwrap();
+    store.migrate().await.unwrap();
+    assert!(
+        common::first_claim_within(&store, Duration::from_secs(5))
+            .await
+            .is_some()
+    );
+    let connections = proxy.accepted();
+    proxy.half_open();
+    let key = StoreKey::from_parts(b"", b"during");
+    let e = store.claim(key, FP, LEASE).await.unwrap_err();
+    assert_eq!(e.kind(), StoreErrorKind::Timeout, "{e}");
+    let recovered = common::first_claim_within(&store, Duration::from_secs(5)).await;
+    assert!(
+        recovered.is_some(),
+        "every statement still times out 5 s after the connections went half-open"
+    );
+    assert!(
+        proxy.accepted() > connections,
+        "a new connection was opened"
+    );
+}
+
 /// Issue 10: a claim renewed for longer than a lease plus the fence memory
 /// (one lease here, as the docs allow) is still its owner's: the cleanup
 /// never removes it and a duplicate never takes it. Before, `extend` moved

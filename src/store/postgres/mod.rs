@@ -8,6 +8,7 @@ mod error;
 mod fence;
 mod listen;
 mod ops;
+mod pooled;
 mod row;
 mod sql;
 #[cfg(test)]
@@ -27,8 +28,9 @@ use std::time::Duration;
 use deadpool_postgres::Pool;
 use tokio::task::JoinHandle;
 
-use self::error::{PgError, configure_error};
+use self::error::configure_error;
 use self::listen::Listen;
+use self::pooled::Pooled;
 use self::sql::Statements;
 #[cfg(doc)]
 use super::Store;
@@ -286,10 +288,14 @@ impl PostgresStore {
     pub async fn migrate(&self) -> Result<(), StoreError> {
         let sql = &self.inner.sql.migrate;
         self.bounded("migrate", async {
-            let mut client = self.inner.pool.get().await.map_err(PgError::Pool)?;
-            let tx = client.transaction().await?;
-            tx.batch_execute(sql).await?;
-            tx.commit().await?;
+            let mut client = Pooled::get(&self.inner.pool).await?;
+            client.sending();
+            if let Some(object) = client.object_mut() {
+                let tx = object.transaction().await?;
+                tx.batch_execute(sql).await?;
+                tx.commit().await?;
+            }
+            client.finished();
             Ok(())
         })
         .await

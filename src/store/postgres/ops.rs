@@ -9,6 +9,7 @@ use tokio_postgres::Row;
 use tokio_postgres::types::ToSql;
 
 use super::error::{PgError, corrupt};
+use super::pooled::Pooled;
 use super::row::{fence_param, ms, nonce_param, read_claim};
 use super::{Inner, PostgresStore};
 use crate::fingerprint::Fingerprint;
@@ -59,9 +60,9 @@ impl PostgresStore {
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<Vec<Row>, StoreError> {
         self.bounded(op, async {
-            let client = self.inner.pool.get().await.map_err(PgError::Pool)?;
-            let statement = client.prepare_cached(sql).await?;
-            Ok(client.query(&statement, params).await?)
+            let client = Pooled::get(&self.inner.pool).await?;
+            let statement = client.answer(client.prepare_cached(sql)).await?;
+            client.answer(client.query(&statement, params)).await
         })
         .await
     }
@@ -73,9 +74,9 @@ impl PostgresStore {
         params: &[&(dyn ToSql + Sync)],
     ) -> Result<u64, StoreError> {
         self.bounded(op, async {
-            let client = self.inner.pool.get().await.map_err(PgError::Pool)?;
-            let statement = client.prepare_cached(sql).await?;
-            Ok(client.execute(&statement, params).await?)
+            let client = Pooled::get(&self.inner.pool).await?;
+            let statement = client.answer(client.prepare_cached(sql)).await?;
+            client.answer(client.execute(&statement, params)).await
         })
         .await
     }
@@ -140,9 +141,7 @@ impl Store for PostgresStore {
         // One connection for the (up to three) attempts, within one bound.
         let until = self.inner.kit.deadline();
         let client = self
-            .call("claim", until, async {
-                self.inner.pool.get().await.map_err(PgError::Pool)
-            })
+            .call("claim", until, Pooled::get(&self.inner.pool))
             .await?;
         // Until its reply is in, the claim may have been applied with nobody
         // to own it: if the reply is lost, or this future is dropped (the
@@ -158,8 +157,10 @@ impl Store for PostgresStore {
         for _ in 0..3 {
             let sent = self
                 .call("claim", until, async {
-                    let statement = client.prepare_cached(&self.inner.sql.claim).await?;
-                    Ok(client.query(&statement, &params).await?)
+                    let statement = client
+                        .answer(client.prepare_cached(&self.inner.sql.claim))
+                        .await?;
+                    client.answer(client.query(&statement, &params)).await
                 })
                 .await;
             let rows = sent.map_err(|failure| unsettled.failed(failure))?;
@@ -296,9 +297,11 @@ impl Remote for Inner {
                 .call("abandon", until, async {
                     let params: [&(dyn ToSql + Sync); 4] =
                         [&name.as_str(), &nonce, &store.inner.channel, &keep];
-                    let client = store.inner.pool.get().await.map_err(PgError::Pool)?;
-                    let statement = client.prepare_cached(&store.inner.sql.abandon).await?;
-                    client.query(&statement, &params).await?;
+                    let client = Pooled::get(&store.inner.pool).await?;
+                    let statement = client
+                        .answer(client.prepare_cached(&store.inner.sql.abandon))
+                        .await?;
+                    client.answer(client.query(&statement, &params)).await?;
                     Ok(())
                 })
                 .await
