@@ -767,14 +767,12 @@ async fn the_cleanup_task_removes_expired_rows_by_itself_until_stopped() {
     for n in 0..5 {
         expire_soon(n).await;
     }
-    let started = std::time::Instant::now();
-    while count().await > 0 {
-        assert!(
-            started.elapsed() < Duration::from_secs(5),
-            "the task did not remove the expired rows"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    common::eventually(
+        Duration::from_secs(5),
+        "the task removes the expired rows",
+        || async { count().await == 0 },
+    )
+    .await;
     store.stop_cleanup();
     expire_soon(99).await;
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -856,20 +854,18 @@ async fn a_claim_whose_reply_was_lost_is_released_once_the_server_answers() {
     assert_eq!(store.orphans_pending(), 1);
     server.thaw();
     let other = private_store(&server).await;
-    let started = std::time::Instant::now();
-    loop {
-        match other.claim(key, FP, Duration::from_secs(60)).await {
-            Ok(Claim::Acquired(_)) => break,
-            Ok(Claim::InFlight { .. }) | Err(_) => {
-                assert!(
-                    started.elapsed() < Duration::from_secs(10),
-                    "the lost claim still holds the key (its lease is 60 s)"
-                );
-                tokio::time::sleep(Duration::from_millis(50)).await;
+    common::eventually(
+        Duration::from_secs(10),
+        "the lost claim is released long before its 60 s lease",
+        || async {
+            match other.claim(key, FP, Duration::from_secs(60)).await {
+                Ok(Claim::Acquired(_)) => true,
+                Ok(Claim::InFlight { .. }) | Err(_) => false,
+                Ok(other) => panic!("{other:?}"),
             }
-            Ok(other) => panic!("{other:?}"),
-        }
-    }
+        },
+    )
+    .await;
     assert_eq!(store.orphans_pending(), 0);
 }
 

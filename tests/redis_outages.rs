@@ -184,11 +184,10 @@ async fn releases_of_lost_claims_are_bounded_during_an_outage() {
         "{pending} releases queued, at most 1 024 kept"
     );
     // Once Redis is back, the queue drains.
-    let started = std::time::Instant::now();
-    while store.orphans_pending() > 0 && started.elapsed() < Duration::from_secs(20) {
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    assert_eq!(store.orphans_pending(), 0, "the queue drained");
+    common::eventually(Duration::from_secs(20), "the queue drains", || async {
+        store.orphans_pending() == 0
+    })
+    .await;
 }
 
 /// Claims refused because Redis is down never reached it: nothing is
@@ -593,16 +592,14 @@ async fn claims_overtaken_by_their_releases_on_a_new_connection_do_not_take_the_
     // The claims' bytes wait out the latency; what is sent from now on goes
     // at once.
     proxy.set_latency(Duration::ZERO);
-    let started = std::time::Instant::now();
     until_lost_claims_released(&store, Duration::from_secs(10)).await;
     // Eight scripts at least: four releases, then the four late claims.
-    while script_runs(&server).await < before + 8 {
-        assert!(
-            started.elapsed() < Duration::from_secs(10),
-            "the late claims never reached the server"
-        );
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    common::eventually(
+        Duration::from_secs(10),
+        "the late claims reach the server",
+        || async { script_runs(&server).await >= before + 8 },
+    )
+    .await;
     for key in [keys[0], keys[2]] {
         let claim = plain.claim(key, fp, Duration::from_secs(30)).await.unwrap();
         assert!(
