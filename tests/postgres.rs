@@ -19,8 +19,8 @@ use tower_idempotency::key::StoreKey;
 use tower_idempotency::store::fault::{Fault, FaultStore, Operation};
 use tower_idempotency::store::postgres::DEFAULT_TABLE;
 use tower_idempotency::store::{
-    Claim, CompletedRecord, FenceError, LeaseStatus, PostgresStore, Store, StoreErrorKind,
-    conformance,
+    Claim, CompletedRecord, FenceError, LeaseStatus, PostgresStore, PostgresStoreBuilder, Store,
+    StoreErrorKind, conformance,
 };
 use tower_idempotency::{IdempotencyInfo, IdempotencyLayer, RequestBody};
 
@@ -73,6 +73,20 @@ async fn until_probed(url: &str, table: &str) {
         }
     })
     .await;
+}
+
+/// A fault proxy in front of `server`, and a store's builder connecting
+/// through it (no cleanup task).
+async fn through_proxy(
+    server: &PrivatePostgres,
+) -> (common::fault_proxy::FaultProxy, PostgresStoreBuilder) {
+    let proxy = common::fault_proxy::FaultProxy::start(([127, 0, 0, 1], server.port).into())
+        .await
+        .unwrap();
+    let builder = PostgresStore::builder(&format!("postgres://postgres@{}/postgres", proxy.addr()))
+        .unwrap()
+        .cleanup_every(None);
+    (proxy, builder)
 }
 
 /// A plain connection to `url` (for business rows and inspection).
@@ -883,13 +897,9 @@ async fn claims_lost_behind_a_slow_network_do_not_hold_their_keys() {
     let Some(server) = PrivatePostgres::start_or_skip("postgres late claims") else {
         return;
     };
-    let proxy = common::fault_proxy::FaultProxy::start(([127, 0, 0, 1], server.port).into())
-        .await
-        .unwrap();
-    let store = PostgresStore::builder(&format!("postgres://postgres@{}/postgres", proxy.addr()))
-        .unwrap()
+    let (proxy, store) = through_proxy(&server).await;
+    let store = store
         .operation_timeout(Duration::from_millis(300))
-        .cleanup_every(None)
         .build()
         .unwrap();
     store.migrate().await.unwrap();
@@ -947,14 +957,10 @@ async fn half_open_pooled_connections_are_replaced_after_their_statements_time_o
     let Some(server) = PrivatePostgres::start_or_skip("postgres half-open") else {
         return;
     };
-    let proxy = common::fault_proxy::FaultProxy::start(([127, 0, 0, 1], server.port).into())
-        .await
-        .unwrap();
-    let store = PostgresStore::builder(&format!("postgres://postgres@{}/postgres", proxy.addr()))
-        .unwrap()
+    let (proxy, store) = through_proxy(&server).await;
+    let store = store
         .operation_timeout(Duration::from_millis(200))
         .pool_size(4)
-        .cleanup_every(None)
         .build()
         .unwrap();
     store.migrate().await.unwrap();

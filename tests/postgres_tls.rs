@@ -6,6 +6,7 @@ mod common;
 
 use std::time::Duration;
 
+use common::error_chain;
 use common::postgres::PrivatePostgres;
 use common::tls::TestCerts;
 use deadpool_postgres::{ManagerConfig, Pool, RecyclingMethod};
@@ -20,18 +21,6 @@ fn url(server: &PrivatePostgres, sslmode: &str) -> String {
         "postgres://postgres@localhost:{}/postgres?sslmode={sslmode}",
         server.port
     )
-}
-
-/// The chain of `e`'s messages.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut chain = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        chain.push_str(": ");
-        chain.push_str(&s.to_string());
-        source = s.source();
-    }
-    chain
 }
 
 async fn tls_server(test: &str) -> Option<(TestCerts, PrivatePostgres)> {
@@ -106,14 +95,14 @@ async fn claim_fails(store: &PostgresStore, why: &str, expected: &str) {
         .claim(key, Fingerprint::of_bytes(b"x"), Duration::from_secs(30))
         .await;
     let e = claim.expect_err(why);
-    let chain = chain(&e);
+    let chain = error_chain(&e);
     assert!(chain.contains(expected), "{why}: {chain}");
 }
 
 /// `connect` fails, saying the certificate did not verify and why.
 async fn connect_refused(url: &str, why: &str, expected: &str) {
     let e = PostgresStore::connect(url).await.expect_err(why);
-    let chain = chain(&e);
+    let chain = error_chain(&e);
     assert!(
         chain.contains("certificate did not verify") && chain.contains(expected),
         "{why}: {chain}"
@@ -159,9 +148,9 @@ async fn a_certificate_that_does_not_verify_fails_every_operation() {
     claim_fails(&wrong_ca, "wrong CA", "certificate did not verify").await;
     let e = wrong_ca.migrate().await.expect_err("wrong CA");
     assert!(
-        chain(&e).contains("invalid peer certificate"),
+        error_chain(&e).contains("invalid peer certificate"),
         "{}",
-        chain(&e)
+        error_chain(&e)
     );
 
     // The certificate names localhost and 127.0.0.1; `host` is what is
@@ -179,7 +168,7 @@ async fn a_certificate_that_does_not_verify_fails_every_operation() {
             .build()
             .unwrap();
         let e = store.migrate().await.expect_err(mode);
-        let chain = chain(&e);
+        let chain = error_chain(&e);
         assert!(
             chain.contains("certificate did not verify") && chain.contains("not valid for name"),
             "{mode}: {chain}"
@@ -208,9 +197,9 @@ async fn a_certificate_that_does_not_verify_fails_every_operation() {
         .unwrap();
     let e = wrong_ca.migrate().await.expect_err("verify-ca, wrong CA");
     assert!(
-        chain(&e).contains("certificate did not verify"),
+        error_chain(&e).contains("certificate did not verify"),
         "{}",
-        chain(&e)
+        error_chain(&e)
     );
 
     let plain = PostgresStore::builder(&url(&server, "disable"))
@@ -294,9 +283,9 @@ async fn a_client_certificate_is_presented_when_given() {
         .unwrap();
     let e = without.migrate().await.expect_err("no client certificate");
     assert!(
-        chain(&e).contains("requires a valid client certificate"),
+        error_chain(&e).contains("requires a valid client certificate"),
         "{}",
-        chain(&e)
+        error_chain(&e)
     );
     let with = PostgresStore::builder(&via_cert_address)
         .unwrap()

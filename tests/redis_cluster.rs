@@ -73,12 +73,7 @@ async fn the_store_contract_holds_on_a_cluster_over_tls() {
         .build_cluster(&urls)
         .await;
     let e = refused.expect_err("Mozilla's roots do not hold the test CA");
-    let mut chain = e.to_string();
-    let mut source = std::error::Error::source(&e);
-    while let Some(s) = source {
-        chain.push_str(&format!(": {s}"));
-        source = s.source();
-    }
+    let chain = common::error_chain(&e);
     assert!(chain.contains("invalid peer certificate"), "{chain}");
     let store = RedisStore::builder(&urls[0])
         .expect("a URL")

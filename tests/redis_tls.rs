@@ -5,6 +5,7 @@ mod common;
 
 use std::time::Duration;
 
+use common::error_chain;
 use common::redis_server::RedisServer;
 use common::tls::TestCerts;
 use tower_idempotency::fingerprint::Fingerprint;
@@ -44,20 +45,8 @@ async fn claim_fails(store: &RedisStore, why: &str, expected: &str) {
         .claim(key, Fingerprint::of_bytes(b"x"), Duration::from_secs(30))
         .await;
     let e = claim.expect_err(why);
-    let chain = chain(&e);
+    let chain = error_chain(&e);
     assert!(chain.contains(expected), "{why}: {chain}");
-}
-
-/// The chain of `e`'s messages.
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut chain = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        chain.push_str(": ");
-        chain.push_str(&s.to_string());
-        source = s.source();
-    }
-    chain
 }
 
 /// Building a store whose server's certificate does not verify fails,
@@ -69,7 +58,7 @@ async fn build_refused(
 ) {
     let e = builder.build().await.expect_err(why);
     assert_eq!(e.kind(), StoreErrorKind::Configuration, "{why}");
-    let chain = chain(&e);
+    let chain = error_chain(&e);
     assert!(
         chain.contains("certificate did not verify") && chain.contains(expected),
         "{why}: {chain}"
@@ -255,7 +244,7 @@ async fn an_insecure_url_is_refused() {
         .build()
         .await
         .expect_err("#insecure");
-    assert!(chain(&e).contains("#insecure"), "{}", chain(&e));
+    assert!(error_chain(&e).contains("#insecure"), "{}", error_chain(&e));
     #[cfg(feature = "redis-cluster")]
     {
         let e = RedisStore::builder("rediss://localhost:1")
@@ -263,6 +252,6 @@ async fn an_insecure_url_is_refused() {
             .build_cluster(&["rediss://localhost:1", "rediss://localhost:2/#insecure"])
             .await
             .expect_err("#insecure");
-        assert!(chain(&e).contains("#insecure"), "{}", chain(&e));
+        assert!(error_chain(&e).contains("#insecure"), "{}", error_chain(&e));
     }
 }

@@ -83,8 +83,7 @@ pub(super) struct Owner<St> {
 impl<St: Store> Owner<St> {
     /// Marks the lease lost, for the execution's context, and reports it.
     pub(super) fn lose_lease(&self) {
-        self.lost.store(true, Ordering::Release);
-        observe::event(Event::LeaseLost, &self.key, None);
+        mark_lost(&self.lost, &self.key);
     }
 
     /// When `lease` ends unless renewed.
@@ -123,6 +122,13 @@ impl<St: Store> Owner<St> {
         }
         lost
     }
+}
+
+/// Marks the lease of the execution on `key` lost, in the flag its context
+/// reads, and reports it.
+pub(super) fn mark_lost(lost: &AtomicBool, key: &StoreKey) {
+    lost.store(true, Ordering::Release);
+    observe::event(Event::LeaseLost, key, None);
 }
 
 /// Releases the key, best effort: a claim that is not released expires

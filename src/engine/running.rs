@@ -15,7 +15,7 @@ use crate::observe::{self, Event};
 use crate::store::{LeaseStatus, OwnerToken, Store, StoreError};
 use crate::time::deadline;
 
-use super::lease::{Lease, release};
+use super::lease::{Lease, mark_lost, release};
 
 type Renewal = Pin<Box<dyn Future<Output = Result<LeaseStatus, StoreError>> + Send>>;
 
@@ -133,8 +133,7 @@ impl<St: Store, F: Future> Future for Running<St, F> {
                     .state
                     .renewed(*this.renewal_sent, answer, Instant::now(), *this.lease)
                 {
-                    this.lost.store(true, Ordering::Release);
-                    observe::event(Event::LeaseLost, this.key, None);
+                    mark_lost(this.lost, this.key);
                     *this.renewing = false;
                     break;
                 }

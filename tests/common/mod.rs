@@ -422,6 +422,18 @@ where
     handle
 }
 
+/// `e` and the errors it came from, as one line (`a: b: c`).
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut chain = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        chain.push_str(": ");
+        chain.push_str(&s.to_string());
+        source = s.source();
+    }
+    chain
+}
+
 /// Polls `check` every 10 ms until it holds; fails the test, naming
 /// `what`, when it does not within `limit`. The one way a test waits for
 /// something to happen (never a sleep of a guessed length).
