@@ -7,7 +7,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::redis_server::{RedisServer, redis_or_skip};
 use common::redis_store::*;
-use common::{Ledger, send, serve};
+use common::{Ledger, ledger_request, send, serve};
 use http::StatusCode;
 use tower::Layer;
 use tower_idempotency::engine::{Engine, Outcome};

@@ -1,6 +1,8 @@
-//! `RedisStore` through outages: Redis down, killed, frozen; connections
-//! dropped, half-open, black-holed or slow; claims whose replies were lost,
-//! sent twice, or overtaken by their releases.
+//! `RedisStore` through the outages only Redis has: killed mid-request
+//! with nothing kept on disk; claims sent twice, or overtaken by their
+//! releases; the bound on queued releases. The outages both remote stores
+//! share (killed, frozen, connections dropped, half-open, black-holed or
+//! slow, lost claim replies) are one suite, in `outages.rs`.
 
 mod common;
 
@@ -9,7 +11,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use common::redis_server::{RedisServer, redis_or_skip};
 use common::redis_store::*;
-use common::{Ledger, send};
+use common::{Ledger, ledger_request, ledger_request_k, retry_until_available, send};
 use http::StatusCode;
 use tower::Layer;
 use tower_idempotency::IdempotencyLayer;
@@ -18,24 +20,6 @@ use tower_idempotency::key::StoreKey;
 use tower_idempotency::store::{
     Claim, CompletedRecord, LeaseStatus, RedisStore, Store, StoreErrorKind,
 };
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn redis_down_before_a_request_fails_closed_and_recovers() {
-    let Some(mut server) = redis_or_skip("down_before") else {
-        return;
-    };
-    let ledger = Ledger::new();
-    let svc = IdempotencyLayer::new(store_for(&server).await).layer(ledger.service());
-    server.kill();
-    let refused = send(&svc, ledger_request("k", false)).await;
-    assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
-    assert!(refused.headers.contains_key("retry-after"));
-    assert_eq!(ledger.count(), 0, "nothing runs unguarded");
-    server.restart();
-    let answer = retry_until_available(&svc, ledger_request_k).await;
-    assert_eq!(answer.status, StatusCode::CREATED, "recovers by itself");
-    assert_eq!(ledger.count(), 1);
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn redis_killed_mid_request_then_restarted() {
@@ -69,75 +53,6 @@ async fn redis_killed_mid_request_then_restarted() {
     let answer = retry_until_available(&svc, ledger_request_k).await;
     assert_eq!(answer.status, StatusCode::CREATED, "recovers");
     assert_eq!(ledger.count(), 2);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_frozen_redis_times_out_instead_of_hanging() {
-    let Some(server) = redis_or_skip("frozen") else {
-        return;
-    };
-    let store = RedisStore::builder(&server.url())
-        .unwrap()
-        .operation_timeout(Duration::from_millis(300))
-        .build()
-        .await
-        .unwrap();
-    let ledger = Ledger::new();
-    let svc = IdempotencyLayer::new(store).layer(ledger.service());
-    send(&svc, ledger_request("warm", false)).await;
-    server.freeze();
-    let started = std::time::Instant::now();
-    let refused = send(&svc, ledger_request("k", false)).await;
-    let took = started.elapsed();
-    server.thaw();
-    assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
-    assert!(
-        took < Duration::from_secs(3),
-        "bounded by the command timeout, took {took:?}"
-    );
-    assert_eq!(ledger.count(), 1, "only the warm-up executed");
-    let answer = retry_until_available(&svc, ledger_request_k).await;
-    assert_eq!(answer.status, StatusCode::CREATED, "recovers after thaw");
-}
-
-/// The caller of a claim goes away (the client disconnected) while Redis is
-/// paused: the claim is applied once Redis resumes, with nobody to own it.
-/// Its release is queued when the caller's future is dropped, so the key is
-/// free again long before the claim's 30 s lease.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_client_that_disconnects_during_a_claim_leaves_no_orphan_claim() {
-    let Some(server) = redis_or_skip("orphan_claim") else {
-        return;
-    };
-    let store = store_for(&server).await;
-    let other = store_for(&server).await;
-    let fp = Fingerprint::of_bytes(b"x");
-    // Load the scripts and open the connections first.
-    warm_up(&store).await;
-    other
-        .purge(StoreKey::from_parts(b"", b"warm"))
-        .await
-        .unwrap();
-    let key = StoreKey::from_parts(b"", b"orphan");
-    let _: () = redis::cmd("CLIENT")
-        .arg("PAUSE")
-        .arg(400)
-        .arg("ALL")
-        .query_async(&mut server.conn().await)
-        .await
-        .unwrap();
-    // The client goes away while the claim waits for its reply.
-    let dropped = tokio::time::timeout(
-        Duration::from_millis(100),
-        store.claim(key, fp, Duration::from_secs(30)),
-    )
-    .await;
-    assert!(dropped.is_err(), "the claim was still under way");
-    let took = acquire_within(&other, key, Duration::from_secs(10)).await;
-    assert!(
-        took.is_some_and(|t| t < Duration::from_secs(5)),
-        "the orphan claim held the key for {took:?}"
-    );
 }
 
 /// During an outage, claims whose replies are lost queue their releases in
@@ -246,134 +161,6 @@ async fn store_through_proxy(
         .unwrap();
     warm_up(&store).await;
     (store, proxy)
-}
-
-/// A half-open connection (the server's side is gone, the client's never
-/// hears of it) never answers and never fails: every command on it times
-/// out. The store must notice and open a new connection, not time out
-/// forever.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_half_open_connection_is_replaced_after_its_commands_time_out() {
-    let Some(server) = redis_or_skip("half-open") else {
-        return;
-    };
-    let timeout = Duration::from_millis(200);
-    let (store, proxy) = store_through_proxy(&server, timeout).await;
-    let connections = proxy.accepted();
-    proxy.half_open();
-    let key = StoreKey::from_parts(b"", b"during");
-    let e = store
-        .claim(key, Fingerprint::of_bytes(b"x"), Duration::from_secs(30))
-        .await
-        .unwrap_err();
-    assert_eq!(e.kind(), StoreErrorKind::Timeout, "{e}");
-    let recovered = common::first_claim_within(&store, Duration::from_secs(5)).await;
-    assert!(
-        recovered.is_some(),
-        "every command still times out 5 s after the connection went half-open"
-    );
-    assert!(
-        proxy.accepted() > connections,
-        "a new connection was opened"
-    );
-}
-
-/// Dropped connections cost the commands on them, and the next ones
-/// reconnect.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dropped_connections_are_reopened() {
-    let Some(server) = redis_or_skip("dropped connections") else {
-        return;
-    };
-    let (store, proxy) = store_through_proxy(&server, Duration::from_millis(300)).await;
-    for _ in 0..3 {
-        proxy.drop_connections();
-        let took = common::first_claim_within(&store, Duration::from_secs(5)).await;
-        assert!(
-            took.is_some(),
-            "no claim succeeded after the connections dropped"
-        );
-    }
-}
-
-/// A black hole: the commands sent into it time out (bounded, 503), and
-/// when it ends their bytes arrive late. The late replies must not be
-/// taken for the answers of later commands: each claim gets its own reply.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_black_hole_times_out_and_its_late_replies_answer_nobody_else() {
-    let Some(server) = redis_or_skip("black hole") else {
-        return;
-    };
-    let timeout = Duration::from_millis(200);
-    let (store, proxy) = store_through_proxy(&server, timeout).await;
-    let fp = Fingerprint::of_bytes(b"x");
-    let lease = Duration::from_secs(30);
-    proxy.set_black_hole(true);
-    for i in 0..3 {
-        let key = StoreKey::from_parts(b"", format!("held-{i}").as_bytes());
-        let started = std::time::Instant::now();
-        let e = store.claim(key, fp, lease).await.unwrap_err();
-        assert_eq!(e.kind(), StoreErrorKind::Timeout, "{e}");
-        assert!(started.elapsed() < timeout * 3, "bounded by the timeout");
-    }
-    proxy.set_black_hole(false);
-    // Each key claimed now is acquired once, with a fence of its own, and
-    // a second claim sees it in flight: no reply went to the wrong caller.
-    let mut fences = std::collections::HashSet::new();
-    for i in 0..20 {
-        let key = StoreKey::from_parts(b"", format!("after-{i}").as_bytes());
-        let token = loop {
-            match store.claim(key, fp, lease).await {
-                Ok(Claim::Acquired(token)) => break token,
-                Ok(other) => panic!("a new key answered {other:?}"),
-                Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
-            }
-        };
-        assert!(fences.insert(token.fence()), "fences are unique");
-        assert!(
-            matches!(
-                store.claim(key, fp, lease).await,
-                Ok(Claim::InFlight { .. })
-            ),
-            "the second claim of after-{i} sees it in flight"
-        );
-    }
-}
-
-/// Latency under the timeout slows the store down and changes nothing
-/// else; latency over it makes commands time out until it goes.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn latency_slows_commands_and_past_the_timeout_fails_them_until_it_goes() {
-    let Some(server) = redis_or_skip("latency") else {
-        return;
-    };
-    let timeout = Duration::from_millis(300);
-    let (store, proxy) = store_through_proxy(&server, timeout).await;
-    let fp = Fingerprint::of_bytes(b"x");
-    proxy.set_latency(Duration::from_millis(40));
-    let key = StoreKey::from_parts(b"", b"slow");
-    let started = std::time::Instant::now();
-    assert!(matches!(
-        store.claim(key, fp, Duration::from_secs(30)).await,
-        Ok(Claim::Acquired(_))
-    ));
-    assert!(started.elapsed() >= Duration::from_millis(80), "both ways");
-    proxy.set_latency(timeout * 2);
-    let e = store
-        .claim(
-            StoreKey::from_parts(b"", b"too-slow"),
-            fp,
-            Duration::from_secs(30),
-        )
-        .await
-        .unwrap_err();
-    assert_eq!(e.kind(), StoreErrorKind::Timeout, "{e}");
-    proxy.heal();
-    assert!(
-        common::first_claim_within(&store, Duration::from_secs(5))
-            .await
-            .is_some()
-    );
 }
 
 /// A connection that sends every command twice and answers with the second

@@ -21,6 +21,8 @@ pub mod redis_cluster;
 pub mod redis_server;
 #[cfg(feature = "redis")]
 pub mod redis_store;
+#[cfg(feature = "sidecar")]
+pub mod sidecar;
 #[cfg(feature = "tls")]
 pub mod tls;
 
@@ -490,6 +492,65 @@ pub async fn first_claim_within<St: Store>(store: &St, limit: Duration) -> Optio
             return Some(started.elapsed());
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    None
+}
+
+/// A request to the [`Ledger`] under `key`, held at its gate until
+/// [`Ledger::open`] when `gate` is set.
+pub fn ledger_request(key: &str, gate: bool) -> http::Request<axum::body::Body> {
+    let mut b = http::Request::post("/pay").header("idempotency-key", key);
+    if gate {
+        b = b.header("x-gate", "1");
+    }
+    b.body(axum::body::Body::from(r#"{"amount":100}"#)).unwrap()
+}
+
+pub fn ledger_request_k() -> http::Request<axum::body::Body> {
+    ledger_request("k", false)
+}
+
+/// Retries (for up to 5 s) while the store answers 503, as a client would
+/// while Redis comes back; returns the first other answer.
+pub async fn retry_until_available<Svc>(
+    svc: &Svc,
+    request: fn() -> http::Request<axum::body::Body>,
+) -> Answer
+where
+    Svc: tower::Service<
+            http::Request<axum::body::Body>,
+            Response = http::Response<tower_idempotency::ResponseBody<axum::body::Body>>,
+        > + Clone,
+    Svc::Error: std::fmt::Debug,
+{
+    for _ in 0..50 {
+        let answer = send(svc, request()).await;
+        if answer.status != StatusCode::SERVICE_UNAVAILABLE {
+            return answer;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("the store did not become available again within 5 s");
+}
+
+/// Claims a key until it is acquired, waiting on it meanwhile; returns how
+/// long that took, or `None` after `limit`.
+pub async fn acquire_within<St: Store>(
+    store: &St,
+    key: StoreKey,
+    limit: Duration,
+) -> Option<Duration> {
+    let started = std::time::Instant::now();
+    let fp = Fingerprint::of_bytes(b"x");
+    while started.elapsed() < limit {
+        match store.claim(key, fp, Duration::from_secs(30)).await {
+            Ok(Claim::Acquired(_)) => return Some(started.elapsed()),
+            Ok(Claim::InFlight { fence, .. }) => {
+                let _ = store.wait(key, fence, Duration::from_secs(1)).await;
+            }
+            Ok(other) => panic!("{other:?}"),
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
     }
     None
 }

@@ -1,7 +1,8 @@
 //! PostgreSQL for tests: a database of its own on the shared server
 //! ([`TestDatabase`], dropped with it), or a private server in a temporary
 //! directory ([`PrivatePostgres`]) that fault tests can kill, freeze and
-//! restart.
+//! restart; a store on a database of its own ([`pg_fixture`]), and a
+//! plain connection for business rows and inspection ([`connect`]).
 //!
 //! The shared server is `TOWER_IDEMPOTENCY_POSTGRES_URL` (default
 //! `postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable`: Debian's
@@ -13,6 +14,9 @@
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+
+use tower_idempotency::fingerprint::Fingerprint;
+use tower_idempotency::store::{PostgresStore, conformance};
 
 use super::{free_port, say_skipped, unique};
 
@@ -383,3 +387,43 @@ impl Drop for PrivatePostgres {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// A store on a database of its own, its table migrated.
+pub struct PgFixture {
+    pub store: PostgresStore,
+    pub db: TestDatabase,
+}
+
+impl conformance::Fixture for PgFixture {
+    type Store = PostgresStore;
+    fn store(&self) -> &PostgresStore {
+        &self.store
+    }
+}
+
+/// A [`PgFixture`] on a new database named after `test`, or `None` (and
+/// `SKIPPED`) without PostgreSQL.
+pub async fn pg_fixture(test: &str) -> Option<PgFixture> {
+    let db = TestDatabase::create_or_skip(test)?;
+    let store = PostgresStore::builder(&db.url)
+        .expect("a URL")
+        .fallback_check(Duration::from_millis(100))
+        .build()
+        .expect("build");
+    store.migrate().await.expect("migrate");
+    Some(PgFixture { store, db })
+}
+
+/// A plain connection to `url` (for business rows and inspection).
+pub async fn connect(url: &str) -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    tokio::spawn(connection);
+    client
+}
+
+/// The fingerprint the PostgreSQL tests claim with.
+pub const FP: Fingerprint = Fingerprint::from_bytes([7; 32]);
+/// A short lease, for tests that let one lapse.
+pub const LEASE: Duration = Duration::from_millis(300);
