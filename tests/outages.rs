@@ -214,10 +214,14 @@ async fn a_half_open_connection_is_replaced_after_its_operations_time_out<S: Ser
         .await
         .unwrap_err();
     assert_eq!(e.kind(), StoreErrorKind::Timeout, "{e}");
-    let recovered = common::first_claim_within(&store, Duration::from_secs(5)).await;
+    // Either store serves again within a few timeouts (Redis after 0.2 s,
+    // PostgreSQL at once on another connection, as measured here). Without
+    // the replacement, PostgreSQL served again after 4.7 s once, and not
+    // within 5 s in three other runs.
+    let recovered = common::first_claim_within(&store, Duration::from_secs(2)).await;
     assert!(
         recovered.is_some(),
-        "every operation still times out 5 s after the connection went half-open"
+        "every operation still times out 2 s after the connection went half-open"
     );
     assert!(
         proxy.accepted() > connections,
@@ -316,9 +320,9 @@ macro_rules! outage_suite {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn claims_whose_replies_were_lost_are_released_once_the_server_answers() {
                 super::claims_whose_replies_were_lost_are_released_once_the_server_answers::<
-                            $server,
-                        >()
-                        .await;
+                                    $server,
+                                >()
+                                .await;
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
