@@ -36,3 +36,12 @@ pub async fn warm_up(store: &RedisStore) {
 pub async fn script_runs(server: &RedisServer) -> u64 {
     server.calls("evalsha").await + server.calls("eval").await
 }
+
+/// The Redis key name `store` uses for the client's key `key` (global
+/// scope).
+pub fn store_key_name(store: &RedisStore, key: &str) -> String {
+    store.key_name(StoreKey::new(
+        &tower_idempotency::Scope::global(),
+        &tower_idempotency::IdempotencyKey::parse(key.as_bytes()).expect("a valid key"),
+    ))
+}

@@ -1,34 +1,6 @@
-//! A randomized fault campaign: the at-most-once promise checked under
-//! store, server, network and process faults, on the memory store, on Redis
-//! and on Redis Cluster.
-//!
-//! Several instances (each a layer over its own handle on one shared
-//! backend, wrapped in a `FaultStore`) serve many concurrent clients. The
-//! clients send keys with duplicates (concurrent and sequential), retry on
-//! 409 in flight and 503 like a real client, sometimes change the body
-//! under a used key, and sometimes go away mid-request. Handlers record
-//! every execution in a ledger and take random time, some longer than the
-//! lease. Meanwhile a fault task injects store faults at random: failing
-//! before an operation, applying it and losing its reply, delaying it
-//! (sometimes a completion by more than a lease: a stall). Instances crash
-//! at random: their executions freeze mid-handler, their store handle goes
-//! dead, their clients see the connection reset, and a new instance (new
-//! layer, new store handle) takes their place. On Redis, a TCP proxy per
-//! instance adds latency, drops connections, black-holes them and leaves
-//! them half-open, and the server itself is paused, put to sleep, made to
-//! forget its scripts, and killed and restarted.
-//!
-//! At the end a checker judges the whole history: at most one execution
-//! per key, every answer for a key byte-identical, no 2xx without a
-//! recorded execution, fences that never go backwards, every key
-//! answerable once the faults stop, and no execution left running.
-//!
-//! The seed comes from `TOWER_IDEMPOTENCY_CAMPAIGN_SEED` (default: random,
-//! printed) and the duration from `TOWER_IDEMPOTENCY_CAMPAIGN_SECS`
-//! (default 8 seconds per backend). A failure prints the seed that
-//! reproduces its schedule of choices (thread timing still varies).
-
-mod common;
+//! The campaign itself: instances over one backend, clients with
+//! duplicates and retries, the store faults and the crashes, and the
+//! checker that judges the whole history.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::convert::Infallible;
@@ -38,9 +10,9 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::common::collect;
 use axum::body::Body;
 use bytes::Bytes;
-use common::collect;
 use http::{Request, Response, StatusCode};
 use rand::rngs::SmallRng;
 use rand::{Rng, SeedableRng};
@@ -49,28 +21,28 @@ use tokio::time::Instant;
 use tower::util::BoxCloneSyncService;
 use tower::{Layer, ServiceExt};
 use tower_idempotency::engine::Executions;
+use tower_idempotency::store::Store;
 use tower_idempotency::store::fault::{Fault, FaultStore, Operation};
-use tower_idempotency::store::{MemoryStore, Store};
 use tower_idempotency::{IdempotencyInfo, IdempotencyLayer, RequestBody, ResponseBody};
 
-const INSTANCES: usize = 3;
-const CLIENTS: usize = 12;
+pub(crate) const INSTANCES: usize = 3;
+pub(crate) const CLIENTS: usize = 12;
 /// How many of the newest keys duplicates are drawn from.
-const RECENT_KEYS: u64 = 24;
-const LEASE: Duration = Duration::from_millis(600);
-const WAIT: Duration = Duration::from_secs(2);
+pub(crate) const RECENT_KEYS: u64 = 24;
+pub(crate) const LEASE: Duration = Duration::from_millis(600);
+pub(crate) const WAIT: Duration = Duration::from_secs(2);
 
 /// The campaign's knobs, from the environment.
-struct Plan {
-    seed: u64,
-    duration: Duration,
+pub(crate) struct Plan {
+    pub(crate) seed: u64,
+    pub(crate) duration: Duration,
     /// How many times the backend lost its data (a Redis restarted empty);
     /// bumped by whoever restarts it.
-    data_losses: Arc<AtomicU64>,
+    pub(crate) data_losses: Arc<AtomicU64>,
 }
 
 impl Plan {
-    fn from_env() -> Self {
+    pub(crate) fn from_env() -> Self {
         let seed = std::env::var("TOWER_IDEMPOTENCY_CAMPAIGN_SEED")
             .ok()
             .and_then(|s| s.parse().ok())
@@ -89,7 +61,7 @@ impl Plan {
 
 /// One execution of the handler, as the ledger saw it.
 #[derive(Debug, Clone)]
-struct Execution {
+pub(crate) struct Execution {
     id: u64,
     fence: u64,
     body: Bytes,
@@ -103,7 +75,7 @@ struct Execution {
 }
 
 /// Every execution, per idempotency key, in the order they started.
-struct Ledger {
+pub(crate) struct Ledger {
     next: AtomicU64,
     by_key: Mutex<BTreeMap<String, Vec<Execution>>>,
     data_losses: Arc<AtomicU64>,
@@ -118,7 +90,7 @@ impl Ledger {
 /// The handler: records the execution, takes the time the client asked
 /// for (`x-delay-ms`), answers 201 with the execution's id. If its instance
 /// crashes meanwhile, it freezes for good: nothing of it reaches the store.
-async fn handle(
+pub(crate) async fn handle(
     ledger: Arc<Ledger>,
     crashed: watch::Receiver<bool>,
     req: Request<RequestBody<Body>>,
@@ -160,13 +132,13 @@ async fn handle(
 }
 
 /// Returns once the instance `crashed` watches has crashed.
-async fn crash_of(crashed: &mut watch::Receiver<bool>) {
+pub(crate) async fn crash_of(crashed: &mut watch::Receiver<bool>) {
     let _ = crashed.wait_for(|c| *c).await;
 }
 
 /// What a client saw for one logical request (after its retries).
 #[derive(Debug, Clone)]
-struct Seen {
+pub(crate) struct Seen {
     key: String,
     status: StatusCode,
     body: Bytes,
@@ -178,7 +150,7 @@ struct Seen {
 
 /// The figures of one campaign.
 #[derive(Debug, Default)]
-struct Summary {
+pub(crate) struct Summary {
     requests: usize,
     attempts: usize,
     abandoned: usize,
@@ -194,7 +166,7 @@ struct Summary {
     explained_by: BTreeMap<&'static str, usize>,
 }
 
-fn request(key: &str, body: &'static str, delay_ms: u64) -> Request<Body> {
+pub(crate) fn request(key: &str, body: &'static str, delay_ms: u64) -> Request<Body> {
     Request::post("/pay")
         .header("idempotency-key", key)
         .header("x-delay-ms", delay_ms.to_string())
@@ -202,19 +174,21 @@ fn request(key: &str, body: &'static str, delay_ms: u64) -> Request<Body> {
         .unwrap()
 }
 
-fn problem_type(body: &Bytes) -> Option<String> {
+pub(crate) fn problem_type(body: &Bytes) -> Option<String> {
     let v: serde_json::Value = serde_json::from_slice(body).ok()?;
     let t = v["type"].as_str()?;
     Some(t.rsplit('.').next().unwrap_or(t).to_owned())
 }
 
-type Service = BoxCloneSyncService<Request<Body>, Response<ResponseBody<Body>>, Infallible>;
+pub(crate) type Service =
+    BoxCloneSyncService<Request<Body>, Response<ResponseBody<Body>>, Infallible>;
 
 /// Opens a new store handle on the backend for instance `i`.
-type Connect<St> = Arc<dyn Fn(usize) -> Pin<Box<dyn Future<Output = St> + Send>> + Send + Sync>;
+pub(crate) type Connect<St> =
+    Arc<dyn Fn(usize) -> Pin<Box<dyn Future<Output = St> + Send>> + Send + Sync>;
 
 /// One instance, until it crashes: a layer over its own store handle.
-struct Instance<St> {
+pub(crate) struct Instance<St> {
     store: FaultStore<St>,
     service: Service,
     executions: Executions,
@@ -259,12 +233,12 @@ impl<St: Store> Instance<St> {
     }
 }
 
-type Instances<St> = Arc<Vec<Mutex<Instance<St>>>>;
+pub(crate) type Instances<St> = Arc<Vec<Mutex<Instance<St>>>>;
 
 /// Runs a campaign over `INSTANCES` instances, each with a store handle from
 /// `connect` (all on one backend), and checks its history; panics with the
 /// seed on a violation.
-async fn campaign<St: Store>(backend: &str, connect: Connect<St>, plan: &Plan) {
+pub(crate) async fn campaign<St: Store>(backend: &str, connect: Connect<St>, plan: &Plan) {
     eprintln!(
         "campaign on {backend}: seed {} for {:?} (TOWER_IDEMPOTENCY_CAMPAIGN_SEED={} reproduces the choices)",
         plan.seed, plan.duration, plan.seed
@@ -622,293 +596,4 @@ async fn campaign<St: Store>(backend: &str, connect: Connect<St>, plan: &Plan) {
         plan.seed,
         problems.join("\n")
     );
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn at_most_once_holds_under_random_store_faults_on_the_memory_store() {
-    let store = MemoryStore::new();
-    let plan = Plan::from_env();
-    let connect: Connect<MemoryStore> = Arc::new(move |_| {
-        let store = store.clone();
-        Box::pin(async move { store })
-    });
-    campaign("memory", connect, &plan).await;
-}
-
-#[cfg(feature = "redis")]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn at_most_once_holds_under_random_store_faults_on_redis() {
-    let Some(server) = common::redis_server::redis_or_skip("campaign on redis") else {
-        return;
-    };
-    redis_campaign("redis", server, false).await;
-}
-
-/// With `appendonly yes` and `appendfsync always`, a `kill -9` loses
-/// nothing: a restart explains no double execution.
-#[cfg(feature = "redis")]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn at_most_once_holds_under_random_faults_on_a_redis_that_persists_every_write() {
-    let Some(server) = common::redis_server::RedisServer::start_with(
-        "campaign on persistent redis",
-        &["--appendonly", "yes", "--appendfsync", "always"],
-    ) else {
-        return;
-    };
-    redis_campaign("redis with appendfsync always", server, true).await;
-}
-
-/// The campaign on `server`, with its server and network faults;
-/// `persistent` says whether a restart keeps every write (then it explains
-/// nothing). Each instance reaches Redis through a fault proxy of its own.
-#[cfg(feature = "redis")]
-async fn redis_campaign(
-    backend: &str,
-    server: common::redis_server::RedisServer,
-    persistent: bool,
-) {
-    use common::fault_proxy::FaultProxy;
-    use tower_idempotency::store::RedisStore;
-    let mut proxies = Vec::new();
-    for _ in 0..INSTANCES {
-        proxies.push(Arc::new(
-            FaultProxy::start(server.addr()).await.expect("a proxy"),
-        ));
-    }
-    let urls: Vec<String> = proxies.iter().map(|p| p.redis_url()).collect();
-    let connect: Connect<RedisStore> = Arc::new(move |i| {
-        let url = urls[i].clone();
-        Box::pin(async move { RedisStore::connect(&url).await.expect("connect") })
-    });
-    let plan = Plan::from_env();
-    let server_faults = server_faults(server, &plan, persistent);
-    // The proxies outlive the fault task: the liveness check needs them.
-    let network_faults = network_faults(proxies.clone(), &plan);
-    campaign(backend, connect, &plan).await;
-    let (server_faults, _server) = server_faults.await.expect("the server fault task panicked");
-    let network_faults = network_faults
-        .await
-        .expect("the network fault task panicked");
-    eprintln!(
-        "campaign on {backend}, seed {}: server faults {server_faults:?}, network faults {network_faults:?}",
-        plan.seed
-    );
-}
-
-/// Faults of the server itself, beside the store faults: Redis stops
-/// answering for a while (`CLIENT PAUSE`, `DEBUG SLEEP`), forgets its
-/// scripts (`SCRIPT FLUSH`), or is killed and restarted (empty, unless
-/// `persistent`).
-#[cfg(feature = "redis")]
-fn server_faults(
-    server: common::redis_server::RedisServer,
-    plan: &Plan,
-    persistent: bool,
-) -> tokio::task::JoinHandle<(
-    BTreeMap<&'static str, usize>,
-    common::redis_server::RedisServer,
-)> {
-    let mut rng = SmallRng::seed_from_u64(plan.seed ^ 0x5e7e);
-    let deadline = Instant::now() + plan.duration;
-    let data_losses = plan.data_losses.clone();
-    let mut server = server;
-    tokio::spawn(async move {
-        let mut conn = server.conn().await;
-        let mut counts: BTreeMap<&'static str, usize> = BTreeMap::new();
-        while Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(rng.random_range(300..1500))).await;
-            let (name, cmd) = match rng.random_range(0..8) {
-                0 => {
-                    // `kill -9` and a restart: without persistence every
-                    // record and claim is lost.
-                    if !persistent {
-                        data_losses.fetch_add(1, Ordering::SeqCst);
-                    }
-                    server = tokio::task::spawn_blocking(move || {
-                        server.restart();
-                        server
-                    })
-                    .await
-                    .expect("restart");
-                    conn = server.conn().await;
-                    *counts.entry("kill -9 and restart").or_default() += 1;
-                    continue;
-                }
-                1..=3 => {
-                    let mut cmd = redis::cmd("CLIENT");
-                    cmd.arg("PAUSE").arg(rng.random_range(50..400)).arg("ALL");
-                    ("CLIENT PAUSE", cmd)
-                }
-                4 | 5 => {
-                    let mut cmd = redis::cmd("DEBUG");
-                    cmd.arg("SLEEP").arg(0.2);
-                    ("DEBUG SLEEP", cmd)
-                }
-                _ => {
-                    let mut cmd = redis::cmd("SCRIPT");
-                    cmd.arg("FLUSH");
-                    ("SCRIPT FLUSH", cmd)
-                }
-            };
-            if cmd.query_async::<()>(&mut conn).await.is_ok() {
-                *counts.entry(name).or_default() += 1;
-            }
-        }
-        (counts, server)
-    })
-}
-
-/// Faults of the network between an instance and Redis, one at a time on a
-/// random instance's proxy: latency for a while, dropped connections, a
-/// black hole for a while (sometimes longer than the lease: what was sent
-/// into it arrives late, after another owner may have taken the key), and
-/// half-open connections.
-#[cfg(feature = "redis")]
-fn network_faults(
-    proxies: Vec<Arc<common::fault_proxy::FaultProxy>>,
-    plan: &Plan,
-) -> tokio::task::JoinHandle<BTreeMap<&'static str, usize>> {
-    let mut rng = SmallRng::seed_from_u64(plan.seed ^ 0x7c9);
-    let deadline = Instant::now() + plan.duration;
-    tokio::spawn(async move {
-        let mut counts: BTreeMap<&'static str, usize> = BTreeMap::new();
-        while Instant::now() < deadline {
-            tokio::time::sleep(Duration::from_millis(rng.random_range(200..1000))).await;
-            let proxy = &proxies[rng.random_range(0..proxies.len())];
-            let name = match rng.random_range(0..4) {
-                0 => {
-                    proxy.set_latency(Duration::from_millis(rng.random_range(20..300)));
-                    tokio::time::sleep(Duration::from_millis(rng.random_range(200..1500))).await;
-                    proxy.heal();
-                    "latency"
-                }
-                1 => {
-                    proxy.drop_connections();
-                    "dropped connections"
-                }
-                2 => {
-                    proxy.set_black_hole(true);
-                    tokio::time::sleep(Duration::from_millis(rng.random_range(100..1500))).await;
-                    proxy.heal();
-                    "black hole"
-                }
-                _ => {
-                    proxy.half_open();
-                    "half-open connections"
-                }
-            };
-            *counts.entry(name).or_default() += 1;
-        }
-        for proxy in &proxies {
-            proxy.heal();
-        }
-        counts
-    })
-}
-
-/// The campaign on a local three-primary Redis Cluster, each instance with
-/// a cluster connection of its own, with the store faults, the crashes, and
-/// nodes paused now and then.
-#[cfg(feature = "redis-cluster")]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn at_most_once_holds_under_random_faults_on_redis_cluster() {
-    use redis::cluster_async::ClusterConnection;
-    use tower_idempotency::store::RedisStore;
-    let Some(cluster) = common::redis_cluster::RedisCluster::start_or_skip("campaign on cluster")
-    else {
-        return;
-    };
-    let urls = cluster.urls();
-    let connect: Connect<RedisStore<ClusterConnection>> = Arc::new(move |_| {
-        let urls = urls.clone();
-        Box::pin(async move {
-            RedisStore::builder(&urls[0])
-                .expect("a URL")
-                .build_cluster(&urls)
-                .await
-                .expect("a cluster connection")
-        })
-    });
-    let plan = Plan::from_env();
-    let node_faults = {
-        let mut rng = SmallRng::seed_from_u64(plan.seed ^ 0xc105);
-        let deadline = Instant::now() + plan.duration;
-        let mut conns = Vec::new();
-        for primary in &cluster.primaries {
-            conns.push(primary.conn().await);
-        }
-        tokio::spawn(async move {
-            let mut counts: BTreeMap<&'static str, usize> = BTreeMap::new();
-            while Instant::now() < deadline {
-                tokio::time::sleep(Duration::from_millis(rng.random_range(300..1500))).await;
-                let conn = &mut conns[rng.random_range(0..3)];
-                let (name, cmd) = if rng.random_bool(0.6) {
-                    let mut cmd = redis::cmd("CLIENT");
-                    cmd.arg("PAUSE").arg(rng.random_range(50..400)).arg("ALL");
-                    ("CLIENT PAUSE on a primary", cmd)
-                } else {
-                    let mut cmd = redis::cmd("SCRIPT");
-                    cmd.arg("FLUSH");
-                    ("SCRIPT FLUSH on a primary", cmd)
-                };
-                if cmd.query_async::<()>(conn).await.is_ok() {
-                    *counts.entry(name).or_default() += 1;
-                }
-            }
-            counts
-        })
-    };
-    campaign("redis cluster", connect, &plan).await;
-    let node_faults = node_faults.await.expect("the node fault task panicked");
-    eprintln!(
-        "campaign on redis cluster, seed {}: node faults {node_faults:?}",
-        plan.seed
-    );
-}
-
-/// The campaign on PostgreSQL, each instance with a store of its own (on
-/// one shared pool) on one database of its own, with the store faults and
-/// the crashes.
-#[cfg(feature = "postgres")]
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn at_most_once_holds_under_random_faults_on_postgres() {
-    use tower_idempotency::store::PostgresStore;
-    let Some(db) = common::postgres::TestDatabase::create_or_skip("campaign on postgres") else {
-        return;
-    };
-    let url = db.url.clone();
-    let first = PostgresStore::connect(&url).await.expect("a store");
-    first.migrate().await.expect("migrate");
-    // One pool for every instance: a crashed instance's handlers freeze
-    // for good and keep its store, so pools of their own would keep their
-    // connections open until the server ran out of them (a process that
-    // really crashes closes its connections). Each instance still has its
-    // own `LISTEN` connection.
-    let config: tokio_postgres::Config = url.parse().expect("a URL");
-    let manager = deadpool_postgres::Manager::from_config(
-        config.clone(),
-        tokio_postgres::NoTls,
-        deadpool_postgres::ManagerConfig {
-            recycling_method: deadpool_postgres::RecyclingMethod::Fast,
-        },
-    );
-    let pool = deadpool_postgres::Pool::builder(manager)
-        .max_size(16)
-        .wait_timeout(Some(Duration::from_secs(1)))
-        .create_timeout(Some(Duration::from_secs(1)))
-        .runtime(deadpool_postgres::Runtime::Tokio1)
-        .build()
-        .expect("a pool");
-    let connect: Connect<PostgresStore> = Arc::new(move |_| {
-        let (pool, config) = (pool.clone(), config.clone());
-        Box::pin(async move {
-            PostgresStore::builder_for_pool(pool, Some(config))
-                .fallback_check(Duration::from_millis(200))
-                .build()
-                .expect("a store")
-        })
-    });
-    let plan = Plan::from_env();
-    campaign("postgres", connect, &plan).await;
-    drop(db);
 }
