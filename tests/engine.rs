@@ -89,6 +89,8 @@ async fn a_lost_lease_is_reported_and_the_outcome_not_stored() {
     // An operator purges the key (as a lost Redis key would): the owner's
     // next renewal finds its claim gone.
     assert!(store.purge(key("lost")).await.unwrap());
+    // The clock is paused: 250 ms later the renewals at a third and two
+    // thirds of the 300 ms lease are due, and have run.
     tokio::time::sleep(Duration::from_millis(250)).await;
     proceed.notify_one();
     let out = run.await.unwrap().unwrap();
@@ -238,6 +240,9 @@ async fn executions_can_be_awaited_at_shutdown() {
         let engine = engine.clone();
         async move { engine.executions().wait_idle().await }
     });
+    // Nothing to wait for: the execution is held until `proceed`, so
+    // `wait_idle` must not return. 50 ms is ample for a wait that did not
+    // wait at all (it would return at its first poll).
     tokio::time::sleep(Duration::from_millis(50)).await;
     assert!(!idle.is_finished(), "still running");
     proceed.notify_one();

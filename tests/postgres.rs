@@ -174,6 +174,7 @@ async fn expired_rows_are_removed_in_batches_and_live_ones_stay() {
         };
         store.complete(key, token, record, retention).await.unwrap();
     }
+    // Past the short records' retention: their expiry is the point.
     tokio::time::sleep(Duration::from_millis(20)).await;
     assert_eq!(store.remove_expired().await.unwrap(), 30);
     let client = connect(&db.url).await;
@@ -236,6 +237,8 @@ async fn the_cleanup_task_removes_expired_rows_by_itself_until_stopped() {
     .await;
     store.stop_cleanup();
     expire_soon(99).await;
+    // Six periods of the stopped 50 ms task: a task still running would
+    // have removed the row (above, it took one or two).
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(count().await, 1, "stopped: the expired row stays");
 }

@@ -67,6 +67,7 @@ async fn a_statement_that_cannot_finish_times_out_and_the_layer_fails_closed() {
     let Ok(Claim::Acquired(_)) = store.claim(key, FP, Duration::from_millis(50)).await else {
         panic!("acquired");
     };
+    // Past its 50 ms lease, so that the next claim is a takeover.
     tokio::time::sleep(Duration::from_millis(100)).await;
     // Another session holds the row's lock: a takeover must wait for it.
     let (mut locker, locker_pid) = session_with_pid(&fixture.db.url).await;
@@ -231,28 +232,25 @@ async fn a_statement_whose_operation_timed_out_stops_on_the_server() {
 /// that outlived its operation's timeout is still running there.
 async fn until_no_statement_runs(url: &str, except: i32, limit: Duration) {
     let observer = connect(url).await;
-    let started = std::time::Instant::now();
-    loop {
-        let running: i64 = observer
-            .query_one(
-                "SELECT count(*) FROM pg_stat_activity
-                 WHERE datname = current_database() AND state = 'active'
-                   AND backend_type = 'client backend'
-                   AND pid <> pg_backend_pid() AND pid <> $1",
-                &[&except],
-            )
-            .await
-            .unwrap()
-            .get(0);
-        if running == 0 {
-            return;
-        }
-        assert!(
-            started.elapsed() < limit,
-            "a timed-out statement still runs on the server, its connection busy"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    common::eventually(
+        limit,
+        "a timed-out statement still runs on the server, its connection busy",
+        || async {
+            let running: i64 = observer
+                .query_one(
+                    "SELECT count(*) FROM pg_stat_activity
+                     WHERE datname = current_database() AND state = 'active'
+                       AND backend_type = 'client backend'
+                       AND pid <> pg_backend_pid() AND pid <> $1",
+                    &[&except],
+                )
+                .await
+                .unwrap()
+                .get(0);
+            running == 0
+        },
+    )
+    .await;
 }
 
 /// A session of its own on the database at `url`, and its server process

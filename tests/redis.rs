@@ -203,7 +203,18 @@ async fn a_lease_expired_by_force_fences_out_the_stale_owner() {
         .query_async(&mut server.conn().await)
         .await
         .unwrap();
-    tokio::time::sleep(Duration::from_millis(50)).await;
+    let conn = server.conn().await;
+    common::eventually(Duration::from_secs(5), "the key expires", || {
+        let (mut conn, name) = (conn.clone(), &name);
+        async move {
+            redis::cmd("EXISTS")
+                .arg(name)
+                .query_async::<i64>(&mut conn)
+                .await
+                .is_ok_and(|n| n == 0)
+        }
+    })
+    .await;
     // A new owner executes and stores its result.
     let entered = ledger.entered.notified();
     let newer = tokio::spawn({

@@ -358,12 +358,18 @@ async fn claims_overtaken_by_their_releases_on_a_new_connection_do_not_take_the_
     // lost claim may go out on the stuck connection before the store has
     // replaced it (and so arrive after its claim, which it releases); the
     // others' go out on the new connection.
+    let read = proxy.chunks_from_clients();
     let first = {
         let store = store.clone();
         let key = StoreKey::from_parts(b"", b"overtaken-first");
         tokio::spawn(async move { store.claim(key, fp, Duration::from_secs(30)).await })
     };
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    common::eventually(
+        Duration::from_secs(5),
+        "the first claim reaches the proxy",
+        || async { proxy.chunks_from_clients() > read },
+    )
+    .await;
     let mut claims: Vec<_> = keys
         .iter()
         .map(|&key| {

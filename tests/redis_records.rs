@@ -37,12 +37,16 @@ async fn after_redis_restarts_empty_a_claim_gets_a_fence_above_every_earlier_one
         store.release(key, token).await.unwrap();
     }
     server.restart();
+    let restarted = std::time::Instant::now();
     let token = loop {
         match store.claim(key, fp, Duration::from_secs(30)).await {
             Ok(Claim::Acquired(token)) => break token,
             Ok(other) => panic!("the restarted Redis is empty, got {other:?}"),
             // The connection manager reconnects after the restart.
-            Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            Err(e) => {
+                assert!(restarted.elapsed() < Duration::from_secs(10), "{e}");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
         }
     };
     assert!(

@@ -114,6 +114,8 @@ async fn connections_past_the_limit_wait_for_a_free_place() {
     let holder = tokio::net::TcpStream::connect(car.addr).await.unwrap();
     let waiting = tokio::spawn(post_with(car.addr, "limit", &[]));
     // The second connection is not served while the first holds the place.
+    // Served, it would answer within a few milliseconds (the upstream
+    // answers at once); 300 ms leaves it ample time to show it was not.
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert!(!waiting.is_finished(), "served past the connection limit");
     drop(holder);

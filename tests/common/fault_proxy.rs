@@ -40,6 +40,7 @@ pub struct FaultProxy {
     addr: SocketAddr,
     weather: Arc<watch::Sender<Weather>>,
     accepted: Arc<AtomicUsize>,
+    from_clients: Arc<AtomicUsize>,
     swallow: Arc<AtomicUsize>,
     accept: JoinHandle<()>,
 }
@@ -52,8 +53,14 @@ impl FaultProxy {
         let weather = Arc::new(watch::Sender::new(Weather::default()));
         let accepted = Arc::new(AtomicUsize::new(0));
         let swallow = Arc::new(AtomicUsize::new(0));
+        let from_clients = Arc::new(AtomicUsize::new(0));
         let accept = tokio::spawn({
-            let (weather, accepted, swallow) = (weather.clone(), accepted.clone(), swallow.clone());
+            let (weather, accepted, swallow, from_clients) = (
+                weather.clone(),
+                accepted.clone(),
+                swallow.clone(),
+                from_clients.clone(),
+            );
             async move {
                 let mut connections = tokio::task::JoinSet::new();
                 loop {
@@ -61,7 +68,7 @@ impl FaultProxy {
                         conn = listener.accept() => {
                             let Ok((client, _)) = conn else { continue };
                             accepted.fetch_add(1, Ordering::SeqCst);
-                            connections.spawn(serve(client, target, weather.subscribe(), swallow.clone()));
+                            connections.spawn(serve(client, target, weather.subscribe(), swallow.clone(), from_clients.clone()));
                         }
                         Some(_) = connections.join_next(), if !connections.is_empty() => {}
                     }
@@ -72,6 +79,7 @@ impl FaultProxy {
             addr,
             weather,
             accepted,
+            from_clients,
             swallow,
             accept,
         })
@@ -85,6 +93,12 @@ impl FaultProxy {
     /// A `redis://` URL to the proxy.
     pub fn redis_url(&self) -> String {
         format!("redis://{}/", self.addr)
+    }
+
+    /// How many chunks of bytes it read from clients so far (what a client
+    /// sent has reached the proxy, whatever the proxy then does with it).
+    pub fn chunks_from_clients(&self) -> usize {
+        self.from_clients.load(Ordering::SeqCst)
     }
 
     /// How many connections it accepted so far.
@@ -145,6 +159,7 @@ async fn serve(
     target: SocketAddr,
     mut weather: watch::Receiver<Weather>,
     swallow: Arc<AtomicUsize>,
+    from_clients: Arc<AtomicUsize>,
 ) {
     let start = *weather.borrow_and_update();
     // A black hole: the client's connection is accepted, the server's waits.
@@ -163,8 +178,8 @@ async fn serve(
     let (mut server_read, mut server_write) = server.into_split();
     let (mut up, mut down, mut faults) = (weather.clone(), weather.clone(), weather);
     let half_open = tokio::select! {
-        _ = pump(&mut client_read, &mut server_write, &mut up, None) => false,
-        _ = pump(&mut server_read, &mut client_write, &mut down, Some(&swallow)) => false,
+        _ = pump(&mut client_read, &mut server_write, &mut up, Some(&from_clients), None) => false,
+        _ = pump(&mut server_read, &mut client_write, &mut down, None, Some(&swallow)) => false,
         half_open = faults.wait_for(|w| w.cuts != start.cuts || w.half_opens != start.half_opens) => {
             matches!(half_open, Ok(w) if w.cuts == start.cuts)
         }
@@ -183,11 +198,14 @@ async fn serve(
 }
 
 /// Copies bytes from `from` to `to`, holding them during a black hole and
-/// delaying each chunk by the latency, until `from` ends or fails.
+/// delaying each chunk by the latency, until `from` ends or fails; counts
+/// the chunks it reads in `read`, and drops the connection at an answer to
+/// `swallow`.
 async fn pump(
     from: &mut OwnedReadHalf,
     to: &mut OwnedWriteHalf,
     weather: &mut watch::Receiver<Weather>,
+    read: Option<&AtomicUsize>,
     swallow: Option<&AtomicUsize>,
 ) {
     let mut buf = vec![0u8; 16 * 1024];
@@ -199,6 +217,9 @@ async fn pump(
             }
             Ok(n) => n,
         };
+        if let Some(read) = read {
+            read.fetch_add(1, Ordering::SeqCst);
+        }
         // An answer to swallow: drop it and the connection.
         if swallow.is_some_and(|s| {
             s.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))

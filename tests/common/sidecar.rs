@@ -213,13 +213,12 @@ pub async fn start_stalling_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
 
 /// Waits (bounded) until `count` reaches `n`.
 pub async fn until_count(count: &AtomicUsize, n: usize) {
-    for _ in 0..500 {
-        if count.load(Ordering::SeqCst) >= n {
-            return;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    panic!("count {} never reached {n}", count.load(Ordering::SeqCst));
+    super::eventually(
+        Duration::from_secs(5),
+        &format!("the count reaches {n}"),
+        || async { count.load(Ordering::SeqCst) >= n },
+    )
+    .await;
 }
 
 /// The status of `GET /_idempotency/health`.
