@@ -51,11 +51,11 @@ pin_project! {
         Chained { prefix: Option<Bytes>, rest: Pin<Box<B>> },
         // What was buffered, then the error that stopped the inner body.
         Failed { prefix: Option<Bytes>, error: Option<BoxError> },
-        Judged { prefix: Option<Bytes>, rest: Pin<Box<B>>, judge: Option<Box<EndJudge>> },
+        Deciding { prefix: Option<Bytes>, rest: Pin<Box<B>>, decide: Option<Box<DecideAtEnd>> },
     }
 }
 
-/// How a response streamed to its caller ended, for an [`EndJudge`].
+/// How a response streamed to its caller ended, for an [`DecideAtEnd`].
 pub(crate) enum End<'a> {
     /// It ended normally, with these trailers (if any).
     Finished(Option<&'a HeaderMap>),
@@ -67,36 +67,36 @@ pub(crate) enum End<'a> {
 
 /// Decides a [`Completion::Later`](crate::engine::Completion::Later) once
 /// the response it belongs to has been streamed to its end (or not).
-pub(crate) struct EndJudge {
+pub(crate) struct DecideAtEnd {
     decider: Option<Decider>,
-    verdict: Option<Box<Verdict>>,
+    decision: Option<Box<Decision>>,
 }
 
-type Verdict = dyn FnOnce(End<'_>) -> Completion + Send + Sync;
+type Decision = dyn FnOnce(End<'_>) -> Completion + Send + Sync;
 
-impl EndJudge {
+impl DecideAtEnd {
     pub(crate) fn new(
         decider: Decider,
-        verdict: impl FnOnce(End<'_>) -> Completion + Send + Sync + 'static,
+        decision: impl FnOnce(End<'_>) -> Completion + Send + Sync + 'static,
     ) -> Self {
         Self {
             decider: Some(decider),
-            verdict: Some(Box::new(verdict)),
+            decision: Some(Box::new(decision)),
         }
     }
 
     fn end(&mut self, how: End<'_>) {
-        if let (Some(decider), Some(verdict)) = (self.decider.take(), self.verdict.take()) {
-            decider.decide(verdict(how));
+        if let (Some(decider), Some(decision)) = (self.decider.take(), self.decision.take()) {
+            decider.decide(decision(how));
         }
     }
 }
 
-impl Drop for EndJudge {
+impl Drop for DecideAtEnd {
     fn drop(&mut self) {
         // Dropped while a panic unwinds (the body panicked as the caller
         // polled it): the stream broke off. Both are an unknown outcome;
-        // the distinction is for the verdict to see.
+        // the distinction is for the decision to see.
         if std::thread::panicking() {
             self.end(End::Broke);
         } else {
@@ -206,13 +206,13 @@ impl<B> ResponseBody<B> {
         }
     }
 
-    /// `prefix`, then the rest of the stream, whose end `judge` decides on.
-    pub(crate) fn judged(prefix: Bytes, rest: Pin<Box<B>>, judge: EndJudge) -> Self {
+    /// `prefix`, then the rest of the stream, whose end `decide` decides on.
+    pub(crate) fn deciding_at_end(prefix: Bytes, rest: Pin<Box<B>>, decide: DecideAtEnd) -> Self {
         Self {
-            kind: Kind::Judged {
+            kind: Kind::Deciding {
                 prefix: non_empty(prefix),
                 rest,
-                judge: Some(Box::new(judge)),
+                decide: Some(Box::new(decide)),
             },
         }
     }
@@ -256,16 +256,16 @@ where
                 }
                 Poll::Ready(error.take().map(Err))
             }
-            KindProj::Judged {
+            KindProj::Deciding {
                 prefix,
                 rest,
-                judge,
+                decide,
             } => {
                 if let Some(prefix) = prefix.take() {
                     return Poll::Ready(Some(Ok(Frame::data(prefix))));
                 }
                 let polled = rest.as_mut().poll_frame(cx).map_err(Into::into);
-                if let (Poll::Ready(end), Some(j)) = (&polled, judge.as_mut()) {
+                if let (Poll::Ready(end), Some(j)) = (&polled, decide.as_mut()) {
                     match end {
                         Some(Ok(frame)) => {
                             if let Some(trailers) = frame.trailers_ref() {
@@ -287,8 +287,8 @@ where
             Kind::Full { data, trailers } => data.is_none() && trailers.is_none(),
             Kind::Chained { prefix, rest } => prefix.is_none() && rest.is_end_stream(),
             Kind::Failed { prefix, error } => prefix.is_none() && error.is_none(),
-            // Never ends early: its judge must see the end.
-            Kind::Judged { .. } => false,
+            // Never ends early: its decision must see the end.
+            Kind::Deciding { .. } => false,
         }
     }
 
@@ -297,7 +297,7 @@ where
         match self {
             Kind::Inner { inner } => inner.size_hint(),
             Kind::Full { data, .. } => SizeHint::with_exact(len(data)),
-            Kind::Chained { prefix, rest } | Kind::Judged { prefix, rest, .. } => {
+            Kind::Chained { prefix, rest } | Kind::Deciding { prefix, rest, .. } => {
                 let inner = rest.size_hint();
                 let mut hint = SizeHint::new();
                 hint.set_lower(inner.lower().saturating_add(len(prefix)));
@@ -397,7 +397,7 @@ macro_rules! forward_body {
                     Kind::Full { .. } => "Full",
                     Kind::Chained { .. } => "Chained",
                     Kind::Failed { .. } => "Failed",
-                    Kind::Judged { .. } => "Judged",
+                    Kind::Deciding { .. } => "Deciding",
                 };
                 f.debug_struct(stringify!($ty))
                     .field("kind", &variant)

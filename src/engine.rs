@@ -196,16 +196,6 @@ impl<St: Store> Engine<St> {
         &self.store
     }
 
-    /// The lease.
-    pub fn lease_duration(&self) -> Duration {
-        self.lease
-    }
-
-    /// The in-flight policy.
-    pub fn in_flight(&self) -> InFlightPolicy {
-        self.in_flight
-    }
-
     /// Runs `op` at most once for `key`, storing the payload it returns on
     /// `Ok` and releasing the key on `Err`. The simple form of [`run`](Self::run).
     pub async fn run_stored<F, Fut, E>(

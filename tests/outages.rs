@@ -320,9 +320,9 @@ macro_rules! outage_suite {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn claims_whose_replies_were_lost_are_released_once_the_server_answers() {
                 super::claims_whose_replies_were_lost_are_released_once_the_server_answers::<
-                                                                            $server,
-                                                                        >()
-                                                                        .await;
+                                                                                    $server,
+                                                                                >()
+                                                                                .await;
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

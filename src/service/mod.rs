@@ -28,7 +28,7 @@ mod request;
 mod response;
 
 use request::{Pending, ReadError, prepare, read_body, too_large};
-use response::{judge_response, refusal, refusal_for, replay};
+use response::{decide_completion, refusal, refusal_for, replay};
 
 /// Middleware that makes the inner service safe to retry. Built by
 /// [`IdempotencyLayer`](crate::IdempotencyLayer).
@@ -301,7 +301,7 @@ where
                 // future once, then the response handling in its place.
                 inner
                     .call(req)
-                    .then(move |response| judge_response(response, grpc, run_shared))
+                    .then(move |response| decide_completion(response, grpc, run_shared))
             })
             .instrument(span)
             .await

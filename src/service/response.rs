@@ -8,7 +8,7 @@ use http::{HeaderMap, HeaderValue, Response};
 use http_body::Body;
 
 use crate::BoxError;
-use crate::body::{End, EndJudge, Gathered, ResponseBody, merge_trailers, next_frame};
+use crate::body::{DecideAtEnd, End, Gathered, ResponseBody, merge_trailers, next_frame};
 use crate::config::Config;
 use crate::engine::Completion;
 use crate::grpc::{self, GrpcStatusCode};
@@ -43,10 +43,10 @@ pub(super) fn refusal_for<B>(
     refusal(grpc, problem)
 }
 
-/// Runs in the execution, once the inner service answered: judges the
+/// Runs in the execution, once the inner service answered: decides the
 /// response into the [`Completion`] the engine settles the key by, and the
 /// response to hand the caller.
-pub(super) async fn judge_response<ResBody, E, St: Store>(
+pub(super) async fn decide_completion<ResBody, E, St: Store>(
     response: Result<Response<ResBody>, E>,
     grpc: bool,
     shared: Arc<Shared<St>>,
@@ -59,8 +59,8 @@ where
     let response = response?;
     let (mut parts, body) = response.into_parts();
     // Decide now where the outcome is already known: the handler's own
-    // verdict, an HTTP status, or a gRPC Trailers-Only status. A gRPC
-    // outcome that arrives in the trailers is judged after the body.
+    // policy, an HTTP status, or a gRPC Trailers-Only status. A gRPC
+    // outcome that arrives in the trailers is decided after the body.
     let decided = match parts.extensions.get::<StorePolicy>() {
         Some(StorePolicy::OutcomeUnknown) => {
             let completion = unknown_outcome(parts.status, config);
@@ -126,8 +126,8 @@ where
                         // A gRPC status still to come in the trailers
                         // decides, once the rest has streamed to the caller.
                         let (decider, later) = Completion::later();
-                        let judge = trailers_judge(decider, &parts, shared.clone());
-                        let body = ResponseBody::judged(buf.into_bytes(), body, judge);
+                        let decide = decide_by_trailers(decider, &parts, shared.clone());
+                        let body = ResponseBody::deciding_at_end(buf.into_bytes(), body, decide);
                         return Ok((Response::from_parts(parts, body), later));
                     }
                     let not_replayable = StoredOutcome::NotReplayable {
@@ -148,7 +148,7 @@ where
     }
     let data = buf.into_bytes();
     if decided.is_none() {
-        // A gRPC response without a `grpc-status` is broken: judge it as
+        // A gRPC response without a `grpc-status` is broken: decide it as
         // INTERNAL, which the default predicate does not store.
         let code = trailers
             .as_ref()
@@ -177,27 +177,27 @@ where
     Ok((Response::from_parts(parts, body), Completion::Store(stored)))
 }
 
-/// Judges an oversized gRPC response by the `grpc-status` of its trailers
+/// Decides an oversized gRPC response by the `grpc-status` of its trailers
 /// once it has streamed to its end: "not replayable" where the predicate
 /// would store it, released where it would not (a retryable status), and
 /// "outcome unknown" where the stream broke or the caller dropped it first.
-pub(super) fn trailers_judge<St: Store>(
+pub(super) fn decide_by_trailers<St: Store>(
     decider: crate::engine::Decider,
     parts: &http::response::Parts,
     shared: Arc<Shared<St>>,
-) -> EndJudge {
+) -> DecideAtEnd {
     let (status, headers) = (parts.status, parts.headers.clone());
-    EndJudge::new(decider, move |end| match end {
+    DecideAtEnd::new(decider, move |end| match end {
         End::Finished(trailers) => {
             let code = trailers
                 .and_then(grpc::status_in)
                 .unwrap_or(GrpcStatusCode(13));
-            let mut judged = Response::new(());
-            *judged.status_mut() = status;
-            *judged.headers_mut() = headers;
-            judged.extensions_mut().insert(code);
-            let (judged, ()) = judged.into_parts();
-            if (shared.config.should_store)(&judged) {
+            let mut head = Response::new(());
+            *head.status_mut() = status;
+            *head.headers_mut() = headers;
+            head.extensions_mut().insert(code);
+            let (head, ()) = head.into_parts();
+            if (shared.config.should_store)(&head) {
                 Completion::Store(StoredOutcome::NotReplayable { status }.encode())
             } else {
                 Completion::Release
