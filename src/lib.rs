@@ -138,9 +138,9 @@ mod headers;
 pub mod key;
 mod layer;
 mod observe;
+mod payload;
 pub mod policy;
 pub mod problem;
-mod record;
 mod service;
 #[cfg(feature = "sidecar")]
 #[cfg_attr(docsrs, doc(cfg(feature = "sidecar")))]

@@ -179,7 +179,7 @@ async fn an_unreadable_record_fails_closed() {
     let (ledger, store) = setup();
     let svc = layer(store.clone()).layer(ledger.service());
     send(&svc, req(Some("k"), "{}")).await;
-    store.inject(Operation::Claim, Fault::CorruptRecord, usize::MAX);
+    store.inject(Operation::Claim, Fault::CorruptPayload, usize::MAX);
     let a = send(&svc, req(Some("k"), "{}")).await;
     assert_eq!(a.status, StatusCode::INTERNAL_SERVER_ERROR);
     assert!(a.problem_type().ends_with("#variant.RecordUnreadable"));

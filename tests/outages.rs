@@ -145,7 +145,7 @@ async fn frozen_times_out_and_recovers_when_thawed<S: Server>() {
 /// disconnected). Both claims are applied when the server wakes, with
 /// nobody to own them; both are released once it answers, long before
 /// their 60 s leases end, and another process then acquires the keys.
-async fn claims_whose_replies_were_lost_are_released_once_the_server_answers<S: Server>() {
+async fn orphans_are_released_once_the_server_answers<S: Server>() {
     let Some(server) = S::start("outage: lost claim replies") else {
         return;
     };
@@ -318,11 +318,8 @@ macro_rules! outage_suite {
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn claims_whose_replies_were_lost_are_released_once_the_server_answers() {
-                super::claims_whose_replies_were_lost_are_released_once_the_server_answers::<
-                                                                                    $server,
-                                                                                >()
-                                                                                .await;
+            async fn orphans_are_released_once_the_server_answers() {
+                super::orphans_are_released_once_the_server_answers::<$server>().await;
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -124,7 +124,7 @@ async fn a_statement_that_cannot_finish_times_out_and_the_layer_fails_closed() {
 /// released it. (Which of the two happens depends on the pool; the unit
 /// tests of the statements pin each case down.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn claims_lost_behind_a_slow_network_do_not_hold_their_keys() {
+async fn orphans_behind_a_slow_network_do_not_hold_their_keys() {
     let Some(server) = PrivatePostgres::start_or_skip("postgres late claims") else {
         return;
     };

@@ -58,7 +58,7 @@ async fn redis_killed_mid_request_then_restarted() {
 /// During an outage, claims whose replies are lost queue their releases in
 /// one bounded queue served by one task, not a task each.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn releases_of_lost_claims_are_bounded_during_an_outage() {
+async fn releases_of_orphans_are_bounded_during_an_outage() {
     let Some(server) = redis_or_skip("bounded_releases") else {
         return;
     };
@@ -306,7 +306,7 @@ async fn a_claim_that_arrives_after_its_own_release_does_not_take_the_key() {
         .unwrap_err();
     assert_eq!(e.kind(), StoreErrorKind::Timeout, "{e}");
     // The release of the lost claim goes first, and finds nothing.
-    until_lost_claims_released(&store, Duration::from_secs(5)).await;
+    until_orphans_released(&store, Duration::from_secs(5)).await;
     // Then the claim arrives.
     go.notify_one();
     delivered.notified().await;
@@ -319,7 +319,7 @@ async fn a_claim_that_arrives_after_its_own_release_does_not_take_the_key() {
 
 /// Waits until every lost claim of `store` is released, failing past
 /// `limit`.
-async fn until_lost_claims_released<C>(store: &RedisStore<C>, limit: Duration)
+async fn until_orphans_released<C>(store: &RedisStore<C>, limit: Duration)
 where
     C: redis::aio::ConnectionLike + Clone + Send + Sync + 'static,
 {
@@ -385,7 +385,7 @@ async fn claims_overtaken_by_their_releases_on_a_new_connection_do_not_take_the_
     // The claims' bytes wait out the latency; what is sent from now on goes
     // at once.
     proxy.set_latency(Duration::ZERO);
-    until_lost_claims_released(&store, Duration::from_secs(10)).await;
+    until_orphans_released(&store, Duration::from_secs(10)).await;
     // Eight scripts at least: four releases, then the four late claims.
     common::eventually(
         Duration::from_secs(10),

@@ -14,9 +14,9 @@ use crate::engine::Completion;
 use crate::grpc::{self, GrpcStatusCode};
 use crate::headers::ReplayHeaders;
 use crate::observe;
+use crate::payload::{StoredOutcome, encode_response};
 use crate::policy::{StorePolicy, is_event_stream};
 use crate::problem::{Problem, ProblemKind};
-use crate::record::{StoredOutcome, encode_response};
 use crate::store::Store;
 
 use super::Shared;

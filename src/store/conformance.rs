@@ -33,7 +33,7 @@ use bytes::Bytes;
 use super::{Claim, CompletedRecord, LeaseStatus, OwnerToken, Store};
 use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
-use crate::record::{StoredOutcome, StoredResponse};
+use crate::payload::{StoredOutcome, StoredResponse};
 
 /// A lease short enough to expire within a test.
 pub(crate) const SHORT_LEASE: Duration = Duration::from_millis(150);

@@ -87,7 +87,7 @@ pub enum Fault {
     /// back unreadable (a record written by a version this one cannot
     /// read, or damaged), so the caller's handling of such records can be
     /// tested. Other answers, and other operations, are left alone.
-    CorruptRecord,
+    CorruptPayload,
 }
 
 /// Wraps a store and injects [`Fault`]s into the next calls of chosen
@@ -254,7 +254,7 @@ impl<St> FaultStore<St> {
                 call.await
             }
             // Applied by `claim`, which alone can change the record.
-            Some(Fault::CorruptRecord) => call.await,
+            Some(Fault::CorruptPayload) => call.await,
         }
     }
 }
@@ -274,7 +274,7 @@ impl<St: Store> Store for FaultStore<St> {
         let call = self.inner.claim(key, fingerprint, lease);
         let claim = Self::apply(Operation::Claim, fault, call).await?;
         Ok(match claim {
-            Claim::Completed(mut record) if fault == Some(Fault::CorruptRecord) => {
+            Claim::Completed(mut record) if fault == Some(Fault::CorruptPayload) => {
                 record.payload = bytes::Bytes::from_static(UNREADABLE);
                 Claim::Completed(record)
             }
@@ -346,7 +346,7 @@ mod tests {
             .complete(key, token, record.clone(), LEASE)
             .await
             .unwrap();
-        store.inject(Operation::Claim, Fault::CorruptRecord, 1);
+        store.inject(Operation::Claim, Fault::CorruptPayload, 1);
         let Ok(Claim::Completed(unreadable)) = store.claim(key, FP, LEASE).await else {
             panic!("completed");
         };

@@ -4,10 +4,10 @@
 
 mod builder;
 mod connection;
+mod entry;
 mod error;
 mod notify;
 mod ops;
-mod record;
 mod scripts;
 #[cfg(feature = "tls")]
 mod tls;

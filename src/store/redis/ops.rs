@@ -10,7 +10,7 @@ use redis::aio::ConnectionLike;
 use redis::{Script, Value};
 
 use super::error::corrupt;
-use super::{Inner, RedisStore, record};
+use super::{Inner, RedisStore, entry};
 use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
 use crate::store::remote::abandon::Orphan;
@@ -52,7 +52,7 @@ where
         token: OwnerToken,
     ) -> redis::ScriptInvocation<'s> {
         let mut invocation = script.key(self.key_name(key));
-        invocation.arg(record::token_arg(token));
+        invocation.arg(entry::token_arg(token));
         invocation
     }
 
@@ -101,7 +101,7 @@ where
         orphan: &Orphan,
     ) -> impl Future<Output = Result<(), Failure>> + Send {
         let keep = millis(orphan.keep(self.kit.fence_memory));
-        let (name, nonce) = (orphan.name.clone(), record::nonce_arg(orphan.nonce));
+        let (name, nonce) = (orphan.name.clone(), entry::nonce_arg(orphan.nonce));
         let store = RedisStore { inner: self };
         async move {
             let mut invocation = store.inner.scripts.abandon.key(&name);
@@ -135,7 +135,7 @@ where
             .arg(&fp.as_bytes()[..])
             .arg(millis(lease))
             .arg(keep)
-            .arg(&record::nonce_arg(nonce)[..]);
+            .arg(&entry::nonce_arg(nonce)[..]);
         // Until its reply is in, the claim may have been applied with nobody
         // to own it: if the reply is lost, or this future is dropped (the
         // client went away), the guard queues its release.
@@ -150,7 +150,7 @@ where
                 Ok(fence) => Ok(Claim::Acquired(OwnerToken::new(fence, nonce))),
                 Err(_) => Err(corrupt("claim", &reply)),
             },
-            Value::BulkString(stored) => record::parse(stored).ok_or_else(|| {
+            Value::BulkString(stored) => entry::parse(stored).ok_or_else(|| {
                 StoreError::new(StoreErrorKind::Corrupt, "claim")
                     .with_source("a record Redis returned is not one this store reads")
             }),
@@ -167,7 +167,7 @@ where
     ) -> Result<LeaseStatus, StoreError> {
         let mut invocation = self.by_owner(&self.inner.scripts.complete, key, token);
         invocation
-            .arg(record::done(token, &record))
+            .arg(entry::done(token, &record))
             .arg(millis(retention))
             .arg(&self.inner.channel);
         self.fenced("complete", invocation).await
@@ -199,7 +199,7 @@ where
         let probe = || async {
             // Also marks the claim waited for, so its end is published.
             let mut invocation = self.inner.scripts.lease_left.key(&name);
-            invocation.arg(record::fence_arg(fence));
+            invocation.arg(entry::fence_arg(fence));
             match self.call("wait", invocation).await? {
                 Value::Int(left) => Ok(match u64::try_from(left) {
                     Ok(left) => Probe::Live {

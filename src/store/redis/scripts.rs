@@ -98,7 +98,7 @@ end
 /// The format-1 record (a hash) converted to format 2, for the scripts that
 /// read one: its nonce is not kept (no owner of a format-1 claim uses
 /// format 2), its waiter flag is `0` (its waiters are marked in the hash).
-macro_rules! legacy_record {
+macro_rules! legacy_entry {
     () => {
         r#"
   local h = redis.call('HMGET', KEYS[1], 'v', 'st', 'fence', 'fp', 'dl', 'pl')
@@ -186,7 +186,7 @@ pub(super) const CLAIM: &str = concat!(
     r#"
 if #ARGV[1] ~= 32 or #ARGV[4] ~= 8 then return redis.error_reply('IDEM_ARGS fingerprint or nonce of the wrong length') end
 "#,
-    prologue!(legacy_record!()),
+    prologue!(legacy_entry!()),
     r#"
 if st == 'd' then return r end
 "#,

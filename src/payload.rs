@@ -4,8 +4,8 @@
 //! header value in order (repeated headers stay repeated, non-UTF-8 values
 //! stay byte-exact), the body bytes, and the trailers (gRPC's `grpc-status`
 //! lives there). It starts with a magic tag and a version byte, so a record
-//! written by a newer release is refused as [`RecordError::UnknownVersion`]
-//! rather than misread, and a damaged one as [`RecordError::Corrupt`]. Both
+//! written by a newer release is refused as [`PayloadError::UnknownVersion`]
+//! rather than misread, and a damaged one as [`PayloadError::Corrupt`]. Both
 //! make the layer fail closed: a record that cannot be read is never taken
 //! as "absent", which would execute the request again.
 
@@ -62,7 +62,7 @@ pub(crate) enum StoredOutcome {
 /// A stored record that cannot be decoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
-pub(crate) enum RecordError {
+pub(crate) enum PayloadError {
     /// The bytes are not a record of this crate, or are truncated or damaged.
     #[error("stored idempotency record is corrupt")]
     Corrupt,
@@ -86,26 +86,26 @@ impl StoredOutcome {
     }
 
     /// Decodes a record; never panics, whatever the bytes.
-    pub(crate) fn decode(bytes: &Bytes) -> Result<Self, RecordError> {
+    pub(crate) fn decode(bytes: &Bytes) -> Result<Self, PayloadError> {
         let mut r = Reader { buf: bytes, pos: 0 };
         if r.take(4)? != MAGIC {
-            return Err(RecordError::Corrupt);
+            return Err(PayloadError::Corrupt);
         }
         let version = r.u8()?;
         if version != VERSION {
-            return Err(RecordError::UnknownVersion(version));
+            return Err(PayloadError::UnknownVersion(version));
         }
         let kind = r.u8()?;
-        let status = StatusCode::from_u16(r.u16()?).map_err(|_| RecordError::Corrupt)?;
+        let status = StatusCode::from_u16(r.u16()?).map_err(|_| PayloadError::Corrupt)?;
         let outcome = match kind {
             KIND_RESPONSE => {
                 let headers = r.headers()?;
-                let body_len = usize::try_from(r.u64()?).map_err(|_| RecordError::Corrupt)?;
+                let body_len = usize::try_from(r.u64()?).map_err(|_| PayloadError::Corrupt)?;
                 let body = r.take_bytes(body_len)?;
                 let trailers = match r.u8()? {
                     0 => None,
                     1 => Some(r.headers()?),
-                    _ => return Err(RecordError::Corrupt),
+                    _ => return Err(PayloadError::Corrupt),
                 };
                 StoredOutcome::Response(StoredResponse {
                     status,
@@ -116,10 +116,10 @@ impl StoredOutcome {
             }
             KIND_NOT_REPLAYABLE => StoredOutcome::NotReplayable { status },
             KIND_OUTCOME_UNKNOWN => StoredOutcome::OutcomeUnknown { status },
-            _ => return Err(RecordError::Corrupt),
+            _ => return Err(PayloadError::Corrupt),
         };
         if r.pos != bytes.len() {
-            return Err(RecordError::Corrupt);
+            return Err(PayloadError::Corrupt);
         }
         Ok(outcome)
     }
@@ -205,60 +205,60 @@ struct Reader<'a> {
 }
 
 impl Reader<'_> {
-    fn take(&mut self, n: usize) -> Result<&[u8], RecordError> {
-        let end = self.pos.checked_add(n).ok_or(RecordError::Corrupt)?;
-        let slice = self.buf.get(self.pos..end).ok_or(RecordError::Corrupt)?;
+    fn take(&mut self, n: usize) -> Result<&[u8], PayloadError> {
+        let end = self.pos.checked_add(n).ok_or(PayloadError::Corrupt)?;
+        let slice = self.buf.get(self.pos..end).ok_or(PayloadError::Corrupt)?;
         self.pos = end;
         Ok(slice)
     }
 
-    fn take_bytes(&mut self, n: usize) -> Result<Bytes, RecordError> {
+    fn take_bytes(&mut self, n: usize) -> Result<Bytes, PayloadError> {
         let start = self.pos;
         self.take(n)?;
         Ok(self.buf.slice(start..self.pos))
     }
 
-    fn u8(&mut self) -> Result<u8, RecordError> {
+    fn u8(&mut self) -> Result<u8, PayloadError> {
         Ok(self.take(1)?[0])
     }
 
-    fn u16(&mut self) -> Result<u16, RecordError> {
+    fn u16(&mut self) -> Result<u16, PayloadError> {
         let b = self.take(2)?;
         Ok(u16::from_be_bytes([b[0], b[1]]))
     }
 
-    fn u32(&mut self) -> Result<u32, RecordError> {
+    fn u32(&mut self) -> Result<u32, PayloadError> {
         let b = self.take(4)?;
         Ok(u32::from_be_bytes([b[0], b[1], b[2], b[3]]))
     }
 
-    fn u64(&mut self) -> Result<u64, RecordError> {
+    fn u64(&mut self) -> Result<u64, PayloadError> {
         let b = self.take(8)?;
         let mut a = [0u8; 8];
         a.copy_from_slice(b);
         Ok(u64::from_be_bytes(a))
     }
 
-    fn headers(&mut self) -> Result<HeaderMap, RecordError> {
+    fn headers(&mut self) -> Result<HeaderMap, PayloadError> {
         let count = self.u32()? as usize;
         // Each entry takes at least 6 bytes: refuse counts the buffer cannot
         // hold before allocating for them, and counts no `HeaderMap` can hold
         // (the map's own constructors panic past its maximum size).
         if count > self.buf.len().saturating_sub(self.pos) / 6 || count > MAX_HEADERS {
-            return Err(RecordError::Corrupt);
+            return Err(PayloadError::Corrupt);
         }
         // One spare slot: a replay adds its marker header.
-        let mut map = HeaderMap::try_with_capacity(count + 1).map_err(|_| RecordError::Corrupt)?;
+        let mut map = HeaderMap::try_with_capacity(count + 1).map_err(|_| PayloadError::Corrupt)?;
         for _ in 0..count {
             let name_len = usize::from(self.u16()?);
             let name =
-                HeaderName::from_bytes(self.take(name_len)?).map_err(|_| RecordError::Corrupt)?;
+                HeaderName::from_bytes(self.take(name_len)?).map_err(|_| PayloadError::Corrupt)?;
             let value_len = self.u32()? as usize;
             // A slice of the record (no copy), checked as `from_bytes` would.
             let value = HeaderValue::from_maybe_shared(self.take_bytes(value_len)?)
-                .map_err(|_| RecordError::Corrupt)?;
+                .map_err(|_| PayloadError::Corrupt)?;
             map.try_append(name, value)
-                .map_err(|_| RecordError::Corrupt)?;
+                .map_err(|_| PayloadError::Corrupt)?;
         }
         Ok(map)
     }
@@ -325,11 +325,11 @@ mod tests {
         bytes[4] = 9;
         assert_eq!(
             StoredOutcome::decode(&Bytes::from(bytes)),
-            Err(RecordError::UnknownVersion(9))
+            Err(PayloadError::UnknownVersion(9))
         );
         assert_eq!(
             StoredOutcome::decode(&Bytes::from_static(b"garbage")),
-            Err(RecordError::Corrupt)
+            Err(PayloadError::Corrupt)
         );
         let good = StoredOutcome::Response(sample()).encode();
         for cut in 0..good.len() {
@@ -339,7 +339,7 @@ mod tests {
         trailing.push(0);
         assert_eq!(
             StoredOutcome::decode(&Bytes::from(trailing)),
-            Err(RecordError::Corrupt)
+            Err(PayloadError::Corrupt)
         );
     }
 
@@ -360,7 +360,7 @@ mod tests {
             rest.resize(4 + count as usize * 6, 0);
             assert_eq!(
                 StoredOutcome::decode(&record_with(&rest)),
-                Err(RecordError::Corrupt),
+                Err(PayloadError::Corrupt),
                 "{count} headers"
             );
         }
@@ -381,7 +381,7 @@ mod tests {
         rest.push(0);
         assert_eq!(
             StoredOutcome::decode(&record_with(&rest)),
-            Err(RecordError::Corrupt)
+            Err(PayloadError::Corrupt)
         );
     }
 
