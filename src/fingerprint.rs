@@ -12,7 +12,7 @@ use sha2::{Digest, Sha256};
 /// the user selected, and the body bytes. Every field is length-prefixed so
 /// that no two different requests frame to the same bytes, and a version tag
 /// leads so that a later format change can never silently match an old
-/// record.
+/// entry.
 #[derive(Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Fingerprint([u8; 32]);
 

@@ -103,17 +103,22 @@
 //!   execution; it lasts a **lease**, renewed while the execution runs. The
 //!   **owner token** proves who holds it: a **fence** (a number that only
 //!   grows across the claims of a key) and a **nonce** (unique per claim).
-//! - **lost** (a lease): the store says another execution owns the key, or
-//!   renewals failed for a whole lease; a lost lease stores nothing.
+//! - **lost** (said only of a lease): the store says another execution owns
+//!   the key, or renewals failed for a whole lease; a lost lease stores
+//!   nothing.
 //! - **orphan**: a claim whose reply never came back (a timeout, a caller
 //!   that went away); it may have been applied with nobody to own it, so
 //!   the store releases it by its nonce.
 //! - **completion**: what an execution asks for its key at its end: store
 //!   its outcome as a **record**, release the key, or decide later; the
 //!   engine **settles** the key by it.
-//! - **record**: a completed execution's stored response (status, headers,
-//!   body, trailers), kept for the retention; a **replay** is an answer
-//!   served from it, marked `Idempotent-Replayed: true`.
+//! - **entry**: what a store holds for one key: a claim or a record (a
+//!   Redis string, a PostgreSQL row, a memory map entry).
+//! - **record**: a completed key's content, [`store::CompletedRecord`]: the
+//!   request's fingerprint and a **payload**, kept for the retention; for
+//!   the HTTP layer the payload is the encoded response (status, headers,
+//!   body, trailers). A **replay** is an answer served from it, marked
+//!   `Idempotent-Replayed: true`.
 //! - **in flight**: a key whose claim is live; **outcome unknown**: a key
 //!   whose execution committed its effect and whose response was never
 //!   stored.

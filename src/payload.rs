@@ -1,12 +1,13 @@
-//! The stored form of an HTTP response: a versioned binary record.
+//! The stored form of an HTTP response: a versioned binary payload, the
+//! content of a completed key's record.
 //!
-//! The record keeps everything a replay needs, exactly: the status, every
+//! The payload keeps everything a replay needs, exactly: the status, every
 //! header value in order (repeated headers stay repeated, non-UTF-8 values
 //! stay byte-exact), the body bytes, and the trailers (gRPC's `grpc-status`
-//! lives there). It starts with a magic tag and a version byte, so a record
+//! lives there). It starts with a magic tag and a version byte, so a payload
 //! written by a newer release is refused as [`PayloadError::UnknownVersion`]
 //! rather than misread, and a damaged one as [`PayloadError::Corrupt`]. Both
-//! make the layer fail closed: a record that cannot be read is never taken
+//! make the layer fail closed: a payload that cannot be read is never taken
 //! as "absent", which would execute the request again.
 
 use bytes::{BufMut, Bytes, BytesMut};
@@ -17,7 +18,7 @@ const VERSION: u8 = 1;
 const KIND_RESPONSE: u8 = 0;
 const KIND_NOT_REPLAYABLE: u8 = 1;
 const KIND_OUTCOME_UNKNOWN: u8 = 2;
-/// The most header entries a record may hold: what one `HeaderMap` holds
+/// The most header entries a payload may hold: what one `HeaderMap` holds
 /// (its capacity is at most 32 768 slots, three quarters of them usable),
 /// less the spare one a replay adds. A real response never comes close.
 const MAX_HEADERS: usize = 24_575;
@@ -59,20 +60,20 @@ pub(crate) enum StoredOutcome {
     },
 }
 
-/// A stored record that cannot be decoded.
+/// A stored payload that cannot be decoded.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
 pub(crate) enum PayloadError {
-    /// The bytes are not a record of this crate, or are truncated or damaged.
-    #[error("stored idempotency record is corrupt")]
+    /// The bytes are not a payload of this crate, or are truncated or damaged.
+    #[error("stored idempotency payload is corrupt")]
     Corrupt,
-    /// The record was written in a format version this release does not know.
-    #[error("stored idempotency record has unknown format version {0}")]
+    /// The payload was written in a format version this release does not know.
+    #[error("stored idempotency payload has unknown format version {0}")]
     UnknownVersion(u8),
 }
 
 impl StoredOutcome {
-    /// Encodes the outcome as a record.
+    /// Encodes the outcome as a payload.
     pub(crate) fn encode(&self) -> Bytes {
         match self {
             StoredOutcome::Response(r) => {
@@ -85,7 +86,7 @@ impl StoredOutcome {
         }
     }
 
-    /// Decodes a record; never panics, whatever the bytes.
+    /// Decodes a payload; never panics, whatever the bytes.
     pub(crate) fn decode(bytes: &Bytes) -> Result<Self, PayloadError> {
         let mut r = Reader { buf: bytes, pos: 0 };
         if r.take(4)? != MAGIC {
@@ -125,7 +126,7 @@ impl StoredOutcome {
     }
 }
 
-/// Encodes a response record straight from borrowed parts, keeping the
+/// Encodes a response payload straight from borrowed parts, keeping the
 /// headers `keep` accepts, so the layer can store a filtered view of a
 /// response's headers without copying them into a new map first.
 pub(crate) fn encode_response(
@@ -135,7 +136,7 @@ pub(crate) fn encode_response(
     body: &Bytes,
     trailers: Option<&HeaderMap>,
 ) -> Bytes {
-    // Sized exactly, so a stored record holds no spare capacity that the
+    // Sized exactly, so a stored payload holds no spare capacity that the
     // store's byte bound would not see.
     let len = MAGIC.len()
         + 4 // version, kind, status
@@ -163,7 +164,7 @@ pub(crate) fn encode_response(
     buf.freeze()
 }
 
-/// A record of a kind that keeps only the status.
+/// A payload of a kind that keeps only the status.
 fn encode_status(kind: u8, status: StatusCode) -> Bytes {
     let mut buf = BytesMut::with_capacity(8);
     buf.put_slice(MAGIC);
@@ -254,7 +255,7 @@ impl Reader<'_> {
             let name =
                 HeaderName::from_bytes(self.take(name_len)?).map_err(|_| PayloadError::Corrupt)?;
             let value_len = self.u32()? as usize;
-            // A slice of the record (no copy), checked as `from_bytes` would.
+            // A slice of the payload (no copy), checked as `from_bytes` would.
             let value = HeaderValue::from_maybe_shared(self.take_bytes(value_len)?)
                 .map_err(|_| PayloadError::Corrupt)?;
             map.try_append(name, value)
@@ -343,7 +344,7 @@ mod tests {
         );
     }
 
-    /// A record head (magic, version, kind, status) followed by `rest`.
+    /// A payload head (magic, version, kind, status) followed by `rest`.
     fn record_with(rest: &[u8]) -> Bytes {
         let mut bytes = b"TIDR\x01\x00\x00\xc8".to_vec();
         bytes.extend_from_slice(rest);
@@ -418,7 +419,7 @@ mod tests {
             })
     }
 
-    /// How a stored record may be damaged: cut short, a length or count
+    /// How a stored payload may be damaged: cut short, a length or count
     /// field overwritten with a large or random value, or a byte flipped.
     #[derive(Debug, Clone)]
     enum Damage {

@@ -70,7 +70,8 @@ pub enum ProblemKind {
     /// The layer could not determine the request's scope (for example the
     /// authentication layer did not run first).
     ScopeUnavailable,
-    /// The stored record for this key cannot be read.
+    /// What the store holds for this key cannot be read: a damaged entry,
+    /// or a payload this release cannot decode.
     RecordUnreadable,
     /// (Sidecar) The upstream could not be connected to; nothing was sent
     /// there, and the key was released. The client layer retries it (502).

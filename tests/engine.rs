@@ -86,8 +86,8 @@ async fn a_lost_lease_is_reported_and_the_outcome_not_stored() {
         })
     };
     started.notified().await;
-    // An operator purges the key (as a lost Redis key would): the owner's
-    // next renewal finds its claim gone.
+    // An operator purges the key (as a Redis that restarts empty would):
+    // the owner's next renewal finds its claim gone.
     assert!(store.purge(key("lost")).await.unwrap());
     // The clock is paused: 250 ms later the renewals at a third and two
     // thirds of the 300 ms lease are due, and have run.
@@ -312,9 +312,10 @@ async fn a_short_store_outage_at_completion_does_not_lose_the_result() {
     assert_eq!(retry.value(), &Bytes::from_static(b"charged"));
 }
 
-/// The completion took effect but its reply was lost, several times, for
-/// longer than a lease: a renewal then finds the claim gone (it completed),
-/// and the next completion attempt confirms the record instead of giving up.
+/// The completion took effect but its reply never came back, several times,
+/// for longer than a lease: a renewal then finds the claim gone (it
+/// completed), and the next completion attempt confirms the record instead
+/// of giving up.
 #[tokio::test(start_paused = true)]
 async fn a_completion_whose_replies_are_lost_is_confirmed_by_its_retry() {
     let store = test_store();

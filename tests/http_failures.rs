@@ -1,9 +1,9 @@
 //! The rows of "What happens to a request" (docs/requests.md) where
 //! something fails, through the layer: a request body too large or broken,
 //! a handler that errs or panics, a response body that breaks off, a store
-//! that fails or holds a record it cannot read, and what is stored (and
-//! what is not) when an answer should not be replayed; every duration
-//! setting at its extremes.
+//! that fails or returns a payload the layer cannot decode, and what is
+//! stored (and what is not) when an answer should not be replayed; every
+//! duration setting at its extremes.
 
 mod common;
 
@@ -186,7 +186,7 @@ async fn an_unreadable_record_fails_closed() {
     assert_eq!(
         ledger.count(),
         1,
-        "an unreadable record is never taken as absent"
+        "an unreadable payload is never taken as absent"
     );
 }
 

@@ -1,8 +1,8 @@
 //! One outage suite, run on both remote stores: the server killed and
 //! restarted, frozen and thawed; connections dropped, half-open,
-//! black-holed or slow; a claim whose reply was lost. Each test is written
-//! once, against [`Server`], and run on a private `redis-server` and a
-//! private PostgreSQL that it may break as it likes.
+//! black-holed or slow; orphans, claims whose reply never came back. Each
+//! test is written once, against [`Server`], and run on a private
+//! `redis-server` and a private PostgreSQL that it may break as it likes.
 //!
 //! What only one store has stays beside it: `redis_outages.rs` (claims
 //! sent twice or overtaken by their releases, the bound on queued
@@ -48,7 +48,8 @@ trait Server: Sized {
     /// The same, its connections going through a fault proxy.
     async fn store_through_proxy(&self, timeout: Duration) -> (Self::Store, FaultProxy);
 
-    /// Claims whose replies were lost, their releases not yet done.
+    /// Orphans (claims whose replies never came back), their releases not
+    /// yet done.
     fn orphans_pending(store: &Self::Store) -> usize;
 
     /// `kill -9`: a crash.
@@ -140,13 +141,14 @@ async fn frozen_times_out_and_recovers_when_thawed<S: Server>() {
     assert_eq!(answer.status, StatusCode::CREATED, "recovers after thaw");
 }
 
-/// A claim whose reply is lost, twice over while the server is frozen: one
-/// caller gives up at the operation timeout, one goes away (a client that
-/// disconnected). Both claims are applied when the server wakes, with
-/// nobody to own them; both are released once it answers, long before
-/// their 60 s leases end, and another process then acquires the keys.
+/// A claim whose reply never comes back, twice over while the server is
+/// frozen: one caller gives up at the operation timeout, one goes away (a
+/// client that disconnected). Both claims are applied when the server
+/// wakes, with nobody to own them; both are released once it answers, long
+/// before their 60 s leases end, and another process then acquires the
+/// keys.
 async fn orphans_are_released_once_the_server_answers<S: Server>() {
-    let Some(server) = S::start("outage: lost claim replies") else {
+    let Some(server) = S::start("outage: orphans") else {
         return;
     };
     let store = server.store(Duration::from_millis(300)).await;
@@ -172,7 +174,7 @@ async fn orphans_are_released_once_the_server_answers<S: Server>() {
         let took = acquire_within(&other, key, Duration::from_secs(10)).await;
         assert!(
             took.is_some_and(|t| t < Duration::from_secs(5)),
-            "a lost claim held its key for {took:?}"
+            "an orphan held its key for {took:?}"
         );
     }
     common::eventually(Duration::from_secs(5), "the queue drains", || async {

@@ -1,10 +1,9 @@
 //! `PostgresStore` through the outages only PostgreSQL has: a statement
 //! that cannot finish (a row lock held for ever), a statement whose
-//! operation timed out (it stops on the server too), and late claims
-//! behind a slow network with their releases on other pooled connections.
-//! The outages both remote stores share (killed, frozen, connections
-//! dropped, half-open, black-holed or slow, lost claim replies) are one
-//! suite, in `outages.rs`.
+//! operation timed out (it stops on the server too), and late claims behind
+//! a slow network with their releases on other pooled connections. The
+//! outages both remote stores share (killed, frozen, connections dropped,
+//! half-open, black-holed or slow, orphans) are one suite, in `outages.rs`.
 
 mod common;
 
@@ -114,15 +113,15 @@ async fn a_statement_that_cannot_finish_times_out_and_the_layer_fails_closed() {
     );
 }
 
-/// Lost claims behind a slow network: three claims (two of them for one
-/// key, a client retrying through an outage) are held back 2 s by the
-/// network, past the 300 ms operation timeout, and their releases go
-/// through the one queue, some on other pooled connections, some after the
-/// network healed. When the claims arrive at last, none may hold its key
-/// with nobody to own it: a release that reached the database first left
-/// its nonce behind for the late claim to refuse, one that came after
-/// released it. (Which of the two happens depends on the pool; the unit
-/// tests of the statements pin each case down.)
+/// Orphans behind a slow network: three claims (two of them for one key, a
+/// client retrying through an outage) are held back 2 s by the network,
+/// past the 300 ms operation timeout, and their releases go through the one
+/// queue, some on other pooled connections, some after the network healed.
+/// When the claims arrive at last, none may hold its key with nobody to own
+/// it: a release that reached the database first left its nonce behind for
+/// the late claim to refuse, one that came after released it. (Which of the
+/// two happens depends on the pool; the unit tests of the statements pin
+/// each case down.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn orphans_behind_a_slow_network_do_not_hold_their_keys() {
     let Some(server) = PrivatePostgres::start_or_skip("postgres late claims") else {
@@ -161,7 +160,7 @@ async fn orphans_behind_a_slow_network_do_not_hold_their_keys() {
     proxy.heal();
     common::eventually(
         Duration::from_secs(10),
-        "the releases of the lost claims are done",
+        "the releases of the orphans are done",
         || async { store.orphans_pending() == 0 },
     )
     .await;

@@ -1,6 +1,6 @@
 //! `RedisStore` against a real `redis-server` started per test: the store
 //! contract, its cost in scripts, waking waiters across instances, fencing
-//! out a stale owner, eviction. Records are in `redis_records.rs`, outages
+//! out a stale owner, eviction. Entries are in `redis_records.rs`, outages
 //! in `redis_outages.rs` and `outages.rs`.
 
 mod common;

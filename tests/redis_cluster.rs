@@ -192,11 +192,11 @@ async fn cluster_behind_proxies(
 
 /// Issue 22, item 13: a cluster connection re-sends a command after an I/O
 /// error, even when the first copy was applied. Here the answer to a claim
-/// is lost on the way back (the proxy in front of its primary swallows it
-/// and drops the connection), so the claim reaches Redis twice: the second
-/// copy must find the caller's own claim by its nonce and answer it
-/// `Acquired`. Before, it answered "in flight" with the caller's own claim:
-/// the request waited on itself and the key was blocked for a lease.
+/// never comes back (the proxy in front of its primary swallows it and
+/// drops the connection), so the claim reaches Redis twice: the second copy
+/// must find the caller's own claim by its nonce and answer it `Acquired`.
+/// Before, it answered "in flight" with the caller's own claim: the request
+/// waited on itself and the key was blocked for a lease.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_resent_after_its_answer_was_lost_is_acquired_by_its_caller() {
     let Some((cluster, proxies)) = cluster_behind_proxies("cluster re-sent claim").await else {

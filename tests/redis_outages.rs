@@ -1,8 +1,8 @@
-//! `RedisStore` through the outages only Redis has: killed mid-request
-//! with nothing kept on disk; claims sent twice, or overtaken by their
-//! releases; the bound on queued releases. The outages both remote stores
-//! share (killed, frozen, connections dropped, half-open, black-holed or
-//! slow, lost claim replies) are one suite, in `outages.rs`.
+//! `RedisStore` through the outages only Redis has: killed mid-request with
+//! nothing kept on disk; claims sent twice, or overtaken by their releases;
+//! the bound on queued releases. The outages both remote stores share
+//! (killed, frozen, connections dropped, half-open, black-holed or slow,
+//! orphans) are one suite, in `outages.rs`.
 
 mod common;
 
@@ -55,8 +55,8 @@ async fn redis_killed_mid_request_then_restarted() {
     assert_eq!(ledger.count(), 2);
 }
 
-/// During an outage, claims whose replies are lost queue their releases in
-/// one bounded queue served by one task, not a task each.
+/// During an outage, orphans (claims whose replies never come back) queue
+/// their releases in one bounded queue served by one task, not a task each.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn releases_of_orphans_are_bounded_during_an_outage() {
     let Some(server) = redis_or_skip("bounded_releases") else {
@@ -88,8 +88,9 @@ async fn releases_of_orphans_are_bounded_during_an_outage() {
     // The release worker, and the few tasks of the connections the store
     // opens after timeouts in a row (one reopening at a time, a dropped
     // connection's driver winding down): a handful, however many claims
-    // (3 000 here) lost their replies. (A bound of two failed now and then
-    // when the machine was busy: a third connection task was still alive.)
+    // (3 000 here) never got their replies. (A bound of two failed now and
+    // then when the machine was busy: a third connection task was still
+    // alive.)
     assert!(
         tasks <= tasks_before + 8,
         "{tasks} tasks alive during the outage (was {tasks_before})"
@@ -165,8 +166,8 @@ async fn store_through_proxy(
 
 /// A connection that sends every command twice and answers with the second
 /// reply: what a Redis Cluster connection does (`retries`) when the reply
-/// to a command it sent is lost to an I/O error after the command was
-/// applied.
+/// to a command it sent never comes back (an I/O error) after the command
+/// was applied.
 #[derive(Clone)]
 struct SendsTwice(redis::aio::MultiplexedConnection);
 
@@ -195,10 +196,10 @@ impl redis::aio::ConnectionLike for SendsTwice {
     }
 }
 
-/// A claim applied, then sent again (its first reply lost): the second copy
-/// finds the claim its caller made, by its nonce, and answers that grant.
-/// Before, it answered "in flight" with the caller's own claim, and the
-/// caller waited for itself, the key blocked for a whole lease.
+/// A claim applied, then sent again (its first reply never came back): the
+/// second copy finds the claim its caller made, by its nonce, and answers
+/// that grant. Before, it answered "in flight" with the caller's own claim,
+/// and the caller waited for itself, the key blocked for a whole lease.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_sent_twice_is_acquired_by_its_caller() {
     let Some(server) = redis_or_skip("claim_sent_twice") else {
@@ -222,7 +223,7 @@ async fn a_claim_sent_twice_is_acquired_by_its_caller() {
             .await
             .unwrap(),
         LeaseStatus::Held,
-        "the token answered is the one the record names"
+        "the token answered is the one the entry names"
     );
     assert_eq!(
         plain.claim(key, fp, Duration::from_secs(30)).await.unwrap(),
@@ -275,7 +276,7 @@ impl redis::aio::ConnectionLike for HoldsFirstCommand {
     }
 }
 
-/// The release of a lost claim overtakes the claim (sent on another
+/// The release of an orphan overtakes the claim (sent on another
 /// connection) and finds nothing; then the claim arrives. It must not take
 /// the key with nobody to own it: the release left its nonce behind, and
 /// the late claim refuses. Before, the late claim held the key for its
@@ -305,7 +306,7 @@ async fn a_claim_that_arrives_after_its_own_release_does_not_take_the_key() {
         .await
         .unwrap_err();
     assert_eq!(e.kind(), StoreErrorKind::Timeout, "{e}");
-    // The release of the lost claim goes first, and finds nothing.
+    // The release of the orphan goes first, and finds nothing.
     until_orphans_released(&store, Duration::from_secs(5)).await;
     // Then the claim arrives.
     go.notify_one();
@@ -317,26 +318,25 @@ async fn a_claim_that_arrives_after_its_own_release_does_not_take_the_key() {
     );
 }
 
-/// Waits until every lost claim of `store` is released, failing past
-/// `limit`.
+/// Waits until every orphan of `store` is released, failing past `limit`.
 async fn until_orphans_released<C>(store: &RedisStore<C>, limit: Duration)
 where
     C: redis::aio::ConnectionLike + Clone + Send + Sync + 'static,
 {
-    common::eventually(limit, "the lost claims are released", || async {
+    common::eventually(limit, "the orphans are released", || async {
         store.orphans_pending() == 0
     })
     .await;
 }
 
-/// The same late claims over a real network, through the fault proxy:
-/// three claims (two of them for one key) are held in a connection that
-/// stopped answering (2 s of
-/// latency, past the 200 ms operation timeout); their timeouts make the
-/// store replace the connection, so the releases of the lost claims go out
-/// on the new one, ahead of the claims. When the claims arrive at last,
-/// none may take its key: before, they held their keys for their whole
-/// lease with nobody to own them, and every duplicate waited on them.
+/// The same late claims over a real network, through the fault proxy: three
+/// claims (two of them for one key) are held in a connection that stopped
+/// answering (2 s of latency, past the 200 ms operation timeout); their
+/// timeouts make the store replace the connection, so the releases of the
+/// orphans go out on the new one, ahead of the claims. When the claims
+/// arrive at last, none may take its key: before, they held their keys for
+/// their whole lease with nobody to own them, and every duplicate waited on
+/// them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn claims_overtaken_by_their_releases_on_a_new_connection_do_not_take_the_keys() {
     let Some(server) = redis_or_skip("late claims through the proxy") else {
@@ -345,8 +345,8 @@ async fn claims_overtaken_by_their_releases_on_a_new_connection_do_not_take_the_
     let (store, proxy) = store_through_proxy(&server, Duration::from_millis(200)).await;
     let plain = store_for(&server).await;
     warm_up(&plain).await;
-    // Two lost claims of one key (a client retrying through the outage),
-    // and one of another.
+    // Two orphans of one key (a client retrying through the outage), and
+    // one of another.
     let keys: Vec<StoreKey> = [0, 0, 1]
         .iter()
         .map(|i| StoreKey::from_parts(b"", format!("overtaken-{i}").as_bytes()))
@@ -354,10 +354,10 @@ async fn claims_overtaken_by_their_releases_on_a_new_connection_do_not_take_the_
     let fp = Fingerprint::of_bytes(b"x");
     let before = script_runs(&server).await;
     proxy.set_latency(Duration::from_secs(2));
-    // A first lost claim of a key of its own: the release of the first
-    // lost claim may go out on the stuck connection before the store has
-    // replaced it (and so arrive after its claim, which it releases); the
-    // others' go out on the new connection.
+    // A first orphan of a key of its own: the release of the first orphan
+    // may go out on the stuck connection before the store has replaced it
+    // (and so arrive after its claim, which it releases); the others' go
+    // out on the new connection.
     let read = proxy.chunks_from_clients();
     let first = {
         let store = store.clone();

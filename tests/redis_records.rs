@@ -1,7 +1,6 @@
-//! `RedisStore`'s records on a real `redis-server`: fences across a
-//! restart that lost everything, records of the earlier format, damaged
-//! records (refused untouched, purged), and the fence memory of a renewed
-//! claim.
+//! `RedisStore`'s entries on a real `redis-server`: fences across a restart
+//! that kept nothing, entries of the earlier format, damaged entries
+//! (refused untouched, purged), and the fence memory of a renewed claim.
 
 mod common;
 
@@ -62,7 +61,7 @@ async fn server_ms(conn: &mut redis::aio::MultiplexedConnection) -> u64 {
     secs * 1000 + micros / 1000
 }
 
-/// Writes a record the way earlier versions of the crate did (format 1: a
+/// Writes an entry the way earlier versions of the crate did (format 1: a
 /// hash per key).
 async fn write_format_1(
     conn: &mut redis::aio::MultiplexedConnection,
@@ -95,7 +94,7 @@ async fn write_format_1(
         .unwrap();
 }
 
-/// Records written by an earlier version (format 1) are still read: a
+/// Entries written by an earlier version (format 1) are still read: a
 /// completed one is replayed, a claim in flight is waited for (its waiter
 /// flag set in the hash, so that its owner publishes), an expired one is
 /// taken over with a higher fence. Nothing this version does completes,
@@ -183,7 +182,7 @@ async fn records_of_the_earlier_format_are_still_read() {
     ));
 }
 
-/// A value the store did not write (not a record, a record cut short, an
+/// A value the store did not write (not an entry, an entry cut short, an
 /// unknown state, a key of another type) is reported as corrupt and left
 /// as it was: no script writes before it has validated what it read. An
 /// operator's purge drops it, and the key works again.
@@ -204,7 +203,7 @@ async fn damaged_records_are_refused_untouched_and_purge_drops_them() {
     unreadable_lease.extend_from_slice(&[b'0'; 56]);
     unreadable_lease.extend_from_slice(b"soon");
     let strings: [(&str, &[u8]); 4] = [
-        ("not a record", b"hello"),
+        ("not an entry", b"hello"),
         ("cut short", &cut),
         ("unknown state", &unknown_state),
         ("unreadable lease", &unreadable_lease),
@@ -249,11 +248,11 @@ async fn damaged_records_are_refused_untouched_and_purge_drops_them() {
     ));
 }
 
-/// `fence_memory` means the same as on PostgreSQL: the record of a claim
+/// `fence_memory` means the same as on PostgreSQL: the entry of a claim
 /// outlives its lease by the fence memory, renewals included. Each renewal
-/// moves the record's life past the new lease; before, a claim renewed for
+/// moves the entry's life past the new lease; before, a claim renewed for
 /// longer than a lease plus the fence memory kept only its lease (the key's
-/// time to live fell to the lease), so its record went with its lease.
+/// time to live fell to the lease), so its entry went with its lease.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_renewed_claim_outlives_its_lease_by_the_fence_memory() {
     let Some(server) = redis_or_skip("fence_memory_after_renewals") else {
@@ -272,7 +271,7 @@ async fn a_renewed_claim_outlives_its_lease_by_the_fence_memory() {
     let Ok(Claim::Acquired(token)) = store.claim(key, fp, lease).await else {
         panic!("the key is free");
     };
-    // Renewed past the record's first life (a lease plus the fence memory).
+    // Renewed past the entry's first life (a lease plus the fence memory).
     let started = std::time::Instant::now();
     while started.elapsed() < lease + keep + lease {
         tokio::time::sleep(lease / 4).await;
@@ -288,6 +287,6 @@ async fn a_renewed_claim_outlives_its_lease_by_the_fence_memory() {
         .unwrap();
     assert!(
         ttl > 1_000,
-        "the record outlives the renewed lease by less than the fence memory: {ttl} ms left"
+        "the entry outlives the renewed lease by less than the fence memory: {ttl} ms left"
     );
 }

@@ -45,9 +45,9 @@ struct Args {
     /// refused (409).
     #[arg(long, env = "IDEMPOTENCY_UPSTREAM_HARD_TIMEOUT", default_value = "5m", value_parser = parse_duration)]
     upstream_hard_timeout: Duration,
-    /// Where records live: memory (this process only), redis (shared by
-    /// every sidecar on the same Redis) or redis-cluster (the same on a
-    /// Redis Cluster).
+    /// Where claims and records live: memory (this process only), redis
+    /// (shared by every sidecar on the same Redis) or redis-cluster (the
+    /// same on a Redis Cluster).
     #[arg(long, env = "IDEMPOTENCY_STORE", value_enum, default_value_t = StoreKind::Memory)]
     store: StoreKind,
     /// The Redis to use with --store redis; with --store redis-cluster, the

@@ -94,7 +94,7 @@ impl<St: Store> Owner<St> {
     /// Renews the lease once; when the store holds it, `lease` is
     /// confirmed as of the sending. Returns the store's answer (`None`: it
     /// failed, reported here). The rule is not applied: after a completion
-    /// whose reply was lost, "lost" may mean completed.
+    /// whose reply never came back, "lost" may mean completed.
     pub(super) async fn extend(&self, lease: &mut Lease) -> Option<LeaseStatus> {
         let sent = Instant::now();
         match self.store.extend(self.key, self.token, self.lease).await {

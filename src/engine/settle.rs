@@ -80,7 +80,7 @@ pub(super) fn settle<St: Store, T, E>(
     let (value, settlement) = match result {
         Ok((value, Completion::Later(later))) => {
             // The caller gets its value now; the settlement is awaited and
-            // recorded in a task of its own, still counted as running.
+            // carried out in a task of its own, still counted as running.
             tokio::spawn(async move {
                 let (completion, lease) = await_later(&owner, lease, later).await;
                 let settlement = Settlement::of(completion, fingerprint);
@@ -164,11 +164,12 @@ const COMPLETION_BACKOFF: Backoff =
 /// A store error leaves the outcome unknown to the store, so it is retried
 /// with capped exponential backoff for as long as the lease can be kept,
 /// and the lease keeps being renewed meanwhile: duplicates go on waiting
-/// instead of executing. It stops when the store confirms the record
-/// (a retry of a completion whose reply was lost confirms it too), when the
-/// store says the lease is lost, or when the lease has gone unconfirmed for
-/// a whole lease (the store may have let it expire). The execution stays
-/// counted in [`Executions`](super::Executions) until then, so a graceful shutdown waits.
+/// instead of executing. It stops when the store confirms the record (a
+/// retry of a completion whose reply never came back confirms it too), when
+/// the store says the lease is lost, or when the lease has gone unconfirmed
+/// for a whole lease (the store may have let it expire). The execution
+/// stays counted in [`Executions`](super::Executions) until then, so a
+/// graceful shutdown waits.
 async fn store_outcome<St: Store>(
     owner: &Owner<St>,
     lease: Lease,
@@ -196,7 +197,7 @@ async fn store_outcome<St: Store>(
         }
         if renewing && now >= next_renewal {
             // Lost means taken over, or completed by an attempt whose reply
-            // was lost: the next attempt tells which.
+            // never came back: the next attempt tells which.
             if owner.extend(&mut lease).await == Some(LeaseStatus::Lost) {
                 renewing = false;
             }

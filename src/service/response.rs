@@ -246,7 +246,7 @@ pub(super) fn replay<B>(grpc: bool, payload: &Bytes, config: &Config) -> Respons
             )),
         ),
         Err(e) => {
-            tracing::error!(error = %e, "stored idempotency record cannot be decoded");
+            tracing::error!(error = %e, "stored idempotency payload cannot be decoded");
             refusal_for(grpc, ProblemKind::RecordUnreadable, None)
         }
     }

@@ -96,8 +96,8 @@ fn problem_response(kind: ProblemKind, detail: String) -> Response<ProxyBody> {
         .into_response(|bytes| Either::Right(Full::new(bytes)))
 }
 
-/// The answer when the upstream may have acted but its response was lost:
-/// marked so that the layer completes the key as "outcome unknown".
+/// The answer when the upstream may have acted but its response never came
+/// back: marked so that the layer completes the key as "outcome unknown".
 fn outcome_unknown(status: StatusCode, detail: String) -> Response<ProxyBody> {
     let mut res = Problem::new(ProblemKind::OutcomeUnknown)
         .status(status)

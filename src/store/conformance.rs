@@ -43,7 +43,7 @@ pub(crate) const PAST_SHORT_LEASE: Duration = Duration::from_millis(450);
 pub(crate) const LONG_LEASE: Duration = Duration::from_secs(60);
 /// A retention no test outlives.
 pub(crate) const LONG_RETENTION: Duration = Duration::from_secs(600);
-/// How long a wake-up may take before a check calls it lost.
+/// How long a wake-up may take before a check calls it missed.
 pub(crate) const WAKE_BOUND: Duration = Duration::from_secs(3);
 
 /// What the conformance tests run against: a store, or something that owns one.
@@ -375,7 +375,7 @@ pub async fn expired_lease_is_taken_over_with_a_higher_fence<St: Store>(store: &
 
 /// Fences never go backwards for a key: not across takeovers, not after a
 /// release, and not after the key was purged (or, for a store that keeps
-/// fences in its records, after a record expired), so a downstream that
+/// fences in its entries, after an entry expired), so a downstream that
 /// rejects lower fences never refuses the rightful owner.
 pub async fn fences_never_go_backwards<St: Store>(store: &St) {
     let key = fresh_key();

@@ -13,7 +13,7 @@
 //! // The next two completions fail before they take effect, then the store
 //! // behaves again: a short outage as the handler finishes.
 //! store.inject(Operation::Complete, Fault::FailBefore, 2);
-//! // The next claim takes effect, but its reply is lost.
+//! // The next claim takes effect, but its reply never comes back.
 //! store.inject(Operation::Claim, Fault::LoseReply, 1);
 //! # }
 //! # #[cfg(not(feature = "memory"))] fn main() {}
@@ -78,15 +78,15 @@ pub enum Fault {
     /// It fails before taking effect, as on a refused connection
     /// ([`StoreErrorKind::Unavailable`]).
     FailBefore,
-    /// It takes effect, then fails as if its reply was lost
+    /// It takes effect, then fails as if its reply never came back
     /// ([`StoreErrorKind::Timeout`]).
     LoseReply,
     /// It runs after this delay (and then normally).
     Delay(Duration),
-    /// Aimed at [`Operation::Claim`]: a completed record it finds comes
-    /// back unreadable (a record written by a version this one cannot
-    /// read, or damaged), so the caller's handling of such records can be
-    /// tested. Other answers, and other operations, are left alone.
+    /// Aimed at [`Operation::Claim`]: the payload of a completed record it
+    /// finds comes back unreadable (a payload written by a version this one
+    /// cannot read, or damaged), so the caller's handling of such payloads
+    /// can be tested. Other answers, and other operations, are left alone.
     CorruptPayload,
 }
 
@@ -247,7 +247,7 @@ impl<St> FaultStore<St> {
             Some(Fault::LoseReply) => {
                 call.await?;
                 Err(StoreError::new(StoreErrorKind::Timeout, op.name())
-                    .with_source("injected fault: took effect, reply lost"))
+                    .with_source("injected fault: took effect, reply never came back"))
             }
             Some(Fault::Delay(delay)) => {
                 tokio::time::sleep(delay).await;

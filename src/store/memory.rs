@@ -30,7 +30,7 @@ const RECORD_OVERHEAD: u64 = 560;
 /// different keys on different threads do not wait for each other.
 const SHARDS: usize = 64;
 
-/// An in-process [`Store`]: fast, but per process and lost on restart.
+/// An in-process [`Store`]: fast, but per process and forgotten on restart.
 ///
 /// Completed records live in a [moka] cache bounded by total bytes (least
 /// recently used records go first when it is full) and expire after their

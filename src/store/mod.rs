@@ -8,7 +8,7 @@
 //!
 //! | operation | what it does |
 //! |---|---|
-//! | [`claim`](Store::claim) | acquires the key with a lease and a fresh owner token, or reports what is there (in flight with its fingerprint, or completed). An expired lease is taken over with a higher fence; fences never go backwards for a key, even after its record expired, was purged or was lost. |
+//! | [`claim`](Store::claim) | acquires the key with a lease and a fresh owner token, or reports what is there (in flight with its fingerprint, or completed). An expired lease is taken over with a higher fence; fences never go backwards for a key, even after its entry expired or was purged, or the store forgot it. |
 //! | [`complete`](Store::complete) | stores the record, only if the token still owns the key (fencing: an owner whose lease was taken over cannot overwrite the new owner's result). Repeating it with the same token is harmless. |
 //! | [`release`](Store::release) | drops the claim, only for the owning token. |
 //! | [`extend`](Store::extend) | renews the lease, only for the owning token; an expired lease is never resurrected. |
@@ -118,8 +118,8 @@ pub mod fault;
 /// Proof of owning a key: a fence number and a unique nonce.
 ///
 /// The fence grows with every grant of the same key and never goes
-/// backwards: not after the key's record expired or was purged, and not
-/// after the store lost it (a restart without persistence), because stores
+/// backwards: not after the key's entry expired or was purged, and not
+/// after the store forgot it (a restart without persistence), because stores
 /// derive it from their clock (the store server's, for a shared store) as
 /// well as from the previous fence. So a downstream system can reject
 /// writes that carry a lower fence than one it has already seen
@@ -154,8 +154,8 @@ impl OwnerToken {
 pub struct CompletedRecord {
     /// The fingerprint of the request that executed.
     pub fingerprint: Fingerprint,
-    /// The stored outcome, opaque to the store (the HTTP layer puts an
-    /// encoded, versioned record of the response here).
+    /// The stored outcome, opaque to the store (the HTTP layer puts the
+    /// response here, encoded and versioned).
     pub payload: Bytes,
 }
 
@@ -207,7 +207,7 @@ pub enum StoreErrorKind {
     Timeout,
     /// The store is full (for example too many in-flight claims).
     CapacityExceeded,
-    /// A stored record cannot be read.
+    /// A stored entry cannot be read.
     Corrupt,
     /// A setting the store cannot work with (a URL that does not parse, a
     /// table name or prefix it refuses, a CA bundle with no certificate, a

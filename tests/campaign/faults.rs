@@ -39,7 +39,7 @@ pub(crate) fn server_faults(
             let (name, cmd) = match rng.random_range(0..8) {
                 0 => {
                     // `kill -9` and a restart: without persistence every
-                    // record and claim is lost.
+                    // claim and record is gone.
                     if !persistent {
                         data_losses.fetch_add(1, Ordering::SeqCst);
                     }

@@ -1,5 +1,5 @@
-//! [`PostgresStore`]: records in a table of your own PostgreSQL database,
-//! and a fence for the handler's own transaction.
+//! [`PostgresStore`]: claims and records in a table of your own PostgreSQL
+//! database, and a fence for the handler's own transaction.
 
 mod builder;
 mod cleanup;
@@ -69,7 +69,7 @@ pub const DEFAULT_CLEANUP_BATCH: u32 = 1000;
 ///   that owns the key.
 /// - **Waiters** are woken by `LISTEN`/`NOTIFY` on one connection per store,
 ///   with a re-check every [`fallback_check`](PostgresStoreBuilder::fallback_check)
-///   in case a notification is lost.
+///   in case a notification is missed.
 /// - **Expired rows** are removed by a background task in bounded batches,
 ///   off the request path ([`cleanup_every`](PostgresStoreBuilder::cleanup_every)):
 ///   completed records after the retention window, claims that never

@@ -1,5 +1,5 @@
 //! The store's operations: [`Store`] for [`PostgresStore`], the calls
-//! they make, and the release of orphan claims ([`Remote`]).
+//! they make, and the release of orphans ([`Remote`]).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -45,10 +45,10 @@ impl PostgresStore {
         remote::call::bounded(op, until, &(), work).await
     }
 
-    /// Claims whose reply was lost (a timeout, a dropped connection, a
-    /// caller that went away during the claim), waiting to be released in
-    /// the background. At most 1 024 wait per store; beyond that, such a
-    /// claim expires with its lease.
+    /// Orphans, claims whose reply never came back (a timeout, a dropped
+    /// connection, a caller that went away during the claim), waiting to be
+    /// released in the background. At most 1 024 wait per store; beyond
+    /// that, an orphan expires with its lease.
     pub fn orphans_pending(&self) -> usize {
         self.inner.kit.abandoner.pending()
     }
@@ -144,8 +144,9 @@ impl Store for PostgresStore {
             .call("claim", until, Pooled::get(&self.inner.pool))
             .await?;
         // Until its reply is in, the claim may have been applied with nobody
-        // to own it: if the reply is lost, or this future is dropped (the
-        // client went away), the guard queues its release by its nonce.
+        // to own it: if the reply never comes back, or this future is
+        // dropped (the client went away), the guard queues its release, as
+        // an orphan, by its nonce.
         let mut unsettled = Unsettled::new(
             &self.inner,
             Orphan::new(key.to_hex(), u64::from_ne_bytes(nonce.to_ne_bytes()), lease),

@@ -162,18 +162,18 @@ impl Statements {
                  SELECT EXISTS (SELECT 1 FROM freed),
                         (SELECT pg_notify($4, encode(key, 'hex')) FROM freed)::text"
             ),
-            // A claim whose reply was lost, released by the nonce it was
-            // sent with (nobody holds its token); the key comes as hex, the
-            // name the abandon queue keeps and the notification carries.
-            // The claim may not have arrived yet (still on a connection
-            // that stopped answering), so where it is not found the nonce
-            // is left behind as a tombstone the late claim refuses: on a
-            // released row (`state` 2) it joins the nonces the row keeps
-            // (the header's, and the newest fifteen before it in
-            // `payload`, 8 bytes each); where the key holds nothing live it
-            // becomes a released row of its own, for $4 (ms: the lease
-            // left and the fence memory). Another owner's claim or record
-            // is left alone. `expires_at` never moves back.
+            // An orphan (a claim whose reply never came back), released by the
+            // nonce it was sent with (nobody holds its token); the key comes as
+            // hex, the name the abandon queue keeps and the notification
+            // carries. The claim may not have arrived yet (still on a
+            // connection that stopped answering), so where it is not found the
+            // nonce is left behind as a tombstone the late claim refuses: on a
+            // released row (`state` 2) it joins the nonces the row keeps (the
+            // header's, and the newest fifteen before it in `payload`, 8 bytes
+            // each); where the key holds nothing live it becomes a released row
+            // of its own, for $4 (ms: the lease left and the fence memory).
+            // Another owner's claim or record is left alone. `expires_at` never
+            // moves back.
             abandon: format!(
                 "WITH clock AS (SELECT clock_timestamp() AS t),
                  freed AS (

@@ -65,7 +65,7 @@ async fn claim_with(store: &PostgresStore, key: StoreKey, nonce: u64) -> Option<
     rows.first().map(|row| read_claim(row, nonce).unwrap())
 }
 
-/// The release of a lost claim, sent now, and done.
+/// The release of an orphan, sent now, and done.
 async fn abandon_now(store: &PostgresStore, key: StoreKey, nonce: u64) {
     remote::abandon(
         &store.inner,
@@ -80,7 +80,7 @@ async fn abandon_now(store: &PostgresStore, key: StoreKey, nonce: u64) {
 
 /// A release that reaches the database before its claim leaves the
 /// nonce behind: the late claim refuses (no row, nothing taken), others
-/// claim as usual. Two lost claims of one key, and a released key, are
+/// claim as usual. Two orphans of one key, and a released key, are
 /// each refused too; the newest sixteen nonces are kept.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_claim_that_arrives_after_its_own_release_does_not_take_the_key() {
@@ -96,7 +96,7 @@ async fn a_claim_that_arrives_after_its_own_release_does_not_take_the_key() {
         "the late claim took the key"
     );
 
-    // Two lost claims of one key, both overtaken.
+    // Two orphans of one key, both overtaken.
     let twice = StoreKey::from_parts(b"", b"twice");
     abandon_now(&store, twice, 2).await;
     abandon_now(&store, twice, 3).await;

@@ -101,7 +101,7 @@ impl RedisStoreBuilder {
         self
     }
 
-    /// How long the record of a claim that never completed (and so its
+    /// How long the entry of a claim that never completed (and so its
     /// fence) is kept after its lease ended (default 24 h): the claim keeps
     /// it a lease plus this long, and each renewal moves that past the new
     /// lease. The same setting means the same on `PostgresStore`. Keep it

@@ -1,4 +1,4 @@
-//! The layout of a record in Redis (format 2), as the client reads it: a
+//! The layout of an entry in Redis (format 2), as the client reads it: a
 //! 59-byte header of fixed offsets, then the lease deadline or the payload.
 //! The scripts that write it are in the `scripts` module.
 
@@ -14,7 +14,7 @@ const FENCE: std::ops::Range<usize> = 3..19;
 const FINGERPRINT: std::ops::Range<usize> = 27..59;
 
 /// The fence as the scripts store and compare it: 16 decimal digits. A
-/// fence that does not fit matches no record.
+/// fence that does not fit matches no entry.
 pub(super) fn fence_arg(fence: u64) -> String {
     format!("{fence:016}")
 }
@@ -37,7 +37,7 @@ pub(super) fn nonce_arg(nonce: u64) -> [u8; 8] {
     nonce.to_be_bytes()
 }
 
-/// The done record the completion script stores as it is: the header of
+/// The done entry the completion script stores as it is: the header of
 /// `token`'s grant with `record`'s fingerprint, then the payload.
 pub(super) fn done(token: OwnerToken, record: &CompletedRecord) -> Vec<u8> {
     let mut done = Vec::with_capacity(HEADER.saturating_add(record.payload.len()));
@@ -48,8 +48,8 @@ pub(super) fn done(token: OwnerToken, record: &CompletedRecord) -> Vec<u8> {
     done
 }
 
-/// A record a claim returned instead of a grant: in flight or done. `None`
-/// for anything else (a record in another state, or damaged).
+/// An entry a claim returned instead of a grant: in flight or done. `None`
+/// for anything else (an entry in another state, or damaged).
 pub(super) fn parse(record: Vec<u8>) -> Option<Claim> {
     if record.len() < HEADER || record[0] != VERSION {
         return None;

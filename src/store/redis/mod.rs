@@ -38,7 +38,7 @@ pub const DEFAULT_OPERATION_TIMEOUT: Duration = Duration::from_millis(500);
 /// How often a waiter re-checks its key by default when no notification
 /// came: every second.
 pub const DEFAULT_FALLBACK_CHECK: Duration = Duration::from_secs(1);
-/// How long the record of a claim that never completed outlives its lease
+/// How long the entry of a claim that never completed outlives its lease
 /// by default: 24 h.
 pub const DEFAULT_FENCE_MEMORY: Duration = Duration::from_secs(24 * 60 * 60);
 
@@ -52,33 +52,33 @@ pub const DEFAULT_FENCE_MEMORY: Duration = Duration::from_secs(24 * 60 * 60);
 ///   lease expires and is taken over, and never goes backwards while the
 ///   Redis server's clock does not: each grant's fence is at least the
 ///   server's clock in microseconds, so it stays above earlier fences after
-///   the record expired, was purged, or was lost with a Redis that
+///   the entry expired, was purged, or was forgotten by a Redis that
 ///   restarted empty. Leases are judged by the Redis server's clock alone.
-/// - **Little work for the Redis server**: a record is one string (a
-///   59-byte header, then the stored response), so a replay's script is one
-///   `GET` returned as it is, and a claim's and a completion's a `GET`, the
-///   server's clock (`TIME`) and one `SET … PX`. Records of the earlier
-///   format (a hash per key) are still read.
+/// - **Little work for the Redis server**: an entry is one string (a
+///   59-byte header, then the lease deadline or the record's payload), so a
+///   replay's script is one `GET` returned as it is, and a claim's and a
+///   completion's a `GET`, the server's clock (`TIME`) and one `SET … PX`.
+///   Entries of the earlier format (a hash per key) are still read.
 /// - **Cluster-safe names**: each key is `<prefix>:<hex SHA-256 of scope and
 ///   key>`; client input never reaches a key name, so it can never pick a
 ///   Cluster slot.
 /// - **Waiting without polling**: completions and releases of claims that
 ///   someone waits for are published on the channel `<prefix>:done`; waiters
 ///   in every process wake at once (claims nobody waits for publish nothing). A
-///   bounded fallback check (default every second) covers lost
+///   bounded fallback check (default every second) covers missed
 ///   notifications, which Redis pub/sub does not redeliver.
 /// - **Bounded**: every command has a timeout (default 500 ms); a frozen or
 ///   unreachable Redis makes the layer answer 503, and the store recovers by
 ///   itself when Redis is back.
-/// - **No orphan claims**: a claim whose reply is lost (a timeout, a broken
-///   connection, or a caller dropped while it was under way, as when a
-///   client disconnects) may have been applied with nobody to own it. Its
-///   release, by the nonce it was sent with, is queued and sent by one
-///   background task per store once Redis answers. At most 1 024 wait
-///   ([`orphans_pending`](Self::orphans_pending)); past that, or
-///   once its lease has ended, such a claim simply expires. A claim whose
-///   connection was refused, or that Redis answered with an error, never
-///   took effect and queues nothing. The release may reach Redis before
+/// - **Orphans released**: an orphan, a claim whose reply never came back
+///   (a timeout, a broken connection, or a caller dropped while it was
+///   under way, as when a client disconnects), may have been applied with
+///   nobody to own it. Its release, by the nonce it was sent with, is
+///   queued and sent by one background task per store once Redis answers.
+///   At most 1 024 wait ([`orphans_pending`](Self::orphans_pending)); past
+///   that, or once its lease has ended, an orphan simply expires. A claim
+///   whose connection was refused, or that Redis answered with an error,
+///   never took effect and queues nothing. The release may reach Redis before
 ///   the claim does (the claim still queued on a connection that stopped
 ///   answering, the release sent on its replacement): it leaves the
 ///   claim's nonce behind, and a claim that arrives after its own release
@@ -216,17 +216,17 @@ where
     }
 
     /// The Redis key name of `key`: public so that an operator can find a
-    /// key's record with `redis-cli` (for example to inspect it, or to check
+    /// key's entry with `redis-cli` (for example to inspect it, or to check
     /// its TTL); client input never reaches it, it is a hash of scope and
     /// key.
     pub fn key_name(&self, key: StoreKey) -> String {
         format!("{}:{}", self.inner.prefix, key.to_hex())
     }
 
-    /// Claims whose reply was lost (a timeout, a dropped connection, a
-    /// caller that went away during the claim), waiting to be released in
-    /// the background. At most 1 024 wait per store; beyond that, such a
-    /// claim expires with its lease.
+    /// Orphans, claims whose reply never came back (a timeout, a dropped
+    /// connection, a caller that went away during the claim), waiting to be
+    /// released in the background. At most 1 024 wait per store; beyond
+    /// that, an orphan expires with its lease.
     pub fn orphans_pending(&self) -> usize {
         self.inner.kit.abandoner.pending()
     }

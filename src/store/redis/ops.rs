@@ -1,6 +1,6 @@
 //! The store's operations: [`Store`] for [`RedisStore`], the script calls
 //! they make, the connection's health ([`Health`]) and the release of
-//! orphan claims ([`Remote`]).
+//! orphans ([`Remote`]).
 
 use std::future::Future;
 use std::sync::Arc;
@@ -95,7 +95,7 @@ where
 
     /// The claim may still arrive after this release (queued on an old
     /// connection): the release leaves its nonce behind for as long as the
-    /// claim's record would have lived.
+    /// claim's entry would have lived.
     fn abandon_once(
         self: Arc<Self>,
         orphan: &Orphan,
@@ -110,7 +110,7 @@ where
                 .arg(&store.inner.channel)
                 .arg(keep);
             if store.call("abandon", invocation).await? == Value::Int(1) {
-                tracing::debug!("released a claim whose reply was lost");
+                tracing::debug!("released an orphan");
             }
             Ok(())
         }
@@ -137,8 +137,9 @@ where
             .arg(keep)
             .arg(&entry::nonce_arg(nonce)[..]);
         // Until its reply is in, the claim may have been applied with nobody
-        // to own it: if the reply is lost, or this future is dropped (the
-        // client went away), the guard queues its release.
+        // to own it: if the reply never comes back, or this future is
+        // dropped (the client went away), the guard queues its release as an
+        // orphan.
         let mut unsettled = Unsettled::new(&self.inner, Orphan::new(name, nonce, lease));
         let reply = self
             .call("claim", invocation)
@@ -152,7 +153,7 @@ where
             },
             Value::BulkString(stored) => entry::parse(stored).ok_or_else(|| {
                 StoreError::new(StoreErrorKind::Corrupt, "claim")
-                    .with_source("a record Redis returned is not one this store reads")
+                    .with_source("an entry Redis returned is not one this store reads")
             }),
             other => Err(corrupt("claim", &other)),
         }
@@ -186,7 +187,7 @@ where
         lease: Duration,
     ) -> Result<LeaseStatus, StoreError> {
         let mut invocation = self.by_owner(&self.inner.scripts.extend, key, token);
-        // The record outlives the renewed lease by the fence memory, as the
+        // The entry outlives the renewed lease by the fence memory, as the
         // claim made it.
         invocation
             .arg(millis(lease))

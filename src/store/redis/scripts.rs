@@ -1,14 +1,14 @@
 //! The Lua scripts behind [`RedisStore`](super::RedisStore).
 //!
 //! Each touches exactly one key (`KEYS[1]`), so every operation is one
-//! round trip, atomic, and valid on Redis Cluster. A record is one string
-//! (record format 2, read by the `record` module): a 59-byte header of
-//! fixed offsets, then the tail.
+//! round trip, atomic, and valid on Redis Cluster. An entry is one string
+//! (entry format 2, read by the `entry` module): a 59-byte header of fixed
+//! offsets, then the tail.
 //!
 //! | bytes (1-based, as Lua counts) | meaning |
 //! |---|---|
-//! | 1 | record format version, `2` |
-//! | 2 | `i` in flight, `d` done, `f` free (released, or a tombstone of a lost claim; kept for its fence) |
+//! | 1 | entry format version, `2` |
+//! | 2 | `i` in flight, `d` done, `f` free (released, or a tombstone of an orphan; kept for its fence) |
 //! | 3 | `1` once a waiter asked about the claim (`lease_left`), else `0` |
 //! | 4–19 | the fence of the latest grant, 16 decimal digits (at least the server's clock in µs at the grant) |
 //! | 20–27 | the nonce of the latest grant, 8 bytes |
@@ -19,58 +19,59 @@
 //! replay is one `GET` whose value the script returns as it is (the client
 //! reads the fingerprint and payload from it); a claim of a new key is
 //! `GET`, `TIME` and one `SET … PX`; a completion `GET`, `TIME` and one
-//! `SET … PX` of the done record the client built (header and payload). Owner checks compare one
-//! 24-byte substring (fence and nonce) with what the owner sends; the
-//! waiter flag and a release change one byte in place (`SETRANGE`, which
-//! keeps the key's expiry).
+//! `SET … PX` of the done entry the client built (header and payload).
+//! Owner checks compare one 24-byte substring (fence and nonce) with what
+//! the owner sends; the waiter flag and a release change one byte in place
+//! (`SETRANGE`, which keeps the key's expiry).
 //!
 //! Leases are judged by the server's clock only, so application servers
 //! need no clock sync. A claim's key lives for the fence memory past its
 //! lease (the claim sets a lease plus the fence memory, and each renewal
 //! moves that past the new lease, never back), not just the lease, so the
-//! fence keeps growing across takeovers within it; a completed record
+//! fence keeps growing across takeovers within it; a completed key's entry
 //! lives for the retention window.
 //!
 //! A claim may reach the server more than once, or late: a Redis Cluster
 //! connection re-sends a command after an I/O error even when the first
-//! copy was applied, and a claim whose reply was lost can still be queued
-//! on an old connection when its release (by nonce, see `ABANDON`) goes out
-//! on a new one. So the nonce in the header decides: a claim that finds a
-//! live claim with its own nonce answers the grant it already made (it is
-//! its own re-sent copy), and a claim that finds a free record (`f`) with
-//! its own nonce refuses (`IDEM_RELEASED`): that claim was given up and
-//! released before it arrived. `ABANDON` leaves such a tombstone on a key
-//! that is not another owner's: it releases the claim made with the nonce,
-//! or adds the nonce to a free record, or writes a free record with it
-//! where there is none. A free record keeps the last sixteen released
-//! nonces: its header's, and fifteen more after its lease deadline (`;` and
-//! 8 bytes each), so several lost claims of one key (a client retrying
-//! through an outage) are each refused when they arrive late. A tombstone
+//! copy was applied, and an orphan (a claim whose reply never came back)
+//! can still be queued on an old connection when its release (by nonce,
+//! see `ABANDON`) goes out on a new one. So the nonce in the header
+//! decides: a claim that finds a live claim with its own nonce answers the
+//! grant it already made (it is its own re-sent copy), and a claim that
+//! finds a free entry (`f`) with its own nonce refuses (`IDEM_RELEASED`):
+//! that claim was given up and released before it arrived. `ABANDON`
+//! leaves such a tombstone on a key that is not another owner's: it
+//! releases the claim made with the nonce, or adds the nonce to a free
+//! entry, or writes a free entry with it where there is none. A free entry
+//! keeps the last sixteen released nonces: its header's, and fifteen more
+//! after its lease deadline (`;` and 8 bytes each), so several orphans of
+//! one key (a client retrying through an outage) are each refused when
+//! they arrive late. A tombstone
 //! lasts until the key is claimed again or expires; a late claim that
 //! arrives after another owner's claim replaced it may hold the key for a
 //! lease (with nobody to own it: nothing runs twice, the key waits).
 //!
 //! Every script validates what it reads before its first write,
-//! and fails with `IDEM_CORRUPT` on a record it does not understand: Lua
+//! and fails with `IDEM_CORRUPT` on an entry it does not understand: Lua
 //! scripts are atomic but not transactional, so nothing is half-written.
 //! Completion and release publish the key on the store's channel, to wake
 //! waiters in every process, when the claim has a waiter: a waiter marks
 //! the claim in the same script that reads its lease, after it registered
-//! for the notification, so no wake-up is lost, and a claim nobody waits
+//! for the notification, so no wake-up is missed, and a claim nobody waits
 //! for costs no `PUBLISH` (which every subscribed process would receive and
 //! dispatch).
 //!
-//! Records of format 1 (a hash per key, written by earlier versions of the
+//! Entries of format 1 (a hash per key, written by earlier versions of the
 //! crate) are still read: a claim replays such a completed record, waits
 //! for such a claim in flight and takes over an expired or released one
 //! (writing format 2 over it). A claim of format 1 is never owned by this
 //! version, so completing, releasing, extending or abandoning it is refused
-//! as a lost claim. (An earlier version meeting a format-2 record fails
-//! with `WRONGTYPE`: it never runs a request twice, it refuses it.)
+//! as a lost lease. (An earlier version meeting a format-2 entry fails with
+//! `WRONGTYPE`: it never runs a request twice, it refuses it.)
 
 use redis::Script;
 
-/// Shared prologue: the record (`r`, a string, or `false` when there is
+/// Shared prologue: the entry (`r`, a string, or `false` when there is
 /// none) and its state (`st`), validated. The tokens given are the Lua run
 /// when the key holds something else than a string (a format-1 hash): it
 /// must return or set `r`.
@@ -86,7 +87,7 @@ if type(r) == 'table' then
 end
 local st
 if r then
-  if #r < 59 or string.byte(r, 1) ~= 50 then return redis.error_reply('IDEM_CORRUPT unknown record format') end
+  if #r < 59 or string.byte(r, 1) ~= 50 then return redis.error_reply('IDEM_CORRUPT unknown entry format') end
   st = string.sub(r, 2, 2)
   if st ~= 'i' and st ~= 'd' and st ~= 'f' then return redis.error_reply('IDEM_CORRUPT unknown state') end
 end
@@ -95,7 +96,7 @@ end
     };
 }
 
-/// The format-1 record (a hash) converted to format 2, for the scripts that
+/// The format-1 entry (a hash) converted to format 2, for the scripts that
 /// read one: its nonce is not kept (no owner of a format-1 claim uses
 /// format 2), its waiter flag is `0` (its waiters are marked in the hash).
 macro_rules! legacy_entry {
@@ -104,11 +105,11 @@ macro_rules! legacy_entry {
   local h = redis.call('HMGET', KEYS[1], 'v', 'st', 'fence', 'fp', 'dl', 'pl')
   local old_fence = tonumber(h[3])
   if h[1] ~= '1' or not old_fence or not h[4] or #h[4] ~= 32 then
-    return redis.error_reply('IDEM_CORRUPT unknown record format')
+    return redis.error_reply('IDEM_CORRUPT unknown entry format')
   end
   local tail = h[5]
   if h[2] == 'd' then tail = h[6] end
-  if not tail then return redis.error_reply('IDEM_CORRUPT incomplete record') end
+  if not tail then return redis.error_reply('IDEM_CORRUPT incomplete entry') end
   r = '2' .. h[2] .. '0' .. string.format('%016d', old_fence) .. '\0\0\0\0\0\0\0\0' .. h[4] .. tail
 "#
     };
@@ -121,8 +122,8 @@ macro_rules! clock {
     };
 }
 
-/// The lease deadline (`dl`) of the record and the server's clock in ms
-/// (`now`), for a record in state `i` or `f`.
+/// The lease deadline (`dl`) of the entry and the server's clock in ms
+/// (`now`), for an entry in state `i` or `f`.
 macro_rules! lease {
     () => {
         concat!(
@@ -135,10 +136,10 @@ if not dl then return redis.error_reply('IDEM_CORRUPT unreadable lease') end
     };
 }
 
-/// The nonces of earlier lost claims that a free record (`f`) keeps after
-/// its lease deadline (`digits`, the deadline as it is written), as
+/// The nonces of earlier orphans that a free entry (`f`) keeps after its
+/// lease deadline (`digits`, the deadline as it is written), as
 /// `released`: `;` and 8 bytes each, at most fifteen. Fails as a corrupt
-/// record on anything else there. `listed` says whether the nonce `$nonce`
+/// entry on anything else there. `listed` says whether the nonce `$nonce`
 /// names (a Lua expression) is the header's or one of those.
 macro_rules! released {
     ($nonce:literal) => {
@@ -166,20 +167,20 @@ macro_rules! released {
 }
 
 /// `claim(fp, lease_ms, keep_ms, nonce)` → the fence (an integer) when
-/// acquired, else the record itself (state `i`: in flight, `d`: done).
+/// acquired, else the entry itself (state `i`: in flight, `d`: done).
 /// `keep_ms` is the lease plus the fence memory.
 ///
 /// A live claim made with this very nonce is this claim, sent again (a
 /// cluster connection's retry after the first copy was applied): it answers
 /// that grant's fence, so the caller owns it instead of waiting for itself.
-/// A free record with this nonce is a tombstone: the claim was given up and
+/// A free entry with this nonce is a tombstone: the claim was given up and
 /// released before this copy arrived, so it refuses with `IDEM_RELEASED`
 /// and writes nothing (nobody waits for its answer).
 ///
 /// A grant's fence is the larger of the previous fence plus one and the
 /// server's clock in microseconds, so it never goes backwards while the
-/// server's clock does not: not after the record expired or was purged, and
-/// not after Redis lost it by restarting empty. (Microseconds since 1970
+/// server's clock does not: not after the entry expired or was purged, and
+/// not after Redis forgot it by restarting empty. (Microseconds since 1970
 /// stay below 2^53, where Lua's numbers are exact, and take 16 digits until
 /// the year 2286.)
 pub(super) const CLAIM: &str = concat!(
@@ -195,7 +196,7 @@ if st == 'd' then return r end
 if st then
   local digits = string.match(r, '^%d+', 60)
   local dl, prev = tonumber(digits), tonumber(string.sub(r, 4, 19))
-  if not dl or not prev then return redis.error_reply('IDEM_CORRUPT unreadable record') end
+  if not dl or not prev then return redis.error_reply('IDEM_CORRUPT unreadable entry') end
   local mine = string.sub(r, 20, 27) == ARGV[4]
   if st == 'i' and dl > now then
     if mine then return prev end
@@ -217,10 +218,10 @@ return fence
 "#
 );
 
-/// `complete(token, record, retention_ms, channel)` → 1 held, 0 lost. The
-/// token is the owner's fence (16 digits) and nonce (8 bytes); the record
-/// is the whole done record, header and payload, as the client built it, so
-/// the script copies no payload.
+/// `complete(token, entry, retention_ms, channel)` → 1 held, 0 lost. The
+/// token is the owner's fence (16 digits) and nonce (8 bytes); the entry is
+/// the whole done entry, header and payload, as the client built it, so the
+/// script copies no payload.
 pub(super) const COMPLETE: &str = concat!(
     prologue!("  return 0"),
     r#"
@@ -237,7 +238,7 @@ return 1
 "#
 );
 
-/// `release(token, channel)` → 1 held, 0 lost. A released record stays
+/// `release(token, channel)` → 1 held, 0 lost. A released entry stays
 /// (state `f`) so the next grant's fence is higher.
 pub(super) const RELEASE: &str = concat!(
     prologue!("  return 0"),
@@ -255,7 +256,7 @@ return 0
 
 /// `extend(token, lease_ms, keep_ms)` → 1 held, 0 lost. Never resurrects
 /// an expired lease, and never shortens the key's life: it lives at least
-/// `keep_ms` (the lease plus the fence memory) from now, so the record
+/// `keep_ms` (the lease plus the fence memory) from now, so the entry
 /// outlives the new lease by the fence memory, as the claim made it.
 pub(super) const EXTEND: &str = concat!(
     prologue!("  return 0"),
@@ -300,7 +301,7 @@ return dl - now
 );
 
 /// `purge(channel)` → 1 when a live claim, a record, or an unreadable
-/// value was dropped, else 0. It does not validate the record: purging is
+/// value was dropped, else 0. It does not validate the entry: purging is
 /// the operator's remedy for a corrupt one.
 pub(super) const PURGE: &str = concat!(
     "\n",
@@ -327,18 +328,18 @@ return 0
 
 /// `abandon(nonce, channel, keep_ms)` → 1 when the claim made with this
 /// nonce (8 bytes) was still in flight and is now released, else 0. Used
-/// after a claim whose reply was lost: the claim may have been applied with
-/// a fence we never learned, but we know the nonce we sent.
+/// for an orphan, a claim whose reply never came back: it may have been
+/// applied with a fence we never learned, but we know the nonce we sent.
 ///
 /// The claim may also not have arrived yet (still queued on an old
 /// connection while this runs on a new one), so the release leaves the
 /// nonce behind as a tombstone that `CLAIM` refuses: the released claim
-/// keeps it (state `f`), a free record adds it to the nonces it keeps, and
-/// where the key holds nothing a free record is written with it, for
+/// keeps it (state `f`), a free entry adds it to the nonces it keeps, and
+/// where the key holds nothing a free entry is written with it, for
 /// `keep_ms` (the lease left plus the fence memory; the key's life is
-/// never shortened). A record of another owner (in flight or done) is left
+/// never shortened). An entry of another owner (in flight or done) is left
 /// as it is: a late copy of the claim finds it and writes nothing, unless
-/// that owner's record is gone by the time it arrives.
+/// that owner's entry is gone by the time it arrives.
 pub(super) const ABANDON: &str = concat!(
     r#"
 if #ARGV[1] ~= 8 or not tonumber(ARGV[3]) then return redis.error_reply('IDEM_ARGS nonce or keep of the wrong form') end
@@ -354,7 +355,7 @@ if st == 'i' or st == 'd' then return 0 end
 local keep = tonumber(ARGV[3])
 if st == 'f' then
   local digits = string.match(r, '^%d+', 60)
-  if not digits then return redis.error_reply('IDEM_CORRUPT unreadable record') end
+  if not digits then return redis.error_reply('IDEM_CORRUPT unreadable entry') end
 "#,
     released!("ARGV[1]"),
     r#"

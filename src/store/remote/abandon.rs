@@ -1,15 +1,16 @@
-//! Releasing claims whose reply never came back, in the background and
-//! within a bound.
+//! Releasing orphans (claims whose reply never came back), in the
+//! background and within a bound.
 //!
-//! A claim whose reply was lost (a timeout, a dropped connection, a caller
-//! that went away while it was under way) may still have been applied:
-//! nobody would own it, and duplicates would wait for it until its lease
-//! ran out. The claim's nonce is known, so the claim can be released by it
-//! once the store's server answers. These releases go through one bounded queue per
-//! store and one worker task that sends them one at a time, so that an
+//! An orphan (a timeout, a dropped connection, a caller that went away
+//! while its claim was under way) may still have been applied: nobody
+//! would own it, and duplicates would wait for it until its lease ran out.
+//! The claim's nonce is known, so the orphan can be released by it once
+//! the store's server answers. These releases go through one bounded queue
+//! per store and one worker task that sends them one at a time, so that an
 //! outage at thousands of requests a second costs a fixed amount of memory
-//! and no task per request, and the server is not flooded when it comes back.
-//! When the queue is full, a claim is left to expire with its lease.
+//! and no task per request, and the server is not flooded when it comes
+//! back. When the queue is full, an orphan is left to expire with its
+//! lease.
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -21,7 +22,7 @@ use tokio::sync::mpsc;
 use super::Remote;
 use crate::time::Backoff;
 
-/// How many lost claims may wait to be released, per store.
+/// How many orphans may wait to be released, per store.
 pub(crate) const QUEUE_BOUND: usize = 1024;
 use tokio::time::Instant;
 
@@ -50,7 +51,7 @@ impl Orphan {
 
     /// How long a release that found no claim leaves the nonce behind for
     /// a late copy of the claim to meet: the lease left, and the fence
-    /// memory after it (as long as the claim's record would have lived).
+    /// memory after it (as long as the claim's entry would have lived).
     pub(crate) fn keep(&self, fence_memory: Duration) -> Duration {
         self.until
             .saturating_duration_since(Instant::now())
@@ -58,7 +59,7 @@ impl Orphan {
     }
 }
 
-/// Sends releases of orphan claims, one at a time, through a bounded queue.
+/// Sends releases of orphans, one at a time, through a bounded queue.
 pub(crate) struct Abandoner {
     queue: OnceLock<mpsc::UnboundedSender<Orphan>>,
     pending: Arc<AtomicUsize>,
@@ -72,7 +73,7 @@ impl Abandoner {
         }
     }
 
-    /// Orphan claims waiting to be released (queued or being retried).
+    /// Orphans waiting to be released (queued or being retried).
     pub(crate) fn pending(&self) -> usize {
         self.pending.load(Ordering::Acquire)
     }
@@ -80,7 +81,7 @@ impl Abandoner {
     /// Queues `orphan` for release, starting the worker on first use; the
     /// worker makes its attempts through `remote` while it exists. Returns
     /// `false` when the queue is full or no runtime can run the worker: the
-    /// claim then expires with its lease.
+    /// orphan then expires with its lease.
     pub(crate) fn push<R: Remote>(&self, orphan: Orphan, remote: Weak<R>) -> bool {
         let queue = match self.queue.get() {
             Some(queue) => queue,
@@ -89,7 +90,7 @@ impl Abandoner {
                     return false;
                 };
                 self.queue.get_or_init(|| {
-                    // Bounded by `pending`, which counts the claims queued
+                    // Bounded by `pending`, which counts the orphans queued
                     // and those the worker holds for another attempt.
                     let (tx, rx) = mpsc::unbounded_channel();
                     runtime.spawn(work(rx, Arc::downgrade(&self.pending), remote));
@@ -101,13 +102,13 @@ impl Abandoner {
             return true;
         }
         self.pending.fetch_sub(1, Ordering::AcqRel);
-        tracing::debug!("too many lost idempotency claims queued; this one expires with its lease");
+        tracing::debug!("too many idempotency orphans queued; this one expires with its lease");
         false
     }
 }
 
 /// The worker: one release at a time, oldest first; while the server does not
-/// answer it backs off, keeping the order, and drops claims whose lease
+/// answer it backs off, keeping the order, and drops orphans whose lease
 /// has ended. It stops when the store (and so the queue's sender) is gone.
 /// It holds the store weakly, and never across a pause.
 async fn work<R: Remote>(

@@ -1,8 +1,8 @@
 //! What the server-backed stores share: a backend (Redis, PostgreSQL) is a
 //! page of commands, and this kit does the rest.
 //!
-//! - [`Nonces`]: one per claim, so that a claim whose reply was lost can be
-//!   released by it ([`abandon`]).
+//! - [`Nonces`]: one per claim, so that an orphan (a claim whose reply
+//!   never came back) can be released by it ([`abandon`]).
 //! - [`millis`]: durations as the servers take them.
 //! - [`call`]: every call bounded, its failure judged: provably not
 //!   applied, or unknown.
@@ -35,7 +35,7 @@ pub(crate) struct Kit {
     pub(crate) op_timeout: Duration,
     /// How often a waiter re-checks its key when no notification came.
     pub(crate) fallback_check: Duration,
-    /// How long the record of a claim that never completed outlives its
+    /// How long the entry of a claim that never completed outlives its
     /// lease.
     pub(crate) fence_memory: Duration,
     pub(crate) nonces: Nonces,
@@ -85,8 +85,9 @@ pub(crate) fn abandon<R: Remote>(remote: &Arc<R>, orphan: Orphan) {
 }
 
 /// A claim sent whose reply is not in yet: it may be applied with nobody to
-/// own it. Dropped armed (the reply was lost, or the caller's future was
-/// dropped: the client went away), it queues the claim's release by nonce.
+/// own it. Dropped armed (the reply never came back, or the caller's future
+/// was dropped: the client went away), it queues the claim's release by
+/// nonce: it is an orphan.
 pub(crate) struct Unsettled<'a, R: Remote> {
     remote: &'a Arc<R>,
     orphan: Option<Orphan>,

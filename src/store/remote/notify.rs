@@ -3,7 +3,7 @@
 //! local waiters of each key.
 //!
 //! One feed per store, opened on the first wait. A notification sent while
-//! the feed is down is lost, so waiters never rely on it alone: they also
+//! the feed is down is missed, so waiters never rely on it alone: they also
 //! re-check at their fallback interval. When the feed ends, the next wait
 //! opens a new one.
 

@@ -22,7 +22,7 @@ pub(crate) enum Probe {
 
 /// Waits until the claim `probe` looks at is gone, a notification for
 /// `name` comes, or `timeout` passes; probes again at every
-/// `fallback_check` (a notification may be lost) and at the lease's end. A
+/// `fallback_check` (a notification may be missed) and at the lease's end. A
 /// return is a hint to look again, never a promise that the claim is gone.
 pub(crate) async fn until_gone<F, P, Fut>(
     notifications: Option<&Notifications<F>>,
