@@ -156,8 +156,8 @@ async fn orphans_are_released_once_the_server_answers<S: Server>() {
     let timed_out = StoreKey::from_parts(b"", b"timed-out");
     let gone = StoreKey::from_parts(b"", b"caller-gone");
     let lease = Duration::from_secs(60);
-    // Two connections open (a pool opens them as its callers need them),
-    // so that both claims below are sent, not left waiting to connect.
+    // Two claims at once, so that a pool usually has two connections open
+    // and both claims below are sent rather than left waiting to connect.
     let warm = (0..2u8).map(|i| store.claim(StoreKey::from_parts(b"warm", &[i]), FP, LEASE));
     for claim in futures_util::future::join_all(warm).await {
         assert!(matches!(claim, Ok(Claim::Acquired(_))), "{claim:?}");
@@ -168,7 +168,13 @@ async fn orphans_are_released_once_the_server_answers<S: Server>() {
     let dropped =
         tokio::time::timeout(Duration::from_millis(100), store.claim(gone, FP, lease)).await;
     assert!(dropped.is_err(), "the claim was still under way");
-    assert_eq!(S::orphans_pending(&store), 2, "both releases are queued");
+    // The timed-out claim's release is queued; the dropped one's too where
+    // it had been sent (always on Redis's one connection; on PostgreSQL
+    // only if the pool had a second connection open: a claim still waiting
+    // for a connection was never sent and needs no release). Either way,
+    // neither key may be held below.
+    let pending = S::orphans_pending(&store);
+    assert!((1..=2).contains(&pending), "{pending} releases queued");
     server.thaw();
     for key in [timed_out, gone] {
         let took = acquire_within(&other, key, Duration::from_secs(10)).await;
