@@ -176,11 +176,12 @@ async fn orphans_are_released_once_the_server_answers<S: Server>() {
     let pending = S::orphans_pending(&store);
     assert!((1..=2).contains(&pending), "{pending} releases queued");
     server.thaw();
-    for key in [timed_out, gone] {
+    for (name, key) in [("timed out", timed_out), ("caller gone", gone)] {
         let took = acquire_within(&other, key, Duration::from_secs(10)).await;
         assert!(
             took.is_some_and(|t| t < Duration::from_secs(5)),
-            "an orphan held its key for {took:?}"
+            "the orphan {name} held its key for {took:?} ({pending} queued, {} still)",
+            S::orphans_pending(&store)
         );
     }
     common::eventually(Duration::from_secs(5), "the queue drains", || async {

@@ -172,8 +172,11 @@ impl Statements {
             // header's, and the newest fifteen before it in `payload`, 8 bytes
             // each); where the key holds nothing live it becomes a released row
             // of its own, for $4 (ms: the lease left and the fence memory).
-            // Another owner's claim or record is left alone. `expires_at` never
-            // moves back.
+            // The claim may also be committed while this statement runs (two
+            // backends at once, after the server froze): the update does not
+            // see it, the insert waits for it, then finds it under its own
+            // nonce and releases it. Another owner's claim or record is left
+            // alone. `expires_at` never moves back.
             abandon: format!(
                 "WITH clock AS (SELECT clock_timestamp() AS t),
                  freed AS (
@@ -204,12 +207,15 @@ impl Statements {
                      expires_at = GREATEST(r.expires_at, excluded.expires_at),
                      effect_committed = false
                    WHERE r.state = 2
+                      OR (r.state = 0 AND r.nonce = excluded.nonce AND NOT r.effect_committed)
                       OR (r.expires_at <= clock_timestamp()
                           AND NOT (r.state = 0 AND r.lease_until > clock_timestamp()))
                    RETURNING r.key
                  )
                  SELECT EXISTS (SELECT 1 FROM freed),
-                        (SELECT pg_notify($3, $1) FROM freed)",
+                        (SELECT pg_notify($3, $1)
+                         FROM (SELECT key FROM freed UNION ALL SELECT key FROM marked) AS n
+                         LIMIT 1)",
                 listed = listed("excluded.nonce"),
             ),
             // The row's life moves with the lease ($5: the lease plus the

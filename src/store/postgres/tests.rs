@@ -135,3 +135,64 @@ async fn a_claim_that_arrives_after_its_own_release_does_not_take_the_key() {
     ));
     drop_table(&store).await;
 }
+
+/// A release that runs while its claim's transaction is still open (after
+/// a freeze, the claim and its release reach two backends at once): the
+/// release's update cannot see the uncommitted claim, and its insert waits
+/// for the key until the claim commits. It must then release the claim it
+/// finds under its own nonce. Before, it took that claim for another
+/// owner's and left it: the orphan held its key for its whole lease (the
+/// outage suite failed so, now and then, under load).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_release_racing_its_uncommitted_claim_still_releases_it() {
+    let Some(store) = store_on_a_table_of_its_own("release racing its claim (unit)").await else {
+        return;
+    };
+    let key = StoreKey::from_parts(b"", b"racing");
+    let nonce = i64::from_ne_bytes(7u64.to_ne_bytes());
+    let mut claimer = store.inner.pool.get().await.unwrap();
+    let claim = claimer.transaction().await.unwrap();
+    let params: [&(dyn ToSql + Sync); 5] = [
+        &key.as_bytes().as_slice(),
+        &[1u8; 32].as_slice(),
+        &nonce,
+        &ms(Duration::from_secs(60)),
+        &ms(Duration::from_secs(120)),
+    ];
+    let rows = claim.query(&store.inner.sql.claim, &params).await.unwrap();
+    assert!(matches!(
+        read_claim(&rows[0], nonce).unwrap(),
+        Claim::Acquired(_)
+    ));
+    let release = tokio::spawn({
+        let store = store.clone();
+        async move { abandon_now(&store, key, 7).await }
+    });
+    // The release waits on the claim's row lock.
+    let waiting = format!("%{}%", store.table());
+    let started = std::time::Instant::now();
+    loop {
+        let rows = store
+            .query(
+                "observe",
+                "SELECT count(*) FROM pg_stat_activity
+                 WHERE datname = current_database() AND wait_event_type = 'Lock'
+                   AND query LIKE $1",
+                &[&waiting],
+            )
+            .await
+            .unwrap();
+        if rows[0].get::<_, i64>(0) > 0 {
+            break;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "the release never waited");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    claim.commit().await.unwrap();
+    release.await.unwrap();
+    assert!(
+        matches!(claim_with(&store, key, 8).await, Some(Claim::Acquired(_))),
+        "the orphan's claim still holds its key"
+    );
+    drop_table(&store).await;
+}
