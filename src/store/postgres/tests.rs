@@ -185,7 +185,10 @@ async fn a_release_racing_its_uncommitted_claim_still_releases_it() {
         if rows[0].get::<_, i64>(0) > 0 {
             break;
         }
-        assert!(started.elapsed() < Duration::from_secs(10), "the release never waited");
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "the release never waited"
+        );
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     claim.commit().await.unwrap();
