@@ -56,7 +56,6 @@ use std::future::Future;
 use std::time::Duration;
 
 use bytes::Bytes;
-use tokio::time::Instant;
 
 mod detach;
 mod execution;
@@ -266,16 +265,19 @@ impl<St: Store> Engine<St> {
     ) -> Result<Begun<'_, St>, EngineError<E>> {
         // The wait for an in-flight duplicate counts from the first time
         // it is seen; a request that claims or replays never reads the clock.
-        let mut started: Option<Instant> = None;
+        let mut waiting = observe::WaitClock::default();
         let mut coalesced = false;
         loop {
-            let claim = match self.store.claim(key, fingerprint, self.lease).await {
-                Ok(claim) => claim,
-                Err(e) => {
-                    observe::event(Event::StoreError, &key, Some(&e));
-                    return Err(EngineError::Store(e));
-                }
-            };
+            let claim =
+                match observe::store_call("claim", self.store.claim(key, fingerprint, self.lease))
+                    .await
+                {
+                    Ok(claim) => claim,
+                    Err(e) => {
+                        observe::event(Event::StoreError, &key, Some(&e));
+                        return Err(EngineError::Store(e));
+                    }
+                };
             match claim {
                 Claim::Acquired(token) => {
                     return Ok(Begun::Acquired(Acquired {
@@ -306,7 +308,7 @@ impl<St: Store> Engine<St> {
                         InFlightPolicy::Wait(limit) => limit,
                         InFlightPolicy::Reject => Duration::ZERO,
                     };
-                    let waited = started.get_or_insert_with(Instant::now).elapsed();
+                    let waited = waiting.waited();
                     if waited >= limit {
                         observe::event(Event::InFlight, &key, None);
                         return Err(EngineError::InFlight);

@@ -84,7 +84,7 @@
 //! | `sidecar` | no | [`sidecar`] and the `idempotency-sidecar` binary (implies `memory`, `redis`, `redis-cluster`, `tls`) |
 //! | `client` | no | [`client::IdempotentRetryLayer`]: one key per request, safe retries |
 //! | `reqwest` | no | `client::IdempotentRetryMiddleware` for `reqwest_middleware` (implies `client`) |
-//! | `metrics` | no | an `idempotency_events_total{outcome}` counter through the `metrics` facade |
+//! | `metrics` | no | counters, gauges and histograms through the `metrics` facade: outcomes, refusals, store errors and latency, completion retries, orphans pending, executions running, execution and wait times |
 //! | `test-util` | no | [`store::conformance`] (the store contract as tests) and [`store::fault`] |
 //!
 //! # Words

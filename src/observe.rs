@@ -1,7 +1,12 @@
-//! Tracing events and metrics for each outcome, in one place.
+//! Tracing events and metrics, in one place: one event per outcome, and
+//! the metrics of docs/observability.md's table (every name, label and
+//! meaning there comes from this module).
 //!
 //! Keys are never logged raw: events carry the first 8 bytes of the store
 //! key's digest, which identifies a key in logs without revealing it.
+//!
+//! Without the `metrics` feature the metric functions compile to nothing:
+//! no clock is read for them.
 
 use crate::key::StoreKey;
 use crate::problem::ProblemKind;
@@ -86,4 +91,116 @@ pub(crate) fn refusal(kind: ProblemKind) {
     tracing::debug!(problem = kind.name(), "idempotency refusal");
     #[cfg(feature = "metrics")]
     metrics::counter!("idempotency_refusals_total", "problem" => kind.name()).increment(1);
+}
+
+/// Times a store operation (`idempotency_store_operation_seconds
+/// {operation}`) and counts its failures (`idempotency_store_errors_total
+/// {operation, kind}`). Without the `metrics` feature it is the call itself.
+#[cfg(feature = "metrics")]
+pub(crate) async fn store_call<T>(
+    operation: &'static str,
+    call: impl std::future::Future<Output = Result<T, StoreError>>,
+) -> Result<T, StoreError> {
+    let started = std::time::Instant::now();
+    let result = call.await;
+    metrics::histogram!("idempotency_store_operation_seconds", "operation" => operation)
+        .record(started.elapsed().as_secs_f64());
+    if let Err(e) = &result {
+        metrics::counter!(
+            "idempotency_store_errors_total",
+            "operation" => operation,
+            "kind" => e.kind().name()
+        )
+        .increment(1);
+    }
+    result
+}
+
+/// Without the `metrics` feature: the call itself, untouched.
+#[cfg(not(feature = "metrics"))]
+#[inline(always)]
+pub(crate) fn store_call<F>(_operation: &'static str, call: F) -> F {
+    call
+}
+
+/// The clock of a duplicate's wait for an in-flight execution: it starts
+/// the first time the duplicate finds the key in flight, and records
+/// `idempotency_duplicate_wait_seconds` when dropped, however the wait
+/// ended (answered, refused, or its caller gone).
+#[derive(Debug, Default)]
+pub(crate) struct WaitClock(Option<tokio::time::Instant>);
+
+impl WaitClock {
+    /// How long the duplicate has waited (starting the clock at the first
+    /// call).
+    pub(crate) fn waited(&mut self) -> std::time::Duration {
+        self.0
+            .get_or_insert_with(tokio::time::Instant::now)
+            .elapsed()
+    }
+}
+
+#[cfg(feature = "metrics")]
+impl Drop for WaitClock {
+    fn drop(&mut self) {
+        if let Some(started) = self.0 {
+            metrics::histogram!("idempotency_duplicate_wait_seconds")
+                .record(started.elapsed().as_secs_f64());
+        }
+    }
+}
+
+/// An execution started: `idempotency_executions_running` goes up.
+pub(crate) fn execution_started() {
+    #[cfg(feature = "metrics")]
+    metrics::gauge!("idempotency_executions_running").increment(1.0);
+}
+
+/// An execution ended (its key settled), `started` ago:
+/// `idempotency_executions_running` goes down and
+/// `idempotency_execution_seconds` records how long it ran.
+pub(crate) fn execution_ended(started: Option<std::time::Instant>) {
+    #[cfg(feature = "metrics")]
+    {
+        metrics::gauge!("idempotency_executions_running").decrement(1.0);
+        if let Some(started) = started {
+            metrics::histogram!("idempotency_execution_seconds")
+                .record(started.elapsed().as_secs_f64());
+        }
+    }
+    #[cfg(not(feature = "metrics"))]
+    let _ = started;
+}
+
+/// When an execution starts, for [`execution_ended`]: read only with the
+/// `metrics` feature.
+pub(crate) fn execution_clock() -> Option<std::time::Instant> {
+    #[cfg(feature = "metrics")]
+    return Some(std::time::Instant::now());
+    #[cfg(not(feature = "metrics"))]
+    None
+}
+
+/// A completion attempt failed and will be retried:
+/// `idempotency_completion_retries_total`.
+pub(crate) fn completion_retry() {
+    #[cfg(feature = "metrics")]
+    metrics::counter!("idempotency_completion_retries_total").increment(1);
+}
+
+/// A key is completed as "outcome unknown" (its response broke off, or
+/// its handler said so): `idempotency_outcome_unknown_completions_total`.
+pub(crate) fn outcome_unknown_completion() {
+    #[cfg(feature = "metrics")]
+    metrics::counter!("idempotency_outcome_unknown_completions_total").increment(1);
+}
+
+/// `n` orphans were queued for release (positive) or left the queue
+/// (negative): `idempotency_orphans_pending`.
+#[cfg_attr(not(any(feature = "redis", feature = "postgres")), allow(dead_code))]
+pub(crate) fn orphans_pending(change: f64) {
+    #[cfg(feature = "metrics")]
+    metrics::gauge!("idempotency_orphans_pending").increment(change);
+    #[cfg(not(feature = "metrics"))]
+    let _ = change;
 }

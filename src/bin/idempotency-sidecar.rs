@@ -126,13 +126,32 @@ struct Args {
     /// Most open client connections; more wait until one closes.
     #[arg(long, env = "IDEMPOTENCY_MAX_CONNECTIONS", default_value_t = sidecar::DEFAULT_MAX_CONNECTIONS)]
     max_connections: usize,
-    /// Path of the sidecar's own health check.
+    /// Path of the sidecar's own health check (liveness: 200 while the
+    /// process serves).
     #[arg(long, env = "IDEMPOTENCY_HEALTH_PATH", default_value = sidecar::DEFAULT_HEALTH_PATH)]
     health_path: String,
+    /// Path of the readiness check: 200 while the store answers, 503 while
+    /// it does not.
+    #[arg(long, env = "IDEMPOTENCY_READY_PATH", default_value = sidecar::DEFAULT_READY_PATH)]
+    ready_path: String,
+    /// Serve Prometheus metrics on this address (GET /metrics), a listener
+    /// of its own; off by default.
+    #[arg(long, env = "IDEMPOTENCY_METRICS_LISTEN")]
+    metrics_listen: Option<SocketAddr>,
+    /// Log lines as text (colour codes only on a terminal, and never with
+    /// NO_COLOR set) or as JSON, one object per line.
+    #[arg(long, env = "IDEMPOTENCY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
     /// On SIGTERM or Ctrl-C, how long to let open requests and executions
     /// finish (and be stored) before exiting.
     #[arg(long, env = "IDEMPOTENCY_DRAIN_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
     drain_timeout: Duration,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -226,6 +245,7 @@ async fn run<St: Store>(args: Args, store: St) -> Result<(), Box<dyn std::error:
         .upstream_timeout(args.upstream_timeout)
         .upstream_hard_timeout(args.upstream_hard_timeout)
         .health_path(args.health_path.clone())
+        .ready_path(args.ready_path.clone())
         .trust_forwarded_headers(args.trust_forwarded_headers)
         .header_read_timeout(args.header_read_timeout)
         .idle_timeout(args.idle_timeout)
@@ -253,17 +273,126 @@ async fn run<St: Store>(args: Args, store: St) -> Result<(), Box<dyn std::error:
     Ok(())
 }
 
+/// Logs to stdout as `format` says, filtered by `RUST_LOG` (default
+/// `info`).
+fn init_logs(format: LogFormat) {
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt().with_env_filter(filter);
+    let _ = match format {
+        // One JSON object per line, the event's fields beside `message`.
+        LogFormat::Json => logs.json().flatten_event(true).try_init(),
+        // Colour codes only on a terminal, and never with NO_COLOR set: a
+        // log file or collector gets plain text.
+        LogFormat::Text => logs.with_ansi(colour()).try_init(),
+    };
+}
+
+fn colour() -> bool {
+    std::io::IsTerminal::is_terminal(&std::io::stdout())
+        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
+/// Histogram buckets for every `*_seconds` metric: 0.5 ms to a minute.
+const SECONDS_BUCKETS: &[f64] = &[
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
+    60.0,
+];
+
+/// Most metrics scrapes served at once; more wait in the listen backlog.
+const METRICS_CONNECTIONS: usize = 16;
+
+/// Installs the Prometheus recorder and serves its text format at
+/// `GET /metrics` on `addr`, on a listener of its own.
+async fn serve_metrics(addr: SocketAddr) -> Result<(), Box<dyn std::error::Error>> {
+    use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
+    let handle = PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".to_owned()), SECONDS_BUCKETS)?
+        .install_recorder()?;
+    let listener = tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| format!("cannot listen on {addr} for metrics: {e}"))?;
+    tracing::info!(metrics = %listener.local_addr()?, "serving Prometheus metrics at /metrics");
+    // Histograms are drained into their buckets by the upkeep.
+    tokio::spawn({
+        let handle = handle.clone();
+        async move {
+            let mut every = tokio::time::interval(Duration::from_secs(5));
+            loop {
+                every.tick().await;
+                handle.run_upkeep();
+            }
+        }
+    });
+    let places = std::sync::Arc::new(tokio::sync::Semaphore::new(METRICS_CONNECTIONS));
+    tokio::spawn(async move {
+        loop {
+            let Ok(place) = places.clone().acquire_owned().await else {
+                return;
+            };
+            let Ok((stream, _)) = listener.accept().await else {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            };
+            let handle = handle.clone();
+            tokio::spawn(async move {
+                let service = hyper::service::service_fn(move |req: http::Request<_>| {
+                    let answer = metrics_answer(&req, || handle.render());
+                    async move { Ok::<_, std::convert::Infallible>(answer) }
+                });
+                let connection = hyper::server::conn::http1::Builder::new()
+                    .timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(Duration::from_secs(10))
+                    .serve_connection(hyper_util::rt::TokioIo::new(stream), service);
+                // A scrape takes milliseconds; a connection is closed after
+                // a minute whatever it does.
+                let _ = tokio::time::timeout(Duration::from_secs(60), connection).await;
+                drop(place);
+            });
+        }
+    });
+    Ok(())
+}
+
+/// The answer of the metrics listener to `req`: the rendered metrics at
+/// `GET /metrics`, 404 elsewhere, 405 for other methods.
+fn metrics_answer<B>(
+    req: &http::Request<B>,
+    render: impl FnOnce() -> String,
+) -> http::Response<http_body_util::Full<bytes::Bytes>> {
+    let (status, content_type, body) = if req.uri().path() != "/metrics" {
+        (
+            StatusCode::NOT_FOUND,
+            "text/plain; charset=utf-8",
+            "not found\n".to_owned(),
+        )
+    } else if req.method() != Method::GET && req.method() != Method::HEAD {
+        (
+            StatusCode::METHOD_NOT_ALLOWED,
+            "text/plain; charset=utf-8",
+            "GET /metrics\n".to_owned(),
+        )
+    } else {
+        // Prometheus 3 refuses a scrape without a version in its type.
+        (
+            StatusCode::OK,
+            "text/plain; version=0.0.4; charset=utf-8",
+            render(),
+        )
+    };
+    let mut res = http::Response::new(http_body_util::Full::new(bytes::Bytes::from(body)));
+    *res.status_mut() = status;
+    res.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static(content_type),
+    );
+    res
+}
+
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info")),
-        )
-        // Colour codes only on a terminal: a log file or collector gets
-        // plain text.
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
-        .init();
-    match start(Args::parse()).await {
+    let args = Args::parse();
+    init_logs(args.log_format);
+    match start(args).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("idempotency-sidecar: {e}");
@@ -285,6 +414,9 @@ fn redis_builder(
 }
 
 async fn start(args: Args) -> Result<(), Box<dyn std::error::Error>> {
+    if let Some(addr) = args.metrics_listen {
+        serve_metrics(addr).await?;
+    }
     match args.store {
         StoreKind::Memory => run(args, MemoryStore::new()).await,
         StoreKind::Redis => {

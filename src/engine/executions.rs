@@ -40,16 +40,26 @@ impl Executions {
 
     pub(super) fn start(&self) -> ExecutionGuard {
         self.inner.running.fetch_add(1, Ordering::AcqRel);
-        ExecutionGuard(self.inner.clone())
+        crate::observe::execution_started();
+        ExecutionGuard {
+            executions: self.inner.clone(),
+            started: crate::observe::execution_clock(),
+        }
     }
 }
 
-pub(super) struct ExecutionGuard(Arc<ExecutionsInner>);
+/// One running execution, counted until its key is settled.
+pub(super) struct ExecutionGuard {
+    executions: Arc<ExecutionsInner>,
+    /// When it started (read only with the `metrics` feature).
+    started: Option<std::time::Instant>,
+}
 
 impl Drop for ExecutionGuard {
     fn drop(&mut self) {
-        if self.0.running.fetch_sub(1, Ordering::AcqRel) == 1 {
-            self.0.idle.notify_waiters();
+        crate::observe::execution_ended(self.started);
+        if self.executions.running.fetch_sub(1, Ordering::AcqRel) == 1 {
+            self.executions.idle.notify_waiters();
         }
     }
 }

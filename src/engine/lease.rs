@@ -97,7 +97,8 @@ impl<St: Store> Owner<St> {
     /// whose reply never came back, "lost" may mean completed.
     pub(super) async fn extend(&self, lease: &mut Lease) -> Option<LeaseStatus> {
         let sent = Instant::now();
-        match self.store.extend(self.key, self.token, self.lease).await {
+        let extend = self.store.extend(self.key, self.token, self.lease);
+        match observe::store_call("extend", extend).await {
             Ok(status) => {
                 if status == LeaseStatus::Held {
                     lease.confirmed = sent;
@@ -134,7 +135,7 @@ pub(super) fn mark_lost(lost: &AtomicBool, key: &StoreKey) {
 /// Releases the key, best effort: a claim that is not released expires
 /// with its lease.
 pub(super) async fn release<St: Store>(store: &St, key: StoreKey, token: OwnerToken) {
-    if let Err(e) = store.release(key, token).await {
+    if let Err(e) = observe::store_call("release", store.release(key, token)).await {
         observe::event(Event::StoreError, &key, Some(&e));
     }
 }

@@ -152,9 +152,9 @@ impl<St: Store, F: Future> Future for Running<St, F> {
             let next = deadline(tick.deadline(), period);
             tick.reset(next);
             let (store, key, token, lease) = (store.clone(), *this.key, *this.token, *this.lease);
-            *this.renewal = Some(Box::pin(
-                async move { store.extend(key, token, lease).await },
-            ));
+            *this.renewal = Some(Box::pin(async move {
+                observe::store_call("extend", store.extend(key, token, lease)).await
+            }));
         }
         Poll::Pending
     }

@@ -183,7 +183,10 @@ async fn store_outcome<St: Store>(
     let mut next_renewal = deadline(lease.confirmed, period);
     let mut failures = 0u32;
     loop {
-        let attempt = owner.store.complete(key, token, record.clone(), retention);
+        let attempt = observe::store_call(
+            "complete",
+            owner.store.complete(key, token, record.clone(), retention),
+        );
         let error = match attempt.await {
             Ok(LeaseStatus::Held) => return,
             Ok(LeaseStatus::Lost) => return owner.lose_lease(),
@@ -204,6 +207,7 @@ async fn store_outcome<St: Store>(
             next_renewal = deadline(now, period);
         }
         failures = failures.saturating_add(1);
+        observe::completion_retry();
         let mut wake = deadline(now, COMPLETION_BACKOFF.before(failures)).min(owner.expiry(&lease));
         if renewing {
             wake = wake.min(next_renewal);

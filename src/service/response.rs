@@ -213,6 +213,7 @@ pub(super) fn unknown_outcome(status: http::StatusCode, config: &Config) -> Comp
     if config.release_unknown_outcomes {
         return Completion::Release;
     }
+    observe::outcome_unknown_completion();
     Completion::Store(StoredOutcome::OutcomeUnknown { status }.encode())
 }
 

@@ -1,7 +1,9 @@
 //! The sidecar: the layer as a reverse proxy in front of any HTTP backend.
 //!
 //! [`serve`] accepts HTTP/1.1 and HTTP/2 (cleartext) connections, answers
-//! its own health check, and forwards everything else through an
+//! its own health check (liveness, [`SidecarConfig::health_path`]) and
+//! readiness check (503 while the store does not answer a ping,
+//! [`SidecarConfig::ready_path`]), and forwards everything else through an
 //! [`IdempotencyLayer`] to one upstream, so a backend written in any
 //! language gets the same guarantee without a line of its code changing.
 //! The `idempotency-sidecar` binary (feature `sidecar`) is a command line
@@ -50,7 +52,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use http::uri::{Authority, Scheme};
-use http::{HeaderName, Request, Response, Uri};
+use http::{HeaderName, Request, Response, StatusCode, Uri};
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -75,8 +77,14 @@ mod forward;
 use deadline::DeadlineBody;
 use forward::{ClientAddr, Proxy, UpstreamCall, source_chain};
 
-/// Default path of the sidecar's own health check.
+/// Default path of the sidecar's own health check (liveness: it answers
+/// while the process serves, whatever its store does).
 pub const DEFAULT_HEALTH_PATH: &str = "/_idempotency/health";
+/// Default path of the sidecar's readiness check: 200 while its store
+/// answers, 503 while it does not.
+pub const DEFAULT_READY_PATH: &str = "/_idempotency/ready";
+/// The bound on one readiness check, whatever the store's own timeouts.
+const READY_CHECK_LIMIT: Duration = Duration::from_secs(2);
 /// Default bound on the client's wait for the upstream.
 pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default bound on the upstream call itself, after which its outcome is
@@ -119,6 +127,7 @@ pub struct SidecarConfig {
     timeout: Duration,
     hard_timeout: Duration,
     health_path: String,
+    ready_path: String,
     trust_forwarded: bool,
     header_read_timeout: Duration,
     idle_timeout: Duration,
@@ -144,6 +153,7 @@ impl SidecarConfig {
             timeout: DEFAULT_UPSTREAM_TIMEOUT,
             hard_timeout: DEFAULT_UPSTREAM_HARD_TIMEOUT,
             health_path: DEFAULT_HEALTH_PATH.to_owned(),
+            ready_path: DEFAULT_READY_PATH.to_owned(),
             trust_forwarded: false,
             header_read_timeout: DEFAULT_HEADER_READ_TIMEOUT,
             idle_timeout: DEFAULT_IDLE_TIMEOUT,
@@ -240,6 +250,16 @@ impl SidecarConfig {
         self.health_path = path.into();
         self
     }
+
+    /// The path of the sidecar's readiness check (default
+    /// `/_idempotency/ready`): `GET` answers 200 `ready` while the store
+    /// answers a ping, and 503 (with `Retry-After`) while it does not or
+    /// takes over 2 s, so a load balancer sends no traffic that could only
+    /// be refused. The upstream is not asked.
+    pub fn ready_path(mut self, path: impl Into<String>) -> Self {
+        self.ready_path = path.into();
+        self
+    }
 }
 
 /// A connection timer's setting, from 1 ms to about a century: hyper adds
@@ -281,6 +301,29 @@ fn client_timeout<B>(waited: Duration, guarded: bool) -> Response<ResponseBody<B
         .into_response(|bytes| ResponseBody::full(bytes, None))
 }
 
+/// The readiness check's answer: 200 while `store` answers a ping within
+/// [`READY_CHECK_LIMIT`], else 503 with `Retry-After`.
+async fn readiness<St: Store, B>(store: &St) -> Response<ResponseBody<B>> {
+    let failed = match tokio::time::timeout(READY_CHECK_LIMIT, store.ping()).await {
+        Ok(Ok(())) => {
+            return Response::new(ResponseBody::full(Bytes::from_static(b"ready"), None));
+        }
+        Ok(Err(e)) => e.to_string(),
+        Err(_) => format!("no answer within {READY_CHECK_LIMIT:?}"),
+    };
+    tracing::debug!(error = %failed, "sidecar not ready: its idempotency store does not answer");
+    let mut res = Response::new(ResponseBody::full(
+        Bytes::from_static(b"not ready: the idempotency store does not answer"),
+        None,
+    ));
+    *res.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+    res.headers_mut().insert(
+        http::header::RETRY_AFTER,
+        http::HeaderValue::from_static("1"),
+    );
+    res
+}
+
 /// Serves the sidecar on `listener` until `shutdown` completes, then drains:
 /// it stops accepting, lets open connections finish, and waits for detached
 /// executions, so every execution that started is stored before it returns.
@@ -291,6 +334,8 @@ pub async fn serve<St: Store>(
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), SidecarError> {
     let health_path = config.health_path.clone();
+    let ready_path = config.ready_path.clone();
+    let store = layer.store().clone();
     let client_wait = config.timeout;
     let limits = ConnectionLimits {
         first_request: config.header_read_timeout,
@@ -335,7 +380,8 @@ pub async fn serve<St: Store>(
             () = &mut shutdown => break,
         };
         let service = service.clone();
-        let health_path = health_path.clone();
+        let (health_path, ready_path) = (health_path.clone(), ready_path.clone());
+        let store = store.clone();
         let (load_tx, load) = watch::channel(Load::default());
         let load_tx = Arc::new(load_tx);
         let per_request = hyper::service::service_fn(move |req: Request<Incoming>| {
@@ -349,7 +395,10 @@ pub async fn serve<St: Store>(
                 DeadlineBody::new(body, body_deadline, "the request body", client_wait)
             });
             let mut service = service.clone();
-            let is_health = req.method() == http::Method::GET && req.uri().path() == health_path;
+            let is_get = req.method() == http::Method::GET;
+            let is_health = is_get && req.uri().path() == health_path;
+            let is_ready = is_get && req.uri().path() == ready_path;
+            let store = store.clone();
             req.extensions_mut().insert(ClientAddr(peer));
             let (call, started) = UpstreamCall::new();
             req.extensions_mut().insert(call);
@@ -357,6 +406,10 @@ pub async fn serve<St: Store>(
                 if is_health {
                     let ok = ResponseBody::full(Bytes::from_static(b"ok"), None);
                     return Ok::<_, Infallible>(Response::new(Tracked::new(ok, handling)));
+                }
+                if is_ready {
+                    let answer = readiness(&store).await;
+                    return Ok(answer.map(|body| Tracked::new(body, handling)));
                 }
                 std::future::poll_fn(|cx| service.poll_ready(cx)).await?;
                 // The client's wait starts when its request goes upstream: a

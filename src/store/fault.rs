@@ -47,16 +47,19 @@ pub enum Operation {
     Wait,
     /// [`Store::purge`].
     Purge,
+    /// [`Store::ping`].
+    Ping,
 }
 
 impl Operation {
-    const ALL: [Operation; 6] = [
+    const ALL: [Operation; 7] = [
         Operation::Claim,
         Operation::Complete,
         Operation::Release,
         Operation::Extend,
         Operation::Wait,
         Operation::Purge,
+        Operation::Ping,
     ];
 
     fn name(self) -> &'static str {
@@ -67,6 +70,7 @@ impl Operation {
             Operation::Extend => "extend",
             Operation::Wait => "wait",
             Operation::Purge => "purge",
+            Operation::Ping => "ping",
         }
     }
 }
@@ -315,6 +319,10 @@ impl<St: Store> Store for FaultStore<St> {
 
     async fn purge(&self, key: StoreKey) -> Result<bool, StoreError> {
         self.run(Operation::Purge, self.inner.purge(key)).await
+    }
+
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.run(Operation::Ping, self.inner.ping()).await
     }
 }
 

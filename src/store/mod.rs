@@ -216,6 +216,20 @@ pub enum StoreErrorKind {
     Configuration,
 }
 
+impl StoreErrorKind {
+    /// The kind as a metric label or log field: `unavailable`, `timeout`,
+    /// `capacity_exceeded`, `corrupt` or `configuration`.
+    pub fn name(self) -> &'static str {
+        match self {
+            StoreErrorKind::Unavailable => "unavailable",
+            StoreErrorKind::Timeout => "timeout",
+            StoreErrorKind::CapacityExceeded => "capacity_exceeded",
+            StoreErrorKind::Corrupt => "corrupt",
+            StoreErrorKind::Configuration => "configuration",
+        }
+    }
+}
+
 /// A store operation failed. The layer answers 503 (fail closed) and does
 /// not execute.
 #[derive(Debug, thiserror::Error)]
@@ -317,6 +331,14 @@ pub trait Store: Clone + Send + Sync + 'static {
     /// Drops whatever `key` holds. Returns whether it held a live claim or
     /// an unexpired record.
     fn purge(&self, key: StoreKey) -> impl Future<Output = Result<bool, StoreError>> + Send;
+
+    /// Checks that the store answers, within its operation timeout: what a
+    /// readiness probe asks (the sidecar's `/_idempotency/ready`). The
+    /// default answers at once, as a store inside the process always can;
+    /// a store on a server sends it a command that changes nothing.
+    fn ping(&self) -> impl Future<Output = Result<(), StoreError>> + Send {
+        std::future::ready(Ok(()))
+    }
 }
 
 impl fmt::Display for LeaseStatus {

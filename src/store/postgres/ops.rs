@@ -261,6 +261,10 @@ impl Store for PostgresStore {
         .await
     }
 
+    async fn ping(&self) -> Result<(), StoreError> {
+        self.query("ping", "SELECT 1", &[]).await.map(drop)
+    }
+
     async fn purge(&self, key: StoreKey) -> Result<bool, StoreError> {
         let rows = self
             .query(

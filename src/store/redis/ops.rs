@@ -221,6 +221,20 @@ where
         .await
     }
 
+    async fn ping(&self) -> Result<(), StoreError> {
+        let mut conn = self.inner.conn.get();
+        let until = self.inner.kit.deadline();
+        let ping = redis::cmd("PING");
+        bounded(
+            "ping",
+            until,
+            &*self.inner,
+            ping.query_async::<()>(&mut conn),
+        )
+        .await?;
+        Ok(())
+    }
+
     async fn purge(&self, key: StoreKey) -> Result<bool, StoreError> {
         let name = self.key_name(key);
         let mut invocation = self.inner.scripts.purge.key(&name);

@@ -99,6 +99,7 @@ impl Abandoner {
             }
         };
         if self.pending.fetch_add(1, Ordering::AcqRel) < QUEUE_BOUND && queue.send(orphan).is_ok() {
+            crate::observe::orphans_pending(1.0);
             return true;
         }
         self.pending.fetch_sub(1, Ordering::AcqRel);
@@ -130,6 +131,7 @@ async fn work<R: Remote>(
             if let Some(pending) = pending.upgrade() {
                 pending.fetch_sub(n, Ordering::AcqRel);
             }
+            crate::observe::orphans_pending(-(n as f64));
         };
         if Instant::now() >= next.until {
             settled(1);

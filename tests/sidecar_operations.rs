@@ -1,0 +1,252 @@
+//! The `idempotency-sidecar` binary as an operator runs it: its Prometheus
+//! metrics scraped over HTTP after traffic, its readiness check while
+//! Redis goes down and comes back, and its logs as JSON lines or as plain
+//! text without colour codes when stdout is not a terminal.
+
+mod common;
+
+use std::net::SocketAddr;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use axum::body::Body;
+use common::redis_server::redis_or_skip;
+use common::sidecar::{client, post_to, start_upstream};
+use http::{Request, StatusCode};
+use tower_idempotency::sidecar::DEFAULT_READY_PATH;
+
+/// The sidecar binary, running until dropped (then stopped with SIGTERM, as
+/// an orchestrator would, and reaped).
+struct Running {
+    child: Option<Child>,
+    addr: SocketAddr,
+    metrics: SocketAddr,
+}
+
+impl Running {
+    /// Starts the binary with `args` (beside its listen and metrics
+    /// addresses), its stdout piped, and waits until it serves.
+    async fn start(upstream: SocketAddr, args: &[&str]) -> Self {
+        let addr: SocketAddr = ([127, 0, 0, 1], common::free_port()).into();
+        let metrics: SocketAddr = ([127, 0, 0, 1], common::free_port()).into();
+        let child = Command::new(env!("CARGO_BIN_EXE_idempotency-sidecar"))
+            .args(["--listen", &addr.to_string()])
+            .args(["--upstream", &format!("http://{upstream}")])
+            .args(["--metrics-listen", &metrics.to_string()])
+            .args(args)
+            .env_remove("RUST_LOG")
+            .env_remove("NO_COLOR")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start the sidecar binary");
+        let running = Self {
+            child: Some(child),
+            addr,
+            metrics,
+        };
+        common::eventually(Duration::from_secs(20), "the sidecar serves", || async {
+            common::sidecar::health(addr).await == StatusCode::OK
+        })
+        .await;
+        running
+    }
+
+    /// Stops it with SIGTERM and returns what it wrote to stdout.
+    fn stop(mut self) -> String {
+        let mut child = self.child.take().expect("running");
+        let _ = Command::new("kill")
+            .args(["-TERM", &child.id().to_string()])
+            .status();
+        let output = wait_with_limit(&mut child, Duration::from_secs(20));
+        String::from_utf8_lossy(&output).into_owned()
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Waits (bounded) for `child` to exit and returns its stdout; kills it
+/// past `limit`.
+fn wait_with_limit(child: &mut Child, limit: Duration) -> Vec<u8> {
+    use std::io::Read;
+    let started = std::time::Instant::now();
+    while child.try_wait().ok().flatten().is_none() {
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let _ = child.wait();
+    let mut out = Vec::new();
+    if let Some(mut stdout) = child.stdout.take() {
+        let _ = stdout.read_to_end(&mut out);
+    }
+    out
+}
+
+/// `GET http://addr{path}`: the status, the content type and the body.
+async fn get(addr: SocketAddr, path: &str) -> (StatusCode, String, String) {
+    let req = Request::get(format!("http://{addr}{path}"))
+        .body(Body::empty())
+        .unwrap();
+    let res = client().request(req).await.expect("request");
+    let content_type = res
+        .headers()
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_owned();
+    let answer = common::collect(res).await;
+    (answer.status, content_type, answer.text())
+}
+
+/// The value of the sample `name` (with its labels as rendered, e.g.
+/// `x_total{outcome="executed"}`) in a Prometheus text page.
+fn sample(page: &str, name: &str) -> Option<f64> {
+    page.lines().find_map(|line| {
+        line.strip_prefix(name)?
+            .strip_prefix(' ')?
+            .trim()
+            .parse()
+            .ok()
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_are_scraped_over_http_and_count_the_traffic() {
+    let Some(server) = redis_or_skip("sidecar metrics") else {
+        return;
+    };
+    let (upstream, _) = start_upstream().await;
+    let car = Running::start(
+        upstream,
+        &["--store", "redis", "--redis-url", &server.url()],
+    )
+    .await;
+    let first = post_to(car.addr, "scraped", "{}", 0).await;
+    assert_eq!(first.status, StatusCode::CREATED);
+    let replay = post_to(car.addr, "scraped", "{}", 0).await;
+    assert!(replay.replayed());
+    let missing = client()
+        .request(
+            Request::post(format!("http://{}/charge", car.addr))
+                .body(Body::from("{}"))
+                .unwrap(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), StatusCode::BAD_REQUEST);
+
+    let (status, content_type, page) = get(car.metrics, "/metrics").await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(content_type, "text/plain; version=0.0.4; charset=utf-8");
+    let count = |name: &str| sample(&page, name).unwrap_or_else(|| panic!("{name} in\n{page}"));
+    assert_eq!(
+        count(r#"idempotency_events_total{outcome="executed"}"#),
+        1.0
+    );
+    assert_eq!(
+        count(r#"idempotency_events_total{outcome="replayed"}"#),
+        1.0
+    );
+    assert_eq!(
+        count(r#"idempotency_refusals_total{problem="missing_key"}"#),
+        1.0
+    );
+    assert_eq!(count("idempotency_executions_running"), 0.0);
+    // Two claims, one completion, each timed; one execution.
+    assert_eq!(
+        count(r#"idempotency_store_operation_seconds_count{operation="claim"}"#),
+        2.0
+    );
+    assert_eq!(
+        count(r#"idempotency_store_operation_seconds_count{operation="complete"}"#),
+        1.0
+    );
+    assert_eq!(count("idempotency_execution_seconds_count"), 1.0);
+    assert!(
+        page.contains(r#"idempotency_store_operation_seconds_bucket{operation="claim",le="0.5"}"#),
+        "histograms have buckets:\n{page}"
+    );
+    let (status, _, _) = get(car.metrics, "/elsewhere").await;
+    assert_eq!(status, StatusCode::NOT_FOUND);
+    car.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_fails_while_redis_is_down_and_health_does_not() {
+    let Some(mut server) = redis_or_skip("sidecar readiness") else {
+        return;
+    };
+    let (upstream, _) = start_upstream().await;
+    let car = Running::start(
+        upstream,
+        &["--store", "redis", "--redis-url", &server.url()],
+    )
+    .await;
+    let ready = || async { get(car.addr, DEFAULT_READY_PATH).await.0 };
+    assert_eq!(ready().await, StatusCode::OK);
+    server.kill();
+    common::eventually(Duration::from_secs(10), "not ready", || async {
+        ready().await == StatusCode::SERVICE_UNAVAILABLE
+    })
+    .await;
+    assert_eq!(
+        common::sidecar::health(car.addr).await,
+        StatusCode::OK,
+        "alive all the same"
+    );
+    server.restart();
+    common::eventually(Duration::from_secs(10), "ready again", || async {
+        ready().await == StatusCode::OK
+    })
+    .await;
+    car.stop();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_are_one_object_per_line() {
+    let (upstream, _) = start_upstream().await;
+    let car = Running::start(upstream, &["--log-format", "json"]).await;
+    assert_eq!(
+        post_to(car.addr, "logged", "{}", 0).await.status,
+        StatusCode::CREATED
+    );
+    let out = car.stop();
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line:?}")))
+        .collect();
+    let started = lines
+        .iter()
+        .find(|l| l["message"] == "idempotency sidecar ready")
+        .unwrap_or_else(|| panic!("no start line in {out}"));
+    assert_eq!(started["level"], "INFO");
+    assert!(started["timestamp"].is_string());
+    assert!(
+        started["listen"].is_string(),
+        "fields sit beside the message"
+    );
+    assert!(
+        lines.iter().any(|l| l["message"] == "shutting down"),
+        "{out}"
+    );
+    assert!(!out.contains('\u{1b}'), "no colour codes");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn text_logs_into_a_pipe_carry_no_colour_codes() {
+    let (upstream, _) = start_upstream().await;
+    let car = Running::start(upstream, &[]).await;
+    let out = car.stop();
+    assert!(out.contains("idempotency sidecar ready"), "{out}");
+    assert!(!out.contains('\u{1b}'), "colour codes in a pipe: {out:?}");
+}
