@@ -314,6 +314,9 @@ impl<St: Store> Engine<St> {
                         return Err(EngineError::InFlight);
                     }
                     if let Err(e) = Box::pin(self.store.wait(key, fence, limit - waited)).await {
+                        // Counted, not timed: a wait's length is the
+                        // other execution's, not the store's.
+                        observe::store_error("wait", &e);
                         observe::event(Event::StoreError, &key, Some(&e));
                         return Err(EngineError::Store(e));
                     }

@@ -81,7 +81,7 @@
 //! | `redis-cluster` | no | `RedisStoreBuilder::build_cluster`, and Redis Cluster connections for `RedisStore::with_connection` |
 //! | `postgres` | no | [`store::PostgresStore`] (tokio-postgres, deadpool-postgres) and its in-transaction `fence` |
 //! | `tls` | no | TLS to Redis (`rediss://`) and PostgreSQL (`sslmode`), pure Rust (rustls with `ring`, Mozilla's roots) |
-//! | `sidecar` | no | [`sidecar`] and the `idempotency-sidecar` binary (implies `memory`, `redis`, `redis-cluster`, `tls`) |
+//! | `sidecar` | no | [`sidecar`] and the `idempotency-sidecar` binary (implies `memory`, `redis`, `redis-cluster`, `tls`, `metrics`) |
 //! | `client` | no | [`client::IdempotentRetryLayer`]: one key per request, safe retries |
 //! | `reqwest` | no | `client::IdempotentRetryMiddleware` for `reqwest_middleware` (implies `client`) |
 //! | `metrics` | no | counters, gauges and histograms through the `metrics` facade: outcomes, refusals, store errors and latency, completion retries, orphans pending, executions running, execution and wait times |

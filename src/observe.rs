@@ -94,26 +94,32 @@ pub(crate) fn refusal(kind: ProblemKind) {
 }
 
 /// Times a store operation (`idempotency_store_operation_seconds
-/// {operation}`) and counts its failures (`idempotency_store_errors_total
-/// {operation, kind}`). Without the `metrics` feature it is the call itself.
+/// {operation}`, from its first poll) and counts its failures
+/// (`idempotency_store_errors_total{operation, kind}`). A wrapper that
+/// polls the call in place: an `async fn` here would move the store's
+/// future (tens of kilobytes in a debug build) through the stack. Without
+/// the `metrics` feature it is the call itself.
 #[cfg(feature = "metrics")]
-pub(crate) async fn store_call<T>(
-    operation: &'static str,
-    call: impl std::future::Future<Output = Result<T, StoreError>>,
-) -> Result<T, StoreError> {
-    let started = std::time::Instant::now();
-    let result = call.await;
-    metrics::histogram!("idempotency_store_operation_seconds", "operation" => operation)
-        .record(started.elapsed().as_secs_f64());
-    if let Err(e) = &result {
-        metrics::counter!(
-            "idempotency_store_errors_total",
-            "operation" => operation,
-            "kind" => e.kind().name()
-        )
-        .increment(1);
+pub(crate) fn store_call<F>(operation: &'static str, call: F) -> StoreCall<F> {
+    StoreCall {
+        call,
+        operation,
+        started: None,
     }
-    result
+}
+
+/// Counts a failed store operation that is not timed
+/// (`idempotency_store_errors_total{operation, kind}`).
+pub(crate) fn store_error(operation: &'static str, error: &StoreError) {
+    #[cfg(feature = "metrics")]
+    metrics::counter!(
+        "idempotency_store_errors_total",
+        "operation" => operation,
+        "kind" => error.kind().name()
+    )
+    .increment(1);
+    #[cfg(not(feature = "metrics"))]
+    let _ = (operation, error);
 }
 
 /// Without the `metrics` feature: the call itself, untouched.
@@ -121,6 +127,41 @@ pub(crate) async fn store_call<T>(
 #[inline(always)]
 pub(crate) fn store_call<F>(_operation: &'static str, call: F) -> F {
     call
+}
+
+#[cfg(feature = "metrics")]
+pin_project_lite::pin_project! {
+    /// A store call, timed; see [`store_call`].
+    pub(crate) struct StoreCall<F> {
+        #[pin]
+        call: F,
+        operation: &'static str,
+        started: Option<std::time::Instant>,
+    }
+}
+
+#[cfg(feature = "metrics")]
+impl<T, F> std::future::Future for StoreCall<F>
+where
+    F: std::future::Future<Output = Result<T, StoreError>>,
+{
+    type Output = Result<T, StoreError>;
+
+    fn poll(
+        self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Self::Output> {
+        let this = self.project();
+        let started = *this.started.get_or_insert_with(std::time::Instant::now);
+        let result = std::task::ready!(this.call.poll(cx));
+        let operation = *this.operation;
+        metrics::histogram!("idempotency_store_operation_seconds", "operation" => operation)
+            .record(started.elapsed().as_secs_f64());
+        if let Err(e) = &result {
+            store_error(operation, e);
+        }
+        std::task::Poll::Ready(result)
+    }
 }
 
 /// The clock of a duplicate's wait for an in-flight execution: it starts

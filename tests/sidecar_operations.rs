@@ -2,6 +2,7 @@
 //! metrics scraped over HTTP after traffic, its readiness check while
 //! Redis goes down and comes back, and its logs as JSON lines or as plain
 //! text without colour codes when stdout is not a terminal.
+#![cfg(unix)]
 
 mod common;
 
@@ -40,16 +41,23 @@ impl Running {
             .stderr(Stdio::piped())
             .spawn()
             .expect("start the sidecar binary");
-        let running = Self {
+        let mut child = child;
+        common::eventually(Duration::from_secs(20), "the sidecar serves", || {
+            if let Ok(Some(status)) = child.try_wait() {
+                let mut stderr = String::new();
+                if let Some(mut pipe) = child.stderr.take() {
+                    let _ = std::io::Read::read_to_string(&mut pipe, &mut stderr);
+                }
+                panic!("the sidecar exited before serving ({status}): {stderr}");
+            }
+            async move { common::sidecar::health(addr).await == StatusCode::OK }
+        })
+        .await;
+        Self {
             child: Some(child),
             addr,
             metrics,
-        };
-        common::eventually(Duration::from_secs(20), "the sidecar serves", || async {
-            common::sidecar::health(addr).await == StatusCode::OK
-        })
-        .await;
-        running
+        }
     }
 
     /// Stops it with SIGTERM and returns what it wrote to stdout.
@@ -97,7 +105,10 @@ async fn get(addr: SocketAddr, path: &str) -> (StatusCode, String, String) {
     let req = Request::get(format!("http://{addr}{path}"))
         .body(Body::empty())
         .unwrap();
-    let res = client().request(req).await.expect("request");
+    let res = tokio::time::timeout(Duration::from_secs(10), client().request(req))
+        .await
+        .expect("answered within 10 s")
+        .expect("request");
     let content_type = res
         .headers()
         .get("content-type")
@@ -249,4 +260,24 @@ async fn text_logs_into_a_pipe_carry_no_colour_codes() {
     let out = car.stop();
     assert!(out.contains("idempotency sidecar ready"), "{out}");
     assert!(!out.contains('\u{1b}'), "colour codes in a pipe: {out:?}");
+}
+
+/// The sidecar's own refusals are counted beside the layer's: an upstream
+/// that cannot be reached is `upstream_unavailable`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_sidecars_own_refusals_are_counted() {
+    let nobody: SocketAddr = ([127, 0, 0, 1], common::free_port()).into();
+    let car = Running::start(nobody, &[]).await;
+    let refused = post_to(car.addr, "unreachable", "{}", 0).await;
+    assert_eq!(refused.status, StatusCode::BAD_GATEWAY);
+    let (_, _, page) = get(car.metrics, "/metrics").await;
+    assert_eq!(
+        sample(
+            &page,
+            r#"idempotency_refusals_total{problem="upstream_unavailable"}"#
+        ),
+        Some(1.0),
+        "{page}"
+    );
+    car.stop();
 }

@@ -139,7 +139,7 @@ struct Args {
     #[arg(long, env = "IDEMPOTENCY_METRICS_LISTEN")]
     metrics_listen: Option<SocketAddr>,
     /// Log lines as text (colour codes only on a terminal, and never with
-    /// NO_COLOR set) or as JSON, one object per line.
+    /// NO_COLOR set to a non-empty value) or as JSON, one object per line.
     #[arg(long, env = "IDEMPOTENCY_LOG_FORMAT", value_enum, default_value_t = LogFormat::Text)]
     log_format: LogFormat,
     /// On SIGTERM or Ctrl-C, how long to let open requests and executions
@@ -288,14 +288,25 @@ fn init_logs(format: LogFormat) {
 }
 
 fn colour() -> bool {
-    std::io::IsTerminal::is_terminal(&std::io::stdout())
-        && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+    colour_for(
+        std::io::IsTerminal::is_terminal(&std::io::stdout()),
+        std::env::var_os("NO_COLOR").as_deref(),
+    )
 }
 
-/// Histogram buckets for every `*_seconds` metric: 0.5 ms to a minute.
+/// Colour codes on a terminal, unless `NO_COLOR` is set to a non-empty
+/// value (the no-color.org convention).
+fn colour_for(terminal: bool, no_color: Option<&std::ffi::OsStr>) -> bool {
+    terminal && no_color.is_none_or(|v| v.is_empty())
+}
+
+/// Histogram buckets for every `*_seconds` metric: 0.5 ms to a minute,
+/// with edges just past the default bounds (a 0.5 s Redis timeout, a 1 s
+/// PostgreSQL one, a 10 s duplicate wait), so that what hits a bound is
+/// told apart from what came in under it.
 const SECONDS_BUCKETS: &[f64] = &[
-    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0,
-    60.0,
+    0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.6, 1.0, 1.2, 2.5, 5.0, 10.0,
+    12.0, 30.0, 60.0,
 ];
 
 /// Most metrics scrapes served at once; more wait in the listen backlog.
@@ -312,7 +323,8 @@ async fn serve_metrics(addr: SocketAddr) -> Result<(), Box<dyn std::error::Error
         .await
         .map_err(|e| format!("cannot listen on {addr} for metrics: {e}"))?;
     tracing::info!(metrics = %listener.local_addr()?, "serving Prometheus metrics at /metrics");
-    // Histograms are drained into their buckets by the upkeep.
+    // A scrape drains the histograms; the upkeep bounds what they hold
+    // between scrapes.
     tokio::spawn({
         let handle = handle.clone();
         async move {
@@ -395,6 +407,8 @@ async fn main() -> std::process::ExitCode {
     match start(args).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
+            // In the log (JSON lines included) and on stderr.
+            tracing::error!(error = %e, "idempotency sidecar stopped");
             eprintln!("idempotency-sidecar: {e}");
             std::process::ExitCode::FAILURE
         }
@@ -472,6 +486,15 @@ mod tests {
         assert!(parse_status("abc").is_err());
         assert_eq!(parse_method("post").unwrap(), Method::POST);
         assert!(parse_header_name("bad header").is_err());
+    }
+
+    #[test]
+    fn colour_only_on_a_terminal_and_never_with_no_color() {
+        use std::ffi::OsStr;
+        assert!(colour_for(true, None));
+        assert!(colour_for(true, Some(OsStr::new(""))), "empty is unset");
+        assert!(!colour_for(true, Some(OsStr::new("1"))));
+        assert!(!colour_for(false, None), "a pipe or a file");
     }
 
     #[test]

@@ -91,6 +91,7 @@ impl Proxy {
 }
 
 fn problem_response(kind: ProblemKind, detail: String) -> Response<ProxyBody> {
+    crate::observe::refusal(kind);
     Problem::new(kind)
         .detail(detail)
         .into_response(|bytes| Either::Right(Full::new(bytes)))

@@ -295,6 +295,7 @@ fn client_timeout<B>(waited: Duration, guarded: bool) -> Response<ResponseBody<B
             "the upstream did not answer within {waited:?}; the request carried no idempotency key the sidecar guards, so its call was cut off, and the upstream may or may not have acted on it"
         )
     };
+    crate::observe::refusal(ProblemKind::UpstreamTimeout);
     Problem::new(ProblemKind::UpstreamTimeout)
         .detail(detail)
         .retry_after(Duration::from_secs(1))
@@ -395,7 +396,7 @@ pub async fn serve<St: Store>(
                 DeadlineBody::new(body, body_deadline, "the request body", client_wait)
             });
             let mut service = service.clone();
-            let is_get = req.method() == http::Method::GET;
+            let is_get = req.method() == http::Method::GET || req.method() == http::Method::HEAD;
             let is_health = is_get && req.uri().path() == health_path;
             let is_ready = is_get && req.uri().path() == ready_path;
             let store = store.clone();

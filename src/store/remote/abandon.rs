@@ -98,10 +98,12 @@ impl Abandoner {
                 })
             }
         };
+        // The gauge goes up before the worker can take it down.
+        crate::observe::orphans_pending(1.0);
         if self.pending.fetch_add(1, Ordering::AcqRel) < QUEUE_BOUND && queue.send(orphan).is_ok() {
-            crate::observe::orphans_pending(1.0);
             return true;
         }
+        crate::observe::orphans_pending(-1.0);
         self.pending.fetch_sub(1, Ordering::AcqRel);
         tracing::debug!("too many idempotency orphans queued; this one expires with its lease");
         false
@@ -139,6 +141,14 @@ async fn work<R: Remote>(
         }
         let released = {
             let Some(remote) = remote.upgrade() else {
+                // The store is gone: what it queued will never be released
+                // here, and must not stay in the gauge.
+                rx.close();
+                let mut left = 1 + retrying.len();
+                while rx.try_recv().is_ok() {
+                    left += 1;
+                }
+                crate::observe::orphans_pending(-(left as f64));
                 return;
             };
             remote.abandon_once(&next).await
