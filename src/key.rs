@@ -156,6 +156,16 @@ impl Scope {
         Self(id.into())
     }
 
+    /// The scope of a request whose scope header carries `value` (the
+    /// sidecar's `--scope-header`, `sidecar::scope_from_header`): the
+    /// SHA-256 of the value, so a scope of any length costs 32 bytes. The
+    /// operator's tool (`idempotency-admin --scope`) derives the same scope
+    /// from the value the client sent, and finds the key the layer stored.
+    pub fn from_header_value(value: &[u8]) -> Self {
+        let digest: [u8; 32] = Sha256::digest(value).into();
+        Self(Bytes::copy_from_slice(&digest))
+    }
+
     /// The scope's bytes.
     pub fn as_bytes(&self) -> &[u8] {
         &self.0
@@ -233,6 +243,21 @@ impl StoreKey {
     /// The digest as 64 lowercase hex characters.
     pub fn to_hex(&self) -> String {
         hex(&self.0)
+    }
+
+    /// The key named by 64 hex digits (either case), as
+    /// [`to_hex`](Self::to_hex) writes it; `None` for anything else.
+    pub fn from_hex(text: &str) -> Option<Self> {
+        let text = text.as_bytes();
+        if text.len() != 64 {
+            return None;
+        }
+        let mut bytes = [0u8; 32];
+        for (byte, pair) in bytes.iter_mut().zip(text.chunks_exact(2)) {
+            let digit = |c: u8| (c as char).to_digit(16);
+            *byte = u8::try_from(digit(pair[0])? * 16 + digit(pair[1])?).ok()?;
+        }
+        Some(Self(bytes))
     }
 }
 
@@ -341,5 +366,30 @@ mod tests {
         let k = parse(b"secret-key").unwrap();
         assert!(!format!("{k:?}").contains("secret"));
         assert!(!format!("{:?}", Scope::from("tenant-a")).contains("tenant"));
+    }
+
+    #[test]
+    fn store_keys_read_back_from_hex() {
+        let key = StoreKey::new(&Scope::from("t"), &parse(b"k").unwrap());
+        assert_eq!(StoreKey::from_hex(&key.to_hex()), Some(key));
+        assert_eq!(StoreKey::from_hex(&key.to_hex().to_uppercase()), Some(key));
+        for bad in [
+            "",
+            "00",
+            &"g".repeat(64),
+            &"0".repeat(63),
+            &"0".repeat(65),
+            &"é".repeat(32),
+        ] {
+            assert_eq!(StoreKey::from_hex(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_header_scope_is_the_digest_of_the_value() {
+        let scope = Scope::from_header_value(b"tenant-a");
+        assert_eq!(scope.as_bytes().len(), 32);
+        assert_eq!(scope, Scope::from_header_value(b"tenant-a"));
+        assert_ne!(scope, Scope::from_header_value(b"tenant-b"));
     }
 }

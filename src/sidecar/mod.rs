@@ -58,7 +58,6 @@ use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
 use pin_project_lite::pin_project;
-use sha2::{Digest, Sha256};
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio::time::Instant;
@@ -277,8 +276,7 @@ pub fn scope_from_header(
 ) -> impl Fn(&http::request::Parts) -> Option<Scope> + Send + Sync + 'static {
     move |parts| {
         let value = parts.headers.get(&name)?;
-        let digest: [u8; 32] = Sha256::digest(value.as_bytes()).into();
-        Some(Scope::new(Bytes::copy_from_slice(&digest)))
+        Some(Scope::from_header_value(value.as_bytes()))
     }
 }
 

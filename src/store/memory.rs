@@ -469,5 +469,6 @@ impl Store for MemoryStore {
     }
 }
 
+mod admin;
 #[cfg(test)]
 mod tests;

@@ -15,6 +15,10 @@
 //! | [`wait`](Store::wait) | returns once the observed claim is gone (completed, released or expired) or the timeout passes, without busy polling. |
 //! | [`purge`](Store::purge) | drops whatever the key holds (an operator's tool). |
 //!
+//! The built-in stores also implement [`admin::Admin`], an operator's
+//! interface: inspect one key, list keys by state, purge, and resolve a key
+//! whose outcome is unknown.
+//!
 //! Remote stores should make each operation one round trip. The
 //! [`conformance`] module (feature `test-util`) is the executable form of
 //! this contract: run it against your own store.
@@ -29,6 +33,7 @@ use crate::BoxError;
 use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
 
+pub mod admin;
 #[cfg(feature = "memory")]
 mod key_hasher;
 #[cfg(feature = "memory")]

@@ -1,6 +1,7 @@
 //! [`PostgresStore`]: claims and records in a table of your own PostgreSQL
 //! database, and a fence for the handler's own transaction.
 
+mod admin;
 mod builder;
 mod cleanup;
 mod connect;

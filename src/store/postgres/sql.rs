@@ -71,7 +71,20 @@ pub(super) struct Statements {
     pub(super) purge: String,
     pub(super) fence: String,
     pub(super) cleanup: String,
+    pub(super) inspect: String,
+    pub(super) list: String,
+    pub(super) drop_entry: String,
+    pub(super) resolve: String,
 }
+
+/// The columns an operator's statements read, after the key: the fence,
+/// state, payload, and whether the lease is live, whether the row is kept,
+/// whether the effect was committed, then the lease left and the time to
+/// expiry in ms. (`clock` is the statement's clock.)
+const SEEN: &str = "fence, state, payload, lease_until > clock.t, expires_at > clock.t,
+    effect_committed,
+    (extract(epoch FROM lease_until - clock.t) * 1000)::float8,
+    (extract(epoch FROM expires_at - clock.t) * 1000)::float8";
 
 impl Statements {
     /// The statements on the table `name`, which must be a valid table
@@ -251,6 +264,57 @@ impl Statements {
             // conditions are checked again under the row lock (`FOR UPDATE`
             // re-reads a row updated meanwhile), so a renewal that commits
             // first keeps its row.
+            // An operator's statements (`Admin`): they read the columns
+            // `SEEN` names and change a row only by its key and fence.
+            inspect: format!(
+                "WITH clock AS (SELECT clock_timestamp() AS t)
+                 SELECT key, {SEEN} FROM {table}, clock WHERE key = $1"
+            ),
+            // A page of rows in fence order after ($1, $2), the last row of
+            // the previous page: the index on (fence, key) reads it.
+            list: format!(
+                "WITH clock AS (SELECT clock_timestamp() AS t)
+                 SELECT key, {SEEN} FROM {table}, clock
+                 WHERE (fence, key) > ($1, $2)
+                 ORDER BY fence, key LIMIT $3"
+            ),
+            // Drops the row, unless it is a live claim and $2 (force) is
+            // false. Answers whether a live entry was dropped (NULL when
+            // nothing was), and whether a live claim was there.
+            drop_entry: format!(
+                "WITH clock AS (SELECT clock_timestamp() AS t),
+                 gone AS (
+                   DELETE FROM {table} USING clock
+                   WHERE key = $1 AND ($2 OR NOT (state = 0 AND lease_until > clock.t))
+                   RETURNING (state = 0 AND lease_until > clock.t)
+                          OR (state = 0 AND effect_committed AND expires_at > clock.t)
+                          OR (state = 1 AND expires_at > clock.t)
+                          OR state NOT IN (0, 1, 2) AS held
+                 )
+                 SELECT (SELECT bool_or(held) FROM gone),
+                        EXISTS (SELECT 1 FROM {table}, clock
+                                WHERE key = $1 AND state = 0 AND lease_until > clock.t)"
+            ),
+            // Settles a key whose outcome is unknown (a record, or a claim
+            // whose effect was committed and whose lease ran out) by its
+            // fence ($2): $3 releases it (state 2, its fence kept), else $4
+            // becomes its record. Its fingerprint and expiry are kept.
+            resolve: format!(
+                "WITH clock AS (SELECT clock_timestamp() AS t),
+                 done AS (
+                   UPDATE {table} AS r
+                   SET state = CASE WHEN $3 THEN 2 ELSE 1 END,
+                       payload = $4,
+                       effect_committed = false,
+                       lease_until = LEAST(r.lease_until, clock.t)
+                   FROM clock
+                   WHERE r.key = $1 AND r.fence = $2 AND r.expires_at > clock.t
+                     AND (r.state = 1
+                          OR (r.state = 0 AND r.effect_committed AND r.lease_until <= clock.t))
+                   RETURNING r.key
+                 )
+                 SELECT EXISTS (SELECT 1 FROM done)"
+            ),
             cleanup: format!(
                 "DELETE FROM {table} WHERE key IN (
                    SELECT key FROM {table}
@@ -273,6 +337,7 @@ impl Statements {
 fn migrate(name: &str) -> String {
     let table = quoted(name);
     let index = quoted(&format!("{name}_expires_at"));
+    let by_fence = quoted(&format!("{name}_fence"));
     format!(
         "SELECT pg_advisory_xact_lock(hashtext('tower_idempotency_migrate:{name}'));
          CREATE TABLE IF NOT EXISTS {table} (
@@ -286,7 +351,8 @@ fn migrate(name: &str) -> String {
              effect_committed boolean     NOT NULL DEFAULT false,
              payload          bytea
          );
-         CREATE INDEX IF NOT EXISTS {index} ON {table} (expires_at);"
+         CREATE INDEX IF NOT EXISTS {index} ON {table} (expires_at);
+         CREATE INDEX IF NOT EXISTS {by_fence} ON {table} (fence, key);"
     )
 }
 
@@ -333,6 +399,10 @@ mod tests {
             &s.purge,
             &s.fence,
             &s.cleanup,
+            &s.inspect,
+            &s.list,
+            &s.drop_entry,
+            &s.resolve,
         ];
         for sql in all {
             assert!(sql.contains("\"order\""), "{sql}");
@@ -341,6 +411,7 @@ mod tests {
             let rest = sql
                 .replace("\"order\"", "")
                 .replace("\"order_expires_at\"", "")
+                .replace("\"order_fence\"", "")
                 .replace("'tower_idempotency_migrate:order'", "");
             assert!(!rest.contains("order"), "unquoted in: {sql}");
         }

@@ -2,9 +2,12 @@
 //! 59-byte header of fixed offsets, then the lease deadline or the payload.
 //! The scripts that write it are in the `scripts` module.
 
+use std::time::Duration;
+
 use bytes::Bytes;
 
 use crate::fingerprint::Fingerprint;
+use crate::store::admin::sealed::Raw;
 use crate::store::{Claim, CompletedRecord, OwnerToken};
 
 /// Length of the header before the tail.
@@ -69,6 +72,55 @@ pub(super) fn parse(record: Vec<u8>) -> Option<Claim> {
             payload: Bytes::from(record).slice(HEADER..),
         })),
         _ => None,
+    }
+}
+
+/// Any entry, as an operator sees it: `pttl` is the key's time to live,
+/// `now` the server's clock (ms). Never panics, whatever the bytes.
+pub(super) fn read(entry: Vec<u8>, pttl: Option<Duration>, now: u64) -> Raw {
+    let unreadable = |problem: &str| Raw::Unreadable {
+        problem: problem.to_owned(),
+    };
+    if entry.len() < HEADER || entry[0] != VERSION {
+        return unreadable("unknown entry format");
+    }
+    let digits = &entry[FENCE];
+    let Some(fence) = digits
+        .iter()
+        .all(u8::is_ascii_digit)
+        .then(|| std::str::from_utf8(digits).ok()?.parse::<u64>().ok())
+        .flatten()
+    else {
+        return unreadable("unreadable fence");
+    };
+    match entry[1] {
+        b'd' => Raw::Record {
+            fence: Some(fence),
+            payload: Bytes::from(entry).slice(HEADER..),
+            expires_in: pttl,
+        },
+        b'i' | b'f' => {
+            let tail = &entry[HEADER..];
+            let end = tail
+                .iter()
+                .position(|b| !b.is_ascii_digit())
+                .unwrap_or(tail.len());
+            let Some(deadline) = std::str::from_utf8(&tail[..end])
+                .ok()
+                .and_then(|d| d.parse::<u64>().ok())
+            else {
+                return unreadable("unreadable lease");
+            };
+            if entry[1] == b'i' && deadline > now {
+                Raw::InFlight {
+                    fence,
+                    lease_left: Duration::from_millis(deadline - now),
+                }
+            } else {
+                Raw::Absent { fence: Some(fence) }
+            }
+        }
+        _ => unreadable("unknown state"),
     }
 }
 
@@ -145,6 +197,52 @@ mod tests {
             }
             other => panic!("{other:?}"),
         }
+    }
+
+    #[test]
+    fn an_operator_reads_every_state_and_never_panics() {
+        let mut live = header(b'i', "0000000000000042");
+        live.extend_from_slice(b"2000");
+        match read(live.clone(), None, 1500) {
+            Raw::InFlight { fence, lease_left } => {
+                assert_eq!(fence, 42);
+                assert_eq!(lease_left, Duration::from_millis(500));
+            }
+            other => panic!("{other:?}"),
+        }
+        assert!(matches!(
+            read(live, None, 2000),
+            Raw::Absent { fence: Some(42) }
+        ));
+        let mut free = header(b'f', "0000000000000042");
+        free.extend_from_slice(b"2000;12345678");
+        assert!(matches!(
+            read(free, None, 0),
+            Raw::Absent { fence: Some(42) }
+        ));
+        let mut done = header(b'd', "0000000000000042");
+        done.extend_from_slice(b"answer");
+        match read(done.clone(), Some(Duration::from_secs(9)), 0) {
+            Raw::Record {
+                fence,
+                payload,
+                expires_in,
+            } => {
+                assert_eq!(fence, Some(42));
+                assert_eq!(&payload[..], b"answer");
+                assert_eq!(expires_in, Some(Duration::from_secs(9)));
+            }
+            other => panic!("{other:?}"),
+        }
+        for cut in 0..=HEADER {
+            assert!(matches!(
+                read(done[..cut].to_vec(), None, 0),
+                Raw::Unreadable { .. }
+            ));
+        }
+        let mut odd = done.clone();
+        odd[1] = b'x';
+        assert!(matches!(read(odd, None, 0), Raw::Unreadable { .. }));
     }
 
     #[test]

@@ -2,6 +2,7 @@
 //! (feature `redis`; Redis Cluster with `redis-cluster`, TLS with `tls`),
 //! its builder and its defaults.
 
+mod admin;
 mod builder;
 mod connection;
 mod entry;

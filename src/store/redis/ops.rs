@@ -27,7 +27,7 @@ where
 {
     /// Runs a script within the operation timeout, telling apart the
     /// failures after which it cannot have taken effect.
-    async fn call(
+    pub(super) async fn call(
         &self,
         op: &'static str,
         invocation: redis::ScriptInvocation<'_>,
@@ -238,7 +238,7 @@ where
     async fn purge(&self, key: StoreKey) -> Result<bool, StoreError> {
         let name = self.key_name(key);
         let mut invocation = self.inner.scripts.purge.key(&name);
-        invocation.arg(&self.inner.channel);
+        invocation.arg(&self.inner.channel).arg("1");
         match self.call("purge", invocation).await? {
             Value::Int(n) => Ok(n == 1),
             other => Err(corrupt("purge", &other)),

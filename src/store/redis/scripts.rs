@@ -300,29 +300,70 @@ return dl - now
 "#
 );
 
-/// `purge(channel)` → 1 when a live claim, a record, or an unreadable
-/// value was dropped, else 0. It does not validate the entry: purging is
-/// the operator's remedy for a corrupt one.
+/// `purge(channel, force)` → 1 when a live claim, a record, or an
+/// unreadable value was dropped, else 0; 2 when the key holds a live claim
+/// and `force` is `0` (nothing is dropped). Without `force` it drops
+/// anything. It does not validate the entry: purging is the operator's
+/// remedy for a corrupt one.
 pub(super) const PURGE: &str = concat!(
     "\n",
     clock!(),
-    r#"local held = false
+    r#"local held, live = false, false
 local r = redis.pcall('GET', KEYS[1])
 if type(r) == 'string' then
   local st = string.sub(r, 2, 2)
   if #r < 59 or string.byte(r, 1) ~= 50 or st == 'd' or (st ~= 'i' and st ~= 'f') then
     held = true
   elseif st == 'i' then
-    held = (tonumber(string.sub(r, 60)) or now + 1) > now
+    held = (tonumber(string.match(r, '^%d+', 60)) or now + 1) > now
+    live = held
   end
 elseif type(r) == 'table' then
   local ok, h = pcall(redis.call, 'HMGET', KEYS[1], 'st', 'dl')
-  held = not ok or h[1] == 'd' or (h[1] == 'i' and (tonumber(h[2]) or now + 1) > now)
-    or (h[1] ~= false and h[1] ~= 'i' and h[1] ~= 'f')
+  live = ok and h[1] == 'i' and (tonumber(h[2]) or now + 1) > now
+  held = not ok or h[1] == 'd' or live or (h[1] ~= false and h[1] ~= 'i' and h[1] ~= 'f')
 end
+if live and ARGV[2] == '0' then return 2 end
 if redis.call('DEL', KEYS[1]) == 1 then redis.call('PUBLISH', ARGV[1], KEYS[1]) end
 if held then return 1 end
 return 0
+"#
+);
+
+/// `inspect()` → `{entry, pttl, now}`: the entry as a claim would see it
+/// (format 1 converted to format 2; `false` when there is none), the key's
+/// time to live (ms; negative without one) and the server's clock (ms).
+/// Changes nothing. Fails with `IDEM_CORRUPT` (or `WRONGTYPE`) on a value
+/// that is no entry.
+pub(super) const INSPECT: &str = concat!(
+    r#"
+local r = redis.pcall('GET', KEYS[1])
+if type(r) == 'table' then
+"#,
+    legacy_entry!(),
+    r#"
+end
+"#,
+    clock!(),
+    r#"return {r, redis.call('PTTL', KEYS[1]), now}
+"#
+);
+
+/// `resolve(fence, payload, release)` → 1 when the key held a done entry
+/// of this fence (16 digits) and now holds `payload` in its place (the
+/// header, fingerprint and expiry kept) or, with `release` = `1`, nothing;
+/// else 0 and nothing changed. An operator's answer for a key whose
+/// outcome was unknown.
+pub(super) const RESOLVE: &str = concat!(
+    prologue!("  return 0"),
+    r#"
+if st ~= 'd' or string.sub(r, 4, 19) ~= ARGV[1] then return 0 end
+if ARGV[3] == '1' then
+  redis.call('DEL', KEYS[1])
+else
+  redis.call('SET', KEYS[1], string.sub(r, 1, 59) .. ARGV[2], 'KEEPTTL')
+end
+return 1
 "#
 );
 
@@ -387,6 +428,8 @@ pub(super) struct Scripts {
     pub(super) lease_left: Script,
     pub(super) purge: Script,
     pub(super) abandon: Script,
+    pub(super) inspect: Script,
+    pub(super) resolve: Script,
 }
 
 impl Scripts {
@@ -399,6 +442,8 @@ impl Scripts {
             lease_left: Script::new(LEASE_LEFT),
             purge: Script::new(PURGE),
             abandon: Script::new(ABANDON),
+            inspect: Script::new(INSPECT),
+            resolve: Script::new(RESOLVE),
         }
     }
 }

@@ -1,0 +1,132 @@
+//! [`Admin`](crate::store::admin::Admin) for [`MemoryStore`]: every key is
+//! in this process, read under its shard's lock.
+
+use std::time::Duration;
+
+use bytes::Bytes;
+use tokio::time::Instant;
+
+use super::{Completed, MemoryStore, SHARDS, lock};
+use crate::key::StoreKey;
+use crate::store::admin::Purged;
+use crate::store::admin::sealed::{Backend, FenceClock, Oldest, Raw};
+use crate::store::{CompletedRecord, StoreError};
+
+impl MemoryStore {
+    fn raw_of(&self, key: &StoreKey, now: Instant) -> Raw {
+        let claims = self.shard(key);
+        let claim = claims.map.get(key).map(|c| (c.token.fence(), c.deadline));
+        drop(claims);
+        match claim {
+            Some((fence, deadline)) if deadline > now => Raw::InFlight {
+                fence,
+                lease_left: deadline.saturating_duration_since(now),
+            },
+            claim => match self.live_completed(key, now) {
+                Some(done) => record(&done, now),
+                None => Raw::Absent {
+                    fence: claim.map(|(fence, _)| fence),
+                },
+            },
+        }
+    }
+}
+
+fn record(done: &Completed, now: Instant) -> Raw {
+    Raw::Record {
+        fence: Some(done.owner.fence()),
+        payload: done.record.payload.clone(),
+        expires_in: Some(done.expires_at.saturating_duration_since(now)),
+    }
+}
+
+impl Backend for MemoryStore {
+    const CLOCK: FenceClock = FenceClock::MicrosTimes(SHARDS as u64);
+
+    async fn read(&self, key: StoreKey) -> Result<Raw, StoreError> {
+        Ok(self.raw_of(&key, Instant::now()))
+    }
+
+    async fn scan(&self, oldest: &mut Oldest) -> Result<(), StoreError> {
+        let now = Instant::now();
+        for shard in self.inner.shards.iter() {
+            let live: Vec<(StoreKey, u64, Instant)> = lock(shard)
+                .map
+                .iter()
+                .filter(|(_, c)| c.deadline > now)
+                .map(|(key, c)| (*key, c.token.fence(), c.deadline))
+                .collect();
+            for (key, fence, deadline) in live {
+                let raw = Raw::InFlight {
+                    fence,
+                    lease_left: deadline.saturating_duration_since(now),
+                };
+                oldest.offer(raw.inspect_with(key, Self::CLOCK));
+            }
+        }
+        for (key, done) in self.inner.completed.iter() {
+            if done.expires_at > now {
+                oldest.offer(record(&done, now).inspect_with(*key, Self::CLOCK));
+            }
+        }
+        Ok(())
+    }
+
+    async fn drop_entry(&self, key: StoreKey, force: bool) -> Result<Purged, StoreError> {
+        let now = Instant::now();
+        let mut claims = self.shard(&key);
+        let live = claims.map.get(&key).is_some_and(|c| c.deadline > now);
+        if live && !force {
+            return Ok(Purged::RefusedLiveClaim);
+        }
+        // Removing the claim drops its channel, which wakes its waiters.
+        if claims.map.remove(&key).is_some() {
+            self.free_places(1);
+        }
+        let had_record = self
+            .inner
+            .completed
+            .remove(&key)
+            .is_some_and(|c| c.expires_at > now);
+        drop(claims);
+        Ok(if live || had_record {
+            Purged::Dropped
+        } else {
+            Purged::Nothing
+        })
+    }
+
+    async fn replace(
+        &self,
+        key: StoreKey,
+        fence: u64,
+        payload: Option<Bytes>,
+    ) -> Result<bool, StoreError> {
+        let now = Instant::now();
+        // The shard's lock keeps a claim from slipping in between.
+        let _claims = self.shard(&key);
+        let Some(done) = self.live_completed(&key, now) else {
+            return Ok(false);
+        };
+        if done.owner.fence() != fence {
+            return Ok(false);
+        }
+        match payload {
+            None => self.inner.completed.invalidate(&key),
+            Some(payload) => {
+                let retention = done.expires_at.saturating_duration_since(now);
+                let replaced = Completed {
+                    record: CompletedRecord {
+                        fingerprint: done.record.fingerprint,
+                        payload,
+                    },
+                    owner: done.owner,
+                    expires_at: done.expires_at,
+                    retention: retention.max(Duration::from_millis(1)),
+                };
+                self.inner.completed.insert(key, replaced);
+            }
+        }
+        Ok(true)
+    }
+}
