@@ -72,7 +72,7 @@ pub use settle::{Completion, Decider};
 use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
 use crate::observe::{self, Event};
-use crate::store::{Claim, Store, StoreError};
+use crate::store::{Claim, RequestLabel, Store, StoreError};
 
 /// The default lease: 30 seconds, renewed every 10 while the operation runs.
 pub const DEFAULT_LEASE: Duration = Duration::from_secs(30);
@@ -241,7 +241,10 @@ impl<St: Store> Engine<St> {
         // A block, not an `async fn` (see `crate::service::guard`): `op`
         // carries the request.
         async move {
-            match self.begin(key, fingerprint).await? {
+            match self
+                .begin(key, fingerprint, &RequestLabel::default())
+                .await?
+            {
                 Begun::Acquired(acquired) => acquired
                     .execute(op)
                     .await
@@ -262,22 +265,23 @@ impl<St: Store> Engine<St> {
         &self,
         key: StoreKey,
         fingerprint: Fingerprint,
+        label: &RequestLabel,
     ) -> Result<Begun<'_, St>, EngineError<E>> {
         // The wait for an in-flight duplicate counts from the first time
         // it is seen; a request that claims or replays never reads the clock.
         let mut waiting = observe::WaitClock::default();
         let mut coalesced = false;
         loop {
-            let claim =
-                match observe::store_call("claim", self.store.claim(key, fingerprint, self.lease))
-                    .await
-                {
-                    Ok(claim) => claim,
-                    Err(e) => {
-                        observe::event(Event::StoreError, &key, Some(&e));
-                        return Err(EngineError::Store(e));
-                    }
-                };
+            let claim = self
+                .store
+                .claim_labelled(key, fingerprint, self.lease, label);
+            let claim = match observe::store_call("claim", claim).await {
+                Ok(claim) => claim,
+                Err(e) => {
+                    observe::event(Event::StoreError, &key, Some(&e));
+                    return Err(EngineError::Store(e));
+                }
+            };
             match claim {
                 Claim::Acquired(token) => {
                     return Ok(Begun::Acquired(Acquired {
@@ -348,7 +352,7 @@ mod tests {
         let key = StoreKey::from_parts(b"", b"k");
         let fingerprint = Fingerprint::of_bytes(b"request");
         let begun = engine
-            .begin::<std::convert::Infallible>(key, fingerprint)
+            .begin::<std::convert::Infallible>(key, fingerprint, &RequestLabel::default())
             .await
             .unwrap();
         assert!(matches!(begun, Begun::Acquired(_)));

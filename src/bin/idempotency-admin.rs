@@ -327,8 +327,13 @@ async fn command<S: Admin>(store: &S, command: Command) -> Result<(), Failure> {
                     print_line(
                         &mut out,
                         &format!(
-                            "{:<64}  {:<15}  {:>10}  {:>6}  {:<6}  -",
-                            one.key_hash, one.state, age, status, "-"
+                            "{:<64}  {:<15}  {:>10}  {:>6}  {:<6}  {}",
+                            one.key_hash,
+                            one.state,
+                            age,
+                            status,
+                            one.method.as_deref().unwrap_or("-"),
+                            one.path.as_deref().unwrap_or("-"),
                         ),
                     );
                 }
@@ -418,8 +423,9 @@ fn describe(seen: &Inspection, now: SystemTime) -> Value {
         "fence": seen.fence,
         "claimed_at": seen.claimed_at.map(|t| humantime::format_rfc3339_micros(t).to_string()),
         "age_seconds": seen.age(now).map(|a| a.as_secs_f64()),
-        "method": Value::Null,
-        "path": Value::Null,
+        "method": seen.method,
+        "path": seen.path,
+        "completed_at": seen.completed_at.map(|t| humantime::format_rfc3339_micros(t).to_string()),
         "lease_left_ms": seen.lease_left.map(millis),
         "expires_in_ms": seen.expires_in.map(millis),
         "status": answer.map(|a| a.status.as_u16()),
@@ -490,6 +496,18 @@ fn print_table(out: &mut impl Write, seen: &Inspection, now: SystemTime) {
                 humantime::format_rfc3339_seconds(at),
                 short_duration(age)
             ),
+        );
+    }
+    if let Some(method) = &seen.method {
+        row("method", method.clone());
+    }
+    if let Some(path) = &seen.path {
+        row("path", path.clone());
+    }
+    if let Some(at) = seen.completed_at {
+        row(
+            "completed",
+            humantime::format_rfc3339_seconds(at).to_string(),
         );
     }
     if let Some(left) = seen.lease_left {

@@ -22,7 +22,7 @@ use crate::grpc;
 use crate::key::{IdempotencyKey, Scope, StoreKey};
 use crate::observe::{self, Event};
 use crate::problem::{Problem, ProblemKind};
-use crate::store::{Store, StoreErrorKind};
+use crate::store::{RequestLabel, Store, StoreErrorKind};
 
 mod request;
 mod response;
@@ -214,6 +214,7 @@ where
         let (engine, config) = (&shared.engine, &shared.config);
         let limit = config.request_body_limit;
         let req = &mut pending.req;
+        let label = RequestLabel::new(req.method().as_str(), req.uri().path());
         let hasher = FingerprintHasher::new(
             req.method(),
             req.uri(),
@@ -243,7 +244,7 @@ where
         };
         let span = tracing::debug_span!("idempotency", key = %store_key);
         let begun = engine
-            .begin::<std::convert::Infallible>(store_key, fingerprint)
+            .begin::<std::convert::Infallible>(store_key, fingerprint, &label)
             .instrument(span.clone())
             .await;
         let acquired = match begun {

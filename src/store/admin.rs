@@ -47,7 +47,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
 
-use super::{Store, StoreError};
+use super::{RequestLabel, Store, StoreError};
 use crate::key::StoreKey;
 use crate::payload::{PayloadError, StoredOutcome, encode_response};
 
@@ -149,6 +149,13 @@ pub struct Inspection {
     /// fences from their clock): the age of a claim, or of the execution a
     /// record came from.
     pub claimed_at: Option<SystemTime>,
+    /// The request's method, where the store keeps it (PostgreSQL and
+    /// memory do; Redis does not).
+    pub method: Option<String>,
+    /// The request's path without its query, where the store keeps it.
+    pub path: Option<String>,
+    /// When the answer was stored, where the store keeps it.
+    pub completed_at: Option<SystemTime>,
     /// For a live claim, how long its lease has left.
     pub lease_left: Option<Duration>,
     /// For a completed or outcome-unknown key, how long until the store
@@ -224,9 +231,8 @@ pub trait Admin: Store + sealed::Backend {
         key: StoreKey,
     ) -> impl Future<Output = Result<Inspection, StoreError>> + Send {
         async move {
-            Ok(sealed::Backend::read(self, key)
-                .await?
-                .inspect_with(key, Self::CLOCK))
+            let (raw, noted) = sealed::Backend::read(self, key).await?;
+            Ok(raw.inspect_with(key, Self::CLOCK, noted))
         }
     }
 
@@ -269,9 +275,8 @@ pub trait Admin: Store + sealed::Backend {
         resolution: Resolution,
     ) -> impl Future<Output = Result<Resolved, StoreError>> + Send {
         async move {
-            let seen = sealed::Backend::read(self, key)
-                .await?
-                .inspect_with(key, Self::CLOCK);
+            let (raw, noted) = sealed::Backend::read(self, key).await?;
+            let seen = raw.inspect_with(key, Self::CLOCK, noted);
             let fence = match (seen.state, seen.fence) {
                 (State::OutcomeUnknown, Some(fence)) => fence,
                 (state, _) => return Ok(Resolved::Refused(state)),
@@ -290,9 +295,8 @@ pub trait Admin: Store + sealed::Backend {
             if sealed::Backend::replace(self, key, fence, payload).await? {
                 return Ok(done);
             }
-            let now = sealed::Backend::read(self, key)
-                .await?
-                .inspect_with(key, Self::CLOCK);
+            let (raw, noted) = sealed::Backend::read(self, key).await?;
+            let now = raw.inspect_with(key, Self::CLOCK, noted);
             Ok(Resolved::Refused(now.state))
         }
     }
@@ -362,7 +366,7 @@ pub(crate) mod sealed {
     }
 
     impl FenceClock {
-        fn time_of(self, fence: u64) -> Option<SystemTime> {
+        pub(crate) fn time_of(self, fence: u64) -> Option<SystemTime> {
             let micros = match self {
                 FenceClock::Micros => fence,
                 FenceClock::MicrosTimes(n) => fence.checked_div(n)?,
@@ -374,12 +378,20 @@ pub(crate) mod sealed {
     impl Raw {
         /// The key as an operator sees it: the payload decoded, a record whose
         /// answer is "outcome unknown" shown as such.
-        pub(crate) fn inspect_with(self, key: StoreKey, clock: FenceClock) -> Inspection {
+        pub(crate) fn inspect_with(
+            self,
+            key: StoreKey,
+            clock: FenceClock,
+            noted: Noted,
+        ) -> Inspection {
             let mut seen = Inspection {
                 key_hash: key.to_hex(),
                 state: State::Absent,
                 fence: None,
                 claimed_at: None,
+                method: None,
+                path: None,
+                completed_at: None,
                 lease_left: None,
                 expires_in: None,
                 answer: None,
@@ -424,8 +436,24 @@ pub(crate) mod sealed {
                 }
             }
             seen.claimed_at = seen.fence.and_then(|f| clock.time_of(f));
+            if seen.state != State::Absent {
+                let known = |text: &str| (!text.is_empty()).then(|| text.to_owned());
+                seen.method = known(noted.label.method());
+                seen.path = known(noted.label.path());
+                seen.completed_at = noted.completed_at;
+            }
             seen
         }
+    }
+
+    /// What a store keeps beside an entry, for an operator.
+    #[doc(hidden)]
+    #[derive(Debug, Clone, Default)]
+    pub struct Noted {
+        /// The claiming request's method and path.
+        pub label: RequestLabel,
+        /// When the answer was stored.
+        pub completed_at: Option<SystemTime>,
     }
 
     /// What a store does for [`Admin`]: read one key, visit every key,
@@ -438,7 +466,10 @@ pub(crate) mod sealed {
 
         /// What `key` holds.
         #[doc(hidden)]
-        fn read(&self, key: StoreKey) -> impl Future<Output = Result<Raw, StoreError>> + Send;
+        fn read(
+            &self,
+            key: StoreKey,
+        ) -> impl Future<Output = Result<(Raw, Noted), StoreError>> + Send;
 
         /// Offers every key the store holds to `oldest`.
         #[doc(hidden)]
@@ -548,7 +579,7 @@ pub(crate) mod sealed {
 
 #[cfg(test)]
 mod tests {
-    use super::sealed::{FenceClock, Oldest, Raw};
+    use super::sealed::{FenceClock, Noted, Oldest, Raw};
     use super::*;
 
     fn seen(n: u8, state: State, fence: Option<u64>) -> Inspection {
@@ -557,6 +588,9 @@ mod tests {
             state,
             fence,
             claimed_at: fence.and_then(|f| FenceClock::Micros.time_of(f)),
+            method: None,
+            path: None,
+            completed_at: None,
             lease_left: None,
             expires_in: None,
             answer: None,
@@ -598,7 +632,7 @@ mod tests {
             payload,
             expires_in: None,
         }
-        .inspect_with(key, FenceClock::Micros);
+        .inspect_with(key, FenceClock::Micros, Noted::default());
         assert_eq!(seen.state, State::OutcomeUnknown);
         assert_eq!(seen.answer.map(|a| a.status), Some(StatusCode::BAD_GATEWAY));
         assert_eq!(
@@ -610,7 +644,7 @@ mod tests {
             payload: Bytes::from_static(b"not a payload"),
             expires_in: None,
         }
-        .inspect_with(key, FenceClock::Micros);
+        .inspect_with(key, FenceClock::Micros, Noted::default());
         assert_eq!(damaged.state, State::Unreadable);
         assert!(damaged.problem.is_some());
     }

@@ -27,7 +27,10 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
-use super::{Claim, CompletedRecord, LeaseStatus, OwnerToken, Store, StoreError, StoreErrorKind};
+use super::{
+    Claim, CompletedRecord, LeaseStatus, OwnerToken, RequestLabel, Store, StoreError,
+    StoreErrorKind,
+};
 use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
 
@@ -273,9 +276,20 @@ impl<St: Store> Store for FaultStore<St> {
         fingerprint: Fingerprint,
         lease: Duration,
     ) -> Result<Claim, StoreError> {
+        self.claim_labelled(key, fingerprint, lease, &RequestLabel::default())
+            .await
+    }
+
+    async fn claim_labelled(
+        &self,
+        key: StoreKey,
+        fingerprint: Fingerprint,
+        lease: Duration,
+        label: &RequestLabel,
+    ) -> Result<Claim, StoreError> {
         let fault = self.enter(Operation::Claim);
         self.shared.called.notify_waiters();
-        let call = self.inner.claim(key, fingerprint, lease);
+        let call = self.inner.claim_labelled(key, fingerprint, lease, label);
         let claim = Self::apply(Operation::Claim, fault, call).await?;
         Ok(match claim {
             Claim::Completed(mut record) if fault == Some(Fault::CorruptPayload) => {

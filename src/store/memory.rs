@@ -11,7 +11,10 @@ use moka::policy::EvictionPolicy;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::{Claim, CompletedRecord, LeaseStatus, OwnerToken, Store, StoreError, StoreErrorKind};
+use super::{
+    Claim, CompletedRecord, LeaseStatus, OwnerToken, RequestLabel, Store, StoreError,
+    StoreErrorKind,
+};
 use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
 use crate::time::deadline;
@@ -97,6 +100,8 @@ struct Claims {
 
 struct InFlight {
     token: OwnerToken,
+    /// What identifies the request, for an operator.
+    label: RequestLabel,
     fingerprint: Fingerprint,
     deadline: Instant,
     /// Created by the first waiter; never sent on: dropping it (with the
@@ -109,6 +114,8 @@ struct InFlight {
 #[derive(Clone)]
 struct Completed {
     record: CompletedRecord,
+    /// What identifies the request, for an operator.
+    label: RequestLabel,
     owner: OwnerToken,
     expires_at: Instant,
     retention: Duration,
@@ -168,7 +175,8 @@ impl MemoryStoreBuilder {
         let completed = moka::sync::Cache::builder()
             .max_capacity(self.max_bytes)
             .weigher(|_k: &StoreKey, v: &Completed| {
-                u32::try_from(v.record.payload.len() as u64 + RECORD_OVERHEAD).unwrap_or(u32::MAX)
+                let held = v.record.payload.len().saturating_add(v.label.len()) as u64;
+                u32::try_from(held.saturating_add(RECORD_OVERHEAD)).unwrap_or(u32::MAX)
             })
             .eviction_policy(EvictionPolicy::lru())
             .expire_after(RetentionExpiry)
@@ -283,6 +291,7 @@ impl MemoryStore {
         key: StoreKey,
         fingerprint: Fingerprint,
         lease: Duration,
+        label: &RequestLabel,
     ) -> Result<Claim, StoreError> {
         let now = Instant::now();
         let mut swept = false;
@@ -325,6 +334,7 @@ impl MemoryStore {
             let token = OwnerToken::new(fence, self.inner.nonce_seed ^ fence);
             let entry = InFlight {
                 token,
+                label: label.clone(),
                 fingerprint,
                 deadline: deadline(now, lease),
                 gone: None,
@@ -360,7 +370,17 @@ impl Store for MemoryStore {
         fingerprint: Fingerprint,
         lease: Duration,
     ) -> Result<Claim, StoreError> {
-        self.claim_now(key, fingerprint, lease)
+        self.claim_now(key, fingerprint, lease, &RequestLabel::default())
+    }
+
+    async fn claim_labelled(
+        &self,
+        key: StoreKey,
+        fingerprint: Fingerprint,
+        lease: Duration,
+        label: &RequestLabel,
+    ) -> Result<Claim, StoreError> {
+        self.claim_now(key, fingerprint, lease, label)
     }
 
     async fn complete(
@@ -376,6 +396,7 @@ impl Store for MemoryStore {
             Some(entry) if entry.token == token && entry.deadline > now => {
                 let done = Completed {
                     record,
+                    label: entry.label.clone(),
                     owner: token,
                     expires_at: deadline(now, retention),
                     retention,

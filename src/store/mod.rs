@@ -34,6 +34,8 @@ use crate::fingerprint::Fingerprint;
 use crate::key::StoreKey;
 
 pub mod admin;
+mod label;
+pub use label::{MAX_LABEL_METHOD, MAX_LABEL_PATH, RequestLabel};
 #[cfg(feature = "memory")]
 mod key_hasher;
 #[cfg(feature = "memory")]
@@ -294,6 +296,21 @@ pub trait Store: Clone + Send + Sync + 'static {
         fingerprint: Fingerprint,
         lease: Duration,
     ) -> impl Future<Output = Result<Claim, StoreError>> + Send;
+
+    /// [`claim`](Self::claim), with what identifies the request (its
+    /// method and path) for an operator's tools: a store that can keep it
+    /// with the entry does ([`admin::Admin`] shows it). The layer claims
+    /// through this. The default forgets the label and claims.
+    fn claim_labelled(
+        &self,
+        key: StoreKey,
+        fingerprint: Fingerprint,
+        lease: Duration,
+        label: &RequestLabel,
+    ) -> impl Future<Output = Result<Claim, StoreError>> + Send {
+        let _ = label;
+        self.claim(key, fingerprint, lease)
+    }
 
     /// Stores `record` for `retention`, if `token` still owns `key`.
     ///

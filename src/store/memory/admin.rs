@@ -1,7 +1,7 @@
 //! [`Admin`](crate::store::admin::Admin) for [`MemoryStore`]: every key is
 //! in this process, read under its shard's lock.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use tokio::time::Instant;
@@ -9,64 +9,90 @@ use tokio::time::Instant;
 use super::{Completed, MemoryStore, SHARDS, lock};
 use crate::key::StoreKey;
 use crate::store::admin::Purged;
-use crate::store::admin::sealed::{Backend, FenceClock, Oldest, Raw};
-use crate::store::{CompletedRecord, StoreError};
+use crate::store::admin::sealed::{Backend, FenceClock, Noted, Oldest, Raw};
+use crate::store::{CompletedRecord, RequestLabel, StoreError};
 
 impl MemoryStore {
-    fn raw_of(&self, key: &StoreKey, now: Instant) -> Raw {
+    fn raw_of(&self, key: &StoreKey, now: Instant) -> (Raw, Noted) {
         let claims = self.shard(key);
-        let claim = claims.map.get(key).map(|c| (c.token.fence(), c.deadline));
+        let claim = claims
+            .map
+            .get(key)
+            .map(|c| (c.token.fence(), c.deadline, c.label.clone()));
         drop(claims);
         match claim {
-            Some((fence, deadline)) if deadline > now => Raw::InFlight {
-                fence,
-                lease_left: deadline.saturating_duration_since(now),
-            },
+            Some((fence, deadline, label)) if deadline > now => (
+                Raw::InFlight {
+                    fence,
+                    lease_left: deadline.saturating_duration_since(now),
+                },
+                Noted {
+                    label,
+                    completed_at: None,
+                },
+            ),
             claim => match self.live_completed(key, now) {
                 Some(done) => record(&done, now),
-                None => Raw::Absent {
-                    fence: claim.map(|(fence, _)| fence),
-                },
+                None => (
+                    Raw::Absent {
+                        fence: claim.map(|(fence, _, _)| fence),
+                    },
+                    Noted::default(),
+                ),
             },
         }
     }
 }
 
-fn record(done: &Completed, now: Instant) -> Raw {
-    Raw::Record {
+/// A completed record as an operator sees it. It was stored `retention`
+/// before its expiry: read on tokio's clock, told on the wall clock.
+fn record(done: &Completed, now: Instant) -> (Raw, Noted) {
+    let since =
+        now.saturating_duration_since(done.expires_at.checked_sub(done.retention).unwrap_or(now));
+    let raw = Raw::Record {
         fence: Some(done.owner.fence()),
         payload: done.record.payload.clone(),
         expires_in: Some(done.expires_at.saturating_duration_since(now)),
-    }
+    };
+    let noted = Noted {
+        label: done.label.clone(),
+        completed_at: SystemTime::now().checked_sub(since),
+    };
+    (raw, noted)
 }
 
 impl Backend for MemoryStore {
     const CLOCK: FenceClock = FenceClock::MicrosTimes(SHARDS as u64);
 
-    async fn read(&self, key: StoreKey) -> Result<Raw, StoreError> {
+    async fn read(&self, key: StoreKey) -> Result<(Raw, Noted), StoreError> {
         Ok(self.raw_of(&key, Instant::now()))
     }
 
     async fn scan(&self, oldest: &mut Oldest) -> Result<(), StoreError> {
         let now = Instant::now();
         for shard in self.inner.shards.iter() {
-            let live: Vec<(StoreKey, u64, Instant)> = lock(shard)
+            let live: Vec<(StoreKey, u64, Instant, RequestLabel)> = lock(shard)
                 .map
                 .iter()
                 .filter(|(_, c)| c.deadline > now)
-                .map(|(key, c)| (*key, c.token.fence(), c.deadline))
+                .map(|(key, c)| (*key, c.token.fence(), c.deadline, c.label.clone()))
                 .collect();
-            for (key, fence, deadline) in live {
+            for (key, fence, deadline, label) in live {
                 let raw = Raw::InFlight {
                     fence,
                     lease_left: deadline.saturating_duration_since(now),
                 };
-                oldest.offer(raw.inspect_with(key, Self::CLOCK));
+                let noted = Noted {
+                    label,
+                    completed_at: None,
+                };
+                oldest.offer(raw.inspect_with(key, Self::CLOCK, noted));
             }
         }
         for (key, done) in self.inner.completed.iter() {
             if done.expires_at > now {
-                oldest.offer(record(&done, now).inspect_with(*key, Self::CLOCK));
+                let (raw, noted) = record(&done, now);
+                oldest.offer(raw.inspect_with(*key, Self::CLOCK, noted));
             }
         }
         Ok(())
@@ -120,6 +146,7 @@ impl Backend for MemoryStore {
                         fingerprint: done.record.fingerprint,
                         payload,
                     },
+                    label: done.label.clone(),
                     owner: done.owner,
                     expires_at: done.expires_at,
                     retention: retention.max(Duration::from_millis(1)),

@@ -2,7 +2,7 @@
 //! read by its key, every row read in fence order (oldest first, by the
 //! index on fence and key), a row changed only by its key and fence.
 
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use bytes::Bytes;
 use tokio_postgres::Row;
@@ -11,9 +11,9 @@ use super::PostgresStore;
 use super::error::corrupt;
 use super::sql::{CLAIMED, COMPLETED};
 use crate::key::StoreKey;
-use crate::store::StoreError;
 use crate::store::admin::Purged;
-use crate::store::admin::sealed::{Backend, Oldest, Raw};
+use crate::store::admin::sealed::{Backend, Noted, Oldest, Raw};
+use crate::store::{RequestLabel, StoreError};
 
 /// Rows read per page while listing.
 const PAGE: i64 = 500;
@@ -22,7 +22,8 @@ const RELEASED: i16 = 2;
 
 /// The key and what its row holds, from the columns the operator's
 /// statements read.
-fn seen(row: &Row) -> Result<(Option<StoreKey>, i64, Raw), tokio_postgres::Error> {
+#[allow(clippy::type_complexity)]
+fn seen(row: &Row) -> Result<(Option<StoreKey>, i64, Raw, Noted), tokio_postgres::Error> {
     let key: &[u8] = row.try_get(0)?;
     let key = <[u8; 32]>::try_from(key).ok().map(StoreKey::from_bytes);
     let fence: i64 = row.try_get(1)?;
@@ -55,7 +56,19 @@ fn seen(row: &Row) -> Result<(Option<StoreKey>, i64, Raw), tokio_postgres::Error
             problem: format!("unknown state {other}"),
         },
     };
-    Ok((key, fence, raw))
+    let method: Option<String> = row.try_get(9)?;
+    let path: Option<String> = row.try_get(10)?;
+    let completed_at: Option<f64> = row.try_get(11)?;
+    let noted = Noted {
+        label: RequestLabel::new(
+            method.as_deref().unwrap_or_default(),
+            path.as_deref().unwrap_or_default(),
+        ),
+        completed_at: completed_at
+            .and_then(|s| Duration::try_from_secs_f64(s).ok())
+            .and_then(|since| SystemTime::UNIX_EPOCH.checked_add(since)),
+    };
+    Ok((key, fence, raw, noted))
 }
 
 /// Milliseconds as the statements give them: negative or not a number
@@ -65,7 +78,7 @@ fn duration(ms: f64) -> Duration {
 }
 
 impl Backend for PostgresStore {
-    async fn read(&self, key: StoreKey) -> Result<Raw, StoreError> {
+    async fn read(&self, key: StoreKey) -> Result<(Raw, Noted), StoreError> {
         let rows = self
             .query(
                 "inspect",
@@ -74,8 +87,11 @@ impl Backend for PostgresStore {
             )
             .await?;
         match rows.first() {
-            Some(row) => Ok(seen(row).map_err(|e| corrupt("inspect", e))?.2),
-            None => Ok(Raw::Absent { fence: None }),
+            Some(row) => {
+                let (_, _, raw, noted) = seen(row).map_err(|e| corrupt("inspect", e))?;
+                Ok((raw, noted))
+            }
+            None => Ok((Raw::Absent { fence: None }, Noted::default())),
         }
     }
 
@@ -90,11 +106,11 @@ impl Backend for PostgresStore {
                 )
                 .await?;
             for row in &rows {
-                let (key, fence, raw) = seen(row).map_err(|e| corrupt("list", e))?;
+                let (key, fence, raw, noted) = seen(row).map_err(|e| corrupt("list", e))?;
                 let name: &[u8] = row.try_get(0).map_err(|e| corrupt("list", e))?;
                 after = (fence, name.to_vec());
                 match key {
-                    Some(key) => oldest.offer(raw.inspect_with(key, Self::CLOCK)),
+                    Some(key) => oldest.offer(raw.inspect_with(key, Self::CLOCK, noted)),
                     // A key of another length is no key of this crate.
                     None => continue,
                 }

@@ -19,7 +19,8 @@ use crate::store::remote::call::Failure;
 use crate::store::remote::wait::{self, Probe};
 use crate::store::remote::{self, Kit, Remote, Unsettled};
 use crate::store::{
-    Claim, CompletedRecord, LeaseStatus, OwnerToken, Store, StoreError, StoreErrorKind,
+    Claim, CompletedRecord, LeaseStatus, OwnerToken, RequestLabel, Store, StoreError,
+    StoreErrorKind,
 };
 
 impl PostgresStore {
@@ -127,16 +128,31 @@ impl Store for PostgresStore {
         fingerprint: Fingerprint,
         lease: Duration,
     ) -> Result<Claim, StoreError> {
+        self.claim_labelled(key, fingerprint, lease, &RequestLabel::default())
+            .await
+    }
+
+    async fn claim_labelled(
+        &self,
+        key: StoreKey,
+        fingerprint: Fingerprint,
+        lease: Duration,
+        label: &RequestLabel,
+    ) -> Result<Claim, StoreError> {
         let nonce = i64::from_ne_bytes(self.inner.kit.nonces.next().to_ne_bytes());
         // The row outlives the lease by the fence memory (the extend
         // statement keeps it so), the same meaning as on Redis.
         let keep = lease.saturating_add(self.inner.kit.fence_memory);
-        let params: [&(dyn ToSql + Sync); 5] = [
+        let known = |text| Some(text).filter(|t: &&str| !t.is_empty());
+        let (method, path) = (known(label.method()), known(label.path()));
+        let params: [&(dyn ToSql + Sync); 7] = [
             &key.as_bytes().as_slice(),
             &fingerprint.as_bytes().as_slice(),
             &nonce,
             &ms(lease),
             &ms(keep),
+            &method,
+            &path,
         ];
         // One connection for the (up to three) attempts, within one bound.
         let until = self.inner.kit.deadline();

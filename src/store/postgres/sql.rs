@@ -80,11 +80,13 @@ pub(super) struct Statements {
 /// The columns an operator's statements read, after the key: the fence,
 /// state, payload, and whether the lease is live, whether the row is kept,
 /// whether the effect was committed, then the lease left and the time to
-/// expiry in ms. (`clock` is the statement's clock.)
+/// expiry in ms, the request's method and path, and when the answer was
+/// stored (s since 1970). (`clock` is the statement's clock.)
 const SEEN: &str = "fence, state, payload, lease_until > clock.t, expires_at > clock.t,
     effect_committed,
     (extract(epoch FROM lease_until - clock.t) * 1000)::float8,
-    (extract(epoch FROM expires_at - clock.t) * 1000)::float8";
+    (extract(epoch FROM expires_at - clock.t) * 1000)::float8,
+    method, path, extract(epoch FROM completed_at)::float8";
 
 impl Statements {
     /// The statements on the table `name`, which must be a valid table
@@ -116,13 +118,18 @@ impl Statements {
                  ),
                  taken AS (
                    INSERT INTO {table} AS r
-                     (key, fingerprint, fence, nonce, state, lease_until, expires_at, effect_committed, payload)
+                     (key, fingerprint, fence, nonce, state, lease_until, expires_at, effect_committed, payload,
+                      method, path)
                    SELECT $1, $2, (extract(epoch FROM clock.t) * 1000000)::bigint, $3, 0,
                           clock.t + $4::float8 * interval '1 millisecond',
-                          clock.t + $5::float8 * interval '1 millisecond', false, NULL
+                          clock.t + $5::float8 * interval '1 millisecond', false, NULL,
+                          $6::text, $7::text
                    FROM clock
                    WHERE NOT EXISTS (SELECT 1 FROM live)
                    ON CONFLICT (key) DO UPDATE SET
+                     method = excluded.method,
+                     path = excluded.path,
+                     completed_at = NULL,
                      fingerprint = excluded.fingerprint,
                      fence = GREATEST(r.fence + 1, excluded.fence),
                      nonce = excluded.nonce,
@@ -146,7 +153,7 @@ impl Statements {
                 "WITH done AS (
                    UPDATE {table}
                    SET state = 1, payload = $4, fingerprint = $5,
-                       lease_until = clock_timestamp(),
+                       lease_until = clock_timestamp(), completed_at = clock_timestamp(),
                        expires_at = clock_timestamp() + $6::float8 * interval '1 millisecond'
                    WHERE key = $1 AND fence = $2 AND nonce = $3 AND state = 0
                      AND (lease_until > clock_timestamp() OR effect_committed)
@@ -306,7 +313,8 @@ impl Statements {
                    SET state = CASE WHEN $3 THEN 2 ELSE 1 END,
                        payload = $4,
                        effect_committed = false,
-                       lease_until = LEAST(r.lease_until, clock.t)
+                       lease_until = LEAST(r.lease_until, clock.t),
+                       completed_at = CASE WHEN $3 THEN r.completed_at ELSE clock.t END
                    FROM clock
                    WHERE r.key = $1 AND r.fence = $2 AND r.expires_at > clock.t
                      AND (r.state = 1
@@ -327,7 +335,16 @@ impl Statements {
     }
 }
 
-/// The migration: the table and its index, created if missing. Safe to
+/// The migration: the table and its indexes, created if missing, and the
+/// columns an operator reads (the request's method and path, when its
+/// answer was stored; when it was claimed, its fence tells) added to a table an earlier version made: the
+/// catalog is read first, so the `ALTER TABLE` (and its exclusive lock,
+/// which would wait for every open transaction on the table) runs once,
+/// not at every start. The index on fence and key (for an operator's
+/// listing) is built without `CONCURRENTLY`: on a large table made by an
+/// earlier version, build it yourself first with
+/// `CREATE INDEX CONCURRENTLY "<table>_fence" ON "<table>" (fence, key)`.
+/// Safe to
 /// run from many processes at once: a transaction-scoped advisory lock
 /// makes them take turns (concurrent `CREATE TABLE IF NOT EXISTS` can
 /// otherwise fail on the catalog's unique index).
@@ -349,8 +366,21 @@ fn migrate(name: &str) -> String {
              lease_until      timestamptz NOT NULL,
              expires_at       timestamptz NOT NULL,
              effect_committed boolean     NOT NULL DEFAULT false,
-             payload          bytea
+             payload          bytea,
+             method           text,
+             path             text,
+             completed_at     timestamptz
          );
+         DO $$ BEGIN
+           IF NOT EXISTS (SELECT 1 FROM pg_attribute
+                          WHERE attrelid = '{table}'::regclass AND attname = 'completed_at'
+                            AND NOT attisdropped) THEN
+             ALTER TABLE {table}
+               ADD COLUMN IF NOT EXISTS method text,
+               ADD COLUMN IF NOT EXISTS path text,
+               ADD COLUMN IF NOT EXISTS completed_at timestamptz;
+           END IF;
+         END $$;
          CREATE INDEX IF NOT EXISTS {index} ON {table} (expires_at);
          CREATE INDEX IF NOT EXISTS {by_fence} ON {table} (fence, key);"
     )

@@ -51,18 +51,33 @@ async fn drop_table(store: &PostgresStore) {
 /// claim that arrives late, after its release.
 async fn claim_with(store: &PostgresStore, key: StoreKey, nonce: u64) -> Option<Claim> {
     let nonce = i64::from_ne_bytes(nonce.to_ne_bytes());
-    let params: [&(dyn ToSql + Sync); 5] = [
-        &key.as_bytes().as_slice(),
-        &[1u8; 32].as_slice(),
-        &nonce,
-        &ms(Duration::from_secs(60)),
-        &ms(Duration::from_secs(120)),
-    ];
     let rows = store
-        .query("claim", &store.inner.sql.claim, &params)
+        .query(
+            "claim",
+            &store.inner.sql.claim,
+            &refs(&claim_params(&key, &nonce)),
+        )
         .await
         .unwrap();
     rows.first().map(|row| read_claim(row, nonce).unwrap())
+}
+
+fn refs<'a>(params: &'a [Box<dyn ToSql + Sync + 'a>]) -> Vec<&'a (dyn ToSql + Sync)> {
+    params.iter().map(|p| &**p as &(dyn ToSql + Sync)).collect()
+}
+
+/// The claim statement's parameters for `key` and `nonce`: a fixed
+/// fingerprint, a 60 s lease, no label.
+fn claim_params<'a>(key: &'a StoreKey, nonce: &'a i64) -> [Box<dyn ToSql + Sync + 'a>; 7] {
+    [
+        Box::new(key.as_bytes().as_slice()),
+        Box::new([1u8; 32].as_slice()),
+        Box::new(*nonce),
+        Box::new(ms(Duration::from_secs(60))),
+        Box::new(ms(Duration::from_secs(120))),
+        Box::new(None::<&str>),
+        Box::new(None::<&str>),
+    ]
 }
 
 /// The release of an orphan, sent now, and done.
@@ -152,14 +167,10 @@ async fn a_release_racing_its_uncommitted_claim_still_releases_it() {
     let nonce = i64::from_ne_bytes(7u64.to_ne_bytes());
     let mut claimer = store.inner.pool.get().await.unwrap();
     let claim = claimer.transaction().await.unwrap();
-    let params: [&(dyn ToSql + Sync); 5] = [
-        &key.as_bytes().as_slice(),
-        &[1u8; 32].as_slice(),
-        &nonce,
-        &ms(Duration::from_secs(60)),
-        &ms(Duration::from_secs(120)),
-    ];
-    let rows = claim.query(&store.inner.sql.claim, &params).await.unwrap();
+    let rows = claim
+        .query(&store.inner.sql.claim, &refs(&claim_params(&key, &nonce)))
+        .await
+        .unwrap();
     assert!(matches!(
         read_claim(&rows[0], nonce).unwrap(),
         Claim::Acquired(_)

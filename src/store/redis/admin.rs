@@ -13,7 +13,7 @@ use super::error::corrupt;
 use super::{RedisStore, entry};
 use crate::key::StoreKey;
 use crate::store::admin::Purged;
-use crate::store::admin::sealed::{Backend, Oldest, Raw};
+use crate::store::admin::sealed::{Backend, Noted, Oldest, Raw};
 use crate::store::remote::call::bounded;
 use crate::store::{StoreError, StoreErrorKind};
 
@@ -170,8 +170,13 @@ fn raw_of(parts: Vec<Value>) -> Raw {
 }
 
 impl<C: Keyspace> Backend for RedisStore<C> {
-    async fn read(&self, key: StoreKey) -> Result<Raw, StoreError> {
-        self.read_named(&self.key_name(key)).await
+    /// Redis keeps no label: its entries have no room for one that
+    /// earlier versions could still read.
+    async fn read(&self, key: StoreKey) -> Result<(Raw, Noted), StoreError> {
+        Ok((
+            self.read_named(&self.key_name(key)).await?,
+            Noted::default(),
+        ))
     }
 
     async fn scan(&self, oldest: &mut Oldest) -> Result<(), StoreError> {
@@ -190,8 +195,8 @@ impl<C: Keyspace> Backend for RedisStore<C> {
                     let Some(key) = self.key_of(&name) else {
                         continue;
                     };
-                    let raw = self.read(key).await?;
-                    oldest.offer(raw.inspect_with(key, Self::CLOCK));
+                    let (raw, noted) = self.read(key).await?;
+                    oldest.offer(raw.inspect_with(key, Self::CLOCK, noted));
                 }
                 if next == 0 {
                     break;
