@@ -274,7 +274,12 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 builder = builder.tls_ca_file(ca);
             }
             let store = builder.build()?;
-            command(&store, cli.command).await
+            command(&store, cli.command).await.map_err(|failure| match failure {
+                Failure::Store(message) if message.contains("does not exist") => Failure::Store(format!(
+                    "{message}\n(the tool creates no table: every instance of the store creates it at start with PostgresStore::migrate; check --postgres-url and --table)"
+                )),
+                other => other,
+            })
         }
     }
 }
