@@ -210,3 +210,53 @@ async fn a_release_racing_its_uncommitted_claim_still_releases_it() {
     );
     drop_table(&store).await;
 }
+
+/// A table an earlier version made (without the columns an operator
+/// reads) gets them from `migrate`, once, and keeps its rows; migrating
+/// again changes nothing. A claim then keeps its method and path.
+#[tokio::test]
+async fn migrate_adds_the_operator_columns_to_an_older_table() {
+    use crate::store::admin::{Admin, State};
+    use crate::store::{RequestLabel, Store};
+
+    let Some(store) = store_on_a_table_of_its_own("migrate_adds_the_operator_columns").await
+    else {
+        return;
+    };
+    let table = sql::quoted(store.table());
+    for column in ["method", "path", "completed_at"] {
+        let drop = format!("ALTER TABLE {table} DROP COLUMN {column}");
+        store.execute("drop", &drop, &[]).await.unwrap();
+    }
+    let old = StoreKey::from_parts(b"", b"old");
+    let insert = format!(
+        "INSERT INTO {table} (key, fingerprint, fence, nonce, state, lease_until, expires_at, payload)
+         VALUES ($1, $2, 1, 1, 0, now() + interval '1 minute', now() + interval '1 day', NULL)"
+    );
+    store
+        .execute(
+            "insert",
+            &insert,
+            &[&old.as_bytes().as_slice(), &[1u8; 32].as_slice()],
+        )
+        .await
+        .unwrap();
+    store.migrate().await.unwrap();
+    store.migrate().await.unwrap();
+    let seen = store.inspect(old).await.unwrap();
+    assert_eq!(seen.state, State::InFlight, "the older row is kept");
+    assert_eq!(seen.method, None);
+
+    let new = StoreKey::from_parts(b"", b"new");
+    let label = RequestLabel::new("POST", "/charges?card=4242");
+    let fingerprint = crate::fingerprint::Fingerprint::from_bytes([2; 32]);
+    let claim = store
+        .claim_labelled(new, fingerprint, Duration::from_secs(60), &label)
+        .await
+        .unwrap();
+    assert!(matches!(claim, Claim::Acquired(_)));
+    let seen = store.inspect(new).await.unwrap();
+    assert_eq!(seen.method.as_deref(), Some("POST"));
+    assert_eq!(seen.path.as_deref(), Some("/charges"));
+    drop_table(&store).await;
+}
