@@ -159,13 +159,35 @@ pub const DEFAULT_CLEANUP_BATCH: u32 = 1000;
 ///     lease_until      timestamptz NOT NULL,
 ///     expires_at       timestamptz NOT NULL,
 ///     effect_committed boolean     NOT NULL DEFAULT false,
-///     payload          bytea
+///     payload          bytea,
+///     method           text,
+///     path             text,
+///     completed_at     timestamptz
 /// );
 /// CREATE INDEX IF NOT EXISTS idempotency_keys_expires_at ON idempotency_keys (expires_at);
+/// CREATE INDEX IF NOT EXISTS idempotency_keys_fence ON idempotency_keys (fence, key);
 /// ```
 ///
-/// (For another table name, quote it and the index's name, as the store
+/// (For another table name, quote it and the indexes' names, as the store
 /// does: `CREATE TABLE IF NOT EXISTS "order" (…)`, `"order_expires_at"`.)
+///
+/// A table made before `method`, `path` and `completed_at` existed (what
+/// an operator's tools show, [`admin`](crate::store::admin)) needs them
+/// before this version claims on it: `migrate` adds them (once: it reads
+/// the catalog first), or add them yourself, then build the index without
+/// blocking writes:
+///
+/// ```sql
+/// ALTER TABLE idempotency_keys
+///     ADD COLUMN IF NOT EXISTS method text,
+///     ADD COLUMN IF NOT EXISTS path text,
+///     ADD COLUMN IF NOT EXISTS completed_at timestamptz;
+/// CREATE INDEX CONCURRENTLY IF NOT EXISTS idempotency_keys_fence ON idempotency_keys (fence, key);
+/// ```
+///
+/// Earlier versions keep working on the wider table (they name the
+/// columns they use), so instances can be upgraded one by one once the
+/// columns are there.
 ///
 /// ```no_run
 /// # async fn example() -> Result<(), tower_idempotency::store::StoreError> {

@@ -219,8 +219,7 @@ async fn migrate_adds_the_operator_columns_to_an_older_table() {
     use crate::store::admin::{Admin, State};
     use crate::store::{RequestLabel, Store};
 
-    let Some(store) = store_on_a_table_of_its_own("migrate_adds_the_operator_columns").await
-    else {
+    let Some(store) = store_on_a_table_of_its_own("migrate_adds_the_operator_columns").await else {
         return;
     };
     let table = sql::quoted(store.table());
