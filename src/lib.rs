@@ -202,6 +202,8 @@ mod documents {
     struct GuaranteesPage;
     #[doc = include_str!("../docs/observability.md")]
     struct ObservabilityPage;
+    #[doc = include_str!("../docs/operating.md")]
+    struct OperatingPage;
     #[doc = include_str!("../docs/postgres.md")]
     struct PostgresPage;
     #[doc = include_str!("../docs/redis.md")]
