@@ -479,3 +479,46 @@ async fn shutdown_drains_while_an_upstream_body_stalls() {
         "the stalled body did not end well"
     );
 }
+
+/// Readiness probes share one ping: many at once cost the store one, an
+/// answer serves the probes of the next second, and a store that stops
+/// answering turns the check to 503 within about that second.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn readiness_probes_share_one_ping_a_second() {
+    use tower_idempotency::store::fault::{FaultStore, Operation};
+
+    let (up_addr, _) = start_upstream().await;
+    let store = FaultStore::new(MemoryStore::new());
+    let car = Sidecar::start(IdempotencyLayer::new(store.clone()), config(up_addr)).await;
+    let ready = move || async move {
+        client()
+            .get(
+                format!("http://{}{}", car.addr, sidecar::DEFAULT_READY_PATH)
+                    .parse()
+                    .unwrap(),
+            )
+            .await
+            .map(|res| res.status())
+            .unwrap_or(StatusCode::BAD_GATEWAY)
+    };
+    let probes: Vec<_> = (0..20).map(|_| tokio::spawn(ready())).collect();
+    for probe in probes {
+        assert_eq!(probe.await.unwrap(), StatusCode::OK);
+    }
+    assert_eq!(store.calls(Operation::Ping), 1, "twenty probes, one ping");
+    store.fail_all();
+    common::eventually(Duration::from_secs(5), "not ready", || async {
+        ready().await == StatusCode::SERVICE_UNAVAILABLE
+    })
+    .await;
+    store.clear();
+    common::eventually(Duration::from_secs(5), "ready again", || async {
+        ready().await == StatusCode::OK
+    })
+    .await;
+    assert!(
+        store.calls(Operation::Ping) <= 8,
+        "about one ping a second: {}",
+        store.calls(Operation::Ping)
+    );
+}

@@ -300,27 +300,72 @@ fn client_timeout<B>(waited: Duration, guarded: bool) -> Response<ResponseBody<B
         .into_response(|bytes| ResponseBody::full(bytes, None))
 }
 
-/// The readiness check's answer: 200 while `store` answers a ping within
-/// [`READY_CHECK_LIMIT`], else 503 with `Retry-After`.
-async fn readiness<St: Store, B>(store: &St) -> Response<ResponseBody<B>> {
-    let failed = match tokio::time::timeout(READY_CHECK_LIMIT, store.ping()).await {
-        Ok(Ok(())) => {
+/// How long one ping's answer serves the readiness checks that follow.
+const READY_ANSWER_REUSE: Duration = Duration::from_secs(1);
+
+/// The readiness check, shared by every connection: one ping at a time,
+/// its answer reused for [`READY_ANSWER_REUSE`] (probes from many load
+/// balancers cost the store one ping a second), and a log line when the
+/// answer changes (WARN when the store stops answering, INFO when it is
+/// back).
+struct Readiness<St> {
+    store: St,
+    /// When the last ping ended, and why it failed.
+    last: tokio::sync::Mutex<Option<(Instant, Result<(), String>)>>,
+}
+
+impl<St: Store> Readiness<St> {
+    fn new(store: St) -> Self {
+        Self {
+            store,
+            last: tokio::sync::Mutex::new(None),
+        }
+    }
+
+    /// Whether the store answers. A caller waits for at most the ping in
+    /// flight ([`READY_CHECK_LIMIT`]), then shares its answer.
+    async fn check(&self) -> Result<(), String> {
+        let mut last = self.last.lock().await;
+        if let Some((at, answer)) = &*last
+            && at.elapsed() < READY_ANSWER_REUSE
+        {
+            return answer.clone();
+        }
+        let answer = match tokio::time::timeout(READY_CHECK_LIMIT, self.store.ping()).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(e)) => Err(e.to_string()),
+            Err(_) => Err(format!("no answer within {READY_CHECK_LIMIT:?}")),
+        };
+        let was_ready = last.as_ref().is_none_or(|(_, before)| before.is_ok());
+        match (&answer, was_ready) {
+            (Err(e), true) => tracing::warn!(
+                error = %e,
+                "sidecar not ready: its idempotency store does not answer"
+            ),
+            (Ok(()), false) => tracing::info!("sidecar ready: its idempotency store answers again"),
+            _ => {}
+        }
+        *last = Some((Instant::now(), answer.clone()));
+        answer
+    }
+
+    /// The readiness check's answer: 200 while the store answers a ping
+    /// within [`READY_CHECK_LIMIT`], else 503 with `Retry-After`.
+    async fn answer<B>(&self) -> Response<ResponseBody<B>> {
+        if self.check().await.is_ok() {
             return Response::new(ResponseBody::full(Bytes::from_static(b"ready"), None));
         }
-        Ok(Err(e)) => e.to_string(),
-        Err(_) => format!("no answer within {READY_CHECK_LIMIT:?}"),
-    };
-    tracing::debug!(error = %failed, "sidecar not ready: its idempotency store does not answer");
-    let mut res = Response::new(ResponseBody::full(
-        Bytes::from_static(b"not ready: the idempotency store does not answer"),
-        None,
-    ));
-    *res.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
-    res.headers_mut().insert(
-        http::header::RETRY_AFTER,
-        http::HeaderValue::from_static("1"),
-    );
-    res
+        let mut res = Response::new(ResponseBody::full(
+            Bytes::from_static(b"not ready: the idempotency store does not answer"),
+            None,
+        ));
+        *res.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+        res.headers_mut().insert(
+            http::header::RETRY_AFTER,
+            http::HeaderValue::from_static("1"),
+        );
+        res
+    }
 }
 
 /// Serves the sidecar on `listener` until `shutdown` completes, then drains:
@@ -334,7 +379,7 @@ pub async fn serve<St: Store>(
 ) -> Result<(), SidecarError> {
     let health_path = config.health_path.clone();
     let ready_path = config.ready_path.clone();
-    let store = layer.store().clone();
+    let readiness = Arc::new(Readiness::new(layer.store().clone()));
     let client_wait = config.timeout;
     let limits = ConnectionLimits {
         first_request: config.header_read_timeout,
@@ -380,7 +425,7 @@ pub async fn serve<St: Store>(
         };
         let service = service.clone();
         let (health_path, ready_path) = (health_path.clone(), ready_path.clone());
-        let store = store.clone();
+        let readiness = readiness.clone();
         let (load_tx, load) = watch::channel(Load::default());
         let load_tx = Arc::new(load_tx);
         let per_request = hyper::service::service_fn(move |req: Request<Incoming>| {
@@ -397,7 +442,7 @@ pub async fn serve<St: Store>(
             let is_get = req.method() == http::Method::GET || req.method() == http::Method::HEAD;
             let is_health = is_get && req.uri().path() == health_path;
             let is_ready = is_get && req.uri().path() == ready_path;
-            let store = store.clone();
+            let readiness = readiness.clone();
             req.extensions_mut().insert(ClientAddr(peer));
             let (call, started) = UpstreamCall::new();
             req.extensions_mut().insert(call);
@@ -407,7 +452,7 @@ pub async fn serve<St: Store>(
                     return Ok::<_, Infallible>(Response::new(Tracked::new(ok, handling)));
                 }
                 if is_ready {
-                    let answer = readiness(&store).await;
+                    let answer = readiness.answer().await;
                     return Ok(answer.map(|body| Tracked::new(body, handling)));
                 }
                 std::future::poll_fn(|cx| service.poll_ready(cx)).await?;
