@@ -522,3 +522,34 @@ async fn readiness_probes_share_one_ping_a_second() {
         store.calls(Operation::Ping)
     );
 }
+
+/// A health or readiness path the sidecar could never answer is refused
+/// before it serves.
+#[tokio::test]
+async fn paths_it_could_not_answer_are_refused_at_start() {
+    let cases = [
+        config("127.0.0.1:9".parse().unwrap()).ready_path(""),
+        config("127.0.0.1:9".parse().unwrap()).ready_path("ready"),
+        config("127.0.0.1:9".parse().unwrap()).health_path("health"),
+        config("127.0.0.1:9".parse().unwrap()).ready_path(sidecar::DEFAULT_HEALTH_PATH),
+    ];
+    for config in cases {
+        let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let served = tokio::time::timeout(
+            Duration::from_secs(5),
+            sidecar::serve(
+                listener,
+                IdempotencyLayer::new(MemoryStore::new()),
+                config,
+                async {},
+            ),
+        )
+        .await
+        .expect("refused at once");
+        let error = served.expect_err("refused");
+        assert!(
+            matches!(error, sidecar::SidecarError::InvalidPath { .. }),
+            "{error}"
+        );
+    }
+}

@@ -112,6 +112,17 @@ pub enum SidecarError {
         "the upstream must be an absolute http:// URI such as http://127.0.0.1:8081, got {0:?}"
     )]
     InvalidUpstream(String),
+    /// The health or readiness path is not a path the sidecar can answer
+    /// (empty, not starting with `/`), or both are the same.
+    #[error("the {which} path {path:?} {why}")]
+    InvalidPath {
+        /// `health` or `readiness`.
+        which: &'static str,
+        /// The path given.
+        path: String,
+        /// What is wrong with it.
+        why: &'static str,
+    },
     /// Listening failed.
     #[error("cannot listen: {0}")]
     Io(#[from] std::io::Error),
@@ -254,10 +265,39 @@ impl SidecarConfig {
     /// `/_idempotency/ready`): `GET` answers 200 `ready` while the store
     /// answers a ping, and 503 (with `Retry-After`) while it does not or
     /// takes over 2 s, so a load balancer sends no traffic that could only
-    /// be refused. The upstream is not asked.
+    /// be refused. The upstream is not asked. Probes share one ping a
+    /// second, however many there are. The path must start with `/` and
+    /// differ from the health path ([`serve`] refuses it otherwise, with
+    /// [`SidecarError::InvalidPath`]).
     pub fn ready_path(mut self, path: impl Into<String>) -> Self {
         self.ready_path = path.into();
         self
+    }
+}
+
+impl SidecarConfig {
+    /// The health and readiness paths are paths (`/…`), and differ.
+    fn check_paths(&self) -> Result<(), SidecarError> {
+        for (which, path) in [
+            ("health", &self.health_path),
+            ("readiness", &self.ready_path),
+        ] {
+            if !path.starts_with('/') {
+                return Err(SidecarError::InvalidPath {
+                    which,
+                    path: path.clone(),
+                    why: "must start with /",
+                });
+            }
+        }
+        if self.health_path == self.ready_path {
+            return Err(SidecarError::InvalidPath {
+                which: "readiness",
+                path: self.ready_path.clone(),
+                why: "must differ from the health path",
+            });
+        }
+        Ok(())
     }
 }
 
@@ -377,6 +417,7 @@ pub async fn serve<St: Store>(
     config: SidecarConfig,
     shutdown: impl Future<Output = ()>,
 ) -> Result<(), SidecarError> {
+    config.check_paths()?;
     let health_path = config.health_path.clone();
     let ready_path = config.ready_path.clone();
     let readiness = Arc::new(Readiness::new(layer.store().clone()));
