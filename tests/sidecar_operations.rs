@@ -20,6 +20,9 @@ use tower_idempotency::sidecar::DEFAULT_READY_PATH;
 /// an orchestrator would, and reaped).
 struct Running {
     child: Option<Child>,
+    /// Reads the child's stdout as it comes (a pipe left unread would
+    /// block the child once its buffer is full), and returns it at exit.
+    stdout: Option<std::thread::JoinHandle<Vec<u8>>>,
     addr: SocketAddr,
     metrics: SocketAddr,
 }
@@ -42,6 +45,12 @@ impl Running {
             .spawn()
             .expect("start the sidecar binary");
         let mut child = child;
+        let mut pipe = child.stdout.take().expect("piped stdout");
+        let stdout = std::thread::spawn(move || {
+            let mut out = Vec::new();
+            let _ = std::io::Read::read_to_end(&mut pipe, &mut out);
+            out
+        });
         common::eventually(Duration::from_secs(20), "the sidecar serves", || {
             if let Ok(Some(status)) = child.try_wait() {
                 let mut stderr = String::new();
@@ -55,6 +64,7 @@ impl Running {
         .await;
         Self {
             child: Some(child),
+            stdout: Some(stdout),
             addr,
             metrics,
         }
@@ -66,7 +76,13 @@ impl Running {
         let _ = Command::new("kill")
             .args(["-TERM", &child.id().to_string()])
             .status();
-        let output = wait_with_limit(&mut child, Duration::from_secs(20));
+        wait_with_limit(&mut child, Duration::from_secs(20));
+        // The child has exited: its stdout is closed, the reader ends.
+        let output = self
+            .stdout
+            .take()
+            .map(|reader| reader.join().unwrap_or_default())
+            .unwrap_or_default();
         String::from_utf8_lossy(&output).into_owned()
     }
 }
@@ -80,10 +96,8 @@ impl Drop for Running {
     }
 }
 
-/// Waits (bounded) for `child` to exit and returns its stdout; kills it
-/// past `limit`.
-fn wait_with_limit(child: &mut Child, limit: Duration) -> Vec<u8> {
-    use std::io::Read;
+/// Waits (bounded) for `child` to exit; kills it past `limit`.
+fn wait_with_limit(child: &mut Child, limit: Duration) {
     let started = std::time::Instant::now();
     while child.try_wait().ok().flatten().is_none() {
         if started.elapsed() > limit {
@@ -93,11 +107,6 @@ fn wait_with_limit(child: &mut Child, limit: Duration) -> Vec<u8> {
         std::thread::sleep(Duration::from_millis(20));
     }
     let _ = child.wait();
-    let mut out = Vec::new();
-    if let Some(mut stdout) = child.stdout.take() {
-        let _ = stdout.read_to_end(&mut out);
-    }
-    out
 }
 
 /// `GET http://addr{path}`: the status, the content type and the body.
@@ -200,7 +209,14 @@ async fn readiness_fails_while_redis_is_down_and_health_does_not() {
     let (upstream, _) = start_upstream().await;
     let car = Running::start(
         upstream,
-        &["--store", "redis", "--redis-url", &server.url()],
+        &[
+            "--store",
+            "redis",
+            "--redis-url",
+            &server.url(),
+            "--log-format",
+            "json",
+        ],
     )
     .await;
     let ready = || async { get(car.addr, DEFAULT_READY_PATH).await.0 };
@@ -220,7 +236,22 @@ async fn readiness_fails_while_redis_is_down_and_health_does_not() {
         ready().await == StatusCode::OK
     })
     .await;
-    car.stop();
+    // Each change is logged once, however many probes saw it.
+    let out = car.stop();
+    let lines: Vec<serde_json::Value> = out
+        .lines()
+        .map(|line| serde_json::from_str(line).unwrap_or_else(|e| panic!("{e}: {line:?}")))
+        .collect();
+    let said = |level: &str, words: &str| {
+        lines
+            .iter()
+            .filter(|l| {
+                l["level"] == level && l["message"].as_str().is_some_and(|m| m.contains(words))
+            })
+            .count()
+    };
+    assert_eq!(said("WARN", "does not answer"), 1, "{out}");
+    assert_eq!(said("INFO", "answers again"), 1, "{out}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
