@@ -30,7 +30,7 @@ use tower_idempotency::key::StoreKey;
 use tower_idempotency::store::admin::{
     Admin, AnswerKind, Inspection, MAX_LIST, Purged, Resolution, Resolved, State,
 };
-use tower_idempotency::store::{PostgresStore, RedisStore, StoreError};
+use tower_idempotency::store::{PostgresStore, RedisStore, StoreError, StoreErrorKind};
 use tower_idempotency::{IdempotencyKey, Scope};
 
 /// The largest body `resolve --respond-body` reads.
@@ -134,9 +134,14 @@ struct KeyArgs {
     /// The idempotency key, as the client sent it.
     key: String,
     /// The value of the scope header the client sent (the sidecar's
-    /// --scope-header); without it, the global scope.
+    /// --scope-header), hashed as the sidecar hashes it; without it (or
+    /// --scope-raw), the global scope.
     #[arg(long)]
     scope: Option<String>,
+    /// The scope's own bytes, as a layer's scope function returns them
+    /// (`Scope::from(tenant_id)`), not hashed.
+    #[arg(long, conflicts_with = "scope")]
+    scope_raw: Option<String>,
 }
 
 #[derive(Args, Debug)]
@@ -204,8 +209,14 @@ enum Failure {
 }
 
 impl From<StoreError> for Failure {
+    /// A setting the store refuses (a URL that does not parse, a table
+    /// name it does not take, a CA file without a certificate) is bad
+    /// usage; anything else is the store failing.
     fn from(e: StoreError) -> Self {
-        Failure::Store(e.to_string())
+        match e.kind() {
+            StoreErrorKind::Configuration => Failure::Usage(e.to_string()),
+            _ => Failure::Store(e.to_string()),
+        }
     }
 }
 
@@ -215,9 +226,10 @@ impl From<StoreError> for Failure {
 fn store_key(args: &KeyArgs) -> Result<StoreKey, Failure> {
     let key = IdempotencyKey::parse(args.key.as_bytes())
         .map_err(|e| Failure::Usage(format!("not a valid idempotency key: {e}")))?;
-    let scope = match &args.scope {
-        Some(value) => Scope::from_header_value(value.as_bytes()),
-        None => Scope::global(),
+    let scope = match (&args.scope, &args.scope_raw) {
+        (Some(value), _) => Scope::from_header_value(value.as_bytes()),
+        (None, Some(raw)) => Scope::from(raw.clone()),
+        (None, None) => Scope::global(),
     };
     Ok(StoreKey::new(&scope, &key))
 }
@@ -276,7 +288,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let store = builder.build()?;
             command(&store, cli.command).await.map_err(|failure| match failure {
                 Failure::Store(message) if message.contains("does not exist") => Failure::Store(format!(
-                    "{message}\n(the tool creates no table: every instance of the store creates it at start with PostgresStore::migrate; check --postgres-url and --table)"
+                    "{message}\n(the table is missing, or older than this tool: every instance of the store creates and updates it at start with PostgresStore::migrate, and the tool changes no schema; check --postgres-url and --table)"
                 )),
                 other => other,
             })
@@ -395,23 +407,47 @@ async fn command<S: Admin>(store: &S, command: Command) -> Result<(), Failure> {
                 Resolved::Refused(state) => Err(Failure::Store(format!(
                     "refused: the key is {state}, not outcome_unknown; only a key whose outcome is unknown can be resolved"
                 ))),
+                Resolved::Changed => Err(Failure::Store(
+                    "refused: the key changed while it was being resolved (its execution stored its answer late, or someone else resolved it); nothing was overwritten: inspect it again"
+                        .into(),
+                )),
                 _ => Err(Failure::Store("the store answered something new".into())),
             }
         }
     }
 }
 
+/// The body file, at most [`MAX_RESPOND_BODY`] bytes (read with that
+/// bound, so a pipe or a device cannot make it read without end).
 fn read_body(path: &std::path::Path) -> Result<Bytes, Failure> {
+    use std::io::Read;
     let usage =
         |e: std::io::Error| Failure::Usage(format!("--respond-body {}: {e}", path.display()));
-    let len = std::fs::metadata(path).map_err(usage)?.len();
-    if len > MAX_RESPOND_BODY {
+    let file = std::fs::File::open(path).map_err(usage)?;
+    let mut body = Vec::new();
+    file.take(MAX_RESPOND_BODY.saturating_add(1))
+        .read_to_end(&mut body)
+        .map_err(usage)?;
+    if body.len() as u64 > MAX_RESPOND_BODY {
         return Err(Failure::Usage(format!(
-            "--respond-body {}: {len} bytes, more than the {MAX_RESPOND_BODY} accepted",
+            "--respond-body {}: more than the {MAX_RESPOND_BODY} bytes accepted",
             path.display()
         )));
     }
-    Ok(Bytes::from(std::fs::read(path).map_err(usage)?))
+    Ok(Bytes::from(body))
+}
+
+/// `at` in RFC 3339 (UTC), or `None` for a time it cannot write (past the
+/// year 9999: a damaged entry's).
+fn rfc3339(at: SystemTime, micros: bool) -> Option<String> {
+    use std::fmt::Write as _;
+    let mut text = String::new();
+    let written = if micros {
+        write!(text, "{}", humantime::format_rfc3339_micros(at))
+    } else {
+        write!(text, "{}", humantime::format_rfc3339_seconds(at))
+    };
+    written.ok().map(|()| text)
 }
 
 fn print_line(out: &mut impl Write, line: &str) {
@@ -426,11 +462,11 @@ fn describe(seen: &Inspection, now: SystemTime) -> Value {
         "key_hash": seen.key_hash,
         "state": seen.state.name(),
         "fence": seen.fence,
-        "claimed_at": seen.claimed_at.map(|t| humantime::format_rfc3339_micros(t).to_string()),
+        "claimed_at": seen.claimed_at.and_then(|t| rfc3339(t, true)),
         "age_seconds": seen.age(now).map(|a| a.as_secs_f64()),
         "method": seen.method,
         "path": seen.path,
-        "completed_at": seen.completed_at.map(|t| humantime::format_rfc3339_micros(t).to_string()),
+        "completed_at": seen.completed_at.and_then(|t| rfc3339(t, true)),
         "lease_left_ms": seen.lease_left.map(millis),
         "expires_in_ms": seen.expires_in.map(millis),
         "status": answer.map(|a| a.status.as_u16()),
@@ -493,15 +529,9 @@ fn print_table(out: &mut impl Write, seen: &Inspection, now: SystemTime) {
     if let Some(fence) = seen.fence {
         row("fence", fence.to_string());
     }
-    if let (Some(at), Some(age)) = (seen.claimed_at, seen.age(now)) {
-        row(
-            "claimed",
-            format!(
-                "{} ({} ago)",
-                humantime::format_rfc3339_seconds(at),
-                short_duration(age)
-            ),
-        );
+    let claimed = seen.claimed_at.and_then(|t| rfc3339(t, false));
+    if let (Some(at), Some(age)) = (claimed, seen.age(now)) {
+        row("claimed", format!("{at} ({} ago)", short_duration(age)));
     }
     if let Some(method) = &seen.method {
         row("method", method.clone());
@@ -509,11 +539,8 @@ fn print_table(out: &mut impl Write, seen: &Inspection, now: SystemTime) {
     if let Some(path) = &seen.path {
         row("path", path.clone());
     }
-    if let Some(at) = seen.completed_at {
-        row(
-            "completed",
-            humantime::format_rfc3339_seconds(at).to_string(),
-        );
+    if let Some(at) = seen.completed_at.and_then(|t| rfc3339(t, false)) {
+        row("completed", at);
     }
     if let Some(left) = seen.lease_left {
         row("lease left", short_duration(left));
@@ -607,6 +634,17 @@ mod tests {
             let args = std::iter::once("idempotency-admin").chain(bad.iter().copied());
             assert!(Cli::try_parse_from(args).is_err(), "{bad:?}");
         }
+    }
+
+    #[test]
+    fn a_time_past_the_year_9999_is_left_out_not_a_panic() {
+        let far = SystemTime::UNIX_EPOCH + Duration::from_secs(400_000_000_000);
+        assert_eq!(rfc3339(far, true), None);
+        let near = SystemTime::UNIX_EPOCH + Duration::from_secs(1);
+        assert_eq!(
+            rfc3339(near, false).as_deref(),
+            Some("1970-01-01T00:00:01Z")
+        );
     }
 
     #[test]

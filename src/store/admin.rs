@@ -39,7 +39,7 @@
 //! ```
 
 use std::cmp::Ordering;
-use std::collections::BinaryHeap;
+use std::collections::{BinaryHeap, HashSet};
 use std::fmt;
 use std::future::Future;
 use std::time::{Duration, SystemTime};
@@ -48,6 +48,7 @@ use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
 
 use super::{RequestLabel, Store, StoreError};
+use crate::headers::HopByHop;
 use crate::key::StoreKey;
 use crate::payload::{PayloadError, StoredOutcome, encode_response};
 
@@ -220,6 +221,10 @@ pub enum Resolved {
     /// The key's outcome is not unknown (it holds this state): nothing
     /// changed. Only an outcome-unknown key can be resolved.
     Refused(State),
+    /// The key changed between reading it and resolving it (its owner
+    /// stored its answer late, or another operator resolved it): nothing
+    /// was overwritten. Inspect it again.
+    Changed,
 }
 
 /// An operator's interface to a store: inspect, list, purge and resolve.
@@ -268,7 +273,10 @@ pub trait Admin: Store + sealed::Backend {
     /// Settles `key` if its outcome is unknown, and refuses any other
     /// state ([`Resolved::Refused`]): it releases the key or stores the
     /// answer retries get, only if the key still holds the entry that was
-    /// inspected (its fence), so a concurrent change is never overwritten.
+    /// read (its fence, its state, and for a record its payload), so a
+    /// concurrent change is never overwritten ([`Resolved::Changed`]). A
+    /// stored answer keeps no hop-by-hop header and no `Content-Length`
+    /// (a replay sets the body's own), as the layer stores a response.
     fn resolve(
         &self,
         key: StoreKey,
@@ -276,9 +284,15 @@ pub trait Admin: Store + sealed::Backend {
     ) -> impl Future<Output = Result<Resolved, StoreError>> + Send {
         async move {
             let (raw, noted) = sealed::Backend::read(self, key).await?;
+            let expected = match &raw {
+                sealed::Raw::Record { payload, .. } => sealed::Expected::Record(payload.clone()),
+                _ => sealed::Expected::UnknownClaim,
+            };
             let seen = raw.inspect_with(key, Self::CLOCK, noted);
             let fence = match (seen.state, seen.fence) {
                 (State::OutcomeUnknown, Some(fence)) => fence,
+                // An entry whose fence cannot be read is damaged: purge it.
+                (State::OutcomeUnknown, None) => return Ok(Resolved::Refused(State::Unreadable)),
                 (state, _) => return Ok(Resolved::Refused(state)),
             };
             let (payload, done) = match resolution {
@@ -287,17 +301,22 @@ pub trait Admin: Store + sealed::Backend {
                     status,
                     headers,
                     body,
-                } => (
-                    Some(encode_response(status, &headers, |_| true, &body, None)),
-                    Resolved::Stored,
-                ),
+                } => {
+                    // As the layer stores a response: no header that is
+                    // meaningful for one connection only, and the length
+                    // is the body's own.
+                    let hop_by_hop = HopByHop::of(&headers);
+                    let keep = |name: &http::HeaderName| {
+                        !hop_by_hop.contains(name) && name != http::header::CONTENT_LENGTH
+                    };
+                    let payload = encode_response(status, &headers, keep, &body, None);
+                    (Some(payload), Resolved::Stored)
+                }
             };
-            if sealed::Backend::replace(self, key, fence, payload).await? {
+            if sealed::Backend::replace(self, key, fence, &expected, payload).await? {
                 return Ok(done);
             }
-            let (raw, noted) = sealed::Backend::read(self, key).await?;
-            let now = raw.inspect_with(key, Self::CLOCK, noted);
-            Ok(Resolved::Refused(now.state))
+            Ok(Resolved::Changed)
         }
     }
 }
@@ -446,6 +465,17 @@ pub(crate) mod sealed {
         }
     }
 
+    /// What a key held when it was read, to be resolved only if it still
+    /// does.
+    #[doc(hidden)]
+    #[derive(Debug, Clone)]
+    pub enum Expected {
+        /// A completed record with this payload.
+        Record(Bytes),
+        /// A claim whose effect was committed and whose lease ran out.
+        UnknownClaim,
+    }
+
     /// What a store keeps beside an entry, for an operator.
     #[doc(hidden)]
     #[derive(Debug, Clone, Default)]
@@ -483,14 +513,15 @@ pub(crate) mod sealed {
             force: bool,
         ) -> impl Future<Output = Result<Purged, StoreError>> + Send;
 
-        /// If `key` holds a record or an outcome-unknown claim of `fence`:
-        /// stores `payload` as its record, keeping its fingerprint and
-        /// expiry, or releases it (`None`). Whether it did.
+        /// If `key` still holds what `expected` says under `fence`: stores
+        /// `payload` as its record, keeping its fingerprint and expiry, or
+        /// releases it (`None`). Whether it did.
         #[doc(hidden)]
         fn replace(
             &self,
             key: StoreKey,
             fence: u64,
+            expected: &Expected,
             payload: Option<Bytes>,
         ) -> impl Future<Output = Result<bool, StoreError>> + Send;
     }
@@ -502,6 +533,9 @@ pub(crate) mod sealed {
         state: Option<State>,
         limit: usize,
         heap: BinaryHeap<ByAge>,
+        /// The keys in `heap`: a key offered twice (`SCAN` may return one
+        /// twice) is kept once.
+        kept: HashSet<String>,
     }
 
     #[derive(Debug)]
@@ -542,6 +576,7 @@ pub(crate) mod sealed {
                 state,
                 limit,
                 heap: BinaryHeap::new(),
+                kept: HashSet::new(),
             }
         }
 
@@ -558,12 +593,15 @@ pub(crate) mod sealed {
                 Some(state) => seen.state == state,
                 None => seen.state != State::Absent,
             };
-            if !wanted || self.limit == 0 {
+            if !wanted || self.limit == 0 || self.kept.contains(&seen.key_hash) {
                 return;
             }
+            self.kept.insert(seen.key_hash.clone());
             self.heap.push(ByAge(seen));
-            if self.heap.len() > self.limit {
-                self.heap.pop();
+            if self.heap.len() > self.limit
+                && let Some(newest) = self.heap.pop()
+            {
+                self.kept.remove(&newest.0.key_hash);
             }
         }
 
@@ -608,6 +646,22 @@ mod tests {
         oldest.offer(seen(5, State::InFlight, Some(20)));
         let fences: Vec<_> = oldest.into_sorted().iter().map(|s| s.fence).collect();
         assert_eq!(fences, [Some(10), Some(20)]);
+    }
+
+    #[test]
+    fn a_key_offered_twice_is_kept_once() {
+        let mut oldest = Oldest::new(None, 10);
+        oldest.offer(seen(1, State::Completed, Some(5)));
+        oldest.offer(seen(1, State::Completed, Some(5)));
+        oldest.offer(seen(2, State::Completed, Some(6)));
+        assert_eq!(oldest.into_sorted().len(), 2);
+        // A key dropped as the newest may come back.
+        let mut oldest = Oldest::new(None, 1);
+        oldest.offer(seen(1, State::Completed, Some(9)));
+        oldest.offer(seen(2, State::Completed, Some(1)));
+        oldest.offer(seen(1, State::Completed, Some(9)));
+        let kept: Vec<_> = oldest.into_sorted().iter().map(|s| s.fence).collect();
+        assert_eq!(kept, [Some(1)]);
     }
 
     #[test]

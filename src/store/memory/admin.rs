@@ -9,7 +9,7 @@ use tokio::time::Instant;
 use super::{Completed, MemoryStore, SHARDS, lock};
 use crate::key::StoreKey;
 use crate::store::admin::Purged;
-use crate::store::admin::sealed::{Backend, FenceClock, Noted, Oldest, Raw};
+use crate::store::admin::sealed::{Backend, Expected, FenceClock, Noted, Oldest, Raw};
 use crate::store::{CompletedRecord, RequestLabel, StoreError};
 
 impl MemoryStore {
@@ -126,15 +126,20 @@ impl Backend for MemoryStore {
         &self,
         key: StoreKey,
         fence: u64,
+        expected: &Expected,
         payload: Option<Bytes>,
     ) -> Result<bool, StoreError> {
+        // A memory store's claims never outlive their lease unsettled.
+        let Expected::Record(was) = expected else {
+            return Ok(false);
+        };
         let now = Instant::now();
         // The shard's lock keeps a claim from slipping in between.
         let _claims = self.shard(&key);
         let Some(done) = self.live_completed(&key, now) else {
             return Ok(false);
         };
-        if done.owner.fence() != fence {
+        if done.owner.fence() != fence || done.record.payload != *was {
             return Ok(false);
         }
         match payload {

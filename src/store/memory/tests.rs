@@ -129,3 +129,55 @@ async fn a_new_claim_survives_a_full_hot_cache() {
     assert_eq!(acquired, 1);
     assert!(store.completed_bytes() <= 2_000);
 }
+
+/// An operator's answer replaces a record only if the key still holds
+/// the record that was read: its fence and its payload.
+#[tokio::test]
+async fn a_record_is_replaced_only_as_it_was_read() {
+    use crate::store::admin::sealed::{Backend, Expected};
+
+    let store = MemoryStore::new();
+    let Claim::Acquired(token) = store.claim(key(1), FP, LEASE).await.unwrap() else {
+        panic!("acquired");
+    };
+    store
+        .complete(key(1), token, record(FP, b"first"), DAY)
+        .await
+        .unwrap();
+    let was = Expected::Record(Bytes::from_static(b"first"));
+    let other = Expected::Record(Bytes::from_static(b"other"));
+    let answer = || Some(Bytes::from_static(b"answer"));
+    let fence = token.fence();
+    assert!(
+        !store
+            .replace(key(1), fence + 1, &was, answer())
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .replace(key(1), fence, &other, answer())
+            .await
+            .unwrap()
+    );
+    assert!(
+        !store
+            .replace(key(1), fence, &Expected::UnknownClaim, answer())
+            .await
+            .unwrap()
+    );
+    assert!(!store.replace(key(2), fence, &was, answer()).await.unwrap());
+    assert!(store.replace(key(1), fence, &was, answer()).await.unwrap());
+    // What was read is gone: a second answer is refused.
+    assert!(!store.replace(key(1), fence, &was, None).await.unwrap());
+    match store.claim(key(1), FP, LEASE).await.unwrap() {
+        Claim::Completed(done) => assert_eq!(&done.payload[..], b"answer"),
+        other => panic!("{other:?}"),
+    }
+    let now = Expected::Record(Bytes::from_static(b"answer"));
+    assert!(store.replace(key(1), fence, &now, None).await.unwrap());
+    assert!(matches!(
+        store.claim(key(1), FP, LEASE).await.unwrap(),
+        Claim::Acquired(_)
+    ));
+}

@@ -12,7 +12,7 @@ use super::error::corrupt;
 use super::sql::{CLAIMED, COMPLETED};
 use crate::key::StoreKey;
 use crate::store::admin::Purged;
-use crate::store::admin::sealed::{Backend, Noted, Oldest, Raw};
+use crate::store::admin::sealed::{Backend, Expected, Noted, Oldest, Raw};
 use crate::store::{RequestLabel, StoreError};
 
 /// Rows read per page while listing.
@@ -146,6 +146,7 @@ impl Backend for PostgresStore {
         &self,
         key: StoreKey,
         fence: u64,
+        expected: &Expected,
         payload: Option<Bytes>,
     ) -> Result<bool, StoreError> {
         let Ok(fence) = i64::try_from(fence) else {
@@ -153,11 +154,22 @@ impl Backend for PostgresStore {
         };
         let release = payload.is_none();
         let payload = payload.as_deref();
+        let (state, was) = match expected {
+            Expected::Record(was) => (COMPLETED, Some(&was[..])),
+            Expected::UnknownClaim => (CLAIMED, None),
+        };
         let rows = self
             .query(
                 "resolve",
                 &self.inner.sql.resolve,
-                &[&key.as_bytes().as_slice(), &fence, &release, &payload],
+                &[
+                    &key.as_bytes().as_slice(),
+                    &fence,
+                    &release,
+                    &payload,
+                    &state,
+                    &was,
+                ],
             )
             .await?;
         let row = rows.first().ok_or_else(|| corrupt("resolve", "no row"))?;

@@ -264,13 +264,6 @@ impl Statements {
                  WHERE key = $1 AND fence = $2 AND nonce = $3 AND state = 0
                  RETURNING lease_until > clock_timestamp()"
             ),
-            // Never a row whose lease is live, whatever its `expires_at`
-            // says: its owner is running, and a duplicate would insert a
-            // fresh claim and run again. Rows whose outcome is unknown go
-            // once their `expires_at` passed, like completed records. The
-            // conditions are checked again under the row lock (`FOR UPDATE`
-            // re-reads a row updated meanwhile), so a renewal that commits
-            // first keeps its row.
             // An operator's statements (`Admin`): they read the columns
             // `SEEN` names and change a row only by its key and fence.
             inspect: format!(
@@ -304,8 +297,11 @@ impl Statements {
             ),
             // Settles a key whose outcome is unknown (a record, or a claim
             // whose effect was committed and whose lease ran out) by its
-            // fence ($2): $3 releases it (state 2, its fence kept), else $4
-            // becomes its record. Its fingerprint and expiry are kept.
+            // fence ($2), only if it still holds what was read: $5 is the
+            // state read, $6 the record's payload. $3 releases it (state 2,
+            // its fence kept), else $4 becomes its record. Its fingerprint
+            // and expiry are kept. (Its owner may still store its answer
+            // late, under the same fence: the state and payload tell.)
             resolve: format!(
                 "WITH clock AS (SELECT clock_timestamp() AS t),
                  done AS (
@@ -316,13 +312,20 @@ impl Statements {
                        lease_until = LEAST(r.lease_until, clock.t),
                        completed_at = CASE WHEN $3 THEN r.completed_at ELSE clock.t END
                    FROM clock
-                   WHERE r.key = $1 AND r.fence = $2 AND r.expires_at > clock.t
-                     AND (r.state = 1
+                   WHERE r.key = $1 AND r.fence = $2 AND r.expires_at > clock.t AND r.state = $5
+                     AND ((r.state = 1 AND r.payload = $6)
                           OR (r.state = 0 AND r.effect_committed AND r.lease_until <= clock.t))
                    RETURNING r.key
                  )
                  SELECT EXISTS (SELECT 1 FROM done)"
             ),
+            // Never a row whose lease is live, whatever its `expires_at`
+            // says: its owner is running, and a duplicate would insert a
+            // fresh claim and run again. Rows whose outcome is unknown go
+            // once their `expires_at` passed, like completed records. The
+            // conditions are checked again under the row lock (`FOR UPDATE`
+            // re-reads a row updated meanwhile), so a renewal that commits
+            // first keeps its row.
             cleanup: format!(
                 "DELETE FROM {table} WHERE key IN (
                    SELECT key FROM {table}

@@ -259,3 +259,158 @@ async fn migrate_adds_the_operator_columns_to_an_older_table() {
     assert_eq!(seen.path.as_deref(), Some("/charges"));
     drop_table(&store).await;
 }
+
+/// A claim whose effect was committed (`fence`) and whose lease ran out:
+/// the key's outcome is unknown until an operator resolves it.
+async fn committed_and_lapsed(store: &PostgresStore, key: StoreKey) -> crate::store::OwnerToken {
+    use super::row::{fence_param, nonce_param};
+    use crate::store::Store;
+
+    let fingerprint = crate::fingerprint::Fingerprint::from_bytes([3; 32]);
+    let Claim::Acquired(token) = store
+        .claim(key, fingerprint, Duration::from_millis(100))
+        .await
+        .unwrap()
+    else {
+        panic!("acquired");
+    };
+    store
+        .query(
+            "fence",
+            &store.inner.sql.fence,
+            &[
+                &key.as_bytes().as_slice(),
+                &fence_param(token),
+                &nonce_param(token),
+            ],
+        )
+        .await
+        .unwrap();
+    // The lease is judged by the server's clock: wait until it says so.
+    let started = std::time::Instant::now();
+    loop {
+        let seen = crate::store::admin::Admin::inspect(store, key)
+            .await
+            .unwrap();
+        if seen.state == crate::store::admin::State::OutcomeUnknown {
+            return token;
+        }
+        assert!(started.elapsed() < Duration::from_secs(10), "{seen:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// An outcome-unknown claim is inspected, listed and resolved both ways;
+/// and its owner storing its answer late, between an operator's read and
+/// resolve, wins: the resolve changes nothing (the record keeps the same
+/// fence, so the fence alone could not tell).
+#[tokio::test]
+async fn an_outcome_unknown_claim_is_resolved_unless_its_owner_answered_meanwhile() {
+    use crate::store::admin::sealed::{Backend, Expected};
+    use crate::store::admin::{Admin, Resolution, Resolved, State};
+    use crate::store::{CompletedRecord, LeaseStatus, Store};
+
+    let Some(store) = store_on_a_table_of_its_own("an_outcome_unknown_claim_is_resolved").await
+    else {
+        return;
+    };
+    let late = StoreKey::from_parts(b"", b"late");
+    let token = committed_and_lapsed(&store, late).await;
+    let seen = store.inspect(late).await.unwrap();
+    assert_eq!(seen.fence, Some(token.fence()));
+    let listed = store.list(Some(State::OutcomeUnknown), 10).await.unwrap();
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].key_hash, late.to_hex());
+
+    // The owner answers late (its effect was committed, so it may).
+    let record = CompletedRecord {
+        fingerprint: crate::fingerprint::Fingerprint::from_bytes([3; 32]),
+        payload: bytes::Bytes::from_static(b"the real answer"),
+    };
+    let stored = store
+        .complete(late, token, record, Duration::from_secs(600))
+        .await
+        .unwrap();
+    assert_eq!(stored, LeaseStatus::Held);
+    let answer = Some(bytes::Bytes::from_static(b"an operator's answer"));
+    let replaced = store
+        .replace(late, token.fence(), &Expected::UnknownClaim, answer)
+        .await
+        .unwrap();
+    assert!(!replaced, "the owner's answer is never overwritten");
+    assert_eq!(
+        store.resolve(late, Resolution::Release).await.unwrap(),
+        Resolved::Refused(State::Unreadable),
+        "the owner's payload (no payload of the layer) is what the key holds"
+    );
+
+    let released = StoreKey::from_parts(b"", b"released");
+    committed_and_lapsed(&store, released).await;
+    assert_eq!(
+        store.resolve(released, Resolution::Release).await.unwrap(),
+        Resolved::Released
+    );
+    assert_eq!(store.inspect(released).await.unwrap().state, State::Absent);
+    let fingerprint = crate::fingerprint::Fingerprint::from_bytes([4; 32]);
+    let again = store
+        .claim(released, fingerprint, Duration::from_secs(60))
+        .await;
+    assert!(matches!(again, Ok(Claim::Acquired(t)) if t.fence() > token.fence()));
+
+    let answered = StoreKey::from_parts(b"", b"answered");
+    committed_and_lapsed(&store, answered).await;
+    let respond = Resolution::Respond {
+        status: http::StatusCode::CREATED,
+        headers: http::HeaderMap::new(),
+        body: bytes::Bytes::from_static(b"{}"),
+    };
+    assert_eq!(
+        store.resolve(answered, respond).await.unwrap(),
+        Resolved::Stored
+    );
+    let seen = store.inspect(answered).await.unwrap();
+    assert_eq!(seen.state, State::Completed);
+    assert_eq!(
+        seen.answer.map(|a| a.status),
+        Some(http::StatusCode::CREATED)
+    );
+    assert!(seen.completed_at.is_some());
+    drop_table(&store).await;
+}
+
+/// Listing reads the table page by page in fence order: all of 1 200
+/// outcome-unknown rows (three pages), and the oldest few first.
+#[tokio::test]
+async fn listing_crosses_pages_oldest_first() {
+    use crate::store::admin::{Admin, State};
+
+    let Some(store) = store_on_a_table_of_its_own("listing_crosses_pages").await else {
+        return;
+    };
+    let table = sql::quoted(store.table());
+    // The layer's payload of an outcome-unknown answer with status 502.
+    let insert = format!(
+        "INSERT INTO {table} (key, fingerprint, fence, nonce, state, lease_until, expires_at, payload)
+         SELECT decode(lpad(to_hex(g), 64, '0'), 'hex'), decode(repeat('07', 32), 'hex'),
+                1700000000000000 + g, g, 1, now(), now() + interval '1 day',
+                '\\x54494452010201f6'::bytea
+         FROM generate_series(1, 1200) AS g"
+    );
+    store.execute("insert", &insert, &[]).await.unwrap();
+    let all = store
+        .list(Some(State::OutcomeUnknown), 10_000)
+        .await
+        .unwrap();
+    assert_eq!(all.len(), 1200);
+    let oldest = store.list(None, 3).await.unwrap();
+    let fences: Vec<_> = oldest.iter().map(|s| s.fence).collect();
+    assert_eq!(
+        fences,
+        [
+            Some(1_700_000_000_000_001),
+            Some(1_700_000_000_000_002),
+            Some(1_700_000_000_000_003)
+        ]
+    );
+    drop_table(&store).await;
+}

@@ -13,7 +13,7 @@ use super::error::corrupt;
 use super::{RedisStore, entry};
 use crate::key::StoreKey;
 use crate::store::admin::Purged;
-use crate::store::admin::sealed::{Backend, Noted, Oldest, Raw};
+use crate::store::admin::sealed::{Backend, Expected, Noted, Oldest, Raw};
 use crate::store::remote::call::bounded;
 use crate::store::{StoreError, StoreErrorKind};
 
@@ -29,10 +29,10 @@ pub enum Node {
     Address(String, u16),
 }
 
-/// A connection whose keyspace can be walked: a single server's, or a
-/// cluster's, primary by primary. (A connection of your own would need
-/// this to list keys; inspecting, purging and resolving need only
-/// `ConnectionLike`.)
+/// A connection whose keyspace can be walked: a single server's
+/// (`ConnectionManager`, `MultiplexedConnection`), or a cluster's, primary
+/// by primary. Sealed: `Admin` is implemented for a `RedisStore` on one of
+/// these connections.
 pub trait Keyspace: ConnectionLike + Clone + Send + Sync + 'static {
     /// The nodes whose keys together are every key.
     #[doc(hidden)]
@@ -72,7 +72,14 @@ impl Keyspace for redis::cluster_async::ClusterConnection {
             .route_command(cmd, RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random))
             .await?;
         let text: String = redis::from_redis_value(reply)?;
-        Ok(primaries(&text))
+        let primaries = primaries(&text);
+        if primaries.is_empty() {
+            return Err(redis::RedisError::from((
+                redis::ErrorKind::Client,
+                "CLUSTER NODES lists no primary to scan",
+            )));
+        }
+        Ok(primaries)
     }
 
     async fn scan_page(
@@ -102,6 +109,19 @@ impl Keyspace for redis::cluster_async::ClusterConnection {
     }
 }
 
+/// `text` with the characters `SCAN … MATCH` reads as a pattern (`*`,
+/// `?`, `[`, `]`, `\\`) escaped, so it matches only itself.
+fn glob_escaped(text: &str) -> String {
+    let mut escaped = String::with_capacity(text.len());
+    for c in text.chars() {
+        if matches!(c, '*' | '?' | '[' | ']' | '\\') {
+            escaped.push('\\');
+        }
+        escaped.push(c);
+    }
+    escaped
+}
+
 /// The primaries `CLUSTER NODES` lists that are not failing: `host:port`
 /// of each line whose flags say `master`.
 #[cfg(any(feature = "redis-cluster", test))]
@@ -113,7 +133,11 @@ fn primaries(nodes: &str) -> Vec<Node> {
             let address = fields.nth(1)?;
             let flags = fields.next()?;
             let flags: Vec<&str> = flags.split(',').collect();
-            if !flags.contains(&"master") || flags.iter().any(|f| f.starts_with("fail")) {
+            // A primary only suspected of failing (`fail?`) still holds
+            // its keys: it is scanned, and the listing fails if it does
+            // not answer. One the cluster agreed has failed (`fail`) has
+            // handed its slots to a replica, listed as a primary.
+            if !flags.contains(&"master") || flags.contains(&"fail") {
                 return None;
             }
             // `ip:port@cport[,hostname]`
@@ -180,7 +204,7 @@ impl<C: Keyspace> Backend for RedisStore<C> {
     }
 
     async fn scan(&self, oldest: &mut Oldest) -> Result<(), StoreError> {
-        let pattern = format!("{}:*", self.inner.prefix);
+        let pattern = format!("{}:*", glob_escaped(&self.inner.prefix));
         let mut conn = self.inner.conn.get();
         let nodes = self.bounded_call("scan", conn.nodes()).await?;
         for node in nodes {
@@ -225,15 +249,21 @@ impl<C: Keyspace> Backend for RedisStore<C> {
         &self,
         key: StoreKey,
         fence: u64,
+        expected: &Expected,
         payload: Option<Bytes>,
     ) -> Result<bool, StoreError> {
+        // Redis keeps no claim past its lease with its effect committed.
+        let Expected::Record(was) = expected else {
+            return Ok(false);
+        };
         let name = self.key_name(key);
         let mut invocation = self.inner.scripts.resolve.key(&name);
         let release = payload.is_none();
         invocation
             .arg(entry::fence_arg(fence))
             .arg(payload.as_deref().unwrap_or_default())
-            .arg(if release { "1" } else { "0" });
+            .arg(if release { "1" } else { "0" })
+            .arg(&was[..]);
         match self.call("resolve", invocation).await? {
             Value::Int(n) => Ok(n == 1),
             other => Err(corrupt("resolve", &other)),
@@ -263,6 +293,7 @@ mod tests {
 67ed 127.0.0.1:30002@31002 master - 0 1 2 connected 5461-10922
 292f 127.0.0.1:30003@31003,node-3 myself,master - 0 0 3 connected 10923-16383
 e7d1 127.0.0.1:30001@31001 master,fail - 0 1 1 disconnected
+a1b2 127.0.0.1:30005@31005 master,fail? - 0 1 1 connected 0-5460
 ";
         let got: Vec<String> = primaries(text)
             .into_iter()
@@ -271,7 +302,16 @@ e7d1 127.0.0.1:30001@31001 master,fail - 0 1 1 disconnected
                 Node::Only => "only".into(),
             })
             .collect();
-        assert_eq!(got, ["127.0.0.1:30002", "127.0.0.1:30003"]);
+        assert_eq!(
+            got,
+            ["127.0.0.1:30002", "127.0.0.1:30003", "127.0.0.1:30005"]
+        );
         assert!(primaries("garbage\n\n").is_empty());
+    }
+
+    #[test]
+    fn a_prefix_matches_only_itself() {
+        assert_eq!(glob_escaped("idem"), "idem");
+        assert_eq!(glob_escaped("a*b?[c]\\"), "a\\*b\\?\\[c\\]\\\\");
     }
 }

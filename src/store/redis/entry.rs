@@ -85,21 +85,21 @@ pub(super) fn read(entry: Vec<u8>, pttl: Option<Duration>, now: u64) -> Raw {
         return unreadable("unknown entry format");
     }
     let digits = &entry[FENCE];
-    let Some(fence) = digits
+    let fence = digits
         .iter()
         .all(u8::is_ascii_digit)
         .then(|| std::str::from_utf8(digits).ok()?.parse::<u64>().ok())
-        .flatten()
-    else {
-        return unreadable("unreadable fence");
-    };
-    match entry[1] {
-        b'd' => Raw::Record {
-            fence: Some(fence),
+        .flatten();
+    match (entry[1], fence) {
+        // A claim replays a done entry by its fingerprint and payload
+        // alone: so does an operator.
+        (b'd', fence) => Raw::Record {
+            fence,
             payload: Bytes::from(entry).slice(HEADER..),
             expires_in: pttl,
         },
-        b'i' | b'f' => {
+        (b'i' | b'f', None) => unreadable("unreadable fence"),
+        (b'i' | b'f', Some(fence)) => {
             let tail = &entry[HEADER..];
             let end = tail
                 .iter()
@@ -111,6 +111,15 @@ pub(super) fn read(entry: Vec<u8>, pttl: Option<Duration>, now: u64) -> Raw {
             else {
                 return unreadable("unreadable lease");
             };
+            // A free entry's released nonces: `;` and 8 bytes each, as a
+            // claim reads them (it fails on anything else).
+            let released = &tail[end..];
+            if entry[1] == b'f'
+                && !released.is_empty()
+                && (released[0] != b';' || (released.len() - 1) % 8 != 0)
+            {
+                return unreadable("unreadable released nonces");
+            }
             if entry[1] == b'i' && deadline > now {
                 Raw::InFlight {
                     fence,
@@ -243,6 +252,20 @@ mod tests {
         let mut odd = done.clone();
         odd[1] = b'x';
         assert!(matches!(read(odd, None, 0), Raw::Unreadable { .. }));
+        // As a claim reads them: a done entry by its payload, whatever its
+        // fence; a free entry's nonces must be whole.
+        let mut no_fence = done.clone();
+        no_fence[5] = b'x';
+        assert!(matches!(
+            read(no_fence, None, 0),
+            Raw::Record { fence: None, .. }
+        ));
+        let mut torn = header(b'f', "0000000000000042");
+        torn.extend_from_slice(b"2000;1234567");
+        assert!(matches!(read(torn, None, 0), Raw::Unreadable { .. }));
+        let mut odd_tail = header(b'f', "0000000000000042");
+        odd_tail.extend_from_slice(b"2000x12345678");
+        assert!(matches!(read(odd_tail, None, 0), Raw::Unreadable { .. }));
     }
 
     #[test]

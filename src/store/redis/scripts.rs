@@ -315,8 +315,10 @@ if type(r) == 'string' then
   if #r < 59 or string.byte(r, 1) ~= 50 or st == 'd' or (st ~= 'i' and st ~= 'f') then
     held = true
   elseif st == 'i' then
-    held = (tonumber(string.match(r, '^%d+', 60)) or now + 1) > now
-    live = held
+    -- An unreadable lease is dropped without force: nothing can own it.
+    local dl = tonumber(string.match(r, '^%d+', 60))
+    held = (dl or now + 1) > now
+    live = dl ~= nil and dl > now
   end
 elseif type(r) == 'table' then
   local ok, h = pcall(redis.call, 'HMGET', KEYS[1], 'st', 'dl')
@@ -349,17 +351,20 @@ end
 "#
 );
 
-/// `resolve(fence, payload, release)` → 1 when the key held a done entry
-/// of this fence (16 digits) and now holds `payload` in its place (the
-/// header, fingerprint and expiry kept) or, with `release` = `1`, nothing;
-/// else 0 and nothing changed. An operator's answer for a key whose
-/// outcome was unknown.
+/// `resolve(fence, payload, release, was)` → 1 when the key held a done
+/// entry of this fence (16 digits) whose payload is `was`, and now holds
+/// `payload` in its place (the header, fingerprint and expiry kept) or,
+/// with `release` = `1`, a free entry (state `f`, its fence, nonce and
+/// expiry kept, so the next grant's fence is higher); else 0 and nothing
+/// changed. An operator's answer for a key whose outcome was unknown.
 pub(super) const RESOLVE: &str = concat!(
     prologue!("  return 0"),
     r#"
-if st ~= 'd' or string.sub(r, 4, 19) ~= ARGV[1] then return 0 end
+if st ~= 'd' or string.sub(r, 4, 19) ~= ARGV[1] or string.sub(r, 60) ~= ARGV[4] then return 0 end
 if ARGV[3] == '1' then
-  redis.call('DEL', KEYS[1])
+"#,
+    clock!(),
+    r#"  redis.call('SET', KEYS[1], '2f0' .. string.sub(r, 4, 59) .. now, 'KEEPTTL')
 else
   redis.call('SET', KEYS[1], string.sub(r, 1, 59) .. ARGV[2], 'KEEPTTL')
 end
