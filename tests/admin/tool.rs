@@ -16,6 +16,7 @@ use crate::common::redis_server::redis_or_skip;
 use crate::common::unique;
 
 /// The tool with the flags that name a store.
+#[derive(Clone)]
 struct Tool {
     args: Vec<String>,
 }
@@ -179,6 +180,11 @@ async fn every_command_on_every_state<S>(
     }
     let refused = tool.run(&["purge", "busy"]).await;
     assert_eq!(refused.code, 1, "{refused:?}");
+    for (k, state) in [("busy", "in_flight"), ("nothing", "absent")] {
+        let refused = tool.run(&["resolve", k, "--release"]).await;
+        assert_eq!(refused.code, 1, "{refused:?}");
+        assert!(refused.stderr.contains(state), "{refused:?}");
+    }
     assert_eq!(
         tool.run(&["inspect", "busy", "--json"]).await.object()["state"],
         "in_flight"
@@ -234,6 +240,29 @@ async fn every_command_on_every_state<S>(
     assert_eq!(ledger.count(), executed + 1, "the released key executed");
     let again = tool.run(&["resolve", "lost-1", "--release"]).await;
     assert_eq!(again.code, 1, "a resolved key is completed: {again:?}");
+
+    // A body that is not text comes back in base64, and only when asked.
+    send(&svc, unknown_outcome("lost-3")).await;
+    let binary = BodyFile::new(&[0xff, 0xfe, 0x00]);
+    let resolved = tool
+        .run(&[
+            "resolve",
+            "lost-3",
+            "--respond-status",
+            "200",
+            "--respond-body",
+            binary.path(),
+        ])
+        .await;
+    assert_eq!(resolved.code, 0, "{resolved:?}");
+    let seen = tool
+        .run(&["inspect", "lost-3", "--json", "--body"])
+        .await
+        .object();
+    assert_eq!(seen["body_base64"], "//4A");
+    assert!(seen["body"].is_null());
+    let seen = tool.run(&["inspect", "lost-3", "--json"]).await.object();
+    assert!(seen["body_base64"].is_null() && seen["body_bytes"] == 3);
 
     // Unreadable: refused with 500, purged, then executed.
     corrupt(key("done")).await;
@@ -346,12 +375,67 @@ async fn the_tool_on_redis() {
         &prefix,
     ]);
     let url = server.url();
-    every_command_on_every_state(store, tool, false, async |key| {
+    every_command_on_every_state(store, tool.clone(), false, async |key| {
         let client = redis::Client::open(url.as_str()).unwrap();
         let mut conn = client.get_multiplexed_async_connection().await.unwrap();
         corrupt_redis(&mut conn, &name_of(&prefix, key)).await;
     })
     .await;
+
+    // Many keys: SCAN takes several pages, each key listed once.
+    let store = RedisStore::builder(&server.url())
+        .unwrap()
+        .prefix(prefix.clone())
+        .build()
+        .await
+        .unwrap();
+    let mut conn = server.conn().await;
+    let mut pipe = redis::pipe();
+    for n in 0..1200u64 {
+        let mut entry = format!("2d0{:016}", 1_700_000_000_000_000 + n).into_bytes();
+        entry.extend_from_slice(&n.to_be_bytes());
+        entry.extend_from_slice(&[7; 32]);
+        // The layer's payload of an outcome-unknown answer, status 502.
+        entry.extend_from_slice(b"TIDR\x01\x02\x01\xf6");
+        let name = name_of(&prefix, StoreKey::from_parts(b"many", &n.to_be_bytes()));
+        pipe.cmd("SET")
+            .arg(name)
+            .arg(entry)
+            .arg("EX")
+            .arg(600)
+            .ignore();
+    }
+    let _: () = pipe.query_async(&mut conn).await.unwrap();
+    let many = store
+        .list(Some(State::OutcomeUnknown), 10_000)
+        .await
+        .unwrap();
+    assert_eq!(many.len(), 1200);
+    let unique: std::collections::HashSet<&str> =
+        many.iter().map(|s| s.key_hash.as_str()).collect();
+    assert_eq!(unique.len(), 1200);
+    assert_eq!(many[0].fence, Some(1_700_000_000_000_000), "oldest first");
+
+    // An entry of the earlier format (a hash) is read as a claim reads it.
+    let legacy = name_of(&prefix, key("legacy"));
+    let _: () = redis::cmd("HSET")
+        .arg(&legacy)
+        .arg("v")
+        .arg("1")
+        .arg("st")
+        .arg("d")
+        .arg("fence")
+        .arg("42")
+        .arg("fp")
+        .arg(&[7u8; 32][..])
+        .arg("pl")
+        .arg(&b"TIDR\x01\x02\x01\xf6"[..])
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let seen = tool.run(&["inspect", "legacy", "--json"]).await.object();
+    assert_eq!(seen["state"], "outcome_unknown");
+    assert_eq!(seen["fence"], 42);
 
     // A value that is no entry at all is unreadable too, and purged.
     let mut conn = server.conn().await;
@@ -450,7 +534,7 @@ async fn the_tool_on_postgres() {
 }
 
 #[tokio::test]
-async fn a_store_that_does_not_answer_exits_1() {
+async fn a_store_that_does_not_answer_exits_1_and_bad_settings_2() {
     let port = crate::common::free_port();
     let tool = Tool::new(&[
         "--store",
@@ -458,12 +542,34 @@ async fn a_store_that_does_not_answer_exits_1() {
         "--redis-url",
         &format!("redis://127.0.0.1:{port}"),
     ]);
-    let ran = tool.run(&["inspect", "k"]).await;
-    assert_eq!(ran.code, 1, "{ran:?}");
-    assert!(ran.stderr.contains("error"), "{ran:?}");
-    assert!(!ran.stderr.contains("\"k\""), "never the key: {ran:?}");
+    for command in [
+        &["inspect", "key-Zq9x", "--scope", "tenant-Wv3"][..],
+        &["purge", "key-Zq9x", "--scope-raw", "tenant-Wv3"],
+        &["resolve", "key-Zq9x", "--release"],
+    ] {
+        let ran = tool.run(command).await;
+        assert_eq!(ran.code, 1, "{ran:?}");
+        assert!(ran.stderr.contains("error"), "{ran:?}");
+        let said = format!("{}{}", ran.stdout, ran.stderr);
+        assert!(
+            !said.contains("Zq9x") && !said.contains("Wv3"),
+            "never the key nor the scope: {ran:?}"
+        );
+    }
     let ran = Tool::new(&["--store", "memcached"]).run(&["list"]).await;
     assert_eq!(ran.code, 2, "{ran:?}");
+    let ran = Tool::new(&["--store", "redis", "--redis-url", "not a url"])
+        .run(&["list"])
+        .await;
+    assert_eq!(ran.code, 2, "a setting the store refuses: {ran:?}");
+    let ran = Tool::new(&["--store", "postgres", "--table", "Bad-Name"])
+        .run(&["list"])
+        .await;
+    assert_eq!(ran.code, 2, "{ran:?}");
+    let ran = tool
+        .run(&["inspect", "k", "--scope", "a", "--scope-raw", "b"])
+        .await;
+    assert_eq!(ran.code, 2, "one scope: {ran:?}");
 }
 
 /// An upstream that reads each request and closes the connection without
