@@ -68,7 +68,11 @@ async fn many_instances_can_migrate_at_once() {
         )
         .await
         .unwrap();
-    assert_eq!(row.get::<_, i64>(0), 2, "the primary key and expires_at");
+    assert_eq!(
+        row.get::<_, i64>(0),
+        3,
+        "the primary key, expires_at, and (fence, key) for an operator's listing"
+    );
 }
 
 /// Building needs no runtime (a store can be made in a plain `main` or a

@@ -28,7 +28,8 @@
 //! # async fn run() -> Result<(), tower_idempotency::store::StoreError> {
 //! use tower_idempotency::store::MemoryStore;
 //! use tower_idempotency::store::admin::{Admin, State};
-//! use tower_idempotency::{IdempotencyKey, Scope, StoreKey};
+//! use tower_idempotency::key::StoreKey;
+//! use tower_idempotency::{IdempotencyKey, Scope};
 //!
 //! let store = MemoryStore::new();
 //! let key = IdempotencyKey::parse(b"order-1042").expect("a valid key");
