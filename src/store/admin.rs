@@ -530,6 +530,10 @@ pub(crate) mod sealed {
     /// The `limit` oldest keys offered in a state, kept in a bounded heap
     /// (the newest on top, dropped first).
     #[derive(Debug)]
+    #[cfg_attr(
+        not(any(feature = "memory", feature = "redis", feature = "postgres")),
+        allow(dead_code, reason = "used by the built-in stores")
+    )]
     pub struct Oldest {
         state: Option<State>,
         limit: usize,
@@ -583,12 +587,20 @@ pub(crate) mod sealed {
 
         /// Whether `limit` keys in the state were offered: a store that
         /// offers them oldest first may stop.
+        #[cfg_attr(
+            not(feature = "postgres"),
+            allow(dead_code, reason = "a store that reads oldest first stops early")
+        )]
         pub(crate) fn full(&self) -> bool {
             self.heap.len() >= self.limit
         }
 
         /// Offers one key; keeps it if it is in the state and among the
         /// oldest.
+        #[cfg_attr(
+            not(any(feature = "memory", feature = "redis", feature = "postgres")),
+            allow(dead_code, reason = "used by the built-in stores")
+        )]
         pub(crate) fn offer(&mut self, seen: Inspection) {
             let wanted = match self.state {
                 Some(state) => seen.state == state,

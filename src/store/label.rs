@@ -83,8 +83,9 @@ impl RequestLabel {
         self.text.is_none()
     }
 
-    /// Bytes the label holds (for a store's byte bound).
-    pub(crate) fn len(&self) -> usize {
+    /// Bytes the label holds: the method, a space and the path (a store
+    /// that bounds its bytes counts them).
+    pub fn len(&self) -> usize {
         self.text.as_deref().map_or(0, str::len)
     }
 }

@@ -116,7 +116,7 @@ pub(super) fn read(entry: Vec<u8>, pttl: Option<Duration>, now: u64) -> Raw {
             let released = &tail[end..];
             if entry[1] == b'f'
                 && !released.is_empty()
-                && (released[0] != b';' || (released.len() - 1) % 8 != 0)
+                && (released[0] != b';' || !(released.len() - 1).is_multiple_of(8))
             {
                 return unreadable("unreadable released nonces");
             }
