@@ -265,7 +265,7 @@ impl<St: Store> Engine<St> {
         &self,
         key: StoreKey,
         fingerprint: Fingerprint,
-        label: &RequestLabel,
+        label: &RequestLabel<'_>,
     ) -> Result<Begun<'_, St>, EngineError<E>> {
         // The wait for an in-flight duplicate counts from the first time
         // it is seen; a request that claims or replays never reads the clock.

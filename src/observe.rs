@@ -192,9 +192,16 @@ impl Drop for WaitClock {
 }
 
 /// An execution started: `idempotency_executions_running` goes up.
-pub(crate) fn execution_started() {
+/// Returns when, for [`execution_ended`] (the clock is read only with the
+/// `metrics` feature).
+pub(crate) fn execution_started() -> Option<std::time::Instant> {
     #[cfg(feature = "metrics")]
-    metrics::gauge!("idempotency_executions_running").increment(1.0);
+    {
+        metrics::gauge!("idempotency_executions_running").increment(1.0);
+        Some(std::time::Instant::now())
+    }
+    #[cfg(not(feature = "metrics"))]
+    None
 }
 
 /// An execution ended (its key settled), `started` ago:
@@ -211,15 +218,6 @@ pub(crate) fn execution_ended(started: Option<std::time::Instant>) {
     }
     #[cfg(not(feature = "metrics"))]
     let _ = started;
-}
-
-/// When an execution starts, for [`execution_ended`]: read only with the
-/// `metrics` feature.
-pub(crate) fn execution_clock() -> Option<std::time::Instant> {
-    #[cfg(feature = "metrics")]
-    return Some(std::time::Instant::now());
-    #[cfg(not(feature = "metrics"))]
-    None
 }
 
 /// A completion attempt failed and will be retried:

@@ -310,3 +310,54 @@ fn orphans_pending_rise_during_an_outage_and_fall_after_it() {
         "down by three since the snapshot that read 3: none pending"
     );
 }
+
+/// The running gauge comes back down however an execution ends: its
+/// operation panicking, or its caller going away while it runs (it goes on
+/// detached, and ends later).
+#[test]
+fn the_running_gauge_comes_back_down_after_a_panic_and_a_dropped_caller() {
+    let recorded = recorded_on(false, |_| async move {
+        let engine = Engine::new(test_store());
+        let panicked = tokio::spawn({
+            let engine = engine.clone();
+            async move {
+                engine
+                    .run_stored(key("panics"), FP, |_| async {
+                        if key("panics") == key("panics") {
+                            panic!("the operation panics on purpose");
+                        }
+                        Ok::<_, std::io::Error>(Bytes::new())
+                    })
+                    .await
+            }
+        });
+        assert!(panicked.await.unwrap_err().is_panic());
+        let (entered, proceed) = (Arc::new(Notify::new()), Arc::new(Notify::new()));
+        let caller = tokio::spawn({
+            let (engine, entered, proceed) = (engine.clone(), entered.clone(), proceed.clone());
+            async move {
+                engine
+                    .run_stored(key("dropped"), FP, move |_| async move {
+                        entered.notify_one();
+                        proceed.notified().await;
+                        Ok::<_, std::io::Error>(Bytes::from_static(b"late"))
+                    })
+                    .await
+            }
+        });
+        entered.notified().await;
+        caller.abort();
+        let _ = caller.await;
+        assert_eq!(engine.executions().running(), 1, "it goes on detached");
+        proceed.notify_one();
+        tokio::time::timeout(Duration::from_secs(10), engine.executions().wait_idle())
+            .await
+            .expect("the detached execution ends");
+    });
+    assert_eq!(gauge(&recorded, "idempotency_executions_running"), 0.0);
+    assert_eq!(
+        samples(&recorded, "idempotency_execution_seconds", &[]),
+        2,
+        "both were timed"
+    );
+}

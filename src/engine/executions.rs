@@ -40,10 +40,9 @@ impl Executions {
 
     pub(super) fn start(&self) -> ExecutionGuard {
         self.inner.running.fetch_add(1, Ordering::AcqRel);
-        crate::observe::execution_started();
         ExecutionGuard {
             executions: self.inner.clone(),
-            started: crate::observe::execution_clock(),
+            started: crate::observe::execution_started(),
         }
     }
 }

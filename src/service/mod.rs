@@ -214,7 +214,6 @@ where
         let (engine, config) = (&shared.engine, &shared.config);
         let limit = config.request_body_limit;
         let req = &mut pending.req;
-        let label = RequestLabel::new(req.method().as_str(), req.uri().path());
         let hasher = FingerprintHasher::new(
             req.method(),
             req.uri(),
@@ -243,6 +242,7 @@ where
             }
         };
         let span = tracing::debug_span!("idempotency", key = %store_key);
+        let label = RequestLabel::new(pending.req.method().as_str(), pending.req.uri().path());
         let begun = engine
             .begin::<std::convert::Infallible>(store_key, fingerprint, &label)
             .instrument(span.clone())

@@ -48,7 +48,7 @@ use std::time::{Duration, SystemTime};
 use bytes::Bytes;
 use http::{HeaderMap, StatusCode};
 
-use super::{RequestLabel, Store, StoreError};
+use super::{KeptLabel, Store, StoreError};
 use crate::headers::HopByHop;
 use crate::key::StoreKey;
 use crate::payload::{PayloadError, StoredOutcome, encode_response};
@@ -482,9 +482,9 @@ pub(crate) mod sealed {
     #[derive(Debug, Clone, Default)]
     pub struct Noted {
         /// The claiming request's method and path.
-        pub label: RequestLabel,
+        pub(crate) label: KeptLabel,
         /// When the answer was stored.
-        pub completed_at: Option<SystemTime>,
+        pub(crate) completed_at: Option<SystemTime>,
     }
 
     /// What a store does for [`Admin`]: read one key, visit every key,

@@ -285,7 +285,7 @@ impl<St: Store> Store for FaultStore<St> {
         key: StoreKey,
         fingerprint: Fingerprint,
         lease: Duration,
-        label: &RequestLabel,
+        label: &RequestLabel<'_>,
     ) -> Result<Claim, StoreError> {
         let fault = self.enter(Operation::Claim);
         self.shared.called.notify_waiters();

@@ -1,5 +1,5 @@
-//! [`RequestLabel`]: what identifies a request without its body, kept with
-//! its entry for an operator.
+//! [`RequestLabel`]: what identifies a request without its body, given
+//! with its claim for an operator; and the form a store keeps.
 
 use std::fmt;
 use std::sync::Arc;
@@ -13,12 +13,13 @@ pub const MAX_LABEL_PATH: usize = 512;
 /// What identifies a request without its body: its method and its path,
 /// the query left out (it may carry personal data, and the fingerprint
 /// already tells requests apart). The layer gives one with each claim
-/// ([`Store::claim_labelled`](super::Store::claim_labelled)); stores that
-/// keep it show it to an operator ([`admin`](super::admin)), and it never
-/// decides anything.
+/// ([`Store::claim_labelled`](super::Store::claim_labelled)), borrowed
+/// from the request, so a store that keeps none pays nothing for it;
+/// stores that keep it show it to an operator ([`admin`](super::admin)),
+/// and it never decides anything.
 ///
 /// Bounded: a method past [`MAX_LABEL_METHOD`] bytes is dropped, a path
-/// past [`MAX_LABEL_PATH`] bytes cut. Cloning is a reference count.
+/// past [`MAX_LABEL_PATH`] bytes cut.
 ///
 /// ```
 /// use tower_idempotency::store::RequestLabel;
@@ -27,49 +28,86 @@ pub const MAX_LABEL_PATH: usize = 512;
 /// assert_eq!(label.method(), "POST");
 /// assert_eq!(label.path(), "/payments");
 /// ```
-#[derive(Clone, Default, PartialEq, Eq, Hash)]
-pub struct RequestLabel {
-    /// The method, a space, then the path; `None` for an empty label.
-    text: Option<Arc<str>>,
-    /// Where the method ends in `text`.
-    method_len: u8,
+#[derive(Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub struct RequestLabel<'a> {
+    method: &'a str,
+    path: &'a str,
 }
 
-impl RequestLabel {
+impl<'a> RequestLabel<'a> {
     /// A label of `method` and `path`; a query in `path` (from the first
     /// `?`) is left out.
-    pub fn new(method: &str, path: &str) -> Self {
+    pub fn new(method: &'a str, path: &'a str) -> Self {
         let method = if method.len() <= MAX_LABEL_METHOD {
             method
         } else {
             ""
         };
         let path = path.split('?').next().unwrap_or_default();
-        let path = cut(path, MAX_LABEL_PATH);
-        if method.is_empty() && path.is_empty() {
-            return Self::default();
-        }
-        let mut text = String::with_capacity(method.len() + 1 + path.len());
-        text.push_str(method);
-        text.push(' ');
-        text.push_str(path);
         Self {
-            text: Some(text.into()),
-            // At most `MAX_LABEL_METHOD` bytes: fits.
-            method_len: u8::try_from(method.len()).unwrap_or(0),
+            method,
+            path: cut(path, MAX_LABEL_PATH),
         }
     }
 
     /// The request's method (empty when unknown).
-    pub fn method(&self) -> &str {
+    pub fn method(&self) -> &'a str {
+        self.method
+    }
+
+    /// The request's path, without its query (empty when unknown).
+    pub fn path(&self) -> &'a str {
+        self.path
+    }
+
+    /// Whether the label says nothing.
+    pub fn is_empty(&self) -> bool {
+        self.method.is_empty() && self.path.is_empty()
+    }
+}
+
+impl fmt::Debug for RequestLabel<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RequestLabel")
+            .field("method", &self.method)
+            .field("path", &self.path)
+            .finish()
+    }
+}
+
+/// A label as a store keeps it beside an entry: one allocation (none for
+/// an empty label), cloned by a reference count.
+#[derive(Clone, Default, PartialEq, Eq)]
+pub(crate) struct KeptLabel {
+    /// The method, a space, then the path; `None` for an empty label.
+    text: Option<Arc<str>>,
+    /// Where the method ends in `text` (at most [`MAX_LABEL_METHOD`]).
+    method_len: u8,
+}
+
+impl KeptLabel {
+    pub(crate) fn of(label: &RequestLabel<'_>) -> Self {
+        if label.is_empty() {
+            return Self::default();
+        }
+        let mut text = String::with_capacity(label.method.len() + 1 + label.path.len());
+        text.push_str(label.method);
+        text.push(' ');
+        text.push_str(label.path);
+        Self {
+            text: Some(text.into()),
+            method_len: u8::try_from(label.method.len()).unwrap_or(0),
+        }
+    }
+
+    pub(crate) fn method(&self) -> &str {
         match &self.text {
             Some(text) => text.get(..usize::from(self.method_len)).unwrap_or_default(),
             None => "",
         }
     }
 
-    /// The request's path, without its query (empty when unknown).
-    pub fn path(&self) -> &str {
+    pub(crate) fn path(&self) -> &str {
         match &self.text {
             Some(text) => text
                 .get(usize::from(self.method_len) + 1..)
@@ -78,15 +116,22 @@ impl RequestLabel {
         }
     }
 
-    /// Whether the label says nothing.
-    pub fn is_empty(&self) -> bool {
-        self.text.is_none()
-    }
-
-    /// Bytes the label holds: the method, a space and the path (a store
-    /// that bounds its bytes counts them).
-    pub fn len(&self) -> usize {
+    /// Bytes it holds (for a store's byte bound).
+    #[cfg_attr(
+        not(feature = "memory"),
+        allow(dead_code, reason = "the memory store's bound")
+    )]
+    pub(crate) fn len(&self) -> usize {
         self.text.as_deref().map_or(0, str::len)
+    }
+}
+
+impl fmt::Debug for KeptLabel {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeptLabel")
+            .field("method", &self.method())
+            .field("path", &self.path())
+            .finish()
     }
 }
 
@@ -102,15 +147,6 @@ fn cut(text: &str, max: usize) -> &str {
     &text[..end]
 }
 
-impl fmt::Debug for RequestLabel {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("RequestLabel")
-            .field("method", &self.method())
-            .field("path", &self.path())
-            .finish()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -120,19 +156,25 @@ mod tests {
         let label = RequestLabel::new("PATCH", "/a/b?c=d?e");
         assert_eq!((label.method(), label.path()), ("PATCH", "/a/b"));
         assert!(RequestLabel::new("", "?only=query").is_empty());
-        let empty = RequestLabel::default();
-        assert_eq!((empty.method(), empty.path()), ("", ""));
+        let kept = KeptLabel::of(&label);
+        assert_eq!((kept.method(), kept.path()), ("PATCH", "/a/b"));
+        assert_eq!(kept.len(), "PATCH /a/b".len());
+        let empty = KeptLabel::of(&RequestLabel::default());
+        assert_eq!((empty.method(), empty.path(), empty.len()), ("", "", 0));
     }
 
     #[test]
     fn bounds_what_it_keeps() {
         let long = "é".repeat(MAX_LABEL_PATH);
-        let label = RequestLabel::new(&"M".repeat(MAX_LABEL_METHOD + 1), &long);
+        let too_long = "M".repeat(MAX_LABEL_METHOD + 1);
+        let label = RequestLabel::new(&too_long, &long);
         assert_eq!(label.method(), "");
         assert!(label.path().len() <= MAX_LABEL_PATH);
         assert!(long.starts_with(label.path()));
-        let label = RequestLabel::new(&"M".repeat(MAX_LABEL_METHOD), "/x");
-        assert_eq!(label.method().len(), MAX_LABEL_METHOD);
-        assert_eq!(label.path(), "/x");
+        let method = "M".repeat(MAX_LABEL_METHOD);
+        let label = RequestLabel::new(&method, "/x");
+        let kept = KeptLabel::of(&label);
+        assert_eq!(kept.method().len(), MAX_LABEL_METHOD);
+        assert_eq!(kept.path(), "/x");
     }
 }

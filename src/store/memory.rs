@@ -12,7 +12,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::{
-    Claim, CompletedRecord, LeaseStatus, OwnerToken, RequestLabel, Store, StoreError,
+    Claim, CompletedRecord, KeptLabel, LeaseStatus, OwnerToken, RequestLabel, Store, StoreError,
     StoreErrorKind,
 };
 use crate::fingerprint::Fingerprint;
@@ -101,7 +101,7 @@ struct Claims {
 struct InFlight {
     token: OwnerToken,
     /// What identifies the request, for an operator.
-    label: RequestLabel,
+    label: KeptLabel,
     fingerprint: Fingerprint,
     deadline: Instant,
     /// Created by the first waiter; never sent on: dropping it (with the
@@ -115,7 +115,7 @@ struct InFlight {
 struct Completed {
     record: CompletedRecord,
     /// What identifies the request, for an operator.
-    label: RequestLabel,
+    label: KeptLabel,
     owner: OwnerToken,
     expires_at: Instant,
     retention: Duration,
@@ -291,7 +291,7 @@ impl MemoryStore {
         key: StoreKey,
         fingerprint: Fingerprint,
         lease: Duration,
-        label: &RequestLabel,
+        label: &RequestLabel<'_>,
     ) -> Result<Claim, StoreError> {
         let now = Instant::now();
         let mut swept = false;
@@ -334,7 +334,7 @@ impl MemoryStore {
             let token = OwnerToken::new(fence, self.inner.nonce_seed ^ fence);
             let entry = InFlight {
                 token,
-                label: label.clone(),
+                label: KeptLabel::of(label),
                 fingerprint,
                 deadline: deadline(now, lease),
                 gone: None,
@@ -378,7 +378,7 @@ impl Store for MemoryStore {
         key: StoreKey,
         fingerprint: Fingerprint,
         lease: Duration,
-        label: &RequestLabel,
+        label: &RequestLabel<'_>,
     ) -> Result<Claim, StoreError> {
         self.claim_now(key, fingerprint, lease, label)
     }

@@ -35,6 +35,7 @@ use crate::key::StoreKey;
 
 pub mod admin;
 mod label;
+pub(crate) use label::KeptLabel;
 pub use label::{MAX_LABEL_METHOD, MAX_LABEL_PATH, RequestLabel};
 #[cfg(feature = "memory")]
 mod key_hasher;
@@ -306,7 +307,7 @@ pub trait Store: Clone + Send + Sync + 'static {
         key: StoreKey,
         fingerprint: Fingerprint,
         lease: Duration,
-        label: &RequestLabel,
+        label: &RequestLabel<'_>,
     ) -> impl Future<Output = Result<Claim, StoreError>> + Send {
         let _ = label;
         self.claim(key, fingerprint, lease)

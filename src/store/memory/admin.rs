@@ -10,7 +10,7 @@ use super::{Completed, MemoryStore, SHARDS, lock};
 use crate::key::StoreKey;
 use crate::store::admin::Purged;
 use crate::store::admin::sealed::{Backend, Expected, FenceClock, Noted, Oldest, Raw};
-use crate::store::{CompletedRecord, RequestLabel, StoreError};
+use crate::store::{CompletedRecord, KeptLabel, StoreError};
 
 impl MemoryStore {
     fn raw_of(&self, key: &StoreKey, now: Instant) -> (Raw, Noted) {
@@ -71,7 +71,7 @@ impl Backend for MemoryStore {
     async fn scan(&self, oldest: &mut Oldest) -> Result<(), StoreError> {
         let now = Instant::now();
         for shard in self.inner.shards.iter() {
-            let live: Vec<(StoreKey, u64, Instant, RequestLabel)> = lock(shard)
+            let live: Vec<(StoreKey, u64, Instant, KeptLabel)> = lock(shard)
                 .map
                 .iter()
                 .filter(|(_, c)| c.deadline > now)

@@ -13,7 +13,7 @@ use super::sql::{CLAIMED, COMPLETED};
 use crate::key::StoreKey;
 use crate::store::admin::Purged;
 use crate::store::admin::sealed::{Backend, Expected, Noted, Oldest, Raw};
-use crate::store::{RequestLabel, StoreError};
+use crate::store::{KeptLabel, RequestLabel, StoreError};
 
 /// Rows read per page while listing.
 const PAGE: i64 = 500;
@@ -60,10 +60,10 @@ fn seen(row: &Row) -> Result<(Option<StoreKey>, i64, Raw, Noted), tokio_postgres
     let path: Option<String> = row.try_get(10)?;
     let completed_at: Option<f64> = row.try_get(11)?;
     let noted = Noted {
-        label: RequestLabel::new(
+        label: KeptLabel::of(&RequestLabel::new(
             method.as_deref().unwrap_or_default(),
             path.as_deref().unwrap_or_default(),
-        ),
+        )),
         completed_at: completed_at
             .and_then(|s| Duration::try_from_secs_f64(s).ok())
             .and_then(|since| SystemTime::UNIX_EPOCH.checked_add(since)),

@@ -137,7 +137,7 @@ impl Store for PostgresStore {
         key: StoreKey,
         fingerprint: Fingerprint,
         lease: Duration,
-        label: &RequestLabel,
+        label: &RequestLabel<'_>,
     ) -> Result<Claim, StoreError> {
         let nonce = i64::from_ne_bytes(self.inner.kit.nonces.next().to_ne_bytes());
         // The row outlives the lease by the fence memory (the extend
