@@ -86,6 +86,10 @@ pub(crate) struct KeptLabel {
 }
 
 impl KeptLabel {
+    #[cfg_attr(
+        not(any(feature = "memory", feature = "postgres")),
+        allow(dead_code, reason = "the stores that keep labels")
+    )]
     pub(crate) fn of(label: &RequestLabel<'_>) -> Self {
         if label.is_empty() {
             return Self::default();
