@@ -436,6 +436,52 @@ async fn the_tool_on_redis() {
     let seen = tool.run(&["inspect", "legacy", "--json"]).await.object();
     assert_eq!(seen["state"], "outcome_unknown");
     assert_eq!(seen["fence"], 42);
+    let resolved = tool.run(&["resolve", "legacy", "--release"]).await;
+    assert_eq!(resolved.code, 0, "{resolved:?}");
+    let seen = tool.run(&["inspect", "legacy", "--json"]).await.object();
+    assert_eq!(seen["state"], "absent");
+    assert_eq!(seen["fence"], 42, "a free entry keeps the fence");
+
+    // Entries a claim cannot read are purged without --force: nobody can
+    // own them.
+    let header = |state: &str, fence: &str| {
+        let mut value = format!("2{state}0{fence}").into_bytes();
+        value.extend_from_slice(&[b'n'; 8]);
+        value.extend_from_slice(&[b'f'; 32]);
+        value
+    };
+    let far = (std::time::SystemTime::now() + Duration::from_secs(3600))
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis()
+        .to_string();
+    for (name, tail) in [
+        ("bad-fence", far.clone()),
+        ("bad-lease", "soon".to_owned()),
+        ("torn-nonces", format!("{far};abc")),
+    ] {
+        let (state, fence) = match name {
+            "bad-fence" => ("i", "00000000000000x2"),
+            "bad-lease" => ("i", "0000000000000042"),
+            _ => ("f", "0000000000000042"),
+        };
+        let mut value = header(state, fence);
+        value.extend_from_slice(tail.as_bytes());
+        let _: () = redis::cmd("SET")
+            .arg(name_of(&prefix, key(name)))
+            .arg(value)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        let seen = tool.run(&["inspect", name, "--json"]).await.object();
+        assert_eq!(seen["state"], "unreadable", "{name}");
+        let purged = tool.run(&["purge", name]).await;
+        assert_eq!(purged.code, 0, "{name}: {purged:?}");
+        assert!(
+            purged.stdout.contains("purged: the key is new"),
+            "{name}: {purged:?}"
+        );
+    }
 
     // A value that is no entry at all is unreadable too, and purged.
     let mut conn = server.conn().await;

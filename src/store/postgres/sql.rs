@@ -301,12 +301,15 @@ impl Statements {
             // state read, $6 the record's payload. $3 releases it (state 2,
             // its fence kept), else $4 becomes its record. Its fingerprint
             // and expiry are kept. (Its owner may still store its answer
-            // late, under the same fence: the state and payload tell.)
+            // late, under the same fence: the state and payload tell. A
+            // stored answer takes another nonce, so an owner that answers
+            // after it learns that its answer was not kept.)
             resolve: format!(
                 "WITH clock AS (SELECT clock_timestamp() AS t),
                  done AS (
                    UPDATE {table} AS r
                    SET state = CASE WHEN $3 THEN 2 ELSE 1 END,
+                       nonce = CASE WHEN $3 THEN r.nonce ELSE r.nonce # 1 END,
                        payload = $4,
                        effect_committed = false,
                        lease_until = LEAST(r.lease_until, clock.t),

@@ -358,7 +358,7 @@ async fn an_outcome_unknown_claim_is_resolved_unless_its_owner_answered_meanwhil
     assert!(matches!(again, Ok(Claim::Acquired(t)) if t.fence() > token.fence()));
 
     let answered = StoreKey::from_parts(b"", b"answered");
-    committed_and_lapsed(&store, answered).await;
+    let owner = committed_and_lapsed(&store, answered).await;
     let respond = Resolution::Respond {
         status: http::StatusCode::CREATED,
         headers: http::HeaderMap::new(),
@@ -375,6 +375,21 @@ async fn an_outcome_unknown_claim_is_resolved_unless_its_owner_answered_meanwhil
         Some(http::StatusCode::CREATED)
     );
     assert!(seen.completed_at.is_some());
+    // Its owner answering after the operator learns it was not kept.
+    let late = CompletedRecord {
+        fingerprint: crate::fingerprint::Fingerprint::from_bytes([3; 32]),
+        payload: bytes::Bytes::from_static(b"too late"),
+    };
+    let stored = store
+        .complete(answered, owner, late, Duration::from_secs(600))
+        .await
+        .unwrap();
+    assert_eq!(stored, LeaseStatus::Lost);
+    let seen = store.inspect(answered).await.unwrap();
+    assert_eq!(
+        seen.answer.map(|a| a.body),
+        Some(bytes::Bytes::from_static(b"{}"))
+    );
     drop_table(&store).await;
 }
 

@@ -91,14 +91,16 @@ pub(super) fn read(entry: Vec<u8>, pttl: Option<Duration>, now: u64) -> Raw {
         .then(|| std::str::from_utf8(digits).ok()?.parse::<u64>().ok())
         .flatten();
     match (entry[1], fence) {
-        // A claim replays a done entry by its fingerprint and payload
-        // alone: so does an operator.
+        // A claim would replay a done entry whose fence it cannot read
+        // (it reads the fingerprint and payload alone), but it cannot be
+        // resolved by its fence: the operator sees it as damaged, and
+        // purges it.
+        (_, None) => unreadable("unreadable fence"),
         (b'd', fence) => Raw::Record {
             fence,
             payload: Bytes::from(entry).slice(HEADER..),
             expires_in: pttl,
         },
-        (b'i' | b'f', None) => unreadable("unreadable fence"),
         (b'i' | b'f', Some(fence)) => {
             let tail = &entry[HEADER..];
             let end = tail
@@ -252,14 +254,12 @@ mod tests {
         let mut odd = done.clone();
         odd[1] = b'x';
         assert!(matches!(read(odd, None, 0), Raw::Unreadable { .. }));
-        // As a claim reads them: a done entry by its payload, whatever its
-        // fence; a free entry's nonces must be whole.
+        // A done entry whose fence cannot be read cannot be resolved:
+        // damaged. A free entry's nonces must be whole, as a claim reads
+        // them.
         let mut no_fence = done.clone();
         no_fence[5] = b'x';
-        assert!(matches!(
-            read(no_fence, None, 0),
-            Raw::Record { fence: None, .. }
-        ));
+        assert!(matches!(read(no_fence, None, 0), Raw::Unreadable { .. }));
         let mut torn = header(b'f', "0000000000000042");
         torn.extend_from_slice(b"2000;1234567");
         assert!(matches!(read(torn, None, 0), Raw::Unreadable { .. }));

@@ -312,18 +312,26 @@ pub(super) const PURGE: &str = concat!(
 local r = redis.pcall('GET', KEYS[1])
 if type(r) == 'string' then
   local st = string.sub(r, 2, 2)
-  if #r < 59 or string.byte(r, 1) ~= 50 or st == 'd' or (st ~= 'i' and st ~= 'f') then
+  local digits = string.match(r, '^%d+', 60)
+  if #r < 59 or string.byte(r, 1) ~= 50 or st == 'd' or (st ~= 'i' and st ~= 'f')
+    or not string.match(string.sub(r, 4, 19), '^%d+$') or not digits then
+    -- A record, or an entry a claim cannot read (its fence or lease):
+    -- dropped without force, as nothing can own it.
     held = true
   elseif st == 'i' then
-    -- An unreadable lease is dropped without force: nothing can own it.
-    local dl = tonumber(string.match(r, '^%d+', 60))
-    held = (dl or now + 1) > now
-    live = dl ~= nil and dl > now
+    held = tonumber(digits) > now
+    live = held
+  else
+    -- A free entry whose released nonces a claim cannot read.
+    local from = 60 + #digits
+    held = #r >= from and (string.sub(r, from, from) ~= ';' or (#r - from) % 8 ~= 0)
   end
 elseif type(r) == 'table' then
   local ok, h = pcall(redis.call, 'HMGET', KEYS[1], 'st', 'dl')
-  live = ok and h[1] == 'i' and (tonumber(h[2]) or now + 1) > now
-  held = not ok or h[1] == 'd' or live or (h[1] ~= false and h[1] ~= 'i' and h[1] ~= 'f')
+  local dl = ok and tonumber(h[2])
+  live = ok and h[1] == 'i' and dl and dl > now
+  held = not ok or h[1] == 'd' or live or (h[1] == 'i' and not dl)
+    or (h[1] ~= false and h[1] ~= 'i' and h[1] ~= 'f')
 end
 if live and ARGV[2] == '0' then return 2 end
 if redis.call('DEL', KEYS[1]) == 1 then redis.call('PUBLISH', ARGV[1], KEYS[1]) end
@@ -356,9 +364,11 @@ end
 /// `payload` in its place (the header, fingerprint and expiry kept) or,
 /// with `release` = `1`, a free entry (state `f`, its fence, nonce and
 /// expiry kept, so the next grant's fence is higher); else 0 and nothing
-/// changed. An operator's answer for a key whose outcome was unknown.
+/// changed. An operator's answer for a key whose outcome was unknown. A
+/// format-1 record (a hash) is read as a claim reads it and replaced by a
+/// format-2 entry.
 pub(super) const RESOLVE: &str = concat!(
-    prologue!("  return 0"),
+    prologue!(legacy_entry!()),
     r#"
 if st ~= 'd' or string.sub(r, 4, 19) ~= ARGV[1] or string.sub(r, 60) ~= ARGV[4] then return 0 end
 if ARGV[3] == '1' then
