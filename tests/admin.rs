@@ -190,3 +190,11 @@ async fn the_library_api_on_every_state() -> Result<(), StoreError> {
 #[cfg(feature = "admin")]
 #[path = "admin/tool.rs"]
 mod tool;
+
+#[cfg(feature = "admin")]
+#[path = "admin/redis.rs"]
+mod redis_tool;
+
+#[cfg(all(feature = "admin", feature = "sidecar"))]
+#[path = "admin/sidecar.rs"]
+mod sidecar_tool;

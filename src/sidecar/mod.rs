@@ -45,19 +45,15 @@
 
 use std::convert::Infallible;
 use std::future::Future;
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use http::uri::{Authority, Scheme};
-use http::{HeaderName, Request, Response, StatusCode, Uri};
-use http_body::{Body, Frame, SizeHint};
+use http::{HeaderName, Request, Response, Uri};
 use hyper::body::Incoming;
 use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use hyper_util::server::conn::auto;
-use pin_project_lite::pin_project;
 use tokio::net::TcpListener;
 use tokio::sync::{Semaphore, watch};
 use tokio::time::Instant;
@@ -70,8 +66,13 @@ use crate::key::Scope;
 use crate::problem::{Problem, ProblemKind};
 use crate::store::Store;
 
+mod connection;
 mod deadline;
 mod forward;
+mod readiness;
+
+use self::connection::{ConnectionLimits, Handling, Load, Tracked, supervise};
+use self::readiness::Readiness;
 
 use deadline::DeadlineBody;
 use forward::{ClientAddr, Proxy, UpstreamCall, source_chain};
@@ -82,8 +83,6 @@ pub const DEFAULT_HEALTH_PATH: &str = "/_idempotency/health";
 /// Default path of the sidecar's readiness check: 200 while its store
 /// answers, 503 while it does not.
 pub const DEFAULT_READY_PATH: &str = "/_idempotency/ready";
-/// The bound on one readiness check, whatever the store's own timeouts.
-const READY_CHECK_LIMIT: Duration = Duration::from_secs(2);
 /// Default bound on the client's wait for the upstream.
 pub const DEFAULT_UPSTREAM_TIMEOUT: Duration = Duration::from_secs(30);
 /// Default bound on the upstream call itself, after which its outcome is
@@ -340,74 +339,6 @@ fn client_timeout<B>(waited: Duration, guarded: bool) -> Response<ResponseBody<B
         .into_response(|bytes| ResponseBody::full(bytes, None))
 }
 
-/// How long one ping's answer serves the readiness checks that follow.
-const READY_ANSWER_REUSE: Duration = Duration::from_secs(1);
-
-/// The readiness check, shared by every connection: one ping at a time,
-/// its answer reused for [`READY_ANSWER_REUSE`] (probes from many load
-/// balancers cost the store one ping a second), and a log line when the
-/// answer changes (WARN when the store stops answering, INFO when it is
-/// back).
-struct Readiness<St> {
-    store: St,
-    /// When the last ping ended, and why it failed.
-    last: tokio::sync::Mutex<Option<(Instant, Result<(), String>)>>,
-}
-
-impl<St: Store> Readiness<St> {
-    fn new(store: St) -> Self {
-        Self {
-            store,
-            last: tokio::sync::Mutex::new(None),
-        }
-    }
-
-    /// Whether the store answers. A caller waits for at most the ping in
-    /// flight ([`READY_CHECK_LIMIT`]), then shares its answer.
-    async fn check(&self) -> Result<(), String> {
-        let mut last = self.last.lock().await;
-        if let Some((at, answer)) = &*last
-            && at.elapsed() < READY_ANSWER_REUSE
-        {
-            return answer.clone();
-        }
-        let answer = match tokio::time::timeout(READY_CHECK_LIMIT, self.store.ping()).await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(e.to_string()),
-            Err(_) => Err(format!("no answer within {READY_CHECK_LIMIT:?}")),
-        };
-        let was_ready = last.as_ref().is_none_or(|(_, before)| before.is_ok());
-        match (&answer, was_ready) {
-            (Err(e), true) => tracing::warn!(
-                error = %e,
-                "sidecar not ready: its idempotency store does not answer"
-            ),
-            (Ok(()), false) => tracing::info!("sidecar ready: its idempotency store answers again"),
-            _ => {}
-        }
-        *last = Some((Instant::now(), answer.clone()));
-        answer
-    }
-
-    /// The readiness check's answer: 200 while the store answers a ping
-    /// within [`READY_CHECK_LIMIT`], else 503 with `Retry-After`.
-    async fn answer<B>(&self) -> Response<ResponseBody<B>> {
-        if self.check().await.is_ok() {
-            return Response::new(ResponseBody::full(Bytes::from_static(b"ready"), None));
-        }
-        let mut res = Response::new(ResponseBody::full(
-            Bytes::from_static(b"not ready: the idempotency store does not answer"),
-            None,
-        ));
-        *res.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
-        res.headers_mut().insert(
-            http::header::RETRY_AFTER,
-            http::HeaderValue::from_static("1"),
-        );
-        res
-    }
-}
-
 /// Serves the sidecar on `listener` until `shutdown` completes, then drains:
 /// it stops accepting, lets open connections finish, and waits for detached
 /// executions, so every execution that started is stored before it returns.
@@ -548,168 +479,4 @@ pub async fn serve<St: Store>(
     drop(places.acquire_many(all).await);
     layer.executions().wait_idle().await;
     Ok(())
-}
-
-/// How long a connection may stay without a request.
-#[derive(Debug, Clone, Copy)]
-struct ConnectionLimits {
-    /// From accept to its first request: protocol detection, the HTTP/2
-    /// preface and the first head alike.
-    first_request: Duration,
-    /// With nothing in flight, after its last request.
-    idle: Duration,
-    /// From a graceful close (idle, or the server stopping) to its end, with
-    /// nothing in flight: a peer that ignores the close is cut off.
-    grace: Duration,
-}
-
-/// What a connection's requests tell its supervisor.
-#[derive(Debug, Clone, Copy, Default)]
-struct Load {
-    /// Requests being handled, their response bodies included.
-    in_flight: usize,
-    /// How many requests have ended: a change means the connection was
-    /// busy since it was last looked at.
-    ended: u64,
-}
-
-impl Load {
-    /// Whether any request has arrived (one is in flight, or one ended).
-    fn arrived(&self) -> bool {
-        self.in_flight > 0 || self.ended > 0
-    }
-}
-
-/// One request being handled, counted in its connection's [`Load`] until
-/// dropped.
-struct Handling(Arc<watch::Sender<Load>>);
-
-impl Handling {
-    fn begin(load: Arc<watch::Sender<Load>>) -> Self {
-        load.send_modify(|load| {
-            load.in_flight = load.in_flight.saturating_add(1);
-        });
-        Self(load)
-    }
-}
-
-impl Drop for Handling {
-    fn drop(&mut self) {
-        self.0.send_modify(|load| {
-            load.in_flight = load.in_flight.saturating_sub(1);
-            load.ended = load.ended.saturating_add(1);
-        });
-    }
-}
-
-pin_project! {
-    /// A response body that keeps its request counted until it is dropped
-    /// (sent, or abandoned), so that a connection streaming a response is
-    /// never taken for idle.
-    struct Tracked<B> {
-        #[pin]
-        inner: B,
-        handling: Handling,
-    }
-}
-
-impl<B> Tracked<B> {
-    fn new(inner: B, handling: Handling) -> Self {
-        Self { inner, handling }
-    }
-}
-
-impl<B: Body> Body for Tracked<B> {
-    type Data = B::Data;
-    type Error = B::Error;
-
-    fn poll_frame(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-    ) -> Poll<Option<Result<Frame<B::Data>, B::Error>>> {
-        self.project().inner.poll_frame(cx)
-    }
-
-    fn is_end_stream(&self) -> bool {
-        self.inner.is_end_stream()
-    }
-
-    fn size_hint(&self) -> SizeHint {
-        self.inner.size_hint()
-    }
-}
-
-/// Drives one client connection to its end, and closes it when it has gone
-/// too long without a request: from accept to the first request (so a peer
-/// that sends nothing, or half an HTTP/2 preface, frees its place), and
-/// idle after its last one, HTTP/1 and HTTP/2 alike. A connection asked to
-/// close gracefully (idle, or the server stopping) that has nothing in
-/// flight and is still open after the grace period is dropped. Returns the
-/// connection's error, if it ended with one.
-async fn supervise<C, E>(
-    connection: C,
-    close_gracefully: impl Fn(Pin<&mut C>),
-    mut load: watch::Receiver<Load>,
-    mut stopping: watch::Receiver<bool>,
-    limits: ConnectionLimits,
-) -> Option<E>
-where
-    C: Future<Output = Result<(), E>>,
-{
-    let mut connection = std::pin::pin!(connection);
-    let accepted = Instant::now();
-    let mut idle_since = accepted;
-    let mut closing_since: Option<Instant> = None;
-    let mut load_open = true;
-    let mut stop_open = true;
-    let mut ended = 0;
-    loop {
-        let now = *load.borrow_and_update();
-        if now.ended != ended {
-            // Requests ended since the last look: idle from now on.
-            ended = now.ended;
-            idle_since = Instant::now();
-        }
-        let wake = if now.in_flight > 0 {
-            None
-        } else if let Some(since) = closing_since {
-            // From the later of the close and the last request's end: a
-            // response that just ended gets the whole grace to be flushed.
-            Some(crate::time::deadline(since.max(idle_since), limits.grace))
-        } else if !now.arrived() {
-            Some(crate::time::deadline(accepted, limits.first_request))
-        } else {
-            Some(crate::time::deadline(idle_since, limits.idle))
-        };
-        let far = crate::time::deadline(Instant::now(), crate::time::FAR_FUTURE);
-        tokio::select! {
-            result = connection.as_mut() => return result.err(),
-            changed = load.changed(), if load_open => {
-                // Looked at from the top of the loop.
-                if changed.is_err() {
-                    load_open = false;
-                }
-            }
-            () = tokio::time::sleep_until(wake.unwrap_or(far)), if wake.is_some() => {
-                // A request may have begun (or ended) since `now` was
-                // read: take the change in first, then look again.
-                if load.has_changed().unwrap_or(false) {
-                    continue;
-                }
-                if closing_since.is_some() || !now.arrived() {
-                    // No request of its own to lose: cut it off.
-                    return None;
-                }
-                close_gracefully(connection.as_mut());
-                closing_since = Some(Instant::now());
-            }
-            stopped = stopping.changed(), if stop_open && closing_since.is_none() => {
-                if stopped.is_err() {
-                    stop_open = false;
-                }
-                close_gracefully(connection.as_mut());
-                closing_since = Some(Instant::now());
-            }
-        }
-    }
 }

@@ -1,43 +1,39 @@
-//! The `idempotency-admin` binary, run as an operator runs it, over Redis,
-//! Redis Cluster and PostgreSQL.
+//! The `idempotency-admin` binary, run as an operator runs it: each
+//! command on each state (the store-specific tests use it), PostgreSQL, and
+//! a store that does not answer.
 
 use std::process::Stdio;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 use serde_json::Value;
-use tokio::io::{AsyncReadExt, AsyncWriteExt as _};
-use tower_idempotency::store::{PostgresStore, RedisStore};
+use tower_idempotency::store::PostgresStore;
 
 use super::*;
 use crate::common::postgres::TestDatabase;
-use crate::common::redis_cluster::RedisCluster;
-use crate::common::redis_server::redis_or_skip;
 use crate::common::unique;
 
 /// The tool with the flags that name a store.
 #[derive(Clone)]
-struct Tool {
-    args: Vec<String>,
+pub(crate) struct Tool {
+    pub(crate) args: Vec<String>,
 }
 
 /// What one run of the tool did.
 #[derive(Debug)]
-struct Ran {
-    code: i32,
-    stdout: String,
-    stderr: String,
+pub(crate) struct Ran {
+    pub(crate) code: i32,
+    pub(crate) stdout: String,
+    pub(crate) stderr: String,
 }
 
 impl Ran {
     /// The one JSON object it printed.
-    fn object(&self) -> Value {
+    pub(crate) fn object(&self) -> Value {
         assert_eq!(self.code, 0, "{self:?}");
         serde_json::from_str(self.stdout.trim()).unwrap_or_else(|e| panic!("{e}: {self:?}"))
     }
 
     /// The JSON objects it printed, one per line.
-    fn objects(&self) -> Vec<Value> {
+    pub(crate) fn objects(&self) -> Vec<Value> {
         assert_eq!(self.code, 0, "{self:?}");
         self.stdout
             .lines()
@@ -47,13 +43,13 @@ impl Ran {
 }
 
 impl Tool {
-    fn new(args: &[&str]) -> Self {
+    pub(crate) fn new(args: &[&str]) -> Self {
         Self {
             args: args.iter().map(|a| a.to_string()).collect(),
         }
     }
 
-    async fn run(&self, command: &[&str]) -> Ran {
+    pub(crate) async fn run(&self, command: &[&str]) -> Ran {
         let mut cmd = tokio::process::Command::new(env!("CARGO_BIN_EXE_idempotency-admin"));
         cmd.args(&self.args)
             .args(command)
@@ -82,17 +78,17 @@ impl Tool {
 }
 
 /// A file holding `body`, removed when dropped.
-struct BodyFile(std::path::PathBuf);
+pub(crate) struct BodyFile(std::path::PathBuf);
 
 impl BodyFile {
-    fn new(body: &[u8]) -> Self {
+    pub(crate) fn new(body: &[u8]) -> Self {
         let path =
             std::env::temp_dir().join(format!("admin-body-{}-{}", std::process::id(), unique()));
         std::fs::write(&path, body).unwrap();
         Self(path)
     }
 
-    fn path(&self) -> &str {
+    pub(crate) fn path(&self) -> &str {
         self.0.to_str().unwrap()
     }
 }
@@ -107,7 +103,7 @@ impl Drop for BodyFile {
 /// of the same store making the states as requests do. `corrupt` damages
 /// the record of a key in the store itself; `labels` says whether the
 /// store keeps method and path.
-async fn every_command_on_every_state<S>(
+pub(crate) async fn every_command_on_every_state<S>(
     store: S,
     tool: Tool,
     labels: bool,
@@ -334,221 +330,6 @@ async fn every_command_on_every_state<S>(
     }
 }
 
-/// The Redis key name of `key` under `prefix`.
-fn name_of(prefix: &str, key: StoreKey) -> String {
-    format!("{prefix}:{}", key.to_hex())
-}
-
-/// A done entry's payload replaced by bytes no reader accepts (the
-/// header, and so the fingerprint, kept).
-async fn corrupt_redis<C: redis::aio::ConnectionLike + Send>(conn: &mut C, name: &str) {
-    let entry: Vec<u8> = redis::cmd("GET").arg(name).query_async(conn).await.unwrap();
-    let mut damaged = entry[..59].to_vec();
-    damaged.extend_from_slice(b"garbage");
-    let _: () = redis::cmd("SET")
-        .arg(name)
-        .arg(damaged)
-        .arg("KEEPTTL")
-        .query_async(conn)
-        .await
-        .unwrap();
-}
-
-#[tokio::test]
-async fn the_tool_on_redis() {
-    let Some(server) = redis_or_skip("the_tool_on_redis") else {
-        return;
-    };
-    let prefix = format!("admin{}", unique());
-    let store = RedisStore::builder(&server.url())
-        .unwrap()
-        .prefix(prefix.clone())
-        .build()
-        .await
-        .unwrap();
-    let tool = Tool::new(&[
-        "--store",
-        "redis",
-        "--redis-url",
-        &server.url(),
-        "--prefix",
-        &prefix,
-    ]);
-    let url = server.url();
-    every_command_on_every_state(store, tool.clone(), false, async |key| {
-        let client = redis::Client::open(url.as_str()).unwrap();
-        let mut conn = client.get_multiplexed_async_connection().await.unwrap();
-        corrupt_redis(&mut conn, &name_of(&prefix, key)).await;
-    })
-    .await;
-
-    // Many keys: SCAN takes several pages, each key listed once.
-    let store = RedisStore::builder(&server.url())
-        .unwrap()
-        .prefix(prefix.clone())
-        .build()
-        .await
-        .unwrap();
-    let mut conn = server.conn().await;
-    let mut pipe = redis::pipe();
-    for n in 0..1200u64 {
-        let mut entry = format!("2d0{:016}", 1_700_000_000_000_000 + n).into_bytes();
-        entry.extend_from_slice(&n.to_be_bytes());
-        entry.extend_from_slice(&[7; 32]);
-        // The layer's payload of an outcome-unknown answer, status 502.
-        entry.extend_from_slice(b"TIDR\x01\x02\x01\xf6");
-        let name = name_of(&prefix, StoreKey::from_parts(b"many", &n.to_be_bytes()));
-        pipe.cmd("SET")
-            .arg(name)
-            .arg(entry)
-            .arg("EX")
-            .arg(600)
-            .ignore();
-    }
-    let _: () = pipe.query_async(&mut conn).await.unwrap();
-    let many = store
-        .list(Some(State::OutcomeUnknown), 10_000)
-        .await
-        .unwrap();
-    assert_eq!(many.len(), 1200);
-    let unique: std::collections::HashSet<&str> =
-        many.iter().map(|s| s.key_hash.as_str()).collect();
-    assert_eq!(unique.len(), 1200);
-    assert_eq!(many[0].fence, Some(1_700_000_000_000_000), "oldest first");
-
-    // An entry of the earlier format (a hash) is read as a claim reads it.
-    let legacy = name_of(&prefix, key("legacy"));
-    let _: () = redis::cmd("HSET")
-        .arg(&legacy)
-        .arg("v")
-        .arg("1")
-        .arg("st")
-        .arg("d")
-        .arg("fence")
-        .arg("42")
-        .arg("fp")
-        .arg(&[7u8; 32][..])
-        .arg("pl")
-        .arg(&b"TIDR\x01\x02\x01\xf6"[..])
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    let seen = tool.run(&["inspect", "legacy", "--json"]).await.object();
-    assert_eq!(seen["state"], "outcome_unknown");
-    assert_eq!(seen["fence"], 42);
-    let resolved = tool.run(&["resolve", "legacy", "--release"]).await;
-    assert_eq!(resolved.code, 0, "{resolved:?}");
-    let seen = tool.run(&["inspect", "legacy", "--json"]).await.object();
-    assert_eq!(seen["state"], "absent");
-    assert_eq!(seen["fence"], 42, "a free entry keeps the fence");
-
-    // Entries a claim cannot read are purged without --force: nobody can
-    // own them.
-    let header = |state: &str, fence: &str| {
-        let mut value = format!("2{state}0{fence}").into_bytes();
-        value.extend_from_slice(&[b'n'; 8]);
-        value.extend_from_slice(&[b'f'; 32]);
-        value
-    };
-    let far = (std::time::SystemTime::now() + Duration::from_secs(3600))
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_millis()
-        .to_string();
-    for (name, tail) in [
-        ("bad-fence", far.clone()),
-        ("bad-lease", "soon".to_owned()),
-        ("torn-nonces", format!("{far};abc")),
-    ] {
-        let (state, fence) = match name {
-            "bad-fence" => ("i", "00000000000000x2"),
-            "bad-lease" => ("i", "0000000000000042"),
-            _ => ("f", "0000000000000042"),
-        };
-        let mut value = header(state, fence);
-        value.extend_from_slice(tail.as_bytes());
-        let _: () = redis::cmd("SET")
-            .arg(name_of(&prefix, key(name)))
-            .arg(value)
-            .query_async(&mut conn)
-            .await
-            .unwrap();
-        let seen = tool.run(&["inspect", name, "--json"]).await.object();
-        assert_eq!(seen["state"], "unreadable", "{name}");
-        let purged = tool.run(&["purge", name]).await;
-        assert_eq!(purged.code, 0, "{name}: {purged:?}");
-        assert!(
-            purged.stdout.contains("purged: the key is new"),
-            "{name}: {purged:?}"
-        );
-    }
-
-    // A value that is no entry at all is unreadable too, and purged.
-    let mut conn = server.conn().await;
-    let name = name_of(&prefix, key("raw"));
-    let _: () = redis::cmd("SET")
-        .arg(&name)
-        .arg("garbage")
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    let tool = Tool::new(&[
-        "--store",
-        "redis",
-        "--redis-url",
-        &server.url(),
-        "--prefix",
-        &prefix,
-    ]);
-    let raw = tool.run(&["inspect", "raw", "--json"]).await.object();
-    assert_eq!(raw["state"], "unreadable");
-    assert_eq!(tool.run(&["purge", "raw"]).await.code, 0);
-    let gone: bool = redis::cmd("EXISTS")
-        .arg(&name)
-        .query_async(&mut conn)
-        .await
-        .unwrap();
-    assert!(!gone);
-}
-
-#[tokio::test]
-async fn the_tool_on_a_redis_cluster() {
-    let Some(cluster) = RedisCluster::start_or_skip("the_tool_on_a_redis_cluster") else {
-        return;
-    };
-    let urls = cluster.urls();
-    let prefix = format!("admin{}", unique());
-    let store = RedisStore::builder(&urls[0])
-        .unwrap()
-        .prefix(prefix.clone())
-        .build_cluster(&urls)
-        .await
-        .unwrap();
-    let seeds = urls.join(",");
-    let tool = Tool::new(&[
-        "--store",
-        "redis-cluster",
-        "--redis-url",
-        &seeds,
-        "--prefix",
-        &prefix,
-    ]);
-    // The keys land on more than one primary: listing reads them all.
-    let names: Vec<String> = ["done", "busy", "lost-1", "lost-2"]
-        .iter()
-        .map(|k| name_of(&prefix, key(k)))
-        .collect();
-    let primaries: std::collections::HashSet<usize> =
-        names.iter().map(|n| cluster.primary_of(n)).collect();
-    assert!(primaries.len() > 1, "the test's keys span primaries");
-    every_command_on_every_state(store, tool, false, async |key| {
-        let client = redis::cluster::ClusterClient::new(urls.clone()).unwrap();
-        let mut conn = client.get_async_connection().await.unwrap();
-        corrupt_redis(&mut conn, &name_of(&prefix, key)).await;
-    })
-    .await;
-}
-
 #[tokio::test]
 async fn the_tool_on_postgres() {
     let Some(db) = TestDatabase::create_or_skip("the_tool_on_postgres") else {
@@ -616,134 +397,4 @@ async fn a_store_that_does_not_answer_exits_1_and_bad_settings_2() {
         .run(&["inspect", "k", "--scope", "a", "--scope-raw", "b"])
         .await;
     assert_eq!(ran.code, 2, "one scope: {ran:?}");
-}
-
-/// An upstream that reads each request and closes the connection without
-/// answering: the sidecar cannot know whether it acted.
-async fn start_resetting_upstream() -> (std::net::SocketAddr, Arc<AtomicUsize>) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let received = Arc::new(AtomicUsize::new(0));
-    let count = received.clone();
-    tokio::spawn(async move {
-        while let Ok((mut socket, _)) = listener.accept().await {
-            let count = count.clone();
-            tokio::spawn(async move {
-                let mut seen = Vec::new();
-                let mut buf = [0u8; 4096];
-                // The head, then as many body bytes as it announces.
-                while let Ok(n) = socket.read(&mut buf).await {
-                    if n == 0 {
-                        return;
-                    }
-                    seen.extend_from_slice(&buf[..n]);
-                    let text = String::from_utf8_lossy(&seen).to_lowercase();
-                    if let Some(end) = text.find("\r\n\r\n") {
-                        let length = text
-                            .lines()
-                            .find_map(|l| l.strip_prefix("content-length:"))
-                            .and_then(|v| v.trim().parse::<usize>().ok())
-                            .unwrap_or(0);
-                        if seen.len() >= end + 4 + length {
-                            break;
-                        }
-                    }
-                }
-                count.fetch_add(1, Ordering::SeqCst);
-                let _ = socket.shutdown().await;
-            });
-        }
-    });
-    (addr, received)
-}
-
-/// An outcome-unknown key made for real (the sidecar in front of an
-/// upstream that resets after the request was sent), found by the scope
-/// the client sent, and resolved both ways through the sidecar.
-#[cfg(feature = "sidecar")]
-#[tokio::test]
-async fn outcome_unknown_from_the_sidecar_resolved_both_ways() {
-    use crate::common::sidecar::{Sidecar, client, config};
-    use tower_idempotency::sidecar::scope_from_header;
-
-    let Some(server) = redis_or_skip("outcome_unknown_from_the_sidecar_resolved_both_ways") else {
-        return;
-    };
-    let prefix = format!("admin{}", unique());
-    let store = RedisStore::builder(&server.url())
-        .unwrap()
-        .prefix(prefix.clone())
-        .build()
-        .await
-        .unwrap();
-    let (upstream, received) = start_resetting_upstream().await;
-    let layer = IdempotencyLayer::new(store)
-        .scope(scope_from_header(http::HeaderName::from_static("x-tenant")));
-    let sidecar = Sidecar::start(layer, config(upstream)).await;
-    let addr = sidecar.addr;
-    let call = |key: &'static str| async move {
-        let req = http::Request::post(format!("http://{addr}/charge"))
-            .header("idempotency-key", key)
-            .header("x-tenant", "acme")
-            .body(Body::from("{\"amount\":100}"))
-            .unwrap();
-        crate::common::collect(client().request(req).await.unwrap()).await
-    };
-    for k in ["pay-1", "pay-2"] {
-        assert_eq!(call(k).await.status, StatusCode::BAD_GATEWAY);
-        let retry = call(k).await;
-        assert_eq!(retry.status, StatusCode::CONFLICT);
-        assert!(retry.problem_type().ends_with("#variant.OutcomeUnknown"));
-    }
-    assert_eq!(received.load(Ordering::SeqCst), 2);
-
-    let tool = Tool::new(&[
-        "--store",
-        "redis",
-        "--redis-url",
-        &server.url(),
-        "--prefix",
-        &prefix,
-    ]);
-    let unscoped = tool.run(&["inspect", "pay-1", "--json"]).await.object();
-    assert_eq!(unscoped["state"], "absent", "the scope is part of the key");
-    let seen = tool
-        .run(&["inspect", "pay-1", "--scope", "acme", "--json"])
-        .await
-        .object();
-    assert_eq!(seen["state"], "outcome_unknown");
-    assert_eq!(seen["status"], 502);
-
-    let body = BodyFile::new(b"{\"id\":\"ch_1\",\"amount\":100}");
-    let resolved = tool
-        .run(&[
-            "resolve",
-            "pay-1",
-            "--scope",
-            "acme",
-            "--respond-status",
-            "201",
-            "--respond-header",
-            "Content-Type: application/json",
-            "--respond-body",
-            body.path(),
-        ])
-        .await;
-    assert_eq!(resolved.code, 0, "{resolved:?}");
-    let retry = call("pay-1").await;
-    assert_eq!(retry.status, StatusCode::CREATED);
-    assert!(retry.replayed());
-    assert_eq!(&retry.body[..], b"{\"id\":\"ch_1\",\"amount\":100}");
-
-    let released = tool
-        .run(&["resolve", "pay-2", "--scope", "acme", "--release"])
-        .await;
-    assert_eq!(released.code, 0, "{released:?}");
-    assert_eq!(call("pay-2").await.status, StatusCode::BAD_GATEWAY);
-    assert_eq!(
-        received.load(Ordering::SeqCst),
-        3,
-        "the released key reached the upstream again; the resolved one did not"
-    );
-    sidecar.shutdown().await;
 }
