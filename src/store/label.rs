@@ -76,7 +76,8 @@ impl fmt::Debug for RequestLabel<'_> {
 }
 
 /// A label as a store keeps it beside an entry: one allocation (none for
-/// an empty label), cloned by a reference count.
+/// an empty label; the text is put together on the stack first), cloned
+/// by a reference count.
 #[derive(Clone, Default, PartialEq, Eq)]
 pub(crate) struct KeptLabel {
     /// The method, a space, then the path; `None` for an empty label.
@@ -94,13 +95,21 @@ impl KeptLabel {
         if label.is_empty() {
             return Self::default();
         }
-        let mut text = String::with_capacity(label.method.len() + 1 + label.path.len());
-        text.push_str(label.method);
-        text.push(' ');
-        text.push_str(label.path);
+        // Both parts are bounded, so the whole fits on the stack.
+        let mut buf = [0u8; MAX_LABEL_METHOD + 1 + MAX_LABEL_PATH];
+        let (method, path) = (label.method.as_bytes(), label.path.as_bytes());
+        let end = method.len() + 1 + path.len();
+        let Some(text) = buf.get_mut(..end) else {
+            return Self::default();
+        };
+        let (m, rest) = text.split_at_mut(method.len());
+        m.copy_from_slice(method);
+        rest[0] = b' ';
+        rest[1..].copy_from_slice(path);
+        let text = std::str::from_utf8(text).unwrap_or_default();
         Self {
-            text: Some(text.into()),
-            method_len: u8::try_from(label.method.len()).unwrap_or(0),
+            text: Some(Arc::from(text)),
+            method_len: u8::try_from(method.len()).unwrap_or(0),
         }
     }
 

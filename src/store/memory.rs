@@ -394,9 +394,15 @@ impl Store for MemoryStore {
         let mut claims = self.shard(&key);
         match claims.map.get(&key) {
             Some(entry) if entry.token == token && entry.deadline > now => {
+                // The claim's label moves to the record.
+                let label = claims
+                    .map
+                    .remove(&key)
+                    .map(|claim| claim.label)
+                    .unwrap_or_default();
                 let done = Completed {
                     record,
-                    label: entry.label.clone(),
+                    label,
                     owner: token,
                     expires_at: deadline(now, retention),
                     retention,
@@ -404,7 +410,6 @@ impl Store for MemoryStore {
                 // Inserted while the claim's shard is locked, so a concurrent
                 // claim sees either the claim or the record, never neither.
                 self.inner.completed.insert(key, done);
-                claims.map.remove(&key);
                 drop(claims);
                 self.free_places(1);
                 Ok(LeaseStatus::Held)
