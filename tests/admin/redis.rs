@@ -6,7 +6,7 @@ use tower_idempotency::store::RedisStore;
 
 use super::*;
 use crate::common::redis_cluster::RedisCluster;
-use crate::common::redis_server::redis_or_skip;
+use crate::common::redis_server::{RedisServer, redis_or_skip};
 use crate::common::unique;
 use crate::tool::{Tool, every_command_on_every_state};
 
@@ -30,11 +30,9 @@ async fn corrupt_redis<C: redis::aio::ConnectionLike + Send>(conn: &mut C, name:
         .unwrap();
 }
 
-#[tokio::test]
-async fn the_tool_on_redis() {
-    let Some(server) = redis_or_skip("the_tool_on_redis") else {
-        return;
-    };
+/// A store on `server` under a prefix of its own, and the tool on the
+/// same prefix.
+pub(crate) async fn store_and_tool(server: &RedisServer) -> (RedisStore, Tool, String) {
     let prefix = format!("admin{}", unique());
     let store = RedisStore::builder(&server.url())
         .unwrap()
@@ -50,6 +48,16 @@ async fn the_tool_on_redis() {
         "--prefix",
         &prefix,
     ]);
+    (store, tool, prefix)
+}
+
+#[tokio::test]
+async fn the_tool_on_redis() {
+    let Some(server) = redis_or_skip("the_tool_on_redis") else {
+        return;
+    };
+    let (store, tool, prefix) = store_and_tool(&server).await;
+    let listing = store.clone();
     let url = server.url();
     every_command_on_every_state(store, tool.clone(), false, async |key| {
         let client = redis::Client::open(url.as_str()).unwrap();
@@ -59,12 +67,7 @@ async fn the_tool_on_redis() {
     .await;
 
     // Many keys: SCAN takes several pages, each key listed once.
-    let store = RedisStore::builder(&server.url())
-        .unwrap()
-        .prefix(prefix.clone())
-        .build()
-        .await
-        .unwrap();
+    let store = listing;
     let mut conn = server.conn().await;
     let mut pipe = redis::pipe();
     for n in 0..1200u64 {
@@ -168,14 +171,6 @@ async fn the_tool_on_redis() {
         .query_async(&mut conn)
         .await
         .unwrap();
-    let tool = Tool::new(&[
-        "--store",
-        "redis",
-        "--redis-url",
-        &server.url(),
-        "--prefix",
-        &prefix,
-    ]);
     let raw = tool.run(&["inspect", "raw", "--json"]).await.object();
     assert_eq!(raw["state"], "unreadable");
     assert_eq!(tool.run(&["purge", "raw"]).await.code, 0);

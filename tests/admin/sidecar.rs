@@ -5,12 +5,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt as _};
-use tower_idempotency::store::RedisStore;
 
 use super::*;
 use crate::common::redis_server::redis_or_skip;
-use crate::common::unique;
-use crate::tool::{BodyFile, Tool};
+use crate::redis_tool::store_and_tool;
+use crate::tool::BodyFile;
 
 /// An upstream that reads each request and closes the connection without
 /// answering: the sidecar cannot know whether it acted.
@@ -62,13 +61,7 @@ async fn outcome_unknown_from_the_sidecar_resolved_both_ways() {
     let Some(server) = redis_or_skip("outcome_unknown_from_the_sidecar_resolved_both_ways") else {
         return;
     };
-    let prefix = format!("admin{}", unique());
-    let store = RedisStore::builder(&server.url())
-        .unwrap()
-        .prefix(prefix.clone())
-        .build()
-        .await
-        .unwrap();
+    let (store, tool, _) = store_and_tool(&server).await;
     let (upstream, received) = start_resetting_upstream().await;
     let layer = IdempotencyLayer::new(store)
         .scope(scope_from_header(http::HeaderName::from_static("x-tenant")));
@@ -90,14 +83,6 @@ async fn outcome_unknown_from_the_sidecar_resolved_both_ways() {
     }
     assert_eq!(received.load(Ordering::SeqCst), 2);
 
-    let tool = Tool::new(&[
-        "--store",
-        "redis",
-        "--redis-url",
-        &server.url(),
-        "--prefix",
-        &prefix,
-    ]);
     let unscoped = tool.run(&["inspect", "pay-1", "--json"]).await.object();
     assert_eq!(unscoped["state"], "absent", "the scope is part of the key");
     let seen = tool
