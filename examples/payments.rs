@@ -29,7 +29,10 @@
 //! processing time, default 2000), `--no-idempotency` (same routes without
 //! the layer, to measure its cost), `--store memory|redis|redis-cluster|postgres`,
 //! `--prefill N` (store N records before serving), `--memory-max-mib`
-//! (the in-memory store's bound, default 64), `--hand-written-guard` (with `--store redis`: a hand-written Redis guard
+//! (the in-memory store's bound, default 64), `--fingerprint bytes|json`
+//! (`json`: a retry whose JSON body has other member order, whitespace or
+//! escapes is still the same charge; needs `--features json`),
+//! `--hand-written-guard` (with `--store redis`: a hand-written Redis guard
 //! instead of the layer, the benchmarks' floor), `--redis-url` (default `redis://127.0.0.1:6379`, or the cluster's seed
 //! nodes, comma-separated; needs `--features redis` or `--features
 //! redis-cluster`) and `--postgres-url` (default
@@ -67,6 +70,7 @@ use bytes::Bytes;
 use clap::Parser;
 use serde::{Deserialize, Serialize};
 use tower::ServiceBuilder;
+use tower_idempotency::fingerprint::FingerprintMode;
 use tower_idempotency::store::{MemoryStore, Store};
 use tower_idempotency::{IdempotencyInfo, IdempotencyLayer};
 use tracing_subscriber::EnvFilter;
@@ -115,6 +119,32 @@ struct Args {
     /// The in-memory store's bound on its records, in MiB.
     #[arg(long, default_value_t = 64)]
     memory_max_mib: u64,
+    /// How a retry's body is compared with the first request's: `bytes`
+    /// (exactly as sent) or `json` (by meaning: member order, whitespace
+    /// and escapes do not count; needs a build with `--features json`).
+    #[arg(long, value_enum, default_value_t = FingerprintKind::Bytes)]
+    fingerprint: FingerprintKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum FingerprintKind {
+    /// The body's bytes, exactly as sent.
+    Bytes,
+    /// A JSON body by its meaning.
+    Json,
+}
+
+/// The layer's fingerprint mode for `--fingerprint`.
+fn fingerprint_mode(args: &Args) -> Result<FingerprintMode, Box<dyn std::error::Error>> {
+    match args.fingerprint {
+        FingerprintKind::Bytes => Ok(FingerprintMode::bytes()),
+        #[cfg(feature = "json")]
+        FingerprintKind::Json => Ok(FingerprintMode::json()),
+        #[cfg(not(feature = "json"))]
+        FingerprintKind::Json => {
+            Err("this build has no JSON fingerprints: run with `--features json`".into())
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -475,8 +505,15 @@ mod hand_written {
 }
 
 /// `route_layer`: only matched routes are guarded, so a 404 stays a 404.
-fn guard_with<St: Store>(store: St) -> impl FnOnce(Router<AppState>) -> Router<AppState> {
-    move |router| router.route_layer(ServiceBuilder::new().layer(IdempotencyLayer::new(store)))
+fn guard_with<St: Store>(
+    store: St,
+    mode: FingerprintMode,
+) -> impl FnOnce(Router<AppState>) -> Router<AppState> {
+    move |router| {
+        router.route_layer(
+            ServiceBuilder::new().layer(IdempotencyLayer::new(store).fingerprint_mode(mode)),
+        )
+    }
 }
 
 /// Stores `n` completed records of a charge's size (`--prefill`), from 64
@@ -527,11 +564,12 @@ async fn prefill<St: Store + Clone>(store: &St, n: u64) -> Result<(), Box<dyn st
 async fn prefilled<St: Store + Clone>(
     store: St,
     n: u64,
+    mode: FingerprintMode,
 ) -> Result<impl FnOnce(Router<AppState>) -> Router<AppState>, Box<dyn std::error::Error>> {
     if n > 0 {
         prefill(&store, n).await?;
     }
-    Ok(guard_with(store))
+    Ok(guard_with(store, mode))
 }
 
 async fn shutdown_signal() {
@@ -587,6 +625,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stdout()))
         .init();
     let args = Args::parse();
+    let mode = fingerprint_mode(&args)?;
     let router = match args.store {
         StoreKind::Memory => {
             let store = MemoryStore::builder()
@@ -595,7 +634,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             app(
                 &args,
                 memory_ledger(),
-                prefilled(store, args.prefill).await?,
+                prefilled(store, args.prefill, mode.clone()).await?,
             )
         }
         #[cfg(feature = "redis")]
@@ -629,7 +668,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             app(
                 &args,
                 memory_ledger(),
-                prefilled(store, args.prefill).await?,
+                prefilled(store, args.prefill, mode.clone()).await?,
             )
         }
         #[cfg(not(feature = "redis"))]
@@ -643,14 +682,14 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .build_cluster(&nodes)
                 .await
                 .map_err(|e| format!("cannot use Redis Cluster at {}: {e}", args.redis_url))?;
-            app(&args, memory_ledger(), guard_with(store))
+            app(&args, memory_ledger(), guard_with(store, mode.clone()))
         }
         #[cfg(feature = "postgres")]
         StoreKind::Postgres => {
             let (ledger, store) = postgres_ledger(&args)
                 .await
                 .map_err(|e| format!("cannot use PostgreSQL at {}: {e}", args.postgres_url))?;
-            app(&args, ledger, guard_with(store))
+            app(&args, ledger, guard_with(store, mode.clone()))
         }
         #[cfg(not(feature = "postgres"))]
         StoreKind::Postgres => {

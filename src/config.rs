@@ -6,6 +6,7 @@ use std::time::Duration;
 
 use http::{HeaderName, Method, StatusCode, request, response};
 
+use crate::fingerprint::FingerprintMode;
 use crate::key::Scope;
 
 /// The default key header, `Idempotency-Key`.
@@ -30,6 +31,7 @@ pub(crate) struct Config {
     pub(crate) key_required: bool,
     pub(crate) scope: Option<Arc<ScopeFn>>,
     pub(crate) fingerprint_headers: Vec<HeaderName>,
+    pub(crate) fingerprint_mode: FingerprintMode,
     pub(crate) request_body_limit: usize,
     pub(crate) stored_response_limit: usize,
     pub(crate) mismatch_status: StatusCode,
@@ -51,6 +53,7 @@ impl Default for Config {
             key_required: true,
             scope: None,
             fingerprint_headers: Vec::new(),
+            fingerprint_mode: FingerprintMode::bytes(),
             request_body_limit: DEFAULT_REQUEST_BODY_LIMIT,
             stored_response_limit: DEFAULT_STORED_RESPONSE_LIMIT,
             mismatch_status: StatusCode::CONFLICT,
@@ -74,6 +77,7 @@ impl fmt::Debug for Config {
             .field("key_required", &self.key_required)
             .field("scoped", &self.scope.is_some())
             .field("fingerprint_headers", &self.fingerprint_headers)
+            .field("fingerprint_mode", &self.fingerprint_mode)
             .field("request_body_limit", &self.request_body_limit)
             .field("stored_response_limit", &self.stored_response_limit)
             .field("mismatch_status", &self.mismatch_status)

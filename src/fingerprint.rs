@@ -1,9 +1,25 @@
 //! Request fingerprints: what makes two requests "the same request".
+//!
+//! By default a request's body counts by its bytes. [`FingerprintMode`]
+//! chooses otherwise: a JSON body by its meaning (with the `json` feature),
+//! or a function of yours.
 
 use std::fmt;
 
 use http::{HeaderMap, HeaderName, Method, Uri};
 use sha2::{Digest, Sha256};
+
+#[cfg(feature = "json")]
+mod json;
+mod mode;
+#[cfg(feature = "json")]
+mod pointer;
+
+#[cfg(feature = "json")]
+pub use json::MAX_DEPTH;
+pub use mode::FingerprintMode;
+#[cfg(feature = "json")]
+pub use pointer::{InvalidJsonPointer, JsonPointer, MAX_POINTER_LEN};
 
 /// A SHA-256 digest identifying one request's content.
 ///
@@ -82,8 +98,20 @@ impl FingerprintHasher {
     /// `selected` names the headers to include; each is hashed with all of
     /// its values in order (an absent header and an empty one differ).
     pub fn new(method: &Method, uri: &Uri, headers: &HeaderMap, selected: &[HeaderName]) -> Self {
+        Self::tagged(Self::VERSION, method, uri, headers, selected)
+    }
+
+    /// Starts a fingerprint whose version tag is `tag`: each
+    /// [`FingerprintMode`] other than bytes has a tag of its own.
+    pub(crate) fn tagged(
+        tag: &[u8],
+        method: &Method,
+        uri: &Uri,
+        headers: &HeaderMap,
+        selected: &[HeaderName],
+    ) -> Self {
         let mut hash = Sha256::new();
-        field(&mut hash, Self::VERSION);
+        field(&mut hash, tag);
         field(&mut hash, method.as_str().as_bytes());
         let path_and_query = uri.path_and_query().map_or("/", |pq| pq.as_str());
         field(&mut hash, path_and_query.as_bytes());

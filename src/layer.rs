@@ -10,6 +10,9 @@ use tower_layer::Layer;
 
 use crate::config::Config;
 use crate::engine::{Engine, InFlightPolicy};
+use crate::fingerprint::FingerprintMode;
+#[cfg(feature = "json")]
+use crate::fingerprint::JsonPointer;
 use crate::key::{IdempotencyKey, Scope, StoreKey};
 use crate::service::{Idempotency, Shared};
 use crate::store::{Store, StoreError};
@@ -110,6 +113,87 @@ impl<St: Store> IdempotencyLayer<St> {
     pub fn fingerprint_headers(self, names: impl IntoIterator<Item = HeaderName>) -> Self {
         let names = names.into_iter().collect();
         self.config(|c| c.fingerprint_headers = names)
+    }
+
+    /// Compares JSON request bodies by meaning, not bytes: a retry that
+    /// re-serialises the same JSON with other member order, whitespace or
+    /// escapes is the same request and gets the replay, where byte
+    /// comparison would answer 409. Bodies that are not JSON, or not sent
+    /// as JSON, are still compared by their bytes, and gRPC calls always
+    /// are. [`FingerprintMode::json`] says exactly what is equal (numbers
+    /// included) and what falls back to bytes.
+    ///
+    /// ```
+    /// # #[cfg(feature = "memory")] {
+    /// use tower_idempotency::{IdempotencyLayer, store::MemoryStore};
+    ///
+    /// let layer = IdempotencyLayer::new(MemoryStore::new()).fingerprint_json();
+    /// # drop(layer);
+    /// # }
+    /// ```
+    ///
+    /// The mode is part of every fingerprint: keys stored before a change
+    /// of mode answer their retries with the mismatch status until they
+    /// expire, rather than replay.
+    #[cfg(feature = "json")]
+    pub fn fingerprint_json(self) -> Self {
+        self.fingerprint_mode(FingerprintMode::json())
+    }
+
+    /// Like [`fingerprint_json`](Self::fingerprint_json), leaving the
+    /// fields the JSON Pointers name out of the comparison: a client
+    /// timestamp or a trace id in the body. See
+    /// [`FingerprintMode::json_ignoring`].
+    ///
+    /// ```
+    /// # #[cfg(feature = "memory")] {
+    /// use tower_idempotency::{IdempotencyLayer, fingerprint::JsonPointer, store::MemoryStore};
+    ///
+    /// let layer = IdempotencyLayer::new(MemoryStore::new()).fingerprint_json_ignoring([
+    ///     JsonPointer::from_static("/metadata/sent_at"),
+    ///     JsonPointer::from_static("/trace_id"),
+    /// ]);
+    /// # drop(layer);
+    /// # }
+    /// ```
+    #[cfg(feature = "json")]
+    pub fn fingerprint_json_ignoring(
+        self,
+        pointers: impl IntoIterator<Item = JsonPointer>,
+    ) -> Self {
+        self.fingerprint_mode(FingerprintMode::json_ignoring(pointers))
+    }
+
+    /// Hashes what `f` makes of each guarded request's head and body in
+    /// place of the body (form fields, a protobuf message, anything your
+    /// code can compare by meaning); it applies to gRPC calls too. See
+    /// [`FingerprintMode::with`].
+    ///
+    /// ```
+    /// # #[cfg(feature = "memory")] {
+    /// use tower_idempotency::{IdempotencyLayer, store::MemoryStore};
+    ///
+    /// // Compare form bodies by their fields, in any order.
+    /// let layer = IdempotencyLayer::new(MemoryStore::new()).fingerprint_with(|_parts, body| {
+    ///     let mut fields: Vec<&[u8]> = body.split(|&b| b == b'&').collect();
+    ///     fields.sort_unstable();
+    ///     fields.join(&b'&')
+    /// });
+    /// # drop(layer);
+    /// # }
+    /// ```
+    pub fn fingerprint_with<F, M>(self, f: F) -> Self
+    where
+        F: Fn(&request::Parts, &[u8]) -> M + Send + Sync + 'static,
+        M: AsRef<[u8]>,
+    {
+        self.fingerprint_mode(FingerprintMode::with(f))
+    }
+
+    /// How request bodies enter the fingerprint (default
+    /// [`FingerprintMode::bytes`]).
+    pub fn fingerprint_mode(self, mode: FingerprintMode) -> Self {
+        self.config(|c| c.fingerprint_mode = mode)
     }
 
     /// The largest request body read, in bytes (default 1 MiB); larger

@@ -11,9 +11,10 @@
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use clap::Parser;
+use clap::{CommandFactory, Parser};
 use http::{HeaderName, Method, StatusCode};
 use tower_idempotency::IdempotencyLayer;
+use tower_idempotency::fingerprint::{InvalidJsonPointer, JsonPointer};
 use tower_idempotency::sidecar::{self, SidecarConfig};
 use tower_idempotency::store::{MemoryStore, RedisStore, Store};
 use tracing_subscriber::EnvFilter;
@@ -105,6 +106,17 @@ struct Args {
     /// the IETF draft).
     #[arg(long, env = "IDEMPOTENCY_MISMATCH_STATUS", default_value = "409", value_parser = parse_status)]
     mismatch_status: StatusCode,
+    /// How a request's body is compared with the one its key was first
+    /// used with: `bytes` (exactly as sent) or `json` (a JSON body by its
+    /// meaning: member order, whitespace and escapes do not count; a body
+    /// that is not JSON, or not sent as JSON, by its bytes).
+    #[arg(long, env = "IDEMPOTENCY_FINGERPRINT", value_enum, default_value_t = FingerprintKind::Bytes)]
+    fingerprint: FingerprintKind,
+    /// With `--fingerprint json`: a JSON Pointer (RFC 6901) to a field left
+    /// out of the comparison, such as /metadata/sent_at. Repeat the flag
+    /// for more; the environment variable holds one.
+    #[arg(long, value_name = "POINTER", env = "IDEMPOTENCY_FINGERPRINT_IGNORE", value_parser = parse_pointer)]
+    fingerprint_ignore: Vec<JsonPointer>,
     /// Keep client-supplied X-Forwarded-For, Forwarded and X-Forwarded-Host
     /// headers and append this hop (by default they are replaced: clients
     /// can spoof them). Only behind a proxy you trust to set them.
@@ -155,6 +167,12 @@ enum LogFormat {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum FingerprintKind {
+    Bytes,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
 enum StoreKind {
     Memory,
     Redis,
@@ -175,6 +193,10 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
 fn parse_header_name(s: &str) -> Result<HeaderName, String> {
     HeaderName::from_bytes(s.trim().as_bytes())
         .map_err(|_| format!("{s:?} is not a valid header name"))
+}
+
+fn parse_pointer(s: &str) -> Result<JsonPointer, String> {
+    s.parse().map_err(|e: InvalidJsonPointer| e.to_string())
 }
 
 fn parse_method(s: &str) -> Result<Method, String> {
@@ -213,6 +235,9 @@ fn configure<St: Store>(args: &Args, store: St) -> IdempotencyLayer<St> {
     }
     if let Some(header) = &args.scope_header {
         layer = layer.scope(sidecar::scope_from_header(header.clone()));
+    }
+    if args.fingerprint == FingerprintKind::Json {
+        layer = layer.fingerprint_json_ignoring(args.fingerprint_ignore.iter().cloned());
     }
     layer
 }
@@ -403,6 +428,14 @@ fn metrics_answer<B>(
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     let args = Args::parse();
+    if !args.fingerprint_ignore.is_empty() && args.fingerprint != FingerprintKind::Json {
+        Args::command()
+            .error(
+                clap::error::ErrorKind::ArgumentConflict,
+                "--fingerprint-ignore needs --fingerprint json",
+            )
+            .exit();
+    }
     init_logs(args.log_format);
     match start(args).await {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -214,16 +214,27 @@ where
         let (engine, config) = (&shared.engine, &shared.config);
         let limit = config.request_body_limit;
         let req = &mut pending.req;
-        let hasher = FingerprintHasher::new(
-            req.method(),
-            req.uri(),
-            req.headers(),
-            &config.fingerprint_headers,
-        );
+        let mode = &config.fingerprint_mode;
+        let hasher = mode.streams(grpc).then(|| {
+            FingerprintHasher::new(
+                req.method(),
+                req.uri(),
+                req.headers(),
+                &config.fingerprint_headers,
+            )
+        });
         let body = std::mem::replace(req.body_mut(), RequestBody::empty());
         let fingerprint = match read_body(body, limit, hasher).await {
-            Ok((data, trailers, fingerprint)) => {
+            Ok((data, trailers, Some(fingerprint))) => {
                 *pending.req.body_mut() = RequestBody::buffered(data, trailers);
+                fingerprint
+            }
+            Ok((data, trailers, None)) => {
+                // A mode that needs the whole body, and the request's head.
+                let req = std::mem::replace(&mut pending.req, Request::new(RequestBody::empty()));
+                let (parts, _) = req.into_parts();
+                let fingerprint = mode.fingerprint(&parts, &config.fingerprint_headers, &data);
+                pending.req = Request::from_parts(parts, RequestBody::buffered(data, trailers));
                 fingerprint
             }
             Err(ReadError::TooLarge) => {

@@ -82,7 +82,8 @@ pub(super) enum ReadError {
 }
 
 /// Reads the whole request body (within `limit`), fingerprinting it as it
-/// comes, and keeps its bytes and trailers for the inner service.
+/// comes when given a `hasher` (bytes mode), and keeps its bytes and
+/// trailers for the inner service.
 #[allow(
     clippy::manual_async_fn,
     reason = "an async fn would hold its arguments twice"
@@ -90,8 +91,8 @@ pub(super) enum ReadError {
 pub(super) fn read_body<B>(
     body: B,
     limit: usize,
-    mut hasher: FingerprintHasher,
-) -> impl Future<Output = Result<(Bytes, Option<HeaderMap>, Fingerprint), ReadError>>
+    mut hasher: Option<FingerprintHasher>,
+) -> impl Future<Output = Result<(Bytes, Option<HeaderMap>, Option<Fingerprint>), ReadError>>
 where
     B: Body<Data = Bytes>,
     B::Error: Into<BoxError>,
@@ -112,7 +113,9 @@ where
                     if data.len().saturating_add(chunk.len()) > limit {
                         return Err(ReadError::TooLarge);
                     }
-                    hasher.update(&chunk);
+                    if let Some(hasher) = &mut hasher {
+                        hasher.update(&chunk);
+                    }
                     data.push(chunk);
                     continue;
                 }
@@ -123,6 +126,6 @@ where
             }
         }
         let data = data.into_bytes();
-        Ok((data, trailers, hasher.finish()))
+        Ok((data, trailers, hasher.map(FingerprintHasher::finish)))
     }
 }
