@@ -13,6 +13,10 @@
 //!   it), which isolates the layer's own cost from `Router::layer`'s.
 //! - `coalesced`: N = 1, 16, 256 concurrent duplicates of one new key.
 //! - `fingerprint`: hashing 64 B, 1 KiB, 64 KiB and 1 MiB bodies.
+//! - `fingerprint_mode` (with `--features json`): a 1 KiB and a 64 KiB JSON
+//!   body fingerprinted by its bytes and by its meaning
+//!   (`FingerprintMode::bytes` and `FingerprintMode::json`, the whole
+//!   request head included).
 //! - `memory/store_alone/first`: the part of `memory/ours/first` spent in the
 //!   store, measured alone on the same store.
 //! - `store`: what `MemoryStore` spends storing a new key (claim, then
@@ -308,6 +312,58 @@ fn fingerprint(c: &mut Criterion) {
     g.finish();
 }
 
+/// A JSON body of about `size` bytes: line items as a payments API would
+/// take them, pretty-printed as clients send them.
+#[cfg(feature = "json")]
+fn json_body(size: usize) -> Vec<u8> {
+    let mut body =
+        String::from("{\n  \"amount\": 125000,\n  \"currency\": \"eur\",\n  \"items\": [");
+    let mut i = 0;
+    while body.len() + 160 < size {
+        if i > 0 {
+            body.push(',');
+        }
+        body.push_str(&format!(
+            "\n    {{\"sku\": \"item-{i:05}\", \"quantity\": {}, \"price\": {}.{:02}, \"tags\": [\"a\", \"b\"], \"note\": \"caf\\u00e9 {i}\"}}",
+            i % 7 + 1,
+            i % 90 + 10,
+            i % 100
+        ));
+        i += 1;
+    }
+    body.push_str("\n  ],\n  \"metadata\": {\"sent_at\": \"2026-12-07T10:00:00Z\"}\n}");
+    body.into_bytes()
+}
+
+#[cfg(feature = "json")]
+fn fingerprint_mode(c: &mut Criterion) {
+    use tower_idempotency::fingerprint::FingerprintMode;
+    let (parts, ()) = http::Request::post("/pay?x=1")
+        .header("content-type", "application/json")
+        .body(())
+        .unwrap()
+        .into_parts();
+    let mut g = c.benchmark_group("fingerprint_mode");
+    for size in [1024usize, 64 * 1024] {
+        let body = json_body(size);
+        // Valid JSON, or the JSON mode would measure its fallback to bytes.
+        assert!(serde_json::from_slice::<serde_json::Value>(&body).is_ok());
+        g.throughput(Throughput::Bytes(body.len() as u64));
+        for (name, mode) in [
+            ("bytes", FingerprintMode::bytes()),
+            ("json", FingerprintMode::json()),
+        ] {
+            g.bench_with_input(BenchmarkId::new(name, size), &body, |b, body| {
+                b.iter(|| mode.fingerprint(&parts, &[], black_box(body)))
+            });
+        }
+    }
+    g.finish();
+}
+
+#[cfg(not(feature = "json"))]
+fn fingerprint_mode(_: &mut Criterion) {}
+
 /// A new key into `MemoryStore` (claim, then complete) against the same
 /// insert into a bare moka cache built as the store builds its cache (LRU,
 /// a byte weigher, per-entry expiry), below the byte bound and at it. Keys
@@ -432,5 +488,13 @@ fn store(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, memory, tower_level, coalesced, fingerprint, store);
+criterion_group!(
+    benches,
+    memory,
+    tower_level,
+    coalesced,
+    fingerprint,
+    fingerprint_mode,
+    store
+);
 criterion_main!(benches);

@@ -312,3 +312,82 @@ async fn the_sidecars_own_refusals_are_counted() {
     );
     car.stop();
 }
+
+/// A POST of JSON `body` to the sidecar under `key`.
+async fn post_json(addr: SocketAddr, key: &str, body: &'static str) -> common::Answer {
+    let req = Request::post(format!("http://{addr}/charge"))
+        .header("idempotency-key", key)
+        .header("content-type", "application/json")
+        .body(Body::from(body))
+        .unwrap();
+    let res = tokio::time::timeout(Duration::from_secs(10), client().request(req))
+        .await
+        .expect("answered within 10 s")
+        .expect("request");
+    common::collect(res).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_binary_compares_json_by_meaning_when_asked() {
+    let first = r#"{"amount":1000,"currency":"eur","sent_at":"10:00"}"#;
+    let respelled = r#"{ "currency": "eur", "amount": 1000, "sent_at": "10:00" }"#;
+    let later = r#"{"sent_at":"10:05","amount":1000.0,"currency":"eur"}"#;
+
+    // `--fingerprint json`: a re-serialised body is the same request.
+    let (upstream, up) = start_upstream().await;
+    let car = Running::start(upstream, &["--fingerprint", "json"]).await;
+    assert_eq!(
+        post_json(car.addr, "j", first).await.status,
+        StatusCode::CREATED
+    );
+    let again = post_json(car.addr, "j", respelled).await;
+    assert!(again.replayed(), "{}", again.text());
+    let moved = post_json(car.addr, "j", later).await;
+    assert_eq!(moved.status, StatusCode::CONFLICT, "the timestamp counts");
+    drop(car);
+
+    // With the timestamp ignored, the later retry is the same request too.
+    let car = Running::start(
+        upstream,
+        &["--fingerprint", "json", "--fingerprint-ignore", "/sent_at"],
+    )
+    .await;
+    assert_eq!(
+        post_json(car.addr, "i", first).await.status,
+        StatusCode::CREATED
+    );
+    assert!(post_json(car.addr, "i", later).await.replayed());
+    drop(car);
+
+    // The default compares bytes.
+    let car = Running::start(upstream, &[]).await;
+    assert_eq!(
+        post_json(car.addr, "b", first).await.status,
+        StatusCode::CREATED
+    );
+    let moved = post_json(car.addr, "b", respelled).await;
+    assert_eq!(moved.status, StatusCode::CONFLICT);
+    drop(car);
+    assert_eq!(up.executions.load(std::sync::atomic::Ordering::SeqCst), 3);
+}
+
+#[test]
+fn fingerprint_flags_that_cannot_work_exit_2() {
+    for args in [
+        &["--fingerprint-ignore", "/sent_at"][..],
+        &["--fingerprint", "json", "--fingerprint-ignore", "sent_at"],
+        &["--fingerprint", "json", "--fingerprint-ignore", "/a~2"],
+        &["--fingerprint", "meaning"],
+    ] {
+        let out = Command::new(env!("CARGO_BIN_EXE_idempotency-sidecar"))
+            .args(["--upstream", "http://127.0.0.1:1"])
+            .args(args)
+            .env_remove("IDEMPOTENCY_FINGERPRINT")
+            .env_remove("IDEMPOTENCY_FINGERPRINT_IGNORE")
+            .output()
+            .expect("run the sidecar binary");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {stderr}");
+        assert!(stderr.contains("fingerprint"), "{args:?}: {stderr}");
+    }
+}
