@@ -181,7 +181,8 @@ pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
     feature = "sidecar",
     feature = "tls",
     feature = "test-util",
-    feature = "metrics"
+    feature = "metrics",
+    feature = "json"
 ))]
 mod documents {
     #[doc = include_str!("../README.md")]
