@@ -16,7 +16,8 @@
 //! - `fingerprint_mode` (with `--features json`): a 1 KiB and a 64 KiB JSON
 //!   body fingerprinted by its bytes and by its meaning
 //!   (`FingerprintMode::bytes` and `FingerprintMode::json`, the whole
-//!   request head included).
+//!   request head included), and a 512 KiB body nested 100 objects deep,
+//!   each out of order (the worst shape for putting members in order).
 //! - `memory/store_alone/first`: the part of `memory/ours/first` spent in the
 //!   store, measured alone on the same store.
 //! - `store`: what `MemoryStore` spends storing a new key (claim, then
@@ -357,6 +358,25 @@ fn fingerprint_mode(c: &mut Criterion) {
                 b.iter(|| mode.fingerprint(&parts, &[], black_box(body)))
             });
         }
+    }
+    // The worst shape for putting members in order: 100 objects, one in
+    // the other, each with its members out of order, around 512 KiB.
+    let deep = format!(
+        "{}\"{}\"{}",
+        r#"{"z":0,"a":"#.repeat(100),
+        "y".repeat(512 * 1024),
+        "}".repeat(100)
+    )
+    .into_bytes();
+    assert!(serde_json::from_slice::<serde_json::Value>(&deep).is_ok());
+    g.throughput(Throughput::Bytes(deep.len() as u64));
+    for (name, mode) in [
+        ("bytes_nested", FingerprintMode::bytes()),
+        ("json_nested", FingerprintMode::json()),
+    ] {
+        g.bench_with_input(BenchmarkId::new(name, deep.len()), &deep, |b, body| {
+            b.iter(|| mode.fingerprint(&parts, &[], black_box(body)))
+        });
     }
     g.finish();
 }

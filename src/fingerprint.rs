@@ -16,9 +16,11 @@ mod mode;
 mod pointer;
 
 #[cfg(feature = "json")]
+#[cfg_attr(docsrs, doc(cfg(feature = "json")))]
 pub use json::MAX_DEPTH;
 pub use mode::FingerprintMode;
 #[cfg(feature = "json")]
+#[cfg_attr(docsrs, doc(cfg(feature = "json")))]
 pub use pointer::{InvalidJsonPointer, JsonPointer, MAX_POINTER_LEN};
 
 /// A SHA-256 digest identifying one request's content.
@@ -205,6 +207,36 @@ mod tests {
         assert_ne!(
             fp("POST", "/", &HeaderMap::new(), &sel, b""),
             fp("POST", "/", &empty, &sel, b"")
+        );
+    }
+
+    /// Bytes-mode fingerprints are what records already stored hold: a
+    /// digest computed by hand from the framing (SHA-256 over the
+    /// length-prefixed tag, method, path and query, selected headers, then
+    /// the body and its length) must not change.
+    #[test]
+    fn bytes_fingerprints_are_pinned() {
+        let name = HeaderName::from_static("x-tenant");
+        let mut headers = HeaderMap::new();
+        headers.insert(&name, "t1".parse().unwrap());
+        let streamed = fp(
+            "POST",
+            "/pay?x=1",
+            &headers,
+            std::slice::from_ref(&name),
+            br#"{"a":1}"#,
+        );
+        assert_eq!(
+            crate::key::hex(streamed.as_bytes()),
+            "e04b6cd1cbd102d5d857b66e5b0bea4a57e023503708ac6720ff0befe75edc60"
+        );
+        let mut req = http::Request::post("/pay?x=1").body(()).unwrap();
+        *req.headers_mut() = headers;
+        let (parts, ()) = req.into_parts();
+        let whole = FingerprintMode::bytes().fingerprint(&parts, &[name], br#"{"a":1}"#);
+        assert_eq!(
+            whole, streamed,
+            "the mode's own path hashes as the stream does"
         );
     }
 

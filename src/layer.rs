@@ -134,8 +134,10 @@ impl<St: Store> IdempotencyLayer<St> {
     ///
     /// The mode is part of every fingerprint: keys stored before a change
     /// of mode answer their retries with the mismatch status until they
-    /// expire, rather than replay.
+    /// expire, rather than replay (gRPC calls, compared by their bytes in
+    /// either mode, excepted).
     #[cfg(feature = "json")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "json")))]
     pub fn fingerprint_json(self) -> Self {
         self.fingerprint_mode(FingerprintMode::json())
     }
@@ -157,6 +159,7 @@ impl<St: Store> IdempotencyLayer<St> {
     /// # }
     /// ```
     #[cfg(feature = "json")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "json")))]
     pub fn fingerprint_json_ignoring(
         self,
         pointers: impl IntoIterator<Item = JsonPointer>,

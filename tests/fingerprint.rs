@@ -352,3 +352,113 @@ async fn grpc_calls_stay_on_bytes() {
     );
     assert_eq!(calls.load(Ordering::SeqCst), 1);
 }
+
+#[derive(Clone, Debug, PartialEq)]
+struct Marker(u32);
+
+#[tokio::test]
+async fn the_handler_gets_the_request_as_sent_in_every_mode() {
+    use http_body_util::BodyExt;
+    // What the handler saw: method, URI, a header, an extension, the body
+    // and its trailers.
+    type Seen = (
+        String,
+        String,
+        String,
+        Option<Marker>,
+        bytes::Bytes,
+        Option<String>,
+    );
+    let seen: Arc<std::sync::Mutex<Vec<Seen>>> = Arc::default();
+    let handler = {
+        let seen = seen.clone();
+        tower::service_fn(move |req: Request<RequestBody<Body>>| {
+            let seen = seen.clone();
+            async move {
+                let (parts, body) = req.into_parts();
+                let collected = body.collect().await.unwrap();
+                let trailer = collected
+                    .trailers()
+                    .and_then(|t| t.get("x-checksum"))
+                    .map(|v| v.to_str().unwrap().to_owned());
+                seen.lock().unwrap().push((
+                    parts.method.to_string(),
+                    parts.uri.to_string(),
+                    parts.headers["x-tenant"].to_str().unwrap().to_owned(),
+                    parts.extensions.get::<Marker>().cloned(),
+                    collected.to_bytes(),
+                    trailer,
+                ));
+                Ok::<_, std::convert::Infallible>(
+                    Response::builder().status(201).body(Body::empty()).unwrap(),
+                )
+            }
+        })
+    };
+    let body = "{ \"b\" : 1 ,  \"a\" : 2 }";
+    let request = |key: &str| {
+        let mut trailers = http::HeaderMap::new();
+        trailers.insert("x-checksum", http::HeaderValue::from_static("abc"));
+        let with_trailers = http_body_util::Full::new(bytes::Bytes::from(body))
+            .with_trailers(async move { Some(Ok::<_, std::convert::Infallible>(trailers)) });
+        let mut req = Request::post("/pay?x=1")
+            .header("idempotency-key", key)
+            .header("content-type", "application/json")
+            .header("x-tenant", "t1")
+            .body(Body::new(with_trailers))
+            .unwrap();
+        req.extensions_mut().insert(Marker(7));
+        req
+    };
+    let modes = [
+        layer(test_store()),
+        layer(test_store()).fingerprint_json(),
+        layer(test_store()).fingerprint_with(|_, body| body.to_vec()),
+    ];
+    for (i, l) in modes.into_iter().enumerate() {
+        let svc = l.layer(handler.clone());
+        let a = collect(svc.oneshot(request(&format!("k{i}"))).await.unwrap()).await;
+        assert_eq!(a.status, StatusCode::CREATED);
+    }
+    let seen = seen.lock().unwrap();
+    assert_eq!(seen.len(), 3);
+    for s in seen.iter() {
+        assert_eq!(
+            s,
+            &(
+                "POST".to_owned(),
+                "/pay?x=1".to_owned(),
+                "t1".to_owned(),
+                Some(Marker(7)),
+                bytes::Bytes::from(body),
+                Some("abc".to_owned())
+            )
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_function_mode_record_never_matches_bytes_or_json() {
+    let store = test_store();
+    let ledger = Ledger::new();
+    let identity = layer(store.clone())
+        .fingerprint_with(|_, body| body.to_vec())
+        .layer(ledger.service());
+    let bytes = layer(store.clone()).layer(ledger.service());
+    let json_mode = layer(store).fingerprint_json().layer(ledger.service());
+    assert_eq!(
+        send(&identity, json(CHARGE)).await.status,
+        StatusCode::CREATED
+    );
+    // The function returns the very bytes: still another mode.
+    assert_eq!(
+        send(&bytes, json(CHARGE)).await.status,
+        StatusCode::CONFLICT
+    );
+    assert_eq!(
+        send(&json_mode, json(CHARGE)).await.status,
+        StatusCode::CONFLICT
+    );
+    assert!(send(&identity, json(CHARGE)).await.replayed());
+    assert_eq!(ledger.count(), 1);
+}

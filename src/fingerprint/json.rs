@@ -1,31 +1,48 @@
 //! The canonical form of a JSON body: what the JSON fingerprint hashes.
 //!
-//! One text per meaning, after RFC 8785 (JSON Canonicalization Scheme):
-//! no insignificant whitespace, object members sorted by name, strings
-//! unescaped and written with the fewest escapes. Two choices differ from
-//! RFC 8785, both so that two different requests never share a form:
+//! One form per meaning, after RFC 8785 (JSON Canonicalization Scheme): no
+//! insignificant whitespace, object members in a fixed order, strings
+//! unescaped and written with the fewest escapes. Three choices differ from
+//! RFC 8785; none changes which bodies are equal except the first, and
+//! that one only so that two different requests never share a form:
 //!
 //! - **Numbers are exact decimals**, not IEEE doubles. `1`, `1.0`, `1e0`
 //!   and `10e-1` are one number, and `-0` is `0`; but `9007199254740993`
 //!   and `9007199254740992` stay two numbers (RFC 8785 rounds both to the
-//!   same double), as do `0.1` and `0.10000000000000001`. An integer of up
-//!   to 21 digits is written out (`100`); any other number as its
-//!   significant digits and a power of ten (`15e-1`, `1e22`).
-//! - Members are sorted by the bytes of their escaped names (code-point
-//!   order) rather than by UTF-16 code units. Only the order of the
-//!   intermediate text differs; which bodies are equal does not.
+//!   same double), as do `0.1` and `0.10000000000000001`. A number is
+//!   written as its significant digits, then as many zeros as its power of
+//!   ten when that makes an integer of at most 21 digits, or else `e` and
+//!   the power (`100`, `15e-1`, `1e22`).
+//! - Members are ordered by the bytes of their names as written here
+//!   (escaped and quoted) rather than by UTF-16 code units.
+//! - A member's value longer than [`INLINE_MAX`] bytes (as written here)
+//!   is replaced by a byte that never occurs in UTF-8 (`0xff`) and the
+//!   value's SHA-256 digest. Members are put in order by moving their
+//!   bytes, and an object's members move again each time an enclosing
+//!   object is put in order: without this, an object nested 128 deep would
+//!   move the same megabyte 128 times. With it, no byte moves more than
+//!   twice.
 //!
 //! A body this cannot read is compared by its bytes: text that is not
 //! JSON, an object with a member name twice (parsers disagree on which one
 //! counts), nesting deeper than [`MAX_DEPTH`], a number whose exponent has
-//! more than 15 digits.
+//! more than 15 digits (unless the number is zero), or an integer part of
+//! more than 4 300 digits (the parser's bound).
 
 use jiter::{Jiter, Peek};
+use sha2::{Digest, Sha256};
 
 use super::pointer::Ignored;
 
 /// The deepest nesting of arrays and objects a JSON body is compared at.
 pub const MAX_DEPTH: usize = 128;
+
+/// The longest member value kept as it is written; a longer one is kept as
+/// [`DIGEST`] and its SHA-256 digest.
+const INLINE_MAX: usize = 64;
+
+/// Marks a member value kept as its digest: a byte no UTF-8 text has.
+const DIGEST: u8 = 0xff;
 
 /// The canonical text of `body` without the values `ignored` names, or
 /// `None` when the body is to be compared by its bytes.
@@ -64,7 +81,7 @@ impl From<jiter::JiterError> for NotCanonical {
 
 /// One object member written to `out`: its name (escaped, with quotes) is
 /// `out[start..name_end]`, and the member (name, colon, value) is
-/// `out[start..end]`.
+/// `out[start..end]` (the comma before it is not part of it).
 #[derive(Clone, Copy)]
 struct Member {
     start: usize,
@@ -155,16 +172,29 @@ impl Walk<'_> {
         let mut name = self.jiter.known_object()?;
         while let Some(n) = name {
             let child = node.and_then(|node| node.member(n));
+            let before = self.out.len();
+            if self.members.len() > mark {
+                self.out.push(b',');
+            }
             let start = self.out.len();
             write_string(&mut self.out, n);
             let name_end = self.out.len();
             self.out.push(b':');
             let peek = self.jiter.peek()?;
             if child.is_some_and(Ignored::ends) {
+                // Read (so a malformed value still falls back to bytes),
+                // then dropped with its name and comma.
                 self.value(peek, depth + 1, None)?;
-                self.out.truncate(start);
+                self.out.truncate(before);
             } else {
+                let value_start = self.out.len();
                 self.value(peek, depth + 1, child.filter(|c| !c.is_leaf()))?;
+                if self.out.len() - value_start > INLINE_MAX {
+                    let digest = Sha256::digest(&self.out[value_start..]);
+                    self.out.truncate(value_start);
+                    self.out.push(DIGEST);
+                    self.out.extend_from_slice(&digest);
+                }
                 let end = self.out.len();
                 self.members.push(Member {
                     start,
@@ -179,18 +209,20 @@ impl Walk<'_> {
         Ok(())
     }
 
-    /// Puts the members written since `mark` (from `body_start` on) in name
-    /// order, separated by commas; refuses a name that appears twice.
+    /// Puts the members written since `mark` (from `body_start` on,
+    /// separated by commas) in name order; refuses a name that appears
+    /// twice. Members already in order are left where they are.
     fn order_members(&mut self, body_start: usize, mark: usize) -> Result<(), NotCanonical> {
         let out = &self.out;
         let members = &mut self.members[mark..];
         let name = |m: &Member| &out[m.start..m.name_end];
-        let sorted = members.windows(2).all(|w| name(&w[0]) < name(&w[1]));
-        if !sorted {
-            members.sort_unstable_by(|a, b| name(a).cmp(name(b)));
-            if members.windows(2).any(|w| name(&w[0]) == name(&w[1])) {
-                return Err(NotCanonical::DuplicateMember);
-            }
+        if members.windows(2).all(|w| name(&w[0]) < name(&w[1])) {
+            self.members.truncate(mark);
+            return Ok(());
+        }
+        members.sort_unstable_by(|a, b| name(a).cmp(name(b)));
+        if members.windows(2).any(|w| name(&w[0]) == name(&w[1])) {
+            return Err(NotCanonical::DuplicateMember);
         }
         self.scratch.clear();
         self.scratch.extend_from_slice(&self.out[body_start..]);
@@ -260,8 +292,8 @@ fn write_number(out: &mut Vec<u8>, text: &[u8]) -> Result<(), NotCanonical> {
         _ => (&rest[..0], rest),
     };
     let exponent = match rest.split_first() {
-        None => 0,
-        Some((b'e' | b'E', exp)) => parse_exponent(exp)?,
+        None => Ok(0),
+        Some((b'e' | b'E', exp)) => parse_exponent(exp),
         Some(_) => return Err(NotCanonical::Invalid),
     };
     if int.is_empty() || (int.len() > 1 && int[0] == b'0') {
@@ -271,9 +303,16 @@ fn write_number(out: &mut Vec<u8>, text: &[u8]) -> Result<(), NotCanonical> {
     let total = int.len() + frac.len();
     let leading = digits().take_while(|&&d| d == b'0').count();
     if leading == total {
-        out.push(b'0');
-        return Ok(());
+        // Zero, whatever its exponent (as long as it is one).
+        return match exponent {
+            Ok(_) | Err(NotCanonical::NumberOutOfRange) => {
+                out.push(b'0');
+                Ok(())
+            }
+            Err(e) => Err(e),
+        };
     }
+    let exponent = exponent?;
     let trailing = frac
         .iter()
         .rev()

@@ -24,7 +24,10 @@ type MaterialFn = dyn Fn(&request::Parts, &[u8], &mut FingerprintHasher) + Send 
 /// fingerprint whatever the mode, and the mode is part of the fingerprint's
 /// version tag: a record made under one mode never matches a request under
 /// another (a retry sent across a change of mode gets the mismatch
-/// answer, never a replay).
+/// answer, never a replay). Two exceptions, both by design: gRPC calls are
+/// compared by their bytes in bytes and JSON mode alike, so their records
+/// match across a change between those two; and a function given to
+/// [`with`](Self::with) is not itself in the tag (see there).
 ///
 /// The layer's [`fingerprint_json`](crate::IdempotencyLayer::fingerprint_json),
 /// [`fingerprint_json_ignoring`](crate::IdempotencyLayer::fingerprint_json_ignoring)
@@ -105,12 +108,19 @@ impl FingerprintMode {
     /// A body is compared by its bytes instead when its `Content-Type` is
     /// not JSON (`application/json` or any `application/*+json`), when it is
     /// not JSON (RFC 8259; UTF-8), when arrays and objects nest more than
-    /// 128 deep, or when a number's exponent has more than 15 digits. gRPC
-    /// calls are always compared by their bytes.
+    /// 128 deep ([`MAX_DEPTH`](super::MAX_DEPTH)), when a non-zero number's
+    /// exponent has more than 15 digits or its integer part more than 4 300
+    /// digits. gRPC calls are always compared by their bytes.
+    ///
+    /// RFC 8785 is the reference for the canonical form, and the crates
+    /// that implement it (`serde_json_canonicalizer`, `serde_jcs`) follow it
+    /// in rounding every number to a double, which makes two amounts one;
+    /// so the canonical form is this crate's own, on the `jiter` parser.
     ///
     /// The body is read whole within the request body limit first (as in
     /// every mode), then parsed once without building a tree.
     #[cfg(feature = "json")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "json")))]
     pub fn json() -> Self {
         Self::json_ignoring([])
     }
@@ -123,6 +133,7 @@ impl FingerprintMode {
     /// The pointers are part of the mode: records made while ignoring one
     /// set never match requests made while ignoring another.
     #[cfg(feature = "json")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "json")))]
     pub fn json_ignoring(pointers: impl IntoIterator<Item = JsonPointer>) -> Self {
         let mut pointers: Vec<JsonPointer> = pointers.into_iter().collect();
         pointers.sort();
@@ -150,6 +161,12 @@ impl FingerprintMode {
     /// request body limit; it should be cheap and must not fail (return the
     /// body itself for what it does not understand). What it returns is
     /// hashed as it is: two requests are the same when their material is.
+    ///
+    /// Every function shares one version tag: records stored under one
+    /// function are compared with what the next one makes of a retry. When
+    /// a new function compares otherwise, make its material say so (start
+    /// it with a version of your own, `b"v2:"`), and retries of earlier
+    /// keys then get the mismatch answer rather than a replay.
     ///
     /// ```
     /// use tower_idempotency::fingerprint::FingerprintMode;

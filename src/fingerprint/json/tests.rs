@@ -6,22 +6,31 @@ use rand::{Rng, SeedableRng};
 use super::*;
 use crate::fingerprint::JsonPointer;
 
-fn canon(text: &str) -> Option<String> {
-    canonical(text.as_bytes(), &Ignored::default()).map(|c| String::from_utf8(c).unwrap())
+fn canon(text: &str) -> Option<Vec<u8>> {
+    canonical(text.as_bytes(), &Ignored::default())
 }
 
-fn canon_ignoring(text: &str, pointers: &[&str]) -> Option<String> {
+fn canon_ignoring(text: &str, pointers: &[&str]) -> Option<Vec<u8>> {
     let ps: Vec<JsonPointer> = pointers.iter().map(|p| p.parse().unwrap()).collect();
-    canonical(text.as_bytes(), &Ignored::new(&ps)).map(|c| String::from_utf8(c).unwrap())
+    canonical(text.as_bytes(), &Ignored::new(&ps))
+}
+
+/// The canonical form of `text` as text (no member value in it is long
+/// enough to be kept as a digest).
+fn canon_str(text: &str) -> String {
+    String::from_utf8(canon(text).expect("canonical")).expect("no digest")
+}
+
+fn ignoring_str(text: &str, pointers: &[&str]) -> String {
+    String::from_utf8(canon_ignoring(text, pointers).expect("canonical")).expect("no digest")
 }
 
 #[test]
 fn member_order_whitespace_and_escapes_do_not_count() {
-    let a = canon(r#"{"b":[1,2,{"y":null,"x":true}],"a":"é"}"#).unwrap();
-    let b = canon(
+    let a = canon_str(r#"{"b":[1,2,{"y":null,"x":true}],"a":"é"}"#);
+    let b = canon_str(
         " {\n\t\"a\" : \"\\u00e9\" ,\r\n \"b\" : [ 1 , 2 , { \"x\" : true , \"y\" : null } ] } ",
-    )
-    .unwrap();
+    );
     assert_eq!(a, b);
     assert_eq!(a, r#"{"a":"é","b":[1,2,{"x":true,"y":null}]}"#);
     // Every escape of one string is one string.
@@ -34,10 +43,10 @@ fn member_order_whitespace_and_escapes_do_not_count() {
 #[test]
 fn strings_are_written_with_the_fewest_escapes() {
     assert_eq!(
-        canon(r#""a\u0008\t\n\u000c\r\u0001\u001f\"\\é""#).unwrap(),
+        canon_str(r#""a\u0008\t\n\u000c\r\u0001\u001f\"\\é""#),
         "\"a\\b\\t\\n\\f\\r\\u0001\\u001f\\\"\\\\é\""
     );
-    assert_eq!(canon(r#""\u007f\u2028""#).unwrap(), "\"\u{7f}\u{2028}\"");
+    assert_eq!(canon_str(r#""\u007f\u2028""#), "\"\u{7f}\u{2028}\"");
 }
 
 #[test]
@@ -85,30 +94,27 @@ fn numbers_are_equal_when_their_exact_values_are() {
         &["12345678901234567890123", "1.2345678901234567890123e22"],
     ];
     for group in same {
-        let first = canon(group[0]).unwrap();
+        let first = canon_str(group[0]);
         for n in group {
-            assert_eq!(canon(n).unwrap(), first, "{n} vs {}", group[0]);
+            assert_eq!(canon_str(n), first, "{n} vs {}", group[0]);
         }
     }
-    assert_eq!(canon("100").unwrap(), "100");
-    assert_eq!(canon("1e20").unwrap(), "100000000000000000000");
+    assert_eq!(canon_str("100"), "100");
+    assert_eq!(canon_str("1e20"), "100000000000000000000");
+    assert_eq!(canon_str("123456789012345678901"), "123456789012345678901");
+    assert_eq!(canon_str("1e21"), "1e21");
+    assert_eq!(canon_str("1e22"), "1e22");
     assert_eq!(
-        canon("123456789012345678901").unwrap(),
-        "123456789012345678901"
-    );
-    assert_eq!(canon("1e21").unwrap(), "1e21");
-    assert_eq!(canon("1e22").unwrap(), "1e22");
-    assert_eq!(
-        canon("1234567890123456789012").unwrap(),
+        canon_str("1234567890123456789012"),
         "1234567890123456789012"
     );
     assert_eq!(
-        canon("12345678901234567890120").unwrap(),
+        canon_str("12345678901234567890120"),
         "1234567890123456789012e1"
     );
-    assert_eq!(canon("-0.0").unwrap(), "0");
-    assert_eq!(canon("-12.5").unwrap(), "-125e-1");
-    assert_eq!(canon("7").unwrap(), "7");
+    assert_eq!(canon_str("-0.0"), "0");
+    assert_eq!(canon_str("-12.5"), "-125e-1");
+    assert_eq!(canon_str("7"), "7");
     let apart = [
         ("9007199254740993", "9007199254740992"),
         ("0.1", "0.10000000000000001"),
@@ -168,6 +174,41 @@ fn a_member_named_twice_falls_back_to_bytes() {
 }
 
 #[test]
+fn long_values_are_kept_as_digests_and_still_compared() {
+    let long = "x".repeat(INLINE_MAX + 1);
+    let a = format!(r#"{{"b":"{long}","a":1}}"#);
+    let c = canon(&a).unwrap();
+    assert_eq!(c.iter().filter(|&&b| b == DIGEST).count(), 1);
+    assert_eq!(c.len(), r#"{"a":1,"b":"#.len() + 1 + 32 + 1);
+    // The same value spelled otherwise, the same digest.
+    let spelled = format!(
+        r#"{{ "a" : 1.0 , "b" : "{}" }}"#,
+        long.replace('x', "\\u0078")
+    );
+    assert_eq!(canon(&spelled), canon(&a));
+    // One byte changed deep inside: another form.
+    let changed = format!(r#"{{"b":"{}y","a":1}}"#, &long[1..]);
+    assert_ne!(canon(&changed), canon(&a));
+    // A value of exactly the bound stays as it is written.
+    let short = "x".repeat(INLINE_MAX - 2);
+    assert!(
+        !canon(&format!(r#"{{"a":"{short}"}}"#))
+            .unwrap()
+            .contains(&DIGEST)
+    );
+    // Nested objects, each put in order: the digest of the inner value is
+    // what moves, not the value.
+    let nested = format!(
+        "{}\"{}\"{}",
+        r#"{"z":0,"a":"#.repeat(100),
+        "y".repeat(100_000),
+        "}".repeat(100)
+    );
+    let form = canon(&nested).unwrap();
+    assert!(form.len() < 100 * 40, "{} bytes", form.len());
+}
+
+#[test]
 fn nesting_is_bounded() {
     let nest = |n: usize| format!("{}{}", "[".repeat(n), "]".repeat(n));
     assert!(canon(&nest(MAX_DEPTH)).is_some());
@@ -187,6 +228,10 @@ fn nesting_is_bounded() {
 fn exponents_beyond_15_digits_fall_back() {
     assert!(canon("1e999999999999999").is_some());
     assert_eq!(canon("1e1000000000000000"), None);
+    // Zero is zero, whatever its exponent; a malformed one is still refused.
+    assert_eq!(canon_str("0e1000000000000000"), "0");
+    assert_eq!(canon_str("-0.0E-99999999999999999999"), "0");
+    assert_eq!(canon("0e"), None);
     // Leading zeros do not count.
     assert_eq!(canon("1e0000000000000000000002"), canon("100"));
 }
@@ -199,7 +244,7 @@ fn ignored_pointers_leave_values_out() {
     let ps = ["/metadata/sent_at", "/items/0/ts"];
     assert_eq!(canon_ignoring(a, &ps), canon_ignoring(b, &ps));
     assert_eq!(
-        canon_ignoring(a, &ps).unwrap(),
+        ignoring_str(a, &ps),
         r#"{"amount":10,"items":[{"id":"a"},{"id":"b","ts":2}],"metadata":{"note":"x"}}"#
     );
     // An ignored member compares as absent.
@@ -208,30 +253,31 @@ fn ignored_pointers_leave_values_out() {
     // What is not ignored still counts.
     let changed = b.replace("\"note\":\"x\"", "\"note\":\"y\"");
     assert_ne!(canon_ignoring(a, &ps), canon_ignoring(&changed, &ps));
-    // An element is removed from its array.
-    assert_eq!(canon_ignoring("[1,2,3]", &["/1"]).unwrap(), "[1,3]");
-    assert_eq!(canon_ignoring("[1,2,3]", &["/3"]).unwrap(), "[1,2,3]");
-    // `0` names a member too; `01` and `-` name no element.
+    // An element is removed from its array: first, middle, every one.
+    assert_eq!(ignoring_str("[1,2,3]", &["/1"]), "[1,3]");
+    assert_eq!(ignoring_str("[1,2,3]", &["/0"]), "[2,3]");
+    assert_eq!(ignoring_str("[1,2,3]", &["/0", "/1", "/2"]), "[]");
+    assert_eq!(ignoring_str(r#"{"a":1}"#, &["/a"]), "{}");
     assert_eq!(
-        canon_ignoring(r#"{"0":1,"1":2}"#, &["/0"]).unwrap(),
-        r#"{"1":2}"#
+        ignoring_str(r#"{"a":1,"b":2,"c":3}"#, &["/a", "/c"]),
+        r#"{"b":2}"#
     );
-    assert_eq!(canon_ignoring("[1,2]", &["/01", "/-"]).unwrap(), "[1,2]");
+    assert_eq!(ignoring_str("[1,2,3]", &["/3"]), "[1,2,3]");
+    // `0` names a member too; `01` and `-` name no element.
+    assert_eq!(ignoring_str(r#"{"0":1,"1":2}"#, &["/0"]), r#"{"1":2}"#);
+    assert_eq!(ignoring_str("[1,2]", &["/01", "/-"]), "[1,2]");
     // Escaped tokens name members with `/` and `~` in their names.
     assert_eq!(
-        canon_ignoring(r#"{"a/b":1,"c~d":2,"e":3}"#, &["/a~1b", "/c~0d"]).unwrap(),
+        ignoring_str(r#"{"a/b":1,"c~d":2,"e":3}"#, &["/a~1b", "/c~0d"]),
         r#"{"e":3}"#
     );
     // A pointer through a scalar, or to nothing, changes nothing.
-    assert_eq!(
-        canon_ignoring(r#"{"a":1}"#, &["/a/b", "/zz"]).unwrap(),
-        r#"{"a":1}"#
-    );
+    assert_eq!(ignoring_str(r#"{"a":1}"#, &["/a/b", "/zz"]), r#"{"a":1}"#);
     // An ignored value must still be JSON.
     assert_eq!(canon_ignoring(r#"{"a":[1,}"#, &["/a"]), None);
     // A name ignored twice over is still left out.
     assert_eq!(
-        canon_ignoring(r#"{"a":1,"a":2,"b":0}"#, &["/a"]).unwrap(),
+        ignoring_str(r#"{"a":1,"a":2,"b":0}"#, &["/a"]),
         r#"{"b":0}"#
     );
 }
@@ -307,6 +353,47 @@ fn value() -> impl Strategy<Value = J> {
                 .prop_map(|m| J::Obj(m.into_iter().collect())),
         ]
     })
+}
+
+/// Changes one thing in `v`, at the node `path` leads to (each step an
+/// index into the children there, modulo their number).
+fn mutate(v: &mut J, path: &[usize]) {
+    match (v, path.split_first()) {
+        (J::Arr(items), Some((&i, rest))) if !items.is_empty() => {
+            let n = items.len();
+            mutate(&mut items[i % n], rest);
+        }
+        (J::Obj(members), Some((&i, rest))) if !members.is_empty() => {
+            let n = members.len();
+            mutate(&mut members[i % n].1, rest);
+        }
+        (v, _) => match v {
+            J::Null => *v = J::Bool(false),
+            J::Bool(b) => *b = !*b,
+            J::Num {
+                negative,
+                digits,
+                power,
+            } => {
+                if *digits == 0 {
+                    *digits = 1;
+                } else if *digits % 10 == 9 || *digits == u64::MAX {
+                    *negative = !*negative;
+                } else {
+                    *digits += 1;
+                }
+                let _ = power;
+            }
+            J::Str(s) => s.push('x'),
+            J::Arr(items) => items.push(J::Null),
+            J::Obj(members) => {
+                // A name no member has: longer than all of them.
+                let name = members.iter().map(|(n, _)| n.len()).max().unwrap_or(0) + 1;
+                members.push(("n".repeat(name), J::Null));
+                members.sort_by(|a, b| a.0.cmp(&b.0));
+            }
+        },
+    }
 }
 
 /// Writes `v` as one of its many JSON spellings, chosen by `rng`.
@@ -433,16 +520,30 @@ proptest! {
         let ca = canon(&a);
         prop_assert!(ca.is_some(), "not read: {}", a);
         prop_assert_eq!(&ca, &canon(&b), "{} vs {}", a, b);
-        // The canonical form is JSON, and its own canonical form.
-        let c = ca.unwrap();
-        let again = canon(&c);
-        prop_assert_eq!(again.as_deref(), Some(c.as_str()));
-        prop_assert!(serde_json::from_str::<serde_json::Value>(&c).is_ok());
+        // Without digests, the canonical form is JSON, and its own
+        // canonical form.
+        if let Some(Ok(c)) = ca.map(String::from_utf8) {
+            let again = canon(&c);
+            prop_assert_eq!(again.as_deref(), Some(c.as_bytes()));
+            prop_assert!(serde_json::from_str::<serde_json::Value>(&c).is_ok());
+        }
     }
 
     #[test]
     fn different_values_have_different_forms(v in value(), w in value(), seed: u64) {
         prop_assume!(v != w);
+        let (mut a, mut b) = (String::new(), String::new());
+        let mut rng = SmallRng::seed_from_u64(seed);
+        spell(&v, &mut rng, &mut a);
+        spell(&w, &mut rng, &mut b);
+        prop_assert_ne!(canon(&a), canon(&b), "{} vs {}", a, b);
+    }
+
+    #[test]
+    fn a_small_change_changes_the_form(v in value(), path in prop::collection::vec(any::<usize>(), 0..6), seed: u64) {
+        let mut w = v.clone();
+        mutate(&mut w, &path);
+        prop_assert_ne!(&v, &w);
         let (mut a, mut b) = (String::new(), String::new());
         let mut rng = SmallRng::seed_from_u64(seed);
         spell(&v, &mut rng, &mut a);
