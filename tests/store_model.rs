@@ -106,7 +106,13 @@ impl Model {
                 payload,
             } => {
                 let token = pick(token, granted);
-                match self.live(key).cloned() {
+                // A claim completes after its lease too, while nobody took
+                // it over (a takeover replaces the slot and its token).
+                let slot = match self.slots.get(&key) {
+                    Some(s @ Slot::InFlight { .. }) => Some(s.clone()),
+                    _ => self.live(key).cloned(),
+                };
+                match slot {
                     Some(Slot::InFlight { token: t, fp, .. }) if Some(t) == token => {
                         self.slots.insert(
                             key,

@@ -91,6 +91,7 @@ macro_rules! store_conformance_tests {
             fences_never_go_backwards,
             extend_keeps_a_claim_alive,
             extend_never_resurrects_an_expired_claim,
+            a_late_completion_is_kept_if_nobody_took_over,
             release_frees_the_key_for_its_owner_only,
             records_expire_after_retention,
             wait_wakes_on_completion,
@@ -142,6 +143,7 @@ pub async fn run_all<St: Store>(store: &St) {
     fences_never_go_backwards(store).await;
     extend_keeps_a_claim_alive(store).await;
     extend_never_resurrects_an_expired_claim(store).await;
+    a_late_completion_is_kept_if_nobody_took_over(store).await;
     release_frees_the_key_for_its_owner_only(store).await;
     records_expire_after_retention(store).await;
     wait_wakes_on_completion(store).await;
@@ -445,6 +447,44 @@ pub async fn extend_never_resurrects_an_expired_claim<St: Store>(store: &St) {
     assert_eq!(s, LeaseStatus::Lost, "an expired lease must not be renewed");
     let next = acquire(store, key, fp(1), LONG_LEASE).await;
     assert!(next.fence() > token.fence());
+}
+
+/// A completion by the owner the claim still names is kept after its
+/// lease ran out, as long as nobody took the key over: no other execution
+/// exists, so its answer is better stored than lost. Renewing stays
+/// refused (the lease is not brought back), and a takeover still wins.
+pub async fn a_late_completion_is_kept_if_nobody_took_over<St: Store>(store: &St) {
+    let key = fresh_key();
+    let token = acquire(store, key, fp(1), SHORT_LEASE).await;
+    tokio::time::sleep(PAST_SHORT_LEASE).await;
+    let s = check("extend", store.extend(key, token, LONG_LEASE)).await;
+    assert_eq!(s, LeaseStatus::Lost, "an expired lease must not be renewed");
+    let s = check(
+        "complete",
+        store.complete(key, token, record(fp(1), b"late"), LONG_RETENTION),
+    )
+    .await;
+    assert_eq!(
+        s,
+        LeaseStatus::Held,
+        "nobody took the key over: the late answer is kept"
+    );
+    match claim(store, key, fp(1)).await {
+        Claim::Completed(got) => assert_eq!(got.payload, Bytes::from_static(b"late")),
+        other => panic!("expected the late record, got {other:?}"),
+    }
+    // Completing again is confirmed (a retried completion whose reply was
+    // lost), and changes nothing.
+    let s = check(
+        "complete",
+        store.complete(key, token, record(fp(1), b"again"), LONG_RETENTION),
+    )
+    .await;
+    assert_eq!(s, LeaseStatus::Held);
+    match claim(store, key, fp(1)).await {
+        Claim::Completed(got) => assert_eq!(got.payload, Bytes::from_static(b"late")),
+        other => panic!("expected the late record, got {other:?}"),
+    }
 }
 
 /// The owner's release frees the key; a stranger's does nothing.

@@ -393,7 +393,9 @@ impl Store for MemoryStore {
         let now = Instant::now();
         let mut claims = self.shard(&key);
         match claims.map.get(&key) {
-            Some(entry) if entry.token == token && entry.deadline > now => {
+            // After its lease too: nobody took the claim over, or its token
+            // would differ (SPEC §5).
+            Some(entry) if entry.token == token => {
                 // The claim's label moves to the record.
                 let label = claims
                     .map

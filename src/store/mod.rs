@@ -9,7 +9,7 @@
 //! | operation | what it does |
 //! |---|---|
 //! | [`claim`](Store::claim) | acquires the key with a lease and a fresh owner token, or reports what is there (in flight with its fingerprint, or completed). An expired lease is taken over with a higher fence; fences never go backwards for a key, even after its entry expired or was purged, or the store forgot it. |
-//! | [`complete`](Store::complete) | stores the record, only if the token still owns the key (fencing: an owner whose lease was taken over cannot overwrite the new owner's result). Repeating it with the same token is harmless. |
+//! | [`complete`](Store::complete) | stores the record, only if the token still owns the key (fencing: an owner whose lease was taken over cannot overwrite the new owner's result). A lease that ran out without anyone taking the key over still owns it: the late answer is kept. Repeating it with the same token is harmless. |
 //! | [`release`](Store::release) | drops the claim, only for the owning token. |
 //! | [`extend`](Store::extend) | renews the lease, only for the owning token; an expired lease is never resurrected. |
 //! | [`wait`](Store::wait) | returns once the observed claim is gone (completed, released or expired) or the timeout passes, without busy polling. |
@@ -313,7 +313,11 @@ pub trait Store: Clone + Send + Sync + 'static {
         self.claim(key, fingerprint, lease)
     }
 
-    /// Stores `record` for `retention`, if `token` still owns `key`.
+    /// Stores `record` for `retention`, if `token` still owns `key`: the
+    /// claim the key holds is the one `token` was granted, even if its
+    /// lease ran out (nobody took the key over, so no other execution
+    /// exists and the answer is better kept than lost). After a takeover,
+    /// [`LeaseStatus::Lost`].
     ///
     /// Completing again with the same token after a success returns
     /// [`LeaseStatus::Held`] and changes nothing.

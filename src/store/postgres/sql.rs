@@ -156,7 +156,6 @@ impl Statements {
                        lease_until = clock_timestamp(), completed_at = clock_timestamp(),
                        expires_at = clock_timestamp() + $6::float8 * interval '1 millisecond'
                    WHERE key = $1 AND fence = $2 AND nonce = $3 AND state = 0
-                     AND (lease_until > clock_timestamp() OR effect_committed)
                    RETURNING key
                  )
                  SELECT EXISTS (SELECT 1 FROM done)

@@ -18,8 +18,10 @@
 //! The layout is what makes the scripts cheap for the Redis server: a
 //! replay is one `GET` whose value the script returns as it is (the client
 //! reads the fingerprint and payload from it); a claim of a new key is
-//! `GET`, `TIME` and one `SET … PX`; a completion `GET`, `TIME` and one
-//! `SET … PX` of the done entry the client built (header and payload).
+//! `GET`, `TIME` and one `SET … PX`; a completion `GET` and one `SET … PX`
+//! of the done entry the client built (header and payload): it needs no
+//! clock, since the owner's completion is kept after its lease ran out as
+//! long as the entry still names it (nobody took the key over).
 //! Owner checks compare one 24-byte substring (fence and nonce) with what
 //! the owner sends; the waiter flag and a release change one byte in place
 //! (`SETRANGE`, which keeps the key's expiry).
@@ -221,17 +223,15 @@ return fence
 /// `complete(token, entry, retention_ms, channel)` → 1 held, 0 lost. The
 /// token is the owner's fence (16 digits) and nonce (8 bytes); the entry is
 /// the whole done entry, header and payload, as the client built it, so the
-/// script copies no payload.
+/// script copies no payload. An in-flight entry with the owner's token is
+/// completed whether or not its lease ran out: a takeover would have
+/// changed the token.
 pub(super) const COMPLETE: &str = concat!(
     prologue!("  return 0"),
     r#"
 if not r or string.sub(r, 4, 27) ~= ARGV[1] then return 0 end
 if st == 'd' then return 1 end
 if st ~= 'i' then return 0 end
-"#,
-    lease!(),
-    r#"
-if dl <= now then return 0 end
 redis.call('SET', KEYS[1], ARGV[2], 'PX', ARGV[3])
 if string.byte(r, 3) == 49 then redis.call('PUBLISH', ARGV[4], KEYS[1]) end
 return 1
