@@ -14,6 +14,12 @@
 #   first         memory store, a unique key per request
 #   bare-fixed    --no-idempotency, one fixed key (ignored)
 #   replay        memory store, one fixed key (every request after the first replays)
+#   mem-floor-first, mem-floor-replay
+#                 the same requests through a hand-written moka guard instead
+#                 of the layer (`--hand-written-guard`: a cache bounded by
+#                 bytes as the memory store is, one lookup before the work,
+#                 one insert of the response after), the floor first and
+#                 replay are compared with
 #   redis-first   Redis store, a unique key per request
 #   redis-replay  Redis store, one fixed key
 #   redis-floor-first, redis-floor-replay
@@ -176,6 +182,8 @@ plain_rounds() {
         run first unique.lua
         run bare-fixed fixed.lua --no-idempotency
         run replay fixed.lua
+        run mem-floor-first unique.lua --hand-written-guard
+        run mem-floor-replay fixed.lua --hand-written-guard
         if [ "$have_redis" = 1 ]; then
             run redis-floor-first unique.lua --store redis --hand-written-guard --redis-url "redis://127.0.0.1:$redis_port"
             run redis-first unique.lua --store redis --redis-url "redis://127.0.0.1:$redis_port"
@@ -204,7 +212,8 @@ for line in open(sys.argv[1]):
     runs.setdefault(name, []).append(float(rps))
 baseline = {"first": "bare-unique", "redis-first": "bare-unique", "pg-first": "bare-unique",
             "replay": "bare-fixed", "redis-replay": "bare-fixed", "pg-replay": "bare-fixed"}
-floor = {"redis-first": "redis-floor-first", "redis-replay": "redis-floor-replay"}
+floor = {"redis-first": "redis-floor-first", "redis-replay": "redis-floor-replay",
+         "first": "mem-floor-first", "replay": "mem-floor-replay"}
 for name in list(runs):
     if name.endswith("-1M") and name[:-3] + "-1k" in runs:
         floor[name] = name[:-3] + "-1k"

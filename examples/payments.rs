@@ -32,8 +32,9 @@
 //! (the in-memory store's bound, default 64), `--fingerprint bytes|json`
 //! (`json`: a retry whose JSON body has other member order, whitespace or
 //! escapes is still the same charge; needs `--features json`),
-//! `--hand-written-guard` (with `--store redis`: a hand-written Redis guard
-//! instead of the layer, the benchmarks' floor), `--redis-url` (default `redis://127.0.0.1:6379`, or the cluster's seed
+//! `--hand-written-guard` (with `--store memory` or `--store redis`: a
+//! hand-written guard on a moka cache or on Redis instead of the layer, the
+//! benchmarks' floors), `--redis-url` (default `redis://127.0.0.1:6379`, or the cluster's seed
 //! nodes, comma-separated; needs `--features redis` or `--features
 //! redis-cluster`) and `--postgres-url` (default
 //! `postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable`; needs
@@ -106,9 +107,11 @@ struct Args {
     /// whose `sslmode` asks for TLS; needs a build with `--features tls`.
     #[arg(long)]
     tls_ca_file: Option<std::path::PathBuf>,
-    /// With `--store redis`: guard the charge route with the hand-written
-    /// Redis guard instead of the layer (the benchmarks' floor: one
-    /// `SET NX PX GET` before the work, one `SET PX` of the response after).
+    /// With `--store memory` or `--store redis`: guard the charge route
+    /// with a hand-written guard instead of the layer (the benchmarks'
+    /// floors). Memory: a moka cache bounded by bytes as the store is, one
+    /// lookup before the work, one insert of the response after. Redis: one
+    /// `SET NX PX GET` before the work, one `SET PX` of the response after.
     #[arg(long)]
     hand_written_guard: bool,
     /// Store this many completed records (of the size of a charge's) before
@@ -427,6 +430,79 @@ async fn postgres_ledger(
     ))
 }
 
+/// The memory floor for the benchmarks: what a user would write by hand on
+/// moka without the crate. A `moka::sync::Cache` bounded by bytes as
+/// `MemoryStore` bounds its records (LRU, a byte weigher, records kept for
+/// the store's default retention of 24 h): look the key up and replay what
+/// it holds, or run the handler and insert its collected response. No
+/// fingerprint, no claim (two requests with one key at once both run), no
+/// waiting, no release on failure: the floor's cost, not a guard to copy.
+mod hand_written_memory {
+    use std::time::Duration;
+
+    use axum::body::Body;
+    use axum::extract::{Request, State};
+    use axum::http::{HeaderValue, StatusCode, header};
+    use axum::middleware::Next;
+    use axum::response::{IntoResponse, Response};
+    use bytes::Bytes;
+
+    /// A stored response: its status, content type and body.
+    #[derive(Clone)]
+    pub struct Stored {
+        status: StatusCode,
+        content_type: Option<HeaderValue>,
+        body: Bytes,
+    }
+
+    pub type Cache = moka::sync::Cache<Bytes, Stored>;
+
+    /// A cache of at most `max_bytes` of keys and bodies.
+    pub fn cache(max_bytes: u64) -> Cache {
+        moka::sync::Cache::builder()
+            .max_capacity(max_bytes)
+            .weigher(|key: &Bytes, stored: &Stored| {
+                u32::try_from(key.len() + stored.body.len() + 64).unwrap_or(u32::MAX)
+            })
+            .eviction_policy(moka::policy::EvictionPolicy::lru())
+            .time_to_live(Duration::from_secs(24 * 60 * 60))
+            .build()
+    }
+
+    pub async fn guard(State(cache): State<Cache>, request: Request, next: Next) -> Response {
+        let Some(key) = request
+            .headers()
+            .get("idempotency-key")
+            .map(|k| Bytes::copy_from_slice(k.as_bytes()))
+        else {
+            return next.run(request).await;
+        };
+        if let Some(stored) = cache.get(&key) {
+            let mut response = (stored.status, stored.body).into_response();
+            if let Some(content_type) = stored.content_type {
+                response
+                    .headers_mut()
+                    .insert(header::CONTENT_TYPE, content_type);
+            }
+            return response;
+        }
+        let response = next.run(request).await;
+        let (parts, body) = response.into_parts();
+        let Ok(body) = axum::body::to_bytes(body, 1 << 20).await else {
+            return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+        };
+        if !parts.status.is_server_error() {
+            let stored = Stored {
+                status: parts.status,
+                content_type: parts.headers.get(header::CONTENT_TYPE).cloned(),
+                body: body.clone(),
+            };
+            cache.insert(key, stored);
+        }
+        Response::from_parts(parts, Body::from(body))
+    }
+}
+
 /// The Redis floor for the benchmarks: what a user would write by hand
 /// without the crate, on one connection manager. `SET key claimed NX PX
 /// <lease> GET` claims the key, or returns what it holds: a stored
@@ -626,7 +702,19 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .init();
     let args = Args::parse();
     let mode = fingerprint_mode(&args)?;
+    if args.hand_written_guard && !matches!(args.store, StoreKind::Memory | StoreKind::Redis) {
+        return Err("--hand-written-guard is for --store memory or --store redis".into());
+    }
     let router = match args.store {
+        StoreKind::Memory if args.hand_written_guard => {
+            let cache = hand_written_memory::cache(args.memory_max_mib.saturating_mul(1 << 20));
+            app(&args, memory_ledger(), move |router| {
+                router.route_layer(axum::middleware::from_fn_with_state(
+                    cache,
+                    hand_written_memory::guard,
+                ))
+            })
+        }
         StoreKind::Memory => {
             let store = MemoryStore::builder()
                 .max_bytes(args.memory_max_mib.saturating_mul(1 << 20))
