@@ -7,6 +7,7 @@
 #   ROUNDS=5 DURATION=20 bash benches/http_load.sh
 #   PG=0 bash benches/http_load.sh       # without the PostgreSQL scenarios
 #   SCALE=1 bash benches/http_load.sh    # 1 000 against 1 000 000 stored records
+#   ONLY='^(bare|pg)-' bash benches/http_load.sh   # only the scenarios whose names match
 #
 # Scenarios (all POST /process-payment, --delay-ms 0, 32 connections, 2 threads;
 # the server runs with RUST_LOG=off):
@@ -43,7 +44,10 @@
 # Each bare run sends exactly the requests of the scenarios it is the
 # baseline for, so wrk (which shares the two cores) does the same work in
 # both. It prints req/s, p50 and p99 per scenario and round, then the
-# medians and their ratios to their bare run. Needs wrk (installed with apt-get when missing) and,
+# medians and their ratios to their bare run. For the redis-* scenarios it
+# also prints the Redis server's CPU time per request (user + system, from
+# `INFO cpu` before and after the run, over wrk's request count), and the
+# medians of those. Needs wrk (installed with apt-get when missing) and,
 # for the Redis scenarios, redis-server (a private one on a free port); for
 # the PostgreSQL scenarios, psql and the server at TOWER_IDEMPOTENCY_POSTGRES_URL
 # (default postgres://postgres@127.0.0.1:5432/postgres), in a database of
@@ -131,13 +135,21 @@ stop_server() { kill "$server" 2>/dev/null || true; wait "$server" 2>/dev/null |
 run() { # name script server-flags...
     local name=$1 script=$2
     shift 2
+    if [ -n "${ONLY:-}" ] && ! [[ $name =~ $ONLY ]]; then return 0; fi
     start_server "$@"
     measure "$name" "$script"
     stop_server
 }
 
+redis_cpu() { # the Redis server's user + system CPU seconds so far
+    redis-cli -p "$redis_port" INFO cpu | tr -d '\r' |
+        awk -F: '/^used_cpu_(sys|user):/ {s += $2} END {printf "%.6f", s}'
+}
+
 measure() { # name script: wrk against the running server
     local name=$1 script=$2
+    local cpu_before=""
+    if [ "$have_redis" = 1 ] && [[ $name == redis* ]]; then cpu_before=$(redis_cpu); fi
     wrk -t2 -c"$CONNECTIONS" -d"${DURATION}s" --latency -s "$work/$script" \
         -H 'Content-Type: application/json' --timeout 5s \
         "http://127.0.0.1:$PORT/process-payment" -- >"$work/out" 2>&1 \
@@ -147,7 +159,15 @@ measure() { # name script: wrk against the running server
     p50=$(awk '$1=="50%" {print $2}' "$work/out")
     p99=$(awk '$1=="99%" {print $2}' "$work/out")
     non2xx=$(awk '/Non-2xx/ {print $5}' "$work/out")
-    printf '%-18s %10s req/s  p50 %8s  p99 %8s  non-2xx %s\n' "$name" "$rps" "$p50" "$p99" "${non2xx:-0}"
+    local cpu_note=""
+    if [ -n "$cpu_before" ]; then
+        local requests cpu_us
+        requests=$(awk '/requests in/ {print $1}' "$work/out")
+        cpu_us=$(python3 -c "print(f'{($(redis_cpu) - $cpu_before) * 1e6 / max($requests, 1):.1f}')")
+        cpu_note="  redis cpu ${cpu_us} us/req"
+        echo "$name-cpu $cpu_us" >>"$work/results"
+    fi
+    printf '%-18s %10s req/s  p50 %8s  p99 %8s  non-2xx %s%s\n' "$name" "$rps" "$p50" "$p99" "${non2xx:-0}" "$cpu_note"
     echo "$name $rps" >>"$work/results"
 }
 
@@ -219,8 +239,15 @@ for name in list(runs):
         floor[name] = name[:-3] + "-1k"
 for name, values in runs.items():
     m = statistics.median(values)
+    if name.endswith("-cpu"):
+        line = f"{name:22s} median {m:6.1f} us of Redis CPU per request  range {min(values):.1f}-{max(values):.1f}"
+        floor_cpu = name.replace("redis-", "redis-floor-", 1)
+        if name.startswith("redis-") and not name.startswith("redis-floor") and floor_cpu in runs:
+            line += f"  ratio {m / statistics.median(runs[floor_cpu]):.2f} to {floor_cpu}"
+        print(line)
+        continue
     line = f"{name:18s} median {m:10.0f} req/s  range {min(values):.0f}-{max(values):.0f}"
-    if name in baseline:
+    if name in baseline and baseline[name] in runs:
         line += f"  ratio {m / statistics.median(runs[baseline[name]]):.2f} to {baseline[name]}"
     if name in floor and floor[name] in runs:
         line += f", {m / statistics.median(runs[floor[name]]):.2f} to {floor[name]}"
