@@ -404,6 +404,9 @@ async fn postgres_ledger(
     // The first statement: a server whose certificate does not verify
     // stops the demo here, before it serves a charge.
     store.migrate().await?;
+    // Every connection the pool may open, opened now: a start under load
+    // does not make its first requests wait for them.
+    store.warm_up(32).await?;
     // Instances may start together: they take turns on an advisory lock
     // (concurrent `CREATE TABLE IF NOT EXISTS` can fail on the catalog).
     let mut client = pool.get().await?;

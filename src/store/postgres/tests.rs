@@ -429,3 +429,27 @@ async fn listing_crosses_pages_oldest_first() {
     );
     drop_table(&store).await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warm_up_opens_the_connections_it_is_asked_for_and_no_more() {
+    let Some(store) = store_on_a_table_of_its_own("warm_up").await else {
+        return;
+    };
+    let max = store.inner.pool.status().max_size;
+    assert!(max >= 3, "the default pool holds {max}");
+    assert_eq!(store.warm_up(2).await.unwrap(), 2);
+    assert!(store.inner.pool.status().size >= 2);
+    // No more than the pool holds, and every one of them open afterwards,
+    // idle, with the statements prepared.
+    assert_eq!(store.warm_up(max + 10).await.unwrap(), max);
+    let status = store.inner.pool.status();
+    assert_eq!((status.size, status.available), (max, max));
+    assert_eq!(store.warm_up(0).await.unwrap(), 0);
+    // The store works as before.
+    let key = crate::store::conformance::fresh_key();
+    assert!(matches!(
+        claim_with(&store, key, 1).await,
+        Some(Claim::Acquired(_))
+    ));
+    drop_table(&store).await;
+}
