@@ -33,6 +33,12 @@
 #                 transaction fenced by the store (three committed writes
 #                 per charge: claim, ledger row with its fence, completion)
 #   pg-replay     PostgreSQL store, one fixed key
+#   pg-floor-first, pg-floor-replay
+#                 the same requests through a hand-written PostgreSQL guard on
+#                 the same pool (`--hand-written-guard`: INSERT … ON CONFLICT
+#                 DO NOTHING before the work, UPDATE of the response after,
+#                 SELECT per replay; the ledger row unfenced), the floor the
+#                 pg-* scenarios are compared with
 # With SCALE=1 the script instead compares a store holding 1 000 records
 # with one holding 1 000 000 (`--prefill`, records of a charge's size; the
 # memory store bounded at 2 GiB so none is evicted): per round and size, one
@@ -211,7 +217,9 @@ plain_rounds() {
             run redis-replay fixed.lua --store redis --redis-url "redis://127.0.0.1:$redis_port"
         fi
         if [ "$have_pg" = 1 ]; then
+            run pg-floor-first unique.lua --store postgres --hand-written-guard --postgres-url "$pg_url"
             run pg-first unique.lua --store postgres --postgres-url "$pg_url"
+            run pg-floor-replay fixed.lua --store postgres --hand-written-guard --postgres-url "$pg_url"
             run pg-replay fixed.lua --store postgres --postgres-url "$pg_url"
         fi
     done
@@ -233,7 +241,8 @@ for line in open(sys.argv[1]):
 baseline = {"first": "bare-unique", "redis-first": "bare-unique", "pg-first": "bare-unique",
             "replay": "bare-fixed", "redis-replay": "bare-fixed", "pg-replay": "bare-fixed"}
 floor = {"redis-first": "redis-floor-first", "redis-replay": "redis-floor-replay",
-         "first": "mem-floor-first", "replay": "mem-floor-replay"}
+         "first": "mem-floor-first", "replay": "mem-floor-replay",
+         "pg-first": "pg-floor-first", "pg-replay": "pg-floor-replay"}
 for name in list(runs):
     if name.endswith("-1M") and name[:-3] + "-1k" in runs:
         floor[name] = name[:-3] + "-1k"

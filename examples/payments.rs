@@ -32,9 +32,9 @@
 //! (the in-memory store's bound, default 64), `--fingerprint bytes|json`
 //! (`json`: a retry whose JSON body has other member order, whitespace or
 //! escapes is still the same charge; needs `--features json`),
-//! `--hand-written-guard` (with `--store memory` or `--store redis`: a
-//! hand-written guard on a moka cache or on Redis instead of the layer, the
-//! benchmarks' floors), `--redis-url` (default `redis://127.0.0.1:6379`, or the cluster's seed
+//! `--hand-written-guard` (with `--store memory`, `redis` or `postgres`: a
+//! hand-written guard on a moka cache, Redis or PostgreSQL instead of the
+//! layer, the benchmarks' floors), `--redis-url` (default `redis://127.0.0.1:6379`, or the cluster's seed
 //! nodes, comma-separated; needs `--features redis` or `--features
 //! redis-cluster`) and `--postgres-url` (default
 //! `postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable`; needs
@@ -107,11 +107,13 @@ struct Args {
     /// whose `sslmode` asks for TLS; needs a build with `--features tls`.
     #[arg(long)]
     tls_ca_file: Option<std::path::PathBuf>,
-    /// With `--store memory` or `--store redis`: guard the charge route
+    /// With `--store memory`, `redis` or `postgres`: guard the charge route
     /// with a hand-written guard instead of the layer (the benchmarks'
     /// floors). Memory: a moka cache bounded by bytes as the store is, one
     /// lookup before the work, one insert of the response after. Redis: one
     /// `SET NX PX GET` before the work, one `SET PX` of the response after.
+    /// PostgreSQL: `INSERT … ON CONFLICT DO NOTHING` before the work, one
+    /// `UPDATE` of the response after, one `SELECT` per replay.
     #[arg(long)]
     hand_written_guard: bool,
     /// Store this many completed records (of the size of a charge's) before
@@ -506,6 +508,110 @@ mod hand_written_memory {
     }
 }
 
+/// The PostgreSQL floor for the benchmarks: what a user would write by hand
+/// on the same pool. `INSERT … ON CONFLICT DO NOTHING` claims the key
+/// before the work; one `UPDATE` stores the response after it; a key that
+/// was already there is read with one `SELECT` and replayed, or refused
+/// while its response is missing. The ledger row is written as the layer's
+/// demo writes it, in its own transaction (without a fence). No
+/// fingerprint, no lease, no fencing, no waiting, no release on failure:
+/// the floor's cost, not a guard to copy.
+#[cfg(feature = "postgres")]
+mod hand_written_postgres {
+    use axum::body::Body;
+    use axum::extract::{Request, State};
+    use axum::http::{StatusCode, header};
+    use axum::middleware::Next;
+    use axum::response::{IntoResponse, Response};
+
+    pub async fn migrate(pool: &deadpool_postgres::Pool) -> Result<(), Box<dyn std::error::Error>> {
+        pool.get()
+            .await?
+            .batch_execute(
+                "CREATE TABLE IF NOT EXISTS floor_keys (
+                     key    text     PRIMARY KEY,
+                     status smallint,
+                     body   bytea
+                 )",
+            )
+            .await?;
+        Ok(())
+    }
+
+    pub async fn guard(
+        State(pool): State<deadpool_postgres::Pool>,
+        request: Request,
+        next: Next,
+    ) -> Response {
+        let Some(key) = request
+            .headers()
+            .get("idempotency-key")
+            .map(|k| String::from_utf8_lossy(k.as_bytes()).into_owned())
+        else {
+            return next.run(request).await;
+        };
+        let Ok(client) = pool.get().await else {
+            return StatusCode::SERVICE_UNAVAILABLE.into_response();
+        };
+        let inserted = client
+            .execute(
+                "INSERT INTO floor_keys (key) VALUES ($1) ON CONFLICT DO NOTHING",
+                &[&key],
+            )
+            .await;
+        match inserted {
+            Err(_) => return StatusCode::SERVICE_UNAVAILABLE.into_response(),
+            Ok(0) => {
+                let stored = client
+                    .query_opt(
+                        "SELECT status, body FROM floor_keys WHERE key = $1",
+                        &[&key],
+                    )
+                    .await;
+                return match stored {
+                    Ok(Some(row)) => match (
+                        row.get::<_, Option<i16>>(0),
+                        row.get::<_, Option<Vec<u8>>>(1),
+                    ) {
+                        (Some(status), Some(body)) => (
+                            StatusCode::from_u16(u16::try_from(status).unwrap_or(500))
+                                .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR),
+                            [(header::CONTENT_TYPE, "application/json")],
+                            body,
+                        )
+                            .into_response(),
+                        _ => StatusCode::CONFLICT.into_response(),
+                    },
+                    _ => StatusCode::SERVICE_UNAVAILABLE.into_response(),
+                };
+            }
+            Ok(_) => {}
+        }
+        // The connection goes back to the pool while the handler runs.
+        drop(client);
+        let response = next.run(request).await;
+        let (parts, body) = response.into_parts();
+        let Ok(body) = axum::body::to_bytes(body, 1 << 20).await else {
+            return StatusCode::INTERNAL_SERVER_ERROR.into_response();
+        };
+        let status = i16::try_from(parts.status.as_u16()).unwrap_or(500);
+        let stored = match pool.get().await {
+            Ok(client) => client
+                .execute(
+                    "UPDATE floor_keys SET status = $2, body = $3 WHERE key = $1",
+                    &[&key, &status, &body.as_ref()],
+                )
+                .await
+                .is_ok(),
+            Err(_) => false,
+        };
+        if !stored {
+            return StatusCode::SERVICE_UNAVAILABLE.into_response();
+        }
+        Response::from_parts(parts, Body::from(body))
+    }
+}
+
 /// The Redis floor for the benchmarks: what a user would write by hand
 /// without the crate, on one connection manager. `SET key claimed NX PX
 /// <lease> GET` claims the key, or returns what it holds: a stored
@@ -705,8 +811,8 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .init();
     let args = Args::parse();
     let mode = fingerprint_mode(&args)?;
-    if args.hand_written_guard && !matches!(args.store, StoreKind::Memory | StoreKind::Redis) {
-        return Err("--hand-written-guard is for --store memory or --store redis".into());
+    if args.hand_written_guard && args.store == StoreKind::RedisCluster {
+        return Err("--hand-written-guard is for --store memory, redis or postgres".into());
     }
     let router = match args.store {
         StoreKind::Memory if args.hand_written_guard => {
@@ -774,6 +880,23 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                 .await
                 .map_err(|e| format!("cannot use Redis Cluster at {}: {e}", args.redis_url))?;
             app(&args, memory_ledger(), guard_with(store, mode.clone()))
+        }
+        #[cfg(feature = "postgres")]
+        StoreKind::Postgres if args.hand_written_guard => {
+            let (ledger, _) = postgres_ledger(&args)
+                .await
+                .map_err(|e| format!("cannot use PostgreSQL at {}: {e}", args.postgres_url))?;
+            let Ledger::Postgres { pool, .. } = &ledger else {
+                unreachable!("postgres_ledger makes a PostgreSQL ledger")
+            };
+            let pool = pool.clone();
+            hand_written_postgres::migrate(&pool).await?;
+            app(&args, ledger, move |router| {
+                router.route_layer(axum::middleware::from_fn_with_state(
+                    pool,
+                    hand_written_postgres::guard,
+                ))
+            })
         }
         #[cfg(feature = "postgres")]
         StoreKind::Postgres => {
