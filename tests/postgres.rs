@@ -23,10 +23,10 @@ mod conformance_on_postgres {
 
 /// Waits until a waiter on `table` (in the database of `url`) has probed
 /// its key: registered for notifications, then looked (the probe is the
-/// only statement that starts `SELECT fence = $2`).
+/// only statement that starts `WITH live AS (SELECT waited`).
 async fn until_probed(url: &str, table: &str) {
     let client = connect(url).await;
-    let probe = format!("SELECT fence = $2%FROM \"{table}\" WHERE key = $1");
+    let probe = format!("WITH live AS (%SELECT waited FROM \"{table}\"%");
     common::eventually(Duration::from_secs(10), "the waiter probes", || {
         let (client, probe) = (&client, &probe);
         async move {
@@ -146,6 +146,130 @@ async fn waiters_are_woken_by_notify_across_handles() {
         waited < Duration::from_secs(5),
         "woken by the notification, not the 30 s fallback: {waited:?}"
     );
+}
+
+/// Waits until a waiter marked the claim on `key` as waited for.
+async fn until_marked(url: &str, key: StoreKey) {
+    let client = connect(url).await;
+    let sql = format!("SELECT waited FROM \"{DEFAULT_TABLE}\" WHERE key = $1");
+    common::eventually(
+        Duration::from_secs(10),
+        "the waiter marks the claim",
+        || {
+            let (client, sql) = (&client, &sql);
+            async move {
+                client
+                    .query_opt(sql.as_str(), &[&key.as_bytes().as_slice()])
+                    .await
+                    .is_ok_and(|row| row.is_some_and(|row| row.get::<_, bool>(0)))
+            }
+        },
+    )
+    .await;
+}
+
+/// A connection that `LISTEN`s on `channel`, and the payloads of the
+/// notifications it receives.
+async fn listen(
+    url: &str,
+    channel: &str,
+) -> (
+    tokio_postgres::Client,
+    tokio::sync::mpsc::UnboundedReceiver<String>,
+) {
+    let (client, mut connection) = tokio_postgres::connect(url, tokio_postgres::NoTls)
+        .await
+        .expect("connect");
+    let (sender, receiver) = tokio::sync::mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        while let Some(message) = std::future::poll_fn(|cx| connection.poll_message(cx)).await {
+            if let Ok(tokio_postgres::AsyncMessage::Notification(n)) = message {
+                let _ = sender.send(n.payload().to_owned());
+            }
+        }
+    });
+    client
+        .batch_execute(&format!("LISTEN \"{channel}\""))
+        .await
+        .expect("listen");
+    (client, receiver)
+}
+
+/// Only a claim someone waits for notifies when it completes or is
+/// released: a `NOTIFY` at commit queues every notifying transaction in the
+/// database on one lock, which halved first requests under load.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_a_claim_someone_waits_for_notifies() {
+    let Some(db) = TestDatabase::create_or_skip("notify only waited") else {
+        return;
+    };
+    let build = || {
+        PostgresStore::builder(&db.url)
+            .unwrap()
+            .fallback_check(Duration::from_secs(30))
+            .build()
+            .unwrap()
+    };
+    let (owner, waiter) = (build(), build());
+    owner.migrate().await.unwrap();
+    let (_listener, mut notes) = listen(&db.url, &format!("{DEFAULT_TABLE}_done")).await;
+    let record = || CompletedRecord {
+        fingerprint: FP,
+        payload: Bytes::from_static(b"done"),
+    };
+    let acquire = |name: &'static [u8]| {
+        let owner = owner.clone();
+        async move {
+            let key = StoreKey::from_parts(b"", name);
+            match owner.claim(key, FP, Duration::from_secs(30)).await {
+                Ok(Claim::Acquired(token)) => (key, token),
+                other => panic!("acquired, not {other:?}"),
+            }
+        }
+    };
+    // Nobody waits: completed and released without a notification.
+    let (quiet, token) = acquire(b"quiet").await;
+    let held = owner.complete(quiet, token, record(), Duration::from_secs(60));
+    assert_eq!(held.await.unwrap(), LeaseStatus::Held);
+    let (freed, token) = acquire(b"freed").await;
+    assert_eq!(
+        owner.release(freed, token).await.unwrap(),
+        LeaseStatus::Held
+    );
+    // A waiter: its probe marks the claim, and the completion notifies.
+    let (awaited, token) = acquire(b"awaited").await;
+    let waiting = tokio::spawn(async move {
+        waiter
+            .wait(awaited, token.fence(), Duration::from_secs(20))
+            .await
+    });
+    until_marked(&db.url, awaited).await;
+    let held = owner.complete(awaited, token, record(), Duration::from_secs(60));
+    assert_eq!(held.await.unwrap(), LeaseStatus::Held);
+    let first = tokio::time::timeout(Duration::from_secs(5), notes.recv())
+        .await
+        .expect("a notification within 5 s");
+    // Notifications arrive in commit order: none came before this one.
+    assert_eq!(first.as_deref(), Some(awaited.to_hex().as_str()));
+    waiting.await.unwrap().unwrap();
+    // A waiter on a released claim is told too.
+    let (again, token) = acquire(b"again").await;
+    let waiter = build();
+    let waiting = tokio::spawn(async move {
+        waiter
+            .wait(again, token.fence(), Duration::from_secs(20))
+            .await
+    });
+    until_probed(&db.url, DEFAULT_TABLE).await;
+    assert_eq!(
+        owner.release(again, token).await.unwrap(),
+        LeaseStatus::Held
+    );
+    let note = tokio::time::timeout(Duration::from_secs(5), notes.recv())
+        .await
+        .expect("a notification within 5 s");
+    assert_eq!(note.as_deref(), Some(again.to_hex().as_str()));
+    waiting.await.unwrap().unwrap();
 }
 
 /// Expired rows go, in batches; live ones stay.

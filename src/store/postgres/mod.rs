@@ -162,7 +162,8 @@ pub const DEFAULT_CLEANUP_BATCH: u32 = 1000;
 ///     payload          bytea,
 ///     method           text,
 ///     path             text,
-///     completed_at     timestamptz
+///     completed_at     timestamptz,
+///     waited           boolean     NOT NULL DEFAULT false
 /// );
 /// CREATE INDEX IF NOT EXISTS idempotency_keys_expires_at ON idempotency_keys (expires_at);
 /// CREATE INDEX IF NOT EXISTS idempotency_keys_fence ON idempotency_keys (fence, key);
@@ -172,22 +173,28 @@ pub const DEFAULT_CLEANUP_BATCH: u32 = 1000;
 /// does: `CREATE TABLE IF NOT EXISTS "order" (…)`, `"order_expires_at"`.)
 ///
 /// A table made before `method`, `path` and `completed_at` existed (what
-/// an operator's tools show, [`admin`](crate::store::admin)) needs them
-/// before this version claims on it: `migrate` adds them (once: it reads
-/// the catalog first), or add them yourself, then build the index without
-/// blocking writes:
+/// an operator's tools show, [`admin`](crate::store::admin)), or before
+/// `waited` (a waiter's mark, so that only a claim someone waits for
+/// notifies when it completes), needs them before this version claims on
+/// it: `migrate` adds them (once each: it reads the catalog first; a
+/// column with a constant default is added without rewriting the table),
+/// or add them yourself, then build the index without blocking writes:
 ///
 /// ```sql
 /// ALTER TABLE idempotency_keys
 ///     ADD COLUMN IF NOT EXISTS method text,
 ///     ADD COLUMN IF NOT EXISTS path text,
-///     ADD COLUMN IF NOT EXISTS completed_at timestamptz;
+///     ADD COLUMN IF NOT EXISTS completed_at timestamptz,
+///     ADD COLUMN IF NOT EXISTS waited boolean NOT NULL DEFAULT false;
 /// CREATE INDEX CONCURRENTLY IF NOT EXISTS idempotency_keys_fence ON idempotency_keys (fence, key);
 /// ```
 ///
 /// Earlier versions keep working on the wider table (they name the
 /// columns they use), so instances can be upgraded one by one once the
-/// columns are there.
+/// columns are there. While both run, a duplicate waiting in an earlier
+/// version does not mark the claim, so a completion by this version does
+/// not notify it: it learns of the completion at its next check (within
+/// the fallback check, 1 s by default), not at once.
 ///
 /// ```no_run
 /// # async fn example() -> Result<(), tower_idempotency::store::StoreError> {

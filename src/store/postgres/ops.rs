@@ -23,6 +23,10 @@ use crate::store::{
     StoreErrorKind,
 };
 
+/// How soon a waiter looks again at a live claim it could not mark as
+/// waited for (so its completion would not notify).
+const MARK_RETRY: Duration = Duration::from_millis(50);
+
 impl PostgresStore {
     /// Runs `op` within the operation timeout.
     pub(super) async fn bounded<T>(
@@ -82,12 +86,12 @@ impl PostgresStore {
         .await
     }
 
-    /// Whether the claim with `fence` on `key` is still live.
-    pub(super) async fn claim_is_live(
-        &self,
-        key: StoreKey,
-        fence: u64,
-    ) -> Result<bool, StoreError> {
+    /// Whether the claim with `fence` on `key` is still live, marking it
+    /// as waited for (its completion or release then notifies). A live
+    /// claim the probe could not mark (its row locked by its owner's
+    /// fenced transaction, or changing under the probe) is looked at again
+    /// after [`MARK_RETRY`], not only at the fallback check.
+    pub(super) async fn probe_claim(&self, key: StoreKey, fence: u64) -> Result<Probe, StoreError> {
         let fence = i64::try_from(fence).unwrap_or(i64::MAX);
         let rows = self
             .query(
@@ -96,9 +100,17 @@ impl PostgresStore {
                 &[&key.as_bytes().as_slice(), &fence],
             )
             .await?;
-        Ok(match rows.first() {
-            Some(row) => row.try_get::<_, bool>(0).map_err(|e| corrupt("wait", e))?,
-            None => false,
+        let Some(row) = rows.first() else {
+            return Err(corrupt("wait", "the probe returned no row"));
+        };
+        let live = row.try_get::<_, bool>(0).map_err(|e| corrupt("wait", e))?;
+        let marked = row.try_get::<_, bool>(1).map_err(|e| corrupt("wait", e))?;
+        Ok(match (live, marked) {
+            (false, _) => Probe::Gone,
+            (true, true) => Probe::Live { left: None },
+            (true, false) => Probe::Live {
+                left: Some(MARK_RETRY),
+            },
         })
     }
 
@@ -260,13 +272,7 @@ impl Store for PostgresStore {
     }
 
     async fn wait(&self, key: StoreKey, fence: u64, timeout: Duration) -> Result<(), StoreError> {
-        let probe = || async {
-            Ok(if self.claim_is_live(key, fence).await? {
-                Probe::Live { left: None }
-            } else {
-                Probe::Gone
-            })
-        };
+        let probe = || self.probe_claim(key, fence);
         wait::until_gone(
             self.inner.notifications.as_ref(),
             &key.to_hex(),

@@ -137,7 +137,8 @@ impl Statements {
                      lease_until = excluded.lease_until,
                      expires_at = excluded.expires_at,
                      effect_committed = false,
-                     payload = NULL
+                     payload = NULL,
+                     waited = false
                    WHERE (r.state = 2 AND NOT {refused})
                       OR (r.state = 0 AND r.lease_until <= clock_timestamp()
                           AND (NOT r.effect_committed OR r.expires_at <= clock_timestamp()))
@@ -156,12 +157,12 @@ impl Statements {
                        lease_until = clock_timestamp(), completed_at = clock_timestamp(),
                        expires_at = clock_timestamp() + $6::float8 * interval '1 millisecond'
                    WHERE key = $1 AND fence = $2 AND nonce = $3 AND state = 0
-                   RETURNING key
+                   RETURNING key, waited
                  )
                  SELECT EXISTS (SELECT 1 FROM done)
                      OR EXISTS (SELECT 1 FROM {table}
                                 WHERE key = $1 AND fence = $2 AND nonce = $3 AND state = 1),
-                        (SELECT pg_notify($7, encode(key, 'hex')) FROM done)::text"
+                        (SELECT pg_notify($7, encode(key, 'hex')) FROM done WHERE waited)::text"
             ),
             // A claim whose effect was committed stays a claim (state 0):
             // its outcome is unknown from now on, and is answered so for the
@@ -176,10 +177,10 @@ impl Statements {
                          THEN GREATEST(expires_at, clock_timestamp() + $5::float8 * interval '1 millisecond')
                          ELSE expires_at END
                    WHERE key = $1 AND fence = $2 AND nonce = $3 AND state = 0
-                   RETURNING key
+                   RETURNING key, waited
                  )
                  SELECT EXISTS (SELECT 1 FROM freed),
-                        (SELECT pg_notify($4, encode(key, 'hex')) FROM freed)::text"
+                        (SELECT pg_notify($4, encode(key, 'hex')) FROM freed WHERE waited)::text"
             ),
             // An orphan (a claim whose reply never came back), released by the
             // nonce it was sent with (nobody holds its token); the key comes as
@@ -248,9 +249,28 @@ impl Statements {
                  WHERE key = $1 AND fence = $2 AND nonce = $3 AND state = 0
                    AND (lease_until > clock_timestamp() OR effect_committed)"
             ),
+            // Whether the claim with fence $2 is live, and its mark that a
+            // waiter listens (set once, after the waiter subscribed), so that
+            // its completion or release notifies: a claim nobody waits for
+            // completes without `NOTIFY`, whose commit takes a lock every
+            // notifying transaction in the database queues on. A row locked
+            // by its owner's fenced transaction is not waited behind: it is
+            // marked at a later check.
             probe: format!(
-                "SELECT fence = $2 AND state = 0 AND lease_until > clock_timestamp()
-                 FROM {table} WHERE key = $1"
+                "WITH live AS (
+                   SELECT waited FROM {table}
+                   WHERE key = $1 AND fence = $2 AND state = 0 AND lease_until > clock_timestamp()
+                 ),
+                 marked AS (
+                   UPDATE {table} SET waited = true
+                   WHERE key IN (SELECT key FROM {table}
+                                 WHERE key = $1 AND fence = $2 AND state = 0 AND NOT waited
+                                   AND EXISTS (SELECT 1 FROM live)
+                                 FOR UPDATE SKIP LOCKED)
+                   RETURNING key
+                 )
+                 SELECT EXISTS (SELECT 1 FROM live),
+                        EXISTS (SELECT 1 FROM live WHERE waited) OR EXISTS (SELECT 1 FROM marked)"
             ),
             purge: format!(
                 "DELETE FROM {table} WHERE key = $1
@@ -374,7 +394,8 @@ fn migrate(name: &str) -> String {
              payload          bytea,
              method           text,
              path             text,
-             completed_at     timestamptz
+             completed_at     timestamptz,
+             waited           boolean     NOT NULL DEFAULT false
          );
          DO $$ BEGIN
            IF NOT EXISTS (SELECT 1 FROM pg_attribute
@@ -384,6 +405,12 @@ fn migrate(name: &str) -> String {
                ADD COLUMN IF NOT EXISTS method text,
                ADD COLUMN IF NOT EXISTS path text,
                ADD COLUMN IF NOT EXISTS completed_at timestamptz;
+           END IF;
+           IF NOT EXISTS (SELECT 1 FROM pg_attribute
+                          WHERE attrelid = '{table}'::regclass AND attname = 'waited'
+                            AND NOT attisdropped) THEN
+             ALTER TABLE {table}
+               ADD COLUMN IF NOT EXISTS waited boolean NOT NULL DEFAULT false;
            END IF;
          END $$;
          CREATE INDEX IF NOT EXISTS {index} ON {table} (expires_at);

@@ -260,6 +260,46 @@ async fn migrate_adds_the_operator_columns_to_an_older_table() {
     drop_table(&store).await;
 }
 
+/// A table of the release before `waited` (with the operator's columns)
+/// gets `waited` from `migrate`, and its rows wait and complete as before.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_adds_the_waiters_mark_to_a_table_of_the_release_before() {
+    use crate::store::{CompletedRecord, LeaseStatus, Store};
+
+    let Some(store) = store_on_a_table_of_its_own("migrate_adds_waited").await else {
+        return;
+    };
+    let table = sql::quoted(store.table());
+    let drop = format!("ALTER TABLE {table} DROP COLUMN waited");
+    store.execute("drop", &drop, &[]).await.unwrap();
+    store.migrate().await.unwrap();
+    store.migrate().await.unwrap();
+    let key = StoreKey::from_parts(b"", b"waited");
+    let fingerprint = crate::fingerprint::Fingerprint::from_bytes([3; 32]);
+    let Claim::Acquired(token) = store
+        .claim(key, fingerprint, Duration::from_secs(60))
+        .await
+        .unwrap()
+    else {
+        panic!("acquired");
+    };
+    // A waiter's probe marks the claim; the completion still succeeds.
+    let probe = store.probe_claim(key, token.fence()).await.unwrap();
+    assert!(
+        matches!(probe, remote::wait::Probe::Live { left: None }),
+        "{probe:?}"
+    );
+    let record = CompletedRecord {
+        fingerprint,
+        payload: bytes::Bytes::from_static(b"ok"),
+    };
+    let held = store.complete(key, token, record, Duration::from_secs(60));
+    assert_eq!(held.await.unwrap(), LeaseStatus::Held);
+    let probe = store.probe_claim(key, token.fence()).await.unwrap();
+    assert!(matches!(probe, remote::wait::Probe::Gone), "{probe:?}");
+    drop_table(&store).await;
+}
+
 /// A claim whose effect was committed (`fence`) and whose lease ran out:
 /// the key's outcome is unknown until an operator resolves it.
 async fn committed_and_lapsed(store: &PostgresStore, key: StoreKey) -> crate::store::OwnerToken {
