@@ -7,8 +7,10 @@
 //! Groups:
 //! - `memory`: the bare axum route, a request the layer passes through
 //!   (GET, no key), a first request (new key) and a replay, on `MemoryStore`,
-//!   and the same scenarios through the published `axum-idempotent` crate
-//!   (the peer) where it can run them.
+//!   the same first request and replay through a hand-written guard on a
+//!   moka cache (`floor/*`, the floor SPEC §12 names), and the same
+//!   scenarios through the published `axum-idempotent` crate (the peer)
+//!   where it can run them.
 //! - `tower`: the same without axum (a bare `service_fn` vs the layer over
 //!   it), which isolates the layer's own cost from `Router::layer`'s.
 //! - `coalesced`: N = 1, 16, 256 concurrent duplicates of one new key.
@@ -106,12 +108,17 @@ fn memory(c: &mut Criterion) {
     let bare = routes();
     let store = MemoryStore::new();
     let ours = guarded(store.clone());
+    let floor = floor::guarded();
     let theirs = peer::router();
     let cookie = rt.block_on(peer::session_cookie(&theirs));
     // The replayed key, completed once up front.
     rt.block_on(async {
         assert_eq!(
             call(&ours, post_req(Some("replayed"))).await,
+            StatusCode::CREATED
+        );
+        assert_eq!(
+            call(&floor, post_req(Some("replayed"))).await,
             StatusCode::CREATED
         );
         call(&theirs, with_cookie(post_req(Some("replayed")), &cookie)).await;
@@ -183,6 +190,14 @@ fn memory(c: &mut Criterion) {
     g.bench_function("ours/replay", |b| {
         b.to_async(&rt)
             .iter(|| call(&ours, post_req(Some("replayed"))))
+    });
+    g.bench_function("floor/first", |b| {
+        b.to_async(&rt)
+            .iter(|| async { call(&floor, post_req(Some(&fresh_key()))).await })
+    });
+    g.bench_function("floor/replay", |b| {
+        b.to_async(&rt)
+            .iter(|| call(&floor, post_req(Some("replayed"))))
     });
     g.bench_function("peer/passthrough_get", |b| {
         b.to_async(&rt)
