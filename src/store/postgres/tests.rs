@@ -486,7 +486,7 @@ async fn warm_up_opens_the_connections_it_is_asked_for_and_no_more() {
     assert_eq!((status.size, status.available), (max, max));
     assert_eq!(store.warm_up(0).await.unwrap(), 0);
     // The store works as before.
-    let key = crate::store::conformance::fresh_key();
+    let key = StoreKey::from_parts(b"", b"after warm_up");
     assert!(matches!(
         claim_with(&store, key, 1).await,
         Some(Claim::Acquired(_))
