@@ -169,7 +169,7 @@ measure() { # name script: wrk against the running server
     if [ -n "$cpu_before" ]; then
         local requests cpu_us
         requests=$(awk '/requests in/ {print $1}' "$work/out")
-        cpu_us=$(python3 -c "print(f'{($(redis_cpu) - $cpu_before) * 1e6 / max($requests, 1):.1f}')")
+        cpu_us=$(python3 -c "print(f'{($(redis_cpu) - $cpu_before) * 1e6 / max(${requests:-0}, 1):.1f}')")
         cpu_note="  redis cpu ${cpu_us} us/req"
         echo "$name-cpu $cpu_us" >>"$work/results"
     fi

@@ -553,21 +553,24 @@ mod hand_written_postgres {
         let Ok(client) = pool.get().await else {
             return StatusCode::SERVICE_UNAVAILABLE.into_response();
         };
-        let inserted = client
-            .execute(
-                "INSERT INTO floor_keys (key) VALUES ($1) ON CONFLICT DO NOTHING",
-                &[&key],
-            )
-            .await;
+        // Prepared once per connection, as the store prepares its own.
+        let Ok(insert) = client
+            .prepare_cached("INSERT INTO floor_keys (key) VALUES ($1) ON CONFLICT DO NOTHING")
+            .await
+        else {
+            return StatusCode::SERVICE_UNAVAILABLE.into_response();
+        };
+        let inserted = client.execute(&insert, &[&key]).await;
         match inserted {
             Err(_) => return StatusCode::SERVICE_UNAVAILABLE.into_response(),
             Ok(0) => {
-                let stored = client
-                    .query_opt(
-                        "SELECT status, body FROM floor_keys WHERE key = $1",
-                        &[&key],
-                    )
-                    .await;
+                let stored = match client
+                    .prepare_cached("SELECT status, body FROM floor_keys WHERE key = $1")
+                    .await
+                {
+                    Ok(select) => client.query_opt(&select, &[&key]).await,
+                    Err(e) => Err(e),
+                };
                 return match stored {
                     Ok(Some(row)) => match (
                         row.get::<_, Option<i16>>(0),
@@ -596,13 +599,16 @@ mod hand_written_postgres {
         };
         let status = i16::try_from(parts.status.as_u16()).unwrap_or(500);
         let stored = match pool.get().await {
-            Ok(client) => client
-                .execute(
-                    "UPDATE floor_keys SET status = $2, body = $3 WHERE key = $1",
-                    &[&key, &status, &body.as_ref()],
-                )
+            Ok(client) => match client
+                .prepare_cached("UPDATE floor_keys SET status = $2, body = $3 WHERE key = $1")
                 .await
-                .is_ok(),
+            {
+                Ok(update) => client
+                    .execute(&update, &[&key, &status, &body.as_ref()])
+                    .await
+                    .is_ok(),
+                Err(_) => false,
+            },
             Err(_) => false,
         };
         if !stored {

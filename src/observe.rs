@@ -66,7 +66,7 @@ pub(crate) fn event(event: Event, key: &StoreKey, error: Option<&StoreError>) {
     match event {
         Event::LeaseLost => tracing::warn!(
             key = %key, outcome,
-            "idempotency lease lost: another owner may execute this key; this outcome is not stored"
+            "idempotency lease lost: another owner may execute this key; this outcome is stored only if nobody took the key over"
         ),
         Event::CompletionFailed => tracing::error!(
             key = %key, outcome, error = error.map(tracing::field::display),
