@@ -15,6 +15,8 @@
 //!   it), which isolates the layer's own cost from `Router::layer`'s.
 //! - `coalesced`: N = 1, 16, 256 concurrent duplicates of one new key.
 //! - `fingerprint`: hashing 64 B, 1 KiB, 64 KiB and 1 MiB bodies.
+//! - `hot_path`: the primitives a request pays for alone (a `Mutex` lock
+//!   with a handle clone, an `Arc`, the two clocks).
 //! - `fingerprint_mode` (with `--features json`): a 1 KiB and a 64 KiB JSON
 //!   body fingerprinted by its bytes and by its meaning
 //!   (`FingerprintMode::bytes` and `FingerprintMode::json`, the whole
@@ -399,6 +401,33 @@ fn fingerprint_mode(c: &mut Criterion) {
 #[cfg(not(feature = "json"))]
 fn fingerprint_mode(_: &mut Criterion) {}
 
+/// The primitives issue 27 asked about, each alone: what the Redis store
+/// pays per operation for its replaceable connection (a `Mutex` locked and
+/// the connection handle cloned: two `Arc`s in redis-rs's
+/// `ConnectionManager`), the PostgreSQL store per claim (one small `Arc`),
+/// every execution (`Instant::now()`) and every memory grant
+/// (`SystemTime::now()`), to set beside a request's cost.
+fn hot_path(c: &mut Criterion) {
+    use std::sync::Mutex;
+    let mut g = c.benchmark_group("hot_path");
+    let handle = Mutex::new((Arc::new(1u64), Arc::new(2u64)));
+    g.bench_function("mutex_lock_and_clone_two_arcs", |b| {
+        b.iter(|| black_box(handle.lock().unwrap().clone()))
+    });
+    let plain = (Arc::new(1u64), Arc::new(2u64));
+    g.bench_function("clone_two_arcs", |b| b.iter(|| black_box(plain.clone())));
+    g.bench_function("arc_new_64_bytes", |b| {
+        b.iter(|| black_box(Arc::new(black_box([0u8; 64]))))
+    });
+    g.bench_function("instant_now", |b| {
+        b.iter(|| black_box(std::time::Instant::now()))
+    });
+    g.bench_function("system_time_now", |b| {
+        b.iter(|| black_box(std::time::SystemTime::now()))
+    });
+    g.finish();
+}
+
 /// A new key into `MemoryStore` (claim, then complete) against the same
 /// insert into a bare moka cache built as the store builds its cache (LRU,
 /// a byte weigher, per-entry expiry), below the byte bound and at it. Keys
@@ -530,6 +559,7 @@ criterion_group!(
     coalesced,
     fingerprint,
     fingerprint_mode,
+    hot_path,
     store
 );
 criterion_main!(benches);

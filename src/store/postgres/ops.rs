@@ -25,7 +25,7 @@ use crate::store::{
 
 /// How soon a waiter looks again at a live claim it could not mark as
 /// waited for (so its completion would not notify).
-const MARK_RETRY: Duration = Duration::from_millis(50);
+pub(super) const MARK_RETRY: Duration = Duration::from_millis(50);
 
 impl PostgresStore {
     /// Runs `op` within the operation timeout.

@@ -493,3 +493,72 @@ async fn warm_up_opens_the_connections_it_is_asked_for_and_no_more() {
     ));
     drop_table(&store).await;
 }
+
+/// A waiter does not queue behind a row its owner's transaction holds (a
+/// fenced handler's, until it commits): it skips the mark and looks again
+/// soon; once the row is free, it marks it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_does_not_wait_behind_a_locked_row() {
+    use crate::store::Store;
+
+    let Some(store) = store_on_a_table_of_its_own("probe_skips_locked").await else {
+        return;
+    };
+    let key = StoreKey::from_parts(b"", b"locked");
+    let fingerprint = crate::fingerprint::Fingerprint::from_bytes([4; 32]);
+    let Claim::Acquired(token) = store
+        .claim(key, fingerprint, Duration::from_secs(60))
+        .await
+        .unwrap()
+    else {
+        panic!("acquired");
+    };
+    let url = std::env::var("TOWER_IDEMPOTENCY_POSTGRES_URL").unwrap_or_else(|_| {
+        "postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable".to_owned()
+    });
+    let (mut other, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    let holder = other.transaction().await.unwrap();
+    let lock = format!(
+        "SELECT 1 FROM {} WHERE key = $1 FOR UPDATE",
+        sql::quoted(store.table())
+    );
+    holder
+        .execute(lock.as_str(), &[&key.as_bytes().as_slice()])
+        .await
+        .unwrap();
+    let waited = format!(
+        "SELECT waited FROM {} WHERE key = $1",
+        sql::quoted(store.table())
+    );
+    let probe = tokio::time::timeout(
+        Duration::from_secs(5),
+        store.probe_claim(key, token.fence()),
+    )
+    .await
+    .expect("the probe does not wait for the lock")
+    .unwrap();
+    assert!(
+        matches!(probe, remote::wait::Probe::Live { left: Some(d) } if d == super::ops::MARK_RETRY),
+        "{probe:?}"
+    );
+    let rows = store
+        .query("read", &waited, &[&key.as_bytes().as_slice()])
+        .await
+        .unwrap();
+    assert!(!rows[0].get::<_, bool>(0), "not marked while locked");
+    holder.commit().await.unwrap();
+    let probe = store.probe_claim(key, token.fence()).await.unwrap();
+    assert!(
+        matches!(probe, remote::wait::Probe::Live { left: None }),
+        "{probe:?}"
+    );
+    let rows = store
+        .query("read", &waited, &[&key.as_bytes().as_slice()])
+        .await
+        .unwrap();
+    assert!(rows[0].get::<_, bool>(0), "marked once free");
+    drop_table(&store).await;
+}
