@@ -23,10 +23,10 @@ mod conformance_on_postgres {
 
 /// Waits until a waiter on `table` (in the database of `url`) has probed
 /// its key: registered for notifications, then looked (the probe is the
-/// only statement that starts `WITH live AS (SELECT waited`).
+/// only statement that starts `WITH live AS (SELECT waited,`).
 async fn until_probed(url: &str, table: &str) {
     let client = connect(url).await;
-    let probe = format!("WITH live AS (%SELECT waited FROM \"{table}\"%");
+    let probe = format!("WITH live AS (%SELECT waited,%FROM \"{table}\"%");
     common::eventually(Duration::from_secs(10), "the waiter probes", || {
         let (client, probe) = (&client, &probe);
         async move {
@@ -260,7 +260,7 @@ async fn only_a_claim_someone_waits_for_notifies() {
             .wait(again, token.fence(), Duration::from_secs(20))
             .await
     });
-    until_probed(&db.url, DEFAULT_TABLE).await;
+    until_marked(&db.url, again).await;
     assert_eq!(
         owner.release(again, token).await.unwrap(),
         LeaseStatus::Held
@@ -270,6 +270,41 @@ async fn only_a_claim_someone_waits_for_notifies() {
         .expect("a notification within 5 s");
     assert_eq!(note.as_deref(), Some(again.to_hex().as_str()));
     waiting.await.unwrap().unwrap();
+}
+
+/// A waiter on a claim whose owner went away looks again when the lease
+/// ends (and can take the key over then), not at the fallback check.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_looks_again_when_the_lease_ends() {
+    let Some(db) = TestDatabase::create_or_skip("lease end") else {
+        return;
+    };
+    let store = PostgresStore::builder(&db.url)
+        .unwrap()
+        .fallback_check(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    store.migrate().await.unwrap();
+    let key = StoreKey::from_parts(b"", b"owner gone");
+    let Ok(Claim::Acquired(token)) = store.claim(key, FP, LEASE).await else {
+        panic!("acquired");
+    };
+    // Nobody completes or releases: only the lease's end can end the wait
+    // before the 30 s fallback check.
+    let started = std::time::Instant::now();
+    store
+        .wait(key, token.fence(), Duration::from_secs(20))
+        .await
+        .unwrap();
+    let waited = started.elapsed();
+    assert!(
+        waited < Duration::from_secs(10),
+        "woken by the lease's end, not the 30 s fallback: {waited:?}"
+    );
+    assert!(matches!(
+        store.claim(key, FP, LEASE).await.unwrap(),
+        Claim::Acquired(_)
+    ));
 }
 
 /// Expired rows go, in batches; live ones stay.

@@ -87,10 +87,11 @@ impl PostgresStore {
     }
 
     /// Whether the claim with `fence` on `key` is still live, marking it
-    /// as waited for (its completion or release then notifies). A live
-    /// claim the probe could not mark (its row locked by its owner's
-    /// fenced transaction, or changing under the probe) is looked at again
-    /// after [`MARK_RETRY`], not only at the fallback check.
+    /// as waited for (its completion or release then notifies). The waiter
+    /// looks again when the lease ends (a dead owner's claim can then be
+    /// taken over), and, for a live claim the probe could not mark (its row
+    /// locked by its owner's fenced transaction, or changing under the
+    /// probe), after [`MARK_RETRY`] at the latest.
     pub(super) async fn probe_claim(&self, key: StoreKey, fence: u64) -> Result<Probe, StoreError> {
         let fence = i64::try_from(fence).unwrap_or(i64::MAX);
         let rows = self
@@ -105,11 +106,19 @@ impl PostgresStore {
         };
         let live = row.try_get::<_, bool>(0).map_err(|e| corrupt("wait", e))?;
         let marked = row.try_get::<_, bool>(1).map_err(|e| corrupt("wait", e))?;
+        let left_ms = row
+            .try_get::<_, Option<f64>>(2)
+            .map_err(|e| corrupt("wait", e))?;
+        // A millisecond past the deadline, so that the next look finds the
+        // lease over rather than a sliver of it.
+        let left = left_ms
+            .and_then(|ms| Duration::try_from_secs_f64(ms.max(0.0) / 1000.0).ok())
+            .map(|d| d.saturating_add(Duration::from_millis(1)));
         Ok(match (live, marked) {
             (false, _) => Probe::Gone,
-            (true, true) => Probe::Live { left: None },
+            (true, true) => Probe::Live { left },
             (true, false) => Probe::Live {
-                left: Some(MARK_RETRY),
+                left: Some(left.map_or(MARK_RETRY, |left| left.min(MARK_RETRY))),
             },
         })
     }

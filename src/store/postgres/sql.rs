@@ -249,7 +249,8 @@ impl Statements {
                  WHERE key = $1 AND fence = $2 AND nonce = $3 AND state = 0
                    AND (lease_until > clock_timestamp() OR effect_committed)"
             ),
-            // Whether the claim with fence $2 is live, and its mark that a
+            // Whether the claim with fence $2 is live (and its lease left, in
+            // ms), and its mark that a
             // waiter listens (set once, after the waiter subscribed), so that
             // its completion or release notifies: a claim nobody waits for
             // completes without `NOTIFY`, whose commit takes a lock every
@@ -258,7 +259,9 @@ impl Statements {
             // marked at a later check.
             probe: format!(
                 "WITH live AS (
-                   SELECT waited FROM {table}
+                   SELECT waited,
+                          (extract(epoch FROM lease_until - clock_timestamp()) * 1000)::float8 AS left_ms
+                   FROM {table}
                    WHERE key = $1 AND fence = $2 AND state = 0 AND lease_until > clock_timestamp()
                  ),
                  marked AS (
@@ -270,7 +273,8 @@ impl Statements {
                    RETURNING key
                  )
                  SELECT EXISTS (SELECT 1 FROM live),
-                        EXISTS (SELECT 1 FROM live WHERE waited) OR EXISTS (SELECT 1 FROM marked)"
+                        EXISTS (SELECT 1 FROM live WHERE waited) OR EXISTS (SELECT 1 FROM marked),
+                        (SELECT left_ms FROM live)"
             ),
             purge: format!(
                 "DELETE FROM {table} WHERE key = $1
