@@ -21,6 +21,17 @@ mod conformance_on_postgres {
     tower_idempotency::store_conformance_tests!(optional: pg_fixture("conformance").await);
 }
 
+/// A store on the database at `url` whose fallback check (30 s) is past
+/// every test's bound: within a test, only a notification or a lease's end
+/// wakes its waiters.
+fn waking_on_notifications(url: &str) -> PostgresStore {
+    PostgresStore::builder(url)
+        .unwrap()
+        .fallback_check(Duration::from_secs(30))
+        .build()
+        .unwrap()
+}
+
 /// Waits until a waiter on `table` (in the database of `url`) has probed
 /// its key: registered for notifications, then looked (the probe is the
 /// only statement that starts `WITH live AS (SELECT waited,`).
@@ -106,13 +117,7 @@ async fn waiters_are_woken_by_notify_across_handles() {
     let Some(db) = TestDatabase::create_or_skip("notify") else {
         return;
     };
-    let build = || {
-        PostgresStore::builder(&db.url)
-            .unwrap()
-            .fallback_check(Duration::from_secs(30))
-            .build()
-            .unwrap()
-    };
+    let build = || waking_on_notifications(&db.url);
     let (owner, waiter) = (build(), build());
     owner.migrate().await.unwrap();
     let key = StoreKey::from_parts(b"", b"wake");
@@ -203,13 +208,7 @@ async fn only_a_claim_someone_waits_for_notifies() {
     let Some(db) = TestDatabase::create_or_skip("notify only waited") else {
         return;
     };
-    let build = || {
-        PostgresStore::builder(&db.url)
-            .unwrap()
-            .fallback_check(Duration::from_secs(30))
-            .build()
-            .unwrap()
-    };
+    let build = || waking_on_notifications(&db.url);
     let (owner, waiter) = (build(), build());
     owner.migrate().await.unwrap();
     let (_listener, mut notes) = listen(&db.url, &format!("{DEFAULT_TABLE}_done")).await;
@@ -279,11 +278,7 @@ async fn a_waiter_looks_again_when_the_lease_ends() {
     let Some(db) = TestDatabase::create_or_skip("lease end") else {
         return;
     };
-    let store = PostgresStore::builder(&db.url)
-        .unwrap()
-        .fallback_check(Duration::from_secs(30))
-        .build()
-        .unwrap();
+    let store = waking_on_notifications(&db.url);
     store.migrate().await.unwrap();
     let key = StoreKey::from_parts(b"", b"owner gone");
     let Ok(Claim::Acquired(token)) = store.claim(key, FP, LEASE).await else {

@@ -170,6 +170,24 @@ pub struct Inspection {
 }
 
 impl Inspection {
+    /// `key` holding nothing, nothing known of it: what an inspection
+    /// starts from before it reads the entry.
+    pub(crate) fn nothing(key: &StoreKey) -> Self {
+        Self {
+            key_hash: key.to_hex(),
+            state: State::Absent,
+            fence: None,
+            claimed_at: None,
+            method: None,
+            path: None,
+            completed_at: None,
+            lease_left: None,
+            expires_in: None,
+            answer: None,
+            problem: None,
+        }
+    }
+
     /// How long ago the latest grant was made, by `now`.
     pub fn age(&self, now: SystemTime) -> Option<Duration> {
         self.claimed_at

@@ -396,6 +396,16 @@ fn mutate(v: &mut J, path: &[usize]) {
     }
 }
 
+/// `v` and `w` spelled one after the other, with spellings drawn from
+/// `seed`.
+fn spelled_both(v: &J, w: &J, seed: u64) -> (String, String) {
+    let (mut a, mut b) = (String::new(), String::new());
+    let mut rng = SmallRng::seed_from_u64(seed);
+    spell(v, &mut rng, &mut a);
+    spell(w, &mut rng, &mut b);
+    (a, b)
+}
+
 /// Writes `v` as one of its many JSON spellings, chosen by `rng`.
 fn spell(v: &J, rng: &mut SmallRng, out: &mut String) {
     let ws = |rng: &mut SmallRng, out: &mut String| {
@@ -532,10 +542,7 @@ proptest! {
     #[test]
     fn different_values_have_different_forms(v in value(), w in value(), seed: u64) {
         prop_assume!(v != w);
-        let (mut a, mut b) = (String::new(), String::new());
-        let mut rng = SmallRng::seed_from_u64(seed);
-        spell(&v, &mut rng, &mut a);
-        spell(&w, &mut rng, &mut b);
+        let (a, b) = spelled_both(&v, &w, seed);
         prop_assert_ne!(canon(&a), canon(&b), "{} vs {}", a, b);
     }
 
@@ -544,10 +551,7 @@ proptest! {
         let mut w = v.clone();
         mutate(&mut w, &path);
         prop_assert_ne!(&v, &w);
-        let (mut a, mut b) = (String::new(), String::new());
-        let mut rng = SmallRng::seed_from_u64(seed);
-        spell(&v, &mut rng, &mut a);
-        spell(&w, &mut rng, &mut b);
+        let (a, b) = spelled_both(&v, &w, seed);
         prop_assert_ne!(canon(&a), canon(&b), "{} vs {}", a, b);
     }
 

@@ -52,19 +52,7 @@ impl Raw {
     /// The key as an operator sees it: the payload decoded, a record whose
     /// answer is "outcome unknown" shown as such.
     pub(crate) fn inspect_with(self, key: StoreKey, clock: FenceClock, noted: Noted) -> Inspection {
-        let mut seen = Inspection {
-            key_hash: key.to_hex(),
-            state: State::Absent,
-            fence: None,
-            claimed_at: None,
-            method: None,
-            path: None,
-            completed_at: None,
-            lease_left: None,
-            expires_in: None,
-            answer: None,
-            problem: None,
-        };
+        let mut seen = Inspection::nothing(&key);
         match self {
             Raw::Absent { fence } => seen.fence = fence,
             Raw::InFlight { fence, lease_left } => {

@@ -3,17 +3,10 @@ use super::*;
 
 fn seen(n: u8, state: State, fence: Option<u64>) -> Inspection {
     Inspection {
-        key_hash: StoreKey::from_bytes([n; 32]).to_hex(),
         state,
         fence,
         claimed_at: fence.and_then(|f| FenceClock::Micros.time_of(f)),
-        method: None,
-        path: None,
-        completed_at: None,
-        lease_left: None,
-        expires_in: None,
-        answer: None,
-        problem: None,
+        ..Inspection::nothing(&StoreKey::from_bytes([n; 32]))
     }
 }
 

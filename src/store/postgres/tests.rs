@@ -12,15 +12,21 @@ use crate::store::Claim;
 use crate::store::remote;
 use crate::store::remote::abandon::Orphan;
 
+/// The test database: `TOWER_IDEMPOTENCY_POSTGRES_URL`, else the local
+/// server.
+fn test_database_url() -> String {
+    std::env::var("TOWER_IDEMPOTENCY_POSTGRES_URL").unwrap_or_else(|_| {
+        "postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable".to_owned()
+    })
+}
+
 /// A store on a table of its own in the test database (as the
 /// integration tests find it: `TOWER_IDEMPOTENCY_POSTGRES_URL`, else
 /// the local server), or `None` after saying `SKIPPED` (a failure under
 /// `TOWER_IDEMPOTENCY_REQUIRE_POSTGRES=1`).
 async fn store_on_a_table_of_its_own(test: &str) -> Option<PostgresStore> {
     static TABLES: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
-    let url = std::env::var("TOWER_IDEMPOTENCY_POSTGRES_URL").unwrap_or_else(|_| {
-        "postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable".to_owned()
-    });
+    let url = test_database_url();
     let table = format!(
         "unit_{}_{}",
         std::process::id(),
@@ -513,12 +519,10 @@ async fn a_waiter_does_not_wait_behind_a_locked_row() {
     else {
         panic!("acquired");
     };
-    let url = std::env::var("TOWER_IDEMPOTENCY_POSTGRES_URL").unwrap_or_else(|_| {
-        "postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable".to_owned()
-    });
-    let (mut other, connection) = tokio_postgres::connect(&url, tokio_postgres::NoTls)
-        .await
-        .unwrap();
+    let (mut other, connection) =
+        tokio_postgres::connect(&test_database_url(), tokio_postgres::NoTls)
+            .await
+            .unwrap();
     tokio::spawn(connection);
     let holder = other.transaction().await.unwrap();
     let lock = format!(
