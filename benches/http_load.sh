@@ -32,6 +32,11 @@
 #                 ledger is then the `payments` table, each row written in a
 #                 transaction fenced by the store (three committed writes
 #                 per charge: claim, ledger row with its fence, completion)
+#   pg-unfenced-first
+#                 as pg-first, the ledger row written without the fence in a
+#                 transaction of its own, as the floor writes it
+#                 (`--unfenced-ledger`): the layer against the floor like for
+#                 like; pg-first minus it is what the fence costs
 #   pg-replay     PostgreSQL store, one fixed key
 #   pg-floor-first, pg-floor-replay
 #                 the same requests through a hand-written PostgreSQL guard on
@@ -53,7 +58,10 @@
 # medians and their ratios to their bare run. For the redis-* scenarios it
 # also prints the Redis server's CPU time per request (user + system, from
 # `INFO cpu` before and after the run, over wrk's request count), and the
-# medians of those. Needs wrk (installed with apt-get when missing) and,
+# medians of those; for the pg-* scenarios the CPU of every PostgreSQL
+# process on this machine (from /proc, the backends that exited counted
+# through their postmaster: run it on an otherwise idle server); for every
+# scenario the demo's own CPU per request. Needs wrk (installed with apt-get when missing) and,
 # for the Redis scenarios, redis-server (a private one on a free port); for
 # the PostgreSQL scenarios, psql and the server at TOWER_IDEMPOTENCY_POSTGRES_URL
 # (default postgres://postgres@127.0.0.1:5432/postgres), in a database of
@@ -152,10 +160,41 @@ redis_cpu() { # the Redis server's user + system CPU seconds so far
         awk -F: '/^used_cpu_(sys|user):/ {s += $2} END {printf "%.6f", s}'
 }
 
+pg_cpu() { # every PostgreSQL process's user + system CPU seconds so far,
+    # with those of the backends that already exited (the postmaster's
+    # children's times): the server's CPU, whichever backend spent it
+    python3 - <<'PY'
+import os
+tick = os.sysconf("SC_CLK_TCK")
+total = 0
+procs = {}
+for pid in filter(str.isdigit, os.listdir("/proc")):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            stat = f.read()
+    except OSError:
+        continue
+    name = stat[stat.index("(") + 1:stat.rindex(")")]
+    if name in ("postgres", "postmaster"):
+        procs[pid] = stat[stat.rindex(")") + 2:].split()
+for pid, fields in procs.items():
+    total += int(fields[11]) + int(fields[12])  # utime, stime
+    if fields[1] not in procs:  # a postmaster: with its reaped children
+        total += int(fields[13]) + int(fields[14])
+print(f"{total / tick:.6f}")
+PY
+}
+
+process_cpu() { # pid: that process's user + system CPU seconds so far
+    awk -v tick="$(getconf CLK_TCK)" '{ sub(/^.*\) /, ""); printf "%.6f", ($12 + $13) / tick }' "/proc/$1/stat"
+}
+
 measure() { # name script: wrk against the running server
     local name=$1 script=$2
-    local cpu_before=""
+    local cpu_before="" pg_before="" demo_before=""
     if [ "$have_redis" = 1 ] && [[ $name == redis* ]]; then cpu_before=$(redis_cpu); fi
+    if [ "$have_pg" = 1 ] && [[ $name == pg* ]]; then pg_before=$(pg_cpu); fi
+    demo_before=$(process_cpu "$server")
     wrk -t2 -c"$CONNECTIONS" -d"${DURATION}s" --latency -s "$work/$script" \
         -H 'Content-Type: application/json' --timeout 5s \
         "http://127.0.0.1:$PORT/process-payment" -- >"$work/out" 2>&1 \
@@ -173,6 +212,18 @@ measure() { # name script: wrk against the running server
         cpu_note="  redis cpu ${cpu_us} us/req"
         echo "$name-cpu $cpu_us" >>"$work/results"
     fi
+    local requests_done
+    requests_done=$(awk '/requests in/ {print $1}' "$work/out")
+    if [ -n "$pg_before" ]; then
+        local pg_us
+        pg_us=$(python3 -c "print(f'{($(pg_cpu) - $pg_before) * 1e6 / max(${requests_done:-0}, 1):.1f}')")
+        cpu_note="$cpu_note  postgres cpu ${pg_us} us/req"
+        echo "$name-pgcpu $pg_us" >>"$work/results"
+    fi
+    local demo_us
+    demo_us=$(python3 -c "print(f'{($(process_cpu "$server") - $demo_before) * 1e6 / max(${requests_done:-0}, 1):.1f}')")
+    cpu_note="$cpu_note  demo cpu ${demo_us} us/req"
+    echo "$name-democpu $demo_us" >>"$work/results"
     printf '%-18s %10s req/s  p50 %8s  p99 %8s  non-2xx %s%s\n' "$name" "$rps" "$p50" "$p99" "${non2xx:-0}" "$cpu_note"
     echo "$name $rps" >>"$work/results"
 }
@@ -219,6 +270,7 @@ plain_rounds() {
         if [ "$have_pg" = 1 ]; then
             run pg-floor-first unique.lua --store postgres --hand-written-guard --postgres-url "$pg_url"
             run pg-first unique.lua --store postgres --postgres-url "$pg_url"
+            run pg-unfenced-first unique.lua --store postgres --unfenced-ledger --postgres-url "$pg_url"
             run pg-floor-replay fixed.lua --store postgres --hand-written-guard --postgres-url "$pg_url"
             run pg-replay fixed.lua --store postgres --postgres-url "$pg_url"
         fi
@@ -242,17 +294,20 @@ baseline = {"first": "bare-unique", "redis-first": "bare-unique", "pg-first": "b
             "replay": "bare-fixed", "redis-replay": "bare-fixed", "pg-replay": "bare-fixed"}
 floor = {"redis-first": "redis-floor-first", "redis-replay": "redis-floor-replay",
          "first": "mem-floor-first", "replay": "mem-floor-replay",
-         "pg-first": "pg-floor-first", "pg-replay": "pg-floor-replay"}
+         "pg-first": "pg-floor-first", "pg-replay": "pg-floor-replay",
+         "pg-unfenced-first": "pg-floor-first"}
 for name in list(runs):
     if name.endswith("-1M") and name[:-3] + "-1k" in runs:
         floor[name] = name[:-3] + "-1k"
 for name, values in runs.items():
     m = statistics.median(values)
-    if name.endswith("-cpu"):
-        line = f"{name:22s} median {m:6.1f} us of Redis CPU per request  range {min(values):.1f}-{max(values):.1f}"
-        floor_cpu = name.replace("redis-", "redis-floor-", 1)
-        if name.startswith("redis-") and not name.startswith("redis-floor") and floor_cpu in runs:
-            line += f"  ratio {m / statistics.median(runs[floor_cpu]):.2f} to {floor_cpu}"
+    cpu_of = {"-cpu": "Redis", "-pgcpu": "PostgreSQL", "-democpu": "the demo's"}
+    suffix = next((s for s in cpu_of if name.endswith(s)), None)
+    if suffix:
+        line = f"{name:24s} median {m:6.1f} us of {cpu_of[suffix]} CPU per request  range {min(values):.1f}-{max(values):.1f}"
+        scenario = name[: -len(suffix)]
+        if scenario in floor and floor[scenario] + suffix in runs:
+            line += f"  ratio {m / statistics.median(runs[floor[scenario] + suffix]):.2f} to {floor[scenario] + suffix}"
         print(line)
         continue
     line = f"{name:18s} median {m:10.0f} req/s  range {min(values):.0f}-{max(values):.0f}"

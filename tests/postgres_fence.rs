@@ -379,3 +379,80 @@ async fn an_outcome_unknown_key_expires_after_the_fence_memory() {
     );
     assert_eq!(charges(&business).await, ["first"]);
 }
+
+/// A deadpool-postgres transaction (what a pooled connection gives): the
+/// fence statement is prepared once per connection, in the pool's
+/// statement cache, not parsed and planned by the server at every call;
+/// and it still refuses an execution that no longer owns its key.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pooled_transaction_fences_with_a_statement_prepared_once() {
+    let Some(fixture) = pg_fixture("fence pooled").await else {
+        return;
+    };
+    let business = charges_table(&fixture.db.url).await;
+    let config: tokio_postgres::Config = fixture.db.url.parse().expect("a URL");
+    let manager = deadpool_postgres::Manager::new(config, tokio_postgres::NoTls);
+    // One connection: every fence below runs on it.
+    let pool = deadpool_postgres::Pool::builder(manager)
+        .max_size(1)
+        .build()
+        .expect("a pool");
+    let engine = Engine::new(fixture.store.clone()).lease(LEASE);
+    for name in ["first", "second", "third"] {
+        let (store, pool) = (fixture.store.clone(), pool.clone());
+        let done = engine
+            .run_stored(
+                StoreKey::from_parts(b"", name.as_bytes()),
+                FP,
+                |ctx| async move {
+                    let mut client = pool.get().await.expect("a connection");
+                    let tx = client.transaction().await?;
+                    tx.execute("INSERT INTO charges (execution) VALUES ($1)", &[&name])
+                        .await?;
+                    store.fence(&tx, &ctx).await?;
+                    tx.commit().await?;
+                    Ok::<_, FenceError>(Bytes::from_static(b"ok"))
+                },
+            )
+            .await
+            .expect("each charge runs");
+        assert_eq!(done, Outcome::Executed(Bytes::from_static(b"ok")));
+    }
+    assert_eq!(charges(&business).await, ["first", "second", "third"]);
+    let client = pool.get().await.expect("the connection");
+    let prepared: i64 = client
+        .query_one(
+            "SELECT count(*) FROM pg_prepared_statements
+             WHERE statement LIKE '%SET effect_committed = true%'
+               AND statement NOT LIKE '%pg_prepared_statements%'",
+            &[],
+        )
+        .await
+        .expect("pg_prepared_statements")
+        .get(0);
+    assert_eq!(
+        prepared, 1,
+        "one fence statement, prepared once on the connection"
+    );
+    drop(client);
+
+    // Purged meanwhile: the pooled fence refuses too, and nothing commits.
+    let (store, pooled) = (fixture.store.clone(), pool.clone());
+    let result = engine
+        .run_stored(StoreKey::from_parts(b"", b"purged"), FP, |ctx| async move {
+            store.purge(ctx.store_key()).await.expect("purge");
+            let mut client = pooled.get().await.expect("a connection");
+            let tx = client.transaction().await?;
+            tx.execute("INSERT INTO charges (execution) VALUES ('purged')", &[])
+                .await?;
+            store.fence(&tx, &ctx).await?;
+            tx.commit().await?;
+            Ok::<_, FenceError>(Bytes::new())
+        })
+        .await;
+    assert!(
+        matches!(result, Err(EngineError::Operation(FenceError::Lost))),
+        "{result:?}"
+    );
+    assert_eq!(charges(&business).await, ["first", "second", "third"]);
+}

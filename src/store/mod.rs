@@ -57,7 +57,7 @@ pub use self::redis::{RedisStore, RedisStoreBuilder};
 pub mod postgres;
 #[cfg(feature = "postgres")]
 #[cfg_attr(docsrs, doc(cfg(feature = "postgres")))]
-pub use self::postgres::{FenceError, PostgresStore, PostgresStoreBuilder};
+pub use self::postgres::{FenceError, FenceTransaction, PostgresStore, PostgresStoreBuilder};
 
 #[cfg(any(feature = "redis", feature = "postgres"))]
 mod remote;
