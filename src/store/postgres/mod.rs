@@ -16,6 +16,7 @@ mod sql;
 mod tests;
 #[cfg(feature = "tls")]
 mod tls;
+mod warm;
 
 pub use self::builder::PostgresStoreBuilder;
 use self::builder::{ListenTo, Source};
@@ -315,55 +316,6 @@ impl PostgresStore {
     /// The table's name.
     pub fn table(&self) -> &str {
         &self.inner.table
-    }
-
-    /// Opens `connections` of the pool's connections (at most what the
-    /// pool holds) and prepares on each the statements a request uses, so
-    /// the requests that arrive first after a start do not each wait for
-    /// a new connection and a cold server process. Call it after
-    /// [`migrate`](Self::migrate), before serving; it returns how many
-    /// connections it warmed.
-    ///
-    /// Without it, the payments demo started under load (32 clients at
-    /// once, one key, 5 s) answered with a p99 of 65–143 ms; with it,
-    /// 2.6–3.6 ms (BENCHMARKS.md). Connections are opened one after
-    /// another, each within the operation timeout; if one fails, the call
-    /// fails and those already open stay in the pool.
-    ///
-    /// ```no_run
-    /// # async fn run() -> Result<(), tower_idempotency::store::StoreError> {
-    /// use tower_idempotency::store::PostgresStore;
-    ///
-    /// let store = PostgresStore::connect("postgres://postgres@127.0.0.1:5432/postgres").await?;
-    /// store.migrate().await?;
-    /// store.warm_up(16).await?;
-    /// # Ok(()) }
-    /// ```
-    pub async fn warm_up(&self, connections: usize) -> Result<usize, StoreError> {
-        let n = connections.min(self.inner.pool.status().max_size);
-        let sql = &self.inner.sql;
-        let statements = [
-            &sql.claim,
-            &sql.complete,
-            &sql.release,
-            &sql.extend,
-            &sql.probe,
-        ];
-        // Each connection is held until all are open, so each is a new one.
-        let mut held = Vec::with_capacity(n);
-        for _ in 0..n {
-            let client = self
-                .bounded("warm_up", async {
-                    let client = Pooled::get(&self.inner.pool).await?;
-                    for statement in statements {
-                        client.answer(client.prepare_cached(statement)).await?;
-                    }
-                    Ok(client)
-                })
-                .await?;
-            held.push(client);
-        }
-        Ok(held.len())
     }
 
     /// Creates the table and its index if they are missing. Safe to run

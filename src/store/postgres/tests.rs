@@ -491,6 +491,40 @@ async fn warm_up_opens_the_connections_it_is_asked_for_and_no_more() {
     let status = store.inner.pool.status();
     assert_eq!((status.size, status.available), (max, max));
     assert_eq!(store.warm_up(0).await.unwrap(), 0);
+    // The rehearsals were rolled back: nothing is left in the table.
+    let client = store.inner.pool.get().await.unwrap();
+    let rows: i64 = client
+        .query_one(
+            format!("SELECT count(*) FROM {}", sql::quoted(store.table())).as_str(),
+            &[],
+        )
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(rows, 0, "the warm-up leaves no row behind");
+    // And each connection ran the claim past PostgreSQL's custom plans
+    // (five), to its cached plan.
+    let (generic, custom): (i64, i64) = {
+        let row = client
+            .query_one(
+                "SELECT generic_plans, custom_plans FROM pg_prepared_statements
+                 WHERE statement LIKE '%live AS%taken AS%'
+                   AND statement NOT LIKE '%pg_prepared_statements%'",
+                &[],
+            )
+            .await
+            .unwrap();
+        (row.get(0), row.get(1))
+    };
+    // (Connections warmed twice, by both calls above, ran it twice as
+    // often.)
+    assert!(
+        (generic + custom) as usize >= super::warm::REHEARSALS,
+        "the claim ran {generic} + {custom} times"
+    );
+    assert_eq!(custom, 5, "PostgreSQL's custom plans, then its cached one");
+    assert!(generic >= 1, "and reached its cached plan");
+    drop(client);
     // The store works as before.
     let key = StoreKey::from_parts(b"", b"after warm_up");
     assert!(matches!(
