@@ -34,7 +34,9 @@
 //! escapes is still the same charge; needs `--features json`),
 //! `--hand-written-guard` (with `--store memory`, `redis` or `postgres`: a
 //! hand-written guard on a moka cache, Redis or PostgreSQL instead of the
-//! layer, the benchmarks' floors), `--redis-url` (default `redis://127.0.0.1:6379`, or the cluster's seed
+//! layer, the benchmarks' floors), `--unfenced-ledger` (with `--store
+//! postgres`: the ledger row without the fence, as the floor writes it; for
+//! benchmarks only), `--redis-url` (default `redis://127.0.0.1:6379`, or the cluster's seed
 //! nodes, comma-separated; needs `--features redis` or `--features
 //! redis-cluster`) and `--postgres-url` (default
 //! `postgres://postgres@127.0.0.1:5432/postgres?sslmode=disable`; needs
@@ -840,6 +842,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let mode = fingerprint_mode(&args)?;
     if args.hand_written_guard && args.store == StoreKind::RedisCluster {
         return Err("--hand-written-guard is for --store memory, redis or postgres".into());
+    }
+    if args.unfenced_ledger && (args.store != StoreKind::Postgres || args.hand_written_guard) {
+        return Err("--unfenced-ledger is for --store postgres with the layer".into());
     }
     let router = match args.store {
         StoreKind::Memory if args.hand_written_guard => {
