@@ -29,11 +29,28 @@ struct Running {
 
 impl Running {
     /// Starts the binary with `args` (beside its listen and metrics
-    /// addresses), its stdout piped, and waits until it serves.
+    /// addresses), its stdout piped, and waits until it serves. The free
+    /// ports are picked before the binary binds them, so another test may
+    /// take one meanwhile: a start that fails with "Address already in
+    /// use" is tried again on new ports (five times at most).
     async fn start(upstream: SocketAddr, args: &[&str]) -> Self {
+        let mut last = String::new();
+        for _ in 0..5 {
+            match Self::try_start(upstream, args).await {
+                Ok(running) => return running,
+                Err(stderr) if stderr.contains("Address already in use") => last = stderr,
+                Err(stderr) => panic!("the sidecar exited before serving: {stderr}"),
+            }
+        }
+        panic!("the sidecar found no free port in five tries: {last}");
+    }
+
+    /// One start on two new ports: the running binary, or what it wrote to
+    /// stderr when it exited before serving.
+    async fn try_start(upstream: SocketAddr, args: &[&str]) -> Result<Self, String> {
         let addr: SocketAddr = ([127, 0, 0, 1], common::free_port()).into();
         let metrics: SocketAddr = ([127, 0, 0, 1], common::free_port()).into();
-        let child = Command::new(env!("CARGO_BIN_EXE_idempotency-sidecar"))
+        let mut child = Command::new(env!("CARGO_BIN_EXE_idempotency-sidecar"))
             .args(["--listen", &addr.to_string()])
             .args(["--upstream", &format!("http://{upstream}")])
             .args(["--metrics-listen", &metrics.to_string()])
@@ -44,30 +61,42 @@ impl Running {
             .stderr(Stdio::piped())
             .spawn()
             .expect("start the sidecar binary");
-        let mut child = child;
         let mut pipe = child.stdout.take().expect("piped stdout");
         let stdout = std::thread::spawn(move || {
             let mut out = Vec::new();
             let _ = std::io::Read::read_to_end(&mut pipe, &mut out);
             out
         });
-        common::eventually(Duration::from_secs(20), "the sidecar serves", || {
+        let limit = Duration::from_secs(20);
+        let started = std::time::Instant::now();
+        loop {
             if let Ok(Some(status)) = child.try_wait() {
                 let mut stderr = String::new();
                 if let Some(mut pipe) = child.stderr.take() {
                     let _ = std::io::Read::read_to_string(&mut pipe, &mut stderr);
                 }
-                panic!("the sidecar exited before serving ({status}): {stderr}");
+                return Err(format!("({status}) {stderr}"));
             }
-            async move { common::sidecar::health(addr).await == StatusCode::OK }
-        })
-        .await;
-        Self {
+            // Bounded: a listener of another test on this port may never
+            // answer.
+            let health =
+                tokio::time::timeout(Duration::from_millis(500), common::sidecar::health(addr));
+            if health.await == Ok(StatusCode::OK) {
+                break;
+            }
+            if started.elapsed() > limit {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!("the sidecar serves: not within {limit:?}");
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(Self {
             child: Some(child),
             stdout: Some(stdout),
             addr,
             metrics,
-        }
+        })
     }
 
     /// Stops it with SIGTERM and returns what it wrote to stdout.
