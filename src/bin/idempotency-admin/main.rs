@@ -211,9 +211,30 @@ impl From<StoreError> for Failure {
     fn from(e: StoreError) -> Self {
         match e.kind() {
             StoreErrorKind::Configuration => Failure::Usage(e.to_string()),
+            _ if schema_missing(&e) => Failure::Store(format!(
+                "{e}\n(the table is missing, or older than this tool: every instance of the store creates and updates it at start with PostgresStore::migrate, and the tool changes no schema; check --postgres-url and --table)"
+            )),
             _ => Failure::Store(e.to_string()),
         }
     }
+}
+
+/// Whether PostgreSQL answered `e` with "no such table" or "no such
+/// column" (SQLSTATE 42P01 or 42703): the store's table is missing, or
+/// was made by an older version and not migrated since.
+fn schema_missing(e: &StoreError) -> bool {
+    use tokio_postgres::error::SqlState;
+    let mut source = std::error::Error::source(e);
+    while let Some(cause) = source {
+        if let Some(pg) = cause.downcast_ref::<tokio_postgres::Error>() {
+            return matches!(
+                pg.code(),
+                Some(code) if *code == SqlState::UNDEFINED_TABLE || *code == SqlState::UNDEFINED_COLUMN
+            );
+        }
+        source = cause.source();
+    }
+    false
 }
 
 /// The store key the layer uses for `args`: the client's key parsed as
@@ -286,12 +307,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 builder = builder.tls_ca_file(ca);
             }
             let store = builder.build()?;
-            command(&store, cli.command).await.map_err(|failure| match failure {
-                Failure::Store(message) if message.contains("does not exist") => Failure::Store(format!(
-                    "{message}\n(the table is missing, or older than this tool: every instance of the store creates and updates it at start with PostgresStore::migrate, and the tool changes no schema; check --postgres-url and --table)"
-                )),
-                other => other,
-            })
+            command(&store, cli.command).await
         }
     }
 }
