@@ -304,3 +304,66 @@ async fn a_request_whose_body_never_comes_gives_its_place_back() {
     assert_eq!(up.executions.load(Ordering::SeqCst), 0);
     car.shutdown().await;
 }
+
+/// An upstream that speaks HTTP/1.0 (Python's `http.server` does): the
+/// client's answer is still HTTP/1.1, the first as the replay, and the
+/// client's connection stays open for its next request. Before, the first
+/// answer carried the upstream's version (`HTTP/1.0`) and the replay
+/// `HTTP/1.1`.
+#[tokio::test]
+async fn an_http_1_0_upstream_answers_the_client_in_its_own_version() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let upstream = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let up_addr = upstream.local_addr().unwrap();
+    tokio::spawn(async move {
+        while let Ok((mut conn, _)) = upstream.accept().await {
+            tokio::spawn(async move {
+                let mut buf = vec![0u8; 64 * 1024];
+                let mut seen = Vec::new();
+                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+                    match conn.read(&mut buf).await {
+                        Ok(0) | Err(_) => return,
+                        Ok(n) => seen.extend_from_slice(&buf[..n]),
+                    }
+                }
+                let _ = conn
+                    .write_all(b"HTTP/1.0 201 Created\r\ncontent-type: text/plain\r\n\r\ncharged")
+                    .await;
+                // HTTP/1.0 without a length: the body ends with the connection.
+            });
+        }
+    });
+    let car = Sidecar::start(IdempotencyLayer::new(MemoryStore::new()), config(up_addr)).await;
+    let request = b"POST /charge HTTP/1.1\r\nhost: a.example\r\nidempotency-key: v10\r\ncontent-length: 2\r\n\r\n{}";
+    // Both requests on one connection: the first answer keeps it open.
+    let mut conn = tokio::net::TcpStream::connect(car.addr).await.unwrap();
+    let mut answers = Vec::new();
+    for _ in 0..2 {
+        conn.write_all(request).await.unwrap();
+        let mut answer = Vec::new();
+        let mut buf = [0u8; 4096];
+        while !String::from_utf8_lossy(&answer).ends_with("charged") {
+            let n = tokio::time::timeout(Duration::from_secs(5), conn.read(&mut buf))
+                .await
+                .expect("answered")
+                .unwrap();
+            assert_ne!(
+                n,
+                0,
+                "the connection stays open: {}",
+                String::from_utf8_lossy(&answer)
+            );
+            answer.extend_from_slice(&buf[..n]);
+        }
+        answers.push(String::from_utf8_lossy(&answer).into_owned());
+    }
+    for answer in &answers {
+        assert!(answer.starts_with("HTTP/1.1 201 Created\r\n"), "{answer}");
+    }
+    assert!(
+        answers[1].contains("idempotent-replayed: true"),
+        "{}",
+        answers[1]
+    );
+    car.shutdown().await;
+}

@@ -136,6 +136,11 @@ impl Service<Request<RequestBody<ClientBody>>> for Proxy {
                 Ok(Ok(res)) => {
                     let (mut parts, body) = res.into_parts();
                     crate::headers::strip_hop_by_hop(&mut parts.headers);
+                    // The upstream's HTTP version is its hop's, not the
+                    // client's: an HTTP/1.0 upstream's answer would be
+                    // written to the client as HTTP/1.0 (and its connection
+                    // closed), where its replay is HTTP/1.1.
+                    parts.version = http::Version::default();
                     // A body that stalls must not keep its key in flight (its
                     // lease renewed) for as long as the upstream keeps the
                     // socket open: the layer completes a body that breaks
