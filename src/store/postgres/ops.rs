@@ -87,18 +87,22 @@ impl PostgresStore {
     }
 
     /// Whether the claim with `fence` on `key` is still live, marking it
-    /// as waited for (its completion or release then notifies). The waiter
+    /// as waited for when the store has notifications (its completion or
+    /// release then notifies; a store without them marks nothing). The waiter
     /// looks again when the lease ends (a dead owner's claim can then be
     /// taken over), and, for a live claim the probe could not mark (its row
     /// locked by its owner's fenced transaction, or changing under the
     /// probe), after [`MARK_RETRY`] at the latest.
     pub(super) async fn probe_claim(&self, key: StoreKey, fence: u64) -> Result<Probe, StoreError> {
         let fence = i64::try_from(fence).unwrap_or(i64::MAX);
+        // Without notifications nobody listens: a mark would only make the
+        // completion notify for nothing.
+        let listening = self.inner.notifications.is_some();
         let rows = self
             .query(
                 "wait",
                 &self.inner.sql.probe,
-                &[&key.as_bytes().as_slice(), &fence],
+                &[&key.as_bytes().as_slice(), &fence, &listening],
             )
             .await?;
         let Some(row) = rows.first() else {
@@ -114,7 +118,7 @@ impl PostgresStore {
         let left = left_ms
             .and_then(|ms| Duration::try_from_secs_f64(ms.max(0.0) / 1000.0).ok())
             .map(|d| d.saturating_add(Duration::from_millis(1)));
-        Ok(match (live, marked) {
+        Ok(match (live, marked || !listening) {
             (false, _) => Probe::Gone,
             (true, true) => Probe::Live { left },
             (true, false) => Probe::Live {

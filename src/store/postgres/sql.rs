@@ -256,7 +256,8 @@ impl Statements {
             // completes without `NOTIFY`, whose commit takes a lock every
             // notifying transaction in the database queues on. A row locked
             // by its owner's fenced transaction is not waited behind: it is
-            // marked at a later check.
+            // marked at a later check. $3 false (a store without
+            // notifications, whose waiters only look again) marks nothing.
             probe: format!(
                 "WITH live AS (
                    SELECT waited,
@@ -268,7 +269,7 @@ impl Statements {
                    UPDATE {table} SET waited = true
                    WHERE key IN (SELECT key FROM {table}
                                  WHERE key = $1 AND fence = $2 AND state = 0 AND NOT waited
-                                   AND EXISTS (SELECT 1 FROM live)
+                                   AND $3::bool AND EXISTS (SELECT 1 FROM live)
                                  FOR UPDATE SKIP LOCKED)
                    RETURNING key
                  )

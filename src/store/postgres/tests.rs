@@ -600,3 +600,57 @@ async fn a_waiter_does_not_wait_behind_a_locked_row() {
     assert!(rows[0].get::<_, bool>(0), "marked once free");
     drop_table(&store).await;
 }
+
+/// A store without notifications has nobody listening: its waiters look
+/// again at the lease's end (or the fallback check) and mark nothing, so
+/// the claim's completion sends no `NOTIFY` for nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_waiter_without_notifications_marks_nothing() {
+    use crate::store::Store;
+
+    let Some(store) = store_on_a_table_of_its_own("probe_without_listen").await else {
+        return;
+    };
+    let silent = PostgresStore::builder_for_pool(store.inner.pool.clone(), None)
+        .table(store.table())
+        .cleanup_every(None)
+        .build()
+        .unwrap();
+    assert!(silent.inner.notifications.is_none());
+    let key = StoreKey::from_parts(b"", b"no listener");
+    let fingerprint = crate::fingerprint::Fingerprint::from_bytes([5; 32]);
+    let Claim::Acquired(token) = silent
+        .claim(key, fingerprint, Duration::from_secs(60))
+        .await
+        .unwrap()
+    else {
+        panic!("acquired");
+    };
+    let probe = silent.probe_claim(key, token.fence()).await.unwrap();
+    assert!(
+        matches!(probe, remote::wait::Probe::Live { left: Some(left) } if left > super::ops::MARK_RETRY),
+        "looked at again when the 60 s lease ends, not every {:?}: {probe:?}",
+        super::ops::MARK_RETRY
+    );
+    let waited = format!(
+        "SELECT waited FROM {} WHERE key = $1",
+        sql::quoted(store.table())
+    );
+    let rows = silent
+        .query("read", &waited, &[&key.as_bytes().as_slice()])
+        .await
+        .unwrap();
+    assert!(!rows[0].get::<_, bool>(0), "not marked: nobody listens");
+    // The store with notifications marks the same claim.
+    let probe = store.probe_claim(key, token.fence()).await.unwrap();
+    assert!(
+        matches!(probe, remote::wait::Probe::Live { .. }),
+        "{probe:?}"
+    );
+    let rows = store
+        .query("read", &waited, &[&key.as_bytes().as_slice()])
+        .await
+        .unwrap();
+    assert!(rows[0].get::<_, bool>(0), "marked by a store that listens");
+    drop_table(&store).await;
+}
