@@ -370,7 +370,10 @@ impl Statements {
 /// answer was stored; when it was claimed, its fence tells) added to a table an earlier version made: the
 /// catalog is read first, so the `ALTER TABLE` (and its exclusive lock,
 /// which would wait for every open transaction on the table) runs once,
-/// not at every start. The index on fence and key (for an operator's
+/// not at every start. The indexes likewise: `CREATE INDEX IF NOT EXISTS`
+/// takes the table's share lock before it looks, so at every start it
+/// would wait for every open writing transaction on the table (a fenced
+/// handler's) and hold every new write behind it meanwhile. The index on fence and key (for an operator's
 /// listing) is built without `CONCURRENTLY`: on a large table made by an
 /// earlier version, build it yourself first with
 /// `CREATE INDEX CONCURRENTLY "<table>_fence" ON "<table>" (fence, key)`.
@@ -417,9 +420,13 @@ fn migrate(name: &str) -> String {
              ALTER TABLE {table}
                ADD COLUMN IF NOT EXISTS waited boolean NOT NULL DEFAULT false;
            END IF;
-         END $$;
-         CREATE INDEX IF NOT EXISTS {index} ON {table} (expires_at);
-         CREATE INDEX IF NOT EXISTS {by_fence} ON {table} (fence, key);"
+           IF to_regclass('{index}') IS NULL THEN
+             CREATE INDEX {index} ON {table} (expires_at);
+           END IF;
+           IF to_regclass('{by_fence}') IS NULL THEN
+             CREATE INDEX {by_fence} ON {table} (fence, key);
+           END IF;
+         END $$;"
     )
 }
 

@@ -654,3 +654,54 @@ async fn a_waiter_without_notifications_marks_nothing() {
     assert!(rows[0].get::<_, bool>(0), "marked by a store that listens");
     drop_table(&store).await;
 }
+
+/// `migrate` at a start while a handler's fenced transaction is open on
+/// the table (it holds the table's row-exclusive lock until it commits):
+/// it neither waits for that transaction nor makes writes wait behind it.
+/// Before, its `CREATE INDEX IF NOT EXISTS` took the table's share lock
+/// before finding the index there, and waited.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn migrate_does_not_wait_for_open_transactions_on_the_table() {
+    use crate::store::Store;
+
+    let Some(store) = store_on_a_table_of_its_own("migrate_no_wait").await else {
+        return;
+    };
+    let key = StoreKey::from_parts(b"", b"open transaction");
+    let fingerprint = crate::fingerprint::Fingerprint::from_bytes([6; 32]);
+    assert!(matches!(
+        store.claim(key, fingerprint, Duration::from_secs(60)).await,
+        Ok(Claim::Acquired(_))
+    ));
+    let (mut other, connection) =
+        tokio_postgres::connect(&test_database_url(), tokio_postgres::NoTls)
+            .await
+            .unwrap();
+    tokio::spawn(connection);
+    let open = other.transaction().await.unwrap();
+    let write = format!(
+        "UPDATE {} SET effect_committed = true WHERE key = $1",
+        sql::quoted(store.table())
+    );
+    assert_eq!(
+        open.execute(write.as_str(), &[&key.as_bytes().as_slice()])
+            .await
+            .unwrap(),
+        1
+    );
+    tokio::time::timeout(Duration::from_secs(5), store.migrate())
+        .await
+        .expect("migrate does not wait for the open transaction")
+        .unwrap();
+    open.rollback().await.unwrap();
+    // And the indexes it looked for are there (it made them at the start).
+    for index in ["expires_at", "fence"] {
+        let name = sql::quoted(&format!("{}_{index}", store.table()));
+        let rows = store
+            .query("read", "SELECT to_regclass($1) IS NOT NULL", &[&name])
+            .await
+            .unwrap();
+        assert!(rows[0].get::<_, bool>(0), "{name}");
+    }
+    drop_table(&store).await;
+}
