@@ -54,7 +54,9 @@
 # (first requests add records of their own: about as many as it serves.)
 # Each bare run sends exactly the requests of the scenarios it is the
 # baseline for, so wrk (which shares the two cores) does the same work in
-# both. It prints req/s, p50 and p99 per scenario and round, then the
+# both. Each scenario and its floor run back to back, the floor first in
+# odd rounds and the scenario first in even ones. It prints req/s, p50 and
+# p99 per scenario and round, then the
 # medians and their ratios to their bare run. For the redis-* scenarios it
 # also prints the Redis server's CPU time per request (user + system, from
 # `INFO cpu` before and after the run, over wrk's request count), and the
@@ -252,27 +254,43 @@ scale_rounds() {
     done
 }
 
+# Each scenario beside its floor: the floor first in odd rounds, ours first
+# in even ones, so that neither always runs on the machine the other warmed
+# (or the database the other filled).
+in_turn() { # round, then the two `run` argument lists, split by `--`
+    local round=$1
+    shift
+    local first=() second=()
+    while [ "$1" != -- ]; do first+=("$1"); shift; done
+    shift
+    second=("$@")
+    if (( round % 2 )); then
+        run "${first[@]}"; run "${second[@]}"
+    else
+        run "${second[@]}"; run "${first[@]}"
+    fi
+}
+
 plain_rounds() {
+    local redis="redis://127.0.0.1:${redis_port:-0}"
     for round in $(seq "$ROUNDS"); do
         echo "--- round $round"
         run bare-unique unique.lua --no-idempotency
-        run first unique.lua
         run bare-fixed fixed.lua --no-idempotency
-        run replay fixed.lua
-        run mem-floor-first unique.lua --hand-written-guard
-        run mem-floor-replay fixed.lua --hand-written-guard
+        in_turn "$round" mem-floor-first unique.lua --hand-written-guard -- first unique.lua
+        in_turn "$round" mem-floor-replay fixed.lua --hand-written-guard -- replay fixed.lua
         if [ "$have_redis" = 1 ]; then
-            run redis-floor-first unique.lua --store redis --hand-written-guard --redis-url "redis://127.0.0.1:$redis_port"
-            run redis-first unique.lua --store redis --redis-url "redis://127.0.0.1:$redis_port"
-            run redis-floor-replay fixed.lua --store redis --hand-written-guard --redis-url "redis://127.0.0.1:$redis_port"
-            run redis-replay fixed.lua --store redis --redis-url "redis://127.0.0.1:$redis_port"
+            in_turn "$round" redis-floor-first unique.lua --store redis --hand-written-guard --redis-url "$redis" \
+                -- redis-first unique.lua --store redis --redis-url "$redis"
+            in_turn "$round" redis-floor-replay fixed.lua --store redis --hand-written-guard --redis-url "$redis" \
+                -- redis-replay fixed.lua --store redis --redis-url "$redis"
         fi
         if [ "$have_pg" = 1 ]; then
-            run pg-floor-first unique.lua --store postgres --hand-written-guard --postgres-url "$pg_url"
-            run pg-first unique.lua --store postgres --postgres-url "$pg_url"
+            in_turn "$round" pg-floor-first unique.lua --store postgres --hand-written-guard --postgres-url "$pg_url" \
+                -- pg-first unique.lua --store postgres --postgres-url "$pg_url"
             run pg-unfenced-first unique.lua --store postgres --unfenced-ledger --postgres-url "$pg_url"
-            run pg-floor-replay fixed.lua --store postgres --hand-written-guard --postgres-url "$pg_url"
-            run pg-replay fixed.lua --store postgres --postgres-url "$pg_url"
+            in_turn "$round" pg-floor-replay fixed.lua --store postgres --hand-written-guard --postgres-url "$pg_url" \
+                -- pg-replay fixed.lua --store postgres --postgres-url "$pg_url"
         fi
     done
 }
