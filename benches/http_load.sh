@@ -55,7 +55,8 @@
 # Each bare run sends exactly the requests of the scenarios it is the
 # baseline for, so wrk (which shares the two cores) does the same work in
 # both. Each scenario and its floor run back to back, the floor first in
-# odd rounds and the scenario first in even ones. It prints req/s, p50 and
+# odd rounds and the scenario first in even ones (pg-first, its floor and
+# pg-unfenced-first: in that order, then in the reverse one). It prints req/s, p50 and
 # p99 per scenario and round, then the
 # medians and their ratios to their bare run. For the redis-* scenarios it
 # also prints the Redis server's CPU time per request (user + system, from
@@ -188,6 +189,7 @@ PY
 }
 
 process_cpu() { # pid: that process's user + system CPU seconds so far
+    [ -r "/proc/$1/stat" ] || { echo "the demo (pid $1) is gone: $(cat "$work/server.log")" >&2; return 1; }
     awk -v tick="$(getconf CLK_TCK)" '{ sub(/^.*\) /, ""); printf "%.6f", ($12 + $13) / tick }' "/proc/$1/stat"
 }
 
@@ -257,18 +259,21 @@ scale_rounds() {
 # Each scenario beside its floor: the floor first in odd rounds, ours first
 # in even ones, so that neither always runs on the machine the other warmed
 # (or the database the other filled).
-in_turn() { # round, then the two `run` argument lists, split by `--`
+in_turn() { # round, then `run` argument lists split by `--`: in that
+    # order in odd rounds, in the reverse order in even ones
     local round=$1
     shift
-    local first=() second=()
-    while [ "$1" != -- ]; do first+=("$1"); shift; done
-    shift
-    second=("$@")
-    if (( round % 2 )); then
-        run "${first[@]}"; run "${second[@]}"
-    else
-        run "${second[@]}"; run "${first[@]}"
-    fi
+    local lists=() current=""
+    for arg in "$@"; do
+        if [ "$arg" = -- ]; then lists+=("$current"); current=""; else current+="$(printf '%q ' "$arg")"; fi
+    done
+    lists+=("$current")
+    local i n=${#lists[@]}
+    for ((i = 0; i < n; i++)); do
+        local at=$i
+        (( round % 2 )) || at=$((n - 1 - i))
+        eval "run ${lists[$at]}"
+    done
 }
 
 plain_rounds() {
@@ -287,8 +292,8 @@ plain_rounds() {
         fi
         if [ "$have_pg" = 1 ]; then
             in_turn "$round" pg-floor-first unique.lua --store postgres --hand-written-guard --postgres-url "$pg_url" \
-                -- pg-first unique.lua --store postgres --postgres-url "$pg_url"
-            run pg-unfenced-first unique.lua --store postgres --unfenced-ledger --postgres-url "$pg_url"
+                -- pg-first unique.lua --store postgres --postgres-url "$pg_url" \
+                -- pg-unfenced-first unique.lua --store postgres --unfenced-ledger --postgres-url "$pg_url"
             in_turn "$round" pg-floor-replay fixed.lua --store postgres --hand-written-guard --postgres-url "$pg_url" \
                 -- pg-replay fixed.lua --store postgres --postgres-url "$pg_url"
         fi
@@ -309,6 +314,7 @@ for line in open(sys.argv[1]):
     name, rps = line.split()
     runs.setdefault(name, []).append(float(rps))
 baseline = {"first": "bare-unique", "redis-first": "bare-unique", "pg-first": "bare-unique",
+            "pg-unfenced-first": "bare-unique",
             "replay": "bare-fixed", "redis-replay": "bare-fixed", "pg-replay": "bare-fixed"}
 floor = {"redis-first": "redis-floor-first", "redis-replay": "redis-floor-replay",
          "first": "mem-floor-first", "replay": "mem-floor-replay",

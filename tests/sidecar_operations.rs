@@ -82,7 +82,12 @@ impl Running {
             let health =
                 tokio::time::timeout(Duration::from_millis(500), common::sidecar::health(addr));
             if health.await == Ok(StatusCode::OK) {
-                break;
+                // Another test's sidecar on this port answers too: only a
+                // child still running is ours serving.
+                if matches!(child.try_wait(), Ok(None)) {
+                    break;
+                }
+                continue;
             }
             if started.elapsed() > limit {
                 let _ = child.kill();

@@ -95,7 +95,9 @@ impl PostgresStore {
     /// Call it in the transaction that writes the handler's business rows,
     /// after them and before committing: it locks the key's row until the
     /// transaction ends (a takeover waits for it), and costs one round
-    /// trip. On [`FenceError::Lost`], roll back. `tx` is a tokio-postgres
+    /// trip (two the first time on a connection with deadpool's
+    /// transaction, which prepares the statement then). On
+    /// [`FenceError::Lost`], roll back. `tx` is a tokio-postgres
     /// or deadpool-postgres transaction ([`FenceTransaction`]); with
     /// deadpool's, the statement is prepared once per connection.
     pub async fn fence<T: FenceTransaction>(

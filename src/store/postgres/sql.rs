@@ -370,10 +370,11 @@ impl Statements {
 /// answer was stored; when it was claimed, its fence tells) added to a table an earlier version made: the
 /// catalog is read first, so the `ALTER TABLE` (and its exclusive lock,
 /// which would wait for every open transaction on the table) runs once,
-/// not at every start. The indexes likewise: `CREATE INDEX IF NOT EXISTS`
-/// takes the table's share lock before it looks, so at every start it
-/// would wait for every open writing transaction on the table (a fenced
-/// handler's) and hold every new write behind it meanwhile. The index on fence and key (for an operator's
+/// not at every start. The indexes likewise, by name in the table's own
+/// schema: `CREATE INDEX IF NOT EXISTS` takes the table's share lock
+/// before it looks, so at every start it would wait for every open
+/// writing transaction on the table (a fenced handler's) and hold every
+/// new write behind it meanwhile. The index on fence and key (for an operator's
 /// listing) is built without `CONCURRENTLY`: on a large table made by an
 /// earlier version, build it yourself first with
 /// `CREATE INDEX CONCURRENTLY "<table>_fence" ON "<table>" (fence, key)`.
@@ -420,10 +421,16 @@ fn migrate(name: &str) -> String {
              ALTER TABLE {table}
                ADD COLUMN IF NOT EXISTS waited boolean NOT NULL DEFAULT false;
            END IF;
-           IF to_regclass('{index}') IS NULL THEN
+           IF NOT EXISTS (SELECT 1 FROM pg_class
+                          WHERE relname = '{name}_expires_at'
+                            AND relnamespace = (SELECT relnamespace FROM pg_class
+                                                WHERE oid = '{table}'::regclass)) THEN
              CREATE INDEX {index} ON {table} (expires_at);
            END IF;
-           IF to_regclass('{by_fence}') IS NULL THEN
+           IF NOT EXISTS (SELECT 1 FROM pg_class
+                          WHERE relname = '{name}_fence'
+                            AND relnamespace = (SELECT relnamespace FROM pg_class
+                                                WHERE oid = '{table}'::regclass)) THEN
              CREATE INDEX {by_fence} ON {table} (fence, key);
            END IF;
          END $$;"
@@ -480,12 +487,15 @@ mod tests {
         ];
         for sql in all {
             assert!(sql.contains("\"order\""), "{sql}");
-            // Beside the quoted names, the word is only in the advisory
-            // lock's string literal.
+            // Beside the quoted names, the word is only in string
+            // literals: the advisory lock's, and the index names the
+            // migration looks up in the catalog.
             let rest = sql
                 .replace("\"order\"", "")
                 .replace("\"order_expires_at\"", "")
                 .replace("\"order_fence\"", "")
+                .replace("'order_expires_at'", "")
+                .replace("'order_fence'", "")
                 .replace("'tower_idempotency_migrate:order'", "");
             assert!(!rest.contains("order"), "unquoted in: {sql}");
         }

@@ -33,9 +33,9 @@ impl PostgresStore {
     /// connections opened and the statements prepared, 2.6–3.6 ms; and in
     /// the first second alone, p99 8–14 ms with the statements only
     /// prepared, 4.5–5.8 ms with them also run (six starts each;
-    /// BENCHMARKS.md). Connections are opened one after another, each
-    /// within the operation timeout; if one fails, the call fails and
-    /// those already open stay in the pool.
+    /// BENCHMARKS.md). Connections are opened one after another; each
+    /// one's opening and its rehearsal take the operation timeout each. If
+    /// one fails, the call fails and those already open stay in the pool.
     ///
     /// ```no_run
     /// # async fn run() -> Result<(), tower_idempotency::store::StoreError> {
@@ -51,22 +51,23 @@ impl PostgresStore {
         // Each connection is held until all are open, so each is a new one.
         let mut held = Vec::with_capacity(n);
         for _ in 0..n {
-            let client = self
+            // Opening (and preparing) and the rehearsal each within the
+            // operation timeout: together they are some twenty round trips.
+            let mut client = self
                 .bounded("warm_up", async {
-                    let mut client = Pooled::get(&self.inner.pool).await?;
-                    self.rehearse(&mut client).await?;
+                    let client = Pooled::get(&self.inner.pool).await?;
+                    self.prepare(&client).await?;
                     Ok(client)
                 })
                 .await?;
+            self.bounded("warm_up", self.rehearse(&mut client)).await?;
             held.push(client);
         }
         Ok(held.len())
     }
 
-    /// Prepares the statements of a request on `client`, and runs the
-    /// claim and completion [`REHEARSALS`] times in a transaction it rolls
-    /// back.
-    async fn rehearse(&self, client: &mut Pooled) -> Result<(), super::error::PgError> {
+    /// Prepares the statements of a request on `client`.
+    async fn prepare(&self, client: &Pooled) -> Result<(), super::error::PgError> {
         let sql = &self.inner.sql;
         for statement in [
             &sql.claim,
@@ -77,6 +78,13 @@ impl PostgresStore {
         ] {
             client.answer(client.prepare_cached(statement)).await?;
         }
+        Ok(())
+    }
+
+    /// Runs the claim and completion [`REHEARSALS`] times on `client`, in
+    /// a transaction it rolls back.
+    async fn rehearse(&self, client: &mut Pooled) -> Result<(), super::error::PgError> {
+        let sql = &self.inner.sql;
         // A key no request has (requests' keys are SHA-256 digests of 32
         // bytes; this one is longer), distinct per connection so warm-ups
         // of several processes never wait on each other's row.
