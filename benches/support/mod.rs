@@ -95,72 +95,20 @@ pub(crate) fn runtime() -> tokio::runtime::Runtime {
 /// `--store memory`): a moka cache bounded by bytes as `MemoryStore` bounds
 /// its records; one lookup before the handler, one insert of the collected
 /// response after. No fingerprint, no claim, no waiting.
+mod memory_floor;
+
 pub(crate) mod floor {
     use super::*;
-    use axum::extract::State;
-    use axum::http::{HeaderValue, header};
-    use axum::middleware::Next;
-    use axum::response::{IntoResponse, Response};
-
-    #[derive(Clone)]
-    pub(crate) struct Stored {
-        status: StatusCode,
-        content_type: Option<HeaderValue>,
-        body: Bytes,
-    }
-
-    pub(crate) type Cache = moka::sync::Cache<Bytes, Stored>;
-
-    async fn guard(
-        State(cache): State<Cache>,
-        request: axum::extract::Request,
-        next: Next,
-    ) -> Response {
-        let Some(key) = request
-            .headers()
-            .get("idempotency-key")
-            .map(|k| Bytes::copy_from_slice(k.as_bytes()))
-        else {
-            return next.run(request).await;
-        };
-        if let Some(stored) = cache.get(&key) {
-            let mut response = (stored.status, stored.body).into_response();
-            if let Some(content_type) = stored.content_type {
-                response
-                    .headers_mut()
-                    .insert(header::CONTENT_TYPE, content_type);
-            }
-            return response;
-        }
-        let response = next.run(request).await;
-        let (parts, body) = response.into_parts();
-        let Ok(body) = axum::body::to_bytes(body, 1 << 20).await else {
-            return StatusCode::INTERNAL_SERVER_ERROR.into_response();
-        };
-        if !parts.status.is_server_error() {
-            let stored = Stored {
-                status: parts.status,
-                content_type: parts.headers.get(header::CONTENT_TYPE).cloned(),
-                body: body.clone(),
-            };
-            cache.insert(key, stored);
-        }
-        Response::from_parts(parts, Body::from(body))
-    }
 
     /// The routes behind the floor, on a cache of at most 64 MiB (the
     /// memory store's default bound).
     pub(crate) fn guarded() -> Router {
-        let cache: Cache = moka::sync::Cache::builder()
-            .max_capacity(64 << 20)
-            .weigher(|key: &Bytes, stored: &Stored| {
-                u32::try_from(key.len() + stored.body.len() + 64).unwrap_or(u32::MAX)
-            })
-            .eviction_policy(moka::policy::EvictionPolicy::lru())
-            .time_to_live(Duration::from_secs(24 * 60 * 60))
-            .build();
+        let cache = super::memory_floor::cache(64 << 20);
         unprepared_routes()
-            .layer(axum::middleware::from_fn_with_state(cache, guard))
+            .layer(axum::middleware::from_fn_with_state(
+                cache,
+                super::memory_floor::guard,
+            ))
             .with_state(())
     }
 }
