@@ -48,6 +48,42 @@ async fn store_on_a_table_of_its_own(test: &str) -> Option<PostgresStore> {
     Some(store)
 }
 
+/// A claim of `key` on `store` for a 60 s lease, which must be acquired.
+async fn acquire(
+    store: &PostgresStore,
+    key: StoreKey,
+    fingerprint: u8,
+) -> crate::store::OwnerToken {
+    use crate::store::Store;
+    let fingerprint = crate::fingerprint::Fingerprint::from_bytes([fingerprint; 32]);
+    match store.claim(key, fingerprint, Duration::from_secs(60)).await {
+        Ok(Claim::Acquired(token)) => token,
+        other => panic!("acquired: {other:?}"),
+    }
+}
+
+/// Whether `key`'s row on `store`'s table is marked as waited for.
+async fn waited(store: &PostgresStore, key: StoreKey) -> bool {
+    let sql = format!(
+        "SELECT waited FROM {} WHERE key = $1",
+        sql::quoted(store.table())
+    );
+    store
+        .query("read", &sql, &[&key.as_bytes().as_slice()])
+        .await
+        .unwrap()[0]
+        .get(0)
+}
+
+/// A connection of its own to the test database (another process's).
+async fn other_connection() -> tokio_postgres::Client {
+    let (client, connection) = tokio_postgres::connect(&test_database_url(), tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(connection);
+    client
+}
+
 async fn drop_table(store: &PostgresStore) {
     let sql = format!("DROP TABLE {}", sql::quoted(store.table()));
     store.execute("drop", &sql, &[]).await.unwrap();
@@ -546,25 +582,12 @@ async fn warm_up_opens_the_connections_it_is_asked_for_and_no_more() {
 /// soon; once the row is free, it marks it.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiter_does_not_wait_behind_a_locked_row() {
-    use crate::store::Store;
-
     let Some(store) = store_on_a_table_of_its_own("probe_skips_locked").await else {
         return;
     };
     let key = StoreKey::from_parts(b"", b"locked");
-    let fingerprint = crate::fingerprint::Fingerprint::from_bytes([4; 32]);
-    let Claim::Acquired(token) = store
-        .claim(key, fingerprint, Duration::from_secs(60))
-        .await
-        .unwrap()
-    else {
-        panic!("acquired");
-    };
-    let (mut other, connection) =
-        tokio_postgres::connect(&test_database_url(), tokio_postgres::NoTls)
-            .await
-            .unwrap();
-    tokio::spawn(connection);
+    let token = acquire(&store, key, 4).await;
+    let mut other = other_connection().await;
     let holder = other.transaction().await.unwrap();
     let lock = format!(
         "SELECT 1 FROM {} WHERE key = $1 FOR UPDATE",
@@ -574,10 +597,6 @@ async fn a_waiter_does_not_wait_behind_a_locked_row() {
         .execute(lock.as_str(), &[&key.as_bytes().as_slice()])
         .await
         .unwrap();
-    let waited = format!(
-        "SELECT waited FROM {} WHERE key = $1",
-        sql::quoted(store.table())
-    );
     let probe = tokio::time::timeout(
         Duration::from_secs(5),
         store.probe_claim(key, token.fence()),
@@ -589,22 +608,14 @@ async fn a_waiter_does_not_wait_behind_a_locked_row() {
         matches!(probe, remote::wait::Probe::Live { left: Some(d) } if d == super::ops::MARK_RETRY),
         "{probe:?}"
     );
-    let rows = store
-        .query("read", &waited, &[&key.as_bytes().as_slice()])
-        .await
-        .unwrap();
-    assert!(!rows[0].get::<_, bool>(0), "not marked while locked");
+    assert!(!waited(&store, key).await, "not marked while locked");
     holder.commit().await.unwrap();
     let probe = store.probe_claim(key, token.fence()).await.unwrap();
     assert!(
         matches!(probe, remote::wait::Probe::Live { left: Some(left) } if left > super::ops::MARK_RETRY),
         "marked: looked at again when the 60 s lease ends, {probe:?}"
     );
-    let rows = store
-        .query("read", &waited, &[&key.as_bytes().as_slice()])
-        .await
-        .unwrap();
-    assert!(rows[0].get::<_, bool>(0), "marked once free");
+    assert!(waited(&store, key).await, "marked once free");
     drop_table(&store).await;
 }
 
@@ -613,8 +624,6 @@ async fn a_waiter_does_not_wait_behind_a_locked_row() {
 /// the claim's completion sends no `NOTIFY` for nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_waiter_without_notifications_marks_nothing() {
-    use crate::store::Store;
-
     let Some(store) = store_on_a_table_of_its_own("probe_without_listen").await else {
         return;
     };
@@ -625,40 +634,21 @@ async fn a_waiter_without_notifications_marks_nothing() {
         .unwrap();
     assert!(silent.inner.notifications.is_none());
     let key = StoreKey::from_parts(b"", b"no listener");
-    let fingerprint = crate::fingerprint::Fingerprint::from_bytes([5; 32]);
-    let Claim::Acquired(token) = silent
-        .claim(key, fingerprint, Duration::from_secs(60))
-        .await
-        .unwrap()
-    else {
-        panic!("acquired");
-    };
+    let token = acquire(&silent, key, 5).await;
     let probe = silent.probe_claim(key, token.fence()).await.unwrap();
     assert!(
         matches!(probe, remote::wait::Probe::Live { left: Some(left) } if left > super::ops::MARK_RETRY),
         "looked at again when the 60 s lease ends, not every {:?}: {probe:?}",
         super::ops::MARK_RETRY
     );
-    let waited = format!(
-        "SELECT waited FROM {} WHERE key = $1",
-        sql::quoted(store.table())
-    );
-    let rows = silent
-        .query("read", &waited, &[&key.as_bytes().as_slice()])
-        .await
-        .unwrap();
-    assert!(!rows[0].get::<_, bool>(0), "not marked: nobody listens");
+    assert!(!waited(&silent, key).await, "not marked: nobody listens");
     // The store with notifications marks the same claim.
     let probe = store.probe_claim(key, token.fence()).await.unwrap();
     assert!(
         matches!(probe, remote::wait::Probe::Live { .. }),
         "{probe:?}"
     );
-    let rows = store
-        .query("read", &waited, &[&key.as_bytes().as_slice()])
-        .await
-        .unwrap();
-    assert!(rows[0].get::<_, bool>(0), "marked by a store that listens");
+    assert!(waited(&store, key).await, "marked by a store that listens");
     drop_table(&store).await;
 }
 
@@ -669,22 +659,12 @@ async fn a_waiter_without_notifications_marks_nothing() {
 /// before finding the index there, and waited.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn migrate_does_not_wait_for_open_transactions_on_the_table() {
-    use crate::store::Store;
-
     let Some(store) = store_on_a_table_of_its_own("migrate_no_wait").await else {
         return;
     };
     let key = StoreKey::from_parts(b"", b"open transaction");
-    let fingerprint = crate::fingerprint::Fingerprint::from_bytes([6; 32]);
-    assert!(matches!(
-        store.claim(key, fingerprint, Duration::from_secs(60)).await,
-        Ok(Claim::Acquired(_))
-    ));
-    let (mut other, connection) =
-        tokio_postgres::connect(&test_database_url(), tokio_postgres::NoTls)
-            .await
-            .unwrap();
-    tokio::spawn(connection);
+    acquire(&store, key, 6).await;
+    let mut other = other_connection().await;
     let open = other.transaction().await.unwrap();
     let write = format!(
         "UPDATE {} SET effect_committed = true WHERE key = $1",
