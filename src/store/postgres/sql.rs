@@ -387,8 +387,6 @@ impl Statements {
 /// string literal (it holds no `'`), quoted everywhere else.
 fn migrate(name: &str) -> String {
     let table = quoted(name);
-    let index = quoted(&format!("{name}_expires_at"));
-    let by_fence = quoted(&format!("{name}_fence"));
     format!(
         "SELECT pg_advisory_xact_lock(hashtext('tower_idempotency_migrate:{name}'));
          CREATE TABLE IF NOT EXISTS {table} (
@@ -421,19 +419,27 @@ fn migrate(name: &str) -> String {
              ALTER TABLE {table}
                ADD COLUMN IF NOT EXISTS waited boolean NOT NULL DEFAULT false;
            END IF;
-           IF NOT EXISTS (SELECT 1 FROM pg_class
-                          WHERE relname = '{name}_expires_at'
+           {by_expiry}
+           {by_fence}
+         END $$;",
+        by_expiry = index_if_missing(name, "expires_at", "expires_at"),
+        by_fence = index_if_missing(name, "fence", "fence, key"),
+    )
+}
+
+/// The PL/pgSQL that creates the index `<name>_<suffix>` on `columns` of
+/// the table `name` unless an index of that name is in the table's own
+/// schema (`CREATE INDEX IF NOT EXISTS` would take the table's share lock
+/// first).
+fn index_if_missing(name: &str, suffix: &str, columns: &str) -> String {
+    let (table, index) = (quoted(name), quoted(&format!("{name}_{suffix}")));
+    format!(
+        "IF NOT EXISTS (SELECT 1 FROM pg_class
+                          WHERE relname = '{name}_{suffix}'
                             AND relnamespace = (SELECT relnamespace FROM pg_class
                                                 WHERE oid = '{table}'::regclass)) THEN
-             CREATE INDEX {index} ON {table} (expires_at);
-           END IF;
-           IF NOT EXISTS (SELECT 1 FROM pg_class
-                          WHERE relname = '{name}_fence'
-                            AND relnamespace = (SELECT relnamespace FROM pg_class
-                                                WHERE oid = '{table}'::regclass)) THEN
-             CREATE INDEX {by_fence} ON {table} (fence, key);
-           END IF;
-         END $$;"
+             CREATE INDEX {index} ON {table} ({columns});
+           END IF;"
     )
 }
 
