@@ -193,6 +193,10 @@ process_cpu() { # pid: that process's user + system CPU seconds so far
     awk -v tick="$(getconf CLK_TCK)" '{ sub(/^.*\) /, ""); printf "%.6f", ($12 + $13) / tick }' "/proc/$1/stat"
 }
 
+per_request() { # CPU seconds before, after, requests: µs of CPU per request
+    python3 -c "print(f'{($2 - $1) * 1e6 / max(${3:-0}, 1):.1f}')"
+}
+
 measure() { # name script: wrk against the running server
     local name=$1 script=$2
     local cpu_before="" pg_before="" demo_before=""
@@ -208,26 +212,21 @@ measure() { # name script: wrk against the running server
     p50=$(awk '$1=="50%" {print $2}' "$work/out")
     p99=$(awk '$1=="99%" {print $2}' "$work/out")
     non2xx=$(awk '/Non-2xx/ {print $5}' "$work/out")
-    local cpu_note=""
+    local requests us cpu_note=""
+    requests=$(awk '/requests in/ {print $1}' "$work/out")
     if [ -n "$cpu_before" ]; then
-        local requests cpu_us
-        requests=$(awk '/requests in/ {print $1}' "$work/out")
-        cpu_us=$(python3 -c "print(f'{($(redis_cpu) - $cpu_before) * 1e6 / max(${requests:-0}, 1):.1f}')")
-        cpu_note="  redis cpu ${cpu_us} us/req"
-        echo "$name-cpu $cpu_us" >>"$work/results"
+        us=$(per_request "$cpu_before" "$(redis_cpu)" "$requests")
+        cpu_note="  redis cpu ${us} us/req"
+        echo "$name-cpu $us" >>"$work/results"
     fi
-    local requests_done
-    requests_done=$(awk '/requests in/ {print $1}' "$work/out")
     if [ -n "$pg_before" ]; then
-        local pg_us
-        pg_us=$(python3 -c "print(f'{($(pg_cpu) - $pg_before) * 1e6 / max(${requests_done:-0}, 1):.1f}')")
-        cpu_note="$cpu_note  postgres cpu ${pg_us} us/req"
-        echo "$name-pgcpu $pg_us" >>"$work/results"
+        us=$(per_request "$pg_before" "$(pg_cpu)" "$requests")
+        cpu_note="$cpu_note  postgres cpu ${us} us/req"
+        echo "$name-pgcpu $us" >>"$work/results"
     fi
-    local demo_us
-    demo_us=$(python3 -c "print(f'{($(process_cpu "$server") - $demo_before) * 1e6 / max(${requests_done:-0}, 1):.1f}')")
-    cpu_note="$cpu_note  demo cpu ${demo_us} us/req"
-    echo "$name-democpu $demo_us" >>"$work/results"
+    us=$(per_request "$demo_before" "$(process_cpu "$server")" "$requests")
+    cpu_note="$cpu_note  demo cpu ${us} us/req"
+    echo "$name-democpu $us" >>"$work/results"
     printf '%-18s %10s req/s  p50 %8s  p99 %8s  non-2xx %s%s\n' "$name" "$rps" "$p50" "$p99" "${non2xx:-0}" "$cpu_note"
     echo "$name $rps" >>"$work/results"
 }
