@@ -57,6 +57,23 @@ async fn charge(
     Ok(())
 }
 
+/// [`charge`] on a pooled connection: in a deadpool-postgres transaction,
+/// whose fence statement is prepared once per connection.
+async fn charge_pooled(
+    store: &PostgresStore,
+    pool: &deadpool_postgres::Pool,
+    name: &str,
+    execution: &tower_idempotency::engine::ExecutionContext,
+) -> Result<(), FenceError> {
+    let mut client = pool.get().await.expect("a connection");
+    let tx = client.transaction().await?;
+    tx.execute("INSERT INTO charges (execution) VALUES ($1)", &[&name])
+        .await?;
+    store.fence(&tx, execution).await?;
+    tx.commit().await?;
+    Ok(())
+}
+
 /// A second handle on the same table, as another process would have.
 fn second_handle(fixture: &PgFixture) -> PostgresStore {
     PostgresStore::builder(&fixture.db.url)
@@ -405,12 +422,7 @@ async fn a_pooled_transaction_fences_with_a_statement_prepared_once() {
                 StoreKey::from_parts(b"", name.as_bytes()),
                 FP,
                 |ctx| async move {
-                    let mut client = pool.get().await.expect("a connection");
-                    let tx = client.transaction().await?;
-                    tx.execute("INSERT INTO charges (execution) VALUES ($1)", &[&name])
-                        .await?;
-                    store.fence(&tx, &ctx).await?;
-                    tx.commit().await?;
+                    charge_pooled(&store, &pool, name, &ctx).await?;
                     Ok::<_, FenceError>(Bytes::from_static(b"ok"))
                 },
             )
@@ -441,12 +453,7 @@ async fn a_pooled_transaction_fences_with_a_statement_prepared_once() {
     let result = engine
         .run_stored(StoreKey::from_parts(b"", b"purged"), FP, |ctx| async move {
             store.purge(ctx.store_key()).await.expect("purge");
-            let mut client = pooled.get().await.expect("a connection");
-            let tx = client.transaction().await?;
-            tx.execute("INSERT INTO charges (execution) VALUES ('purged')", &[])
-                .await?;
-            store.fence(&tx, &ctx).await?;
-            tx.commit().await?;
+            charge_pooled(&store, &pooled, "purged", &ctx).await?;
             Ok::<_, FenceError>(Bytes::new())
         })
         .await;
