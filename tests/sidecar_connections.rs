@@ -318,13 +318,8 @@ async fn an_http_1_0_upstream_answers_the_client_in_its_own_version() {
     tokio::spawn(async move {
         while let Ok((mut conn, _)) = upstream.accept().await {
             tokio::spawn(async move {
-                let mut buf = vec![0u8; 64 * 1024];
-                let mut seen = Vec::new();
-                while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
-                    match conn.read(&mut buf).await {
-                        Ok(0) | Err(_) => return,
-                        Ok(n) => seen.extend_from_slice(&buf[..n]),
-                    }
+                if !read_request_head(&mut conn).await {
+                    return;
                 }
                 let _ = conn
                     .write_all(b"HTTP/1.0 201 Created\r\ncontent-type: text/plain\r\n\r\ncharged")

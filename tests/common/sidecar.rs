@@ -187,28 +187,36 @@ pub async fn start_stalling_upstream() -> (SocketAddr, Arc<AtomicUsize>) {
             while let Ok((mut conn, _)) = listener.accept().await {
                 let received = received.clone();
                 tokio::spawn(async move {
-                    let mut buf = vec![0u8; 64 * 1024];
-                    let mut seen = Vec::new();
-                    while let Ok(n) = conn.read(&mut buf).await {
-                        if n == 0 {
-                            return;
-                        }
-                        seen.extend_from_slice(&buf[..n]);
-                        if seen.windows(4).any(|w| w == b"\r\n\r\n") {
-                            break;
-                        }
+                    if !read_request_head(&mut conn).await {
+                        return;
                     }
                     received.fetch_add(1, Ordering::SeqCst);
                     let _ = conn
                         .write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 10\r\n\r\nabc")
                         .await;
                     // Keep the socket open, silent, until the peer leaves.
-                    let _ = conn.read(&mut buf).await;
+                    let _ = conn.read(&mut [0u8; 1024]).await;
                 });
             }
         }
     });
     (addr, received)
+}
+
+/// Reads from `conn` until the end of a request's head (`\r\n\r\n`);
+/// false when the peer left or failed first. (The upstreams here ignore
+/// any body.)
+pub async fn read_request_head(conn: &mut tokio::net::TcpStream) -> bool {
+    use tokio::io::AsyncReadExt;
+    let mut buf = vec![0u8; 64 * 1024];
+    let mut seen = Vec::new();
+    while !seen.windows(4).any(|w| w == b"\r\n\r\n") {
+        match conn.read(&mut buf).await {
+            Ok(0) | Err(_) => return false,
+            Ok(n) => seen.extend_from_slice(&buf[..n]),
+        }
+    }
+    true
 }
 
 /// Waits (bounded) until `count` reaches `n`.
